@@ -1,0 +1,278 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Options common to every mode, and C{tap.yml} loading: validated up front, merged under the command line.
+
+A configuration file is YAML with one section per mode::
+
+    service:
+      listen: ["ssl:8443:interface=127.0.0.1"]
+      state-dir: ./tunnelkit-state
+    source:
+      source-listen-port: "SSH1=5555"
+
+Keys are the long option names of the mode (C{state-dir} or C{state_dir}).  Values given on the command
+line win over the file.  Every error names the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+from twisted.python import usage
+
+import tunnelkit
+from tunnelkit.errors import ConfigError
+
+#: The modes one twistd plugin runs; the values name the module holding each mode's Options and
+#: makeService.
+MODES: Dict[str, str] = {
+    "service": "tunnelkit.service.tap",
+    "source": "tunnelkit.localproxy.tap",
+    "destination": "tunnelkit.localproxy.tap",
+    "agent": "tunnelkit.agent_tap",
+}
+
+
+def normalize_key(key: str) -> str:
+    """C{state_dir} and C{state-dir} name the same option."""
+    return key.replace("_", "-")
+
+
+def load_config_file(path: str, mode: str) -> Dict[str, Any]:
+    """
+    Read C{path} and return the mapping of the section for C{mode} (empty if the file has none).
+
+    @raise ConfigError: if the file is unreadable, is not YAML, or is not shaped as sections of modes.
+    """
+    try:
+        with open(path, "rb") as f:
+            document = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of modes ({', '.join(sorted(set(MODES)))}), "
+            f"got {type(document).__name__}"
+        )
+    for key in document:
+        if key not in MODES:
+            raise ConfigError(
+                f"{path}: {key}: unknown section (sections are the modes: "
+                f"{', '.join(MODES)})"
+            )
+    section = document.get(mode) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: {mode}: must be a mapping of option names to values")
+    return section
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class ModeOptions(usage.Options):
+    """
+    Base of each mode's Options: C{--mode}, C{--config}, C{-h/--help}, C{--version}, and C{tap.yml}
+    merging.
+
+    Subclasses list repeatable options (handled by C{opt_NAME} methods that append to C{self[NAME]})
+    in C{repeatable}, mapping each long name to a coerce function for one item.
+    """
+
+    mode: str = ""
+    repeatable: Mapping[str, Callable[[str], Any]] = {}
+
+    optParameters: List[Sequence[Any]] = [
+        ["config", None, None, "Read options from this YAML file (tap.yml format); flags win over it."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["mode"] = self.mode
+        for name in self.repeatable:
+            self[name] = []
+        self._from_command_line: set = set()
+
+    # --- the options every mode has ---
+
+    def opt_mode(self, mode: str) -> None:
+        """The mode to run: service, source, destination or agent."""
+        if mode != self.mode:
+            raise usage.UsageError(f"--mode {mode} given to the options of mode {self.mode}")
+
+    def opt_help(self) -> None:
+        """Show this help and exit."""
+        print(self.__str__())
+        sys.exit(0)
+
+    opt_h = opt_help
+
+    def opt_version(self) -> None:
+        """Print tunnelkit's version and exit."""
+        print(f"tunnelkit {tunnelkit.__version__}")
+        sys.exit(0)
+
+    # --- tap.yml ---
+
+    def _option_table(self) -> Dict[str, Tuple[str, Optional[Callable[[Any], Any]]]]:
+        """Map each long option name to (kind, coerce) with kind 'param', 'flag' or 'list'."""
+        table: Dict[str, Tuple[str, Optional[Callable[[Any], Any]]]] = {}
+        flags: List[Sequence[Any]] = []
+        params: List[Sequence[Any]] = []
+        for cls in reversed(type(self).__mro__):
+            flags.extend(getattr(cls, "optFlags", None) or [])
+            params.extend(getattr(cls, "optParameters", None) or [])
+        for flag in flags:
+            table[normalize_key(flag[0])] = ("flag", None)
+        for param in params:
+            coerce = param[4] if len(param) > 4 else None
+            table[normalize_key(param[0])] = ("param", coerce)
+        for name, coerce in self.repeatable.items():
+            table[normalize_key(name)] = ("list", coerce)
+        for skipped in ("config", "mode", "help", "version"):
+            table.pop(skipped, None)
+        return table
+
+    def _apply_config(self, path: str) -> None:
+        section = load_config_file(path, self.mode)
+        table = self._option_table()
+        for raw_key, value in section.items():
+            key = normalize_key(str(raw_key))
+            where = f"{path}: {self.mode}.{raw_key}"
+            if key not in table:
+                raise ConfigError(
+                    f"{where}: unknown key for mode {self.mode} (known keys: {', '.join(sorted(table))})"
+                )
+            attr = key.replace("-", "_")
+            if attr in self._from_command_line:
+                continue
+            kind, coerce = table[key]
+            try:
+                if kind == "flag":
+                    if not isinstance(value, bool):
+                        raise ValueError(f"expected true or false, got {_describe(value)}")
+                    self[attr] = 1 if value else 0
+                elif kind == "list":
+                    items = value if isinstance(value, list) else [value]
+                    converted = []
+                    for item in items:
+                        if isinstance(item, (dict, list)) or item is None:
+                            raise ValueError(f"expected a list of strings, got {_describe(value)}")
+                        converted.append(coerce(str(item)) if coerce else str(item))
+                    self[attr] = converted
+                else:
+                    if isinstance(value, (dict, list)) or value is None:
+                        raise ValueError(f"expected a single value, got {_describe(value)}")
+                    if isinstance(value, bool):
+                        raise ValueError(f"expected a value, not {_describe(value)}")
+                    self[attr] = coerce(str(value)) if coerce else str(value)
+            except (ValueError, usage.UsageError) as e:
+                raise ConfigError(f"{where}: {e}") from None
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """Parse the command line, then fill every option it left out from C{--config}."""
+        args = list(sys.argv[1:] if options is None else options)
+        config_path = _find_option_value(args, "--config")
+        super().parseOptions(args)
+        # Which options did the command line set?  Parse it again into a fresh object and compare.
+        if config_path is not None:
+            self._from_command_line = self._command_line_keys(args)
+            self._apply_config(config_path)
+            self.postOptions()
+
+    def _command_line_keys(self, args: Sequence[str]) -> set:
+        keys = set()
+        for arg in args:
+            if not arg.startswith("-") or arg == "-":
+                continue
+            name = arg.lstrip("-").split("=", 1)[0]
+            if not arg.startswith("--"):
+                name = self.synonyms.get(name[:1], name[:1])
+            keys.add(self.synonyms.get(name.replace("-", "_"), name.replace("-", "_")))
+        return keys
+
+
+def _find_option_value(args: Sequence[str], name: str) -> Optional[str]:
+    """The value of C{--name VALUE} or C{--name=VALUE} in C{args}, if present."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg[len(name) + 1 :]
+    return None
+
+
+def find_mode(args: Sequence[str], environ: Mapping[str, str] = os.environ) -> Optional[str]:
+    """The mode named by C{--mode}, or the C{mode} key of C{--config}'s file, if any."""
+    mode = _find_option_value(args, "--mode")
+    if mode is not None:
+        return mode
+    path = _find_option_value(args, "--config")
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                document = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            return None  # reported properly once a mode's Options reads the file
+        if isinstance(document, dict):
+            sections = [key for key in document if key in MODES]
+            if len(sections) == 1:
+                return sections[0]
+    return None
+
+
+def _check_endpoint(description: str, kind_of: str) -> str:
+    from twisted.internet.endpoints import _parse  # syntax only: nothing listens or connects
+
+    try:
+        args, kwargs = _parse(description)
+    except Exception as e:
+        raise ValueError(f"bad {kind_of} endpoint {description!r}: {e}") from None
+    kind = (args[0] if args else "").lower()
+    known = {"tcp", "tcp6", "ssl", "unix", "tls", "systemd"}
+    if kind not in known:
+        raise ValueError(
+            f"bad {kind_of} endpoint {description!r}: unknown type {kind!r} (use one of {', '.join(sorted(known))})"
+        )
+    if kind in ("tcp", "tcp6", "ssl", "tls"):
+        port = kwargs.get("port", args[1] if len(args) > 1 and kind_of == "server" else None)
+        if kind_of == "client":
+            port = kwargs.get("port", args[2] if len(args) > 2 else None)
+            host = kwargs.get("host", args[1] if len(args) > 1 else None)
+            if not host:
+                raise ValueError(f"bad client endpoint {description!r}: no host")
+        if port is None or not str(port).isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"bad {kind_of} endpoint {description!r}: port must be a number 0-65535")
+    return description
+
+
+def server_endpoint(description: str) -> str:
+    """Coerce: a Twisted server endpoint string (C{tcp:8443}, C{ssl:443:interface=...})."""
+    return _check_endpoint(description, "server")
+
+
+def client_endpoint(description: str) -> str:
+    """Coerce: a Twisted client endpoint string (C{tcp:host=127.0.0.1:port=1883})."""
+    return _check_endpoint(description, "client")
+
+
+def positive_int(text: str) -> int:
+    """Coerce: a whole number greater than zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"expected a number greater than 0, got {value}")
+    return value

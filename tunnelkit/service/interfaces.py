@@ -1,0 +1,79 @@
+"""
+The seams of the tunnel service: the store the API and relay share, and tunnel events the relay obeys.
+
+The control plane (operations, store) implements L{ITunnelStore}; the data plane (relay) implements
+L{ITunnelEvents} and calls L{ITunnelStore.claim_peer} at each WebSocket handshake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from zope.interface import Interface
+
+from tunnelkit.errors import TunnelkitError
+
+SOURCE = "source"
+DESTINATION = "destination"
+
+
+class TokenRejected(TunnelkitError):
+    """
+    A data-plane handshake's access token may not connect.
+
+    @ivar status: the HTTP status to answer the upgrade with (4xx).
+    @ivar reason: a short machine-readable label (metrics): C{unknown-token}, C{token-used},
+        C{client-token-mismatch}, C{mode-mismatch}, C{tunnel-closed}, C{token-rotated}, ...
+    @ivar text: the body text for the client (the documented AWS texts where they apply).
+    """
+
+    def __init__(self, status: int, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.reason = reason
+        self.text = text
+
+
+@dataclass(frozen=True)
+class PeerGrant:
+    """What a valid access token lets a peer join."""
+
+    tunnel_id: str
+    account_id: str
+    side: str  # SOURCE or DESTINATION
+    services: Tuple[str, ...]
+    expires_at: float  # epoch seconds when the tunnel's lifetime ends
+    token_generation: int  # bumps on each rotation of this side's token
+
+
+class ITunnelStore(Interface):
+    """The part of the tunnel store the data plane needs (the full store is the control plane's)."""
+
+    def claim_peer(
+        access_token: str, mode: str, client_token: Optional[str], now: float
+    ) -> PeerGrant:
+        """
+        Check and consume C{access_token} for a handshake in C{mode} (C{source}|C{destination}).
+
+        Single use: a token without a client token connects once; with a client token, it binds to
+        that client token and may reconnect with the same one only.  Durable before it returns.
+
+        @raise TokenRejected: with the status, reason and text for the client.
+        """
+
+    def set_connection_state(tunnel_id: str, side: str, connected: bool, now: float) -> None:
+        """Record a side's CONNECTED/DISCONNECTED state and its lastUpdatedAt."""
+
+
+class ITunnelEvents(Interface):
+    """Told by the control plane when a connected peer must go (implemented by the relay)."""
+
+    def tunnel_closed(tunnel_id: str, reason: str) -> None:
+        """
+        The tunnel is CLOSED (C{reason}: C{"closed"} by CloseTunnel or C{"expired"}): close both
+        sides' WebSockets within a second.
+        """
+
+    def token_rotated(tunnel_id: str, side: str) -> None:
+        """C{side}'s token was rotated: close that side's WebSocket (its old token is revoked)."""

@@ -1,0 +1,116 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd tunnelkit --mode MODE ...}: one plugin, every mode.
+
+The mode picks which Options class parses the rest of the command line; each mode lives in its own
+module (see L{tunnelkit.config.MODES}) exposing C{Options} and C{makeService(options)}.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any, Optional, Sequence
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+import tunnelkit
+from tunnelkit.config import MODES, find_mode
+from tunnelkit.errors import ConfigError
+
+_GENERAL_HELP = f"""\
+Usage: twistd [twistd options] tunnelkit --mode MODE [options]
+
+tunnelkit {tunnelkit.__version__}: self-hostable secure tunneling, wire-compatible with AWS IoT
+Secure Tunneling.
+
+Modes:
+  service      the tunnel service: the AWS-compatible API and the WebSocket relay
+  source       local proxy, source side: listens for local clients (like localproxy -s)
+  destination  local proxy, destination side: connects to local targets (like localproxy -d)
+  agent        device agent: takes tokens over MQTT and starts destination sessions
+
+Options:
+  --mode MODE    one of the modes above
+  --config FILE  read options from a YAML file (see tap.yml)
+  -h, --help     this help; with --mode, the mode's options
+  --version      print tunnelkit's version
+
+Example: twistd -n tunnelkit --mode service --help
+"""
+
+
+class ModeNotBuilt(usage.UsageError):
+    """The mode exists in the design but this build of tunnelkit does not have it yet."""
+
+
+def load_mode(mode: str) -> Any:
+    """
+    Import the module implementing C{mode}.
+
+    @raise usage.UsageError: for an unknown mode, or L{ModeNotBuilt} for one not built yet.
+    """
+    if mode not in MODES:
+        raise usage.UsageError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    name = MODES[mode]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            raise ModeNotBuilt(
+                f"mode {mode!r} is not built yet in tunnelkit {tunnelkit.__version__}"
+            ) from None
+        raise
+
+
+class Options(usage.Options):
+    """
+    The plugin's options: finds C{--mode} (or the single section of C{--config}), then lets that
+    mode's Options parse everything.  Usage errors are one line on stderr and exit status 1.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode: Optional[str] = None
+        self.modeOptions: Optional[usage.Options] = None
+
+    def __str__(self) -> str:
+        if self.modeOptions is not None:
+            return str(self.modeOptions)
+        return _GENERAL_HELP
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        args = list(sys.argv[1:] if options is None else options)
+        mode = find_mode(args)
+        if mode is None:
+            if any(a in ("-h", "--help") for a in args):
+                print(_GENERAL_HELP)
+                sys.exit(0)
+            if "--version" in args:
+                print(f"tunnelkit {tunnelkit.__version__}")
+                sys.exit(0)
+            _fail(None, "no mode given: use --mode service|source|destination|agent")
+        try:
+            module = load_mode(mode)
+            self.mode = mode
+            self.modeOptions = module.Options()
+            if hasattr(self.modeOptions, "mode") and mode in ("source", "destination"):
+                self.modeOptions.mode = mode
+                self.modeOptions["mode"] = mode
+            self.modeOptions.parseOptions(args)
+        except (usage.UsageError, ConfigError) as e:
+            _fail(mode, str(e))
+
+
+def _fail(mode: Optional[str], message: str) -> None:
+    hint = f"twistd tunnelkit --mode {mode} --help" if mode else "twistd tunnelkit --help"
+    sys.stderr.write(f"tunnelkit: error: {message} (see '{hint}')\n")
+    sys.exit(1)
+
+
+def makeService(options: Options) -> IService:
+    """Build the mode's service from its parsed options."""
+    assert options.mode is not None and options.modeOptions is not None
+    module = load_mode(options.mode)
+    return module.makeService(options.modeOptions)
