@@ -77,3 +77,20 @@ class ITunnelEvents(Interface):
 
     def token_rotated(tunnel_id: str, side: str) -> None:
         """C{side}'s token was rotated: close that side's WebSocket (its old token is revoked)."""
+
+
+class INotifier(Interface):
+    """
+    Delivers destination tokens to devices (MQTT C{$aws/things/<thing>/tunnels/notify}).
+
+    Durable: a notification accepted here is delivered even across a broker outage or a restart,
+    until delivered or until its tunnel closes.
+    """
+
+    def notify_destination(
+        tunnel_id: str, thing_name: str, access_token: str, services: Tuple[str, ...], region: str
+    ) -> None:
+        """Queue the notification for C{thing_name} (returns at once; delivery is asynchronous)."""
+
+    def tunnel_closed(tunnel_id: str) -> None:
+        """Drop any undelivered notification of C{tunnel_id}."""
