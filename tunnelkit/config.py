@@ -125,21 +125,24 @@ class ModeOptions(usage.Options):
 
     # --- tap.yml ---
 
-    def _option_table(self) -> Dict[str, Tuple[str, Optional[Callable[[Any], Any]]]]:
-        """Map each long option name to (kind, coerce) with kind 'param', 'flag' or 'list'."""
-        table: Dict[str, Tuple[str, Optional[Callable[[Any], Any]]]] = {}
+    def _option_table(self) -> Dict[str, Tuple[str, Optional[Callable[[Any], Any]], str]]:
+        """
+        Map each normalized long option name to (kind, coerce, key in self) with kind 'param', 'flag'
+        or 'list'.
+        """
+        table: Dict[str, Tuple[str, Optional[Callable[[Any], Any]], str]] = {}
         flags: List[Sequence[Any]] = []
         params: List[Sequence[Any]] = []
         for cls in reversed(type(self).__mro__):
             flags.extend(getattr(cls, "optFlags", None) or [])
             params.extend(getattr(cls, "optParameters", None) or [])
         for flag in flags:
-            table[normalize_key(flag[0])] = ("flag", None)
+            table[normalize_key(flag[0])] = ("flag", None, flag[0])
         for param in params:
             coerce = param[4] if len(param) > 4 else None
-            table[normalize_key(param[0])] = ("param", coerce)
+            table[normalize_key(param[0])] = ("param", coerce, param[0])
         for name, coerce in self.repeatable.items():
-            table[normalize_key(name)] = ("list", coerce)
+            table[normalize_key(name)] = ("list", coerce, name)
         for skipped in ("config", "mode", "help", "version"):
             table.pop(skipped, None)
         return table
@@ -154,10 +157,9 @@ class ModeOptions(usage.Options):
                 raise ConfigError(
                     f"{where}: unknown key for mode {self.mode} (known keys: {', '.join(sorted(table))})"
                 )
-            attr = key.replace("-", "_")
-            if attr in self._from_command_line:
+            if key in self._from_command_line:
                 continue
-            kind, coerce = table[key]
+            kind, coerce, attr = table[key]
             try:
                 if kind == "flag":
                     if not isinstance(value, bool):
@@ -198,8 +200,9 @@ class ModeOptions(usage.Options):
                 continue
             name = arg.lstrip("-").split("=", 1)[0]
             if not arg.startswith("--"):
-                name = self.synonyms.get(name[:1], name[:1])
-            keys.add(self.synonyms.get(name.replace("-", "_"), name.replace("-", "_")))
+                name = name[:1]
+            canonical = self.synonyms.get(name) or self.synonyms.get(name.replace("-", "_")) or name
+            keys.add(normalize_key(canonical))
         return keys
 
 

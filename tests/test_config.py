@@ -1,0 +1,151 @@
+"""
+Tests for L{tunnelkit.config}: tap.yml loading, validation and merging under the command line.
+"""
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+from tunnelkit.config import (
+    ModeOptions,
+    client_endpoint,
+    find_mode,
+    load_config_file,
+    positive_int,
+    server_endpoint,
+)
+from tunnelkit.errors import ConfigError
+
+
+class ExampleOptions(ModeOptions):
+    """A mode's Options as every mode writes them."""
+
+    mode = "service"
+    optFlags = [["verbose", "v", "Say more."]]
+    optParameters = [
+        ["state-dir", None, "./state", "Where state lives."],
+        ["max-open-tunnels", None, 10, "Quota.", positive_int],
+    ]
+    repeatable = {"listen": server_endpoint}
+
+    def opt_listen(self, value: str) -> None:
+        """Listen here (repeatable)."""
+        self["listen"].append(server_endpoint(value))
+
+
+class ConfigFileTests(unittest.TestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def parse(self, args, text=None):
+        options = ExampleOptions()
+        if text is not None:
+            args = ["--config", self.write(text)] + list(args)
+        options.parseOptions(args)
+        return options
+
+    def test_values_from_file(self):
+        options = self.parse([], "service:\n  state_dir: /srv/tk\n  max-open-tunnels: 5\n  verbose: true\n"
+                             "  listen: ['tcp:0', 'ssl:8443']\n")
+        self.assertEqual(options["state-dir"], "/srv/tk")
+        self.assertEqual(options["max-open-tunnels"], 5)
+        self.assertEqual(options["verbose"], 1)
+        self.assertEqual(options["listen"], ["tcp:0", "ssl:8443"])
+
+    def test_command_line_wins(self):
+        options = self.parse(["--state-dir", "/cli", "--listen", "tcp:1"],
+                             "service:\n  state-dir: /file\n  listen: [tcp:2]\n")
+        self.assertEqual(options["state-dir"], "/cli")
+        self.assertEqual(options["listen"], ["tcp:1"])
+
+    def test_other_sections_ignored(self):
+        options = self.parse([], "source:\n  source-listen-port: '5555'\nservice:\n  state-dir: /x\n")
+        self.assertEqual(options["state-dir"], "/x")
+
+    def test_unknown_key(self):
+        e = self.assertRaises(ConfigError, self.parse, [], "service:\n  stat-dir: /x\n")
+        self.assertIn("service.stat-dir: unknown key", str(e))
+        self.assertIn("state-dir", str(e))
+        self.assertNotIn("\n", str(e))
+
+    def test_wrong_type(self):
+        e = self.assertRaises(ConfigError, self.parse, [], "service:\n  max-open-tunnels: many\n")
+        self.assertIn("service.max-open-tunnels", str(e))
+        self.assertIn("'many'", str(e))
+        e = self.assertRaises(ConfigError, self.parse, [], "service:\n  verbose: 3\n")
+        self.assertIn("service.verbose: expected true or false", str(e))
+        e = self.assertRaises(ConfigError, self.parse, [], "service:\n  state-dir: [a, b]\n")
+        self.assertIn("expected a single value", str(e))
+
+    def test_bad_endpoint(self):
+        e = self.assertRaises(ConfigError, self.parse, [], "service:\n  listen: [bogus:1]\n")
+        self.assertIn("service.listen", str(e))
+        self.assertIn("unknown type 'bogus'", str(e))
+
+    def test_unknown_section(self):
+        e = self.assertRaises(ConfigError, self.parse, [], "servce:\n  state-dir: /x\n")
+        self.assertIn("servce: unknown section", str(e))
+
+    def test_not_yaml(self):
+        e = self.assertRaises(ConfigError, self.parse, [], "service: [\n")
+        self.assertIn("not valid YAML", str(e))
+
+    def test_missing_file(self):
+        e = self.assertRaises(ConfigError, load_config_file, "/nonexistent/tap.yml", "service")
+        self.assertIn("/nonexistent/tap.yml: cannot read", str(e))
+
+    def test_section_not_mapping(self):
+        e = self.assertRaises(ConfigError, self.parse, [], "service: 3\n")
+        self.assertIn("service: must be a mapping", str(e))
+
+    def test_empty_file(self):
+        options = self.parse([], "")
+        self.assertEqual(options["state-dir"], "./state")
+
+
+class CoerceTests(unittest.TestCase):
+    def test_server_endpoints(self):
+        for good in ("tcp:0", "ssl:8443:interface=127.0.0.1", "unix:/tmp/x.sock", "tcp:port=80"):
+            self.assertEqual(server_endpoint(good), good)
+        for bad in ("bogus:1", "tcp:abc", "tcp:70000", "ssl"):
+            self.assertRaises(ValueError, server_endpoint, bad)
+
+    def test_client_endpoints(self):
+        for good in ("tcp:host=127.0.0.1:port=1883", "tcp:127.0.0.1:1883", "tls:localhost:8883"):
+            self.assertEqual(client_endpoint(good), good)
+        for bad in ("tcp:1883", "udp:x:1", "tcp:host=a:port=x"):
+            self.assertRaises(ValueError, client_endpoint, bad)
+
+    def test_positive_int(self):
+        self.assertEqual(positive_int("3"), 3)
+        self.assertRaises(ValueError, positive_int, "0")
+        self.assertRaises(ValueError, positive_int, "x")
+
+
+class FindModeTests(unittest.TestCase):
+    def test_flag(self):
+        self.assertEqual(find_mode(["--mode", "source"]), "source")
+        self.assertEqual(find_mode(["--mode=agent"]), "agent")
+
+    def test_from_single_section(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("destination:\n  destination-app: '22'\n")
+        self.assertEqual(find_mode(["--config", path]), "destination")
+
+    def test_ambiguous(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("service: {}\nsource: {}\n")
+        self.assertIsNone(find_mode(["--config", path]))
+        self.assertIsNone(find_mode([]))
+
+
+class ModeFlagTests(unittest.TestCase):
+    def test_mode_mismatch(self):
+        self.assertRaises(usage.UsageError, ExampleOptions().parseOptions, ["--mode", "source"])
+
+    def test_version(self):
+        self.assertRaises(SystemExit, ExampleOptions().parseOptions, ["--version"])

@@ -1,0 +1,60 @@
+"""
+Tests for L{tunnelkit.tap}: one plugin, modes chosen by --mode, one-line usage errors.
+"""
+
+import io
+import sys
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+import tunnelkit
+from tunnelkit import config, tap
+
+
+class TapTests(unittest.TestCase):
+    def run_options(self, args):
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = None
+        try:
+            tap.Options().parseOptions(args)
+        except SystemExit as e:
+            code = e.code
+        return code, out.getvalue(), err.getvalue()
+
+    def test_general_help(self):
+        code, out, _ = self.run_options(["--help"])
+        self.assertEqual(code, 0)
+        self.assertIn("--mode MODE", out)
+        for mode in config.MODES:
+            self.assertIn(mode, out)
+
+    def test_version(self):
+        code, out, _ = self.run_options(["--version"])
+        self.assertEqual(code, 0)
+        self.assertEqual(out.strip(), f"tunnelkit {tunnelkit.__version__}")
+
+    def test_no_mode(self):
+        code, _, err = self.run_options([])
+        self.assertEqual(code, 1)
+        self.assertEqual(err.count("\n"), 1)
+        self.assertIn("no mode given", err)
+
+    def test_unknown_mode(self):
+        code, _, err = self.run_options(["--mode", "relay"])
+        self.assertEqual(code, 1)
+        self.assertIn("unknown mode 'relay'", err)
+        self.assertEqual(err.count("\n"), 1)
+
+    def test_mode_not_built(self):
+        """A mode whose module does not exist says so and exits non-zero."""
+        self.patch(config, "MODES", dict(config.MODES, service="tunnelkit.no_such_mode_module"))
+        self.patch(tap, "MODES", config.MODES)
+        code, _, err = self.run_options(["--mode", "service"])
+        self.assertEqual(code, 1)
+        self.assertIn("mode 'service' is not built yet", err)
+
+    def test_load_mode_unknown(self):
+        self.assertRaises(usage.UsageError, tap.load_mode, "nope")
