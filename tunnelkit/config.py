@@ -183,15 +183,16 @@ class ModeOptions(usage.Options):
                 raise ConfigError(f"{where}: {e}") from None
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
-        """Parse the command line, then fill every option it left out from C{--config}."""
+        """
+        Fill options from C{--config} first, skipping those the command line sets, then parse the
+        command line (so its values win, and C{postOptions} sees the merged result once).
+        """
         args = list(sys.argv[1:] if options is None else options)
         config_path = _find_option_value(args, "--config")
-        super().parseOptions(args)
-        # Which options did the command line set?  Parse it again into a fresh object and compare.
         if config_path is not None:
             self._from_command_line = self._command_line_keys(args)
             self._apply_config(config_path)
-            self.postOptions()
+        super().parseOptions(args)
 
     def _command_line_keys(self, args: Sequence[str]) -> set:
         keys = set()
