@@ -98,6 +98,8 @@ class FrameDecoder:
         """
         frames: List[bytes] = []
         buf = self._buffer
+        if not isinstance(data, memoryview):
+            data = memoryview(data)  # slices below must not copy
         if buf:
             # Finish the frame in progress first, then go on with C{data} itself.
             need = _LENGTH.size - len(buf)
@@ -115,7 +117,7 @@ class FrameDecoder:
             frames.append(bytes(buf[_LENGTH.size :]))
             data = data[missing:]
             buf.clear()
-        view = memoryview(data) if not isinstance(data, memoryview) else data
+        view = data
         offset = 0
         end = len(view)
         while end - offset >= _LENGTH.size:

@@ -1,0 +1,263 @@
+# -*- test-case-name: tests.test_rules -*-
+"""
+What a tunnel client may send, per negotiated protocol version (reference section 1.7).
+
+The service's relay keeps one L{PeerRules} per WebSocket connection and calls L{PeerRules.check} on
+every tunnel frame that client sends; a broken rule raises
+L{tunnelkit.errors.ProtocolViolation}, whose C{rule} is a short name (see the C{RULE_*} constants) fit
+for a metrics label and whose text tells the user what was wrong.
+
+Version rules only forbid what the negotiated subprotocol cannot carry.  AWS's localproxy always
+negotiates C{aws.iot.securetunneling-3.0}, even when it speaks the V1 or V2 message format
+(C{-y V1|V2}); a V3 session may therefore carry messages without a service id or a connection id, as
+long as it does not alternate between with and without a service id within the session.
+
+Rule 9 (DATA needs a prior STREAM_START for its service id) needs to know what the I{source} started:
+a source's rules learn it from the source's own STREAM_START / CONNECTION_START frames; a destination
+never sends STREAM_START, so the relay must call L{PeerRules.note_stream_started} on the destination's
+rules each time it delivers a source's STREAM_START or CONNECTION_START that passed the source's
+check.  A relay that replaces a destination connection can seed the new rules from
+L{PeerRules.started_services} of the source's rules.  The rule applies to messages without a service
+id too (they count as service id C{""}): a DATA frame before any stream was started is meaningless.
+"""
+
+from __future__ import annotations
+
+from typing import FrozenSet, Iterable, Optional, Set
+
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from tunnelkit.errors import ProtocolViolation
+from tunnelkit.protocol.framing import MAX_PAYLOAD_SIZE
+from tunnelkit.protocol.message_pb2 import Message
+
+__all__ = [
+    "PROTOCOL_VERSIONS",
+    "SIDES",
+    "PeerRules",
+    "RULE_TYPE_ZERO",
+    "RULE_UNKNOWN_TYPE",
+    "RULE_SOURCE_ONLY_TYPE",
+    "RULE_SERVICE_ONLY_TYPE",
+    "RULE_STREAM_ID",
+    "RULE_PAYLOAD_SIZE",
+    "RULE_FIELD_NOT_IN_VERSION",
+    "RULE_UNKNOWN_FIELD",
+    "RULE_UNKNOWN_SERVICE_ID",
+    "RULE_SERVICE_ID_MIXING",
+    "RULE_DATA_BEFORE_STREAM_START",
+]
+
+#: The subprotocols a client may offer, and the protocol version each one means.
+PROTOCOL_VERSIONS = {
+    "aws.iot.securetunneling-1.0": 1,
+    "aws.iot.securetunneling-2.0": 2,
+    "aws.iot.securetunneling-3.0": 3,
+}
+
+#: The two kinds of tunnel client.
+SIDES = ("source", "destination")
+
+RULE_TYPE_ZERO = "type_zero"
+RULE_UNKNOWN_TYPE = "unknown_type"
+RULE_SOURCE_ONLY_TYPE = "source_only_type"
+RULE_SERVICE_ONLY_TYPE = "service_only_type"
+RULE_STREAM_ID = "stream_id"
+RULE_PAYLOAD_SIZE = "payload_size"
+RULE_FIELD_NOT_IN_VERSION = "field_not_in_version"
+RULE_UNKNOWN_FIELD = "unknown_field"
+RULE_UNKNOWN_SERVICE_ID = "unknown_service_id"
+RULE_SERVICE_ID_MIXING = "service_id_mixing"
+RULE_DATA_BEFORE_STREAM_START = "data_before_stream_start"
+
+_DATA = Message.DATA
+_STREAM_START = Message.STREAM_START
+_STREAM_RESET = Message.STREAM_RESET
+_SESSION_RESET = Message.SESSION_RESET
+_SERVICE_IDS = Message.SERVICE_IDS
+_CONNECTION_START = Message.CONNECTION_START
+_CONNECTION_RESET = Message.CONNECTION_RESET
+
+#: The message types each protocol version knows.
+_TYPES_OF_VERSION = {
+    1: frozenset({_DATA, _STREAM_START, _STREAM_RESET, _SESSION_RESET}),
+    2: frozenset({_DATA, _STREAM_START, _STREAM_RESET, _SESSION_RESET, _SERVICE_IDS}),
+    3: frozenset(
+        {
+            _DATA,
+            _STREAM_START,
+            _STREAM_RESET,
+            _SESSION_RESET,
+            _SERVICE_IDS,
+            _CONNECTION_START,
+            _CONNECTION_RESET,
+        }
+    ),
+}
+
+#: Types tied to a stream: they need a positive stream id.
+_STREAM_TYPES = frozenset(
+    {_DATA, _STREAM_START, _STREAM_RESET, _CONNECTION_START, _CONNECTION_RESET}
+)
+#: Types that start a stream or a connection: only a source sends them.
+_START_TYPES = frozenset({_STREAM_START, _CONNECTION_START})
+#: Types only the service sends.
+_SERVICE_TYPES = frozenset({_SESSION_RESET, _SERVICE_IDS})
+
+
+def _type_name(message_type: int) -> str:
+    try:
+        return Message.Type.Name(message_type)
+    except ValueError:
+        return f"type {message_type}"
+
+
+class PeerRules:
+    """
+    The rules one tunnel client (one WebSocket connection, service side) must follow.
+
+    @ivar side: C{"source"} or C{"destination"}.
+    @ivar services: the tunnel's service ids (C{destinationConfig.services}).
+    @ivar version: the protocol version of the negotiated subprotocol (1, 2 or 3).
+    """
+
+    __slots__ = ("side", "services", "version", "_known_types", "_uses_service_id", "_started")
+
+    def __init__(self, side: str, services: Iterable[str], version: int = 3) -> None:
+        if side not in SIDES:
+            raise ValueError(f"side must be 'source' or 'destination', not {side!r}")
+        if version not in _TYPES_OF_VERSION:
+            raise ValueError(f"protocol version must be 1, 2 or 3, not {version!r}")
+        self.side = side
+        self.services: FrozenSet[str] = frozenset(services)
+        self.version = version
+        self._known_types = _TYPES_OF_VERSION[version]
+        # None until the first stream message shows whether this client uses service ids.
+        self._uses_service_id: Optional[bool] = None
+        self._started: Set[str] = set()
+
+    @property
+    def started_services(self) -> FrozenSet[str]:
+        """Service ids (C{""} for none) the source has started a stream for, on this connection."""
+        return frozenset(self._started)
+
+    def note_stream_started(self, service_id: str) -> None:
+        """
+        Record that the source started a stream for C{service_id}; DATA for it is now allowed.
+
+        The relay calls this on a destination's rules when it delivers a source's STREAM_START or
+        CONNECTION_START; a source's own rules record its starts themselves.
+        """
+        self._started.add(service_id)
+
+    def check(self, message: Message, size: int) -> None:
+        """
+        Check one message this client sent.
+
+        @param size: the length of the frame's protobuf body, in bytes.
+        @raise ProtocolViolation: if the message breaks a rule; the connection should then be closed.
+        """
+        message_type = message.type
+        # Who may send what comes first, whatever the version: an "ignorable" SERVICE_IDS on a V1
+        # connection would still be read as SERVICE_IDS by a newer peer.
+        if message_type in _SERVICE_TYPES:
+            raise ProtocolViolation(
+                RULE_SERVICE_ONLY_TYPE,
+                f"a {self.side} sent {_type_name(message_type)}, which only the service may send",
+            )
+        if message_type in _START_TYPES and self.side == "destination":
+            raise ProtocolViolation(
+                RULE_SOURCE_ONLY_TYPE,
+                f"a destination sent {_type_name(message_type)}: only the source starts streams "
+                "and connections",
+            )
+        if message_type not in self._known_types:
+            self._check_unknown_type(message, message_type)
+            return
+        stream_id = message.streamId
+        if stream_id <= 0:
+            raise ProtocolViolation(
+                RULE_STREAM_ID,
+                f"{_type_name(message_type)} has stream id {stream_id}: stream messages need a "
+                "positive stream id",
+            )
+        if size > MAX_PAYLOAD_SIZE:
+            payload_size = len(message.payload)
+            if payload_size > MAX_PAYLOAD_SIZE:
+                raise ProtocolViolation(
+                    RULE_PAYLOAD_SIZE,
+                    f"{_type_name(message_type)} carries {payload_size} payload bytes, more than the "
+                    f"{MAX_PAYLOAD_SIZE}-byte limit",
+                )
+        self._check_fields(message, message_type)
+        service_id = message.serviceId
+        uses_service_id = service_id != ""
+        if uses_service_id is not self._uses_service_id:
+            if self._uses_service_id is not None:
+                raise ProtocolViolation(
+                    RULE_SERVICE_ID_MIXING,
+                    f"{_type_name(message_type)} "
+                    + (f"carries service id {service_id!r}" if uses_service_id else "has no service id")
+                    + " but earlier messages of this connection "
+                    + ("did not" if uses_service_id else "did")
+                    + ": a client must not alternate between messages with and without a service id",
+                )
+            self._uses_service_id = uses_service_id
+        if uses_service_id and service_id not in self.services:
+            raise ProtocolViolation(
+                RULE_UNKNOWN_SERVICE_ID,
+                f"{_type_name(message_type)} carries service id {service_id!r}, which is not one of "
+                f"the tunnel's services ({', '.join(sorted(self.services)) or 'none'})",
+            )
+        if message_type in _START_TYPES:
+            self._started.add(service_id)
+        elif message_type == _DATA and service_id not in self._started:
+            raise ProtocolViolation(
+                RULE_DATA_BEFORE_STREAM_START,
+                "DATA for "
+                + (f"service id {service_id!r}" if service_id else "a stream")
+                + " before the source started a stream for it",
+            )
+
+    def _check_unknown_type(self, message: Message, message_type: int) -> None:
+        """A type this version does not know: type 0 is never allowed, others only if ignorable."""
+        if message_type == 0:
+            raise ProtocolViolation(
+                RULE_TYPE_ZERO, "a message has type 0 (UNKNOWN): every message needs a type"
+            )
+        if not message.ignorable:
+            raise ProtocolViolation(
+                RULE_UNKNOWN_TYPE,
+                f"{_type_name(message_type)} is not a message type of protocol version "
+                f"{self.version}, and the message is not marked ignorable",
+            )
+        self._check_fields(message, message_type)
+
+    def _check_fields(self, message: Message, message_type: int) -> None:
+        """No field unknown to the schema, none the negotiated version lacks."""
+        unknown = UnknownFieldSet(message)
+        if len(unknown):
+            numbers = sorted({field.field_number for field in unknown})
+            raise ProtocolViolation(
+                RULE_UNKNOWN_FIELD,
+                f"{_type_name(message_type)} has field(s) {', '.join(map(str, numbers))}, which "
+                "the tunneling protocol does not define",
+            )
+        version = self.version
+        if version == 3:
+            return
+        extra = []
+        if version == 1:
+            if message.serviceId:
+                extra.append("serviceId (5)")
+            if len(message.availableServiceIds):
+                extra.append("availableServiceIds (6)")
+        if message.connectionId:
+            extra.append("connectionId (7)")
+        if extra:
+            raise ProtocolViolation(
+                RULE_FIELD_NOT_IN_VERSION,
+                f"{_type_name(message_type)} has {', '.join(extra)}, which protocol version "
+                f"{version} does not have (the connection negotiated "
+                f"aws.iot.securetunneling-{version}.0)",
+            )

@@ -1,0 +1,909 @@
+# -*- test-case-name: tests.test_session -*-
+"""
+The source and destination state machines of a local proxy (reference sections 1.9 to 1.11), sans-IO.
+
+A session is fed what happens (tunnel messages from the WebSocket, events of the local TCP
+connections) and returns a list of I{actions} for the caller to perform, in order.  It never does I/O,
+never reads the clock and never imports the reactor.
+
+Actions (frozen dataclasses)
+============================
+  - L{SendFrames}C{(data, boundary)}: one or more whole tunnel frames (length prefix + protobuf) to
+    send on the WebSocket.  C{data} is never larger than C{MAX_WEBSOCKET_FRAME} (131076) bytes.  With
+    C{boundary=True} (after STREAM_START and CONNECTION_START) the WebSocket message must end right
+    after these bytes: AWS's localproxy holds DATA that shares a WebSocket message with a
+    STREAM_START.  Frames without a boundary may be sent one per message or merged.
+  - L{StartListening}C{(service_id, mapping_key)} (source): the tunnel's SERVICE_IDS matched the
+    configured mapping; open the listener configured under C{mapping_key} (C{""} for a bare V1 port)
+    for C{service_id}.  Emitted once per service for the life of the session object: listeners
+    survive WebSocket reconnects (accepts while the WebSocket is down are refused).
+  - L{ConnectTarget}C{(service_id, connection_id, mapping_key)} (destination): open a TCP connection
+    to the target configured under C{mapping_key}; report the outcome with C{local_connected} or, after
+    the proxy's own retries, C{local_connect_failed}.
+  - L{WriteLocal}C{(service_id, connection_id, data)}: write to that local connection.  The destination
+    holds the data that arrives while a connection is still being opened and releases it from
+    C{local_connected} (see C{DestinationSession.buffered_bytes} to pause the WebSocket meanwhile).
+  - L{CloseLocal}C{(service_id, connection_id, reason)}: flush what was written, then close.
+  - L{Fatal}C{(message)}: stop the proxy with this message (exit status 1), e.g. the mapping does not
+    match the tunnel's services, or a message type that is neither known nor ignorable.
+
+Local connections are named by C{(service_id, connection_id)}: the service id is the tunnel's
+(C{""} when the tunnel has no services), the connection id an integer the session chooses (source:
+returned by C{local_accepted}) or learns (destination: from ConnectTarget).
+
+Source
+======
+::
+
+    session = SourceSession(["SSH"], client_type="V3")    # or None: listen for every tunnel service
+    session.websocket_opened()                            # each (re)connected WebSocket
+    session.feed(websocket_bytes) / session.receive(message)   # SERVICE_IDS -> StartListening ...
+    cid, actions = session.local_accepted("SSH")          # raises LocalConnectionRefused: close it
+    session.local_data("SSH", cid, data)                  # DATA frames, <= 64512 payload bytes each
+    session.local_closed("SSH", cid)                      # CONNECTION_RESET (V3) / STREAM_RESET (V1/V2)
+    session.websocket_lost()                              # CloseLocal for every connection
+
+C{client_type} is the destination's message format (C{--destination-client-type}): C{"V3"} (stream
+ids, service ids, connection ids; up to C{max_connections} connections per service on one stream),
+C{"V2"} (no connection id) or C{"V1"} (no service id either, a tunnel of at most one service).  V1/V2
+carry one TCP connection per stream: each accept starts a new stream, each close resets it, and while
+a connection is open a second accept of the same service is refused (as AWS's localproxy does).
+
+Destination
+===========
+::
+
+    session = DestinationSession(["SSH"])                 # [""] for a bare V1 target
+    session.websocket_opened()
+    session.feed(websocket_bytes) / session.receive(message)   # STREAM_START -> ConnectTarget ...
+    session.local_connected(sid, cid) / session.local_connect_failed(sid, cid)
+    session.local_data(sid, cid, data) / session.local_closed(sid, cid) / session.websocket_lost()
+
+The destination answers each stream in the format of the STREAM_START / CONNECTION_START that opened
+it: with or without a service id (V1), with or without a connection id (V2); a connection opened
+without a connection id is reset with STREAM_RESET, one with an id with CONNECTION_RESET.
+
+Both sides wait for SERVICE_IDS on each WebSocket before acting (a source does not listen, a
+destination ignores stream messages), validate the mapping against it (a bare-port mapping C{""} is
+renamed to the tunnel's service when it has exactly one), and ignore later SERVICE_IDS.  Stale DATA,
+STREAM_RESET and CONNECTION_RESET (unknown service, wrong stream id, unknown connection) are dropped;
+duplicate CONNECTION_RESETs are harmless.  A source that receives STREAM_START or CONNECTION_START
+(which only a source may send) logs an error and drops it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from twisted.logger import Logger
+
+from tunnelkit.errors import ConfigError, TunnelkitError
+from tunnelkit.protocol.framing import (
+    MAX_PAYLOAD_SIZE,
+    MAX_WEBSOCKET_FRAME,
+    FrameDecoder,
+    Message,
+    encode_message,
+    parse_message,
+)
+
+__all__ = [
+    "SendFrames",
+    "StartListening",
+    "ConnectTarget",
+    "WriteLocal",
+    "CloseLocal",
+    "Fatal",
+    "Action",
+    "LocalConnectionRefused",
+    "CLIENT_TYPES",
+    "INT32_MAX",
+    "UINT32_MAX",
+    "WRONG_CONFIGURATION",
+    "DataFrameEncoder",
+    "SourceSession",
+    "DestinationSession",
+]
+
+log = Logger()
+
+#: The message formats a source can speak to its destination (C{--destination-client-type}).
+CLIENT_TYPES = ("V1", "V2", "V3")
+#: The largest stream id; the next one is 1.
+INT32_MAX = 2**31 - 1
+#: The largest connection id; the next one is 1.
+UINT32_MAX = 2**32 - 1
+#: The start of the fatal message for a mapping that does not match the tunnel (localproxy's text).
+WRONG_CONFIGURATION = (
+    "Wrong configurations detected in local proxy. "
+    "Please starts local proxy with right sets of service ids."
+)
+
+_DATA = Message.DATA
+_STREAM_START = Message.STREAM_START
+_STREAM_RESET = Message.STREAM_RESET
+_SESSION_RESET = Message.SESSION_RESET
+_SERVICE_IDS = Message.SERVICE_IDS
+_CONNECTION_START = Message.CONNECTION_START
+_CONNECTION_RESET = Message.CONNECTION_RESET
+
+
+# --- actions ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendFrames:
+    """Whole tunnel frames to send on the WebSocket; C{boundary}: end the WebSocket message after them."""
+
+    data: bytes
+    boundary: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StartListening:
+    """Source: open the listener configured under C{mapping_key} for the tunnel's C{service_id}."""
+
+    service_id: str
+    mapping_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectTarget:
+    """Destination: connect to the target configured under C{mapping_key}, as this connection."""
+
+    service_id: str
+    connection_id: int
+    mapping_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class WriteLocal:
+    """Write C{data} to a local connection."""
+
+    service_id: str
+    connection_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CloseLocal:
+    """Flush, then close a local connection."""
+
+    service_id: str
+    connection_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fatal:
+    """Stop the proxy (exit status 1) with this message."""
+
+    message: str
+
+
+Action = Union[SendFrames, StartListening, ConnectTarget, WriteLocal, CloseLocal, Fatal]
+
+
+class LocalConnectionRefused(TunnelkitError):
+    """The source cannot take a newly accepted local connection now; close it.  The text says why."""
+
+
+# --- DATA encoding --------------------------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf base-128 varint; negative values as 64-bit two's complement (int32 fields)."""
+    value &= 0xFFFFFFFFFFFFFFFF
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_prefix(length: int) -> bytes:
+    return length.to_bytes(2, "big")
+
+
+class DataFrameEncoder:
+    """
+    Builds the DATA frames of one local connection, byte for byte what protobuf would serialize.
+
+    The fields around the payload are fixed for a connection, so they are encoded once; each frame is
+    then assembled with a single join (the payload is copied once, straight into the frame).
+    """
+
+    __slots__ = ("_head", "_tail", "_full_prefix", "_fixed")
+
+    def __init__(self, stream_id: int, service_id: str = "", connection_id: int = 0) -> None:
+        head = b"\x08\x01"
+        if stream_id:
+            head += b"\x10" + _varint(stream_id)
+        tail = b""
+        if service_id:
+            encoded = service_id.encode("utf-8")
+            tail += b"\x2a" + _varint(len(encoded)) + encoded
+        if connection_id:
+            tail += b"\x38" + _varint(connection_id)
+        self._head = head
+        self._tail = tail
+        # Body bytes besides the payload and its length varint: head, payload tag, tail.
+        self._fixed = len(head) + 1 + len(tail)
+        self._full_prefix = self._prefix(MAX_PAYLOAD_SIZE)
+
+    def _prefix(self, size: int) -> bytes:
+        """Length prefix, head, payload tag and payload length of a frame with C{size} payload bytes."""
+        size_varint = _varint(size)
+        return (
+            _length_prefix(self._fixed + len(size_varint) + size)
+            + self._head
+            + b"\x22"
+            + size_varint
+        )
+
+    def encode(self, data: Union[bytes, bytearray, memoryview]) -> List[bytes]:
+        """
+        Frame C{data} as DATA messages of at most C{MAX_PAYLOAD_SIZE} payload bytes each.
+
+        @return: the frames, merged into chunks of at most C{MAX_WEBSOCKET_FRAME} bytes each (one per
+            WebSocket message); empty for empty C{data}.
+        """
+        size = len(data)
+        tail = self._tail
+        if size <= MAX_PAYLOAD_SIZE:
+            if not size:
+                return []
+            return [b"".join((self._prefix(size), data, tail))]
+        view = memoryview(data)
+        batches: List[bytes] = []
+        pieces: List[Union[bytes, memoryview]] = []
+        batch_size = 0
+        full_prefix = self._full_prefix
+        fixed = len(full_prefix) + len(tail)
+        for start in range(0, size, MAX_PAYLOAD_SIZE):
+            chunk = view[start : start + MAX_PAYLOAD_SIZE]
+            chunk_size = len(chunk)
+            if chunk_size == MAX_PAYLOAD_SIZE:
+                prefix = full_prefix
+                frame_size = fixed + chunk_size
+            else:
+                prefix = self._prefix(chunk_size)
+                frame_size = len(prefix) + chunk_size + len(tail)
+            if batch_size + frame_size > MAX_WEBSOCKET_FRAME:
+                batches.append(b"".join(pieces))
+                pieces = []
+                batch_size = 0
+            pieces += (prefix, chunk, tail)
+            batch_size += frame_size
+        batches.append(b"".join(pieces))
+        return batches
+
+
+def _control(
+    message_type: int, stream_id: int = 0, service_id: str = "", connection_id: int = 0
+) -> bytes:
+    """One framed control message (proto3: fields at their default are left out)."""
+    return encode_message(
+        Message(
+            type=message_type,
+            streamId=stream_id,
+            serviceId=service_id,
+            connectionId=connection_id,
+        )
+    )
+
+
+def _type_name(message_type: int) -> str:
+    try:
+        return Message.Type.Name(message_type)
+    except ValueError:
+        return f"type {message_type}"
+
+
+def _match_mapping(
+    configured: Optional[Tuple[str, ...]], available: Sequence[str]
+) -> Optional[Dict[str, str]]:
+    """
+    Match the configured mapping keys with the tunnel's service ids (from SERVICE_IDS).
+
+    @param configured: the mapping keys, or L{None} to take whatever the tunnel has.
+    @return: service id -> mapping key, or L{None} if they do not match.
+    """
+    tunnel = list(dict.fromkeys(available))
+    if configured is None:
+        return {service_id: service_id for service_id in tunnel} if tunnel else {"": ""}
+    if configured == ("",):
+        # A bare port (V1 format): fine for a tunnel without services, renamed for a single one.
+        if not tunnel:
+            return {"": ""}
+        if len(tunnel) == 1:
+            return {tunnel[0]: ""}
+        return None
+    if set(configured) == set(tunnel):
+        return {service_id: service_id for service_id in tunnel}
+    return None
+
+
+def _check_mapping_keys(service_ids: Iterable[str]) -> Tuple[str, ...]:
+    keys = tuple(service_ids)
+    if not keys:
+        raise ConfigError("the service-id mapping is empty: give at least one service id or port")
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"the service-id mapping names a service id twice: {list(keys)}")
+    if "" in keys and len(keys) > 1:
+        raise ConfigError(
+            "a bare port (no service id) cannot be combined with other service ids in one mapping"
+        )
+    return keys
+
+
+def _mismatch(configured: Optional[Tuple[str, ...]], available: Sequence[str]) -> Fatal:
+    return Fatal(
+        f"{WRONG_CONFIGURATION} The tunnel's services are "
+        f"{sorted(set(available)) or 'none'}; this local proxy is configured for "
+        f"{['(bare port)' if key == '' else key for key in configured or ()]}."
+    )
+
+
+# --- common session machinery ---------------------------------------------------------------------
+
+
+class _Session:
+    """What both sides share: the WebSocket's state, frame decoding, service lookup."""
+
+    _services: Dict[str, "_Service"]
+    _default: Optional["_Service"]
+
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder()
+        self._open = False
+        self._ready = False  # SERVICE_IDS seen on this WebSocket
+        self._services = {}
+        self._default = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether SERVICE_IDS arrived on the current WebSocket and matched the mapping."""
+        return self._ready
+
+    @property
+    def services(self) -> Dict[str, str]:
+        """Service id -> mapping key, once SERVICE_IDS has been matched (empty before)."""
+        return {sid: service.mapping_key for sid, service in self._services.items()}
+
+    @property
+    def active_streams(self) -> Dict[str, int]:
+        """Service id -> its active stream id, for the services with an active stream."""
+        return {sid: s.stream_id for sid, s in self._services.items() if s.stream_id}
+
+    def connections(self, service_id: str) -> Tuple[int, ...]:
+        """The open local connection ids of a service, in the order they were opened."""
+        service = self._services.get(service_id)
+        return tuple(service.connections) if service is not None else ()
+
+    def feed(self, data: Union[bytes, bytearray, memoryview]) -> List[Action]:
+        """
+        Take bytes of the WebSocket stream (any split); decode, parse and L{receive} each whole frame.
+
+        @raise tunnelkit.errors.FramingError: if a frame cannot be parsed (reconnect the WebSocket).
+        """
+        actions: List[Action] = []
+        for body in self._decoder.feed(data):
+            actions += self.receive(parse_message(body))
+        return actions
+
+    def receive(self, message: Message) -> List[Action]:
+        """React to one message from the tunnel."""
+        raise NotImplementedError()
+
+    def websocket_opened(self) -> List[Action]:
+        """A new WebSocket is up (also after a reconnect): forget the old streams, wait for SERVICE_IDS."""
+        actions = self._close_all("the tunnel's WebSocket was replaced")
+        self._open = True
+        self._ready = False
+        self._decoder = FrameDecoder()
+        return actions
+
+    def websocket_lost(self) -> List[Action]:
+        """The WebSocket is gone: every local connection is closed, every stream forgotten."""
+        self._open = False
+        self._ready = False
+        return self._close_all("the tunnel's WebSocket connection was lost")
+
+    def _close_all(self, reason: str) -> List[Action]:
+        actions: List[Action] = []
+        for service in self._services.values():
+            actions += service.close_all(reason)
+        return actions
+
+    def _lookup(self, service_id: str) -> Optional["_Service"]:
+        """The service a message is for: by its service id, or the only service if it has none."""
+        if service_id:
+            return self._services.get(service_id)
+        return self._default
+
+    def _set_services(self, services: Dict[str, "_Service"]) -> None:
+        self._services = services
+        if len(services) == 1:
+            (self._default,) = services.values()
+        else:
+            self._default = None
+
+    def _unknown_type(self, message: Message) -> List[Action]:
+        if message.ignorable:
+            log.debug("Ignoring a message of unknown type {type} marked ignorable", type=message.type)
+            return []
+        return [
+            Fatal(
+                f"Unexpected message type {_type_name(message.type)} received from the tunnel "
+                "service (neither known nor marked ignorable)"
+            )
+        ]
+
+
+class _Connection:
+    """One local connection: its DATA encoder, and (destination) whether it is connected yet."""
+
+    __slots__ = ("encoder", "wire_connection_id", "connected", "pending")
+
+    def __init__(self, encoder: DataFrameEncoder, wire_connection_id: int, connected: bool) -> None:
+        self.encoder = encoder
+        self.wire_connection_id = wire_connection_id
+        self.connected = connected
+        self.pending: List[bytes] = []
+
+
+class _Service:
+    """One service id's stream and connections."""
+
+    __slots__ = (
+        "service_id",
+        "mapping_key",
+        "wire_service_id",
+        "stream_id",
+        "last_stream_id",
+        "last_connection_id",
+        "connections",
+    )
+
+    def __init__(self, service_id: str, mapping_key: str, wire_service_id: str) -> None:
+        self.service_id = service_id
+        self.mapping_key = mapping_key
+        self.wire_service_id = wire_service_id
+        self.stream_id = 0  # 0: no active stream
+        self.last_stream_id = 0
+        self.last_connection_id = 0
+        self.connections: Dict[int, _Connection] = {}
+
+    def close_all(self, reason: str) -> List[Action]:
+        """Forget the stream; close every connection."""
+        actions: List[Action] = [
+            CloseLocal(self.service_id, connection_id, reason) for connection_id in self.connections
+        ]
+        self.connections = {}
+        self.stream_id = 0
+        return actions
+
+    def next_stream_id(self) -> int:
+        """The next stream id: +1 per new stream, INT32_MAX wraps to 1."""
+        stream_id = self.last_stream_id + 1 if self.last_stream_id < INT32_MAX else 1
+        self.last_stream_id = stream_id
+        return stream_id
+
+    def next_connection_id(self) -> int:
+        """The next connection id not in use: +1 per connection, UINT32_MAX wraps to 1."""
+        connection_id = self.last_connection_id
+        while True:
+            connection_id = connection_id + 1 if connection_id < UINT32_MAX else 1
+            if connection_id not in self.connections:
+                self.last_connection_id = connection_id
+                return connection_id
+
+
+# --- source ---------------------------------------------------------------------------------------
+
+
+class SourceSession(_Session):
+    """
+    The source local proxy's state machine: listeners' connections become streams and connections.
+
+    @param service_ids: the configured mapping's keys (C{""} = a bare V1 port), or L{None} to listen
+        for every service the tunnel has (the proxy picks ports).
+    @param client_type: the destination's message format: C{"V1"}, C{"V2"} or C{"V3"}.
+    @param max_connections: most simultaneous connections per service (V3; V1/V2 carry one).
+    """
+
+    def __init__(
+        self,
+        service_ids: Optional[Sequence[str]],
+        client_type: str = "V3",
+        max_connections: int = 128,
+    ) -> None:
+        super().__init__()
+        if client_type not in CLIENT_TYPES:
+            raise ConfigError(
+                f"destination client type must be one of {', '.join(CLIENT_TYPES)}, not {client_type!r}"
+            )
+        if max_connections < 1:
+            raise ConfigError(f"max connections per service must be at least 1, not {max_connections}")
+        self._configured = None if service_ids is None else _check_mapping_keys(service_ids)
+        if client_type == "V1" and self._configured is not None and len(self._configured) > 1:
+            raise ConfigError(
+                "destination client type V1 carries no service id, so it supports one service only; "
+                f"the mapping has {len(self._configured)}"
+            )
+        self.client_type = client_type
+        self._v3 = client_type == "V3"
+        self._limit = max_connections if self._v3 else 1
+
+    # tunnel -> source
+
+    def receive(self, message: Message) -> List[Action]:
+        """React to one message from the tunnel."""
+        message_type = message.type
+        if message_type == _DATA:
+            service = self._lookup(message.serviceId)
+            if service is None or not self._ready:
+                return []
+            stream_id = message.streamId
+            if stream_id != service.stream_id or not stream_id:
+                log.debug("Stale message received. Dropping")
+                return []
+            connection_id = self._connection_of(service, message.connectionId)
+            if connection_id not in service.connections:
+                return []
+            return [WriteLocal(service.service_id, connection_id, message.payload)]
+        if message_type == _STREAM_RESET:
+            service = self._lookup(message.serviceId)
+            if service is None or not service.stream_id or message.streamId != service.stream_id:
+                return []
+            return service.close_all("the destination reset the stream")
+        if message_type == _CONNECTION_RESET:
+            service = self._lookup(message.serviceId)
+            if service is None or not service.stream_id or message.streamId != service.stream_id:
+                return []
+            connection_id = self._connection_of(service, message.connectionId)
+            if service.connections.pop(connection_id, None) is None:
+                return []  # unknown or already closed: duplicates are normal
+            if not self._v3:
+                service.stream_id = 0
+            return [CloseLocal(service.service_id, connection_id, "the destination closed the connection")]
+        if message_type == _SESSION_RESET:
+            return self._close_all("the tunnel service reset the session")
+        if message_type == _SERVICE_IDS:
+            return self._service_ids(message.availableServiceIds)
+        if message_type == _STREAM_START or message_type == _CONNECTION_START:
+            log.error(
+                "Dropping {type} for stream {stream_id}: only a source sends it, and this is the source",
+                type=_type_name(message_type),
+                stream_id=message.streamId,
+            )
+            return []
+        return self._unknown_type(message)
+
+    def _connection_of(self, service: _Service, wire_connection_id: int) -> int:
+        if self._v3:
+            return wire_connection_id or 1
+        # V1/V2: the stream's one connection.
+        for connection_id in service.connections:
+            return connection_id
+        return 0
+
+    def _service_ids(self, available: Sequence[str]) -> List[Action]:
+        if self._ready:
+            log.debug("Receive service Ids during data transfer. ignore")
+            return []
+        mapping = _match_mapping(self._configured, available)
+        if mapping is None:
+            return [_mismatch(self._configured, available)]
+        if self.client_type == "V1" and len(mapping) > 1:
+            return [
+                Fatal(
+                    f"The tunnel has {len(mapping)} services, but destination client type V1 "
+                    "carries no service id and supports one service only"
+                )
+            ]
+        self._ready = True
+        if self._services:
+            if {sid: s.mapping_key for sid, s in self._services.items()} != mapping:
+                return [_mismatch(tuple(s.mapping_key for s in self._services.values()), available)]
+            return []
+        self._set_services(
+            {
+                service_id: _Service(service_id, key, service_id if self.client_type != "V1" else "")
+                for service_id, key in mapping.items()
+            }
+        )
+        return [StartListening(service_id, key) for service_id, key in mapping.items()]
+
+    # local -> tunnel
+
+    def local_accepted(self, service_id: str) -> Tuple[int, List[Action]]:
+        """
+        A listener accepted a connection: name it and start its stream or connection.
+
+        @return: the connection id, and the actions (a STREAM_START or CONNECTION_START).
+        @raise LocalConnectionRefused: the connection cannot be carried now; close it.
+        """
+        service = self._services.get(service_id)
+        if service is None:
+            raise LocalConnectionRefused(f"no listener is open for service id {service_id!r}")
+        if not self._ready:
+            raise LocalConnectionRefused(
+                "the tunnel is not connected (waiting for the WebSocket and the tunnel's service ids)"
+            )
+        if len(service.connections) >= self._limit:
+            if self._v3:
+                raise LocalConnectionRefused(
+                    f"service {service_id or '(no service id)'} already has {self._limit} "
+                    "connections, the most allowed"
+                )
+            raise LocalConnectionRefused(
+                f"service {service_id or '(no service id)'} already has a connection, and "
+                f"destination client type {self.client_type} carries one connection at a time"
+            )
+        connection_id = service.next_connection_id()
+        wire_service_id = service.wire_service_id
+        if not self._v3:
+            stream_id = service.stream_id = service.next_stream_id()
+            frame = _control(_STREAM_START, stream_id, wire_service_id)
+            wire_connection_id = 0
+        elif not service.stream_id:
+            stream_id = service.stream_id = service.next_stream_id()
+            frame = _control(_STREAM_START, stream_id, wire_service_id, connection_id)
+            wire_connection_id = connection_id
+        else:
+            stream_id = service.stream_id
+            frame = _control(_CONNECTION_START, stream_id, wire_service_id, connection_id)
+            wire_connection_id = connection_id
+        service.connections[connection_id] = _Connection(
+            DataFrameEncoder(stream_id, wire_service_id, wire_connection_id), wire_connection_id, True
+        )
+        return connection_id, [SendFrames(frame, True)]
+
+    def local_data(
+        self, service_id: str, connection_id: int, data: Union[bytes, bytearray, memoryview]
+    ) -> List[Action]:
+        """Bytes read from a local connection: DATA frames (nothing if the connection is gone)."""
+        service = self._services.get(service_id)
+        if service is None:
+            return []
+        connection = service.connections.get(connection_id)
+        if connection is None:
+            return []
+        return [SendFrames(batch) for batch in connection.encoder.encode(data)]
+
+    def local_closed(self, service_id: str, connection_id: int) -> List[Action]:
+        """A local connection closed: CONNECTION_RESET (V3) or STREAM_RESET (V1/V2)."""
+        service = self._services.get(service_id)
+        if service is None:
+            return []
+        if service.connections.pop(connection_id, None) is None:
+            return []
+        stream_id = service.stream_id
+        if self._v3:
+            return [
+                SendFrames(
+                    _control(_CONNECTION_RESET, stream_id, service.wire_service_id, connection_id)
+                )
+            ]
+        service.stream_id = 0
+        return [SendFrames(_control(_STREAM_RESET, stream_id, service.wire_service_id))]
+
+
+# --- destination ----------------------------------------------------------------------------------
+
+
+class DestinationSession(_Session):
+    """
+    The destination local proxy's state machine: streams become connections to the targets.
+
+    @param service_ids: the configured mapping's keys (C{""} = a bare V1 target).
+    """
+
+    def __init__(self, service_ids: Sequence[str]) -> None:
+        super().__init__()
+        self._configured = _check_mapping_keys(service_ids)
+        self._buffered = 0
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received for connections still being opened (released by C{local_connected})."""
+        return self._buffered
+
+    def receive(self, message: Message) -> List[Action]:
+        """React to one message from the tunnel."""
+        message_type = message.type
+        if message_type == _DATA:
+            service = self._lookup(message.serviceId)
+            if service is None:
+                return []
+            stream_id = message.streamId
+            if stream_id != service.stream_id or not stream_id:
+                log.debug("Stale message received. Dropping")
+                return []
+            connection_id = message.connectionId or 1
+            connection = service.connections.get(connection_id)
+            if connection is None:
+                return []
+            if connection.connected:
+                return [WriteLocal(service.service_id, connection_id, message.payload)]
+            payload = message.payload
+            connection.pending.append(payload)
+            self._buffered += len(payload)
+            return []
+        if message_type == _SERVICE_IDS:
+            return self._service_ids(message.availableServiceIds)
+        if message_type not in (
+            _STREAM_START,
+            _CONNECTION_START,
+            _STREAM_RESET,
+            _CONNECTION_RESET,
+            _SESSION_RESET,
+        ):
+            return self._unknown_type(message)
+        if not self._ready:
+            log.warn(
+                "Ignoring {type} received before the tunnel's service ids",
+                type=_type_name(message_type),
+            )
+            return []
+        if message_type == _STREAM_START:
+            return self._stream_start(message)
+        if message_type == _CONNECTION_START:
+            return self._connection_start(message)
+        if message_type == _SESSION_RESET:
+            return self._close_all("the tunnel service reset the session")
+        service = self._lookup(message.serviceId)
+        if service is None or not service.stream_id or message.streamId != service.stream_id:
+            return []
+        if message_type == _STREAM_RESET:
+            for connection in service.connections.values():
+                self._drop_pending(connection)
+            return service.close_all("the source reset the stream")
+        # CONNECTION_RESET
+        connection_id = message.connectionId or 1
+        connection = service.connections.pop(connection_id, None)
+        if connection is None:
+            return []  # unknown or already closed: duplicates are normal
+        self._drop_pending(connection)
+        return [CloseLocal(service.service_id, connection_id, "the source closed the connection")]
+
+    def _drop_pending(self, connection: _Connection) -> None:
+        if connection.pending:
+            self._buffered -= sum(map(len, connection.pending))
+            connection.pending = []
+
+    def _close_all(self, reason: str) -> List[Action]:
+        self._buffered = 0
+        for service in self._services.values():
+            for connection in service.connections.values():
+                connection.pending = []
+        return super()._close_all(reason)
+
+    def _service_ids(self, available: Sequence[str]) -> List[Action]:
+        if self._ready:
+            log.debug("Receive service Ids during data transfer. ignore")
+            return []
+        mapping = _match_mapping(self._configured, available)
+        if mapping is None:
+            return [_mismatch(self._configured, available)]
+        self._ready = True
+        if {sid: s.mapping_key for sid, s in self._services.items()} != mapping:
+            self._set_services(
+                {service_id: _Service(service_id, key, service_id) for service_id, key in mapping.items()}
+            )
+        return []
+
+    def _stream_start(self, message: Message) -> List[Action]:
+        service = self._lookup(message.serviceId)
+        if service is None:
+            return [Fatal(f"Invalid service id received for stream start: {message.serviceId}")]
+        stream_id = message.streamId
+        if stream_id <= 0:
+            log.error("Dropping STREAM_START with invalid stream id {stream_id}", stream_id=stream_id)
+            return []
+        actions: List[Action] = []
+        if service.connections:
+            for connection in service.connections.values():
+                self._drop_pending(connection)
+            actions += service.close_all("the source started a new stream")
+        service.stream_id = stream_id
+        return actions + self._open_connection(service, message)
+
+    def _connection_start(self, message: Message) -> List[Action]:
+        service = self._lookup(message.serviceId)
+        if service is None:
+            log.error("Dropping CONNECTION_START for unknown service id {sid}", sid=message.serviceId)
+            return []
+        stream_id = message.streamId
+        if not service.stream_id:
+            if stream_id <= 0:
+                return []
+            service.stream_id = stream_id  # accepted in place of a first STREAM_START
+        elif stream_id != service.stream_id:
+            return []
+        connection_id = message.connectionId or 1
+        connection = service.connections.pop(connection_id, None)
+        if connection is not None:
+            # Already open: an error of the source; reset that connection on both sides.
+            self._drop_pending(connection)
+            return [
+                CloseLocal(service.service_id, connection_id, "the source started it a second time"),
+                SendFrames(
+                    _control(_CONNECTION_RESET, stream_id, message.serviceId, message.connectionId)
+                ),
+            ]
+        return self._open_connection(service, message)
+
+    def _open_connection(self, service: _Service, message: Message) -> List[Action]:
+        wire_connection_id = message.connectionId
+        connection_id = wire_connection_id or 1
+        service.connections[connection_id] = _Connection(
+            DataFrameEncoder(service.stream_id, message.serviceId, wire_connection_id),
+            wire_connection_id,
+            False,
+        )
+        service.wire_service_id = message.serviceId
+        return [ConnectTarget(service.service_id, connection_id, service.mapping_key)]
+
+    def local_connected(self, service_id: str, connection_id: int) -> List[Action]:
+        """The target connection is open: release what arrived meanwhile."""
+        connection = self._connection(service_id, connection_id)
+        if connection is None:
+            return [CloseLocal(service_id, connection_id, "the stream was reset while connecting")]
+        connection.connected = True
+        pending = connection.pending
+        if not pending:
+            return []
+        connection.pending = []
+        self._buffered -= sum(map(len, pending))
+        return [WriteLocal(service_id, connection_id, data) for data in pending]
+
+    def local_connect_failed(self, service_id: str, connection_id: int) -> List[Action]:
+        """The target could not be reached (after the proxy's retries): reset the connection or stream."""
+        return self._local_gone(service_id, connection_id)
+
+    def local_data(
+        self, service_id: str, connection_id: int, data: Union[bytes, bytearray, memoryview]
+    ) -> List[Action]:
+        """Bytes read from a target connection: DATA frames in the source's format."""
+        connection = self._connection(service_id, connection_id)
+        if connection is None:
+            return []
+        return [SendFrames(batch) for batch in connection.encoder.encode(data)]
+
+    def local_closed(self, service_id: str, connection_id: int) -> List[Action]:
+        """A target connection closed: CONNECTION_RESET, or STREAM_RESET for a V1/V2 stream."""
+        return self._local_gone(service_id, connection_id)
+
+    def _connection(self, service_id: str, connection_id: int) -> Optional[_Connection]:
+        service = self._services.get(service_id)
+        if service is None:
+            return None
+        return service.connections.get(connection_id)
+
+    def _local_gone(self, service_id: str, connection_id: int) -> List[Action]:
+        service = self._services.get(service_id)
+        if service is None:
+            return []
+        connection = service.connections.pop(connection_id, None)
+        if connection is None:
+            return []
+        self._drop_pending(connection)
+        stream_id = service.stream_id
+        wire_service_id = service.wire_service_id
+        if connection.wire_connection_id:
+            return [
+                SendFrames(
+                    _control(_CONNECTION_RESET, stream_id, wire_service_id, connection.wire_connection_id)
+                )
+            ]
+        # V1/V2: one connection per stream; closing it ends the stream.
+        actions: List[Action] = [SendFrames(_control(_STREAM_RESET, stream_id, wire_service_id))]
+        for connection in service.connections.values():
+            self._drop_pending(connection)
+        actions += service.close_all("the stream was reset")
+        return actions
