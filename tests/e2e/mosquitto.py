@@ -1,0 +1,166 @@
+"""
+A real mosquitto broker for end-to-end tests: on a free loopback port, with a generated
+configuration in a temporary directory, started and stopped by the test (and restartable on the
+same port, to play a broker outage).
+
+    broker = Mosquitto(reactor)
+    await broker.start()          # or yield from a Deferred in trial
+    broker.endpoint               # "tcp:host=127.0.0.1:port=NNNNN"
+    await broker.stop()
+
+With C{users={"name": "password"}} the broker requires those credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from typing import Dict, List, Optional
+
+from twisted.internet import defer, error
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
+START_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at this moment on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _BrokerProcess(ProcessProtocol):
+    def __init__(self, ready_marker: bytes) -> None:
+        self.output = bytearray()
+        self.ready: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred = defer.Deferred()
+        self._marker = ready_marker
+
+    def _data(self, data: bytes) -> None:
+        self.output += data
+        if not self.ready.called and self._marker in self.output:
+            self.ready.callback(None)
+
+    outReceived = _data
+    errReceived = _data
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.ready.called:
+            self.ready.errback(
+                RuntimeError("mosquitto exited before listening:\n" + self.output.decode("utf-8", "replace"))
+            )
+        self.ended.callback(None)
+
+
+class Mosquitto:
+    """One mosquitto process at a time on a fixed free port; see the module docstring."""
+
+    def __init__(self, reactor, users: Optional[Dict[str, str]] = None) -> None:
+        if MOSQUITTO is None:
+            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+        self._reactor = reactor
+        self.port = free_port()
+        self.directory = tempfile.mkdtemp(prefix="tunnelkit-mosquitto-")
+        self.users = dict(users or {})
+        self._process: Optional[_BrokerProcess] = None
+        self._transport = None
+        self.logs: List[str] = []
+        self._write_config()
+
+    @property
+    def endpoint(self) -> str:
+        """The Twisted client endpoint string of the broker."""
+        return f"tcp:host=127.0.0.1:port={self.port}"
+
+    def _write_config(self) -> None:
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "persistence false",
+            "log_dest stderr",
+            "log_type all",
+        ]
+        if self.users:
+            if MOSQUITTO_PASSWD is None:
+                raise RuntimeError("mosquitto_passwd is not installed")
+            password_file = os.path.join(self.directory, "passwords")
+            open(password_file, "w").close()
+            os.chmod(password_file, 0o600)
+            for user, password in self.users.items():
+                subprocess.run([MOSQUITTO_PASSWD, "-b", password_file, user, password], check=True)
+            lines += ["allow_anonymous false", f"password_file {password_file}"]
+        else:
+            lines.append("allow_anonymous true")
+        self.config = os.path.join(self.directory, "mosquitto.conf")
+        with open(self.config, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def start(self) -> defer.Deferred:
+        """Start the broker; fires once it listens (fails after START_TIMEOUT seconds)."""
+        assert self._process is None, "already running"
+        process = _BrokerProcess(b"Opening ipv4 listen socket on port")
+        self._process = process
+        self._transport = self._reactor.spawnProcess(
+            process, MOSQUITTO, [MOSQUITTO, "-c", self.config], env={"PATH": os.environ.get("PATH", "")}
+        )
+        timeout = self._reactor.callLater(
+            START_TIMEOUT, lambda: process.ready.called or process.ready.errback(RuntimeError("mosquitto did not start"))
+        )
+
+        def started(result):
+            if timeout.active():
+                timeout.cancel()
+            return result
+
+        def failed(reason):
+            if timeout.active():
+                timeout.cancel()
+            return self.stop().addCallback(lambda _: reason)
+
+        return process.ready.addCallbacks(started, failed)
+
+    def stop(self) -> defer.Deferred:
+        """Stop the broker (if running); fires once the process has exited."""
+        process, self._process = self._process, None
+        if process is None:
+            return defer.succeed(None)
+        self.logs.append(process.output.decode("utf-8", "replace"))
+        if not process.ended.called:
+            try:
+                self._transport.signalProcess("TERM")
+            except error.ProcessExitedAlready:
+                pass
+            kill = self._reactor.callLater(5.0, self._kill)
+        else:
+            kill = None
+
+        def ended(_):
+            if kill is not None and kill.active():
+                kill.cancel()
+
+        return process.ended.addCallback(ended)
+
+    def _kill(self) -> None:
+        try:
+            self._transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    def cleanup(self) -> defer.Deferred:
+        """Stop the broker and remove its directory (use with addCleanup)."""
+        return self.stop().addBoth(lambda _: shutil.rmtree(self.directory, ignore_errors=True))
+
+    @property
+    def output(self) -> str:
+        """Everything the broker logged so far (all runs)."""
+        current = self._process.output.decode("utf-8", "replace") if self._process else ""
+        return "".join(self.logs) + current
+
+
+__all__ = ["Mosquitto", "free_port"]

@@ -1,0 +1,319 @@
+# -*- test-case-name: tests.test_notify -*-
+"""
+Delivering destination tokens to devices over MQTT (reference section 4.1), durably.
+
+L{MQTTNotifier} implements L{INotifier}: each notification is first written to a queue on disk
+(L{INotificationQueue}; L{SQLiteNotificationQueue} keeps it in C{notify.sqlite3} in the state
+directory), then published with QoS 1 on C{$aws/things/<thingName>/tunnels/notify}.  The row is
+deleted once the broker acknowledged it (PUBACK), or when the tunnel closes.  While the broker is
+down the MQTT client reconnects with backoff and paho re-sends what was not acknowledged; after a
+restart every row still queued is published again.  A newer notification of the same tunnel (a
+rotated token) replaces the queued one.
+
+The queue holds access tokens, so the database file is created readable by its owner only; tokens
+never appear in logs.
+
+The service's tap uses L{NotifyOptions} and L{build_notifier}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from tunnelkit.errors import TunnelkitError
+from tunnelkit.mqtt import MQTT_OPTIONS, MQTTClient, MQTTClientStopped, build_endpoint, mqtt_settings
+from tunnelkit.service.interfaces import INotifier
+
+__all__ = [
+    "NotifyOptions",
+    "build_notifier",
+    "MQTTNotifier",
+    "INotificationQueue",
+    "SQLiteNotificationQueue",
+    "QueuedNotification",
+    "NotificationError",
+    "notify_topic",
+    "notification_payload",
+]
+
+log = Logger()
+
+DATABASE_NAME = "notify.sqlite3"
+_THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
+_SERVICE = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
+_REGION = re.compile(r"^[a-z0-9-]{1,64}$")
+
+
+class NotificationError(TunnelkitError):
+    """A notification cannot be queued (bad thing name, services or region)."""
+
+
+class NotifyOptions:
+    """Mixin for the service's Options: the broker the notifier publishes to (see L{MQTT_OPTIONS})."""
+
+    optParameters = [list(option) for option in MQTT_OPTIONS]
+
+
+def notify_topic(thing_name: str) -> str:
+    """The topic a thing's agent listens on (reference section 4.1)."""
+    if not _THING_NAME.match(thing_name):
+        raise NotificationError(f"thing name {thing_name!r} must be 1-128 of a-z A-Z 0-9 : _ -")
+    return f"$aws/things/{thing_name}/tunnels/notify"
+
+
+def notification_payload(access_token: str, services: Sequence[str], region: str) -> bytes:
+    """The JSON payload of reference section 4.1 (C{clientMode} is lower-case C{destination})."""
+    if not access_token:
+        raise NotificationError("no destination access token to deliver")
+    if not services:
+        raise NotificationError("a notification needs at least one service")
+    for service in services:
+        if not _SERVICE.match(service):
+            raise NotificationError(f"service {service!r} must be 1-128 of a-z A-Z 0-9 : _ -")
+    if not _REGION.match(region):
+        raise NotificationError(f"region {region!r} must be 1-64 of a-z 0-9 -")
+    document = {
+        "clientAccessToken": access_token,
+        "clientMode": "destination",
+        "region": region,
+        "services": list(services),
+    }
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class QueuedNotification:
+    """One notification waiting for delivery; C{seq} grows with every put, across tunnels."""
+
+    seq: int
+    tunnel_id: str
+    thing_name: str
+    payload: bytes
+    queued_at: float
+
+    def __repr__(self) -> str:  # the payload holds a token: never show it
+        return f"QueuedNotification(seq={self.seq}, tunnel_id={self.tunnel_id!r}, thing_name={self.thing_name!r})"
+
+
+class INotificationQueue(Interface):
+    """Durable storage of undelivered notifications, at most one per tunnel."""
+
+    def put(tunnel_id: str, thing_name: str, payload: bytes, now: float) -> QueuedNotification:
+        """Store (durably, before returning) the tunnel's notification, replacing any older one."""
+
+    def remove(tunnel_id: str, seq: Optional[int] = None) -> bool:
+        """
+        Drop the tunnel's notification; with C{seq}, only if it is still that one (not replaced).
+
+        @return: whether a row was removed.
+        """
+
+    def pending() -> List[QueuedNotification]:
+        """Every notification still queued, oldest first."""
+
+    def close() -> None:
+        """Release the storage."""
+
+
+@implementer(INotificationQueue)
+class SQLiteNotificationQueue:
+    """L{INotificationQueue} in its own SQLite file (WAL, synchronous=FULL: durable at each put)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        existed = os.path.exists(path)
+        if not existed:
+            # Tokens live here until delivered: owner-only from the first byte.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS notifications ("
+                " tunnel_id TEXT PRIMARY KEY,"
+                " seq INTEGER NOT NULL,"
+                " thing_name TEXT NOT NULL,"
+                " payload BLOB NOT NULL,"
+                " queued_at REAL NOT NULL)"
+            )
+            self._db.execute("CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER)")
+            self._db.execute("INSERT OR IGNORE INTO counter (id, seq) VALUES (0, 0)")
+        except sqlite3.DatabaseError as e:
+            raise TunnelkitError(f"{path}: cannot use the notification queue database: {e}") from None
+
+    def put(self, tunnel_id: str, thing_name: str, payload: bytes, now: float) -> QueuedNotification:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("UPDATE counter SET seq = seq + 1 WHERE id = 0")
+            (seq,) = self._db.execute("SELECT seq FROM counter WHERE id = 0").fetchone()
+            self._db.execute(
+                "INSERT OR REPLACE INTO notifications (tunnel_id, seq, thing_name, payload, queued_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (tunnel_id, seq, thing_name, payload, now),
+            )
+        return QueuedNotification(seq, tunnel_id, thing_name, payload, now)
+
+    def remove(self, tunnel_id: str, seq: Optional[int] = None) -> bool:
+        if seq is None:
+            cursor = self._db.execute("DELETE FROM notifications WHERE tunnel_id = ?", (tunnel_id,))
+        else:
+            cursor = self._db.execute(
+                "DELETE FROM notifications WHERE tunnel_id = ? AND seq = ?", (tunnel_id, seq)
+            )
+        return cursor.rowcount > 0
+
+    def pending(self) -> List[QueuedNotification]:
+        rows = self._db.execute(
+            "SELECT seq, tunnel_id, thing_name, payload, queued_at FROM notifications ORDER BY seq"
+        ).fetchall()
+        return [QueuedNotification(seq, t, thing, bytes(p), at) for seq, t, thing, p, at in rows]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class IMessagePublisher(Interface):
+    """What the notifier needs of an MQTT client (L{MQTTClient} provides it)."""
+
+    def publish(topic: str, payload: bytes, qos: int) -> Deferred:
+        """Fires once the broker acknowledged the message."""
+
+
+@implementer(INotifier)
+class MQTTNotifier(Service):
+    """
+    L{INotifier} over a durable queue and an MQTT client; see the module docstring.
+
+    @ivar delivered: called with each L{QueuedNotification} once acknowledged (for metrics/tests).
+    """
+
+    def __init__(
+        self,
+        queue: INotificationQueue,
+        publisher: Any,
+        clock: IReactorTime,
+        wall_time: Callable[[], float] = time.time,
+    ) -> None:
+        self._queue = queue
+        self._publisher = publisher
+        self._clock = clock
+        self._wall_time = wall_time
+        self._in_flight: dict = {}  # tunnel_id -> seq published in this process, not yet acknowledged
+        self.delivered: Optional[Callable[[QueuedNotification], None]] = None
+
+    # --- INotifier ---
+
+    def notify_destination(
+        self, tunnel_id: str, thing_name: str, access_token: str, services: Tuple[str, ...], region: str
+    ) -> None:
+        """Queue durably, then publish (see L{INotifier.notify_destination})."""
+        topic = notify_topic(thing_name)
+        payload = notification_payload(access_token, services, region)
+        item = self._queue.put(tunnel_id, thing_name, payload, self._wall_time())
+        log.info(
+            "Queued the destination token of tunnel {tunnel_id} for thing {thing_name} ({topic})",
+            tunnel_id=tunnel_id,
+            thing_name=thing_name,
+            topic=topic,
+        )
+        if self.running:
+            self._publish(item)
+
+    def tunnel_closed(self, tunnel_id: str) -> None:
+        """Forget the tunnel's undelivered notification, if any."""
+        self._in_flight.pop(tunnel_id, None)
+        if self._queue.remove(tunnel_id):
+            log.info("Dropped the undelivered notification of closed tunnel {tunnel_id}", tunnel_id=tunnel_id)
+
+    # --- service ---
+
+    def startService(self) -> None:
+        super().startService()
+        waiting = self._queue.pending()
+        if waiting:
+            log.info("{count} notification(s) waiting for delivery from before", count=len(waiting))
+        for item in waiting:
+            self._publish(item)
+
+    def stopService(self) -> Any:
+        self._in_flight.clear()
+        return super().stopService()
+
+    def _publish(self, item: QueuedNotification) -> None:
+        self._in_flight[item.tunnel_id] = item.seq
+        d = self._publisher.publish(notify_topic(item.thing_name), item.payload, 1)
+        d.addCallbacks(self._acknowledged, self._failed, callbackArgs=(item,), errbackArgs=(item,))
+
+    def _acknowledged(self, _: Any, item: QueuedNotification) -> None:
+        if self._in_flight.get(item.tunnel_id) == item.seq:
+            del self._in_flight[item.tunnel_id]
+        if self._queue.remove(item.tunnel_id, item.seq):
+            log.info(
+                "Delivered the destination token of tunnel {tunnel_id} to thing {thing_name}",
+                tunnel_id=item.tunnel_id,
+                thing_name=item.thing_name,
+            )
+        if self.delivered is not None:
+            self.delivered(item)
+
+    def _failed(self, reason: Failure, item: QueuedNotification) -> None:
+        if reason.check(MQTTClientStopped):
+            return  # still queued on disk: published again at the next start
+        log.failure(
+            "Publishing the notification of tunnel {tunnel_id} failed; it stays queued",
+            reason,
+            tunnel_id=item.tunnel_id,
+        )
+
+
+def build_notifier(
+    options: Mapping[str, Any],
+    state_dir: str,
+    clock: IReactorTime,
+    parent: MultiService,
+    reactor: Any = None,
+) -> Optional[MQTTNotifier]:
+    """
+    The service's notifier, from its parsed options (L{NotifyOptions}).
+
+    @return: None (after logging that notifications are off) without C{--mqtt}; otherwise the
+        notifier, its MQTT client and notifier services added to C{parent}.
+    @raise twisted.python.usage.UsageError: for bad MQTT options.
+    """
+    settings = mqtt_settings(options, default_client_id=f"tunnelkit-service-{os.getpid()}")
+    if settings is None:
+        log.info("No --mqtt broker: notifications are off (destination tokens are not sent to devices)")
+        return None
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    os.makedirs(state_dir, exist_ok=True)
+    queue = SQLiteNotificationQueue(os.path.join(state_dir, DATABASE_NAME))
+    client = MQTTClient(
+        build_endpoint(reactor, settings),
+        settings.client_id,
+        clock,
+        username=settings.username,
+        password=settings.password,
+        description=f"the MQTT broker {settings.endpoint}",
+    )
+    notifier = MQTTNotifier(queue, client, clock)
+    client.setServiceParent(parent)
+    notifier.setServiceParent(parent)
+    log.info("Notifications go to the MQTT broker {endpoint}", endpoint=settings.endpoint)
+    return notifier
