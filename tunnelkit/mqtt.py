@@ -322,10 +322,11 @@ class MQTTClient(Service):
             else:
                 d.errback(ConnectionError(f"not connected to {self.description}"))
             return d
-        if info.is_published():
-            d.callback(None)
-        else:
-            self._acks[info.mid] = d
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            d.errback(ConnectionError(f"cannot queue the message: {paho.error_string(info.rc)}"))
+            return d
+        # Not connected (NO_CONN) is fine: paho keeps the message and sends it after the CONNACK.
+        self._acks[info.mid] = d
         return d
 
     def when_connected(self) -> Deferred:
