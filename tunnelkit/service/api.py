@@ -1,0 +1,203 @@
+# -*- test-case-name: tests.test_api -*-
+"""
+The AWS JSON 1.1 HTTP front of the control plane: C{POST /} with C{X-Amz-Target:
+IoTSecuredTunneling.<Operation>} and C{Content-Type: application/x-amz-json-1.1} (reference section 3.1).
+
+Each request is, in order: bounded in size (L{ServiceSite}: a declared C{Content-Length} over
+L{MAX_BODY_BYTES} is answered 413 before the body is read, and the connection is closed), authenticated
+(L{tunnelkit.service.auth}), dispatched on its target, decoded, and run by
+L{tunnelkit.service.operations.ControlPlane}.  Answers are JSON; errors are C{{"__type", "message"}}
+bodies with the type also in C{x-amzn-ErrorType}, as botocore expects:
+
+  - 400 C{SerializationException} (malformed JSON, wrong JSON types), C{ValidationException}
+    (constraints of reference section 3.2), C{UnknownOperationException}, C{LimitExceededException}
+  - 403 authentication errors (see L{tunnelkit.service.auth})
+  - 404 C{ResourceNotFoundException}
+  - 413 C{RequestEntityTooLargeException}
+  - 500 C{InternalFailure} (logged with a traceback; the service keeps serving)
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from tunnelkit.service.auth import SigV4Verifier
+from tunnelkit.service.operations import ApiError, ControlPlane
+
+log = Logger()
+
+TARGET_PREFIX = "IoTSecuredTunneling."
+CONTENT_TYPE = b"application/x-amz-json-1.1"
+#: The largest request body accepted: far above the largest valid request (200 tags of 384 characters
+#: and a 2048-character description come to about 100 KB of JSON).
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def error_body(error_type: str, message: str) -> bytes:
+    """The JSON body of an AWS JSON error."""
+    return json.dumps({"__type": error_type, "message": message}).encode("utf-8")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class BoundedRequest(server.Request):
+    """
+    A request that refuses a body over L{MAX_BODY_BYTES}: as soon as the headers announce it
+    (C{Content-Length}), or as soon as a chunked body grows past it.  The 413 answer is written at once
+    and the connection closed; the rest of the body is discarded unread.
+    """
+
+    max_body = MAX_BODY_BYTES
+    _too_large = False
+    _body_received = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        if length is not None and length > self.max_body:
+            self._refuse(f"Request body of {length} bytes is over the limit of {self.max_body} bytes")
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._body_received += len(data)
+        if self._body_received > self.max_body:
+            self._refuse(f"Request body is over the limit of {self.max_body} bytes")
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._too_large:
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self, message: str) -> None:
+        self._too_large = True
+        body = error_body("RequestEntityTooLargeException", message)
+        head = (
+            b"HTTP/1.1 413 Request Entity Too Large\r\n"
+            b"Content-Type: " + CONTENT_TYPE + b"\r\n"
+            b"x-amzn-ErrorType: RequestEntityTooLargeException\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        log.info("Refused a request: {message}", message=message)
+        transport = self.channel.transport
+        transport.write(head + body)
+        transport.loseConnection()
+
+
+class ServiceSite(server.Site):
+    """The service's HTTP site: the API and the data plane share it; request bodies are bounded."""
+
+    requestFactory = BoundedRequest
+    noisy = False
+
+
+class ApiResource(Resource):
+    """C{POST /}: the control-plane API."""
+
+    isLeaf = True
+
+    def __init__(self, control: ControlPlane, verifier: SigV4Verifier) -> None:
+        super().__init__()
+        self._control = control
+        self._verifier = verifier
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setResponseCode(405)
+        request.setHeader(b"allow", b"POST")
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return (
+            b"tunnelkit service: the API takes AWS JSON 1.1 requests (POST / with X-Amz-Target: "
+            b"IoTSecuredTunneling.<Operation>), e.g. from 'tunnelkit open-tunnel' or "
+            b"'aws iotsecuretunneling ... --endpoint-url'. WebSocket peers connect to /tunnel.\n"
+        )
+
+    def render_POST(self, request: server.Request) -> bytes:
+        request_id = str(uuid.uuid4())
+        request.setHeader(b"x-amzn-requestid", request_id.encode())
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        operation = "?"
+        try:
+            body = request.content.read() if request.content is not None else b""
+            headers: List[Tuple[str, List[str]]] = [
+                (name.decode("latin-1"), [v.decode("latin-1") for v in values])
+                for name, values in request.requestHeaders.getAllRawHeaders()
+            ]
+            caller = self._verifier.authenticate("POST", request.uri.decode("latin-1"), headers, body)
+            operation = self._operation(request)
+            params = self._decode(body)
+            result = self._control.call(operation, caller.account, params)
+        except ApiError as e:
+            log.info(
+                "API {operation} refused: {error_type}: {message}",
+                operation=operation,
+                error_type=e.error_type,
+                message=e.message,
+            )
+            return self._error(request, e.status, e.error_type, e.message)
+        except Exception:
+            log.failure("API {operation} failed (request id {request_id})", operation=operation, request_id=request_id)
+            return self._error(
+                request, 500, "InternalFailure", f"The service failed to process the request (request id {request_id})"
+            )
+        return json.dumps(result).encode("utf-8")
+
+    @staticmethod
+    def _operation(request: server.Request) -> str:
+        targets = request.requestHeaders.getRawHeaders(b"x-amz-target") or []
+        if len(targets) != 1:
+            raise ApiError(
+                "UnknownOperationException",
+                "The request needs one X-Amz-Target header naming the operation, "
+                "e.g. X-Amz-Target: IoTSecuredTunneling.OpenTunnel",
+            )
+        target = targets[0].decode("latin-1")
+        if not target.startswith(TARGET_PREFIX) or target[len(TARGET_PREFIX) :] not in ControlPlane.OPERATIONS:
+            raise ApiError(
+                "UnknownOperationException",
+                f"Unknown operation {target!r}: X-Amz-Target must be {TARGET_PREFIX}<Operation> with one of "
+                f"{', '.join(ControlPlane.OPERATIONS)}",
+            )
+        return target[len(TARGET_PREFIX) :]
+
+    @staticmethod
+    def _decode(body: bytes) -> Dict[str, Any]:
+        if not body.strip():
+            return {}
+        try:
+            params = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        except UnicodeDecodeError as e:
+            raise ApiError("SerializationException", f"The request body is not UTF-8: {e.reason} at byte {e.start}") from None
+        except json.JSONDecodeError as e:
+            raise ApiError(
+                "SerializationException",
+                f"Malformed JSON in the request body: {e.msg} (line {e.lineno}, column {e.colno})",
+            ) from None
+        except (ValueError, RecursionError) as e:
+            raise ApiError("SerializationException", f"Malformed JSON in the request body: {e}") from None
+        if not isinstance(params, dict):
+            raise ApiError("SerializationException", "The request body must be a JSON object")
+        return params
+
+    @staticmethod
+    def _error(request: server.Request, status: int, error_type: str, message: str) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"x-amzn-errortype", error_type.encode())
+        return error_body(error_type, message)
+
+
+def build_root(api: Resource) -> Resource:
+    """The root resource: the API at C{/}; the data plane adds C{tunnel} and C{metrics} to it."""
+    root = Resource()
+    root.putChild(b"", api)
+    return root

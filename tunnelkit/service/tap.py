@@ -1,0 +1,282 @@
+# -*- test-case-name: tests.test_service_tap -*-
+"""
+C{twistd -n tunnelkit --mode service}: the tunnel service.
+
+One HTTP site on every C{--listen} endpoint serves the control-plane API (C{POST /}, AWS JSON 1.1 with
+SigV4) and the data plane (C{GET /tunnel}, WebSocket; C{GET /metrics}).  The state directory holds the
+database, the generated CA and server certificate, and the generated C{credentials} file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, List, Mapping, Optional
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+
+from tunnelkit.config import ModeOptions, positive_int, server_endpoint
+from tunnelkit.errors import ConfigError
+from tunnelkit.service.api import ApiResource, ServiceSite, build_root
+from tunnelkit.service.auth import CREDENTIALS_FILE, SigV4Verifier, check_account_id, ensure_initial_credentials
+from tunnelkit.service.certs import ServiceCertificates, ensure_certificates
+from tunnelkit.service.interfaces import ITunnelEvents
+from tunnelkit.service.notify import NotifyOptions, build_notifier
+from tunnelkit.service.operations import ControlPlane, Limits
+from tunnelkit.service.store_sqlite import SQLiteStore, open_store
+
+# INTEGRATION: the data plane (tunnelkit/service/dataplane.py) is another helper's module; until it
+# exists the service runs without GET /tunnel and says so.  Remove this guard when it lands.
+try:
+    from tunnelkit.service.dataplane import DataPlaneOptions, mount_data_plane
+except ModuleNotFoundError as e:
+    if e.name != "tunnelkit.service.dataplane":
+        raise
+
+    class DataPlaneOptions:  # type: ignore[no-redef]
+        """The data plane is not built: it adds no options."""
+
+        optParameters: List[List[Any]] = []
+
+    mount_data_plane = None  # type: ignore[assignment]
+
+log = Logger()
+
+DEFAULT_LISTEN = "ssl:8443:interface=127.0.0.1"
+DEFAULT_STATE_DIR = "./tunnelkit-state"
+DEFAULT_REGION = "us-east-1"
+DEFAULT_MAX_OPEN_TUNNELS = 1000
+DEFAULT_CLOSED_RETENTION = 3 * 3600.0
+
+_REGION_RE = re.compile(r"\A[a-z0-9-]{1,64}\Z")
+_HOSTNAME_RE = re.compile(r"\A(?=.{1,253}\Z)([A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+_DURATION_RE = re.compile(r"\A([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)?\Z")
+_UNIT_SECONDS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def region(text: str) -> str:
+    """Coerce: an AWS-style region name (C{us-east-1})."""
+    if not _REGION_RE.match(text):
+        raise ValueError(f"a region is 1-64 of a-z 0-9 -, got {text!r}")
+    return text
+
+
+def hostname(text: str) -> str:
+    """Coerce: a DNS name or IP address for the server certificate."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if not _HOSTNAME_RE.match(text):
+        raise ValueError(f"not a DNS name or IP address: {text!r}")
+    return text.lower()
+
+
+def duration(text: str) -> float:
+    """Coerce: seconds, or a number with a unit: C{90}, C{90s}, C{30m}, C{3h}, C{1d}."""
+    match = _DURATION_RE.match(text.strip())
+    if not match:
+        raise ValueError(f"expected a duration such as 10800, 180m or 3h, got {text!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+class Options(ModeOptions, DataPlaneOptions, NotifyOptions):  # type: ignore[misc,valid-type]
+    """The options of C{--mode service}."""
+
+    mode = "service"
+    repeatable = {"listen": server_endpoint, "hostname": hostname}
+    optParameters = [
+        ["state-dir", None, DEFAULT_STATE_DIR, "Directory of the database, TLS material and credentials."],
+        ["region", None, DEFAULT_REGION, "Region of this service (SigV4 scope, ARNs, notifications).", region],
+        [
+            "account-id",
+            None,
+            None,
+            "12-digit id of the default account created at first start (default: random).",
+            check_account_id,
+        ],
+        [
+            "max-open-tunnels",
+            None,
+            DEFAULT_MAX_OPEN_TUNNELS,
+            "Open tunnels allowed per account (OpenTunnel answers LimitExceededException beyond).",
+            positive_int,
+        ],
+        [
+            "closed-retention",
+            None,
+            DEFAULT_CLOSED_RETENTION,
+            "How long closed tunnels stay visible before they are purged (seconds, or 30m, 3h, ...).",
+            duration,
+        ],
+    ]
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on this Twisted server endpoint (repeatable; default ssl:8443:interface=127.0.0.1).
+        An ssl: endpoint naming no certificate uses the generated server certificate."""
+        try:
+            self["listen"].append(server_endpoint(description))
+        except ValueError as e:
+            raise usage.UsageError(f"--listen: {e}") from None
+
+    def opt_hostname(self, name: str) -> None:
+        """Also name this host in the generated server certificate (repeatable)."""
+        try:
+            self["hostname"].append(hostname(name))
+        except ValueError as e:
+            raise usage.UsageError(f"--hostname: {e}") from None
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+
+
+def _has_certificate(description: str) -> bool:
+    return any(f":{key}=" in description or description.startswith(f"{key}=") for key in ("privateKey", "certKey"))
+
+
+def listen_description(description: str, certificates: ServiceCertificates) -> str:
+    """C{description}, with the generated certificate added to an C{ssl:} endpoint that names none."""
+    if description.split(":", 1)[0].lower() == "ssl" and not _has_certificate(description):
+        return (
+            f"{description}:privateKey={endpoints.quoteStringArgument(certificates.server_key)}"
+            f":certKey={endpoints.quoteStringArgument(certificates.server_cert)}"
+        )
+    return description
+
+
+class _Listener(Service):
+    """Listens on one endpoint; a failure to listen at start-up is a clear error."""
+
+    def __init__(self, reactor: Any, description: str, shown: str, factory: Any) -> None:
+        self._reactor = reactor
+        self._description = description
+        self.shown = shown
+        self._factory = factory
+        self.port: Optional[IListeningPort] = None
+        self.listening: Optional[Deferred] = None
+
+    def startService(self) -> None:
+        super().startService()
+        endpoint = endpoints.serverFromString(self._reactor, self._description)
+        self.listening = endpoint.listen(self._factory)
+        failed: List[Failure] = []
+        self.listening.addCallbacks(self._listening, failed.append)
+        if failed:
+            raise ConfigError(f"--listen {self.shown}: cannot listen: {failed[0].getErrorMessage()}")
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        address = port.getHost()
+        secure = self._description.split(":", 1)[0].lower() == "ssl"
+        host = getattr(address, "host", "localhost")
+        if ":" in host:
+            host = f"[{host}]"
+        base = f"{'https' if secure else 'http'}://{host}:{getattr(address, 'port', '')}"
+        ws = base.replace("http", "ws", 1)
+        log.info("API listening on {url}/  (data plane {ws}/tunnel)", url=base, ws=ws)
+        return port
+
+    def stopService(self) -> Optional[Deferred]:  # type: ignore[override]
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class _StoreCloser(Service):
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._store.close()
+
+
+class TunnelService(MultiService):
+    """
+    The whole service.  Its parts are attributes so tests and tools can reach them:
+    C{store}, C{control}, C{site}, C{listeners} (their C{port} is set once listening),
+    C{certificates}, C{credentials_path}, C{account} (the default account).
+    """
+
+    def __init__(self, options: Mapping[str, Any], reactor: Any, clock: Optional[IReactorTime] = None) -> None:
+        super().__init__()
+        clock = clock if clock is not None else reactor
+        self.state_dir = os.path.abspath(options["state-dir"])
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.certificates = ensure_certificates(self.state_dir, options.get("hostname") or ())
+        self.store = open_store(self.state_dir)
+        self.credentials_path = os.path.join(self.state_dir, CREDENTIALS_FILE)
+        self.account, created = ensure_initial_credentials(
+            self.store, self.state_dir, options.get("account-id"), clock.seconds()
+        )
+        self.region = options["region"]
+        notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor)
+        root = build_root(Resource())
+        events: Optional[ITunnelEvents] = None
+        if mount_data_plane is None:
+            log.error(
+                "The data plane is not built in this tunnelkit (tunnelkit.service.dataplane is missing): "
+                "GET /tunnel is unavailable, only the API is served"
+            )
+        else:
+            events = mount_data_plane(root, self.store, clock, options)
+        limits = Limits(
+            max_open_tunnels=options.get("max-open-tunnels", DEFAULT_MAX_OPEN_TUNNELS),
+            max_services_per_tunnel=int(options.get("max-services-per-tunnel") or 3),
+        )
+        self.control = ControlPlane(
+            self.store,
+            clock,
+            self.region,
+            events,
+            notifier,
+            limits,
+            closed_retention=options.get("closed-retention", DEFAULT_CLOSED_RETENTION),
+        )
+        self.control.lifecycle.setServiceParent(self)
+        root.putChild(b"", ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds)))
+        self.site = ServiceSite(root)
+        self.listeners: List[_Listener] = []
+        for description in options["listen"]:
+            listener = _Listener(reactor, listen_description(description, self.certificates), description, self.site)
+            listener.setServiceParent(self)
+            self.listeners.append(listener)
+        _StoreCloser(self.store).setServiceParent(self)
+        log.info("State directory: {path}", path=self.state_dir)
+        log.info("CA certificate (give it to clients): {path}", path=self.certificates.ca_cert)
+        if created is not None:
+            log.info(
+                "Created access key {key_id} of account {account_id} in {path} (profile default)",
+                key_id=created.access_key_id,
+                account_id=self.account.account_id,
+                path=self.credentials_path,
+            )
+        log.info(
+            "API credentials: {path}  (e.g. AWS_SHARED_CREDENTIALS_FILE={path} aws iotsecuretunneling "
+            "list-tunnels --endpoint-url https://127.0.0.1:8443 --ca-bundle {ca} --region {region})",
+            path=self.credentials_path,
+            ca=self.certificates.ca_cert,
+            region=self.region,
+        )
+
+
+def makeService(options: Options) -> IService:
+    """Build the service from C{twistd tunnelkit --mode service} options."""
+    from twisted.internet import reactor
+
+    try:
+        return TunnelService(options, reactor)
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None
