@@ -9,6 +9,7 @@ import os
 import struct
 import tempfile
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
@@ -247,6 +248,22 @@ class MQTTClientTests(SynchronousTestCase):
         self.assertTrue(body.endswith(b"early"))
         broker.feed(puback(struct.unpack("!H", body[5:7])[0]))
         self.assertIsNone(self.successResultOf(d))
+
+    def test_cancel_withdraws_waiting_publish(self) -> None:
+        """Cancelling a publish made while disconnected withdraws it: it is never sent."""
+        kept = self.client.publish("t/kept", b"1", 1)
+        withdrawn = self.client.publish("t/withdrawn", b"2", 1)
+        withdrawn.cancel()
+        self.failureResultOf(withdrawn, CancelledError)
+        broker = self.start()
+        broker.take()
+        broker.feed(CONNACK_OK)
+        packets = broker.take()
+        self.assertEqual(len(packets), 1)
+        self.assertIn(b"t/kept", packets[0][1])
+        self.assertNoResult(kept)
+        self.client.stopService()
+        self.failureResultOf(kept, MQTTClientStopped)
 
     def test_reconnect_with_backoff_resends_unacknowledged(self) -> None:
         """

@@ -244,9 +244,10 @@ class MQTTClient(Service):
     A long-lived MQTT session with one broker: connects, reconnects with backoff, (re)subscribes
     after every connect, and publishes with QoS 0 or 1.
 
-    QoS 1 publishes are acknowledged by the broker (PUBACK); one not yet acknowledged when the
-    connection drops is sent again on the next connection (by paho), even one made while
-    disconnected.  That memory lasts as long as the process: callers needing more persist it.
+    A publish made while disconnected waits in this client (cancelling its Deferred withdraws it)
+    and is sent once connected.  QoS 1 publishes are acknowledged by the broker (PUBACK); one sent
+    but not acknowledged when the connection drops is sent again on the next connection (by paho).
+    That memory lasts as long as the process: callers needing more persist it.
     """
 
     def __init__(
@@ -284,6 +285,7 @@ class MQTTClient(Service):
         self._subscriptions: Dict[str, Tuple[int, MessageHandler]] = {}
         self._pending_subscribe: Dict[int, str] = {}
         self._acks: Dict[int, Deferred] = {}
+        self._waiting: List[List[Any]] = []  # [topic, payload, qos, Deferred] published while disconnected
         self._connection: Optional[_MQTTProtocol] = None
         self.connected = False
         self._connected_observers: List[Deferred] = []
@@ -314,20 +316,37 @@ class MQTTClient(Service):
         """
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
+        entry: List[Any] = [topic, payload, qos]
+
+        def withdraw(d: Deferred) -> None:
+            # Waiting here: withdrawn.  Already with paho: paho may still send it; stop waiting.
+            self._waiting[:] = [other for other in self._waiting if other is not entry]
+            for mid, waiter in list(self._acks.items()):
+                if waiter is d:
+                    del self._acks[mid]
+
+        d: Deferred = Deferred(withdraw)
+        if self.connected:
+            self._hand_to_paho(topic, payload, qos, d)
+        else:
+            entry.append(d)
+            self._waiting.append(entry)  # held here, not in paho, so that cancelling withdraws it
+        return d
+
+    def _hand_to_paho(self, topic: str, payload: bytes, qos: int, d: Deferred) -> None:
         info = self._paho.publish(topic, payload, qos=qos)
-        d: Deferred = Deferred()
         if qos == 0:
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 d.callback(None)
             else:
                 d.errback(ConnectionError(f"not connected to {self.description}"))
-            return d
+            return
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             d.errback(ConnectionError(f"cannot queue the message: {paho.error_string(info.rc)}"))
-            return d
-        # Not connected (NO_CONN) is fine: paho keeps the message and sends it after the CONNACK.
+            return
+        # Once handed over, a QoS 1 message stays with paho, which sends it again after a reconnect
+        # until acknowledged (NO_CONN: the connection dropped in between; it will be sent).
         self._acks[info.mid] = d
-        return d
 
     def when_connected(self) -> Deferred:
         """A Deferred firing (with None) once the broker accepted the session (at once if it has)."""
@@ -350,7 +369,8 @@ class MQTTClient(Service):
         if self.connected:
             self._paho.disconnect()  # a DISCONNECT packet: the broker drops our will and session
         acks, self._acks = self._acks, {}
-        for d in acks.values():
+        waiting, self._waiting = self._waiting, []
+        for d in list(acks.values()) + [entry[3] for entry in waiting]:
             d.errback(MQTTClientStopped(f"stopped before {self.description} acknowledged a message"))
         observers, self._connected_observers = self._connected_observers, []
         for d in observers:
@@ -407,6 +427,9 @@ class MQTTClient(Service):
         )
         for topic, (qos, _) in self._subscriptions.items():
             self._send_subscribe(topic, qos)
+        waiting, self._waiting = self._waiting, []
+        for topic, payload, qos, d in waiting:
+            self._hand_to_paho(topic, payload, qos, d)
         observers, self._connected_observers = self._connected_observers, []
         for d in observers:
             d.callback(None)

@@ -24,10 +24,10 @@ import re
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -74,8 +74,14 @@ def notify_topic(thing_name: str) -> str:
     return f"$aws/things/{thing_name}/tunnels/notify"
 
 
-def notification_payload(access_token: str, services: Sequence[str], region: str) -> bytes:
-    """The JSON payload of reference section 4.1 (C{clientMode} is lower-case C{destination})."""
+def notification_payload(
+    access_token: str, services: Sequence[str], region: str, tunnel_id: Optional[str] = None
+) -> bytes:
+    """
+    The JSON payload of reference section 4.1 (C{clientMode} is lower-case C{destination}), plus
+    C{tunnelId} when given: an addition to AWS's payload (clients ignore unknown keys) that lets
+    tunnelkit's agent replace a tunnel's session when its token is rotated.
+    """
     if not access_token:
         raise NotificationError("no destination access token to deliver")
     if not services:
@@ -91,6 +97,8 @@ def notification_payload(access_token: str, services: Sequence[str], region: str
         "region": region,
         "services": list(services),
     }
+    if tunnel_id is not None:
+        document["tunnelId"] = tunnel_id
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
@@ -212,7 +220,8 @@ class MQTTNotifier(Service):
         self._publisher = publisher
         self._clock = clock
         self._wall_time = wall_time
-        self._in_flight: dict = {}  # tunnel_id -> seq published in this process, not yet acknowledged
+        # tunnel_id -> (seq, publish Deferred) of the latest publish in this process not yet acknowledged
+        self._in_flight: Dict[str, Tuple[int, Deferred]] = {}
         self.delivered: Optional[Callable[[QueuedNotification], None]] = None
 
     # --- INotifier ---
@@ -222,7 +231,7 @@ class MQTTNotifier(Service):
     ) -> None:
         """Queue durably, then publish (see L{INotifier.notify_destination})."""
         topic = notify_topic(thing_name)
-        payload = notification_payload(access_token, services, region)
+        payload = notification_payload(access_token, services, region, tunnel_id)
         item = self._queue.put(tunnel_id, thing_name, payload, self._wall_time())
         log.info(
             "Queued the destination token of tunnel {tunnel_id} for thing {thing_name} ({topic})",
@@ -234,8 +243,8 @@ class MQTTNotifier(Service):
             self._publish(item)
 
     def tunnel_closed(self, tunnel_id: str) -> None:
-        """Forget the tunnel's undelivered notification, if any."""
-        self._in_flight.pop(tunnel_id, None)
+        """Forget the tunnel's undelivered notification, if any (withdrawn if not yet sent)."""
+        self._withdraw(tunnel_id)
         if self._queue.remove(tunnel_id):
             log.info("Dropped the undelivered notification of closed tunnel {tunnel_id}", tunnel_id=tunnel_id)
 
@@ -250,16 +259,24 @@ class MQTTNotifier(Service):
             self._publish(item)
 
     def stopService(self) -> Any:
-        self._in_flight.clear()
+        for tunnel_id in list(self._in_flight):
+            self._withdraw(tunnel_id)  # stays on disk: published again at the next start
         return super().stopService()
 
+    def _withdraw(self, tunnel_id: str) -> None:
+        entry = self._in_flight.pop(tunnel_id, None)
+        if entry is not None:
+            entry[1].cancel()  # withdraws it if it still waits for the broker
+
     def _publish(self, item: QueuedNotification) -> None:
-        self._in_flight[item.tunnel_id] = item.seq
+        self._withdraw(item.tunnel_id)  # a newer token replaces one not yet sent
         d = self._publisher.publish(notify_topic(item.thing_name), item.payload, 1)
+        self._in_flight[item.tunnel_id] = (item.seq, d)
         d.addCallbacks(self._acknowledged, self._failed, callbackArgs=(item,), errbackArgs=(item,))
 
     def _acknowledged(self, _: Any, item: QueuedNotification) -> None:
-        if self._in_flight.get(item.tunnel_id) == item.seq:
+        entry = self._in_flight.get(item.tunnel_id)
+        if entry is not None and entry[0] == item.seq:
             del self._in_flight[item.tunnel_id]
         if self._queue.remove(item.tunnel_id, item.seq):
             log.info(
@@ -271,8 +288,11 @@ class MQTTNotifier(Service):
             self.delivered(item)
 
     def _failed(self, reason: Failure, item: QueuedNotification) -> None:
-        if reason.check(MQTTClientStopped):
-            return  # still queued on disk: published again at the next start
+        entry = self._in_flight.get(item.tunnel_id)
+        if entry is not None and entry[0] == item.seq:
+            del self._in_flight[item.tunnel_id]
+        if reason.check(MQTTClientStopped, CancelledError):
+            return  # withdrawn, or still on disk and published again at the next start
         log.failure(
             "Publishing the notification of tunnel {tunnel_id} failed; it stays queued",
             reason,
