@@ -1,0 +1,126 @@
+# -*- test-case-name: tests.test_localproxy_options -*-
+"""
+Where the tunnel service is, and how to reach it: C{-e/--proxy-endpoint}, C{-r/--region}, C{-c},
+C{-k} and C{HTTPS_PROXY} turned into one client endpoint for the WebSocket.
+
+C{-e} takes C{HOST[:PORT]} (port 443, TLS) like AWS's localproxy, or a URL: C{wss://HOST[:PORT]}
+(default port 443) or, for tests and trusted networks only, C{ws://HOST[:PORT]} (default port 80,
+no TLS).  C{-r REGION} means C{data.tunneling.iot.REGION.amazonaws.com} (C{.com.cn} for C{cn-*}).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+from urllib.parse import urlsplit
+
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+
+from tunnelkit.errors import ConfigError
+from tunnelkit.transport.httpproxy import HTTPConnectEndpoint, ProxySettings
+from tunnelkit.transport.tls import client_tls_options
+from tunnelkit.transport.websocket import tunnel_url
+
+__all__ = ["ServiceEndpoint", "parse_proxy_endpoint", "region_host"]
+
+_REGION = re.compile(r"^[a-z0-9-]{1,64}$")
+_HOST = re.compile(r"^[a-zA-Z0-9.\-_]{1,253}$")
+
+#: Seconds a TCP connection attempt to the service (or web proxy) may take.
+CONNECT_TIMEOUT = 30
+
+
+def region_host(region: str) -> str:
+    """The AWS data-plane host of C{region}."""
+    if not _REGION.match(region):
+        raise ConfigError(f"-r/--region {region!r}: expected a region name like us-east-1")
+    suffix = ".amazonaws.com.cn" if region.startswith("cn-") else ".amazonaws.com"
+    return f"data.tunneling.iot.{region}{suffix}"
+
+
+def parse_proxy_endpoint(text: str) -> Tuple[str, int, bool]:
+    """
+    C{-e}'s value -> (host, port, secure).
+
+    @raise ConfigError: for another scheme, a path, or a bad host or port.
+    """
+    value = text.strip()
+    secure = True
+    default_port = 443
+    if "://" in value:
+        parts = urlsplit(value)
+        scheme = parts.scheme.lower()
+        if scheme not in ("ws", "wss"):
+            raise ConfigError(f"-e/--proxy-endpoint {text!r}: use HOST[:PORT], wss://HOST[:PORT] or ws://HOST[:PORT]")
+        if parts.path not in ("", "/") or parts.query:
+            raise ConfigError(f"-e/--proxy-endpoint {text!r}: give no path (the proxy uses /tunnel)")
+        secure = scheme == "wss"
+        default_port = 443 if secure else 80
+        host = parts.hostname or ""
+        try:
+            port = parts.port or default_port
+        except ValueError:
+            raise ConfigError(f"-e/--proxy-endpoint {text!r}: bad port") from None
+    else:
+        if value.startswith("["):
+            host, sep, rest = value[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise ConfigError(f"-e/--proxy-endpoint {text!r}: expected [IPV6]:PORT")
+            port_text = rest[1:]
+        elif value.count(":") == 1:
+            host, _, port_text = value.partition(":")
+        else:
+            host, port_text = value, ""
+        if port_text:
+            if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+                raise ConfigError(f"-e/--proxy-endpoint {text!r}: bad port {port_text!r}")
+            port = int(port_text)
+        else:
+            port = default_port
+    host = host.lower()
+    if not host or not (_HOST.match(host) or ":" in host):
+        raise ConfigError(f"-e/--proxy-endpoint {text!r}: bad host name")
+    return host, port, secure
+
+
+@dataclass(frozen=True)
+class ServiceEndpoint:
+    """The tunnel service's data plane and how to reach it."""
+
+    host: str
+    port: int
+    secure: bool = True
+    capath: Optional[str] = None
+    verify: bool = True
+    web_proxy: Optional[ProxySettings] = None
+
+    def url(self, mode: str) -> str:
+        """The WebSocket URL for C{mode} (C{source}|C{destination})."""
+        return tunnel_url(self.secure, self.host, self.port, mode)
+
+    def check(self) -> None:
+        """Fail now (L{ConfigError}) if the TLS settings are unusable, instead of at each attempt."""
+        if self.secure:
+            client_tls_options(self.host, self.capath, self.verify)
+
+    def client_endpoint(self, reactor: Any) -> IStreamClientEndpoint:
+        """A fresh client endpoint: TCP (through the web proxy, if any), then TLS for C{wss}."""
+        endpoint: IStreamClientEndpoint
+        if self.web_proxy is None:
+            endpoint = HostnameEndpoint(reactor, self.host.encode("idna"), self.port, timeout=CONNECT_TIMEOUT)
+        else:
+            proxy = self.web_proxy
+            to_proxy: IStreamClientEndpoint = HostnameEndpoint(
+                reactor, proxy.host.encode("idna"), proxy.port, timeout=CONNECT_TIMEOUT
+            )
+            if proxy.scheme == "https":
+                to_proxy = wrapClientTLS(client_tls_options(proxy.host, None, self.verify), to_proxy)
+            endpoint = HTTPConnectEndpoint(to_proxy, self.host, self.port, proxy.authorization)
+        if self.secure:
+            endpoint = wrapClientTLS(client_tls_options(self.host, self.capath, self.verify), endpoint)
+        return endpoint
+
+    def __str__(self) -> str:
+        return self.url("source").split("/tunnel", 1)[0]

@@ -1,0 +1,245 @@
+# -*- test-case-name: tests.test_localproxy_session -*-
+"""
+One local proxy session: the sans-IO source or destination state machine
+(L{tunnelkit.protocol.session}) driven over a reconnecting WebSocket and the local sockets.
+
+L{LocalProxySession} is a L{MultiService}.  It owns:
+  - a L{ClientService} that keeps one WebSocket to the tunnel service, reconnecting with backoff and
+    the same access and client tokens;
+  - a I{side} (L{tunnelkit.localproxy.source.SourceSide} or
+    L{tunnelkit.localproxy.destination.DestinationSide}) that opens listeners or connects to targets;
+  - the open local connections (L{LocalConnection}), keyed by C{(service_id, connection_id)};
+  - the two flow-control throttles (L{tunnelkit.transport.flow}).
+
+It ends (L{LocalProxySession.ended} fires with a L{SessionEnd}) when the service closes the tunnel
+(status 0), when the upgrade is refused with a 4xx (status 1), or on a fatal protocol or
+configuration error (status 1).  The twistd plugin turns that into the process's exit status; the
+device agent runs several sessions in one process and just drops the ended ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tunnelkit.localproxy.connection import ConnectionKey, LocalConnection
+from tunnelkit.localproxy.endpoint import ServiceEndpoint
+from tunnelkit.protocol.framing import Message
+from tunnelkit.protocol.session import CloseLocal, ConnectTarget, Fatal, SendFrames, StartListening, WriteLocal
+from tunnelkit.transport.flow import LocalReadThrottle, WebSocketReadThrottle
+from tunnelkit.transport.websocket import (
+    ITunnelWebSocketHandler,
+    TunnelWebSocketFactory,
+    TunnelWebSocketProtocol,
+    WebSocketEnded,
+)
+
+__all__ = ["LocalProxySession", "SessionEnd", "default_retry_policy"]
+
+#: Bytes a destination may hold for connections still being opened before the WebSocket pauses.
+PENDING_LIMIT = 1 << 20
+
+
+def default_retry_policy() -> Callable[[int], float]:
+    """Reconnect delays: 0.75 s, 1.1 s, 1.7 s ... up to 30 s, plus up to 1 s of jitter."""
+    return backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=1.5)
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    """How a session ended: the exit status (0 = the tunnel was closed) and why."""
+
+    status: int
+    message: str
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """Logs why a connection attempt to the service failed (ClientService only logs the retry)."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamClientEndpoint, url: str) -> None:
+        self._endpoint = endpoint
+        self._url = url
+
+    def connect(self, factory: Any) -> Deferred:
+        def failed(failure: Failure) -> Failure:
+            if not failure.check(CancelledError):
+                self.log.error(
+                    "Could not connect to proxy server {url}: {error}",
+                    url=self._url,
+                    error=failure.getErrorMessage(),
+                )
+            return failure
+
+        return self._endpoint.connect(factory).addErrback(failed)
+
+    def __repr__(self) -> str:
+        return f"<{self._url}>"
+
+
+@implementer(ITunnelWebSocketHandler)
+class LocalProxySession(MultiService):
+    """
+    A local proxy session over a reconnecting WebSocket.
+
+    @param side: the mode's side object (has C{mode}, C{session}, C{attach(proxy)},
+        C{start_listening(action)} or C{connect(action)}, C{cancel(key)}, C{websocket_lost()}, C{stop()}).
+    @param service_endpoint: where the tunnel service is.
+    @param client_token: sent on every (re)connection so the access token can reconnect.
+    @param clock: pings, timeouts and reconnection delays run on it (default: C{reactor}).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        side: Any,
+        service_endpoint: ServiceEndpoint,
+        access_token: str,
+        client_token: Optional[str],
+        reactor: Any,
+        clock: Any = None,
+        retry_policy: Optional[Callable[[int], float]] = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.side = side
+        self.session = side.session
+        self.service_endpoint = service_endpoint
+        self.url = service_endpoint.url(side.mode)
+        self.local_read_throttle = LocalReadThrottle()
+        self.websocket_read_throttle = WebSocketReadThrottle()
+        self.connections: Dict[ConnectionKey, LocalConnection] = {}
+        self.websocket: Optional[TunnelWebSocketProtocol] = None
+        self.ended: Deferred = Deferred()
+        self.end: Optional[SessionEnd] = None
+        self.factory = TunnelWebSocketFactory(
+            self.url, access_token, client_token, self, self.clock, reactor=reactor
+        )
+        self.client_service = ClientService(
+            _ReportingEndpoint(service_endpoint.client_endpoint(reactor), self.url),
+            self.factory,
+            retryPolicy=retry_policy or default_retry_policy(),
+            clock=self.clock,
+        )
+        self.client_service.setServiceParent(self)
+        side.attach(self)
+
+    # --- service ---
+
+    def startService(self) -> None:
+        self.log.info("Starting proxy in {mode} mode", mode=self.side.mode)
+        self.log.info("Attempting to establish web socket connection with endpoint {url}", url=self.url)
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        self.side.stop()
+        for connection in list(self.connections.values()):
+            connection.close("the local proxy is stopping")
+        return super().stopService()
+
+    def finish(self, status: int, message: str) -> None:
+        """End the session for good: stop reconnecting, close everything, fire L{ended}."""
+        if self.end is not None:
+            return
+        self.end = SessionEnd(status, message)
+        if status == 0:
+            self.log.info("{message}", message=message)
+        else:
+            self.log.error("{message}", message=message)
+        if self.running:
+            self.stopService()
+        self.ended.callback(self.end)
+
+    # --- the WebSocket (ITunnelWebSocketHandler) ---
+
+    def websocket_opened(self, websocket: TunnelWebSocketProtocol) -> None:
+        self.websocket = websocket
+        self.log.info(
+            "Successfully established websocket connection with proxy server: {url}", url=self.url
+        )
+        websocket.transport.registerProducer(self.local_read_throttle, True)
+        self.websocket_read_throttle.attach(websocket.transport)
+        self.perform(self.session.websocket_opened())
+
+    def messages_received(self, messages: List[Message]) -> None:
+        receive = self.session.receive
+        perform = self.perform
+        for message in messages:
+            perform(receive(message), flush=False)
+        self.side.after_messages()
+
+    def websocket_ended(self, websocket: TunnelWebSocketProtocol, ended: WebSocketEnded) -> None:
+        if websocket is self.websocket or self.websocket is None:
+            self.websocket = None
+            self.websocket_read_throttle.detach()
+            self.local_read_throttle.resumeProducing()
+            self.perform(self.session.websocket_lost())
+            self.side.websocket_lost()
+        if ended.kind == "retry":
+            self.log.warn(
+                "{message}; reconnecting to {url} (the delay follows)", message=ended.message, url=self.url
+            )
+        elif ended.kind == "rejected":
+            self.finish(1, f"{ended.message}; not retrying: the token or tunnel cannot be used (exit status 1)")
+        else:
+            self.finish(0, f"{ended.message}; the tunnel is closed, stopping")
+
+    # --- actions of the state machine ---
+
+    def perform(self, actions: List[Any], flush: bool = True) -> None:
+        """Carry out the state machine's actions, in order."""
+        websocket = self.websocket
+        for action in actions:
+            kind = type(action)
+            if kind is SendFrames:
+                if websocket is not None:
+                    websocket.send_frames(action.data, action.boundary)
+            elif kind is WriteLocal:
+                connection = self.connections.get((action.service_id, action.connection_id))
+                if connection is not None:
+                    connection.write(action.data)
+            elif kind is CloseLocal:
+                key = (action.service_id, action.connection_id)
+                connection = self.connections.get(key)
+                if connection is not None:
+                    connection.close(action.reason)
+                else:
+                    self.side.cancel(key, action.reason)
+            elif kind is StartListening:
+                self.side.start_listening(action)
+            elif kind is ConnectTarget:
+                self.side.connect(action)
+            elif kind is Fatal:
+                self.finish(1, action.message)
+            else:  # pragma: no cover - the session only returns the kinds above
+                raise TypeError(f"unknown action {action!r}")
+        if flush and websocket is not None:
+            websocket.flush()
+
+    # --- local connections (called by LocalConnection and the sides) ---
+
+    def local_opened(self, connection: LocalConnection) -> None:
+        """Register a local connection the side accepted or connected."""
+        self.connections[connection.key] = connection
+
+    def local_data(self, connection: LocalConnection, data: bytes) -> None:
+        self.perform(self.session.local_data(connection.service_id, connection.connection_id, data))
+
+    def local_gone(self, connection: LocalConnection) -> None:
+        key = connection.key
+        if self.connections.get(key) is connection:
+            del self.connections[key]
+            if not connection.closing:
+                self.perform(self.session.local_closed(connection.service_id, connection.connection_id))

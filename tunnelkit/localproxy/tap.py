@@ -1,0 +1,341 @@
+# -*- test-case-name: tests.test_localproxy_options -*-
+"""
+C{twistd -n tunnelkit --mode source|destination ...}: tunnelkit's local proxy, a drop-in for AWS's
+C{localproxy} (same options, same behaviour; reference section 2).
+
+Examples::
+
+    AWSIOT_TUNNEL_ACCESS_TOKEN=... twistd -n tunnelkit --mode source -r us-east-1 -s 5555
+    twistd -n tunnelkit --mode destination -e tunnels.example.com:8443 -c ca.pem -d SSH1=22,HTTP1=8080
+
+Option sources, strongest first: the command line, C{--config FILE} (tap.yml), the environment
+(C{AWSIOT_TUNNEL_ACCESS_TOKEN}, C{AWSIOT_TUNNEL_CLIENT_TOKEN}, C{AWSIOT_TUNNEL_ENDPOINT},
+C{AWSIOT_TUNNEL_REGION}, C{https_proxy}/C{HTTPS_PROXY}).
+
+Exit status: 0 when the service closes the tunnel (CloseTunnel, expiry, or a close frame); 1 for a
+usage error, a refused upgrade (4xx: a used, rotated or wrong token, a closed tunnel -- AWS's
+localproxy exits 0 there, tunnelkit exits 1 so scripts notice), a mapping that does not match the
+tunnel's services, or a listener that cannot bind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import sys
+import uuid
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from twisted.application.service import IService, MultiService
+from twisted.logger import Logger
+from twisted.python import usage
+
+import tunnelkit
+from tunnelkit.adapters import available_adapters, parse_adapter_overrides
+from tunnelkit.config import ModeOptions
+from tunnelkit.errors import ConfigError
+from tunnelkit.localproxy.destination import DestinationSide
+from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint, region_host
+from tunnelkit.localproxy.mapping import (
+    merge_config_dir,
+    parse_destination_endpoint,
+    parse_destination_mapping,
+    parse_source_mapping,
+    read_config_dir,
+)
+from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
+from tunnelkit.localproxy.source import SourceSide
+from tunnelkit.transport.httpproxy import proxy_from_environment
+from tunnelkit.transport.nvx import NvxOptions, require_nvx
+from tunnelkit.transport.tls import NO_VERIFY_WARNING
+
+__all__ = ["Options", "makeService", "build_session"]
+
+log = Logger()
+
+_CLIENT_TOKEN = re.compile(r"^[a-zA-Z0-9-]{32,128}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _verbosity(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 255:
+        raise ValueError(f"-v/--verbose expects 0-255 (4 = info, 5 = debug, 6+ = trace), got {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 0:
+        raise ValueError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value <= 3600:
+        raise ValueError(f"expected 0-3600 seconds, got {text!r}")
+    return value
+
+
+class Options(NvxOptions, ModeOptions):
+    """The local proxy's options, for both C{--mode source} and C{--mode destination}."""
+
+    mode = "source"  # the plugin sets "source" or "destination" before parsing
+
+    optFlags = [
+        ["no-ssl-host-verify", "k", "Do not check the service's TLS certificate or host name (DANGEROUS)."],
+    ]
+
+    optParameters = [
+        ["access-token", "t", None, "The tunnel's client access token (prefer AWSIOT_TUNNEL_ACCESS_TOKEN)."],
+        ["client-token", "i", None,
+         "32-128 characters [a-zA-Z0-9-] sent on every (re)connection (AWSIOT_TUNNEL_CLIENT_TOKEN); "
+         "a random one is made when none is given, so the proxy can reconnect."],
+        ["proxy-endpoint", "e", None,
+         "The tunnel service: HOST[:PORT] (TLS, port 443), wss://HOST[:PORT] or ws://HOST[:PORT] "
+         "(AWSIOT_TUNNEL_ENDPOINT)."],
+        ["region", "r", None, "AWS region: connect to data.tunneling.iot.REGION.amazonaws.com (AWSIOT_TUNNEL_REGION)."],
+        ["source-listen-port", "s", None, "Source: PORT, or SERVICE=PORT[,SERVICE=PORT...] (0 = any free port)."],
+        ["destination-app", "d", None,
+         "Destination: PORT, HOST:PORT, a unix socket path, or SERVICE=TARGET[,SERVICE=TARGET...]."],
+        ["local-bind-address", "b", None,
+         "Source: the address to listen on (default localhost). Destination: the host of PORT-only targets."],
+        ["capath", "c", None, "A CA file (PEM) or hashed CA directory to check the service's certificate."],
+        ["destination-client-type", "y", None,
+         "Source: the destination's message format, V1 or V2 (default: V3, simultaneous connections)."],
+        ["config-dir", None, None, "A directory of files of SERVICE=ENDPOINT lines."],
+        ["verbose", "v", 4, "Log detail 0-255: 4 = info, 5 = debug, 6+ = trace.", _verbosity],
+        ["max-connections", None, 128, "Source: the most simultaneous connections per service.", _positive],
+        ["connect-retries", None, 5, "Destination: retries of a refused target before the reset.", _count],
+        ["connect-retry-delay", None, 2.5, "Destination: seconds between those retries.", _seconds],
+    ]
+
+    repeatable = {"adapter": str}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._args: List[str] = []
+        self.environ: Mapping[str, str] = os.environ
+
+    def opt_adapter(self, value: str) -> None:
+        """SERVICE=NAME: the service adapter of a service (repeatable; default by prefix)."""
+        self["adapter"].append(value)
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        self._args = list(sys.argv[1:] if options is None else options)
+        self["mode"] = self.mode
+        super().parseOptions(options)
+
+    def _given_on_command_line(self, long: str, short: str) -> bool:
+        for arg in self._args:
+            if arg == f"--{long}" or arg.startswith(f"--{long}=") or arg == f"-{short}" or (
+                arg.startswith(f"-{short}") and not arg.startswith("--")
+            ):
+                return True
+        return False
+
+    def postOptions(self) -> None:
+        try:
+            self._check()
+        except (ConfigError, ValueError) as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _check(self) -> None:
+        env = self.environ
+        mode = self.mode
+        if mode not in ("source", "destination"):
+            raise ConfigError(f"Mode value is wrong: {mode!r} (allowed: source, destination)")
+
+        # tokens
+        token = self["access-token"] or env.get("AWSIOT_TUNNEL_ACCESS_TOKEN")
+        if not token:
+            raise ConfigError(
+                "the option '--access-token' is required but missing (or set AWSIOT_TUNNEL_ACCESS_TOKEN)"
+            )
+        if len(token) > 4096 or _CONTROL.search(token):
+            raise ConfigError("--access-token: at most 4096 characters, no control characters")
+        self["access-token"] = token
+        self.token_on_command_line = self._given_on_command_line("access-token", "t")
+        client_token = self["client-token"] or env.get("AWSIOT_TUNNEL_CLIENT_TOKEN")
+        self.client_token_generated = False
+        if client_token:
+            if not _CLIENT_TOKEN.match(client_token):
+                raise ConfigError("-i/--client-token: expected 32-128 characters of a-z, A-Z, 0-9 and '-'")
+        else:
+            client_token = str(uuid.uuid4())
+            self.client_token_generated = True
+        self["client-token"] = client_token
+
+        # the service
+        endpoint_text = self["proxy-endpoint"]
+        region = self["region"]
+        if not endpoint_text and not region:
+            endpoint_text = env.get("AWSIOT_TUNNEL_ENDPOINT")
+            region = env.get("AWSIOT_TUNNEL_REGION") if not endpoint_text else None
+        if bool(endpoint_text) == bool(region):
+            raise ConfigError("Must specify one and only one of --region/-r or --proxy-endpoint/-e options")
+        if endpoint_text:
+            host, port, secure = parse_proxy_endpoint(endpoint_text)
+        else:
+            host, port, secure = region_host(region), 443, True
+        verify = not self["no-ssl-host-verify"]
+        capath = self["capath"]
+        if capath is not None and not os.path.exists(capath):
+            raise ConfigError(f"-c/--capath {capath}: no such file or directory")
+        web_proxy = proxy_from_environment(env)
+        self.service_endpoint = ServiceEndpoint(host, port, secure, capath, verify, web_proxy)
+        self.service_endpoint.check()
+
+        # the mapping
+        source, destination = self["source-listen-port"], self["destination-app"]
+        if source and destination:
+            raise ConfigError("Must specify one and only one of --source-listen-port/-s or --destination-app/-d")
+        if mode == "source" and destination:
+            raise ConfigError("-d/--destination-app is a destination option, but the mode is source")
+        if mode == "destination" and source:
+            raise ConfigError("-s/--source-listen-port is a source option, but the mode is destination")
+        client_type = (self["destination-client-type"] or "V3").upper()
+        if client_type not in ("V1", "V2", "V3"):
+            raise ConfigError(f"-y/--destination-client-type: expected V1 or V2, got {self['destination-client-type']!r}")
+        if mode == "destination" and self["destination-client-type"]:
+            raise ConfigError("-y/--destination-client-type is a source option (the destination detects the format)")
+        self["destination-client-type"] = client_type
+        bind = self["local-bind-address"]
+        config_dir = self["config-dir"]
+        from_dir: Dict[str, str] = read_config_dir(config_dir) if config_dir else {}
+        if mode == "source":
+            given = parse_source_mapping(source) if source else None
+            from_files = {sid: parse_source_mapping(f"{sid}={ep}", f"--config-dir {sid}")[sid] for sid, ep in from_dir.items()}
+            self.mapping = merge_config_dir(given, from_files)  # empty: listen for every service, any port
+            self.bind_address = _resolve_bind(bind or "localhost")
+        else:
+            default_host = bind or "127.0.0.1"
+            given_targets = parse_destination_mapping(destination, default_host) if destination else None
+            from_files = {sid: parse_destination_endpoint(ep, default_host) for sid, ep in from_dir.items()}
+            self.mapping = merge_config_dir(given_targets, from_files)
+            if not self.mapping:
+                raise ConfigError(
+                    "Must specify one of --destination-app/-d or --config-dir with the service mapping"
+                )
+
+        # adapters
+        overrides = parse_adapter_overrides(self["adapter"])
+        known = available_adapters()
+        for service_id, name in overrides.items():
+            if name not in known:
+                raise ConfigError(
+                    f"--adapter {service_id}={name}: unknown adapter (known: {', '.join(sorted(known))})"
+                )
+        self.adapter_overrides = overrides
+
+
+def _resolve_bind(address: str) -> str:
+    """The first address of C{address} (C{localhost} may be ::1 first, as with AWS's localproxy)."""
+    import socket
+
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    try:
+        infos = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ConfigError(f"-b/--local-bind-address {address}: cannot resolve it: {e}") from None
+    return str(infos[0][4][0])
+
+
+def build_session(options: Options, reactor: Any, clock: Any = None) -> LocalProxySession:
+    """The L{LocalProxySession} for parsed C{options}."""
+    side: Any
+    if options.mode == "source":
+        side = SourceSide(
+            options.mapping,
+            options.bind_address,
+            reactor,
+            client_type=options["destination-client-type"],
+            max_connections=options["max-connections"],
+            adapter_overrides=options.adapter_overrides,
+        )
+    else:
+        side = DestinationSide(
+            options.mapping,
+            reactor,
+            clock,
+            retries=options["connect-retries"],
+            retry_delay=options["connect-retry-delay"],
+            adapter_overrides=options.adapter_overrides,
+        )
+    return LocalProxySession(
+        side, options.service_endpoint, options["access-token"], options["client-token"], reactor, clock
+    )
+
+
+_exit_status: List[int] = []
+
+
+def _exit_process(end: SessionEnd, reactor: Any) -> None:
+    """Stop the reactor; make twistd exit with C{end.status}."""
+    if end.status != 0 and not _exit_status:
+        _exit_status.append(end.status)
+
+        def exit_with_status() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(_exit_status[0])
+
+        atexit.register(exit_with_status)
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    reactor.callLater(0, stop)
+
+
+def makeService(options: Options) -> IService:
+    """Build the local proxy for C{twistd}: one session, whose end stops the process."""
+    from twisted.internet import reactor
+
+    require_nvx(bool(options["allow-slow-websocket"]))
+    log.info(
+        "Running tunnelkit local proxy version {version} ({mode} mode)",
+        version=tunnelkit.__version__,
+        mode=options.mode,
+    )
+    if options.token_on_command_line:
+        log.warn(
+            "Found access token supplied via CLI arg. Consider using environment variable "
+            "AWSIOT_TUNNEL_ACCESS_TOKEN instead"
+        )
+    if options.client_token_generated:
+        log.info("No client token given: generated one for this process, so it can reconnect")
+    if not options.service_endpoint.verify:
+        for line in NO_VERIFY_WARNING.splitlines():
+            log.warn("{line}", line=line)
+    if options.service_endpoint.web_proxy is not None:
+        log.info(
+            "Found Web proxy information in the environment variables, will use it to connect via "
+            "the proxy: {proxy}",
+            proxy=str(options.service_endpoint.web_proxy),
+        )
+    if options["verbose"] >= 6:
+        import txaio
+
+        txaio.set_global_log_level("debug")
+    if options.mapping:
+        log.info("Use port mapping:")
+        for service_id, endpoint in options.mapping.items():
+            shown = endpoint if not isinstance(endpoint, tuple) else f"{endpoint[0]}:{endpoint[1]}"
+            log.info("{service_id} = {endpoint}", service_id=service_id or "(v1 format)", endpoint=shown)
+    session = build_session(options, reactor)
+    session.ended.addCallback(_exit_process, reactor)
+    top = MultiService()
+    session.setServiceParent(top)
+    return top

@@ -1,0 +1,123 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+Client TLS for the local proxy's WebSocket: TLS 1.2 or newer, certificate chain and host name checked
+(pyOpenSSL + service-identity, through Twisted's L{optionsForClientTLS}).
+
+Trust comes from, in order:
+  - C{-c/--capath FILE}: the CA certificates in a PEM file;
+  - C{-c/--capath DIR}: an OpenSSL hashed directory (C{openssl rehash DIR}), looked up lazily by OpenSSL;
+  - otherwise the platform's trust store (OpenSSL's defaults, so C{SSL_CERT_FILE}/C{SSL_CERT_DIR} work).
+
+C{-k/--no-ssl-host-verify} turns every check off (the proxy prints a loud warning): the connection is
+then encrypted but anyone on the path can read it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet._sslverify import IOpenSSLTrustRoot  # the interface trustRoot= accepts
+from zope.interface import implementer
+
+from tunnelkit.errors import ConfigError
+
+__all__ = ["client_tls_options", "NO_VERIFY_WARNING", "MINIMUM_TLS"]
+
+#: The oldest TLS version the local proxy speaks.
+MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
+
+NO_VERIFY_WARNING = """\
+!!! SECURITY WARNING: -k/--no-ssl-host-verify is set !!!
+The service's TLS certificate and host name are NOT checked.  Anyone able to intercept the
+connection can impersonate the tunnel service, read the access token and every byte of the tunnel.
+Use it only for a test service; give the service's CA with -c/--capath instead."""
+
+
+@implementer(IOpenSSLTrustRoot)
+class _OpenSSLLocations:
+    """Trust the CAs of a PEM file or of a hashed directory, as OpenSSL's C{load_verify_locations}."""
+
+    def __init__(self, cafile: Optional[str], capath: Optional[str]) -> None:
+        self.cafile = cafile
+        self.capath = capath
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        context.load_verify_locations(self.cafile, self.capath)
+
+
+def _trust_root(capath: Optional[str]) -> object:
+    if capath is None:
+        return ssl.platformTrust()
+    if os.path.isdir(capath):
+        hashed = [name for name in os.listdir(capath) if _is_hash_name(name)]
+        if not hashed:
+            raise ConfigError(
+                f"-c/--capath {capath}: no hashed CA files in the directory "
+                f"(run 'openssl rehash {capath}', or give a CA file)"
+            )
+        return _OpenSSLLocations(None, capath)
+    if os.path.isfile(capath):
+        try:
+            with open(capath, "rb") as f:
+                pem = f.read()
+            certificates = _pem_certificates(pem)
+        except (OSError, SSL.Error, ValueError) as e:
+            raise ConfigError(f"-c/--capath {capath}: not a readable PEM CA file: {e}") from None
+        if not certificates:
+            raise ConfigError(f"-c/--capath {capath}: no PEM certificate in the file")
+        return ssl.trustRootFromCertificates(certificates)
+    raise ConfigError(f"-c/--capath {capath}: no such file or directory")
+
+
+def _is_hash_name(name: str) -> bool:
+    stem, dot, suffix = name.partition(".")
+    return len(stem) == 8 and dot == "." and suffix.isdigit() and all(c in "0123456789abcdef" for c in stem)
+
+
+def _pem_certificates(pem: bytes) -> list:
+    marker = b"-----BEGIN CERTIFICATE-----"
+    certificates = []
+    for chunk in pem.split(marker)[1:]:
+        certificates.append(ssl.Certificate.loadPEM(marker + chunk))
+    return certificates
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientTLS:
+    """TLS 1.2+ with SNI but no certificate check at all (C{-k})."""
+
+    def __init__(self, hostname: str) -> None:
+        self._hostname = hostname
+        self._context = ssl.CertificateOptions(verify=False, raiseMinimumTo=MINIMUM_TLS).getContext()
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        if not (isIPAddress(self._hostname) or isIPv6Address(self._hostname)):
+            connection.set_tlsext_host_name(self._hostname.encode("idna"))
+        return connection
+
+
+def client_tls_options(
+    hostname: str, capath: Optional[str] = None, verify: bool = True
+) -> IOpenSSLClientConnectionCreator:
+    """
+    The connection creator for a TLS connection to C{hostname} (a DNS name or an IP address; the
+    certificate needs a matching DNS or IP subject alternative name).
+
+    @param capath: a PEM CA file or an OpenSSL hashed CA directory; None for the platform's store.
+    @param verify: False only for C{-k}: no chain or host name check.
+    @raise ConfigError: if C{capath} is unusable.
+    """
+    if not verify:
+        return _UnverifiedClientTLS(hostname)
+    return ssl.optionsForClientTLS(
+        hostname,
+        trustRoot=_trust_root(capath),
+        extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS},
+    )

@@ -1,0 +1,330 @@
+# -*- test-case-name: tests.test_websocket_client -*-
+"""
+The local proxy's WebSocket to the tunnel service (autobahn), as AWS's localproxy speaks it.
+
+Handshake: C{GET /tunnel?local-proxy-mode=source|destination}, C{Sec-WebSocket-Protocol:
+aws.iot.securetunneling-3.0} (whatever C{-y} says: the message format is chosen per message),
+C{access-token}, and C{client-token} when one is set.  The 101 must echo a subprotocol; its optional
+C{channel-id} header is logged as the session id.
+
+After the 101: a ping right away and every 20 s, its payload the epoch time in milliseconds as ASCII
+digits (the pong's latency is logged at debug level).  Binary messages are a byte stream of tunnel
+frames (L{FrameDecoder}); a text message is a protocol error (close 1003).
+
+How a session ends, as L{WebSocketEnded.kind}:
+  - C{"rejected"}: a 4xx answer to the upgrade.  Retrying cannot help: the proxy stops.
+  - C{"closed"}: the service sent a close frame with code 1000 (CloseTunnel, expiry): the proxy stops, status 0.
+  - C{"replaced"}: close code 1008: another proxy took over this token, or the service rejected
+    what we sent.  The proxy stops.
+  - C{"retry"}: anything else (5xx, no subprotocol in the 101, 1001/1011/1006, a lost
+    connection, a handshake timeout): reconnect with backoff.
+
+The hot path skips autobahn's per-call debug formatting (performance.md: +10 %).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+from urllib.parse import urlsplit
+
+import autobahn
+import google.protobuf
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectingRequest
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import Interface
+
+import tunnelkit
+from tunnelkit.errors import FramingError
+from tunnelkit.protocol.framing import MAX_WEBSOCKET_FRAME, FrameDecoder, Message, parse_message
+
+__all__ = [
+    "SUBPROTOCOL",
+    "PING_PERIOD",
+    "HANDSHAKE_TIMEOUT",
+    "ITunnelWebSocketHandler",
+    "WebSocketEnded",
+    "TunnelWebSocketProtocol",
+    "TunnelWebSocketFactory",
+    "tunnel_url",
+]
+
+#: The subprotocol the local proxy offers (AWS's localproxy offers only this one, whatever -y says).
+SUBPROTOCOL = "aws.iot.securetunneling-3.0"
+#: Seconds between pings.
+PING_PERIOD = 20.0
+#: Seconds the TCP+TLS+HTTP upgrade may take before the attempt counts as failed.
+HANDSHAKE_TIMEOUT = 30.0
+
+_STATE_OPEN = WebSocketProtocol.STATE_OPEN
+
+
+def tunnel_url(secure: bool, host: str, port: int, mode: str) -> str:
+    """C{wss://HOST:PORT/tunnel?local-proxy-mode=MODE}."""
+    scheme = "wss" if secure else "ws"
+    authority = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{authority}:{port}/tunnel?local-proxy-mode={mode}"
+
+
+def user_agent() -> str:
+    """The User-Agent header: what we are, like localproxy's."""
+    return (
+        f"tunnelkit-localproxy/{tunnelkit.__version__} {platform.system().lower()} "
+        f"autobahn/{autobahn.__version__} protobuf/{google.protobuf.__version__}"
+    )
+
+
+@dataclass(frozen=True)
+class WebSocketEnded:
+    """Why a WebSocket session ended (see the module docstring for C{kind})."""
+
+    kind: str  # "rejected" | "closed" | "replaced" | "retry"
+    message: str
+    code: Optional[int] = None  # the close code, or the HTTP status for "rejected"/5xx
+
+
+class ITunnelWebSocketHandler(Interface):
+    """What L{TunnelWebSocketProtocol} reports to: the local proxy's session."""
+
+    def websocket_opened(websocket: "TunnelWebSocketProtocol") -> None:
+        """The 101 arrived with a subprotocol: the session may send."""
+
+    def messages_received(messages: List[Message]) -> None:
+        """Tunnel messages, in order, decoded from one WebSocket message."""
+
+    def websocket_ended(websocket: "TunnelWebSocketProtocol", ended: WebSocketEnded) -> None:
+        """The WebSocket is gone (or never opened); C{ended} says whether retrying makes sense."""
+
+
+class TunnelWebSocketProtocol(WebSocketClientProtocol):
+    """One WebSocket session with the tunnel service.  Built by L{TunnelWebSocketFactory}."""
+
+    log = Logger()
+    factory: "TunnelWebSocketFactory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._decoder = FrameDecoder()
+        self._pending: List[bytes] = []
+        self._pending_size = 0
+        self._ping_call: Any = None
+        self._handshake_timer: Any = None
+        self._rejected: Optional[WebSocketEnded] = None
+        self._opened = False
+        self._ended = False
+        self.channel_id: Optional[str] = None
+        self.subprotocol: Optional[str] = None
+
+    # --- connection and handshake ---
+
+    def connectionMade(self) -> None:
+        clock = self.factory.clock
+        self._handshake_timer = clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
+        super().connectionMade()
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        self._rejected = WebSocketEnded(
+            "retry", f"no answer to the WebSocket upgrade within {HANDSHAKE_TIMEOUT:g} s"
+        )
+        self.dropConnection(abort=True)
+
+    def onConnecting(self, transport_details: Any) -> ConnectingRequest:
+        factory = self.factory
+        headers = {"access-token": factory.access_token}
+        if factory.client_token:
+            headers["client-token"] = factory.client_token
+        return ConnectingRequest(
+            host=factory.host,
+            port=factory.port,
+            resource=factory.resource,
+            headers=headers,
+            useragent=factory.useragent,
+            origin=None,
+            protocols=[SUBPROTOCOL],
+        )
+
+    def processHandshake(self) -> None:
+        # A non-101 answer: wait for its body (Content-Length) so the user sees the service's reason.
+        end = self.data.find(b"\r\n\r\n")
+        if end >= 0 and self._rejected is None:
+            head = self.data[:end].decode("latin-1")
+            status_line, _, header_text = head.partition("\r\n")
+            fields = status_line.split(None, 2)
+            if len(fields) >= 2 and fields[1].isdigit() and fields[1] != "101":
+                status = int(fields[1])
+                length = 0
+                for line in header_text.split("\r\n"):
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length" and value.strip().isdigit():
+                        length = int(value.strip())
+                body = self.data[end + 4 : end + 4 + min(length, 4096)]
+                if len(body) < min(length, 4096):
+                    return  # the body is on its way
+                text = body.decode("utf-8", "replace").strip()
+                detail = f'Proxy server rejected web socket upgrade request: ({status_line.strip()}) "{text}"'
+                kind = "rejected" if 400 <= status < 500 else "retry"
+                self._rejected = WebSocketEnded(kind, detail, status)
+        super().processHandshake()
+
+    def onConnect(self, response: Any) -> None:
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        self.channel_id = response.headers.get("channel-id")
+        if not response.protocol:
+            self._rejected = WebSocketEnded(
+                "retry", "No websocket subprotocol returned from proxy server!"
+            )
+            raise ValueError(self._rejected.message)
+        self.subprotocol = response.protocol
+
+    def onOpen(self) -> None:
+        self._opened = True
+        self.log.info("Web socket session ID: {channel_id}", channel_id=self.channel_id or "-")
+        self.log.debug("Web socket subprotocol selected: {subprotocol}", subprotocol=self.subprotocol)
+        self._send_ping()
+        self.factory.handler.websocket_opened(self)
+
+    # --- pings ---
+
+    def _send_ping(self) -> None:
+        self._ping_call = None
+        if self.state != _STATE_OPEN:
+            return
+        now_ms = int(self.factory.clock.seconds() * 1000)
+        self.sendPing(str(now_ms).encode("ascii"))
+        self._ping_call = self.factory.clock.callLater(PING_PERIOD, self._send_ping)
+
+    def onPong(self, payload: bytes) -> None:
+        if payload.isdigit():
+            latency = int(self.factory.clock.seconds() * 1000) - int(payload)
+            self.log.debug("Pong reply latency: {latency} ms", latency=latency)
+
+    # --- data ---
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if not isBinary:
+            self.log.error("The tunnel service sent a text WebSocket message: closing (1003)")
+            self.sendClose(1003, "binary messages only")
+            return
+        try:
+            messages = [parse_message(body) for body in self._decoder.feed(payload)]
+        except FramingError as e:
+            self.log.error("Could not parse web socket binary frame into message: {error}", error=str(e))
+            self._rejected = WebSocketEnded("retry", f"bad data from the tunnel service: {e}")
+            self.dropConnection(abort=True)
+            return
+        if messages:
+            self.factory.handler.messages_received(messages)
+            self.flush()
+
+    def send_frames(self, data: bytes, boundary: bool) -> None:
+        """
+        Queue already-framed tunnel frames; C{boundary} ends the WebSocket message right after them.
+        Messages never exceed 131076 bytes.  Call L{flush} when the current event's frames are queued.
+        """
+        if self._pending_size + len(data) > MAX_WEBSOCKET_FRAME:
+            self.flush()
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if boundary:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the queued frames as one WebSocket message."""
+        if not self._pending:
+            return
+        payload = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending = []
+        self._pending_size = 0
+        if self.state == _STATE_OPEN:
+            self.sendMessage(payload, isBinary=True)
+
+    # hot path: autobahn formats debug arguments eagerly in these two; skip that
+    def dataReceived(self, data: bytes) -> None:
+        self._dataReceived(data)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        if sync or chopsize or self.send_queue:
+            super().sendData(data, sync, chopsize)
+            return
+        self.transport.write(data)
+        if self.state == _STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+
+    # --- the end ---
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        if self._ping_call is not None and self._ping_call.active():
+            self._ping_call.cancel()
+        self._ping_call = None
+        self._pending = []
+        self._pending_size = 0
+        if self._ended:
+            return
+        self._ended = True
+        self.factory.handler.websocket_ended(self, self._outcome(wasClean, code, reason))
+
+    def _outcome(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> WebSocketEnded:
+        if self._rejected is not None:
+            return self._rejected
+        remote = self.remoteCloseCode
+        if remote is not None:
+            text = f"Web socket close received. Code: {remote}; Reason: {self.remoteCloseReason or ''}"
+            if remote == 1000:
+                return WebSocketEnded("closed", text, remote)
+            if remote == 1008:
+                return WebSocketEnded("replaced", text, remote)
+            return WebSocketEnded("retry", text, remote)
+        why = self.wasNotCleanReason or reason or "connection lost"
+        if not self._opened:
+            return WebSocketEnded("retry", f"WebSocket upgrade failed: {why}", code)
+        return WebSocketEnded("retry", f"WebSocket connection lost: {why}", code)
+
+
+class TunnelWebSocketFactory(WebSocketClientFactory):
+    """
+    Builds L{TunnelWebSocketProtocol}s for one proxy session; reused on every reconnect (same tokens).
+
+    @param url: C{ws(s)://HOST:PORT/tunnel?local-proxy-mode=MODE} (see L{tunnel_url}).
+    @param handler: an L{ITunnelWebSocketHandler}.
+    @param clock: pings and the handshake timeout run on it.
+    """
+
+    protocol = TunnelWebSocketProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        url: str,
+        access_token: str,
+        client_token: Optional[str],
+        handler: Any,
+        clock: IReactorTime,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__(url, protocols=[SUBPROTOCOL], useragent=user_agent(), reactor=reactor)
+        self.access_token = access_token
+        self.client_token = client_token
+        self.handler = handler
+        self.clock = clock
+        self.setProtocolOptions(
+            openHandshakeTimeout=0,  # ours runs on the injected clock
+            maxFramePayloadSize=MAX_WEBSOCKET_FRAME,
+            maxMessagePayloadSize=16 * MAX_WEBSOCKET_FRAME,
+            autoFragmentSize=0,
+            perMessageCompressionOffers=[],
+            tcpNoDelay=True,
+        )
+
+    def __repr__(self) -> str:  # never the token
+        return f"<TunnelWebSocketFactory {self.url}>"
