@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_services_ssh -*-
+# -*- test-case-name: tests.test_services_stream -*-
 """
 The C{ssh} adapter (default for C{SSH*}): a byte stream; its probe reads the server's
 identification line (RFC 4253 section 4.2: C{SSH-2.0-softwareversion}, possibly after other lines).
@@ -38,7 +38,7 @@ def check_ssh_banner(received: bytes, closed: bool) -> Optional[str]:
 
 
 def _looks_like_text_line(line: bytes) -> bool:
-    return all(32 <= b < 127 or b in (9, 13) for b in line[:64]) and not line[:4].isdigit() and not (
+    return all(32 <= b < 127 or b in (9, 13) for b in line[:64]) and not line[:3].isdigit() and not (
         line.startswith(b"HTTP/") or line.startswith(b"RFB ")
     )
 

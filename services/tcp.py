@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_services_tcp -*-
+# -*- test-case-name: tests.test_services_stream -*-
 """
 The plain C{tcp} adapter: bytes pass untouched both ways; the probe checks that the target accepts
 a TCP connection.  It serves every service ID no other adapter claims by prefix, and C{HTTPS*} (TLS

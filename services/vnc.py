@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_services_vnc -*-
+# -*- test-case-name: tests.test_services_stream -*-
 """
 The C{vnc} adapter (default for C{VNC*}): a byte stream; its probe reads the RFB server's
 ProtocolVersion message (RFC 6143 section 7.1.1: the 12 bytes C{RFB 003.008\\n}).

@@ -35,6 +35,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     UNIXClientEndpoint,
 )
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
@@ -503,6 +504,8 @@ def probe_target(
             yield connecting
         except defer.CancelledError:
             raise
+        except ConnectingCancelledError:
+            raise defer.CancelledError() from None
         except Exception as e:
             raise ProbeFailed(f"cannot connect to {where}: {e}") from None
         try:
