@@ -351,7 +351,7 @@ class MQTTClientTests(SynchronousTestCase):
 
 class SettingsTests(SynchronousTestCase):
     def options(self, **kwargs):
-        base = {name[0].replace("-", "_"): None for name in MQTT_OPTIONS}
+        base = {name[0]: None for name in MQTT_OPTIONS}
         base.update(kwargs)
         return base
 

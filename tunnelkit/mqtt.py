@@ -87,25 +87,33 @@ class MQTTSettings:
         )
 
 
+def _option(options: Mapping[str, Any], name: str) -> Any:
+    """C{options[name]}, the option's long name with dashes (usage.Options) or underscores."""
+    value = options.get(name)
+    if value is None:
+        value = options.get(name.replace("-", "_"))
+    return value
+
+
 def mqtt_settings(options: Mapping[str, Any], default_client_id: str) -> Optional[MQTTSettings]:
     """
-    Read the L{MQTT_OPTIONS} out of parsed options (keys with underscores).
+    Read the L{MQTT_OPTIONS} out of parsed options (keyed by long names, C{mqtt-username}).
 
     @return: None when C{--mqtt} is absent.
     @raise UsageError: naming the option that is wrong.
     """
-    endpoint = options.get("mqtt")
+    endpoint = _option(options, "mqtt")
     extras = [
         name
-        for name in ("mqtt_username", "mqtt_password", "mqtt_password_file", "mqtt_ca", "mqtt_client_id")
-        if options.get(name)
+        for name in ("mqtt-username", "mqtt-password", "mqtt-password-file", "mqtt-ca", "mqtt-client-id")
+        if _option(options, name)
     ]
     if not endpoint:
         if extras:
-            raise UsageError(f"--{extras[0].replace('_', '-')} needs --mqtt ENDPOINT")
+            raise UsageError(f"--{extras[0]} needs --mqtt ENDPOINT")
         return None
-    password = options.get("mqtt_password")
-    password_file = options.get("mqtt_password_file")
+    password = _option(options, "mqtt-password")
+    password_file = _option(options, "mqtt-password-file")
     if password and password_file:
         raise UsageError("give only one of --mqtt-password and --mqtt-password-file")
     if password_file:
@@ -116,17 +124,17 @@ def mqtt_settings(options: Mapping[str, Any], default_client_id: str) -> Optiona
             raise UsageError(f"--mqtt-password-file {password_file}: cannot read it: {e.strerror}") from None
         except UnicodeDecodeError:
             raise UsageError(f"--mqtt-password-file {password_file}: not UTF-8 text") from None
-    username = options.get("mqtt_username") or None
+    username = _option(options, "mqtt-username") or None
     if password and not username:
         raise UsageError("--mqtt-password needs --mqtt-username")
-    ca_file = options.get("mqtt_ca") or None
+    ca_file = _option(options, "mqtt-ca") or None
     if ca_file is not None:
         kind = endpoint.split(":", 1)[0].lower()
         if kind != "tls":
             raise UsageError(f"--mqtt-ca applies to tls: endpoints only, not {endpoint!r}")
         if not os.path.isfile(ca_file):
             raise UsageError(f"--mqtt-ca {ca_file}: no such file")
-    client_id = options.get("mqtt_client_id") or default_client_id
+    client_id = _option(options, "mqtt-client-id") or default_client_id
     if not 1 <= len(client_id.encode("utf-8")) <= 65535:
         raise UsageError("--mqtt-client-id must be 1 to 65535 bytes")
     return MQTTSettings(endpoint, client_id, username, password or None, ca_file)
