@@ -1,0 +1,142 @@
+"""
+Tests of tunnelkit.transport.tls: real TLS handshakes in memory (iosim) against certificates made
+by the service's own generator.
+"""
+
+import os
+import shutil
+import subprocess
+
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
+from twisted.trial.unittest import SkipTest, TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from tunnelkit.errors import ConfigError
+from tunnelkit.service.certs import ensure_certificates
+from tunnelkit.transport.tls import client_tls_options
+
+
+@implementer(IHandshakeListener)
+class _Recorder(Protocol):
+    def __init__(self):
+        self.handshake_done = False
+        self.lost = None
+
+    def handshakeCompleted(self):
+        self.handshake_done = True
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+
+def _server_options(paths, maximum=None):
+    with open(paths.server_cert, "rb") as f:
+        cert = f.read()
+    with open(paths.server_key, "rb") as f:
+        key = f.read()
+    private = ssl.PrivateCertificate.loadPEM(cert + key)
+    if maximum is None:
+        return private.options()
+    return ssl.CertificateOptions(
+        privateKey=private.privateKey.original,
+        certificate=private.original,
+        insecurelyLowerMinimumTo=ssl.TLSVersion.TLSv1_0,
+        lowerMaximumSecurityTo=maximum,
+    )
+
+
+def _handshake(creator, server_options):
+    server_factory = TLSMemoryBIOFactory(server_options, False, Factory.forProtocol(Protocol))
+    recorder = _Recorder()
+    client_factory = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(lambda: recorder))
+    server, client, pump = connectedServerAndClient(
+        lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None)
+    )
+    for _ in range(20):
+        pump.pump()
+    return recorder
+
+
+_material = {}
+
+
+def _certificates():
+    if not _material:
+        base = os.path.abspath("tls-material")
+        _material["good"] = ensure_certificates(os.path.join(base, "good"), ["service.test"])
+        _material["other"] = ensure_certificates(os.path.join(base, "other"), [])
+    return _material["good"], _material["other"]
+
+
+class ClientTLSTests(TestCase):
+    def setUp(self):
+        self.good, self.other = _certificates()
+
+    def test_interface(self):
+        verifyObject(IOpenSSLClientConnectionCreator, client_tls_options("localhost", self.good.ca_cert))
+        verifyObject(IOpenSSLClientConnectionCreator, client_tls_options("localhost", verify=False))
+
+    def test_ca_file_and_names(self):
+        for host in ["localhost", "127.0.0.1", "service.test", "::1"]:
+            client = _handshake(client_tls_options(host, self.good.ca_cert), _server_options(self.good))
+            self.assertTrue(client.handshake_done, host)
+            self.assertIsNone(client.lost, host)
+
+    def test_wrong_host_name(self):
+        client = _handshake(client_tls_options("other.test", self.good.ca_cert), _server_options(self.good))
+        self.assertFalse(client.handshake_done)
+        self.assertIsNotNone(client.lost)
+
+    def test_untrusted_ca(self):
+        client = _handshake(client_tls_options("localhost", self.other.ca_cert), _server_options(self.good))
+        self.assertFalse(client.handshake_done)
+        self.assertTrue(client.lost.check(SSL.Error), client.lost)
+
+    def test_no_verify_accepts_anything(self):
+        client = _handshake(client_tls_options("other.test", verify=False), _server_options(self.good))
+        self.assertTrue(client.handshake_done)
+
+    def test_hashed_directory(self):
+        if shutil.which("openssl") is None:
+            raise SkipTest("no openssl command to hash the directory")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        shutil.copy(self.good.ca_cert, os.path.join(directory, "ca.pem"))
+        subprocess.run(["openssl", "rehash", directory], check=True, capture_output=True)
+        client = _handshake(client_tls_options("localhost", directory), _server_options(self.good))
+        self.assertTrue(client.handshake_done)
+
+    def test_unhashed_directory_is_an_error(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        shutil.copy(self.good.ca_cert, os.path.join(directory, "ca.pem"))
+        with self.assertRaises(ConfigError) as caught:
+            client_tls_options("localhost", directory)
+        self.assertIn("openssl rehash", str(caught.exception))
+
+    def test_not_pem(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("not a certificate")
+        with self.assertRaises(ConfigError):
+            client_tls_options("localhost", path)
+
+    def test_tls_1_2_server(self):
+        client = _handshake(
+            client_tls_options("localhost", self.good.ca_cert),
+            _server_options(self.good, maximum=ssl.TLSVersion.TLSv1_2),
+        )
+        self.assertTrue(client.handshake_done)
+
+    def test_refuses_tls_1_1(self):
+        client = _handshake(
+            client_tls_options("localhost", self.good.ca_cert),
+            _server_options(self.good, maximum=ssl.TLSVersion.TLSv1_1),
+        )
+        self.assertFalse(client.handshake_done)
