@@ -1,0 +1,588 @@
+"""
+Tests for L{tunnelkit.service.relay}: the handshake rules, relaying, peers, closing, flow control
+and limits, with the real site and autobahn protocol over in-memory transports and a L{Clock}.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Optional
+
+import txaio
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from tunnelkit.protocol.message_pb2 import Message
+from tunnelkit.service.interfaces import ITunnelEvents, ITunnelStore
+from tunnelkit.service.relay import (
+    MAX_REQUEST_SIZE,
+    HandshakeRejected,
+    PeerProtocol,
+    Relay,
+    TokenBucket,
+    check_handshake,
+    new_channel_id,
+)
+from tunnelkit.testing import (
+    V3,
+    MemoryTunnelStore,
+    RawPeer,
+    ServiceHarness,
+    tunnel_frame,
+    upgrade_request,
+)
+
+DATA = Message.DATA
+STREAM_START = Message.STREAM_START
+STREAM_RESET = Message.STREAM_RESET
+CONNECTION_START = Message.CONNECTION_START
+CONNECTION_RESET = Message.CONNECTION_RESET
+SERVICE_IDS = Message.SERVICE_IDS
+
+CHANNEL_ID = re.compile(r"\A[0-9a-f]{16}-[0-9a-f]{8}-[0-9a-f]{8}-[0-9a-f]{16}-[0-9a-f]{8}\Z")
+CLIENT_TOKEN = "2da438cf-9a30-4148-b236-c338182f243c"
+
+
+def start(stream: int = 1, service: str = "SSH", connection: int = 1) -> bytes:
+    return tunnel_frame(type=STREAM_START, streamId=stream, serviceId=service, connectionId=connection)
+
+
+def data(payload: bytes, stream: int = 1, service: str = "SSH", connection: int = 1) -> bytes:
+    return tunnel_frame(
+        type=DATA, streamId=stream, serviceId=service, connectionId=connection, payload=payload
+    )
+
+
+class ServiceTestCase(SynchronousTestCase):
+    """A harness on a L{Clock}, with autobahn's timers on the same clock."""
+
+    options: Dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        txaio.use_twisted()
+        old = txaio.config.loop
+        txaio.config.loop = self.clock
+        self.addCleanup(setattr, txaio.config, "loop", old)
+        self.harness = ServiceHarness(self.clock, self.options)
+        self.relay: Relay = self.harness.events  # type: ignore[assignment]
+        self.store: MemoryTunnelStore = self.harness.store
+        self._ports = iter(range(40000, 50000))
+
+    def connect(self, mode: str, token: Optional[str], **kwargs: Any) -> RawPeer:
+        return RawPeer(self.harness.site, upgrade_request(mode, token, **kwargs), next(self._ports))
+
+    def pair(self, services: tuple = ("SSH",), client_tokens: bool = False) -> tuple:
+        tunnel = self.harness.open_tunnel(services)
+        extra = [("client-token", CLIENT_TOKEN)] if client_tokens else []
+        source = self.connect("source", tunnel.source_token, extra=extra)
+        destination = self.connect(
+            "destination", tunnel.destination_token, extra=[("client-token", "d" * 32)] if client_tokens else []
+        )
+        self.assertEqual((source.status, destination.status), (101, 101))
+        source.take_frames()
+        destination.take_frames()
+        return tunnel, source, destination
+
+
+class HandshakeCheckTests(SynchronousTestCase):
+    """L{check_handshake} alone: each rejection, with its status."""
+
+    def check(self, request: bytes, path: str = "/tunnel", params: Any = None, protocols: Any = (V3,)) -> Any:
+        if params is None:
+            params = {"local-proxy-mode": ["source"]}
+        return check_handshake(request, path, params, protocols)
+
+    def rejected(self, status: int, reason: str, *args: Any, **kwargs: Any) -> HandshakeRejected:
+        error = self.assertRaises(HandshakeRejected, self.check, *args, **kwargs)
+        self.assertEqual((error.status, error.reason), (status, reason), error.text)
+        return error
+
+    def test_accepts_the_reference_request(self) -> None:
+        checked = self.check(upgrade_request("source", "tok", extra=[("client-token", CLIENT_TOKEN)]))
+        self.assertEqual(
+            (checked.mode, checked.access_token, checked.client_token, checked.subprotocol, checked.version),
+            ("source", "tok", CLIENT_TOKEN, V3, 3),
+        )
+
+    def test_cookie_token(self) -> None:
+        request = upgrade_request("source", None, extra=[("Cookie", "a=b; awsiot-tunnel-token=tok; c=d")])
+        self.assertEqual(self.check(request).access_token, "tok")
+
+    def test_too_large(self) -> None:
+        request = upgrade_request("source", "tok", extra=[("x-pad", "p" * MAX_REQUEST_SIZE)])
+        self.rejected(431, "request-too-large", request)
+
+    def test_exactly_at_the_limit(self) -> None:
+        request = upgrade_request("source", "tok")
+        pad = MAX_REQUEST_SIZE - len(request) - len("x-pad: \r\n")
+        request = upgrade_request("source", "tok", extra=[("x-pad", "p" * pad)])
+        self.assertEqual(len(request), MAX_REQUEST_SIZE)
+        self.check(request)
+        request = upgrade_request("source", "tok", extra=[("x-pad", "p" * (pad + 1))])
+        self.rejected(431, "request-too-large", request)
+
+    def test_bad_path(self) -> None:
+        self.rejected(400, "bad-path", upgrade_request("source", "tok"), path="/tunnel/x")
+
+    def test_mode_missing_wrong_or_repeated(self) -> None:
+        request = upgrade_request("source", "tok")
+        self.rejected(400, "bad-mode", request, params={})
+        self.rejected(400, "bad-mode", request, params={"local-proxy-mode": ["Source"]})
+        self.rejected(400, "bad-mode", request, params={"local-proxy-mode": ["source", "source"]})
+
+    def test_missing_token(self) -> None:
+        self.rejected(401, "missing-token", upgrade_request("source", None))
+        self.rejected(401, "missing-token", upgrade_request("source", ""))
+
+    def test_token_twice(self) -> None:
+        self.rejected(
+            400, "duplicate-token", upgrade_request("source", "a", extra=[("access-token", "b")])
+        )
+        self.rejected(400, "duplicate-token", upgrade_request("source", "a,b"))
+        self.rejected(
+            400, "duplicate-token", upgrade_request("source", "a", extra=[("Cookie", "awsiot-tunnel-token=a")])
+        )
+        self.rejected(
+            400,
+            "duplicate-token",
+            upgrade_request(
+                "source", None, extra=[("Cookie", "awsiot-tunnel-token=a"), ("Cookie", "awsiot-tunnel-token=b")]
+            ),
+        )
+
+    def test_client_token(self) -> None:
+        self.rejected(
+            400, "bad-client-token", upgrade_request("source", "a", extra=[("client-token", "short")])
+        )
+        self.rejected(
+            400,
+            "bad-client-token",
+            upgrade_request("source", "a", extra=[("client-token", CLIENT_TOKEN), ("client-token", CLIENT_TOKEN)]),
+        )
+        self.rejected(
+            400, "bad-client-token", upgrade_request("source", "a", extra=[("client-token", "x" * 31 + "!")])
+        )
+
+    def test_subprotocols(self) -> None:
+        request = upgrade_request("source", "a")
+        self.rejected(400, "no-subprotocol", request, protocols=[])
+        self.rejected(400, "no-subprotocol", request, protocols=["chat"])
+        for offered, version in [
+            ("aws.iot.securetunneling-1.0", 1),
+            ("aws.iot.securetunneling-2.0", 2),
+            ("aws.iot.securedtunneling-1.0", 1),
+        ]:
+            checked = self.check(request, protocols=["chat", offered])
+            self.assertEqual((checked.subprotocol, checked.version), (offered, version))
+        both = self.check(request, protocols=["aws.iot.securetunneling-1.0", V3])
+        self.assertEqual(both.subprotocol, V3)
+
+    def test_channel_ids(self) -> None:
+        ids = {new_channel_id(1.5) for _ in range(100)}
+        self.assertEqual(len(ids), 100)
+        for channel in ids:
+            self.assertRegex(channel, CHANNEL_ID)
+
+
+class HandshakeTests(ServiceTestCase):
+    """Handshakes through the site, as clients see them."""
+
+    def assertRefused(self, peer: RawPeer, status: int, text: str, reason: str) -> None:
+        self.assertEqual(peer.status, status, peer.body)
+        self.assertIn(text, peer.body.decode())
+        self.assertRegex(peer.headers["channel-id"], CHANNEL_ID)
+        self.assertEqual(peer.headers["content-type"], "text/plain; charset=utf-8")
+        self.assertTrue(peer.transport.disconnecting)
+        self.assertEqual(
+            self.relay.metrics.value("tunnelkit_handshake_rejections_total", reason=reason), 1.0  # type: ignore[attr-defined]
+        )
+
+    def test_interfaces(self) -> None:
+        verifyObject(ITunnelEvents, self.relay)
+        verifyObject(ITunnelStore, self.store)
+
+    def test_accepted(self) -> None:
+        tunnel = self.harness.open_tunnel(["SSH1", "HTTP1"])
+        peer = self.connect("source", tunnel.source_token)
+        self.assertEqual(peer.status, 101)
+        self.assertEqual(peer.headers["sec-websocket-protocol"], V3)
+        self.assertRegex(peer.headers["channel-id"], CHANNEL_ID)
+        self.assertEqual(
+            peer.take_messages(), [tunnel_frame(type=SERVICE_IDS, availableServiceIds=["SSH1", "HTTP1"])]
+        )
+        self.assertEqual(self.store.connection_state(tunnel.tunnel_id, "source"), (True, self.clock.seconds()))
+        self.assertIsInstance(peer.protocol, PeerProtocol)
+
+    def test_empty_service_ids(self) -> None:
+        tunnel = self.harness.open_tunnel([])
+        for mode, token in [("source", tunnel.source_token), ("destination", tunnel.destination_token)]:
+            peer = self.connect(mode, token, protocols=["aws.iot.securetunneling-1.0"])
+            self.assertEqual(peer.headers["sec-websocket-protocol"], "aws.iot.securetunneling-1.0")
+            self.assertEqual(peer.take_messages(), [b"\x00\x02\x08\x05"])
+
+    def test_rejections(self) -> None:
+        tunnel = self.harness.open_tunnel(["SSH"])
+        self.assertRefused(self.connect("source", None), 401, "Missing access token", "missing-token")
+        self.assertRefused(
+            self.connect("source", tunnel.source_token, path="/tunnel/x"), 400, "/tunnel", "bad-path"
+        )
+        self.assertRefused(self.connect(None, tunnel.source_token), 400, "local-proxy-mode", "bad-mode")
+        self.assertRefused(
+            self.connect("source", tunnel.source_token, extra=[("access-token", "x")]),
+            400,
+            "exactly once",
+            "duplicate-token",
+        )
+        self.assertRefused(
+            self.connect("source", tunnel.source_token, extra=[("x-pad", "p" * 5000)]),
+            431,
+            "Request too large",
+            "request-too-large",
+        )
+        self.assertRefused(
+            self.connect("source", tunnel.source_token, protocols=["chat"]), 400, "subprotocol", "no-subprotocol"
+        )
+        self.assertRefused(
+            self.connect("source", tunnel.source_token, extra=[("client-token", "x")]),
+            400,
+            "client token",
+            "bad-client-token",
+        )
+        self.assertRefused(self.connect("source", "nonsense"), 401, "Invalid access token", "unknown-token")
+        self.assertRefused(
+            self.connect("destination", tunnel.source_token), 403, "local-proxy-mode is destination", "mode-mismatch"
+        )
+        # None of these spent the token:
+        self.assertEqual(self.connect("source", tunnel.source_token).status, 101)
+
+    def test_token_used_once(self) -> None:
+        tunnel = self.harness.open_tunnel(["SSH"])
+        first = self.connect("source", tunnel.source_token)
+        first.lose()
+        self.assertRefused(
+            self.connect("source", tunnel.source_token),
+            401,
+            "Invalid access token: The access token was previously used and cannot be used again",
+            "token-used",
+        )
+
+    def test_client_token_reconnects(self) -> None:
+        tunnel = self.harness.open_tunnel(["SSH"])
+        extra = [("client-token", CLIENT_TOKEN)]
+        self.assertEqual(self.connect("source", tunnel.source_token, extra=extra).status, 101)
+        self.assertEqual(self.connect("source", tunnel.source_token, extra=extra).status, 101)
+        self.assertRefused(
+            self.connect("source", tunnel.source_token, extra=[("client-token", "e" * 40)]),
+            401,
+            "Invalid client token: The provided client token does not match",
+            "client-token-mismatch",
+        )
+
+    def test_closed_rotated_expired(self) -> None:
+        closed = self.harness.open_tunnel(["SSH"])
+        self.store.close_tunnel(closed.tunnel_id)
+        self.assertRefused(self.connect("source", closed.source_token), 410, "closed", "tunnel-closed")
+        rotated = self.harness.open_tunnel(["SSH"])
+        fresh = self.store.rotate(rotated.tunnel_id, "source")
+        self.assertRefused(self.connect("source", rotated.source_token), 401, "revoked", "token-rotated")
+        self.assertEqual(self.connect("source", fresh).status, 101)
+        expiring = self.harness.open_tunnel(["SSH"], lifetime_minutes=1)
+        self.clock.advance(61)
+        self.assertRefused(self.connect("source", expiring.source_token), 410, "lifetime", "tunnel-expired")
+
+    def test_not_a_websocket(self) -> None:
+        peer = RawPeer(
+            self.harness.site,
+            b"GET /tunnel?local-proxy-mode=source HTTP/1.1\r\nHost: 127.0.0.1\r\naccess-token: x\r\n\r\n",
+        )
+        self.assertTrue(400 <= (peer.status or 0) < 500, peer.status)
+
+    def test_store_failure_is_500(self) -> None:
+        def broken(*args: Any) -> None:
+            raise OSError("disk on fire")
+
+        self.store.claim_peer = broken  # type: ignore[method-assign]
+        peer = self.connect("source", "tok")
+        self.assertEqual(peer.status, 500)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+
+class RelayTests(ServiceTestCase):
+    def test_relays_both_ways_byte_exact(self) -> None:
+        tunnel, source, destination = self.pair()
+        source.send(start() + data(b"hello"))
+        self.assertEqual(destination.take_messages(), [start(), data(b"hello")])
+        destination.send(data(b"world") + data(b"!"))
+        self.assertEqual(source.take_messages(), [data(b"world") + data(b"!")])
+        metrics = self.relay.metrics
+        self.assertEqual(
+            metrics.value("tunnelkit_relayed_frames_total", direction="source_to_destination"), 2.0  # type: ignore[attr-defined]
+        )
+        self.assertEqual(
+            metrics.value("tunnelkit_relayed_bytes_total", direction="destination_to_source"),  # type: ignore[attr-defined]
+            float(len(data(b"world") + data(b"!"))),
+        )
+
+    def test_message_ends_after_each_start(self) -> None:
+        tunnel, source, destination = self.pair()
+        second = tunnel_frame(type=CONNECTION_START, streamId=1, serviceId="SSH", connectionId=2)
+        source.send(start() + data(b"x") + second + data(b"y", connection=2))
+        self.assertEqual(
+            destination.take_messages(), [start(), data(b"x") + second, data(b"y", connection=2)]
+        )
+
+    def test_frames_split_across_messages(self) -> None:
+        tunnel, source, destination = self.pair()
+        source.send(start())
+        destination.take_messages()
+        stream = data(b"a" * 1000) + data(b"b" * 10)
+        for cut in (1, 2, 500):
+            source.send(stream[:cut])
+            source.send(stream[cut:])
+            self.assertEqual(b"".join(destination.take_messages()), stream)
+
+    def test_batches_up_to_the_limit(self) -> None:
+        tunnel, source, destination = self.pair()
+        source.send(start())
+        destination.take_messages()
+        big = data(b"z" * 64512)
+        # Two 64.5 KB frames fit one message; a third does not.
+        source.send_raw(b"".join(_client(big) for _ in range(3)))
+        messages = destination.take_messages()
+        self.assertEqual([len(m) for m in messages], [2 * len(big), len(big)])
+        self.assertEqual(b"".join(messages), big * 3)
+
+    def test_pings_get_pongs(self) -> None:
+        tunnel, source, destination = self.pair()
+        source.send(b"1700000000000", opcode=9)
+        source.poll()
+        self.assertIn((10, b"1700000000000"), source.controls)
+
+    def test_frames_while_the_peer_is_absent(self) -> None:
+        tunnel = self.harness.open_tunnel(["SSH"])
+        source = self.connect("source", tunnel.source_token)
+        source.take_messages()
+        second = tunnel_frame(type=CONNECTION_START, streamId=1, serviceId="SSH", connectionId=2)
+        source.send(start() + data(b"lost") + second)
+        self.assertEqual(
+            source.take_messages(),
+            [
+                tunnel_frame(type=STREAM_RESET, streamId=1, serviceId="SSH"),
+                tunnel_frame(type=CONNECTION_RESET, streamId=1, serviceId="SSH", connectionId=2),
+            ],
+        )
+        self.assertEqual(
+            self.relay.metrics.value("tunnelkit_dropped_frames_total", reason="peer_absent"), 3.0  # type: ignore[attr-defined]
+        )
+
+    def test_violator_closed_other_side_keeps_working(self) -> None:
+        tunnel, source, destination = self.pair(("SSH",))
+        source.send(start())
+        destination.take_messages()
+        destination.send(start())  # a destination may not start streams
+        code, reason = destination.close_frame()  # type: ignore[misc]
+        self.assertEqual(code, 1008)
+        self.assertIn("source_only_type", reason)
+        self.assertEqual(
+            self.relay.metrics.value("tunnelkit_protocol_violations_total", rule="source_only_type"), 1.0  # type: ignore[attr-defined]
+        )
+        self.assertFalse(source.transport.disconnecting)
+        # The close handshake completes; the source then hears its stream was reset.
+        destination.send(b"\x03\xe8", opcode=8)
+        self.assertTrue(destination.transport.disconnecting)
+        destination.lose()
+        self.assertEqual(source.take_frames(), [Message(type=STREAM_RESET, streamId=1, serviceId="SSH")])
+        source.send(start(2))
+        self.assertEqual(source.take_frames(), [Message(type=STREAM_RESET, streamId=2, serviceId="SSH")])
+
+    def test_frames_before_the_violation_are_delivered(self) -> None:
+        tunnel, source, destination = self.pair(("SSH",))
+        source.send(start() + data(b"ok") + data(b"bad", service="OTHER"))
+        self.assertEqual(destination.take_messages(), [start(), data(b"ok")])
+        self.assertEqual(source.close_frame()[0], 1008)  # type: ignore[index]
+
+    def test_text_and_garbage_close_the_sender(self) -> None:
+        tunnel, source, destination = self.pair()
+        source.send(b"hello", opcode=1)
+        self.assertEqual(source.close_frame()[0], 1008)  # type: ignore[index]
+        tunnel, source, destination = self.pair()
+        source.send(b"\x00\x03\xff\xff\xff")
+        self.assertEqual(source.close_frame()[0], 1008)  # type: ignore[index]
+
+    def test_oversized_message(self) -> None:
+        tunnel, source, destination = self.pair()
+        source.send(b"\x00" * 131077)
+        self.assertEqual(source.close_frame()[0], 1009)  # type: ignore[index]
+
+
+def _client(payload: bytes) -> bytes:
+    from tunnelkit.testing import client_frame
+
+    return client_frame(payload)
+
+
+class PeerTests(ServiceTestCase):
+    def test_replacement(self) -> None:
+        tunnel, source, destination = self.pair(client_tokens=True)
+        source.send(start(7))
+        destination.take_messages()
+        newer = self.connect("source", tunnel.source_token, extra=[("client-token", CLIENT_TOKEN)])
+        self.assertEqual(newer.status, 101)
+        self.assertEqual(source.close_frame(), (1008, "Connection replaced by a new peer"))
+        self.assertEqual(destination.take_frames(), [Message(type=STREAM_RESET, streamId=7, serviceId="SSH")])
+        # The old connection's end changes nothing; the new one relays.
+        source.send(b"\x03\xe8", opcode=8)
+        self.assertTrue(source.transport.disconnecting)
+        source.lose()
+        self.assertEqual(self.store.connection_state(tunnel.tunnel_id, "source")[0], True)
+        newer.take_messages()
+        newer.send(start(8))
+        self.assertEqual(destination.take_frames(), [Message(type=STREAM_START, streamId=8, serviceId="SSH", connectionId=1)])
+
+    def test_disconnect_resets_the_other_side(self) -> None:
+        tunnel, source, destination = self.pair()
+        source.send(start(3))
+        destination.take_messages()
+        destination.lose()
+        self.assertEqual(source.take_frames(), [Message(type=STREAM_RESET, streamId=3, serviceId="SSH")])
+        self.assertEqual(self.store.connection_state(tunnel.tunnel_id, "destination"), (False, self.clock.seconds()))
+
+    def test_destination_reset_forgets_the_stream(self) -> None:
+        tunnel, source, destination = self.pair()
+        source.send(start(3))
+        destination.send(tunnel_frame(type=STREAM_RESET, streamId=3, serviceId="SSH"))
+        destination.lose()
+        self.assertEqual(source.take_frames(), [Message(type=STREAM_RESET, streamId=3, serviceId="SSH")])
+
+    def test_close_tunnel(self) -> None:
+        tunnel, source, destination = self.pair()
+        self.relay.tunnel_closed(tunnel.tunnel_id, "closed")
+        self.assertEqual(source.close_frame(), (1000, "Tunnel closed"))
+        self.assertEqual(destination.close_frame(), (1000, "Tunnel closed"))
+        # Without a close reply the connection is dropped within a second.
+        self.clock.advance(1.0)
+        self.assertTrue(source.transport.disconnecting)
+        self.assertTrue(destination.transport.disconnecting)
+
+    def test_expiry(self) -> None:
+        tunnel = self.harness.open_tunnel(["SSH"], lifetime_minutes=2)
+        source = self.connect("source", tunnel.source_token)
+        self.clock.advance(119)
+        self.assertIsNone(source.close_frame())
+        self.clock.advance(1)
+        self.assertEqual(source.close_frame(), (1000, "Tunnel expired"))
+        source.lose()
+        self.assertEqual(self.relay.links, {})
+        self.clock.advance(2)  # autobahn's close-handshake timer bucket
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_rotation_closes_one_side(self) -> None:
+        tunnel, source, destination = self.pair()
+        self.relay.token_rotated(tunnel.tunnel_id, "destination")
+        self.assertEqual(destination.close_frame(), (1008, "Access token rotated"))
+        self.assertIsNone(source.close_frame())
+
+    def test_events_for_unknown_tunnels(self) -> None:
+        self.relay.tunnel_closed("nope", "closed")
+        self.relay.token_rotated("nope", "source")
+
+
+class FlowControlTests(ServiceTestCase):
+    def test_full_sink_pauses_the_other_reader(self) -> None:
+        tunnel, source, destination = self.pair()
+        sink = destination.transport.producer
+        self.assertIsNotNone(sink)
+        sink.pauseProducing()
+        sink.pauseProducing()  # Twisted repeats this on every write while full
+        self.assertEqual(source.transport.producerState, "paused")
+        self.assertEqual(destination.transport.producerState, "producing")
+        sink.resumeProducing()
+        self.assertEqual(source.transport.producerState, "producing")
+        self.assertEqual(
+            self.relay.metrics.value("tunnelkit_reads_paused_total", cause="backpressure"), 1.0  # type: ignore[attr-defined]
+        )
+
+    def test_sink_leaving_resumes_the_reader(self) -> None:
+        tunnel, source, destination = self.pair()
+        destination.transport.producer.pauseProducing()
+        destination.lose()
+        self.assertEqual(source.transport.producerState, "producing")
+
+    def test_replacement_while_full(self) -> None:
+        tunnel, source, destination = self.pair(client_tokens=True)
+        destination.transport.producer.pauseProducing()
+        newer = self.connect("destination", tunnel.destination_token, extra=[("client-token", "d" * 32)])
+        self.assertEqual(newer.status, 101)
+        self.assertEqual(source.transport.producerState, "producing")
+        # The replaced connection's buffer no longer pauses anyone.
+        destination.transport.producer.resumeProducing()
+        destination.transport.producer.pauseProducing()
+        self.assertEqual(source.transport.producerState, "producing")
+
+    def test_buffered_bytes(self) -> None:
+        tunnel, source, destination = self.pair()
+        source.send(start() + data(b"q" * 1000)[:500])
+        self.assertEqual(self.relay.buffered_bytes(tunnel.tunnel_id), 500)
+
+
+class LimitTests(ServiceTestCase):
+    options = {
+        "tunnel-bandwidth": 1_000_000,
+        "handshakes-per-second": 2,
+        "max-websockets-per-account": 3,
+    }
+
+    def test_bandwidth(self) -> None:
+        tunnel, source, destination = self.pair()
+        source.send(start())
+        chunk = data(b"b" * 60000)
+        for _ in range(5):  # 300 KB: the 262 KB burst is spent
+            source.send(chunk)
+        self.assertEqual(source.transport.producerState, "paused")
+        self.clock.advance(0.05)
+        self.assertEqual(source.transport.producerState, "producing")
+        self.assertEqual(len(b"".join(destination.take_messages())), len(start()) + 5 * len(chunk))
+
+    def test_handshake_rate(self) -> None:
+        tunnel = self.harness.open_tunnel(["SSH"])
+        statuses = [self.connect("source", tunnel.destination_token).status for _ in range(3)]
+        self.assertEqual(statuses, [403, 403, 429])
+        # The same tunnel's other token shares the budget; another tunnel does not.
+        self.assertEqual(self.connect("source", tunnel.source_token).status, 429)
+        self.assertEqual(self.connect("source", self.harness.open_tunnel().source_token).status, 101)
+        self.clock.advance(0.5)
+        self.assertEqual(self.connect("source", tunnel.source_token).status, 101)
+
+    def test_websockets_per_account(self) -> None:
+        one = self.harness.open_tunnel()
+        two = self.harness.open_tunnel()
+        self.assertEqual(self.connect("source", one.source_token, extra=[("client-token", CLIENT_TOKEN)]).status, 101)
+        self.assertEqual(self.connect("destination", one.destination_token).status, 101)
+        self.assertEqual(self.connect("source", two.source_token).status, 101)
+        refused = self.connect("destination", two.destination_token)
+        self.assertEqual(refused.status, 429)
+        self.assertIn("limit is 3", refused.body.decode())
+        # Replacing one's own connection is not a new one.
+        self.clock.advance(1)
+        again = self.connect("source", one.source_token, extra=[("client-token", CLIENT_TOKEN)])
+        self.assertEqual(again.status, 101)
+
+
+class TokenBucketTests(SynchronousTestCase):
+    def test_take_and_refill(self) -> None:
+        clock = Clock()
+        bucket = TokenBucket(100, 50, clock)
+        self.assertEqual(bucket.take(50), 0.0)
+        self.assertAlmostEqual(bucket.take(10), 0.1)
+        clock.advance(0.1)
+        self.assertFalse(bucket.try_take(1))
+        clock.advance(0.02)
+        self.assertTrue(bucket.try_take(1))
+        clock.advance(10)
+        self.assertTrue(bucket.full)
+
+    def test_bad_parameters(self) -> None:
+        self.assertRaises(ValueError, TokenBucket, 0, 1, Clock())

@@ -1,0 +1,175 @@
+# -*- test-case-name: tests.test_dataplane -*-
+"""
+Mounting the data plane on the service's web site: C{GET /tunnel} (the WebSocket relay, see
+L{tunnelkit.service.relay}) and C{GET /metrics} (Prometheus), beside the API's C{POST /} on the same
+listener.
+
+The control plane's C{makeService} mixes L{DataPlaneOptions} into its options and calls
+L{mount_data_plane} with its root resource and store; it keeps the returned L{ITunnelEvents} to tell
+the relay about CloseTunnel, expiry and rotation.
+
+Why a C{twisted.web} resource and not a separate autobahn listener: the API and the relay share one
+port (AWS's clients know one endpoint per plane, and an operator opens one firewall hole).
+C{twisted.web} parses the request first; autobahn's L{WebSocketResource} hands autobahn a rebuilt copy
+of it, in which repeated headers are joined with commas.  The relay's checks work on that copy: a
+comma in an C{access-token} or C{client-token} value counts as a second value (tokens never contain
+one), and the 4096-byte limit is measured on the rebuilt request line and headers, which are the
+received ones up to whitespace around header values.  (C{twisted.web} itself refuses requests whose
+headers exceed 16 KiB, with a 400.)  The resource also detaches the HTTP channel, which registered
+itself as the connection's producer, so that the relay can register its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Mapping, Optional, Sequence
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from tunnelkit.service.interfaces import ITunnelEvents, ITunnelStore
+from tunnelkit.service.metrics import ITunnelCounts, RelayMetrics, metrics_resource
+from tunnelkit.service.relay import Relay, RelayLimits, build_factory
+
+__all__ = [
+    "DataPlaneOptions",
+    "mount_data_plane",
+    "TunnelResource",
+    "limits_from_options",
+    "MAX_SERVICES_LIMIT",
+]
+
+#: The most services a tunnel may have, whatever the configuration says.
+MAX_SERVICES_LIMIT = 32
+
+
+def _count(name: str, low: int, high: Optional[int] = None) -> Any:
+    def coerce(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"--{name} takes a whole number, not {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"--{name} must be {bound}, not {value}")
+        return value
+
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]
+    return coerce
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--handshakes-per-second takes a number, not {text!r}") from None
+    if value < 0:
+        raise ValueError(f"--handshakes-per-second must be 0 (no limit) or more, not {text}")
+    return value
+
+
+_rate.coerceDoc = ""  # type: ignore[attr-defined]
+
+
+class DataPlaneOptions:
+    """
+    Mixin for the service's C{usage.Options}: the data plane's limits.  Values are read back with
+    L{limits_from_options}; C{max-services-per-tunnel} is enforced by OpenTunnel.
+    """
+
+    optParameters: List[Sequence[Any]] = [
+        [
+            "max-services-per-tunnel",
+            None,
+            3,
+            f"Most services (destinationConfig.services) a tunnel may have, 1-{MAX_SERVICES_LIMIT}.",
+            _count("max-services-per-tunnel", 1, MAX_SERVICES_LIMIT),
+        ],
+        [
+            "tunnel-bandwidth",
+            None,
+            0,
+            "Bytes per second each tunnel may relay, both directions together (0: unlimited).",
+            _count("tunnel-bandwidth", 0),
+        ],
+        [
+            "handshakes-per-second",
+            None,
+            10.0,
+            "WebSocket handshakes per second allowed per tunnel, beyond which they get 429 (0: no limit).",
+            _rate,
+        ],
+        [
+            "max-websockets-per-account",
+            None,
+            2000,
+            "Open tunnel WebSockets allowed per account (0: unlimited).",
+            _count("max-websockets-per-account", 0),
+        ],
+        [
+            "relay-buffer",
+            None,
+            262144,
+            "Bytes the relay buffers toward one peer before it stops reading the other (min 65536).",
+            _count("relay-buffer", 65536),
+        ],
+    ]
+
+
+def _option(options: Mapping[str, Any], name: str, default: Any) -> Any:
+    for key in (name, name.replace("-", "_")):
+        if key in options and options[key] is not None:
+            return options[key]
+    return default
+
+
+def limits_from_options(options: Mapping[str, Any]) -> RelayLimits:
+    """The relay limits in parsed L{DataPlaneOptions} (missing keys take the defaults)."""
+    bandwidth = int(_option(options, "tunnel-bandwidth", 0))
+    per_account = int(_option(options, "max-websockets-per-account", 2000))
+    return RelayLimits(
+        tunnel_bandwidth=bandwidth or None,
+        handshakes_per_second=float(_option(options, "handshakes-per-second", 10.0)),
+        max_websockets_per_account=per_account or None,
+        relay_buffer=int(_option(options, "relay-buffer", 262144)),
+    )
+
+
+class TunnelResource(WebSocketResource):
+    """
+    autobahn's WebSocket resource, plus: detach the HTTP channel from the connection's producer slot
+    before autobahn takes the connection over (the relay registers its own producer there).
+    """
+
+    def render(self, request: Any) -> Any:
+        transport = request.channel.transport
+        if transport is not None:
+            producer_owner = transport
+            try:
+                producer_owner.unregisterProducer()
+            except Exception:
+                pass
+        return super().render(request)
+
+
+def mount_data_plane(
+    root: Resource,
+    store: ITunnelStore,
+    clock: IReactorTime,
+    options: Mapping[str, Any],
+) -> ITunnelEvents:
+    """
+    Put C{/tunnel} and C{/metrics} under C{root}.
+
+    @param store: checks tokens and records connection states.
+    @param clock: the reactor (or a L{twisted.internet.task.Clock} in tests).
+    @param options: parsed L{DataPlaneOptions} (a plain mapping works; missing keys take defaults).
+    @return: the relay, to tell about closed tunnels and rotated tokens.
+    """
+    counts = store.count_tunnels_by_status if ITunnelCounts.providedBy(store) else None
+    metrics = RelayMetrics(tunnel_counts=counts)
+    relay = Relay(store, clock, limits_from_options(options), metrics)
+    root.putChild(b"tunnel", TunnelResource(build_factory(relay)))
+    root.putChild(b"metrics", metrics_resource(metrics))
+    return relay

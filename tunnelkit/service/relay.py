@@ -1,0 +1,1092 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+The tunnel service's data plane: the C{GET /tunnel} WebSocket handshake and the relay between a
+tunnel's source and destination.
+
+Handshake (reference sections 1.2 and 1.3)
+==========================================
+Checked in this order; the first failure answers the upgrade with the status below, a C{channel-id}
+header and a one-line C{text/plain} body (the AWS texts where AWS documents one).  4xx means the
+client must change something; only the service's own failures are 5xx (the reference local proxy
+retries those every 2.5 s and gives up at once on a 4xx).
+
+  ====  ======================  ==================================================================
+  431   request-too-large       the request line and headers exceed 4096 bytes
+  400   bad-path                the path is not exactly C{/tunnel}
+  400   bad-mode                C{local-proxy-mode} missing, repeated, or not source|destination
+  401   missing-token           neither an C{access-token} header nor an C{awsiot-tunnel-token}
+                                cookie (or an empty one)
+  400   duplicate-token         more than one token value (two headers, two cookies, header and
+                                cookie, or one header holding a comma-separated list)
+  400   bad-client-token        C{client-token} repeated, or not C{[a-zA-Z0-9-]{32,128}}
+  400   no-subprotocol          no offered C{Sec-WebSocket-Protocol} is one of
+                                C{aws.iot.securetunneling-1.0/2.0/3.0} (or the browser sample's
+                                alias C{aws.iot.securedtunneling-1.0})
+  429   rate-limited            more than C{--handshakes-per-second} handshakes for one tunnel
+                                (counted by the token's routing key before the token is spent)
+  4xx   (store's reason)        the store refused the token: 401 unknown, used (the AWS text),
+                                rotated, client-token mismatch (the AWS text); 403 mode mismatch,
+                                client token in use; 410 tunnel closed or expired
+  429   too-many-websockets     the tunnel's account has C{--max-websockets-per-account} open
+                                (checked after the token is claimed: a client token lets the
+                                client retry with the same token)
+  500   internal-error          the store failed (logged); the client should retry
+  ====  ======================  ==================================================================
+
+Malformed WebSocket requests (no C{Upgrade}, bad key or version, not C{GET}) get autobahn's own 4xx
+answer, with the same kind of text body.
+
+After the upgrade
+=================
+The service sends C{SERVICE_IDS} (the tunnel's services, possibly none: C{00 02 08 05}) to each peer
+at once, whatever the subprotocol, then relays tunnel frames unchanged between source and
+destination.  Every frame a peer sends is decoded and checked against
+L{tunnelkit.protocol.rules.PeerRules}; the raw frame bytes are forwarded, never re-encoded.  Toward a
+peer, DATA frames are packed into WebSocket messages of up to 131076 bytes, and a message always ends
+right after a STREAM_START or CONNECTION_START (the reference client stalls otherwise).  Pings are
+answered; text messages and frames over 131076 bytes close the sender.
+
+Frames arriving while the other side is not connected: a STREAM_START is answered at once with a
+STREAM_RESET (same stream and service id) and a CONNECTION_START with a CONNECTION_RESET, so the
+source closes its local connection instead of waiting; every other frame is dropped (counted in
+C{tunnelkit_dropped_frames_total{reason="peer_absent"}}).
+
+When a peer goes away (or is replaced), the other side gets a STREAM_RESET for each stream the
+source had started and not reset, so it closes the local connections at once.
+
+Close codes the service sends
+=============================
+  ====  ==========================================  ===========================================
+  1000  C{Tunnel closed}                            CloseTunnel
+  1000  C{Tunnel expired}                           the tunnel's lifetime ended
+  1008  C{Access token rotated}                     RotateTunnelAccessToken for this side
+  1008  C{Connection replaced by a new peer}        a new connection for the same side
+  1008  C{Protocol violation (<rule>): <detail>}    a frame broke a rule of reference section 1.7
+  1009  (autobahn)                                  a WebSocket frame or message over 131076 bytes
+  ====  ==========================================  ===========================================
+
+Flow control
+============
+Each peer's transport has a producer registered on it (L{_SinkWatcher}).  When a peer's outgoing
+buffer is full, Twisted pauses that producer (on every write while full: the watcher is idempotent),
+and the relay stops reading from the other peer until the buffer drains.  The per-tunnel bandwidth
+limit is a token bucket on the injected clock: a peer that overdraws it is not read until the bucket
+refills.  So a fast source and a slow destination leave at most a few hundred KB in the relay.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import struct
+from dataclasses import dataclass
+from itertools import count
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tunnelkit.errors import FramingError, ProtocolViolation, TunnelkitError
+from tunnelkit.protocol.framing import (
+    MAX_WEBSOCKET_FRAME,
+    FrameDecoder,
+    encode_message,
+    parse_message,
+)
+from tunnelkit.protocol.message_pb2 import Message
+from tunnelkit.protocol.rules import PeerRules
+from tunnelkit.service.interfaces import (
+    DESTINATION,
+    SOURCE,
+    ITunnelEvents,
+    ITunnelStore,
+    PeerGrant,
+    TokenRejected,
+)
+from tunnelkit.service.metrics import (
+    DESTINATION_TO_SOURCE,
+    SOURCE_TO_DESTINATION,
+    IRelayMetrics,
+    RelayMetrics,
+)
+
+__all__ = [
+    "SUBPROTOCOLS",
+    "MAX_REQUEST_SIZE",
+    "HandshakeRejected",
+    "HandshakeRequest",
+    "RelayLimits",
+    "Relay",
+    "PeerProtocol",
+    "TokenBucket",
+    "check_handshake",
+    "new_channel_id",
+]
+
+log = Logger()
+
+#: Subprotocols the service accepts, in order of preference, with the protocol version each means.
+SUBPROTOCOLS: Dict[str, int] = {
+    "aws.iot.securetunneling-3.0": 3,
+    "aws.iot.securetunneling-2.0": 2,
+    "aws.iot.securetunneling-1.0": 1,
+    "aws.iot.securedtunneling-1.0": 1,  # the browser sample's spelling
+}
+
+#: The largest handshake request (request line and headers) the service reads.
+MAX_REQUEST_SIZE = 4096
+
+TOKEN_HEADER = "access-token"
+TOKEN_COOKIE = "awsiot-tunnel-token"
+CLIENT_TOKEN_HEADER = "client-token"
+CLIENT_TOKEN_RE = re.compile(r"\A[a-zA-Z0-9-]{32,128}\Z")
+
+CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
+
+REASON_CLOSED = "Tunnel closed"
+REASON_EXPIRED = "Tunnel expired"
+REASON_ROTATED = "Access token rotated"
+REASON_REPLACED = "Connection replaced by a new peer"
+
+_OTHER_SIDE = {SOURCE: DESTINATION, DESTINATION: SOURCE}
+_DIRECTION = {SOURCE: SOURCE_TO_DESTINATION, DESTINATION: DESTINATION_TO_SOURCE}
+
+_STREAM_START = Message.STREAM_START
+_CONNECTION_START = Message.CONNECTION_START
+_STREAM_RESET = Message.STREAM_RESET
+_CONNECTION_RESET = Message.CONNECTION_RESET
+_START_TYPES = frozenset({_STREAM_START, _CONNECTION_START})
+_pack_length = struct.Struct(">H").pack
+
+
+class HandshakeRejected(TunnelkitError):
+    """
+    A WebSocket handshake is refused.
+
+    @ivar status: the HTTP status of the answer.
+    @ivar reason: a short label (metrics, logs).
+    @ivar text: the body, for the client.
+    """
+
+    def __init__(self, status: int, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.reason = reason
+        self.text = text
+
+
+@dataclass(frozen=True)
+class HandshakeRequest:
+    """A handshake that passed the request checks (its token is not claimed yet)."""
+
+    mode: str
+    access_token: str
+    client_token: Optional[str]
+    subprotocol: str
+    version: int
+
+
+def _header_values(raw_request: bytes) -> Tuple[int, Dict[str, List[str]]]:
+    """
+    The size of C{raw_request}'s request line and headers, and every value of each header (names
+    lower-cased, one entry per header line, in order).
+    """
+    end = raw_request.find(b"\r\n\r\n")
+    head = raw_request if end < 0 else raw_request[:end]
+    size = len(head) + 4
+    values: Dict[str, List[str]] = {}
+    for line in head.decode("iso-8859-1").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            values.setdefault(name.strip().lower(), []).append(value.strip())
+    return size, values
+
+
+def _split_list(values: Iterable[str]) -> List[str]:
+    """Header values as a list, splitting comma-joined ones (a proxy may fold repeated headers)."""
+    return [item.strip() for value in values for item in value.split(",")]
+
+
+def _cookie_values(cookie_headers: Iterable[str], name: str) -> List[str]:
+    found = []
+    for header in cookie_headers:
+        for pair in re.split(r"[;,]", header):
+            key, sep, value = pair.partition("=")
+            if sep and key.strip() == name:
+                found.append(value.strip().strip('"'))
+    return found
+
+
+def check_handshake(
+    raw_request: bytes,
+    path: str,
+    params: Mapping[str, Sequence[str]],
+    offered_protocols: Sequence[str],
+) -> HandshakeRequest:
+    """
+    Check a C{GET /tunnel} upgrade request (everything but the token's validity).
+
+    @param raw_request: the request line and headers as received (autobahn's C{http_request_data}).
+    @param path: the request path, without the query.
+    @param params: the query parameters, each with all its values.
+    @param offered_protocols: the C{Sec-WebSocket-Protocol} values, in the client's order.
+    @raise HandshakeRejected: with the status, reason and text listed in the module docstring.
+    """
+    size, headers = _header_values(raw_request)
+    if size > MAX_REQUEST_SIZE:
+        raise HandshakeRejected(
+            431,
+            "request-too-large",
+            f"Request too large: the handshake request is {size} bytes, the limit is "
+            f"{MAX_REQUEST_SIZE}",
+        )
+    if path != "/tunnel":
+        raise HandshakeRejected(400, "bad-path", "Invalid path: the tunnel endpoint is /tunnel")
+    modes = params.get("local-proxy-mode", [])
+    if len(modes) != 1 or modes[0] not in (SOURCE, DESTINATION):
+        shown = ", ".join(repr(m) for m in modes) if modes else "missing"
+        raise HandshakeRejected(
+            400,
+            "bad-mode",
+            f"Invalid local-proxy-mode ({shown}): give exactly one of "
+            "?local-proxy-mode=source or ?local-proxy-mode=destination",
+        )
+    tokens = [t for t in _split_list(headers.get(TOKEN_HEADER, []))]
+    tokens += _cookie_values(headers.get("cookie", []), TOKEN_COOKIE)
+    present = [t for t in tokens if t]
+    if not present:
+        raise HandshakeRejected(
+            401,
+            "missing-token",
+            f"Missing access token: send it in an {TOKEN_HEADER} header or an "
+            f"{TOKEN_COOKIE} cookie",
+        )
+    if len(tokens) > 1:
+        raise HandshakeRejected(
+            400,
+            "duplicate-token",
+            f"Invalid access token: give the token exactly once, in one {TOKEN_HEADER} header or "
+            f"one {TOKEN_COOKIE} cookie",
+        )
+    client_tokens = _split_list(headers.get(CLIENT_TOKEN_HEADER, []))
+    if len(client_tokens) > 1:
+        raise HandshakeRejected(
+            400, "bad-client-token", "Invalid client token: give at most one client-token header"
+        )
+    client_token = client_tokens[0] if client_tokens else None
+    if client_token is not None and not CLIENT_TOKEN_RE.match(client_token):
+        raise HandshakeRejected(
+            400,
+            "bad-client-token",
+            "Invalid client token: it must be 32 to 128 characters of a-z, A-Z, 0-9 and -",
+        )
+    chosen = None
+    for protocol in SUBPROTOCOLS:
+        if protocol in offered_protocols:
+            chosen = protocol
+            break
+    if chosen is None:
+        raise HandshakeRejected(
+            400,
+            "no-subprotocol",
+            "Unsupported subprotocol: offer aws.iot.securetunneling-3.0, -2.0 or -1.0 in "
+            "Sec-WebSocket-Protocol",
+        )
+    return HandshakeRequest(modes[0], present[0], client_token, chosen, SUBPROTOCOLS[chosen])
+
+
+_MACHINE_ID = secrets.token_hex(8)
+_CHANNEL_SEQUENCE = count(1)
+
+
+def new_channel_id(now: float) -> str:
+    """
+    A unique id for one WebSocket session, shaped like AWS's (16-8-8-16-8 hex digits):
+    machine, process, sequence, time in microseconds, random.
+    """
+    return "%s-%08x-%08x-%016x-%s" % (
+        _MACHINE_ID,
+        os.getpid() & 0xFFFFFFFF,
+        next(_CHANNEL_SEQUENCE) & 0xFFFFFFFF,
+        int(now * 1_000_000) & 0xFFFFFFFFFFFFFFFF,
+        secrets.token_hex(4),
+    )
+
+
+class TokenBucket:
+    """
+    A token bucket on an injected clock: C{rate} units a second, holding at most C{capacity}.
+
+    L{take} may overdraw the bucket (a WebSocket message is never split); it returns how long to wait
+    until the bucket is back at zero.
+    """
+
+    __slots__ = ("rate", "capacity", "_clock", "_level", "_stamp")
+
+    def __init__(self, rate: float, capacity: float, clock: IReactorTime) -> None:
+        if rate <= 0 or capacity <= 0:
+            raise ValueError("a token bucket needs a positive rate and capacity")
+        self.rate = rate
+        self.capacity = capacity
+        self._clock = clock
+        self._level = capacity
+        self._stamp = clock.seconds()
+
+    def _refill(self) -> float:
+        now = self._clock.seconds()
+        level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._level = level
+        return level
+
+    def take(self, amount: float) -> float:
+        """Take C{amount}; return 0.0, or the seconds until the debt is repaid."""
+        level = self._refill() - amount
+        self._level = level
+        return 0.0 if level >= 0 else -level / self.rate
+
+    def try_take(self, amount: float = 1.0) -> bool:
+        """Take C{amount} only if the bucket holds it."""
+        if self._refill() < amount:
+            return False
+        self._level -= amount
+        return True
+
+    @property
+    def full(self) -> bool:
+        """Whether the bucket has refilled completely (an idle bucket can be forgotten)."""
+        return self._refill() >= self.capacity
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """
+    The relay's limits (see L{tunnelkit.service.dataplane.DataPlaneOptions}).
+
+    @ivar tunnel_bandwidth: bytes per second per tunnel, both directions together; None: unlimited.
+    @ivar handshakes_per_second: handshakes per tunnel per second (burst of as many).
+    @ivar max_websockets_per_account: open WebSockets per account; None: unlimited.
+    @ivar relay_buffer: bytes a peer's transport may buffer before the other peer is paused.
+    """
+
+    tunnel_bandwidth: Optional[int] = None
+    handshakes_per_second: float = 10.0
+    max_websockets_per_account: Optional[int] = None
+    relay_buffer: int = 262144
+
+
+@implementer(IPushProducer)
+class _SinkWatcher:
+    """
+    Registered as the producer on one peer's transport: when that transport's buffer is full,
+    stop reading the other peer; when it drains, read again.  Twisted calls L{pauseProducing} on
+    every write while the buffer is full, so it only acts on a change.
+    """
+
+    __slots__ = ("peer", "full")
+
+    def __init__(self, peer: "PeerProtocol") -> None:
+        self.peer = peer
+        self.full = False
+
+    def pauseProducing(self) -> None:
+        if self.full:
+            return
+        self.full = True
+        other = self.peer.partner()
+        if other is not None:
+            other.pause_reading("backpressure")
+
+    def resumeProducing(self) -> None:
+        if not self.full:
+            return
+        self.full = False
+        other = self.peer.partner()
+        if other is not None:
+            other.resume_reading("backpressure")
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
+class TunnelLink:
+    """
+    One tunnel's live state on this relay: its connected peers and the streams its source started.
+
+    @ivar active_streams: service id (C{""} for none) -> stream id of each stream the source started
+        and nobody reset.
+    """
+
+    def __init__(self, relay: "Relay", grant: PeerGrant) -> None:
+        self.relay = relay
+        self.tunnel_id = grant.tunnel_id
+        self.account_id = grant.account_id
+        self.services: Tuple[str, ...] = tuple(grant.services)
+        self.expires_at = grant.expires_at
+        self.peers: Dict[str, PeerProtocol] = {}
+        self.active_streams: Dict[str, int] = {}
+        self.closed_reason: Optional[str] = None
+        self.bucket: Optional[TokenBucket] = None
+        bandwidth = relay.limits.tunnel_bandwidth
+        if bandwidth:
+            self.bucket = TokenBucket(
+                bandwidth, max(bandwidth / 4.0, 2.0 * MAX_WEBSOCKET_FRAME), relay.clock
+            )
+        self.expiry_call: Optional[IDelayedCall] = None
+        self.service_ids_frame = encode_message(
+            Message(type=Message.SERVICE_IDS, availableServiceIds=self.services)
+        )
+
+    def stream_resets(self) -> List[bytes]:
+        """A STREAM_RESET frame for each active stream; forgets them."""
+        frames = []
+        for service_id, stream_id in self.active_streams.items():
+            frames.append(
+                encode_message(
+                    Message(type=_STREAM_RESET, streamId=stream_id, serviceId=service_id)
+                )
+            )
+        self.active_streams.clear()
+        return frames
+
+
+@implementer(ITunnelEvents)
+class Relay:
+    """
+    The live tunnels of one service process, and the decisions that involve more than one peer:
+    admission (limits, the store's token rules), pairing, replacement, and closing on the control
+    plane's events.
+
+    @ivar links: tunnel id -> L{TunnelLink} of every tunnel with a peer connected.
+    """
+
+    def __init__(
+        self,
+        store: ITunnelStore,
+        clock: IReactorTime,
+        limits: Optional[RelayLimits] = None,
+        metrics: Optional[IRelayMetrics] = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.limits = limits or RelayLimits()
+        self.metrics: IRelayMetrics = metrics if metrics is not None else RelayMetrics()
+        self.links: Dict[str, TunnelLink] = {}
+        self._websockets_per_account: Dict[str, int] = {}
+        self._handshake_buckets: Dict[str, TokenBucket] = {}
+
+    # --- admission ---
+
+    def _rate_key(self, access_token: str) -> str:
+        # tunnelkit tokens start with a routing key shared by both sides and every rotation of one
+        # tunnel; other tokens are limited one by one.
+        head, dot, _ = access_token.partition(".")
+        return head if dot and len(head) == 16 else access_token
+
+    def _take_handshake(self, access_token: str) -> bool:
+        rate = self.limits.handshakes_per_second
+        if rate <= 0:
+            return True
+        key = self._rate_key(access_token)
+        buckets = self._handshake_buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            if len(buckets) >= 4096:
+                for stale in [k for k, b in buckets.items() if b.full]:
+                    del buckets[stale]
+            bucket = buckets[key] = TokenBucket(rate, max(rate, 1.0), self.clock)
+        return bucket.try_take()
+
+    def admit(self, request: HandshakeRequest) -> PeerGrant:
+        """
+        Decide whether a checked handshake may connect: the rate limit, the store's token rules
+        (this spends the token), the account's WebSocket limit.
+
+        @raise HandshakeRejected: if not.
+        """
+        if not self._take_handshake(request.access_token):
+            raise HandshakeRejected(
+                429,
+                "rate-limited",
+                "Too many connection attempts for this tunnel: wait a second and retry",
+            )
+        try:
+            grant = self.store.claim_peer(
+                request.access_token, request.mode, request.client_token, self.clock.seconds()
+            )
+        except TokenRejected as e:
+            raise HandshakeRejected(e.status, e.reason, e.text) from None
+        except Exception:
+            log.failure("The tunnel store failed while checking an access token")
+            raise HandshakeRejected(
+                500, "internal-error", "Internal error: the service could not check the token; retry"
+            ) from None
+        limit = self.limits.max_websockets_per_account
+        if limit is not None:
+            link = self.links.get(grant.tunnel_id)
+            replacing = link is not None and grant.side in link.peers
+            open_now = self._websockets_per_account.get(grant.account_id, 0)
+            if open_now - (1 if replacing else 0) >= limit:
+                raise HandshakeRejected(
+                    429,
+                    "too-many-websockets",
+                    f"Too many connections: this account has {open_now} open tunnel connections, "
+                    f"the limit is {limit}",
+                )
+        return grant
+
+    # --- pairing ---
+
+    def attach(self, peer: "PeerProtocol") -> None:
+        """A peer finished its handshake: send it SERVICE_IDS and pair it with the other side."""
+        grant = peer.grant
+        assert grant is not None
+        link = self.links.get(grant.tunnel_id)
+        if link is None:
+            link = self.links[grant.tunnel_id] = TunnelLink(self, grant)
+            delay = max(0.0, link.expires_at - self.clock.seconds())
+            link.expiry_call = self.clock.callLater(delay, self.tunnel_closed, link.tunnel_id, "expired")
+            self.metrics.relay_tunnels(len(self.links))
+        side = grant.side
+        peer.link = link
+        peer.rules = PeerRules(side, link.services, peer.version)
+        self._websockets_per_account[link.account_id] = (
+            self._websockets_per_account.get(link.account_id, 0) + 1
+        )
+        self.metrics.peer_connected(side, 1)
+        peer.send_frames([link.service_ids_frame])
+        old = link.peers.get(side)
+        link.peers[side] = peer
+        other = link.peers.get(_OTHER_SIDE[side])
+        if old is not None:
+            old.replaced = True
+            log.info(
+                "Replacing the {side} of tunnel {tunnel_id}: channel {old_channel} is replaced by "
+                "{channel_id}",
+                side=side,
+                tunnel_id=link.tunnel_id,
+                old_channel=old.channel_id,
+                channel_id=peer.channel_id,
+            )
+            old.close_by_service(CLOSE_POLICY, REASON_REPLACED, "replaced")
+        if other is not None:
+            if old is not None:
+                other.send_frames(link.stream_resets())
+            if side == DESTINATION and other.rules is not None:
+                for service_id in other.rules.started_services:
+                    peer.rules.note_stream_started(service_id)
+            # Backpressure follows the new pairing: the old peer's full buffer no longer matters.
+            other.resume_reading("backpressure")
+            if other.sink is not None and other.sink.full:
+                peer.pause_reading("backpressure")
+        self._set_state(link.tunnel_id, side, True)
+        log.info(
+            "The {side} of tunnel {tunnel_id} connected on channel {channel_id} ({subprotocol})",
+            side=side,
+            tunnel_id=link.tunnel_id,
+            channel_id=peer.channel_id,
+            subprotocol=peer.subprotocol,
+        )
+        if link.closed_reason is not None:
+            self._close_peer(peer, link.closed_reason)
+
+    def detach(self, peer: "PeerProtocol") -> None:
+        """A paired peer's connection ended."""
+        link = peer.link
+        if link is None or peer.detached:
+            return
+        peer.detached = True
+        side = peer.side
+        self.metrics.peer_connected(side, -1)
+        count_now = self._websockets_per_account.get(link.account_id, 1) - 1
+        if count_now > 0:
+            self._websockets_per_account[link.account_id] = count_now
+        else:
+            self._websockets_per_account.pop(link.account_id, None)
+        peer.cancel_timers()
+        if link.peers.get(side) is not peer:
+            return  # replaced: the new peer took over the side
+        del link.peers[side]
+        other = link.peers.get(_OTHER_SIDE[side])
+        if other is not None:
+            other.resume_reading("backpressure")
+            if link.closed_reason is None:
+                other.send_frames(link.stream_resets())
+        link.active_streams.clear()
+        self._set_state(link.tunnel_id, side, False)
+        log.info(
+            "The {side} of tunnel {tunnel_id} disconnected (channel {channel_id})",
+            side=side,
+            tunnel_id=link.tunnel_id,
+            channel_id=peer.channel_id,
+        )
+        if not link.peers:
+            if link.expiry_call is not None and link.expiry_call.active():
+                link.expiry_call.cancel()
+            link.expiry_call = None
+            del self.links[link.tunnel_id]
+            self.metrics.relay_tunnels(len(self.links))
+
+    def _set_state(self, tunnel_id: str, side: str, connected: bool) -> None:
+        try:
+            self.store.set_connection_state(tunnel_id, side, connected, self.clock.seconds())
+        except Exception:
+            log.failure(
+                "Could not record the {side} of tunnel {tunnel_id} as {state}",
+                side=side,
+                tunnel_id=tunnel_id,
+                state="CONNECTED" if connected else "DISCONNECTED",
+            )
+
+    def websockets_of(self, account_id: str) -> int:
+        """How many WebSockets of C{account_id} are open here."""
+        return self._websockets_per_account.get(account_id, 0)
+
+    # --- ITunnelEvents ---
+
+    def _close_peer(self, peer: "PeerProtocol", why: str) -> None:
+        if why == "expired":
+            peer.close_by_service(CLOSE_NORMAL, REASON_EXPIRED, "tunnel-expired")
+        else:
+            peer.close_by_service(CLOSE_NORMAL, REASON_CLOSED, "tunnel-closed")
+
+    def tunnel_closed(self, tunnel_id: str, reason: str) -> None:
+        """Close both sides of a CLOSED tunnel (C{reason}: C{"closed"} or C{"expired"})."""
+        link = self.links.get(tunnel_id)
+        if link is None or link.closed_reason is not None:
+            return
+        link.closed_reason = reason
+        if link.expiry_call is not None and link.expiry_call.active():
+            link.expiry_call.cancel()
+        link.expiry_call = None
+        log.info("Tunnel {tunnel_id} is {reason}: closing its connections", tunnel_id=tunnel_id, reason=reason)
+        for peer in list(link.peers.values()):
+            self._close_peer(peer, reason)
+
+    def token_rotated(self, tunnel_id: str, side: str) -> None:
+        """Close C{side}'s connection: its token was revoked."""
+        link = self.links.get(tunnel_id)
+        peer = link.peers.get(side) if link is not None else None
+        if peer is None:
+            return
+        log.info(
+            "The {side} token of tunnel {tunnel_id} was rotated: closing channel {channel_id}",
+            side=side,
+            tunnel_id=tunnel_id,
+            channel_id=peer.channel_id,
+        )
+        peer.close_by_service(CLOSE_POLICY, REASON_ROTATED, "token-rotated")
+
+    # --- introspection ---
+
+    def buffered_bytes(self, tunnel_id: str) -> int:
+        """Bytes this relay holds for C{tunnel_id} right now (see L{PeerProtocol.buffered_bytes})."""
+        link = self.links.get(tunnel_id)
+        if link is None:
+            return 0
+        return sum(peer.buffered_bytes() for peer in link.peers.values())
+
+
+def _ws_header(size: int) -> bytes:
+    """The header of an unmasked, final, binary WebSocket frame of C{size} bytes."""
+    if size < 126:
+        return bytes((0x82, size))
+    if size < 65536:
+        return struct.pack("!BBH", 0x82, 126, size)
+    return struct.pack("!BBQ", 0x82, 127, size)
+
+
+def _transport_buffered(transport: Any) -> int:
+    """Bytes waiting in a transport (and the TCP transport under a TLS one)."""
+    total = 0
+    seen = 0
+    while transport is not None and seen < 3:
+        seen += 1
+        buffer = getattr(transport, "dataBuffer", None)
+        if buffer is not None:
+            total += len(buffer) + getattr(transport, "_tempDataLen", 0)
+        app = getattr(transport, "_appSendBuffer", None)
+        if app:
+            total += sum(len(b) for b in app)
+        aggregator = getattr(transport, "_aggregator", None)
+        pending = getattr(aggregator, "_buffer", None)
+        if pending:
+            total += sum(len(b) for b in pending)
+        transport = transport.__dict__.get("transport") if hasattr(transport, "__dict__") else None
+    return total
+
+
+def _set_buffer_size(transport: Any, size: int) -> None:
+    """Make the TCP transport under C{transport} (TLS or not) pause its producer at C{size} bytes."""
+    for _ in range(3):
+        inner = getattr(transport, "__dict__", {}).get("transport")
+        if inner is None:
+            break
+        transport = inner
+    if "bufferSize" in dir(type(transport)):
+        transport.bufferSize = size
+
+
+class PeerProtocol(WebSocketServerProtocol):
+    """
+    One tunnel client's WebSocket, service side.
+
+    Set on the factory: C{relay} (a L{Relay}).  The hot path (L{onMessage}) decodes each tunnel
+    frame, checks it, and hands the raw frame bytes to the other peer's outbox; the outbox is
+    flushed as WebSocket messages at the end of each read.
+    """
+
+    relay: Relay
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channel_id = ""
+        self.grant: Optional[PeerGrant] = None
+        self.side = ""
+        self.subprotocol = ""
+        self.version = 3
+        self.link: Optional[TunnelLink] = None
+        self.rules: Optional[PeerRules] = None
+        self.sink: Optional[_SinkWatcher] = None
+        self.replaced = False
+        self.detached = False
+        self.closing = False
+        self._decoder = FrameDecoder()
+        self._outbox: List[bytes] = []
+        self._outbox_size = 0
+        self._flush_target: Optional[PeerProtocol] = None
+        self._pauses: set = set()
+        self._resume_call: Optional[IDelayedCall] = None
+        self._direction = ""
+        self._producer_registered = False
+
+    # --- handshake ---
+
+    def onConnect(self, request: Any) -> Tuple[str, Dict[str, str]]:
+        relay = self.factory.relay
+        self.channel_id = new_channel_id(relay.clock.seconds())
+        try:
+            checked = check_handshake(
+                self.http_request_data, request.path, request.params, request.protocols
+            )
+            grant = relay.admit(checked)
+        except HandshakeRejected as e:
+            relay.metrics.handshake_rejected(e.reason)
+            log.info(
+                "Refused a handshake on channel {channel_id}: {status} {reason}",
+                channel_id=self.channel_id,
+                status=e.status,
+                reason=e.reason,
+            )
+            raise ConnectionDeny(e.status, e.text)
+        relay.metrics.handshake_accepted()
+        self.grant = grant
+        self.side = grant.side
+        self.subprotocol = checked.subprotocol
+        self.version = checked.version
+        self._direction = _DIRECTION[grant.side]
+        return checked.subprotocol, {"channel-id": self.channel_id}
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        """Answer a refused upgrade with a short text body and the channel id."""
+        from http import HTTPStatus
+
+        self.wasNotCleanReason = reason
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "Error"
+        body = (reason + "\n").encode("utf-8")
+        lines = [f"HTTP/1.1 {code} {phrase}"]
+        for name, value in responseHeaders or ():
+            lines.append(f"{name}: {value}")
+        if self.channel_id:
+            lines.append(f"channel-id: {self.channel_id}")
+        lines += [
+            "Content-Type: text/plain; charset=utf-8",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            "",
+            "",
+        ]
+        self.sendData("\r\n".join(lines).encode("utf-8") + body)
+        self.dropConnection(abort=False)
+
+    # --- life cycle ---
+
+    def onOpen(self) -> None:
+        _set_buffer_size(self.transport, self.factory.relay.limits.relay_buffer)
+        self.sink = _SinkWatcher(self)
+        self.transport.registerProducer(self.sink, True)
+        self._producer_registered = True
+        self.factory.relay.attach(self)
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        self.closing = True
+        self._outbox = []
+        self._outbox_size = 0
+        if self.link is not None:
+            self.factory.relay.detach(self)
+
+    def unregisterProducer(self) -> None:
+        # autobahn calls this when it drops the connection; only undo what onOpen did.
+        if self._producer_registered:
+            self._producer_registered = False
+            self.transport.unregisterProducer()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.unregisterProducer()
+        super().connectionLost(reason)
+
+    def partner(self) -> Optional["PeerProtocol"]:
+        """The connected peer of the other side, if any."""
+        link = self.link
+        if link is None or link.peers.get(self.side) is not self:
+            return None
+        return link.peers.get(_OTHER_SIDE[self.side])
+
+    def close_by_service(self, code: int, reason: str, cause: str) -> None:
+        """Close this WebSocket with C{code} and C{reason}, counted under C{cause}."""
+        if self.closing:
+            return
+        self.closing = True
+        self.factory.relay.metrics.peer_closed(cause)
+        self._outbox = []
+        self._outbox_size = 0
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+        else:
+            self.dropConnection(abort=True)
+
+    def cancel_timers(self) -> None:
+        """Forget scheduled calls (the peer is gone)."""
+        if self._resume_call is not None and self._resume_call.active():
+            self._resume_call.cancel()
+        self._resume_call = None
+
+    # --- reading: pause and resume ---
+
+    def pause_reading(self, cause: str) -> None:
+        """Stop reading this peer for C{cause} (until every cause is lifted)."""
+        if cause in self._pauses:
+            return
+        if not self._pauses and self.transport is not None:
+            self.transport.pauseProducing()
+        self._pauses.add(cause)
+        self.factory.relay.metrics.reads_paused(cause)
+
+    def resume_reading(self, cause: str) -> None:
+        """Lift C{cause}; read again when no cause is left."""
+        if cause not in self._pauses:
+            return
+        self._pauses.discard(cause)
+        if not self._pauses and self.transport is not None and not self.detached:
+            self.transport.resumeProducing()
+
+    @property
+    def reading_paused(self) -> bool:
+        """Whether the relay is not reading this peer now."""
+        return bool(self._pauses)
+
+    def _charge(self, size: int) -> None:
+        link = self.link
+        bucket = link.bucket if link is not None else None
+        if bucket is None:
+            return
+        wait = bucket.take(size)
+        if wait > 0 and self._resume_call is None:
+            self.pause_reading("bandwidth")
+            self._resume_call = self.factory.relay.clock.callLater(wait, self._bandwidth_refilled)
+
+    def _bandwidth_refilled(self) -> None:
+        self._resume_call = None
+        self.resume_reading("bandwidth")
+
+    # --- the hot path ---
+
+    def dataReceived(self, data: bytes) -> None:
+        # autobahn's own dataReceived formats a debug message on every call; skip it.
+        self._dataReceived(data)
+        target = self._flush_target
+        if target is not None:
+            self._flush_target = None
+            target.flush_outbox()
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        # autobahn's sendData formats a debug message on every call; only the plain case is here.
+        if sync or chopsize or self.send_queue:
+            super().sendData(data, sync, chopsize)
+        else:
+            self.transport.write(data)
+
+    def onPing(self, payload: bytes) -> None:
+        self._charge(len(payload) + 2)
+        if self.state == self.STATE_OPEN:
+            self.sendPong(payload)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.closing or self.link is None:
+            return
+        if not isBinary:
+            self.violation(
+                ProtocolViolation("text_message", "a text WebSocket message: tunnels carry binary messages only")
+            )
+            return
+        self._charge(len(payload))
+        decoder = self._decoder
+        whole = decoder.buffered == 0
+        bodies = decoder.feed(payload)
+        whole = whole and decoder.buffered == 0
+        rules = self.rules
+        assert rules is not None
+        link = self.link
+        partner = link.peers.get(_OTHER_SIDE[self.side])
+        cuts: List[int] = []  # indexes of frames after which a WebSocket message must end
+        size = 0
+        last = len(bodies) - 1
+        for index, body in enumerate(bodies):
+            try:
+                message = parse_message(body)
+                rules.check(message, len(body))
+            except (FramingError, ProtocolViolation) as e:
+                if index and partner is not None:
+                    self._forward(partner, bodies[:index], [i for i in cuts if i < index], False)
+                self.violation(e)
+                return
+            size += len(body) + 2
+            kind = message.type
+            if kind in _START_TYPES:
+                cuts.append(index)
+                service_id = message.serviceId
+                if partner is not None:
+                    if kind == _STREAM_START or service_id not in link.active_streams:
+                        link.active_streams[service_id] = message.streamId
+                    if partner.rules is not None:
+                        partner.rules.note_stream_started(service_id)
+                else:
+                    self._refuse_start(message)
+            elif kind == _STREAM_RESET:
+                service_id = message.serviceId
+                if link.active_streams.get(service_id) == message.streamId:
+                    del link.active_streams[service_id]
+        if not bodies:
+            return
+        if partner is None:
+            self.factory.relay.metrics.dropped("peer_absent", len(bodies))
+            return
+        self.factory.relay.metrics.relayed(self._direction, len(bodies), size)
+        if whole and (not cuts or cuts == [last]):
+            partner.queue(payload, bool(cuts))
+            self._flush_target = partner
+        else:
+            self._forward(partner, bodies, cuts, True)
+
+    def _forward(self, partner: "PeerProtocol", bodies: List[bytes], cuts: List[int], defer: bool) -> None:
+        cut_set = set(cuts)
+        queue = partner.queue
+        for index, body in enumerate(bodies):
+            queue(_pack_length(len(body)) + body, index in cut_set)
+        if defer:
+            self._flush_target = partner
+        else:
+            partner.flush_outbox()
+
+    def _refuse_start(self, message: Message) -> None:
+        """Answer a STREAM_START/CONNECTION_START that cannot reach an absent destination."""
+        if message.type == _STREAM_START:
+            reset = Message(type=_STREAM_RESET, streamId=message.streamId, serviceId=message.serviceId)
+        else:
+            reset = Message(
+                type=_CONNECTION_RESET,
+                streamId=message.streamId,
+                serviceId=message.serviceId,
+                connectionId=message.connectionId,
+            )
+        self.send_frames([encode_message(reset)])
+
+    def violation(self, error: Exception) -> None:
+        """Close this peer for breaking a rule; the other side keeps its connection."""
+        rule = getattr(error, "rule", "unparseable_frame")
+        relay = self.factory.relay
+        relay.metrics.violation(rule)
+        log.info(
+            "Closing the {side} of tunnel {tunnel_id} (channel {channel_id}): {rule}: {detail}",
+            side=self.side,
+            tunnel_id=self.link.tunnel_id if self.link else "",
+            channel_id=self.channel_id,
+            rule=rule,
+            detail=str(error),
+        )
+        self.close_by_service(CLOSE_POLICY, f"Protocol violation ({rule}): {error}", "violation")
+
+    # --- writing toward this peer ---
+
+    def queue(self, frames: bytes, end_message: bool) -> None:
+        """
+        Add whole tunnel frames to the next WebSocket message toward this peer; with
+        C{end_message}, the message ends after them.
+        """
+        if self.closing:
+            return
+        if self._outbox_size + len(frames) > MAX_WEBSOCKET_FRAME:
+            self.flush_outbox()
+        self._outbox.append(frames)
+        self._outbox_size += len(frames)
+        if end_message:
+            self.flush_outbox()
+
+    def flush_outbox(self) -> None:
+        """Send what is queued as one WebSocket message."""
+        if not self._outbox:
+            return
+        pieces = self._outbox
+        size = self._outbox_size
+        self._outbox = []
+        self._outbox_size = 0
+        if self.state != self.STATE_OPEN:
+            return
+        pieces.insert(0, _ws_header(size))
+        self.transport.writeSequence(pieces)
+
+    def send_frames(self, frames: Sequence[bytes]) -> None:
+        """Send each of C{frames} (whole, length-prefixed) as its own WebSocket message, now."""
+        self.flush_outbox()
+        if self.state != self.STATE_OPEN:
+            return
+        for frame in frames:
+            self.transport.writeSequence([_ws_header(len(frame)), frame])
+
+    def buffered_bytes(self) -> int:
+        """
+        Bytes held for this peer: unsent outbox, a partial incoming frame, autobahn's unparsed
+        input, and what its transport (TLS and TCP) has not written yet.
+        """
+        total = self._outbox_size + self._decoder.buffered + len(getattr(self, "data", b"") or b"")
+        message = getattr(self, "message_data", None)
+        if message:
+            total += sum(len(part) for part in message)
+        return total + _transport_buffered(self.transport)
+
+
+def build_factory(relay: Relay) -> WebSocketServerFactory:
+    """An autobahn factory making L{PeerProtocol}s for C{relay}, with the tunnel's limits."""
+    factory = WebSocketServerFactory(server="tunnelkit")
+    factory.protocol = PeerProtocol
+    factory.relay = relay  # type: ignore[attr-defined]
+    factory.setProtocolOptions(
+        maxFramePayloadSize=MAX_WEBSOCKET_FRAME,
+        maxMessagePayloadSize=MAX_WEBSOCKET_FRAME,
+        autoFragmentSize=0,
+        webStatus=False,
+        utf8validateIncoming=False,
+        closeHandshakeTimeout=1,
+        openHandshakeTimeout=10,
+        failByDrop=False,
+        tcpNoDelay=True,
+    )
+    return factory

@@ -1,0 +1,371 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+In-memory pieces for tests of every layer.
+
+L{MemoryTunnelStore} is a complete L{ITunnelStore} kept in a dict: the same token rules as the real
+store (it calls L{tunnelkit.service.tokens.check_claim}), with just enough control-plane methods
+(open, close, rotate) to drive a relay without the API.  L{ServiceHarness} mounts the data plane on a
+C{twisted.web} site with it.  L{RawPeer} is a WebSocket client written out by hand over a
+L{StringTransport}: it sends exactly the bytes a real client would (the upgrade request, masked
+frames) and parses what the service answers, so relay tests are deterministic and byte-exact.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from tunnelkit.protocol.framing import FrameDecoder, encode_message, parse_message
+from tunnelkit.protocol.message_pb2 import Message
+from tunnelkit.service.interfaces import DESTINATION, SOURCE, ITunnelStore, PeerGrant
+from tunnelkit.service.metrics import ITunnelCounts
+from tunnelkit.service.tokens import TokenState, check_claim, new_access_token, token_hash
+
+__all__ = [
+    "MemoryTunnelStore",
+    "OpenedTunnel",
+    "ServiceHarness",
+    "RawPeer",
+    "upgrade_request",
+    "client_frame",
+    "tunnel_frame",
+]
+
+V3 = "aws.iot.securetunneling-3.0"
+
+
+@dataclass(frozen=True)
+class OpenedTunnel:
+    """What L{MemoryTunnelStore.open_tunnel} returns (like OpenTunnel's response)."""
+
+    tunnel_id: str
+    source_token: str
+    destination_token: str
+
+
+@dataclass
+class _Token:
+    side: str
+    tunnel_id: str
+    revoked: bool = False
+    used: bool = False
+    bound_client_token: Optional[str] = None
+
+
+@dataclass
+class _Tunnel:
+    tunnel_id: str
+    account_id: str
+    services: Tuple[str, ...]
+    expires_at: float
+    status: str = "OPEN"
+    generation: Dict[str, int] = field(default_factory=lambda: {SOURCE: 0, DESTINATION: 0})
+    token_hash: Dict[str, str] = field(default_factory=dict)
+    connected: Dict[str, Tuple[bool, float]] = field(default_factory=dict)
+
+
+@implementer(ITunnelStore, ITunnelCounts)
+class MemoryTunnelStore:
+    """
+    A tunnel store in memory, with the real token rules.
+
+    @ivar state_changes: every L{set_connection_state} call, in order, as
+        C{(tunnel_id, side, connected, now)}.
+    """
+
+    def __init__(self) -> None:
+        self._tunnels: Dict[str, _Tunnel] = {}
+        self._tokens: Dict[str, _Token] = {}  # by token hash
+        self.state_changes: List[Tuple[str, str, bool, float]] = []
+
+    # --- the control plane's part ---
+
+    def open_tunnel(
+        self,
+        services: Sequence[str] = (),
+        now: float = 0.0,
+        lifetime_minutes: int = 720,
+        account_id: str = "123456789012",
+    ) -> OpenedTunnel:
+        """Create an OPEN tunnel with fresh tokens."""
+        tunnel_id = str(uuid.uuid4())
+        tunnel = _Tunnel(tunnel_id, account_id, tuple(services), now + 60.0 * lifetime_minutes)
+        self._tunnels[tunnel_id] = tunnel
+        tokens = {side: self._issue(tunnel, side) for side in (SOURCE, DESTINATION)}
+        return OpenedTunnel(tunnel_id, tokens[SOURCE], tokens[DESTINATION])
+
+    def _issue(self, tunnel: _Tunnel, side: str) -> str:
+        token = new_access_token(tunnel.tunnel_id)
+        digest = token_hash(token)
+        self._tokens[digest] = _Token(side, tunnel.tunnel_id)
+        tunnel.token_hash[side] = digest
+        return token
+
+    def close_tunnel(self, tunnel_id: str) -> None:
+        """Mark the tunnel CLOSED (its tokens stop working)."""
+        self._tunnels[tunnel_id].status = "CLOSED"
+
+    def rotate(self, tunnel_id: str, side: str) -> str:
+        """Revoke C{side}'s token and return a new one."""
+        tunnel = self._tunnels[tunnel_id]
+        self._tokens[tunnel.token_hash[side]].revoked = True
+        tunnel.generation[side] += 1
+        return self._issue(tunnel, side)
+
+    def connection_state(self, tunnel_id: str, side: str) -> Tuple[bool, float]:
+        """(connected, lastUpdatedAt) of a side; (False, 0.0) before any change."""
+        return self._tunnels[tunnel_id].connected.get(side, (False, 0.0))
+
+    def count_tunnels_by_status(self) -> Mapping[str, int]:
+        counts = {"OPEN": 0, "CLOSED": 0}
+        for tunnel in self._tunnels.values():
+            counts[tunnel.status] += 1
+        return counts
+
+    # --- ITunnelStore ---
+
+    def claim_peer(
+        self, access_token: str, mode: str, client_token: Optional[str], now: float
+    ) -> PeerGrant:
+        digest = token_hash(access_token)
+        record = self._tokens.get(digest)
+        tunnel = self._tunnels.get(record.tunnel_id) if record is not None else None
+        state = None
+        if record is not None and tunnel is not None:
+            state = TokenState(
+                side=record.side,
+                revoked=record.revoked,
+                used=record.used,
+                bound_client_token=record.bound_client_token,
+                tunnel_status=tunnel.status,
+                expires_at=tunnel.expires_at,
+            )
+        taken = False
+        if client_token is not None and tunnel is not None:
+            taken = any(
+                other.bound_client_token == client_token
+                and other is not record
+                and self._tunnels[other.tunnel_id].status == "OPEN"
+                and self._tunnels[other.tunnel_id].account_id == tunnel.account_id
+                and other.tunnel_id != tunnel.tunnel_id
+                for other in self._tokens.values()
+            )
+        claim = check_claim(state, mode, client_token, now, client_token_taken=taken)
+        assert record is not None and tunnel is not None
+        record.used = True
+        if claim.bind is not None:
+            record.bound_client_token = claim.bind
+        return PeerGrant(
+            tunnel_id=tunnel.tunnel_id,
+            account_id=tunnel.account_id,
+            side=record.side,
+            services=tunnel.services,
+            expires_at=tunnel.expires_at,
+            token_generation=tunnel.generation[record.side],
+        )
+
+    def set_connection_state(self, tunnel_id: str, side: str, connected: bool, now: float) -> None:
+        self.state_changes.append((tunnel_id, side, connected, now))
+        tunnel = self._tunnels.get(tunnel_id)
+        if tunnel is not None:
+            tunnel.connected[side] = (connected, now)
+
+
+class ServiceHarness:
+    """
+    The data plane on a C{twisted.web} site, backed by a L{MemoryTunnelStore}.
+
+    @ivar store: the store.
+    @ivar events: the relay (L{tunnelkit.service.interfaces.ITunnelEvents}).
+    @ivar site: serve it on any endpoint (C{GET /tunnel}, C{GET /metrics}).
+    """
+
+    def __init__(self, clock: IReactorTime, options: Optional[Mapping[str, Any]] = None) -> None:
+        from tunnelkit.service.dataplane import mount_data_plane
+
+        self.clock = clock
+        self.store = MemoryTunnelStore()
+        self.root = Resource()
+        self.events = mount_data_plane(self.root, self.store, clock, dict(options or {}))
+        self.site = Site(self.root, reactor=clock)
+
+    def open_tunnel(self, services: Sequence[str] = (), lifetime_minutes: int = 720) -> OpenedTunnel:
+        """Open a tunnel now (by the harness's clock)."""
+        return self.store.open_tunnel(services, self.clock.seconds(), lifetime_minutes)
+
+def upgrade_request(
+    mode: Optional[str] = "source",
+    token: Optional[str] = None,
+    protocols: Sequence[str] = (V3,),
+    path: str = "/tunnel",
+    extra: Sequence[Tuple[str, str]] = (),
+    query: Optional[str] = None,
+) -> bytes:
+    """The bytes of a WebSocket upgrade request like the reference local proxy's."""
+    target = path
+    if query is not None:
+        target += "?" + query
+    elif mode is not None:
+        target += f"?local-proxy-mode={mode}"
+    lines = [
+        f"GET {target} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: upgrade",
+        "Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)).decode(),
+        "Sec-WebSocket-Version: 13",
+    ]
+    if protocols:
+        lines.append("Sec-WebSocket-Protocol: " + ", ".join(protocols))
+    if token is not None:
+        lines.append(f"access-token: {token}")
+    for name, value in extra:
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def client_frame(payload: bytes, opcode: int = 2, fin: bool = True) -> bytes:
+    """One masked client-to-server WebSocket frame."""
+    key = os.urandom(4)
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    if n:
+        stream = (key * (n // 4 + 1))[:n]
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+    else:
+        masked = b""
+    return head + key + masked
+
+
+def tunnel_frame(**fields: object) -> bytes:
+    """A length-prefixed tunnel frame."""
+    return encode_message(Message(**fields))  # type: ignore[arg-type]
+
+
+class RawPeer:
+    """One raw WebSocket connection to a site."""
+
+    def __init__(self, site: object, request: bytes, port: int = 40000) -> None:
+        self.transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 8443),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", port),
+        )
+        self.channel = site.buildProtocol(self.transport.getPeer())  # type: ignore[attr-defined]
+        self.transport.protocol = self.channel  # as a real transport has; autobahn replaces it
+        self.channel.makeConnection(self.transport)
+        self.channel.dataReceived(request)
+        self._read = 0
+        self.status: Optional[int] = None
+        self.headers: Dict[str, str] = {}
+        self.body = b""
+        self._buffer = b""
+        self.messages: List[bytes] = []  # binary WebSocket message payloads
+        self.controls: List[Tuple[int, bytes]] = []  # (opcode, payload) of control frames
+        self._decoder = FrameDecoder()
+        self._parse_head()
+
+    @property
+    def protocol(self) -> object:
+        """The service's protocol for this connection (autobahn's, once upgraded)."""
+        return self.transport.protocol
+
+    def _parse_head(self) -> None:
+        value = self.transport.value()
+        end = value.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = value[:end].decode("latin-1").split("\r\n")
+        self.status = int(head[0].split()[1])
+        for line in head[1:]:
+            name, _, v = line.partition(":")
+            self.headers[name.strip().lower()] = v.strip()
+        rest = value[end + 4 :]
+        if self.status == 101:
+            self._read = end + 4
+        else:
+            length = int(self.headers.get("content-length", len(rest)))
+            self.body = rest[:length]
+            self._read = len(value)
+
+    def lose(self) -> None:
+        """The connection drops (as when the client dies: no close frame)."""
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        self.transport.loseConnection()
+        self.protocol.connectionLost(Failure(ConnectionLost()))  # type: ignore[attr-defined]
+
+    def send(self, payload: bytes, opcode: int = 2) -> None:
+        self.protocol.dataReceived(client_frame(payload, opcode))  # type: ignore[attr-defined]
+
+    def send_raw(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)  # type: ignore[attr-defined]
+
+    def poll(self) -> None:
+        """Parse what the service wrote since the last poll."""
+        value = self.transport.value()
+        self._buffer += value[self._read :]
+        self._read = len(value)
+        buf = self._buffer
+        while len(buf) >= 2:
+            b0, b1 = buf[0], buf[1]
+            assert not b1 & 0x80, "server frames must not be masked"
+            n = b1 & 0x7F
+            offset = 2
+            if n == 126:
+                if len(buf) < 4:
+                    break
+                (n,) = struct.unpack("!H", buf[2:4])
+                offset = 4
+            elif n == 127:
+                if len(buf) < 10:
+                    break
+                (n,) = struct.unpack("!Q", buf[2:10])
+                offset = 10
+            if len(buf) < offset + n:
+                break
+            payload = buf[offset : offset + n]
+            buf = buf[offset + n :]
+            opcode = b0 & 0x0F
+            assert b0 & 0x80, "the relay sends unfragmented messages"
+            if opcode == 2:
+                self.messages.append(payload)
+            else:
+                self.controls.append((opcode, payload))
+        self._buffer = buf
+
+    def take_messages(self) -> List[bytes]:
+        self.poll()
+        messages, self.messages = self.messages, []
+        return messages
+
+    def take_frames(self) -> List[Message]:
+        """Every tunnel message received since the last call."""
+        return [parse_message(body) for m in self.take_messages() for body in self._decoder.feed(m)]
+
+    def close_frame(self) -> Optional[Tuple[int, str]]:
+        """The (code, reason) of the close frame the service sent, if any."""
+        self.poll()
+        for opcode, payload in self.controls:
+            if opcode == 8:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 0
+                return code, payload[2:].decode("utf-8")
+        return None
