@@ -211,7 +211,8 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
             self.log.error("The tunnel service sent a text WebSocket message: closing (1003)")
-            self.sendClose(1003, "binary messages only")
+            self._rejected = WebSocketEnded("retry", "the tunnel service sent a text message (binary only)")
+            self.sendCloseFrame(code=1003, reasonUtf8=b"binary messages only", isReply=False)
             return
         try:
             messages = [parse_message(body) for body in self._decoder.feed(payload)]

@@ -1,0 +1,243 @@
+"""
+Tests of tunnelkit.transport.websocket: the local proxy's WebSocket client, run in memory (iosim)
+against an autobahn server or a raw HTTP answer, on an injected clock.
+"""
+
+import txaio
+import txaio.testutil
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.test.iosim import connectedServerAndClient
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from tunnelkit.protocol.framing import Message, encode_message
+from tunnelkit.transport.websocket import (
+    PING_PERIOD,
+    SUBPROTOCOL,
+    ITunnelWebSocketHandler,
+    TunnelWebSocketFactory,
+    tunnel_url,
+)
+
+txaio.use_twisted()
+
+TOKEN = "AQGAAXiVzSmRL1VaJ22G7eRb-source"
+CLIENT_TOKEN = "2da438cf-9a30-4148-b236-c338182f243c"
+
+
+@implementer(ITunnelWebSocketHandler)
+class Handler:
+    def __init__(self):
+        self.opened = []
+        self.messages = []
+        self.ended = []
+
+    def websocket_opened(self, websocket):
+        self.opened.append(websocket)
+
+    def messages_received(self, messages):
+        self.messages.append(list(messages))
+
+    def websocket_ended(self, websocket, ended):
+        self.ended.append(ended)
+
+
+class Server(WebSocketServerProtocol):
+    """A test tunnel service: records the request, answers as told."""
+
+    def onConnect(self, request):
+        self.factory.requests.append(request)
+        self.factory.servers.append(self)
+        self.received = []
+        self.pings = []
+        answer = self.factory.answer
+        if isinstance(answer, ConnectionDeny):
+            raise answer
+        return answer
+
+    def onMessage(self, payload, isBinary):
+        self.received.append((payload, isBinary))
+
+    def onPing(self, payload):
+        self.pings.append(payload)
+        super().onPing(payload)
+
+
+class RawAnswer(Protocol):
+    """Answers the upgrade with fixed bytes (for non-101 answers with a body), or never."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def dataReceived(self, data):
+        if self.answer is not None:
+            self.transport.write(self.answer)
+            self.answer = None
+
+
+class WebSocketClientTests(TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        loop = txaio.testutil.replace_loop(self.clock)
+        loop.__enter__()
+        self.addCleanup(loop.__exit__, None, None, None)
+        self.handler = Handler()
+        self.factory = TunnelWebSocketFactory(
+            tunnel_url(False, "127.0.0.1", 8080, "source"), TOKEN, CLIENT_TOKEN, self.handler, self.clock
+        )
+        self.server_factory = WebSocketServerFactory("ws://127.0.0.1:8080")
+        self.server_factory.protocol = Server
+        self.server_factory.requests = []
+        self.server_factory.servers = []
+        self.server_factory.answer = SUBPROTOCOL
+
+    def connect(self, server=None):
+        make_server = server or (lambda: self.server_factory.buildProtocol(None))
+        client, server_protocol, self.pump = connectedServerAndClient(
+            make_server, lambda: self.factory.buildProtocol(None), clock=self.clock
+        )
+        self.pump.flush()
+        self.client = client
+        return server_protocol
+
+    def test_interface(self):
+        verifyObject(ITunnelWebSocketHandler, self.handler)
+
+    def test_handshake_and_pings(self):
+        self.connect()
+        (request,) = self.server_factory.requests
+        self.assertEqual(request.path, "/tunnel")
+        self.assertEqual(request.params, {"local-proxy-mode": ["source"]})
+        self.assertEqual(request.headers["access-token"], TOKEN)
+        self.assertEqual(request.headers["client-token"], CLIENT_TOKEN)
+        self.assertEqual(request.protocols, [SUBPROTOCOL])
+        self.assertNotIn("sec-websocket-extensions", request.headers)
+        self.assertEqual(self.handler.opened, [self.client])
+        server = self.server_factory.servers[0]
+        self.clock.advance(1.5)
+        self.assertEqual(server.pings, [b"0"])
+        self.clock.advance(PING_PERIOD)
+        self.pump.flush()
+        self.assertEqual(server.pings, [b"0", str(int((PING_PERIOD + 1.5) * 1000)).encode()])
+        self.assertFalse(repr(self.factory).count(TOKEN))
+
+    def test_no_client_token_header_when_none(self):
+        self.factory.client_token = None
+        self.connect()
+        self.assertNotIn("client-token", self.server_factory.requests[0].headers)
+
+    def test_frames_in_and_out(self):
+        self.connect()
+        server = self.server_factory.servers[0]
+        stream = encode_message(Message(type=Message.SERVICE_IDS, availableServiceIds=["SSH1"]))
+        stream += encode_message(Message(type=Message.DATA, streamId=1, payload=b"x" * 100, serviceId="SSH1"))
+        server.sendMessage(stream[:3], isBinary=True)  # split inside the second frame's... prefix
+        server.sendMessage(stream[3:20], isBinary=True)
+        server.sendMessage(stream[20:], isBinary=True)
+        self.pump.flush()
+        types = [[m.type for m in batch] for batch in self.handler.messages]
+        self.assertEqual(types, [[Message.SERVICE_IDS], [Message.DATA]])
+        self.assertEqual(self.handler.messages[1][0].payload, b"x" * 100)
+
+        # batching: a boundary ends the message; others merge up to 131076 bytes
+        self.client.send_frames(b"A" * 10, True)
+        self.client.send_frames(b"B" * 10, False)
+        self.client.send_frames(b"C" * 70000, False)
+        self.client.send_frames(b"D" * 70000, False)
+        self.client.flush()
+        self.pump.flush()
+        self.assertEqual(
+            [(len(p), p[:1]) for p, binary in server.received],
+            [(10, b"A"), (70010, b"B"), (70000, b"D")],
+        )
+        self.assertTrue(all(binary for _, binary in server.received))
+
+    def test_text_message_closes(self):
+        self.connect()
+        self.server_factory.servers[0].sendMessage(b"hello", isBinary=False)
+        self.pump.flush()
+        self.clock.advance(5)
+        self.pump.flush()
+        (ended,) = self.handler.ended
+        self.assertEqual(ended.kind, "retry")
+
+    def test_garbage_frame_reconnects(self):
+        self.connect()
+        self.server_factory.servers[0].sendMessage(b"\x00\x03\xff\xff\xff", isBinary=True)
+        self.pump.flush()
+        (ended,) = self.handler.ended
+        self.assertEqual(ended.kind, "retry")
+        self.assertIn("bad data", ended.message)
+
+    def close_from_server(self, code):
+        self.connect()
+        self.server_factory.servers[0].sendCloseFrame(code=code, reasonUtf8=b"bye now", isReply=False)
+        self.pump.flush()
+        self.clock.advance(5)
+        self.pump.flush()
+        (ended,) = self.handler.ended
+        return ended
+
+    def test_close_1000_ends(self):
+        ended = self.close_from_server(1000)
+        self.assertEqual((ended.kind, ended.code), ("closed", 1000))
+        self.assertIn("Web socket close received. Code: 1000; Reason: bye now", ended.message)
+
+    def test_close_1008_replaced(self):
+        self.assertEqual(self.close_from_server(1008).kind, "replaced")
+
+    def test_close_1011_retries(self):
+        self.assertEqual(self.close_from_server(1011).kind, "retry")
+
+    def test_refused_with_body(self):
+        body = b"Invalid access token: The access token was previously used and cannot be used again"
+        answer = (
+            b"HTTP/1.1 403 Forbidden\r\nchannel-id: abc\r\nContent-Length: %d\r\n\r\n" % len(body)
+        ) + body
+        self.connect(lambda: RawAnswer(answer))
+        self.clock.advance(1)
+        self.pump.flush()
+        (ended,) = self.handler.ended
+        self.assertEqual((ended.kind, ended.code), ("rejected", 403))
+        self.assertIn('(HTTP/1.1 403 Forbidden) "Invalid access token: The access token was previously used', ended.message)
+        self.assertEqual(self.handler.opened, [])
+
+    def test_refused_by_autobahn_server(self):
+        self.server_factory.answer = ConnectionDeny(401, "Unauthorized")
+        self.connect()
+        self.clock.advance(1)
+        self.pump.flush()
+        (ended,) = self.handler.ended
+        self.assertEqual((ended.kind, ended.code), ("rejected", 401))
+
+    def test_5xx_retries(self):
+        self.connect(lambda: RawAnswer(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"))
+        self.clock.advance(1)
+        self.pump.flush()
+        (ended,) = self.handler.ended
+        self.assertEqual((ended.kind, ended.code), ("retry", 503))
+
+    def test_no_subprotocol_retries(self):
+        self.server_factory.answer = None
+        self.connect()
+        self.clock.advance(2)
+        self.pump.flush()
+        (ended,) = self.handler.ended
+        self.assertEqual(ended.kind, "retry")
+        self.assertIn("No websocket subprotocol returned", ended.message)
+        self.assertEqual(self.handler.opened, [])
+
+    def test_handshake_timeout(self):
+        self.connect(lambda: RawAnswer(None))
+        self.clock.advance(29)
+        self.assertEqual(self.handler.ended, [])
+        self.clock.advance(2)
+        self.pump.flush()
+        (ended,) = self.handler.ended
+        self.assertEqual(ended.kind, "retry")
+        self.assertIn("no answer", ended.message)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
