@@ -309,7 +309,7 @@ class BuildNotifierTests(SynchronousTestCase):
         parent.startService()
         self.assertEqual(reactor.tcpClients[0][:2], ("127.0.0.1", 1883))
         parent.stopService()
-        notifier._queue.close()
+        notifier.queue.close()
 
     def test_bad_options(self) -> None:
         self.assertRaises(

@@ -209,7 +209,7 @@ class Agent(Service):
     ) -> None:
         self.thing_name = thing_name
         self.topic = notify_topic(thing_name)
-        self._mqtt = mqtt
+        self.mqtt = mqtt
         self._starter = starter
         self.targets = dict(targets)
         self.proxy_endpoint = proxy_endpoint
@@ -219,7 +219,7 @@ class Agent(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._mqtt.subscribe(self.topic, 1, self.notification_received)
+        self.mqtt.subscribe(self.topic, 1, self.notification_received)
         log.info(
             "Agent of thing {thing_name} listening on {topic}; services: {services}",
             thing_name=self.thing_name,

@@ -268,7 +268,13 @@ class MQTTClient(Service):
         keepalive: int = 60,
         retry_policy: Optional[Callable[[int], float]] = None,
         description: str = "the MQTT broker",
+        clean_session: bool = True,
     ) -> None:
+        """
+        @param clean_session: False for a persistent session: the broker keeps the subscriptions
+            and queues QoS 1 messages while this client is away (the client id must be stable
+            and used by one process only).
+        """
         self._endpoint = endpoint
         self._clock = clock
         self.client_id = client_id
@@ -277,7 +283,7 @@ class MQTTClient(Service):
         self._paho = _Paho(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            clean_session=True,
+            clean_session=clean_session,
             protocol=paho.MQTTv311,
             reconnect_on_failure=False,
         )

@@ -1,7 +1,7 @@
 """
 A real mosquitto broker for end-to-end tests: on a free loopback port, with a generated
 configuration in a temporary directory, started and stopped by the test (and restartable on the
-same port, to play a broker outage).
+same port, to play a broker outage; persistence is on by default, as on a deployed broker).
 
     broker = Mosquitto(reactor)
     await broker.start()          # or yield from a Deferred in trial
@@ -14,6 +14,7 @@ With C{users={"name": "password"}} the broker requires those credentials.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -62,13 +63,14 @@ class _BrokerProcess(ProcessProtocol):
 class Mosquitto:
     """One mosquitto process at a time on a fixed free port; see the module docstring."""
 
-    def __init__(self, reactor, users: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, reactor, users: Optional[Dict[str, str]] = None, persistence: bool = True) -> None:
         if MOSQUITTO is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self._reactor = reactor
         self.port = free_port()
         self.directory = tempfile.mkdtemp(prefix="tunnelkit-mosquitto-")
         self.users = dict(users or {})
+        self.persistence = persistence
         self._process: Optional[_BrokerProcess] = None
         self._transport = None
         self.logs: List[str] = []
@@ -82,7 +84,12 @@ class Mosquitto:
     def _write_config(self) -> None:
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "persistence false",
+            # As a deployed broker: sessions and queued QoS 1 messages survive a restart.
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.directory}/",
+            # Started as root, mosquitto would switch to the user "mosquitto", who cannot read
+            # this private directory: stay the user running the tests.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
             "log_dest stderr",
             "log_type all",
         ]

@@ -216,7 +216,7 @@ class MQTTNotifier(Service):
         clock: IReactorTime,
         wall_time: Callable[[], float] = time.time,
     ) -> None:
-        self._queue = queue
+        self.queue = queue
         self._publisher = publisher
         self._clock = clock
         self._wall_time = wall_time
@@ -232,7 +232,7 @@ class MQTTNotifier(Service):
         """Queue durably, then publish (see L{INotifier.notify_destination})."""
         topic = notify_topic(thing_name)
         payload = notification_payload(access_token, services, region, tunnel_id)
-        item = self._queue.put(tunnel_id, thing_name, payload, self._wall_time())
+        item = self.queue.put(tunnel_id, thing_name, payload, self._wall_time())
         log.info(
             "Queued the destination token of tunnel {tunnel_id} for thing {thing_name} ({topic})",
             tunnel_id=tunnel_id,
@@ -245,14 +245,14 @@ class MQTTNotifier(Service):
     def tunnel_closed(self, tunnel_id: str) -> None:
         """Forget the tunnel's undelivered notification, if any (withdrawn if not yet sent)."""
         self._withdraw(tunnel_id)
-        if self._queue.remove(tunnel_id):
+        if self.queue.remove(tunnel_id):
             log.info("Dropped the undelivered notification of closed tunnel {tunnel_id}", tunnel_id=tunnel_id)
 
     # --- service ---
 
     def startService(self) -> None:
         super().startService()
-        waiting = self._queue.pending()
+        waiting = self.queue.pending()
         if waiting:
             log.info("{count} notification(s) waiting for delivery from before", count=len(waiting))
         for item in waiting:
@@ -278,7 +278,7 @@ class MQTTNotifier(Service):
         entry = self._in_flight.get(item.tunnel_id)
         if entry is not None and entry[0] == item.seq:
             del self._in_flight[item.tunnel_id]
-        if self._queue.remove(item.tunnel_id, item.seq):
+        if self.queue.remove(item.tunnel_id, item.seq):
             log.info(
                 "Delivered the destination token of tunnel {tunnel_id} to thing {thing_name}",
                 tunnel_id=item.tunnel_id,

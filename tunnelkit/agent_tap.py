@@ -1,0 +1,237 @@
+# -*- test-case-name: tests.test_agent_tap -*-
+"""
+C{twistd -n tunnelkit --mode agent}: the device agent (L{tunnelkit.agent}) with the local proxy's
+destination sessions (L{tunnelkit.localproxy}) running in this process.
+
+Example::
+
+    twistd -n tunnelkit --mode agent --thing-name t1 --mqtt tcp:host=broker.lan:port=1883 \\
+        -e tunnels.example.com:8443 -c ca.pem -d SSH=22,HTTP=127.0.0.1:8080
+
+Without C{-d} the services are SSH -> 127.0.0.1:22, VNC -> 127.0.0.1:5900, HTTP -> 127.0.0.1:80
+and FTP -> 127.0.0.1:21; with C{-d} exactly the services listed (same syntax as the destination
+mode's C{-d}).  Without C{-e} each session connects to the data plane of the notification's region,
+as AWS's Device Client does.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any, Dict, Mapping, Optional
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python import usage
+from zope.interface import implementer
+
+import tunnelkit
+from tunnelkit.adapters import Target, available_adapters, parse_adapter_overrides
+from tunnelkit.agent import DEFAULT_TARGETS, Agent, IDestinationSession, IDestinationStarter, Notification
+from tunnelkit.config import ModeOptions
+from tunnelkit.errors import ConfigError, TunnelkitError
+from tunnelkit.localproxy.destination import DestinationSide
+from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint
+from tunnelkit.localproxy.mapping import V1_SERVICE_ID, parse_destination_mapping
+from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
+from tunnelkit.mqtt import MQTT_OPTIONS, MQTTClient, build_endpoint, mqtt_settings
+from tunnelkit.transport.httpproxy import ProxySettings, proxy_from_environment
+from tunnelkit.transport.nvx import NvxOptions, require_nvx
+from tunnelkit.transport.tls import NO_VERIFY_WARNING
+
+__all__ = ["Options", "makeService", "LocalProxyStarter", "SessionFailed"]
+
+log = Logger()
+
+_THING_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_-")
+
+
+class SessionFailed(TunnelkitError):
+    """A destination session ended with an error (its token refused, a protocol error, ...)."""
+
+
+class Options(NvxOptions, ModeOptions):
+    """The agent's options."""
+
+    mode = "agent"
+    synopsis = "Usage: twistd -n tunnelkit --mode agent --thing-name NAME --mqtt ENDPOINT [options]"
+
+    optFlags = [
+        ["no-ssl-host-verify", "k", "Do not check the tunnel service's TLS certificate or host name (DANGEROUS)."],
+    ]
+
+    optParameters = [
+        ["thing-name", None, None, "This device's thing name: listens on $aws/things/NAME/tunnels/notify."],
+        *[list(option) for option in MQTT_OPTIONS],
+        [
+            "destination-app",
+            "d",
+            None,
+            "SERVICE=TARGET[,SERVICE=TARGET...]: the services this device serves and where "
+            "(TARGET: PORT, HOST:PORT, [V6]:PORT or a unix socket path). "
+            "Default: SSH=22,VNC=5900,HTTP=80,FTP=21 on 127.0.0.1.",
+        ],
+        [
+            "proxy-endpoint",
+            "e",
+            None,
+            "The tunnel service's data plane: HOST[:PORT] (TLS, 443), wss://HOST[:PORT] or ws://HOST[:PORT]. "
+            "Default: data.tunneling.iot.REGION.amazonaws.com of each notification's region.",
+        ],
+        ["capath", "c", None, "A CA file (PEM) or hashed CA directory to check the tunnel service's certificate."],
+    ]
+
+    repeatable = {"adapter": str}
+
+    def opt_adapter(self, value: str) -> None:
+        """SERVICE=NAME: the service adapter of a service (repeatable; default by prefix)."""
+        self["adapter"].append(value)
+
+    def postOptions(self) -> None:
+        try:
+            self._check()
+        except (ConfigError, ValueError) as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _check(self) -> None:
+        thing = self["thing-name"]
+        if not thing:
+            raise ConfigError("--thing-name NAME is required (the device's thing name)")
+        if not 1 <= len(thing) <= 128 or not set(thing) <= _THING_NAME_CHARS:
+            raise ConfigError(f"--thing-name {thing!r}: use 1-128 letters, digits, ':', '_' or '-'")
+        if not self["mqtt"]:
+            raise ConfigError("--mqtt ENDPOINT is required (e.g. tcp:host=127.0.0.1:port=1883)")
+        self.mqtt = mqtt_settings(self, default_client_id=f"tunnelkit-agent-{thing}")
+
+        text = self["destination-app"]
+        if text:
+            targets = parse_destination_mapping(text)
+            if V1_SERVICE_ID in targets:
+                raise ConfigError(
+                    f"-d/--destination-app {text!r}: name each service (SERVICE=TARGET): "
+                    "notifications name the services they want"
+                )
+        else:
+            targets = dict(DEFAULT_TARGETS)
+        self.targets: Dict[str, Target] = targets
+
+        capath = self["capath"]
+        if capath is not None and not os.path.exists(capath):
+            raise ConfigError(f"-c/--capath {capath}: no such file or directory")
+        verify = not self["no-ssl-host-verify"]
+        endpoint = self["proxy-endpoint"]
+        if endpoint:
+            host, port, secure = parse_proxy_endpoint(endpoint)
+            ServiceEndpoint(host, port, secure, capath, verify).check()
+        else:
+            # Check the CA now rather than at the first notification.
+            ServiceEndpoint("data.tunneling.iot.us-east-1.amazonaws.com", 443, True, capath, verify).check()
+        self.web_proxy = proxy_from_environment(os.environ)
+
+        overrides = parse_adapter_overrides(self["adapter"])
+        known = available_adapters()
+        for service_id, name in overrides.items():
+            if name not in known:
+                raise ConfigError(f"--adapter {service_id}={name}: unknown adapter (known: {', '.join(sorted(known))})")
+        self.adapter_overrides = overrides
+
+
+@implementer(IDestinationSession)
+class _RunningSession:
+    """A L{LocalProxySession} as the agent sees it."""
+
+    def __init__(self, session: LocalProxySession) -> None:
+        self.session = session
+        self.ended: Deferred = Deferred()
+        session.ended.addCallback(self._session_ended)
+
+    def _session_ended(self, end: SessionEnd) -> None:
+        if self.ended.called:
+            return
+        if end.status == 0:
+            self.ended.callback(end)
+        else:
+            self.ended.errback(SessionFailed(end.message))
+
+    def stop(self) -> Deferred:
+        if not self.ended.called:
+            self.ended.callback(None)
+        if self.session.running:
+            return self.session.stopService()
+        return succeed(None)
+
+
+@implementer(IDestinationStarter)
+class LocalProxyStarter:
+    """Starts the local proxy's destination sessions in this process (one per notification)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        capath: Optional[str] = None,
+        verify: bool = True,
+        web_proxy: Optional[ProxySettings] = None,
+        adapter_overrides: Optional[Mapping[str, str]] = None,
+        clock: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.capath = capath
+        self.verify = verify
+        self.web_proxy = web_proxy
+        self.adapter_overrides = dict(adapter_overrides or {})
+
+    def start(self, notification: Notification, endpoint: str, targets: Mapping[str, Target]) -> _RunningSession:
+        host, port, secure = parse_proxy_endpoint(endpoint)
+        service_endpoint = ServiceEndpoint(host, port, secure, self.capath, self.verify, self.web_proxy)
+        side = DestinationSide(
+            dict(targets),
+            self.reactor,
+            self.clock,
+            adapter_overrides={k: v for k, v in self.adapter_overrides.items() if k in targets},
+        )
+        # A client token of our own lets the session reconnect with its single-use access token.
+        session = LocalProxySession(
+            side, service_endpoint, notification.access_token, str(uuid.uuid4()), self.reactor, self.clock
+        )
+        running = _RunningSession(session)
+        session.startService()
+        return running
+
+
+def makeService(options: Options) -> IService:
+    """The agent: an MQTT client, the agent's bookkeeping, and destination sessions on demand."""
+    from twisted.internet import reactor
+
+    require_nvx(bool(options["allow-slow-websocket"]))
+    log.info("Running tunnelkit agent version {version}", version=tunnelkit.__version__)
+    if options["no-ssl-host-verify"]:
+        for line in NO_VERIFY_WARNING.splitlines():
+            log.warn("{line}", line=line)
+    settings = options.mqtt
+    assert settings is not None
+    top = MultiService()
+    client = MQTTClient(
+        build_endpoint(reactor, settings),
+        settings.client_id,
+        reactor,
+        username=settings.username,
+        password=settings.password,
+        description=f"the MQTT broker {settings.endpoint}",
+        # A persistent session: notifications published while the agent is away (a broker
+        # restart, a network outage) are queued by the broker and delivered when it is back.
+        clean_session=False,
+    )
+    starter = LocalProxyStarter(
+        reactor,
+        capath=options["capath"],
+        verify=not options["no-ssl-host-verify"],
+        web_proxy=options.web_proxy,
+        adapter_overrides=options.adapter_overrides,
+    )
+    agent = Agent(options["thing-name"], client, starter, options.targets, proxy_endpoint=options["proxy-endpoint"])
+    agent.setServiceParent(top)
+    client.setServiceParent(top)
+    return top
+
