@@ -50,6 +50,7 @@ class TunnelLifecycle(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.expire_due()
         for tunnel_id, expires_at in self._store.open_deadlines():
             self.schedule(tunnel_id, expires_at)
         self._purger = LoopingCall(self.purge)

@@ -1,0 +1,557 @@
+"""
+Tests for the control-plane API (L{tunnelkit.service.api}, L{tunnelkit.service.operations}) through
+botocore clients signing for real, in memory, on an injected clock.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict
+
+from botocore.exceptions import ClientError
+from twisted.internet.testing import StringTransport
+from zope.interface.verify import verifyObject
+
+from tests.test_api_helpers import REGION, RecordingEvents, RecordingNotifier, ServiceTestCase
+from tunnelkit.service import tokens
+from tunnelkit.service.interfaces import INotifier, ITunnelEvents
+from tunnelkit.service.operations import Limits
+
+TARGET = "IoTSecuredTunneling."
+
+
+class ErrorAssertions:
+    def assertApiError(self, error_type: str, call: Any, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        """C{call} raises a ClientError of C{error_type}; return its error dict."""
+        with self.assertRaises(ClientError) as raised:  # type: ignore[attr-defined]
+            call(*args, **kwargs)
+        error = raised.exception.response["Error"]
+        self.assertEqual(error["Code"], error_type, error)  # type: ignore[attr-defined]
+        return error
+
+
+class RecordersTests(ServiceTestCase):
+    def test_interfaces(self) -> None:
+        """The recorders used in place of the data plane and notifier provide their interfaces."""
+        self.assertTrue(verifyObject(ITunnelEvents, RecordingEvents()))
+        self.assertTrue(verifyObject(INotifier, RecordingNotifier()))
+
+
+class OpenDescribeTests(ServiceTestCase, ErrorAssertions):
+    def test_open_minimal(self) -> None:
+        """OpenTunnel with no arguments: an OPEN tunnel, both sides DISCONNECTED, 720 minutes, no services."""
+        opened = self.api.open_tunnel()
+        tunnel_id = opened["tunnelId"]
+        self.assertEqual(
+            opened["tunnelArn"], f"arn:aws:iot:{REGION}:{self.service.account.account_id}:tunnel/{tunnel_id}"
+        )
+        for field in ("sourceAccessToken", "destinationAccessToken"):
+            self.assertTrue(tokens.is_well_formed(opened[field]))
+        self.assertNotEqual(opened["sourceAccessToken"], opened["destinationAccessToken"])
+        tunnel = self.api.describe_tunnel(tunnelId=tunnel_id)["tunnel"]
+        self.assertEqual(tunnel["status"], "OPEN")
+        self.assertEqual(tunnel["sourceConnectionState"], {"status": "DISCONNECTED", "lastUpdatedAt": self.clock.seconds()})
+        self.assertEqual(tunnel["destinationConnectionState"]["status"], "DISCONNECTED")
+        self.assertEqual(tunnel["timeoutConfig"], {"maxLifetimeTimeoutMinutes": 720})
+        self.assertNotIn("destinationConfig", tunnel)
+        self.assertNotIn("description", tunnel)
+        self.assertEqual(tunnel["createdAt"], self.clock.seconds())
+        self.assertEqual(self.service.notifier.sent, [])
+
+    def test_open_full(self) -> None:
+        """Every field of OpenTunnel is stored and described; the destination is notified."""
+        opened = self.api.open_tunnel(
+            description="to the lab",
+            tags=[{"key": "team", "value": "ops"}, {"key": "empty", "value": ""}],
+            destinationConfig={"thingName": "device-1", "services": ["SSH", "HTTP"]},
+            timeoutConfig={"maxLifetimeTimeoutMinutes": 30},
+        )
+        tunnel = self.api.describe_tunnel(tunnelId=opened["tunnelId"])["tunnel"]
+        self.assertEqual(tunnel["description"], "to the lab")
+        self.assertEqual(tunnel["destinationConfig"], {"thingName": "device-1", "services": ["SSH", "HTTP"]})
+        self.assertEqual(tunnel["timeoutConfig"], {"maxLifetimeTimeoutMinutes": 30})
+        self.assertEqual(
+            sorted((t["key"], t["value"]) for t in tunnel["tags"]), [("empty", ""), ("team", "ops")]
+        )
+        self.assertEqual(
+            self.service.notifier.sent,
+            [(opened["tunnelId"], "device-1", opened["destinationAccessToken"], ("SSH", "HTTP"), REGION)],
+        )
+
+    def test_tokens_share_routing_key(self) -> None:
+        """Both tokens of a tunnel start with the tunnel's routing key; another tunnel's differ."""
+        first = self.api.open_tunnel()
+        second = self.api.open_tunnel()
+        key = tokens.routing_key_for_tunnel(first["tunnelId"])
+        self.assertEqual(tokens.routing_key(first["sourceAccessToken"]), key)
+        self.assertEqual(tokens.routing_key(first["destinationAccessToken"]), key)
+        self.assertNotEqual(tokens.routing_key(second["sourceAccessToken"]), key)
+
+    def test_only_hashes_stored(self) -> None:
+        """The database file never contains a token."""
+        opened = self.api.open_tunnel()
+        self.service.store.close()
+        import glob
+
+        for path in glob.glob(self.state_dir + "/tunnelkit.sqlite3*"):
+            with open(path, "rb") as f:
+                data = f.read()
+            self.assertNotIn(opened["sourceAccessToken"].encode(), data)
+            self.assertNotIn(opened["sourceAccessToken"].split(".")[1].encode(), data)
+        self.service = self.start_service()
+
+    def test_describe_unknown(self) -> None:
+        """An unknown tunnel id is ResourceNotFoundException (404)."""
+        error = self.assertApiError(
+            "ResourceNotFoundException", self.api.describe_tunnel, tunnelId="00000000-0000-0000-0000-000000000000"
+        )
+        self.assertIn("00000000-0000-0000-0000-000000000000", error["Message"])
+
+    def test_quota(self) -> None:
+        """Past --max-open-tunnels, OpenTunnel is LimitExceededException; closing one makes room."""
+        ids = [self.api.open_tunnel()["tunnelId"] for _ in range(self.limits.max_open_tunnels or 0)]
+        error = self.assertApiError("LimitExceededException", self.api.open_tunnel)
+        self.assertIn("limit of 5 open tunnels", error["Message"])
+        self.assertEqual(len(self.api.list_tunnels()["tunnelSummaries"]), 5)
+        self.api.close_tunnel(tunnelId=ids[0])
+        self.api.open_tunnel()
+
+    def test_quota_per_account(self) -> None:
+        """The quota counts each account's tunnels separately."""
+        for _ in range(5):
+            self.api.open_tunnel()
+        _, key = self.service.new_account("other")
+        self.service.client(key).open_tunnel()
+
+
+class ValidationTests(ServiceTestCase, ErrorAssertions):
+    """Each constraint of reference section 3.2 gets a 400 naming the field; nothing is created."""
+
+    def invalid(self, operation: str, body: Any, field: str, error_type: str = "ValidationException") -> str:
+        before = self.service.store.list_tunnels(self.service.account.account_id, None, 100, None)[0]
+        status, error = self.call_raw(TARGET + operation, body)
+        self.assertEqual((status, error.get("__type")), (400, error_type), error)
+        self.assertIn(field, error["message"])
+        after = self.service.store.list_tunnels(self.service.account.account_id, None, 100, None)[0]
+        self.assertEqual(len(before), len(after))
+        return error["message"]
+
+    def test_description(self) -> None:
+        self.invalid("OpenTunnel", {"description": ""}, "description")
+        self.invalid("OpenTunnel", {"description": "x" * 2049}, "description")
+        self.invalid("OpenTunnel", {"description": "line\nbreak"}, "description")
+        self.invalid("OpenTunnel", {"description": 5}, "description", "SerializationException")
+        self.api.open_tunnel(description="x" * 2048)
+        self.api.open_tunnel(description="ünïcødé and spaces")
+
+    def test_timeout(self) -> None:
+        self.invalid("OpenTunnel", {"timeoutConfig": {"maxLifetimeTimeoutMinutes": 0}}, "maxLifetimeTimeoutMinutes")
+        message = self.invalid(
+            "OpenTunnel", {"timeoutConfig": {"maxLifetimeTimeoutMinutes": 721}}, "timeoutConfig.maxLifetimeTimeoutMinutes"
+        )
+        self.assertIn("less than or equal to 720", message)
+        self.invalid(
+            "OpenTunnel", {"timeoutConfig": {"maxLifetimeTimeoutMinutes": "5"}}, "maxLifetimeTimeoutMinutes",
+            "SerializationException",
+        )
+        self.invalid("OpenTunnel", {"timeoutConfig": []}, "timeoutConfig", "SerializationException")
+        self.api.open_tunnel(timeoutConfig={"maxLifetimeTimeoutMinutes": 1})
+        self.api.open_tunnel(timeoutConfig={"maxLifetimeTimeoutMinutes": 720})
+
+    def test_destination_config(self) -> None:
+        self.invalid("OpenTunnel", {"destinationConfig": {"thingName": "t"}}, "destinationConfig.services")
+        self.invalid("OpenTunnel", {"destinationConfig": {"services": []}}, "destinationConfig.services")
+        self.invalid("OpenTunnel", {"destinationConfig": {"services": ["A", "B", "C", "D"]}}, "destinationConfig.services")
+        self.invalid("OpenTunnel", {"destinationConfig": {"services": ["SSH", "SSH"]}}, "destinationConfig.services")
+        self.invalid("OpenTunnel", {"destinationConfig": {"services": ["bad service"]}}, "destinationConfig.services.1")
+        self.invalid("OpenTunnel", {"destinationConfig": {"services": ["x" * 129]}}, "destinationConfig.services.1")
+        self.invalid("OpenTunnel", {"destinationConfig": {"thingName": "", "services": ["SSH"]}}, "destinationConfig.thingName")
+        self.invalid(
+            "OpenTunnel", {"destinationConfig": {"thingName": "a/b", "services": ["SSH"]}}, "destinationConfig.thingName"
+        )
+        self.invalid(
+            "OpenTunnel", {"destinationConfig": {"thingName": "t" * 129, "services": ["SSH"]}}, "destinationConfig.thingName"
+        )
+        self.api.open_tunnel(destinationConfig={"thingName": "a:b_c-d", "services": ["S:1", "s_2", "x" * 128]})
+
+    def test_tags(self) -> None:
+        self.invalid("OpenTunnel", {"tags": []}, "tags")
+        self.invalid("OpenTunnel", {"tags": [{"key": "k", "value": "v"}] * 201}, "tags")
+        self.invalid("OpenTunnel", {"tags": [{"key": "", "value": "v"}]}, "tags.1.member.key")
+        self.invalid("OpenTunnel", {"tags": [{"key": "k" * 129, "value": "v"}]}, "tags.1.member.key")
+        self.invalid("OpenTunnel", {"tags": [{"key": "k", "value": "v" * 257}]}, "tags.1.member.value")
+        self.invalid("OpenTunnel", {"tags": [{"key": "k", "value": "a\u0000b"}]}, "tags.1.member.value")
+        self.invalid("OpenTunnel", {"tags": [{"key": "k#", "value": "v"}]}, "tags.1.member.key")
+        self.invalid("OpenTunnel", {"tags": [{"key": "k"}]}, "tags.1.member.value")
+        self.invalid("OpenTunnel", {"tags": [{"key": "k", "value": "1"}, {"key": "k", "value": "2"}]}, "tags.2.member.key")
+        self.api.open_tunnel(tags=[{"key": "é _.:/=+-@ 9", "value": ""}])
+
+    def test_tunnel_id(self) -> None:
+        self.invalid("DescribeTunnel", {}, "tunnelId")
+        self.invalid("DescribeTunnel", {"tunnelId": ""}, "tunnelId")
+        self.invalid("DescribeTunnel", {"tunnelId": "x" * 129}, "tunnelId")
+        self.invalid("DescribeTunnel", {"tunnelId": "a/b"}, "tunnelId")
+        self.invalid("CloseTunnel", {"tunnelId": "a b"}, "tunnelId")
+        self.invalid("CloseTunnel", {"tunnelId": "abc", "delete": "yes"}, "delete", "SerializationException")
+        self.invalid("RotateTunnelAccessToken", {"tunnelId": "a?", "clientMode": "ALL"}, "tunnelId")
+
+    def test_list_parameters(self) -> None:
+        self.invalid("ListTunnels", {"maxResults": 0}, "maxResults")
+        self.invalid("ListTunnels", {"maxResults": 101}, "maxResults")
+        self.invalid("ListTunnels", {"maxResults": "5"}, "maxResults", "SerializationException")
+        self.invalid("ListTunnels", {"thingName": "a b"}, "thingName")
+        self.invalid("ListTunnels", {"nextToken": "not valid!"}, "nextToken")
+        self.invalid("ListTunnels", {"nextToken": "Zm9vYmFy"}, "nextToken")
+
+    def test_rotate_parameters(self) -> None:
+        tunnel_id = self.api.open_tunnel()["tunnelId"]
+        self.invalid("RotateTunnelAccessToken", {"tunnelId": tunnel_id}, "clientMode")
+        self.invalid("RotateTunnelAccessToken", {"tunnelId": tunnel_id, "clientMode": "BOTH"}, "clientMode")
+        self.invalid(
+            "RotateTunnelAccessToken",
+            {"tunnelId": tunnel_id, "clientMode": "SOURCE", "destinationConfig": {"services": ["SSH"]}},
+            "destinationConfig",
+        )
+        self.invalid(
+            "RotateTunnelAccessToken",
+            {"tunnelId": tunnel_id, "clientMode": "ALL", "destinationConfig": {"services": []}},
+            "destinationConfig.services",
+        )
+
+    def test_tag_parameters(self) -> None:
+        arn = self.api.open_tunnel()["tunnelArn"]
+        self.invalid("TagResource", {"resourceArn": arn}, "tags")
+        self.invalid("TagResource", {"resourceArn": arn, "tags": []}, "tags")
+        self.invalid("TagResource", {"resourceArn": "", "tags": [{"key": "a", "value": "b"}]}, "resourceArn")
+        self.invalid("TagResource", {"resourceArn": "a" * 1012, "tags": [{"key": "a", "value": "b"}]}, "resourceArn")
+        self.invalid("UntagResource", {"resourceArn": arn}, "tagKeys")
+        self.invalid("UntagResource", {"resourceArn": arn, "tagKeys": [""]}, "tagKeys.1")
+        self.invalid("UntagResource", {"resourceArn": arn, "tagKeys": ["k"] * 201}, "tagKeys")
+        self.invalid("ListTagsForResource", {}, "resourceArn")
+
+    def test_malformed_json(self) -> None:
+        for body in (b"{", b"[1, 2]", b'{"description": NaN}', b"\xff\xfe", b"[" * 100000):
+            status, error = self.call_raw(TARGET + "OpenTunnel", body)
+            self.assertEqual((status, error["__type"]), (400, "SerializationException"), body[:10])
+        self.assertIn("Malformed JSON", self.call_raw(TARGET + "OpenTunnel", b'{"a": }')[1]["message"])
+        self.assertEqual(self.api.list_tunnels()["tunnelSummaries"], [])
+
+    def test_unknown_operation(self) -> None:
+        for target in ("IoTSecuredTunneling.DeleteEverything", "Other.OpenTunnel", None):
+            status, error = self.call_raw(target, {})
+            self.assertEqual((status, error["__type"]), (400, "UnknownOperationException"))
+        self.assertIn("DeleteEverything", self.call_raw("IoTSecuredTunneling.DeleteEverything", {})[1]["message"])
+
+    def test_empty_body_is_empty_request(self) -> None:
+        """An empty body reads as {} (what botocore sends for no parameters)."""
+        status, body = self.call_raw(TARGET + "ListTunnels", b"")
+        self.assertEqual((status, body), (200, {"tunnelSummaries": []}))
+
+
+class BodyLimitTests(ServiceTestCase):
+    def test_declared_too_large(self) -> None:
+        """A Content-Length over the limit is refused with 413 before any body byte arrives."""
+        protocol = self.service.site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Amz-Target: IoTSecuredTunneling.OpenTunnel\r\n"
+            b"Content-Length: 10485760\r\n\r\n"
+        )
+        from tests.test_api_helpers import parse_response
+
+        status, headers, body = parse_response(transport.value())
+        self.assertEqual(status, 413)
+        self.assertEqual(json.loads(body)["__type"], "RequestEntityTooLargeException")
+        self.assertIn("10485760 bytes", json.loads(body)["message"])
+        self.assertTrue(transport.disconnecting)
+        protocol.dataReceived(b"x" * 65536)  # the rest is discarded
+        protocol.connectionLost(None)
+        self.assertEqual(self.api.list_tunnels()["tunnelSummaries"], [])
+
+    def test_chunked_too_large(self) -> None:
+        """A chunked body is refused as soon as it grows past the limit."""
+        protocol = self.service.site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"x" * 65536
+        for _ in range(17):
+            protocol.dataReceived(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        from tests.test_api_helpers import parse_response
+
+        self.assertEqual(parse_response(transport.value())[0], 413)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(None)
+
+    def test_keeps_serving(self) -> None:
+        """After a refused body, other requests work."""
+        self.test_declared_too_large()
+        self.api.open_tunnel()
+        self.assertEqual(len(self.api.list_tunnels()["tunnelSummaries"]), 1)
+
+
+class ListTests(ServiceTestCase):
+    limits = Limits(max_open_tunnels=None)
+
+    def test_newest_first_and_pages(self) -> None:
+        """ListTunnels is newest first, paged by maxResults/nextToken, filtered by thingName."""
+        ids = []
+        for i in range(7):
+            config = {"thingName": "t1" if i % 2 else "t2", "services": ["SSH"]}
+            ids.append(self.api.open_tunnel(destinationConfig=config, description=f"n{i}")["tunnelId"])
+            self.clock.advance(1)
+        everything = self.api.list_tunnels()
+        self.assertEqual([s["tunnelId"] for s in everything["tunnelSummaries"]], ids[::-1])
+        self.assertNotIn("nextToken", everything)
+        summary = everything["tunnelSummaries"][0]
+        self.assertEqual(sorted(summary), ["createdAt", "description", "lastUpdatedAt", "status", "tunnelArn", "tunnelId"])
+        seen = []
+        request: Dict[str, Any] = {"maxResults": 3}
+        while True:
+            page = self.api.list_tunnels(**request)
+            self.assertLessEqual(len(page["tunnelSummaries"]), 3)
+            seen.extend(s["tunnelId"] for s in page["tunnelSummaries"])
+            if "nextToken" not in page:
+                break
+            request["nextToken"] = page["nextToken"]
+        self.assertEqual(seen, ids[::-1])
+        t1 = self.api.list_tunnels(thingName="t1")["tunnelSummaries"]
+        self.assertEqual([s["tunnelId"] for s in t1], [ids[5], ids[3], ids[1]])
+        self.assertEqual(self.api.list_tunnels(thingName="nobody")["tunnelSummaries"], [])
+
+    def test_exact_page(self) -> None:
+        """When the last page is full, no nextToken is returned."""
+        for _ in range(4):
+            self.api.open_tunnel()
+        page = self.api.list_tunnels(maxResults=2)
+        page = self.api.list_tunnels(maxResults=2, nextToken=page["nextToken"])
+        self.assertEqual(len(page["tunnelSummaries"]), 2)
+        self.assertNotIn("nextToken", page)
+
+
+class CloseTests(ServiceTestCase, ErrorAssertions):
+    def test_close(self) -> None:
+        """CloseTunnel: CLOSED, visible, the data plane and notifier are told; closing again is fine."""
+        tunnel_id = self.api.open_tunnel()["tunnelId"]
+        self.clock.advance(5)
+        self.assertEqual(self.api.close_tunnel(tunnelId=tunnel_id)["ResponseMetadata"]["HTTPStatusCode"], 200)
+        tunnel = self.api.describe_tunnel(tunnelId=tunnel_id)["tunnel"]
+        self.assertEqual(tunnel["status"], "CLOSED")
+        self.assertEqual(tunnel["lastUpdatedAt"], self.clock.seconds())
+        self.assertEqual(self.service.events.calls, [("tunnel_closed", tunnel_id, "closed")])
+        self.assertEqual(self.service.notifier.closed, [tunnel_id])
+        self.assertEqual(self.service.control.lifecycle.pending(), [])
+        self.api.close_tunnel(tunnelId=tunnel_id)
+        self.assertEqual(len(self.service.events.calls), 1)
+        self.assertEqual([s["status"] for s in self.api.list_tunnels()["tunnelSummaries"]], ["CLOSED"])
+
+    def test_closed_tokens_rejected(self) -> None:
+        """After CloseTunnel the tokens cannot connect (410)."""
+        opened = self.api.open_tunnel()
+        self.api.close_tunnel(tunnelId=opened["tunnelId"])
+        rejected = self.assertRaises(
+            tokens.TokenRejected,
+            self.service.store.claim_peer,
+            opened["sourceAccessToken"],
+            "source",
+            None,
+            self.clock.seconds(),
+        )
+        self.assertEqual((rejected.status, rejected.reason), (410, "tunnel-closed"))
+
+    def test_delete(self) -> None:
+        """delete=true forgets the tunnel at once, open or already closed."""
+        first = self.api.open_tunnel()["tunnelId"]
+        second = self.api.open_tunnel()["tunnelId"]
+        self.api.close_tunnel(tunnelId=first, delete=True)
+        self.assertApiError("ResourceNotFoundException", self.api.describe_tunnel, tunnelId=first)
+        self.assertEqual(self.service.events.calls, [("tunnel_closed", first, "closed")])
+        self.api.close_tunnel(tunnelId=second)
+        self.api.close_tunnel(tunnelId=second, delete=True)
+        self.assertEqual(self.api.list_tunnels()["tunnelSummaries"], [])
+        self.assertApiError("ResourceNotFoundException", self.api.close_tunnel, tunnelId=second)
+
+    def test_retention(self) -> None:
+        """A closed tunnel stays visible for the retention period, then is purged."""
+        tunnel_id = self.api.open_tunnel()["tunnelId"]
+        self.api.close_tunnel(tunnelId=tunnel_id)
+        self.clock.advance(3 * 3600 - 60)
+        self.assertEqual(self.api.describe_tunnel(tunnelId=tunnel_id)["tunnel"]["status"], "CLOSED")
+        self.clock.advance(120)
+        self.assertApiError("ResourceNotFoundException", self.api.describe_tunnel, tunnelId=tunnel_id)
+
+
+class ExpiryTests(ServiceTestCase, ErrorAssertions):
+    def test_lifetime(self) -> None:
+        """A 1-minute tunnel reads CLOSED once a minute passed on the clock, and the data plane is told."""
+        opened = self.api.open_tunnel(timeoutConfig={"maxLifetimeTimeoutMinutes": 1})
+        tunnel_id = opened["tunnelId"]
+        self.clock.advance(59)
+        self.assertEqual(self.api.describe_tunnel(tunnelId=tunnel_id)["tunnel"]["status"], "OPEN")
+        self.assertEqual(self.service.events.calls, [])
+        self.clock.advance(1)
+        self.assertEqual(self.service.events.calls, [("tunnel_closed", tunnel_id, "expired")])
+        self.assertEqual(self.service.notifier.closed, [tunnel_id])
+        tunnel = self.api.describe_tunnel(tunnelId=tunnel_id)["tunnel"]
+        self.assertEqual(tunnel["status"], "CLOSED")
+        self.assertEqual(tunnel["lastUpdatedAt"], opened_at_plus(tunnel, 60))
+        rejected = self.assertRaises(
+            tokens.TokenRejected, self.service.store.claim_peer, opened["sourceAccessToken"], "source", None,
+            self.clock.seconds(),
+        )
+        self.assertEqual(rejected.status, 410)
+        self.assertApiError(
+            "ResourceNotFoundException", self.api.rotate_tunnel_access_token, tunnelId=tunnel_id, clientMode="ALL"
+        )
+
+    def test_across_restart(self) -> None:
+        """Deadlines survive a restart: one that passed while down closes at start; others still fire."""
+        short = self.api.open_tunnel(timeoutConfig={"maxLifetimeTimeoutMinutes": 1})["tunnelId"]
+        long = self.api.open_tunnel(timeoutConfig={"maxLifetimeTimeoutMinutes": 10})["tunnelId"]
+        self.service.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(120)
+        self.service = self.start_service()
+        self.api = self.service.client()
+        self.assertEqual(self.service.events.calls, [("tunnel_closed", short, "expired")])
+        self.assertEqual(self.service.control.lifecycle.pending(), [long])
+        self.clock.advance(8 * 60)
+        self.assertEqual(self.service.events.calls[-1], ("tunnel_closed", long, "expired"))
+        self.assertEqual(
+            [s["status"] for s in self.api.list_tunnels()["tunnelSummaries"]], ["CLOSED", "CLOSED"]
+        )
+
+    def test_nothing_left_scheduled(self) -> None:
+        """Stopping the lifecycle cancels every timer."""
+        self.api.open_tunnel()
+        self.service.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.service = self.start_service()
+
+
+def opened_at_plus(tunnel: Dict[str, Any], seconds: float) -> float:
+    return tunnel["createdAt"] + seconds
+
+
+class RotateTests(ServiceTestCase, ErrorAssertions):
+    def test_rotate_source(self) -> None:
+        """SOURCE: only a new source token; the old one is revoked, the destination token still works."""
+        opened = self.api.open_tunnel()
+        rotated = self.api.rotate_tunnel_access_token(tunnelId=opened["tunnelId"], clientMode="SOURCE")
+        self.assertEqual(rotated["tunnelArn"], opened["tunnelArn"])
+        self.assertNotIn("destinationAccessToken", rotated)
+        self.assertEqual(tokens.routing_key(rotated["sourceAccessToken"]), tokens.routing_key(opened["sourceAccessToken"]))
+        now = self.clock.seconds()
+        rejected = self.assertRaises(
+            tokens.TokenRejected, self.service.store.claim_peer, opened["sourceAccessToken"], "source", None, now
+        )
+        self.assertEqual(rejected.reason, "token-rotated")
+        grant = self.service.store.claim_peer(rotated["sourceAccessToken"], "source", None, now)
+        self.assertEqual(grant.token_generation, 1)
+        self.assertEqual(self.service.store.claim_peer(opened["destinationAccessToken"], "destination", None, now).token_generation, 0)
+        self.assertEqual(self.service.events.calls, [("token_rotated", opened["tunnelId"], "source")])
+        self.assertEqual(self.service.notifier.sent, [])
+
+    def test_rotate_destination_with_config(self) -> None:
+        """DESTINATION with a destinationConfig: new token, new config, the thing is notified (tutorial step 3)."""
+        opened = self.api.open_tunnel()
+        rotated = self.api.rotate_tunnel_access_token(
+            tunnelId=opened["tunnelId"],
+            clientMode="DESTINATION",
+            destinationConfig={"thingName": "RemoteDeviceA", "services": ["SSH"]},
+        )
+        self.assertEqual(sorted(rotated), ["ResponseMetadata", "destinationAccessToken", "tunnelArn"])
+        self.assertEqual(
+            self.service.notifier.sent,
+            [(opened["tunnelId"], "RemoteDeviceA", rotated["destinationAccessToken"], ("SSH",), REGION)],
+        )
+        tunnel = self.api.describe_tunnel(tunnelId=opened["tunnelId"])["tunnel"]
+        self.assertEqual(tunnel["destinationConfig"], {"thingName": "RemoteDeviceA", "services": ["SSH"]})
+        grant = self.service.store.claim_peer(rotated["destinationAccessToken"], "destination", None, self.clock.seconds())
+        self.assertEqual(grant.services, ("SSH",))
+        self.assertEqual(self.service.events.calls, [("token_rotated", opened["tunnelId"], "destination")])
+
+    def test_rotate_all(self) -> None:
+        """ALL: both tokens; the lifetime is not extended."""
+        opened = self.api.open_tunnel(timeoutConfig={"maxLifetimeTimeoutMinutes": 2})
+        self.clock.advance(90)
+        rotated = self.api.rotate_tunnel_access_token(tunnelId=opened["tunnelId"], clientMode="ALL")
+        self.assertIn("sourceAccessToken", rotated)
+        self.assertIn("destinationAccessToken", rotated)
+        self.assertEqual(
+            sorted(self.service.events.calls),
+            [("token_rotated", opened["tunnelId"], "destination"), ("token_rotated", opened["tunnelId"], "source")],
+        )
+        grant = self.service.store.claim_peer(rotated["sourceAccessToken"], "source", None, self.clock.seconds())
+        self.assertEqual(grant.expires_at, self.clock.seconds() + 30)
+        self.clock.advance(30)
+        self.assertEqual(self.api.describe_tunnel(tunnelId=opened["tunnelId"])["tunnel"]["status"], "CLOSED")
+
+    def test_rotate_closed_or_unknown(self) -> None:
+        opened = self.api.open_tunnel()
+        self.api.close_tunnel(tunnelId=opened["tunnelId"])
+        error = self.assertApiError(
+            "ResourceNotFoundException", self.api.rotate_tunnel_access_token, tunnelId=opened["tunnelId"], clientMode="ALL"
+        )
+        self.assertIn("CLOSED", error["Message"])
+        self.assertApiError(
+            "ResourceNotFoundException", self.api.rotate_tunnel_access_token, tunnelId="nope", clientMode="ALL"
+        )
+
+
+class TagTests(ServiceTestCase, ErrorAssertions):
+    def test_tags(self) -> None:
+        opened = self.api.open_tunnel(tags=[{"key": "a", "value": "1"}])
+        arn = opened["tunnelArn"]
+        self.api.tag_resource(resourceArn=arn, tags=[{"key": "b", "value": "2"}, {"key": "a", "value": "3"}])
+        self.assertEqual(
+            self.api.list_tags_for_resource(resourceArn=arn)["tags"], [{"key": "a", "value": "3"}, {"key": "b", "value": "2"}]
+        )
+        self.api.untag_resource(resourceArn=arn, tagKeys=["a", "missing"])
+        self.assertEqual(self.api.list_tags_for_resource(resourceArn=arn)["tags"], [{"key": "b", "value": "2"}])
+        self.api.untag_resource(resourceArn=arn, tagKeys=["b"])
+        self.assertEqual(self.api.list_tags_for_resource(resourceArn=arn)["tags"], [])
+
+    def test_unknown_arns(self) -> None:
+        arn = self.api.open_tunnel()["tunnelArn"]
+        for bad in (
+            arn.replace("us-east-1", "eu-west-1"),
+            arn.replace(":tunnel/", ":thing/"),
+            arn[:-4] + "0000",
+            "arn:aws:iot:us-east-1:000000000000:tunnel/" + arn.rsplit("/", 1)[1],
+        ):
+            self.assertApiError("ResourceNotFoundException", self.api.list_tags_for_resource, resourceArn=bad)
+            self.assertApiError(
+                "ResourceNotFoundException", self.api.tag_resource, resourceArn=bad, tags=[{"key": "k", "value": "v"}]
+            )
+            self.assertApiError("ResourceNotFoundException", self.api.untag_resource, resourceArn=bad, tagKeys=["k"])
+
+
+class IsolationTests(ServiceTestCase, ErrorAssertions):
+    def test_other_account_invisible(self) -> None:
+        """Another account's tunnels are absent from ListTunnels and ResourceNotFoundException elsewhere."""
+        mine = self.api.open_tunnel(destinationConfig={"thingName": "shared", "services": ["SSH"]})
+        account, key = self.service.new_account("tenant-b")
+        other = self.service.client(key)
+        theirs = other.open_tunnel(destinationConfig={"thingName": "shared", "services": ["SSH"]})
+        self.assertIn(account.account_id, theirs["tunnelArn"])
+        self.assertEqual([s["tunnelId"] for s in other.list_tunnels()["tunnelSummaries"]], [theirs["tunnelId"]])
+        self.assertEqual([s["tunnelId"] for s in self.api.list_tunnels(thingName="shared")["tunnelSummaries"]], [mine["tunnelId"]])
+        tunnel_id = mine["tunnelId"]
+        self.assertApiError("ResourceNotFoundException", other.describe_tunnel, tunnelId=tunnel_id)
+        self.assertApiError("ResourceNotFoundException", other.close_tunnel, tunnelId=tunnel_id)
+        self.assertApiError("ResourceNotFoundException", other.close_tunnel, tunnelId=tunnel_id, delete=True)
+        self.assertApiError(
+            "ResourceNotFoundException", other.rotate_tunnel_access_token, tunnelId=tunnel_id, clientMode="ALL"
+        )
+        self.assertApiError("ResourceNotFoundException", other.list_tags_for_resource, resourceArn=mine["tunnelArn"])
+        self.assertApiError(
+            "ResourceNotFoundException", other.tag_resource, resourceArn=mine["tunnelArn"], tags=[{"key": "k", "value": "v"}]
+        )
+        # Their own ARN form for my tunnel id does not reach it either.
+        forged = theirs["tunnelArn"].rsplit("/", 1)[0] + "/" + tunnel_id
+        self.assertApiError("ResourceNotFoundException", other.list_tags_for_resource, resourceArn=forged)
+        tunnel = self.api.describe_tunnel(tunnelId=tunnel_id)["tunnel"]
+        self.assertEqual((tunnel["status"], tunnel.get("tags")), ("OPEN", None))
+        self.assertEqual(self.service.events.calls, [])
