@@ -40,6 +40,18 @@ CONNECT_TIMEOUT = 10.0
 _PENDING_KEY = ("", -1)  # the flow-control key of "data held for pending connections"
 
 
+class _OneConnection(Factory):
+    """Hands out the connector's one L{LocalConnection} (quietly)."""
+
+    noisy = False
+
+    def __init__(self, connection: LocalConnection) -> None:
+        self.connection = connection
+
+    def buildProtocol(self, addr: Any) -> LocalConnection:
+        return self.connection
+
+
 @implementer(IDestinationContext)
 class DestinationContext:
     """What a service adapter may use on the destination side (L{IDestinationContext})."""
@@ -84,7 +96,7 @@ class _Connector:
         )
         connection = self.connection
         endpoint = target_endpoint(side.reactor, self.target, timeout=CONNECT_TIMEOUT)
-        self.attempt = endpoint.connect(Factory.forProtocol(lambda: connection))
+        self.attempt = endpoint.connect(_OneConnection(connection))
         self.attempt.addCallbacks(self._connected, self._failed)
 
     def _connected(self, connection: LocalConnection) -> None:

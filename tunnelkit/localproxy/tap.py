@@ -272,9 +272,11 @@ def build_session(options: Options, reactor: Any, clock: Any = None) -> LocalPro
             retry_delay=options["connect-retry-delay"],
             adapter_overrides=options.adapter_overrides,
         )
-    return LocalProxySession(
+    session = LocalProxySession(
         side, options.service_endpoint, options["access-token"], options["client-token"], reactor, clock
     )
+    session.factory.verbose = options["verbose"] >= 5
+    return session
 
 
 _exit_status: List[int] = []

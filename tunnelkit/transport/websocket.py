@@ -62,6 +62,7 @@ PING_PERIOD = 20.0
 HANDSHAKE_TIMEOUT = 30.0
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
+_log = Logger(namespace="tunnelkit.transport.websocket")
 
 
 def tunnel_url(secure: bool, host: str, port: int, mode: str) -> str:
@@ -104,7 +105,8 @@ class ITunnelWebSocketHandler(Interface):
 class TunnelWebSocketProtocol(WebSocketClientProtocol):
     """One WebSocket session with the tunnel service.  Built by L{TunnelWebSocketFactory}."""
 
-    log = Logger()
+    # NB: autobahn's own (txaio, level-filtered) logger stays in C{self.log}: its debug lines hold the
+    # upgrade request, tokens included.  Ours is L{_log}.
     factory: "TunnelWebSocketFactory"
 
     def __init__(self) -> None:
@@ -186,8 +188,8 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
 
     def onOpen(self) -> None:
         self._opened = True
-        self.log.info("Web socket session ID: {channel_id}", channel_id=self.channel_id or "-")
-        self.log.debug("Web socket subprotocol selected: {subprotocol}", subprotocol=self.subprotocol)
+        _log.info("Web socket session ID: {channel_id}", channel_id=self.channel_id or "-")
+        _log.debug("Web socket subprotocol selected: {subprotocol}", subprotocol=self.subprotocol)
         self._send_ping()
         self.factory.handler.websocket_opened(self)
 
@@ -202,22 +204,22 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
         self._ping_call = self.factory.clock.callLater(PING_PERIOD, self._send_ping)
 
     def onPong(self, payload: bytes) -> None:
-        if payload.isdigit():
+        if payload.isdigit() and self.factory.verbose:
             latency = int(self.factory.clock.seconds() * 1000) - int(payload)
-            self.log.debug("Pong reply latency: {latency} ms", latency=latency)
+            _log.debug("Pong reply latency: {latency} ms", latency=latency)
 
     # --- data ---
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
-            self.log.error("The tunnel service sent a text WebSocket message: closing (1003)")
+            _log.error("The tunnel service sent a text WebSocket message: closing (1003)")
             self._rejected = WebSocketEnded("retry", "the tunnel service sent a text message (binary only)")
             self.sendCloseFrame(code=1003, reasonUtf8=b"binary messages only", isReply=False)
             return
         try:
             messages = [parse_message(body) for body in self._decoder.feed(payload)]
         except FramingError as e:
-            self.log.error("Could not parse web socket binary frame into message: {error}", error=str(e))
+            _log.error("Could not parse web socket binary frame into message: {error}", error=str(e))
             self._rejected = WebSocketEnded("retry", f"bad data from the tunnel service: {e}")
             self.dropConnection(abort=True)
             return
@@ -318,6 +320,7 @@ class TunnelWebSocketFactory(WebSocketClientFactory):
         self.client_token = client_token
         self.handler = handler
         self.clock = clock
+        self.verbose = False  # log each pong's latency (debug)
         self.setProtocolOptions(
             openHandshakeTimeout=0,  # ours runs on the injected clock
             maxFramePayloadSize=MAX_WEBSOCKET_FRAME,
