@@ -175,6 +175,24 @@ class MQTTClientTests(SynchronousTestCase):
         self.assertEqual(self.messages, [("$aws/things/t1/tunnels/notify", b'{"a": 1}')])
         self.assertEqual(broker.take(), [(0x40, b"\x00\x4d")])
 
+    def test_persistent_session(self) -> None:
+        """clean_session=False asks the broker to keep the session (CONNECT flag bit 1 clear)."""
+        client = MQTTClient(
+            TCP4ClientEndpoint(self.reactor, "127.0.0.1", 1883), "agent-t1", self.reactor, clean_session=False
+        )
+        client.startService()
+        self.addCleanup(client.stopService)
+        [(first, body)] = BrokerSide(self.reactor, 0).take()
+        self.assertEqual(body[7], 0x00)
+
+    def test_lost_connection_logged_with_reason(self) -> None:
+        """Losing the broker is logged once, with the transport's reason."""
+        broker = self.connect()
+        broker.drop()
+        warnings = [e for e in self.logged if e.get("log_format", "").startswith("Lost the connection")]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("Connection to the other side was lost", warnings[0]["reason"])
+
     def test_bytes_one_at_a_time(self) -> None:
         """Packets split at every byte are reassembled."""
         self.client.subscribe("a/b", 1, lambda t, p: self.messages.append((t, p)))

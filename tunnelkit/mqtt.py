@@ -301,6 +301,7 @@ class MQTTClient(Service):
         self._acks: Dict[int, Deferred] = {}
         self._waiting: List[List[Any]] = []  # [topic, payload, qos, Deferred] published while disconnected
         self._connection: Optional[_MQTTProtocol] = None
+        self._lost_reason: Optional[str] = None
         self.connected = False
         self._connected_observers: List[Deferred] = []
         self._client_service = ClientService(
@@ -414,6 +415,7 @@ class MQTTClient(Service):
                 break
 
     def _connection_lost(self, sock: _TransportSocket, reason: Optional[Failure]) -> None:
+        self._lost_reason = reason.getErrorMessage() if reason is not None else None
         if self._paho.socket() is sock:
             self._paho.loop_read()  # paho reads the end of stream and reports the disconnect
         if self._connection is not None and self._connection.socket is sock:
@@ -450,11 +452,12 @@ class MQTTClient(Service):
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         was_connected, self.connected = self.connected, False
+        lost, self._lost_reason = self._lost_reason, None
         if self.running and was_connected:
             log.warn(
                 "Lost the connection to {description} ({reason}); reconnecting",
                 description=self.description,
-                reason=str(reason),
+                reason=lost or str(reason),
             )
 
     def _send_subscribe(self, topic: str, qos: int) -> None:
