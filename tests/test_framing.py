@@ -203,6 +203,19 @@ class DecoderTests(SynchronousTestCase):
         self.assertEqual(frames, [b"hi", b"yo"])
         self.assertTrue(all(type(frame) is bytes for frame in frames))
 
+    def test_reused_buffer_across_pieces(self) -> None:
+        """A caller that reuses one bytearray for every read still gets the right frames."""
+        stream, bodies = frame_stream(4, 50_000)
+        buffer = bytearray(1000)
+        decoder = FrameDecoder()
+        frames = []
+        for offset in range(0, len(stream), 1000):
+            piece = stream[offset : offset + 1000]
+            buffer[: len(piece)] = piece
+            frames += decoder.feed(memoryview(buffer)[: len(piece)])
+            buffer[:] = b"\xee" * len(buffer)
+        self.assertEqual(frames, bodies)
+
     def test_empty_feed(self) -> None:
         decoder = FrameDecoder()
         self.assertEqual(decoder.feed(b""), [])

@@ -68,7 +68,7 @@ def parse_message(body: Buffer) -> Message:
     """
     message = Message()
     try:
-        message.ParseFromString(bytes(body) if isinstance(body, memoryview) else body)
+        message.ParseFromString(body)
     except Exception as e:  # protobuf raises DecodeError, or others for garbage
         raise FramingError(f"could not parse a tunnel frame of {len(body)} bytes: {e}") from None
     return message
@@ -78,58 +78,86 @@ class FrameDecoder:
     """
     Incremental decoder: feed it bytes as they arrive, get back whole frames.
 
-    Bytes are copied at most twice whatever the split: once into the carry-over buffer when a frame
-    is incomplete, once when the frame is sliced out.  No quadratic re-copying of a growing buffer.
+    Each frame's body is copied exactly once, whatever the split: frames inside one piece are sliced
+    out of it; a frame spread over several pieces is kept as a list of slices (of immutable
+    C{bytes} pieces, without copying them) and joined once when its last byte arrives.  Mutable
+    pieces (C{bytearray}, writable views) are copied when a part of them must be kept.
     """
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_high", "_parts", "_missing", "_held")
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._high = -1  # the first byte of a split length prefix, or -1
+        self._parts: List[Buffer] = []  # body so far of the frame in progress
+        self._missing = 0  # body bytes that frame still needs (0: none in progress)
+        self._held = 0  # bytes held of the frame in progress, its prefix included
 
     @property
     def buffered(self) -> int:
         """How many bytes of an incomplete frame are held."""
-        return len(self._buffer)
+        return self._held
 
     def feed(self, data: Buffer) -> List[bytes]:
         """
         Take C{data}; return the frames it completes, each as its body (no length prefix).
         """
         frames: List[bytes] = []
-        buf = self._buffer
-        if not isinstance(data, memoryview):
-            data = memoryview(data)  # slices below must not copy
-        if buf:
-            # Finish the frame in progress first, then go on with C{data} itself.
-            need = _LENGTH.size - len(buf)
-            if need > 0:
-                buf += data[:need]
-                data = data[need:]
-                if len(buf) < _LENGTH.size:
-                    return frames
-            (length,) = _unpack_length(buf)
-            missing = _LENGTH.size + length - len(buf)
-            if missing > len(data):
-                buf += data
+        missing = self._missing
+        if missing:
+            size = len(data)
+            if size < missing:
+                # The frame in progress goes on: keep the piece, nothing else to do.
+                if size:
+                    self._parts.append(data if type(data) is bytes else bytes(data))
+                    self._missing = missing - size
+                    self._held += size
                 return frames
-            buf += data[:missing]
-            frames.append(bytes(buf[_LENGTH.size :]))
-            data = data[missing:]
-            buf.clear()
-        view = data
-        offset = 0
+        view = data if isinstance(data, memoryview) else memoryview(data)
         end = len(view)
-        while end - offset >= _LENGTH.size:
+        offset = 0
+        if missing:
+            parts = self._parts
+            parts.append(view[:missing])
+            frames.append(b"".join(parts))
+            parts.clear()
+            self._missing = 0
+            self._held = 0
+            offset = missing
+        elif self._high >= 0:
+            if not end:
+                return frames
+            length = (self._high << 8) | view[0]
+            self._high = -1
+            self._held = 0
+            offset = 1
+            if end - offset < length:
+                self._keep(view, offset, length)
+                return frames
+            frames.append(bytes(view[offset : offset + length]))
+            offset += length
+        while end - offset >= 2:
             (length,) = _unpack_length(view, offset)
-            stop = offset + _LENGTH.size + length
+            start = offset + 2
+            stop = start + length
             if stop > end:
-                break
-            frames.append(bytes(view[offset + _LENGTH.size : stop]))
+                self._keep(view, start, length)
+                return frames
+            frames.append(bytes(view[start:stop]))
             offset = stop
         if offset < end:
-            buf += view[offset:]
+            self._high = view[offset]
+            self._held = 1
         return frames
+
+    def _keep(self, view: memoryview, start: int, length: int) -> None:
+        """Hold C{view[start:]}, the beginning of a frame of C{length} body bytes."""
+        piece = view[start:]
+        if not (piece.readonly and type(piece.obj) is bytes):
+            piece = bytes(piece)  # the caller may reuse a mutable buffer
+        held = len(piece)
+        self._parts.append(piece)
+        self._missing = length - held
+        self._held = 2 + held
 
     def frames_with_prefix(self, data: Buffer) -> List[bytes]:
         """Like L{feed}, but each frame keeps its 2-byte length prefix (for relaying unchanged)."""
