@@ -1,0 +1,275 @@
+"""
+Tests for the SQLite store (L{tunnelkit.service.store_sqlite}) behind L{IControlStore}: the data plane's
+L{ITunnelStore.claim_peer} contract, connection states, lifecycle queries, accounts and keys, and
+durability.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import stat
+import tempfile
+from typing import Optional, Tuple
+
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from tunnelkit.service import tokens
+from tunnelkit.service.interfaces import DESTINATION, SOURCE, ITunnelStore, PeerGrant, TokenRejected
+from tunnelkit.service.store import (
+    AccessKey,
+    AccountExists,
+    IControlStore,
+    NewTunnel,
+    NoSuchAccount,
+    NoSuchKey,
+)
+from tunnelkit.service.store_sqlite import DATABASE_NAME, SQLiteStore, open_store
+
+ACCOUNT = "111111111111"
+OTHER = "222222222222"
+CLIENT_A = "a" * 32
+CLIENT_B = "b" * 32
+
+
+class StoreTestCase(TestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="tunnelkit-store-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.store = open_store(self.dir)
+        self.addCleanup(self.store.close)
+        self.store.create_account("default", ACCOUNT, 0)
+        self.store.create_account("other", OTHER, 0)
+
+    def open(
+        self,
+        tunnel_id: str = "t1",
+        account: str = ACCOUNT,
+        services: Optional[Tuple[str, ...]] = ("SSH",),
+        minutes: int = 10,
+        now: float = 1000.0,
+        thing: Optional[str] = "thing",
+        max_open: Optional[int] = None,
+    ) -> Tuple[str, str]:
+        source, destination = tokens.new_access_token(tunnel_id), tokens.new_access_token(tunnel_id)
+        created = self.store.create_tunnel(
+            NewTunnel(
+                tunnel_id, account, "d", thing, services, minutes, (("k", "v"),),
+                tokens.token_hash(source), tokens.token_hash(destination), now,
+            ),
+            max_open,
+        )
+        self.assertTrue(created)
+        return source, destination
+
+
+class InterfaceTests(StoreTestCase):
+    def test_provides(self) -> None:
+        self.assertTrue(verifyObject(IControlStore, self.store))
+        self.assertTrue(verifyObject(ITunnelStore, self.store))
+
+    def test_private_file(self) -> None:
+        mode = stat.S_IMODE(os.stat(os.path.join(self.dir, DATABASE_NAME)).st_mode)
+        self.assertEqual(mode, 0o600)
+
+    def test_wal_full(self) -> None:
+        db = self.store._db
+        self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual(db.execute("PRAGMA synchronous").fetchone()[0], 2)  # FULL
+
+    def test_not_a_database(self) -> None:
+        path = os.path.join(self.dir, "junk")
+        with open(path, "wb") as f:
+            f.write(b"this is not sqlite" * 100)
+        from tunnelkit.service.store import StoreError
+
+        error = self.assertRaises(StoreError, SQLiteStore, path)
+        self.assertIn(path, str(error))
+
+
+class ClaimPeerTests(StoreTestCase):
+    def test_grant(self) -> None:
+        source, destination = self.open(services=("SSH", "HTTP"))
+        grant = self.store.claim_peer(source, SOURCE, None, 1001.0)
+        self.assertEqual(grant, PeerGrant("t1", ACCOUNT, SOURCE, ("SSH", "HTTP"), 1000.0 + 600, 0))
+        self.assertEqual(self.store.claim_peer(destination, DESTINATION, None, 1001.0).side, DESTINATION)
+
+    def test_no_services(self) -> None:
+        source, _ = self.open(services=None, thing=None)
+        self.assertEqual(self.store.claim_peer(source, SOURCE, None, 1001.0).services, ())
+
+    def test_single_use(self) -> None:
+        source, _ = self.open()
+        self.store.claim_peer(source, SOURCE, None, 1001.0)
+        error = self.assertRaises(TokenRejected, self.store.claim_peer, source, SOURCE, None, 1002.0)
+        self.assertEqual((error.status, error.reason, error.text), (401, "token-used", tokens.TOKEN_USED_TEXT))
+
+    def test_client_token_binding(self) -> None:
+        source, _ = self.open()
+        self.store.claim_peer(source, SOURCE, CLIENT_A, 1001.0)
+        self.store.claim_peer(source, SOURCE, CLIENT_A, 1002.0)
+        self.store.claim_peer(source, SOURCE, CLIENT_A, 1003.0)
+        error = self.assertRaises(TokenRejected, self.store.claim_peer, source, SOURCE, CLIENT_B, 1004.0)
+        self.assertEqual(error.text, tokens.CLIENT_TOKEN_MISMATCH_TEXT)
+        error = self.assertRaises(TokenRejected, self.store.claim_peer, source, SOURCE, None, 1004.0)
+        self.assertEqual(error.reason, "token-used")
+
+    def test_client_token_unique_per_account(self) -> None:
+        """A client token bound in one open tunnel cannot bind in another of the same account."""
+        first, _ = self.open("t1")
+        second, _ = self.open("t2")
+        third, _ = self.open("t3", account=OTHER)
+        self.store.claim_peer(first, SOURCE, CLIENT_A, 1001.0)
+        error = self.assertRaises(TokenRejected, self.store.claim_peer, second, SOURCE, CLIENT_A, 1001.0)
+        self.assertEqual(error.reason, "client-token-in-use")
+        self.store.claim_peer(third, SOURCE, CLIENT_A, 1001.0)
+        self.store.close_tunnel(ACCOUNT, "t1", 1002.0)
+        self.store.claim_peer(second, SOURCE, CLIENT_A, 1003.0)
+
+    def test_mode_mismatch(self) -> None:
+        source, _ = self.open()
+        error = self.assertRaises(TokenRejected, self.store.claim_peer, source, DESTINATION, None, 1001.0)
+        self.assertEqual(error.reason, "mode-mismatch")
+        # A rejected attempt does not consume the token.
+        self.store.claim_peer(source, SOURCE, None, 1001.0)
+
+    def test_unknown_and_malformed(self) -> None:
+        self.open()
+        for token in (tokens.new_access_token("t1"), "garbage", "", "x" * 5000):
+            error = self.assertRaises(TokenRejected, self.store.claim_peer, token, SOURCE, None, 1001.0)
+            self.assertEqual((error.status, error.reason), (401, "unknown-token"))
+
+    def test_expired_and_closed(self) -> None:
+        source, destination = self.open(minutes=1)
+        error = self.assertRaises(TokenRejected, self.store.claim_peer, source, SOURCE, None, 1060.0)
+        self.assertEqual((error.status, error.reason), (410, "tunnel-expired"))
+        self.store.close_tunnel(ACCOUNT, "t1", 1010.0)
+        error = self.assertRaises(TokenRejected, self.store.claim_peer, destination, DESTINATION, None, 1011.0)
+        self.assertEqual(error.reason, "tunnel-closed")
+
+    def test_rotation(self) -> None:
+        source, destination = self.open()
+        self.store.claim_peer(source, SOURCE, CLIENT_A, 1001.0)
+        new_source = tokens.new_access_token("t1")
+        tunnel = self.store.rotate_tokens(ACCOUNT, "t1", [(SOURCE, tokens.token_hash(new_source))], None, 1002.0)
+        self.assertIsNotNone(tunnel)
+        error = self.assertRaises(TokenRejected, self.store.claim_peer, source, SOURCE, CLIENT_A, 1003.0)
+        self.assertEqual(error.reason, "token-rotated")
+        grant = self.store.claim_peer(new_source, SOURCE, CLIENT_A, 1003.0)
+        self.assertEqual(grant.token_generation, 1)
+        self.assertEqual(self.store.claim_peer(destination, DESTINATION, None, 1003.0).token_generation, 0)
+
+    def test_rotation_other_account(self) -> None:
+        self.open()
+        self.assertIsNone(self.store.rotate_tokens(OTHER, "t1", [(SOURCE, "0" * 64)], None, 1002.0))
+
+
+class ConnectionStateTests(StoreTestCase):
+    def test_states(self) -> None:
+        self.open()
+        self.store.set_connection_state("t1", SOURCE, True, 1005.0)
+        tunnel = self.store.get_tunnel(ACCOUNT, "t1")
+        assert tunnel is not None
+        self.assertEqual((tunnel.source.status, tunnel.source.last_updated_at), ("CONNECTED", 1005.0))
+        self.assertEqual((tunnel.destination.status, tunnel.destination.last_updated_at), ("DISCONNECTED", 1000.0))
+        self.store.set_connection_state("t1", SOURCE, False, 1006.0)
+        tunnel = self.store.get_tunnel(ACCOUNT, "t1")
+        assert tunnel is not None
+        self.assertEqual((tunnel.source.status, tunnel.source.last_updated_at), ("DISCONNECTED", 1006.0))
+
+    def test_close_disconnects(self) -> None:
+        """Closing shows both sides DISCONNECTED; a late CONNECTED from the relay is ignored."""
+        self.open()
+        self.store.set_connection_state("t1", DESTINATION, True, 1005.0)
+        self.store.close_tunnel(ACCOUNT, "t1", 1010.0)
+        self.store.set_connection_state("t1", SOURCE, True, 1011.0)
+        tunnel = self.store.get_tunnel(ACCOUNT, "t1")
+        assert tunnel is not None
+        self.assertEqual((tunnel.destination.status, tunnel.destination.last_updated_at), ("DISCONNECTED", 1010.0))
+        self.assertEqual(tunnel.source.status, "DISCONNECTED")
+
+    def test_bad_side(self) -> None:
+        self.open()
+        self.assertRaises(ValueError, self.store.set_connection_state, "t1", "sideways", True, 1.0)
+
+
+class LifecycleQueryTests(StoreTestCase):
+    def test_expire_due(self) -> None:
+        self.open("t1", minutes=1)
+        self.open("t2", minutes=2)
+        self.assertEqual(self.store.expire_due(1059.0), [])
+        self.assertEqual(self.store.expire_due(1100.0), ["t1"])
+        self.assertEqual(self.store.expire_due(1100.0), [])
+        tunnel = self.store.get_tunnel(ACCOUNT, "t1")
+        assert tunnel is not None
+        self.assertEqual((tunnel.status, tunnel.closed_at), ("CLOSED", 1060.0))
+        self.assertEqual(self.store.open_deadlines(), [("t2", 1120.0)])
+
+    def test_purge(self) -> None:
+        source, _ = self.open("t1")
+        self.open("t2")
+        self.store.close_tunnel(ACCOUNT, "t1", 2000.0)
+        self.assertEqual(self.store.purge_closed(2000.0), 0)
+        self.assertEqual(self.store.purge_closed(2000.5), 1)
+        self.assertIsNone(self.store.get_tunnel(ACCOUNT, "t1"))
+        self.assertIsNotNone(self.store.get_tunnel(ACCOUNT, "t2"))
+        self.assertEqual(self.store._db.execute("SELECT COUNT(*) FROM tokens WHERE tunnel_id='t1'").fetchone()[0], 0)
+        self.assertEqual(self.store._db.execute("SELECT COUNT(*) FROM tags WHERE tunnel_id='t1'").fetchone()[0], 0)
+
+    def test_quota_atomic(self) -> None:
+        self.open("t1", max_open=2)
+        self.open("t2", max_open=2)
+        created = self.store.create_tunnel(
+            NewTunnel("t3", ACCOUNT, None, None, None, 1, (), "1" * 64, "2" * 64, 0.0), 2
+        )
+        self.assertFalse(created)
+        self.assertIsNone(self.store.get_tunnel(ACCOUNT, "t3"))
+        self.assertEqual(self.store.count_open_tunnels(ACCOUNT), 2)
+        self.assertEqual(self.store.count_open_tunnels(OTHER), 0)
+
+
+class AccountTests(StoreTestCase):
+    def test_accounts(self) -> None:
+        self.assertEqual([a.name for a in self.store.list_accounts()], ["default", "other"])
+        self.assertEqual(self.store.get_account("other").account_id, OTHER)
+        self.assertEqual(self.store.get_account(OTHER).name, "other")
+        self.assertRaises(AccountExists, self.store.create_account, "other", "333333333333", 0)
+        self.assertRaises(AccountExists, self.store.create_account, "third", OTHER, 0)
+        self.assertRaises(NoSuchAccount, self.store.get_account, "nobody")
+
+    def test_keys(self) -> None:
+        key = AccessKey("TKIAAAAAAAAAAAAAAAAA", ACCOUNT, "secret", 1.0)
+        self.store.add_access_key(key)
+        self.assertEqual(self.store.get_access_key(key.access_key_id), key)
+        revoked = self.store.revoke_access_key(key.access_key_id, 5.0)
+        self.assertEqual(revoked.revoked_at, 5.0)
+        self.assertEqual(self.store.revoke_access_key(key.access_key_id, 9.0).revoked_at, 5.0)
+        self.assertEqual(self.store.list_access_keys(), [revoked])
+        self.assertRaises(NoSuchKey, self.store.revoke_access_key, "TKIANOPE", 1.0)
+        self.assertRaises(NoSuchAccount, self.store.add_access_key, AccessKey("TKIAB", "999999999999", "s", 1.0))
+
+
+class DurabilityTests(StoreTestCase):
+    def test_reopen(self) -> None:
+        """Everything committed is there for a second connection (another process, or after a restart)."""
+        source, _ = self.open()
+        self.store.claim_peer(source, SOURCE, CLIENT_A, 1001.0)
+        other = SQLiteStore(os.path.join(self.dir, DATABASE_NAME))
+        self.addCleanup(other.close)
+        self.assertEqual(other.get_tunnel(ACCOUNT, "t1"), self.store.get_tunnel(ACCOUNT, "t1"))
+        self.assertRaises(TokenRejected, other.claim_peer, source, SOURCE, CLIENT_B, 1002.0)
+        other.claim_peer(source, SOURCE, CLIENT_A, 1002.0)
+
+    def test_failed_transaction_rolls_back(self) -> None:
+        """A failing write leaves nothing behind (the tunnel and its tags and tokens are one transaction)."""
+        self.open("t1")
+        self.assertRaises(
+            sqlite3.IntegrityError,
+            self.store.create_tunnel,
+            NewTunnel("t2", ACCOUNT, None, None, None, 1, (("a", "1"), ("a", "2")), "3" * 64, "4" * 64, 0.0),
+            None,
+        )
+        self.assertIsNone(self.store.get_tunnel(ACCOUNT, "t2"))
+        self.assertFalse(self.store._db.in_transaction)
