@@ -19,10 +19,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.testing import StringTransport
-
-from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -41,6 +42,8 @@ __all__ = [
     "upgrade_request",
     "client_frame",
     "tunnel_frame",
+    "TunnelTestClient",
+    "connect_client",
 ]
 
 V3 = "aws.iot.securetunneling-3.0"
@@ -369,3 +372,230 @@ class RawPeer:
                 code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 0
                 return code, payload[2:].decode("utf-8")
         return None
+
+
+class TunnelTestClient(WebSocketClientProtocol):
+    """
+    A tunnel client for end-to-end tests and benchmarks (autobahn, over TCP or TLS): it records
+    what arrives (DATA hashed per connection, other messages kept) and sends DATA streams with
+    real flow control (a producer on its transport).
+
+    @ivar opened: fires with this protocol once the WebSocket is open.
+    @ivar closed: fires with C{(wasClean, code, reason)}.
+    @ivar messages: every non-DATA tunnel message received, in order.
+    @ivar received: C{connection id -> bytes of DATA received}; C{digests}: their running SHA-256.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: Deferred = Deferred()
+        self.closed: Deferred = Deferred()
+        self.messages: List[Message] = []
+        self.received: Dict[int, int] = {}
+        self.digests: Dict[int, Any] = {}
+        self.channel_id = ""
+        self._decoder = FrameDecoder()
+        self._waiting: List[Tuple[Dict[int, int], Any]] = []
+        self._sender: Optional["_StreamSender"] = None
+        self.on_data: Optional[Any] = None  # called with each DATA message when set
+
+    def onConnect(self, response: Any) -> None:
+        self.channel_id = response.headers.get("channel-id", "")
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+        connected = getattr(self.factory, "connected", None)
+        if connected is not None and not connected.called:
+            connected.callback(self)
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        if not self.opened.called:
+            error = ConnectionError(f"WebSocket not opened: {code} {reason}")
+            self.opened.errback(error)
+            self.opened.addErrback(lambda _: None)
+            connected = getattr(self.factory, "connected", None)
+            if connected is not None and not connected.called:
+                connected.errback(error)
+        self.closed.callback((wasClean, code, reason))
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        import hashlib
+
+        for body in self._decoder.feed(payload):
+            message = parse_message(body)
+            if message.type == Message.DATA:
+                connection = message.connectionId
+                self.received[connection] = self.received.get(connection, 0) + len(message.payload)
+                digest = self.digests.get(connection)
+                if digest is None:
+                    digest = self.digests[connection] = hashlib.sha256()
+                digest.update(message.payload)
+                if self.on_data is not None:
+                    self.on_data(message)
+            else:
+                self.messages.append(message)
+        if self._waiting:
+            self._check_waiting()
+
+    def _check_waiting(self) -> None:
+        still = []
+        for wanted, d in self._waiting:
+            if all(self.received.get(c, 0) >= n for c, n in wanted.items()):
+                d.callback(dict(self.received))
+            else:
+                still.append((wanted, d))
+        self._waiting = still
+
+    def expect(self, wanted: Mapping[int, int]) -> Any:
+        """A Deferred that fires once C{wanted[c]} DATA bytes arrived on each connection C{c}."""
+        d: Deferred = Deferred()
+        self._waiting.append((dict(wanted), d))
+        self._check_waiting()
+        return d
+
+    def send_frames(self, *frames: bytes) -> None:
+        """Send whole tunnel frames as one WebSocket message."""
+        self.sendMessage(b"".join(frames), isBinary=True)
+
+    def stream(
+        self,
+        connections: Sequence[int],
+        size: int,
+        service_id: str = "SSH",
+        stream_id: int = 1,
+        chunk: int = 64512,
+        frames_per_message: int = 2,
+        seed: int = 0,
+    ) -> Any:
+        """
+        Send C{size} bytes of seeded random DATA on each of C{connections}, round-robin, pausing
+        whenever the transport is full.  Fires with C{{connection: sha256 hex}} when all is written.
+        """
+        sender = _StreamSender(
+            self, list(connections), size, service_id, stream_id, chunk, frames_per_message, seed
+        )
+        self._sender = sender
+        self.registerProducer(sender, True)
+        sender.resumeProducing()
+        return sender.done
+
+
+@implementer(IPushProducer)
+class _StreamSender:
+    def __init__(
+        self,
+        client: TunnelTestClient,
+        connections: List[int],
+        size: int,
+        service_id: str,
+        stream_id: int,
+        chunk: int,
+        frames_per_message: int,
+        seed: int,
+    ) -> None:
+        import hashlib
+        import random
+
+        self.client = client
+        self.left = {c: size for c in connections}
+        self.digests = {c: hashlib.sha256() for c in connections}
+        self.service_id = service_id
+        self.stream_id = stream_id
+        self.chunk = chunk
+        self.frames_per_message = frames_per_message
+        self.random = random.Random(seed)
+        self.paused = False
+        self.order = list(connections)
+        self.turn = 0
+        self.done: Deferred = Deferred()
+
+    def _next_frame(self) -> Optional[bytes]:
+        while self.order:
+            connection = self.order[self.turn % len(self.order)]
+            left = self.left[connection]
+            if left == 0:
+                self.order.remove(connection)
+                continue
+            self.turn += 1
+            n = min(self.chunk, left)
+            payload = self.random.randbytes(n)
+            self.left[connection] = left - n
+            self.digests[connection].update(payload)
+            return encode_message(
+                Message(
+                    type=Message.DATA,
+                    streamId=self.stream_id,
+                    serviceId=self.service_id,
+                    connectionId=connection,
+                    payload=payload,
+                )
+            )
+        return None
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        client = self.client
+        while not self.paused and not self.done.called:
+            frames = []
+            for _ in range(self.frames_per_message):
+                frame = self._next_frame()
+                if frame is None:
+                    break
+                frames.append(frame)
+            if frames:
+                client.sendMessage(b"".join(frames), isBinary=True)
+            if not self.order:
+                client.unregisterProducer()
+                self.done.callback({c: d.hexdigest() for c, d in self.digests.items()})
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class _ClientFactory(WebSocketClientFactory):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connected: Deferred = Deferred()
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)
+
+
+def connect_client(
+    port: int,
+    mode: str,
+    token: str,
+    ca_pem: Optional[bytes] = None,
+    client_token: Optional[str] = None,
+    protocols: Sequence[str] = (V3,),
+    host: str = "127.0.0.1",
+) -> Deferred:
+    """
+    Connect a L{TunnelTestClient} to C{wss://host:port/tunnel} (C{ws://} without C{ca_pem}).
+
+    @return: a Deferred firing with the client once its WebSocket is open, or failing with the
+        refusal (C{ConnectionError} naming the status) or the connection error.
+    """
+    from autobahn.twisted.websocket import connectWS
+    from twisted.internet import ssl
+
+    scheme = "wss" if ca_pem is not None else "ws"
+    headers = {"access-token": token}
+    if client_token is not None:
+        headers["client-token"] = client_token
+    factory = _ClientFactory(
+        f"{scheme}://{host}:{port}/tunnel?local-proxy-mode={mode}",
+        protocols=list(protocols),
+        headers=headers,
+    )
+    factory.setProtocolOptions(autoFragmentSize=0, maxFramePayloadSize=0, maxMessagePayloadSize=0)
+    factory.protocol = TunnelTestClient
+    context = None
+    if ca_pem is not None:
+        context = ssl.optionsForClientTLS(host, trustRoot=ssl.Certificate.loadPEM(ca_pem))
+    connectWS(factory, context)
+    return factory.connected

@@ -702,22 +702,19 @@ def _ws_header(size: int) -> bytes:
 
 
 def _transport_buffered(transport: Any) -> int:
-    """Bytes waiting in a transport (and the TCP transport under a TLS one)."""
+    """Bytes waiting in a transport: the TLS layer's (if any) and the TCP transport's under it."""
+    from twisted.protocols.policies import ProtocolWrapper
+
     total = 0
-    seen = 0
-    while transport is not None and seen < 3:
-        seen += 1
-        buffer = getattr(transport, "dataBuffer", None)
-        if buffer is not None:
-            total += len(buffer) + getattr(transport, "_tempDataLen", 0)
-        app = getattr(transport, "_appSendBuffer", None)
-        if app:
-            total += sum(len(b) for b in app)
-        aggregator = getattr(transport, "_aggregator", None)
-        pending = getattr(aggregator, "_buffer", None)
+    while isinstance(transport, ProtocolWrapper):  # TLS: not yet encrypted, or aggregated
+        total += sum(len(b) for b in getattr(transport, "_appSendBuffer", ()) or ())
+        pending = getattr(getattr(transport, "_aggregator", None), "_buffer", None)
         if pending:
             total += sum(len(b) for b in pending)
-        transport = transport.__dict__.get("transport") if hasattr(transport, "__dict__") else None
+        transport = transport.transport
+    buffer = getattr(transport, "dataBuffer", None)
+    if isinstance(buffer, (bytes, bytearray, memoryview)):
+        total += len(buffer) + getattr(transport, "_tempDataLen", 0)
     return total
 
 
