@@ -1,0 +1,389 @@
+"""
+Shared end-to-end helpers: real tunnelkit processes, a real sshd, tunnels opened through the API.
+
+Everything here is synchronous and blocking (subprocesses, files, sockets): call it straight from
+a trial test method, or from a thread (C{deferToThread}) in a test that runs the reactor.  Every
+process and temporary directory is registered for cleanup on the L{Harness}'s test case, so it is
+killed and removed even when the test fails.  A wait that times out raises C{AssertionError}
+with the tail of the process's log.
+
+    h = Harness(self)                          # self: the trial TestCase
+    service = h.start_service(tls=True)        # twistd tunnelkit --mode service on an ephemeral port
+    tunnel = h.open_tunnel(["SSH1"])           # botocore against the service's API
+    sshd = h.start_sshd()                      # OpenSSH on 127.0.0.1, throwaway host and user keys
+    dst = h.start_destination(tunnel.destination_token, f"SSH1={sshd.port}")
+    src = h.start_source(tunnel.source_token, "SSH1=0")
+    port = src.port_of("SSH1")                 # the ephemeral port it logged
+    out = sshd.run("echo hi", port=port)       # ssh through the tunnel
+    h.close_tunnel(tunnel)
+    src.wait_exit(10)                          # 0
+
+Processes run as C{python -c 'twisted.scripts.twistd.run()' -n --pidfile= tunnelkit --mode ...}
+in their own directory with their log in C{<dir>/<name>.log}; tokens go through the environment.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+SSH = shutil.which("ssh") or "/usr/bin/ssh"
+SCP = shutil.which("scp") or "/usr/bin/scp"
+SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
+#: Seconds any single wait may take before the test fails.
+DEFAULT_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at this moment on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll C{predicate} until it returns something true; fail with C{what} after C{timeout} s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Process:
+    """A subprocess with its output in a log file."""
+
+    def __init__(self, name: str, argv: Sequence[str], cwd: str, env: Dict[str, str]) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.cwd = cwd
+        self.log_path = os.path.join(cwd, f"{name}.log")
+        self._log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(
+            self.argv, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        """The whole log so far."""
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def wait_for_log(self, pattern: str, timeout: float = DEFAULT_TIMEOUT, start: int = 0) -> "re.Match[str]":
+        """
+        Wait until the log (from character C{start}) matches the regular expression C{pattern}.
+
+        @raise AssertionError: on timeout, or if the process exits first (with the log's tail).
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.log(), start)
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited with {self.popen.returncode} before logging {pattern!r}:\n{self.tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not log {pattern!r} within {timeout:g} s:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """Wait for the process to end; its exit status."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still running after {timeout:g} s:\n{self.tail()}") from None
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def terminate(self, timeout: float = 10.0) -> Optional[int]:
+        """SIGTERM, then SIGKILL if it lingers; the exit status."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        self._log.close()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (kill -9) and reap."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+        self._log.close()
+
+
+@dataclass
+class Service:
+    """A running tunnelkit service."""
+
+    process: Process
+    port: int
+    secure: bool
+    state_dir: str
+    listen: str
+
+    @property
+    def api_url(self) -> str:
+        return f"{'https' if self.secure else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def proxy_endpoint(self) -> str:
+        """The local proxies' C{-e} value."""
+        return f"127.0.0.1:{self.port}" if self.secure else f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def ca_pem(self) -> str:
+        return os.path.join(self.state_dir, "ca.pem")
+
+
+@dataclass
+class Tunnel:
+    tunnel_id: str
+    source_token: str
+    destination_token: str
+
+
+class Proxy(Process):
+    """A local proxy process (source or destination)."""
+
+    def port_of(self, service_id: str, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """The port the source listens on for C{service_id} (from its log)."""
+        match = self.wait_for_log(
+            rf"Listening for new connection on port (\d+) \([^,]*, service {re.escape(service_id or '-')},", timeout
+        )
+        return int(match.group(1))
+
+
+class Sshd:
+    """A real OpenSSH server on 127.0.0.1 accepting one throwaway key for the current user."""
+
+    def __init__(self, harness: "Harness") -> None:
+        self.dir = harness.directory("sshd")
+        self.port = free_port()
+        self.user = _current_user()
+        host_key = os.path.join(self.dir, "host_ed25519")
+        self.key = os.path.join(self.dir, "user_ed25519")
+        for path in (host_key, self.key):
+            subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", path], check=True)
+        shutil.copy(self.key + ".pub", os.path.join(self.dir, "authorized_keys"))
+        os.chmod(os.path.join(self.dir, "authorized_keys"), 0o600)
+        config = os.path.join(self.dir, "sshd_config")
+        with open(config, "w") as f:
+            f.write(
+                f"ListenAddress 127.0.0.1\nPort {self.port}\nHostKey {host_key}\n"
+                f"AuthorizedKeysFile {self.dir}/authorized_keys\nPidFile none\nUsePAM no\nStrictModes no\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+                "Subsystem sftp internal-sftp\nLogLevel INFO\n"
+            )
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        self.process = harness.spawn("sshd", [SSHD, "-D", "-e", "-f", config], self.dir)
+        wait_until(self._banner, DEFAULT_TIMEOUT, f"sshd on port {self.port}")
+
+    def _banner(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                return s.recv(4).startswith(b"SSH-")
+        except OSError:
+            return False
+
+    def ssh_options(self, port: int) -> List[str]:
+        return [
+            "-i", self.key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20",
+        ]
+
+    def run(self, command: str, port: Optional[int] = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        """C{ssh -p PORT user@127.0.0.1 COMMAND} (default: straight to sshd)."""
+        port = port or self.port
+        return subprocess.run(
+            [SSH, *self.ssh_options(port), "-p", str(port), f"{self.user}@127.0.0.1", command],
+            capture_output=True, timeout=timeout,
+        )
+
+    def scp_to(self, local: str, remote: str, port: Optional[int] = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        """C{scp -P PORT LOCAL user@127.0.0.1:REMOTE}."""
+        port = port or self.port
+        return subprocess.run(
+            [SCP, *self.ssh_options(port), "-q", "-P", str(port), local, f"{self.user}@127.0.0.1:{remote}"],
+            capture_output=True, timeout=timeout,
+        )
+
+
+def _current_user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+class Harness:
+    """
+    Starts processes for one test and cleans up after it.
+
+    @param testcase: the trial TestCase (cleanups are registered on it).
+    """
+
+    def __init__(self, testcase: Any) -> None:
+        self.testcase = testcase
+        self.root = tempfile.mkdtemp(prefix="tunnelkit-e2e-")
+        self.processes: List[Process] = []
+        self.service: Optional[Service] = None
+        testcase.addCleanup(self.cleanup)
+
+    def directory(self, name: str) -> str:
+        path = os.path.join(self.root, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def spawn(self, name: str, argv: Sequence[str], cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+              process_class: type = Process) -> Any:
+        """Start C{argv} (registered for cleanup); its log is C{<cwd>/<name>.log}."""
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_") and k.lower() != "https_proxy"}
+        environment.update(env or {})
+        process = process_class(name, argv, cwd or self.directory(name), environment)
+        self.processes.append(process)
+        return process
+
+    def twistd(self, name: str, args: Sequence[str], env: Optional[Dict[str, str]] = None,
+               process_class: type = Process, cwd: Optional[str] = None) -> Any:
+        """C{twistd -n --pidfile= tunnelkit ARGS} as a subprocess."""
+        return self.spawn(name, [*TWISTD, "-n", "--pidfile=", "tunnelkit", *args], cwd, env, process_class)
+
+    # --- the service ---
+
+    def start_service(self, tls: bool = False, port: int = 0, extra: Sequence[str] = (), name: str = "service") -> Service:
+        """Start (or, with the previous service's C{port}, restart) C{--mode service}."""
+        state_dir = self.service.state_dir if self.service else os.path.join(self.directory("service"), "state")
+        kind = "ssl" if tls else "tcp"
+        listen = f"{kind}:{port}:interface=127.0.0.1"
+        process = self.twistd(name, ["--mode", "service", "--listen", listen, "--state-dir", state_dir, *extra],
+                              cwd=self.directory("service"))
+        match = process.wait_for_log(r"API listening on https?://127\.0\.0\.1:(\d+)/")
+        self.service = Service(process, int(match.group(1)), tls, state_dir, listen)
+        return self.service
+
+    def restart_service(self) -> Service:
+        """Start the service again on the same port and state directory (after L{kill_service})."""
+        assert self.service is not None
+        previous = self.service
+        return self.start_service(previous.secure, previous.port, name=f"service-{len(self.processes)}")
+
+    def kill_service(self) -> None:
+        """kill -9 the service."""
+        assert self.service is not None
+        self.service.process.kill()
+
+    # --- the API ---
+
+    def api(self) -> Any:
+        """A botocore C{iotsecuretunneling} client for the service, with its generated credentials."""
+        import botocore.session
+
+        assert self.service is not None
+        credentials = configparser.ConfigParser()
+        credentials.read(os.path.join(self.service.state_dir, "credentials"))
+        session = botocore.session.Session()
+        return session.create_client(
+            "iotsecuretunneling",
+            region_name="us-east-1",
+            endpoint_url=self.service.api_url,
+            verify=self.service.ca_pem if self.service.secure else False,
+            aws_access_key_id=credentials["default"]["aws_access_key_id"],
+            aws_secret_access_key=credentials["default"]["aws_secret_access_key"],
+        )
+
+    def open_tunnel(self, services: Sequence[str] = (), thing_name: str = "thing1", **kwargs: Any) -> Tunnel:
+        """OpenTunnel (with a destinationConfig when C{services} are given)."""
+        if services:
+            kwargs["destinationConfig"] = {"thingName": thing_name, "services": list(services)}
+        answer = self.api().open_tunnel(**kwargs)
+        return Tunnel(answer["tunnelId"], answer["sourceAccessToken"], answer["destinationAccessToken"])
+
+    def close_tunnel(self, tunnel: Tunnel) -> None:
+        self.api().close_tunnel(tunnelId=tunnel.tunnel_id)
+
+    # --- local proxies ---
+
+    def _proxy(self, mode: str, token: str, mapping_flag: str, mapping: Optional[str], extra: Sequence[str],
+               name: Optional[str], client_token: Optional[str]) -> Proxy:
+        assert self.service is not None
+        args = ["--mode", mode, "-e", self.service.proxy_endpoint]
+        if self.service.secure:
+            args += ["-c", self.service.ca_pem]
+        if mapping is not None:
+            args += [mapping_flag, mapping]
+        if mode == "source":
+            args += ["-b", "127.0.0.1"]
+        env = {"AWSIOT_TUNNEL_ACCESS_TOKEN": token}
+        if client_token:
+            env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = client_token
+        count = sum(1 for p in self.processes if p.name.startswith(mode))
+        return self.twistd(name or f"{mode}{count or ''}", [*args, *extra], env, Proxy)
+
+    def start_source(self, token: str, mapping: Optional[str] = None, extra: Sequence[str] = (),
+                     name: Optional[str] = None, client_token: Optional[str] = None) -> Proxy:
+        """C{--mode source} with C{-s MAPPING} (use port 0 and L{Proxy.port_of})."""
+        return self._proxy("source", token, "-s", mapping, extra, name, client_token)
+
+    def start_destination(self, token: str, mapping: str, extra: Sequence[str] = (),
+                          name: Optional[str] = None, client_token: Optional[str] = None) -> Proxy:
+        """C{--mode destination} with C{-d MAPPING}."""
+        return self._proxy("destination", token, "-d", mapping, extra, name, client_token)
+
+    def start_sshd(self) -> Sshd:
+        return Sshd(self)
+
+    def start_echo(self, name: str = "echo") -> int:
+        """A TCP echo server (a subprocess) on 127.0.0.1; its port."""
+        port = free_port()
+        script = (
+            "import sys\n"
+            "from twisted.internet import reactor, protocol\n"
+            "class Echo(protocol.Protocol):\n"
+            "    def dataReceived(self, data):\n"
+            "        self.transport.write(data)\n"
+            "f = protocol.Factory.forProtocol(Echo)\n"
+            f"reactor.listenTCP({port}, f, interface='127.0.0.1')\n"
+            "print('echo listening', flush=True)\n"
+            "reactor.run()\n"
+        )
+        process = self.spawn(name, [sys.executable, "-c", script])
+        process.wait_for_log("echo listening")
+        return port
+
+    # --- cleanup ---
+
+    def cleanup(self) -> None:
+        for process in reversed(self.processes):
+            try:
+                process.terminate(5)
+            except Exception:
+                process.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
