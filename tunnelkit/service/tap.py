@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service_tap -*-
+# -*- test-case-name: tests.test_api_tap -*-
 """
 C{twistd -n tunnelkit --mode service}: the tunnel service.
 

@@ -1,0 +1,261 @@
+"""
+Tests for C{--mode service} (L{tunnelkit.service.tap}): its options, and the whole service started
+in-process on the real reactor, driven by boto3 over real HTTPS with real signatures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import ssl
+import json
+import tempfile
+from typing import Any, List
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+
+from tunnelkit.service import tap
+from tunnelkit.service.certs import ensure_certificates
+
+
+class OptionsTests(TestCase):
+    def parse(self, *args: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(["--mode", "service", *args])
+        return options
+
+    def test_defaults(self) -> None:
+        options = self.parse()
+        self.assertEqual(options["listen"], ["ssl:8443:interface=127.0.0.1"])
+        self.assertEqual(options["state-dir"], "./tunnelkit-state")
+        self.assertEqual(options["region"], "us-east-1")
+        self.assertIsNone(options["account-id"])
+        self.assertEqual(options["hostname"], [])
+        self.assertEqual(options["max-open-tunnels"], 1000)
+        self.assertEqual(options["closed-retention"], 3 * 3600.0)
+
+    def test_values(self) -> None:
+        options = self.parse(
+            "--listen", "tcp:8080:interface=127.0.0.1", "--listen", "ssl:8443",
+            "--hostname", "tunnels.example.com", "--hostname", "10.0.0.1",
+            "--region", "eu-west-1", "--account-id", "123456789012",
+            "--max-open-tunnels", "7", "--closed-retention", "30m", "--state-dir", "/tmp/x",
+        )
+        self.assertEqual(options["listen"], ["tcp:8080:interface=127.0.0.1", "ssl:8443"])
+        self.assertEqual(options["hostname"], ["tunnels.example.com", "10.0.0.1"])
+        self.assertEqual((options["region"], options["account-id"]), ("eu-west-1", "123456789012"))
+        self.assertEqual((options["max-open-tunnels"], options["closed-retention"]), (7, 1800.0))
+
+    def test_bad_values(self) -> None:
+        for args, text in (
+            (("--listen", "ssl:notaport"), "--listen"),
+            (("--listen", "carrier-pigeon:1"), "--listen"),
+            (("--hostname", "bad host"), "--hostname"),
+            (("--region", "US East"), "region"),
+            (("--account-id", "12"), "account"),
+            (("--max-open-tunnels", "0"), "0"),
+            (("--closed-retention", "soon"), "duration"),
+        ):
+            error = self.assertRaises(usage.UsageError, self.parse, *args)
+            self.assertIn(text, str(error), args)
+
+    def test_durations(self) -> None:
+        self.assertEqual(tap.duration("90"), 90.0)
+        self.assertEqual(tap.duration("90s"), 90.0)
+        self.assertEqual(tap.duration("1.5h"), 5400.0)
+        self.assertEqual(tap.duration("1d"), 86400.0)
+
+    def test_config_file(self) -> None:
+        """The service section of tap.yml fills options; flags win."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("service:\n  listen: [tcp:9000]\n  state-dir: /srv/tk\n  max-open-tunnels: 3\n")
+        options = self.parse("--config", path, "--max-open-tunnels", "4")
+        self.assertEqual(options["listen"], ["tcp:9000"])
+        self.assertEqual(options["state-dir"], "/srv/tk")
+        self.assertEqual(options["max-open-tunnels"], 4)
+
+    def test_listen_description(self) -> None:
+        """An ssl: endpoint without a certificate gets the generated one; others are unchanged."""
+        certs = ensure_certificates(self.mktemp())
+        described = tap.listen_description("ssl:8443:interface=127.0.0.1", certs)
+        self.assertIn("privateKey=", described)
+        self.assertIn("certKey=", described)
+        self.assertEqual(tap.listen_description("ssl:443:privateKey=/k.pem", certs), "ssl:443:privateKey=/k.pem")
+        self.assertEqual(tap.listen_description("tcp:80", certs), "tcp:80")
+
+
+def start_service(test: TestCase, *args: str) -> "Deferred[tap.TunnelService]":
+    """Start a whole service in-process on the real reactor (stopped at cleanup)."""
+    state_dir = tempfile.mkdtemp(prefix="tunnelkit-svc-")
+    test.addCleanup(shutil.rmtree, state_dir, True)
+    options = tap.Options()
+    options.parseOptions(["--mode", "service", "--state-dir", state_dir, "--listen", "ssl:0:interface=127.0.0.1", *args])
+    service = tap.TunnelService(options, reactor)
+    service.startService()
+    test.addCleanup(service.stopService)
+    listening = service.listeners[0].listening
+    assert listening is not None
+    return listening.addCallback(lambda _: service)
+
+
+def endpoint_url(service: tap.TunnelService) -> str:
+    port = service.listeners[0].port
+    assert port is not None
+    return f"https://127.0.0.1:{port.getHost().port}"
+
+
+def boto3_client(service: tap.TunnelService, **kwargs: Any) -> Any:
+    """A boto3 client for the service: its credentials file and CA, real HTTPS."""
+    session = boto3.session.Session(profile_name="default", **kwargs) if not kwargs else boto3.session.Session(**kwargs)
+    return session.client(
+        "iotsecuretunneling",
+        region_name="us-east-1",
+        endpoint_url=endpoint_url(service),
+        verify=service.certificates.ca_cert,
+        config=Config(retries={"max_attempts": 1, "mode": "standard"}),
+    )
+
+
+class InProcessHTTPSTests(TestCase):
+    """boto3 over real HTTPS (keep-alive) against the service, signatures checked for real."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        os.environ.pop("AWS_ACCESS_KEY_ID", None)
+        self.service = yield start_service(self)
+        self.patch(os, "environ", dict(os.environ, AWS_SHARED_CREDENTIALS_FILE=self.service.credentials_path,
+                                       AWS_CONFIG_FILE=os.devnull))
+
+    def client(self, **kwargs: Any) -> Any:
+        return boto3_client(self.service, **kwargs)
+
+    @inlineCallbacks
+    def test_tutorial_calls(self) -> Any:
+        """Open with a destination, describe, rotate DESTINATION, close, close --delete, via boto3."""
+
+        def calls() -> List[Any]:
+            api = self.client()
+            opened = api.open_tunnel(
+                description="tutorial", timeoutConfig={"maxLifetimeTimeoutMinutes": 30},
+                destinationConfig={"thingName": "RemoteDeviceA", "services": ["SSH"]},
+            )
+            described = api.describe_tunnel(tunnelId=opened["tunnelId"])["tunnel"]
+            rotated = api.rotate_tunnel_access_token(
+                tunnelId=opened["tunnelId"], clientMode="DESTINATION",
+                destinationConfig={"thingName": "RemoteDeviceA", "services": ["SSH"]},
+            )
+            api.close_tunnel(tunnelId=opened["tunnelId"])
+            closed = api.describe_tunnel(tunnelId=opened["tunnelId"])["tunnel"]["status"]
+            api.close_tunnel(tunnelId=opened["tunnelId"], delete=True)
+            listed = api.list_tunnels()["tunnelSummaries"]
+            return [opened, described, rotated, closed, listed]
+
+        opened, described, rotated, closed, listed = yield deferToThread(calls)
+        self.assertEqual(described["status"], "OPEN")
+        self.assertEqual(described["destinationConfig"], {"thingName": "RemoteDeviceA", "services": ["SSH"]})
+        self.assertEqual(set(rotated) - {"ResponseMetadata"}, {"tunnelArn", "destinationAccessToken"})
+        self.assertEqual(closed, "CLOSED")
+        self.assertEqual(listed, [])
+
+    @inlineCallbacks
+    def test_wrong_secret(self) -> Any:
+        """A wrong secret over real HTTPS: 403 InvalidSignatureException, nothing created."""
+        key = self.service.store.list_access_keys()[0]
+
+        def call() -> Any:
+            bad = self.client(aws_access_key_id=key.access_key_id, aws_secret_access_key="wrong" * 8)
+            try:
+                bad.open_tunnel()
+            except ClientError as e:
+                return e.response
+            return None
+
+        response = yield deferToThread(call)
+        self.assertEqual(response["ResponseMetadata"]["HTTPStatusCode"], 403)
+        self.assertEqual(response["Error"]["Code"], "InvalidSignatureException")
+        self.assertEqual(self.service.store.count_open_tunnels(self.service.account.account_id), 0)
+
+    @inlineCallbacks
+    def test_large_body_refused_early(self) -> Any:
+        """A 10 MB Content-Length gets 413 before the body is sent; the service keeps serving."""
+        port = self.service.listeners[0].port.getHost().port
+        ca = self.service.certificates.ca_cert
+
+        def raw() -> bytes:
+            context = ssl.create_default_context(cafile=ca)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+                with context.wrap_socket(plain, server_hostname="127.0.0.1") as tls:
+                    tls.sendall(
+                        b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Amz-Target: IoTSecuredTunneling.OpenTunnel\r\n"
+                        b"Content-Type: application/x-amz-json-1.1\r\nContent-Length: 10485760\r\n\r\n"
+                        + b"{" * 4096
+                    )
+                    data = b""
+                    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                        chunk = tls.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    return data
+
+        data = yield deferToThread(raw)
+        self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data[:100])
+        body = json.loads(data.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(body["__type"], "RequestEntityTooLargeException")
+        listed = yield deferToThread(lambda: self.client().list_tunnels()["tunnelSummaries"])
+        self.assertEqual(listed, [])
+
+    @inlineCallbacks
+    def test_generated_certificate(self) -> Any:
+        """The server certificate verifies against ca.pem for 127.0.0.1 and localhost."""
+        port = self.service.listeners[0].port.getHost().port
+        ca = self.service.certificates.ca_cert
+
+        def handshake(name: str) -> str:
+            context = ssl.create_default_context(cafile=ca)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as plain:
+                with context.wrap_socket(plain, server_hostname=name) as tls:
+                    return tls.version() or ""
+
+        for name in ("127.0.0.1", "localhost"):
+            version = yield deferToThread(handshake, name)
+            self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
+        failed = yield deferToThread(lambda: self._fails(handshake, "example.com"))
+        self.assertTrue(failed)
+
+    @staticmethod
+    def _fails(function: Any, *args: Any) -> bool:
+        try:
+            function(*args)
+        except ssl.SSLError:
+            return True
+        return False
+
+
+class ListenFailureTests(TestCase):
+    def test_port_in_use(self) -> None:
+        """Listening on a port in use is a clear error at start."""
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        state_dir = self.mktemp()
+        options = tap.Options()
+        options.parseOptions(
+            ["--mode", "service", "--state-dir", state_dir, "--listen", f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"]
+        )
+        service = tap.TunnelService(options, reactor)
+        error = self.assertRaises(Exception, service.startService)
+        self.assertIn("cannot listen", str(error))
+        service.stopService()
