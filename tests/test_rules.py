@@ -211,6 +211,35 @@ class PayloadRuleTests(RuleTestCase):
         )
 
 
+class PayloadBoundTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(
+        payload_size=st.integers(min_value=MAX_PAYLOAD_SIZE - 200, max_value=MAX_PAYLOAD_SIZE + 3),
+        stream_id=st.integers(min_value=1, max_value=2**31 - 1),
+        service_id=st.sampled_from(["", "S", "é" * 40, "x" * 128]),
+        connection_id=st.integers(min_value=0, max_value=2**32 - 1),
+        ignorable=st.booleans(),
+    )
+    def test_exact_limit(
+        self, payload_size: int, stream_id: int, service_id: str, connection_id: int, ignorable: bool
+    ) -> None:
+        """The size shortcut never lets a payload over the limit through, nor refuses one within it."""
+        peer = PeerRules("source", [service_id] if service_id else [])
+        message = Message(
+            type=STREAM_START,
+            streamId=stream_id,
+            serviceId=service_id,
+            connectionId=connection_id,
+            ignorable=ignorable,
+            payload=b"p" * payload_size,
+        )
+        if payload_size > MAX_PAYLOAD_SIZE:
+            error = self.assertRaises(ProtocolViolation, check, peer, message)
+            self.assertEqual(error.rule, rules.RULE_PAYLOAD_SIZE)
+        else:
+            check(peer, message)
+
+
 class FieldRuleTests(RuleTestCase):
     def test_unknown_field(self) -> None:
         """A field the schema does not define (here 8 and 15) is refused, found from the raw bytes."""

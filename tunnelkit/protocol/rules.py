@@ -181,7 +181,9 @@ class PeerRules:
                 f"{_type_name(message_type)} has stream id {stream_id}: stream messages need a "
                 "positive stream id",
             )
-        if size > MAX_PAYLOAD_SIZE:
+        service_id = message.serviceId
+        if size > MAX_PAYLOAD_SIZE and self._payload_bound(message, size, service_id) > MAX_PAYLOAD_SIZE:
+            # Reading the payload copies it: only when the frame's size cannot rule out a large one.
             payload_size = len(message.payload)
             if payload_size > MAX_PAYLOAD_SIZE:
                 raise ProtocolViolation(
@@ -190,7 +192,6 @@ class PeerRules:
                     f"{MAX_PAYLOAD_SIZE}-byte limit",
                 )
         self._check_fields(message, message_type)
-        service_id = message.serviceId
         uses_service_id = service_id != ""
         if uses_service_id is not self._uses_service_id:
             if self._uses_service_id is not None:
@@ -218,6 +219,23 @@ class PeerRules:
                 + (f"service id {service_id!r}" if service_id else "a stream")
                 + " before the source started a stream for it",
             )
+
+    @staticmethod
+    def _payload_bound(message: Message, size: int, service_id: str) -> int:
+        """
+        The largest payload a frame body of C{size} bytes with these fields can hold.
+
+        A payload over 16383 bytes costs 4 bytes of tag and length; the type (2 bytes), the stream
+        id, the service id (at least one byte per character) and the connection id take the rest.
+        """
+        stream_id = message.streamId
+        bound = size - 7 - (stream_id.bit_length() + 6) // 7
+        if service_id:
+            bound -= 2 + len(service_id)
+        connection_id = message.connectionId
+        if connection_id:
+            bound -= 1 + (connection_id.bit_length() + 6) // 7
+        return bound
 
     def _check_unknown_type(self, message: Message, message_type: int) -> None:
         """A type this version does not know: type 0 is never allowed, others only if ignorable."""

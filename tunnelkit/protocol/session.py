@@ -800,7 +800,15 @@ class DestinationSession(_Session):
     def _stream_start(self, message: Message) -> List[Action]:
         service = self._lookup(message.serviceId)
         if service is None:
-            return [Fatal(f"Invalid service id received for stream start: {message.serviceId}")]
+            if message.serviceId:
+                return [Fatal(f"Invalid service id received for stream start: {message.serviceId}")]
+            return [
+                Fatal(
+                    "Invalid service id received for stream start: the source sent no service id "
+                    f"(V1 format), but this destination serves {len(self._services)} services "
+                    f"({', '.join(sorted(self._services))}); a V1 source needs a tunnel of one service"
+                )
+            ]
         stream_id = message.streamId
         if stream_id <= 0:
             log.error("Dropping STREAM_START with invalid stream id {stream_id}", stream_id=stream_id)
