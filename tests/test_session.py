@@ -370,6 +370,36 @@ class SourceV3Tests(SourceTestCase):
         source.local_closed("SSH", 1)
         self.assertEqual(source.local_accepted("SSH")[0], 3)
 
+    def test_chosen_connection_id(self) -> None:
+        """An adapter may have a connection carried under an id it announced (FTP data)."""
+        source = self.ready_source()
+        data_id = 0x80000001
+        connection_id, actions = source.local_accepted("SSH", data_id)
+        self.assertEqual(connection_id, data_id)
+        self.assertEqual(
+            only(actions), Message(type=STREAM_START, streamId=1, serviceId="SSH", connectionId=data_id)
+        )
+        # The counter goes on from 1, and the chosen id cannot be taken twice.
+        self.assertEqual(source.local_accepted("SSH")[0], 1)
+        error = self.assertRaises(LocalConnectionRefused, source.local_accepted, "SSH", data_id)
+        self.assertIn("already in use", str(error))
+        for bad in (0, -1, UINT32_MAX + 1):
+            error = self.assertRaises(LocalConnectionRefused, source.local_accepted, "SSH", bad)
+            self.assertIn("out of range", str(error))
+        _, actions = source.local_accepted("SSH", 7)
+        self.assertEqual(
+            only(actions), Message(type=CONNECTION_START, streamId=1, serviceId="SSH", connectionId=7)
+        )
+        self.assertEqual(
+            source.receive(Message(type=DATA, streamId=1, serviceId="SSH", connectionId=data_id, payload=b"d")),
+            [WriteLocal("SSH", data_id, b"d")],
+        )
+
+    def test_chosen_connection_id_needs_v3(self) -> None:
+        source = self.ready_source(client_type="V2")
+        error = self.assertRaises(LocalConnectionRefused, source.local_accepted, "SSH", 5)
+        self.assertIn("V2 has no connection ids", str(error))
+
     def test_unknown_listener(self) -> None:
         source = self.ready_source()
         self.assertRaises(LocalConnectionRefused, source.local_accepted, "FTP")

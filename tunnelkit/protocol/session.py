@@ -39,6 +39,7 @@ Source
     session.websocket_opened()                            # each (re)connected WebSocket
     session.feed(websocket_bytes) / session.receive(message)   # SERVICE_IDS -> StartListening ...
     cid, actions = session.local_accepted("SSH")          # raises LocalConnectionRefused: close it
+    session.local_accepted("FTP", connection_id=0x80000001)   # V3: carry it under a chosen id
     session.local_data("SSH", cid, data)                  # DATA frames, <= 64512 payload bytes each
     session.local_closed("SSH", cid)                      # CONNECTION_RESET (V3) / STREAM_RESET (V1/V2)
     session.websocket_lost()                              # CloseLocal for every connection
@@ -620,10 +621,14 @@ class SourceSession(_Session):
 
     # local -> tunnel
 
-    def local_accepted(self, service_id: str) -> Tuple[int, List[Action]]:
+    def local_accepted(
+        self, service_id: str, connection_id: Optional[int] = None
+    ) -> Tuple[int, List[Action]]:
         """
         A listener accepted a connection: name it and start its stream or connection.
 
+        @param connection_id: carry the connection under exactly this id (V3 only; e.g. an FTP data
+            connection an adapter announced to the destination), instead of the next free one.
         @return: the connection id, and the actions (a STREAM_START or CONNECTION_START).
         @raise LocalConnectionRefused: the connection cannot be carried now; close it.
         """
@@ -644,7 +649,18 @@ class SourceSession(_Session):
                 f"service {service_id or '(no service id)'} already has a connection, and "
                 f"destination client type {self.client_type} carries one connection at a time"
             )
-        connection_id = service.next_connection_id()
+        if connection_id is None:
+            connection_id = service.next_connection_id()
+        elif not self._v3:
+            raise LocalConnectionRefused(
+                f"destination client type {self.client_type} has no connection ids, so connection "
+                f"{connection_id} cannot be carried under its own id"
+            )
+        elif not 0 < connection_id <= UINT32_MAX or connection_id in service.connections:
+            raise LocalConnectionRefused(
+                f"connection id {connection_id} of service {service_id or '(no service id)'} is "
+                + ("already in use" if connection_id in service.connections else "out of range")
+            )
         wire_service_id = service.wire_service_id
         if not self._v3:
             stream_id = service.stream_id = service.next_stream_id()
