@@ -151,8 +151,8 @@ class FrameDecoder:
 
     def _keep(self, view: memoryview, start: int, length: int) -> None:
         """Hold C{view[start:]}, the beginning of a frame of C{length} body bytes."""
-        piece = view[start:]
-        if not (piece.readonly and type(piece.obj) is bytes):
+        piece: Buffer = view[start:]
+        if not (view.readonly and type(view.obj) is bytes):
             piece = bytes(piece)  # the caller may reuse a mutable buffer
         held = len(piece)
         self._parts.append(piece)
