@@ -74,6 +74,7 @@ duplicate CONNECTION_RESETs are harmless.  A source that receives STREAM_START o
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -351,7 +352,7 @@ def _mismatch(configured: Optional[Tuple[str, ...]], available: Sequence[str]) -
 # --- common session machinery ---------------------------------------------------------------------
 
 
-class _Session:
+class _Session(ABC):
     """What both sides share: the WebSocket's state, frame decoding, service lookup."""
 
     _services: Dict[str, "_Service"]
@@ -359,7 +360,6 @@ class _Session:
 
     def __init__(self) -> None:
         self._decoder = FrameDecoder()
-        self._open = False
         self._ready = False  # SERVICE_IDS seen on this WebSocket
         self._services = {}
         self._default = None
@@ -395,21 +395,19 @@ class _Session:
             actions += self.receive(parse_message(body))
         return actions
 
+    @abstractmethod
     def receive(self, message: Message) -> List[Action]:
         """React to one message from the tunnel."""
-        raise NotImplementedError()
 
     def websocket_opened(self) -> List[Action]:
         """A new WebSocket is up (also after a reconnect): forget the old streams, wait for SERVICE_IDS."""
         actions = self._close_all("the tunnel's WebSocket was replaced")
-        self._open = True
         self._ready = False
         self._decoder = FrameDecoder()
         return actions
 
     def websocket_lost(self) -> List[Action]:
         """The WebSocket is gone: every local connection is closed, every stream forgotten."""
-        self._open = False
         self._ready = False
         return self._close_all("the tunnel's WebSocket connection was lost")
 
