@@ -7,6 +7,7 @@ Prints MB/s (payload bytes) and frames/s for DATA payloads of 1 B, 4 KiB and 63 
   - encode with the session's hand-built DataFrameEncoder (byte-identical);
   - decode (FrameDecoder + parse_message) of whole frames;
   - the incremental decoder (+ parse) on the stream cut into 1,500-byte pieces;
+  - what the service's relay does per frame: parse + PeerRules.check;
   - a source session's local_data and a destination session's feed (the full hot path);
 and, as a baseline measured in the same run, copying the same bytes once (C{bytes(bytearray)}).
 
@@ -20,6 +21,7 @@ import time
 from typing import Callable, List
 
 from tunnelkit.protocol.framing import FrameDecoder, Message, encode_frame, encode_message, parse_message
+from tunnelkit.protocol.rules import PeerRules
 from tunnelkit.protocol.session import DataFrameEncoder, DestinationSession, SourceSession
 
 SIZES = [("1 B", 1), ("4 KiB", 4096), ("63 KiB", 64512)]
@@ -118,6 +120,19 @@ def main() -> None:
             return count
 
         report("decode: 1,500-byte pieces + parse", size, rate(decode_pieces, seconds), baseline)
+
+        # What the service's relay does per frame: parse and check the rules.
+        rules = PeerRules("source", ["SSH"])
+        rules.check(Message(type=Message.STREAM_START, streamId=1, serviceId="SSH", connectionId=1), 11)
+        bodies = FrameDecoder().feed(stream)
+
+        def relay_check() -> int:
+            check = rules.check
+            for body in bodies:
+                check(parse_message(body), len(body))
+            return len(bodies)
+
+        report("relay: parse + PeerRules.check", size, rate(relay_check, seconds), baseline)
 
         # The sessions' hot paths: a local read becomes frames; WebSocket bytes become writes.
         source = SourceSession(["SSH"])
