@@ -202,6 +202,13 @@ class PayloadRuleTests(RuleTestCase):
         )
         self.assertIn("64513 payload bytes", str(error))
 
+    def test_payload_on_ignorable_unknown_type(self) -> None:
+        self.assertViolation(
+            rules.RULE_PAYLOAD_SIZE,
+            PeerRules("source", []),
+            Message(type=42, ignorable=True, payload=b"x" * (MAX_PAYLOAD_SIZE + 1)),
+        )
+
     def test_payload_on_other_types(self) -> None:
         peer = PeerRules("source", [])
         self.assertViolation(

@@ -249,6 +249,13 @@ class PeerRules:
                 f"{_type_name(message_type)} is not a message type of protocol version "
                 f"{self.version}, and the message is not marked ignorable",
             )
+        payload_size = len(message.payload)
+        if payload_size > MAX_PAYLOAD_SIZE:
+            raise ProtocolViolation(
+                RULE_PAYLOAD_SIZE,
+                f"{_type_name(message_type)} carries {payload_size} payload bytes, more than the "
+                f"{MAX_PAYLOAD_SIZE}-byte limit",
+            )
         self._check_fields(message, message_type)
 
     def _check_fields(self, message: Message, message_type: int) -> None:
