@@ -22,10 +22,10 @@ Names (all prefixed C{tunnelkit_}):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from zope.interface import Interface, implementer
@@ -99,6 +99,33 @@ class _TunnelStatusCollector:
         yield family
 
 
+class _RelayedCollector:
+    """Reports the relay's plain frame and byte counts as Prometheus counters."""
+
+    def __init__(self, relayed: Mapping[str, List[int]]) -> None:
+        self._relayed = relayed
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        return iter(self._families())
+
+    def _families(self) -> List[CounterMetricFamily]:
+        frames = CounterMetricFamily(
+            "tunnelkit_relayed_frames", "Tunnel frames relayed, per direction.", labels=["direction"]
+        )
+        size = CounterMetricFamily(
+            "tunnelkit_relayed_bytes",
+            "Bytes of tunnel frames relayed (with their length prefix), per direction.",
+            labels=["direction"],
+        )
+        for direction, (frame_count, byte_count) in sorted(self._relayed.items()):
+            frames.add_metric([direction], frame_count)
+            size.add_metric([direction], byte_count)
+        return [frames, size]
+
+
 @implementer(IRelayMetrics)
 class RelayMetrics:
     """
@@ -124,15 +151,13 @@ class RelayMetrics:
             "Tunnels with at least one peer connected to this relay.",
             registry=r,
         )
-        self._bytes = Counter(
-            "tunnelkit_relayed_bytes",
-            "Bytes of tunnel frames relayed (with their length prefix), per direction.",
-            ["direction"],
-            registry=r,
-        )
-        self._frames = Counter(
-            "tunnelkit_relayed_frames", "Tunnel frames relayed, per direction.", ["direction"], registry=r
-        )
+        # Relayed frames and bytes are counted per WebSocket message: plain integers here, turned
+        # into counters when /metrics is read (no lock per message).
+        self._relayed: Dict[str, List[int]] = {
+            SOURCE_TO_DESTINATION: [0, 0],
+            DESTINATION_TO_SOURCE: [0, 0],
+        }
+        r.register(_RelayedCollector(self._relayed))
         self._dropped = Counter(
             "tunnelkit_dropped_frames", "Tunnel frames not delivered, by reason.", ["reason"], registry=r
         )
@@ -156,17 +181,11 @@ class RelayMetrics:
         )
         for side in ("source", "destination"):
             self._peers.labels(side)
-        # Bound children for the per-message calls: no label lookup on the hot path.
-        self._bytes_by: Dict[str, Counter] = {}
-        self._frames_by: Dict[str, Counter] = {}
-        for direction in (SOURCE_TO_DESTINATION, DESTINATION_TO_SOURCE):
-            self._bytes_by[direction] = self._bytes.labels(direction)
-            self._frames_by[direction] = self._frames.labels(direction)
-        self._tunnels_with_peers = 0
 
     def relayed(self, direction: str, frames: int, size: int) -> None:
-        self._frames_by[direction].inc(frames)
-        self._bytes_by[direction].inc(size)
+        counts = self._relayed[direction]
+        counts[0] += frames
+        counts[1] += size
 
     def dropped(self, reason: str, frames: int) -> None:
         self._dropped.labels(reason).inc(frames)

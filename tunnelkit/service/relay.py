@@ -921,6 +921,14 @@ class PeerProtocol(WebSocketServerProtocol):
         else:
             self.transport.write(data)
 
+    def onMessageEnd(self) -> None:
+        # autobahn's version also fires an observable "message" event (Deferreds per message);
+        # nothing here observes it.
+        if not self.failedByMe:
+            data = self.message_data
+            self.onMessage(data[0] if len(data) == 1 else b"".join(data), self.message_is_binary)
+        self.message_data = None
+
     def onPing(self, payload: bytes) -> None:
         self._charge(len(payload) + 2)
         if self.state == self.STATE_OPEN:
