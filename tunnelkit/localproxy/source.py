@@ -11,7 +11,6 @@ C{Listening for new connection on port N}.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.internet import defer
@@ -31,9 +30,6 @@ __all__ = ["SourceSide", "SourceContext", "DATA_LISTENER_TIMEOUT"]
 
 #: Seconds an adapter's data listener waits for its one connection.
 DATA_LISTENER_TIMEOUT = 60.0
-
-#: Whether this build's SourceSession can carry an accept under a connection id the caller picks.
-_CHOSEN_IDS = "connection_id" in inspect.signature(SourceSession.local_accepted).parameters
 
 
 def _server_endpoint(reactor: Any, address: str, port: int) -> Any:
@@ -166,27 +162,21 @@ class SourceSide:
 
     def open_data_listener(self, service_id: str, connection_id: int) -> defer.Deferred:
         """An ephemeral listener whose one accept is carried as C{connection_id} (L{ISourceContext})."""
-        if not _CHOSEN_IDS:
-            return defer.fail(
-                TunnelkitError(
-                    "this build of tunnelkit cannot carry a connection under a chosen connection id "
-                    "(SourceSession.local_accepted has no connection_id parameter)"
-                )
-            )
         factory = _ListenerFactory(self, service_id, 0, connection_id)
         d = _server_endpoint(self.reactor, self.bind_address, 0).listen(factory)
 
         def listening(listener: IListeningPort) -> int:
             self._data_listeners.append(listener)
-            timeout = self.reactor.callLater(DATA_LISTENER_TIMEOUT, close)
+            timeout: List[Any] = []
 
             def close() -> None:
                 if listener in self._data_listeners:
                     self._data_listeners.remove(listener)
                     listener.stopListening()
-                if timeout.active():
-                    timeout.cancel()
+                if timeout and timeout[0].active():
+                    timeout[0].cancel()
 
+            timeout.append(self.reactor.callLater(DATA_LISTENER_TIMEOUT, close))
             factory.on_accept = close
             factory.port = listener.getHost().port
             return factory.port
@@ -200,10 +190,7 @@ class SourceSide:
         peer = f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
         self.log.info("Accepted tcp connection on port {port} from {peer}", port=port, peer=peer)
         try:
-            if connection_id is None:
-                connection_id, actions = self.session.local_accepted(service_id)
-            else:
-                connection_id, actions = self.session.local_accepted(service_id, connection_id=connection_id)
+            connection_id, actions = self.session.local_accepted(service_id, connection_id)
         except LocalConnectionRefused as e:
             self.log.warn("Refusing the connection from {peer}: {reason}", peer=peer, reason=str(e))
             return None

@@ -1,0 +1,350 @@
+"""
+Deterministic tests of the local proxy's Twisted side (LocalProxySession, SourceSide,
+DestinationSide, LocalConnection): a fake WebSocket, MemoryReactorClock listeners and connectors,
+StringTransport local sockets.
+"""
+
+from typing import List
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from tunnelkit.adapters import IActiveStreamFilter, IDestinationContext, ISourceContext, StreamFilterError
+from tunnelkit.localproxy import destination as destination_module
+from tunnelkit.localproxy import source as source_module
+from tunnelkit.localproxy.destination import PENDING_LIMIT, DestinationSide
+from tunnelkit.localproxy.endpoint import ServiceEndpoint
+from tunnelkit.localproxy.session_service import LocalProxySession
+from tunnelkit.localproxy.source import SourceSide
+from tunnelkit.protocol.framing import MAX_PAYLOAD_SIZE, MAX_WEBSOCKET_FRAME, FrameDecoder, Message, parse_message
+from tunnelkit.transport.websocket import ITunnelWebSocketHandler, WebSocketEnded
+
+PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+class FakeWebSocket:
+    """Stands in for TunnelWebSocketProtocol: records WebSocket messages."""
+
+    def __init__(self):
+        self.transport = StringTransport()
+        self.messages: List[bytes] = []
+        self._pending: List[bytes] = []
+
+    def send_frames(self, data, boundary):
+        if sum(map(len, self._pending)) + len(data) > MAX_WEBSOCKET_FRAME:
+            self.flush()
+        self._pending.append(data)
+        if boundary:
+            self.flush()
+
+    def flush(self):
+        if self._pending:
+            self.messages.append(b"".join(self._pending))
+            self._pending = []
+
+    def decoded(self):
+        """Every message sent so far, as lists of parsed tunnel messages, then forget them."""
+        result = [[parse_message(body) for body in FrameDecoder().feed(m)] for m in self.messages]
+        self.messages = []
+        return result
+
+
+def service_ids(*ids):
+    return Message(type=Message.SERVICE_IDS, availableServiceIds=list(ids))
+
+
+def make_proxy(side, reactor):
+    proxy = LocalProxySession(side, ServiceEndpoint("127.0.0.1", 1, secure=False), "token", "c" * 36, reactor, reactor)
+    websocket = FakeWebSocket()
+    proxy.websocket_opened(websocket)
+    return proxy, websocket
+
+
+class SourceTests(TestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.side = SourceSide({"SSH1": 5555, "WEB": 0}, "127.0.0.1", self.reactor)
+        self.proxy, self.websocket = make_proxy(self.side, self.reactor)
+        verifyObject(ITunnelWebSocketHandler, self.proxy)
+
+    def ready(self):
+        self.proxy.messages_received([service_ids("SSH1", "WEB")])
+        self.assertEqual(
+            [(port, interface) for port, _, _, interface in self.reactor.tcpServers],
+            [(5555, "127.0.0.1"), (0, "127.0.0.1")],
+        )
+
+    def accept(self, index=0):
+        factory = self.reactor.tcpServers[index][1]
+        connection = factory.buildProtocol(PEER)
+        if connection is None:
+            return None, None
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        return connection, transport
+
+    def test_listens_after_service_ids_only(self):
+        self.assertEqual(self.reactor.tcpServers, [])
+        self.ready()
+        self.assertEqual(set(self.side.contexts), {"SSH1", "WEB"})
+        verifyObject(ISourceContext, self.side.contexts["SSH1"])
+
+    def test_accept_data_and_close(self):
+        self.ready()
+        connection, transport = self.accept()
+        ((start,),) = self.websocket.decoded()
+        self.assertEqual((start.type, start.streamId, start.serviceId, start.connectionId), (Message.STREAM_START, 1, "SSH1", 1))
+        second, _ = self.accept()
+        ((connection_start,),) = self.websocket.decoded()
+        self.assertEqual((connection_start.type, connection_start.connectionId), (Message.CONNECTION_START, 2))
+
+        data = bytes(range(256)) * 1000  # 256000 bytes: 4 DATA frames, batched
+        connection.dataReceived(data)
+        messages = self.websocket.decoded()
+        self.assertTrue(all(len(m) <= MAX_WEBSOCKET_FRAME for m in self.websocket.messages))
+        frames = [m for batch in messages for m in batch]
+        self.assertEqual(b"".join(m.payload for m in frames), data)
+        self.assertTrue(all(len(m.payload) <= MAX_PAYLOAD_SIZE for m in frames))
+        self.assertEqual(len(messages), 2)
+
+        reply = Message(type=Message.DATA, streamId=1, serviceId="SSH1", connectionId=1, payload=b"from far")
+        self.proxy.messages_received([reply])
+        self.assertEqual(transport.value(), b"from far")
+
+        connection.connectionLost(Failure(Exception("closed")))
+        ((reset,),) = self.websocket.decoded()
+        self.assertEqual((reset.type, reset.connectionId), (Message.CONNECTION_RESET, 1))
+        self.assertEqual(list(self.proxy.connections), [("SSH1", 2)])
+
+        self.proxy.messages_received([Message(type=Message.STREAM_RESET, streamId=1, serviceId="SSH1")])
+        self.assertEqual(self.websocket.decoded(), [])
+        self.assertTrue(second.transport.disconnecting)
+
+    def test_websocket_loss_closes_connections_keeps_listeners(self):
+        self.ready()
+        connection, transport = self.accept()
+        self.proxy.websocket_ended(self.websocket, WebSocketEnded("retry", "lost"))
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(self.proxy.end)
+        refused, _ = self.accept()
+        self.assertIsNone(refused)
+        self.assertEqual(len(self.reactor.tcpServers), 2)
+        # a new WebSocket: no second listener, accepts work again
+        websocket = FakeWebSocket()
+        self.proxy.websocket_opened(websocket)
+        self.proxy.messages_received([service_ids("SSH1", "WEB")])
+        self.assertEqual(len(self.reactor.tcpServers), 2)
+        connection, _ = self.accept()
+        self.assertIsNotNone(connection)
+        self.assertEqual(websocket.decoded()[0][0].streamId, 2)
+
+    def test_mapping_mismatch_is_fatal(self):
+        self.proxy.messages_received([service_ids("SSH1", "OTHER")])
+        end = self.successResultOf(self.proxy.ended)
+        self.assertEqual(end.status, 1)
+        self.assertIn("Wrong configurations detected in local proxy", end.message)
+
+    def test_close_frame_ends_with_status_0(self):
+        self.proxy.websocket_ended(self.websocket, WebSocketEnded("closed", "Web socket close received. Code: 1000"))
+        self.assertEqual(self.successResultOf(self.proxy.ended).status, 0)
+
+    def test_rejection_ends_with_status_1(self):
+        self.proxy.websocket_ended(self.websocket, WebSocketEnded("rejected", "403", 403))
+        end = self.successResultOf(self.proxy.ended)
+        self.assertEqual(end.status, 1)
+
+    def test_bind_failure_is_fatal(self):
+        self.reactor.listenTCP = lambda *a, **k: (_ for _ in ()).throw(OSError(98, "Address already in use"))
+        self.proxy.messages_received([service_ids("SSH1", "WEB")])
+        end = self.successResultOf(self.proxy.ended)
+        self.assertEqual(end.status, 1)
+        self.assertIn("fails to bind address 127.0.0.1:5555", end.message)
+
+    def test_flow_control_both_ways(self):
+        self.ready()
+        connection, transport = self.accept()
+        other, other_transport = self.accept()
+        # the WebSocket's send buffer is full: local reads pause, and resume
+        ws_producer = self.websocket.transport.producer
+        ws_producer.pauseProducing()
+        ws_producer.pauseProducing()
+        self.assertEqual((transport.producerState, other_transport.producerState), ("paused", "paused"))
+        late, late_transport = self.accept()
+        self.assertEqual(late_transport.producerState, "paused")
+        ws_producer.resumeProducing()
+        self.assertEqual({transport.producerState, other_transport.producerState, late_transport.producerState}, {"producing"})
+        # a local socket's send buffer is full: the WebSocket's reads pause until it drains
+        transport.producer.pauseProducing()
+        other_transport.producer.pauseProducing()
+        self.assertEqual(self.websocket.transport.producerState, "paused")
+        transport.producer.resumeProducing()
+        self.assertEqual(self.websocket.transport.producerState, "paused")
+        other.connectionLost(Failure(Exception("gone")))
+        self.assertEqual(self.websocket.transport.producerState, "producing")
+
+    def test_adapter_filter_and_data_listener(self):
+        contexts = []
+
+        @implementer(IActiveStreamFilter)
+        class Upper:
+            def attach(self, output):
+                self.output = output
+
+            def outbound(self, data):
+                if data == b"bad":
+                    raise StreamFilterError("bad bytes")
+                return data.upper()
+
+            def inbound(self, data):
+                return data.lower()
+
+            def connection_lost(self):
+                pass
+
+        class Adapter:
+            name = "upper"
+
+            def source_filter(self, context, connection_id):
+                contexts.append((context, connection_id))
+                return Upper() if connection_id < 100 else None
+
+        self.patch(source_module, "resolve_adapter", lambda *a, **k: Adapter())
+        self.ready()
+        connection, transport = self.accept()
+        self.websocket.decoded()
+        connection.dataReceived(b"hello")
+        ((data,),) = self.websocket.decoded()
+        self.assertEqual(data.payload, b"HELLO")
+        self.proxy.messages_received(
+            [Message(type=Message.DATA, streamId=1, serviceId="SSH1", connectionId=1, payload=b"WORLD")]
+        )
+        self.assertEqual(transport.value(), b"world")
+        connection.filter.output.send_outbound(b"direct")
+        ((data,),) = self.websocket.decoded()
+        self.assertEqual(data.payload, b"direct")
+
+        # a data listener: its one accept is carried as exactly the chosen connection id
+        port = self.successResultOf(contexts[0][0].open_data_listener(0x80000001))
+        listener_factory = self.reactor.tcpServers[-1][1]
+        self.assertEqual(port, 0)  # MemoryReactor's fake port number
+        data_connection = listener_factory.buildProtocol(PEER)
+        data_connection.makeConnection(StringTransport())
+        ((start,),) = self.websocket.decoded()
+        self.assertEqual((start.type, start.connectionId), (Message.CONNECTION_START, 0x80000001))
+        self.assertIsNone(data_connection.filter)
+
+        connection.dataReceived(b"bad")
+        self.assertTrue(transport.disconnected or transport.disconnecting)
+
+
+class DestinationTests(TestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.side = DestinationSide({"SSH1": ("127.0.0.1", 2222), "WEB": ("127.0.0.1", 8080)}, self.reactor, self.reactor)
+        self.proxy, self.websocket = make_proxy(self.side, self.reactor)
+        self.proxy.messages_received([service_ids("SSH1", "WEB")])
+
+    def start(self, connection_id=1, kind=Message.STREAM_START, service="SSH1"):
+        self.proxy.messages_received([Message(type=kind, streamId=1, serviceId=service, connectionId=connection_id)])
+
+    def complete(self, index=-1):
+        host, port, factory, timeout, bind = self.reactor.tcpClients[index]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_connects_holds_data_and_replies(self):
+        self.start()
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.1", 2222))
+        verifyObject(IDestinationContext, self.side.contexts["SSH1"])
+        self.proxy.messages_received(
+            [Message(type=Message.DATA, streamId=1, serviceId="SSH1", connectionId=1, payload=b"early")]
+        )
+        wrapper, transport = self.complete()
+        self.assertEqual(transport.value(), b"early")
+        wrapper.dataReceived(b"answer")
+        ((data,),) = self.websocket.decoded()
+        self.assertEqual((data.type, data.payload, data.serviceId, data.connectionId), (Message.DATA, b"answer", "SSH1", 1))
+
+    def test_retries_then_resets(self):
+        self.start()
+        for attempt in range(5):
+            self.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+            self.assertEqual(len(self.reactor.tcpClients), attempt + 1)
+            self.reactor.advance(2.4)
+            self.assertEqual(len(self.reactor.tcpClients), attempt + 1)
+            self.reactor.advance(0.1)
+            self.assertEqual(len(self.reactor.tcpClients), attempt + 2)
+        self.assertEqual(self.websocket.decoded(), [])
+        self.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        ((reset,),) = self.websocket.decoded()
+        self.assertIn(reset.type, (Message.STREAM_RESET, Message.CONNECTION_RESET))
+        self.assertEqual(self.side.pending, {})
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_reset_while_retrying_cancels(self):
+        self.start()
+        self.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.proxy.messages_received([Message(type=Message.STREAM_RESET, streamId=1, serviceId="SSH1")])
+        self.assertEqual(self.side.pending, {})
+        self.reactor.advance(10)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_pending_data_pauses_the_websocket(self):
+        self.start()
+        chunk = b"x" * MAX_PAYLOAD_SIZE
+        count = PENDING_LIMIT // len(chunk) + 2
+        self.proxy.messages_received(
+            [Message(type=Message.DATA, streamId=1, serviceId="SSH1", connectionId=1, payload=chunk)] * count
+        )
+        self.assertEqual(self.websocket.transport.producerState, "paused")
+        _, transport = self.complete()
+        self.assertEqual(len(transport.value()), count * len(chunk))
+        self.assertEqual(self.websocket.transport.producerState, "producing")
+
+    def test_websocket_loss_cancels_pending(self):
+        self.start()
+        self.start(connection_id=1, service="WEB")
+        wrapper, transport = self.complete(0)
+        self.proxy.websocket_ended(self.websocket, WebSocketEnded("retry", "lost"))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.side.pending, {})
+
+    def test_adapter_refusal_resets(self):
+        class Refusing:
+            name = "refusing"
+
+            def destination_target(self, context, connection_id):
+                raise StreamFilterError("no such ticket")
+
+            def destination_filter(self, context, connection_id):
+                return None
+
+        self.patch(destination_module, "resolve_adapter", lambda *a, **k: Refusing())
+        self.start()
+        self.assertEqual(self.reactor.tcpClients, [])
+        ((reset,),) = self.websocket.decoded()
+        self.assertIn(reset.type, (Message.STREAM_RESET, Message.CONNECTION_RESET))
+
+
+class DataListenerTests(TestCase):
+    def test_closes_after_accept_or_timeout(self):
+        reactor = MemoryReactorClock()
+        side = SourceSide({"FTP": 0}, "127.0.0.1", reactor)
+        proxy, websocket = make_proxy(side, reactor)
+        proxy.messages_received([service_ids("FTP")])
+        context = side.contexts["FTP"]
+        self.successResultOf(context.open_data_listener(0x80000001))
+        self.successResultOf(context.open_data_listener(0x80000002))
+        first, second = reactor.tcpServers[1][1], reactor.tcpServers[2][1]
+        first.buildProtocol(PEER).makeConnection(StringTransport())
+        self.assertEqual(len(side._data_listeners), 1)
+        reactor.advance(60)
+        self.assertEqual(side._data_listeners, [])
+        self.assertEqual(reactor.getDelayedCalls(), [])
