@@ -41,6 +41,8 @@ class OptionsTests(TestCase):
         self.assertEqual(options["hostname"], [])
         self.assertEqual(options["max-open-tunnels"], 1000)
         self.assertEqual(options["closed-retention"], 3 * 3600.0)
+        self.assertEqual(options["allow-slow-websocket"], 0)
+        self.assertEqual(options["max-services-per-tunnel"], 3)
 
     def test_values(self) -> None:
         options = self.parse(

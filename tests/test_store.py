@@ -273,3 +273,16 @@ class DurabilityTests(StoreTestCase):
         )
         self.assertIsNone(self.store.get_tunnel(ACCOUNT, "t2"))
         self.assertFalse(self.store._db.in_transaction)
+
+
+class CountTests(StoreTestCase):
+    def test_count_by_status(self) -> None:
+        """The data plane's tunnels gauge counts every account's tunnels by status."""
+        from tunnelkit.service.metrics import ITunnelCounts
+
+        self.assertTrue(verifyObject(ITunnelCounts, self.store))
+        self.assertEqual(self.store.count_tunnels_by_status(), {"OPEN": 0, "CLOSED": 0})
+        self.open("t1")
+        self.open("t2", account=OTHER)
+        self.store.close_tunnel(ACCOUNT, "t1", 1001.0)
+        self.assertEqual(self.store.count_tunnels_by_status(), {"OPEN": 1, "CLOSED": 1})

@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from zope.interface import implementer
 
 from tunnelkit.service import tokens
 from tunnelkit.service.interfaces import DESTINATION, SOURCE, ITunnelStore, PeerGrant
+from tunnelkit.service.metrics import ITunnelCounts
 from tunnelkit.service.store import (
     CLOSED,
     CONNECTED,
@@ -126,7 +127,7 @@ def _tunnel_from_row(row: Sequence[Any], tags: Iterable[Tuple[str, str]] = ()) -
     )
 
 
-@implementer(IControlStore, ITunnelStore)
+@implementer(IControlStore, ITunnelStore, ITunnelCounts)
 class SQLiteStore:
     """The SQLite store.  C{path} is the database file (created with its tables if absent)."""
 
@@ -230,6 +231,13 @@ class SQLiteStore:
             "SELECT COUNT(*) FROM tunnels WHERE account_id = ? AND status = ?", (account_id, OPEN)
         ).fetchone()
         return count
+
+    def count_tunnels_by_status(self) -> Dict[str, int]:
+        """C{{"OPEN": n, "CLOSED": m}} over every account (the data plane's tunnels gauge)."""
+        counts = {OPEN: 0, CLOSED: 0}
+        for status, count in self._db.execute("SELECT status, COUNT(*) FROM tunnels GROUP BY status"):
+            counts[status] = count
+        return counts
 
     def create_tunnel(self, new: NewTunnel, max_open: Optional[int]) -> bool:
         with self._write():

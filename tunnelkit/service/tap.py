@@ -31,6 +31,7 @@ from tunnelkit.service.interfaces import ITunnelEvents
 from tunnelkit.service.notify import NotifyOptions, build_notifier
 from tunnelkit.service.operations import ControlPlane, Limits
 from tunnelkit.service.store_sqlite import SQLiteStore, open_store
+from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 
 # INTEGRATION: the data plane (tunnelkit/service/dataplane.py) is another helper's module; until it
 # exists the service runs without GET /tunnel and says so.  Remove this guard when it lands.
@@ -89,7 +90,7 @@ def duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
-class Options(ModeOptions, DataPlaneOptions, NotifyOptions):  # type: ignore[misc,valid-type]
+class Options(ModeOptions, DataPlaneOptions, NotifyOptions, NvxOptions):  # type: ignore[misc,valid-type]
     """The options of C{--mode service}."""
 
     mode = "service"
@@ -277,6 +278,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     try:
+        require_nvx(bool(options["allow-slow-websocket"]))
         return TunnelService(options, reactor)
-    except ConfigError as e:
+    except (ConfigError, NvxUnavailable) as e:
         raise usage.UsageError(str(e)) from None
