@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -37,7 +35,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from tunnelkit.protocol.message_pb2 import Message
-from tunnelkit.testing import TunnelTestClient, connect_client, tunnel_frame
+from tunnelkit.testing import ServiceProcess, TunnelTestClient, connect_client, tunnel_frame
 
 MB = 1024 * 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -88,70 +86,8 @@ def percentile(values: List[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100.0 * (len(ordered) - 1))))]
 
 
-class Service:
-    """The service in a child process."""
-
-    def __init__(self) -> None:
-        self.state_dir = tempfile.mkdtemp(prefix="tunnelkit-bench-")
-        self.tls_port = free_port()
-        self.tcp_port = free_port()
-        args = [
-            sys.executable, "-m", "twisted",
-            "--log-file", os.path.join(self.state_dir, "service.log"),
-            "tunnelkit", "--mode", "service", "--state-dir", self.state_dir,
-            "--listen", f"ssl:{self.tls_port}:interface=127.0.0.1",
-            "--listen", f"tcp:{self.tcp_port}:interface=127.0.0.1",
-            "--handshakes-per-second", "0", "--max-websockets-per-account", "0",
-            "--max-open-tunnels", "100000",
-        ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.ca_path = os.path.join(self.state_dir, "ca.pem")
-        deadline = time.monotonic() + 30
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError("the service exited: " + self.process.stderr.read().decode())  # type: ignore[union-attr]
-            try:
-                socket.create_connection(("127.0.0.1", self.tls_port), timeout=0.2).close()
-                socket.create_connection(("127.0.0.1", self.tcp_port), timeout=0.2).close()
-                if os.path.exists(os.path.join(self.state_dir, "credentials")):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the service did not start in 30 s")
-            time.sleep(0.1)
-        with open(self.ca_path, "rb") as f:
-            self.ca = f.read()
-        import boto3
-
-        os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.path.join(self.state_dir, "credentials")
-        os.environ.pop("AWS_ACCESS_KEY_ID", None)
-        os.environ.pop("AWS_SECRET_ACCESS_KEY", None)
-        self.api = boto3.client(
-            "iotsecuretunneling",
-            region_name="us-east-1",
-            endpoint_url=f"https://127.0.0.1:{self.tls_port}",
-            verify=self.ca_path,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def open_tunnel(self) -> Dict[str, Any]:
-        return self.api.open_tunnel(destinationConfig={"services": ["SSH"]})
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        shutil.rmtree(self.state_dir, True)
-
-
 @defer.inlineCallbacks
-def tunnel_pair(service: Service, tls: bool) -> Any:
+def tunnel_pair(service: ServiceProcess, tls: bool) -> Any:
     tunnel = service.open_tunnel()
     port = service.tls_port if tls else service.tcp_port
     ca = service.ca if tls else None
@@ -207,7 +143,7 @@ class _Counter:
 
 
 @defer.inlineCallbacks
-def relay_throughput(service: Service, tls: bool, size: int, chunk: int, per_message: int) -> Any:
+def relay_throughput(service: ServiceProcess, tls: bool, size: int, chunk: int, per_message: int) -> Any:
     """
     Bulk transfer source -> destination.  The clients do as little as they can (a prebuilt message,
     a byte counter) so that the relay is what is measured; byte-exactness is the e2e tests' job.
@@ -236,7 +172,7 @@ def relay_throughput(service: Service, tls: bool, size: int, chunk: int, per_mes
 
 
 @defer.inlineCallbacks
-def relay_round_trip(service: Service, tls: bool, count: int) -> Any:
+def relay_round_trip(service: ServiceProcess, tls: bool, count: int) -> Any:
     source, destination = yield tunnel_pair(service, tls)
     yield task.deferLater(reactor, 0.1)
     reply = tunnel_frame(type=Message.DATA, streamId=1, serviceId="SSH", connectionId=1, payload=b"y")
@@ -324,7 +260,7 @@ def direct_tcp(size: int, count: int) -> Any:
 
 
 @defer.inlineCallbacks
-def idle_rss(service: Service, tunnels: int, tls: bool) -> Any:
+def idle_rss(service: ServiceProcess, tunnels: int, tls: bool) -> Any:
     tokens = [service.open_tunnel() for _ in range(tunnels)]
     yield task.deferLater(reactor, 0.5)
     before = rss_kib(service.pid)
@@ -359,7 +295,9 @@ def run(options: argparse.Namespace) -> Any:
     print(autobahn.websocket.USES_NVX)
     base_mbs, base_p50, base_p99 = yield direct_tcp(size, rtts)
     print(f"direct TCP (1 hop, no TLS)        {base_mbs:8.0f} MB/s   rtt p50 {base_p50:.3f} ms  p99 {base_p99:.3f} ms")
-    service = Service()
+    service = ServiceProcess(
+        ["--handshakes-per-second", "0", "--max-websockets-per-account", "0", "--max-open-tunnels", "100000"]
+    )
     try:
         for tls in (True, False):
             scheme = "wss" if tls else "ws "

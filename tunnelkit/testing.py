@@ -44,6 +44,7 @@ __all__ = [
     "tunnel_frame",
     "TunnelTestClient",
     "connect_client",
+    "ServiceProcess",
 ]
 
 V3 = "aws.iot.securetunneling-3.0"
@@ -599,3 +600,109 @@ def connect_client(
         context = ssl.optionsForClientTLS(host, trustRoot=ssl.Certificate.loadPEM(ca_pem))
     connectWS(factory, context)
     return factory.connected
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceProcess:
+    """
+    C{tunnelkit --mode service} in a child process (C{python -m twisted}), on two ephemeral loopback
+    ports: C{tls_port} (wss/https) and C{tcp_port} (ws/http), with its state in a temporary
+    directory.  C{api} is a boto3 C{iotsecuretunneling} client for it (the generated credentials,
+    verified against the generated CA, whose PEM is C{ca}).  Always call L{stop}.
+    """
+
+    def __init__(self, extra_args: Sequence[str] = (), timeout: float = 30.0) -> None:
+        import shutil
+        import socket
+        import subprocess
+        import sys
+        import tempfile
+        import time
+
+        self.state_dir = tempfile.mkdtemp(prefix="tunnelkit-service-")
+        self.tls_port = _free_port()
+        self.tcp_port = _free_port()
+        args = [
+            sys.executable, "-m", "twisted",
+            "--log-file", os.path.join(self.state_dir, "service.log"),
+            "tunnelkit", "--mode", "service", "--state-dir", self.state_dir,
+            "--listen", f"ssl:{self.tls_port}:interface=127.0.0.1",
+            "--listen", f"tcp:{self.tcp_port}:interface=127.0.0.1",
+            *extra_args,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.ca_path = os.path.join(self.state_dir, "ca.pem")
+        credentials_path = os.path.join(self.state_dir, "credentials")
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    error = self.process.stderr.read().decode()  # type: ignore[union-attr]
+                    raise RuntimeError(f"the service exited at start: {error}")
+                try:
+                    for port in (self.tls_port, self.tcp_port):
+                        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    if os.path.exists(credentials_path):
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the service did not start in {timeout} s")
+                time.sleep(0.05)
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            shutil.rmtree(self.state_dir, True)
+            raise
+        with open(self.ca_path, "rb") as f:
+            self.ca = f.read()
+        import configparser
+
+        import boto3
+
+        credentials = configparser.ConfigParser()
+        credentials.read(credentials_path)
+        section = credentials[credentials.sections()[0]]
+        session = boto3.session.Session(
+            aws_access_key_id=section["aws_access_key_id"],
+            aws_secret_access_key=section["aws_secret_access_key"],
+            region_name="us-east-1",
+        )
+        self.api = session.client(
+            "iotsecuretunneling",
+            endpoint_url=f"https://127.0.0.1:{self.tls_port}",
+            verify=self.ca_path,
+        )
+
+    @property
+    def pid(self) -> int:
+        """The service's process id."""
+        return int(self.process.pid)
+
+    def open_tunnel(self, services: Sequence[str] = ("SSH",), **kwargs: Any) -> Dict[str, Any]:
+        """OpenTunnel through the API (C{services} empty: no destinationConfig)."""
+        if services:
+            kwargs["destinationConfig"] = {"services": list(services)}
+        return dict(self.api.open_tunnel(**kwargs))
+
+    def stop(self) -> None:
+        """Stop the service and remove its state."""
+        import shutil
+        import subprocess
+
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        shutil.rmtree(self.state_dir, True)
