@@ -32,10 +32,10 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest, HTTPHeaders
+from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from twisted.logger import Logger
 
@@ -152,14 +152,30 @@ def ensure_initial_credentials(
 # --- verification ---
 
 
+class _SignedHeaders:
+    """
+    The headers a client signed, in the two ways botocore's signer reads them (iteration over the
+    lower-case names, and C{get_all}); lighter than botocore's email-based C{HTTPHeaders}.
+    """
+
+    def __init__(self, values: Dict[str, List[str]]) -> None:
+        self._values = values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def get_all(self, name: str) -> List[str]:
+        return self._values[name]
+
+
 class _ReceivedRequestSigner(SigV4Auth):
     """botocore's SigV4 signer, restricted to the headers the client says it signed."""
 
-    def __init__(self, credentials: Credentials, region: str, signed: HTTPHeaders) -> None:
+    def __init__(self, credentials: Credentials, region: str, signed: _SignedHeaders) -> None:
         super().__init__(credentials, SIGNING_NAME, region)
         self._signed = signed
 
-    def headers_to_sign(self, request: AWSRequest) -> HTTPHeaders:
+    def headers_to_sign(self, request: AWSRequest) -> _SignedHeaders:  # type: ignore[override]
         return self._signed
 
 
@@ -300,19 +316,20 @@ class SigV4Verifier:
                 "(this service requires a signed payload)",
             )
 
-        signed = HTTPHeaders()
+        signed: Dict[str, List[str]] = {}
         for name in signed_names:
             values = received.get(name)
             if values is None:
                 raise AuthError("InvalidSignatureException", f"Signed header {name!r} is not in the request")
-            for value in values:
-                signed[name] = value
+            signed[name] = values
         host = received["host"][0]
         request = AWSRequest(method=method, url=f"https://{host}{raw_path}", data=body)
         if claimed:
             request.headers["X-Amz-Content-SHA256"] = claimed[0]
         request.context["timestamp"] = timestamp
-        signer = _ReceivedRequestSigner(Credentials(key.access_key_id, key.secret_access_key), self._region, signed)
+        signer = _ReceivedRequestSigner(
+            Credentials(key.access_key_id, key.secret_access_key), self._region, _SignedHeaders(signed)
+        )
         canonical = signer.canonical_request(request)
         expected = signer.signature(signer.string_to_sign(request, canonical), request)
         if not hmac.compare_digest(expected, fields["Signature"]):
