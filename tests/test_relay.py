@@ -485,6 +485,15 @@ class PeerTests(ServiceTestCase):
         self.assertEqual(destination.close_frame(), (1008, "Access token rotated"))
         self.assertIsNone(source.close_frame())
 
+    def test_shutdown(self) -> None:
+        tunnel, source, destination = self.pair()
+        self.relay.shutdown()
+        self.assertEqual(source.close_frame(), (1001, "Service shutting down"))
+        self.assertEqual(destination.close_frame(), (1001, "Service shutting down"))
+        source.lose()
+        destination.lose()
+        self.assertEqual(self.relay.links, {})
+
     def test_events_for_unknown_tunnels(self) -> None:
         self.relay.tunnel_closed("nope", "closed")
         self.relay.token_rotated("nope", "source")

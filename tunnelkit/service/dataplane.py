@@ -144,11 +144,12 @@ class TunnelResource(WebSocketResource):
 
     def render(self, request: Any) -> Any:
         transport = request.channel.transport
-        if transport is not None:
-            producer_owner = transport
+        if transport is not None and getattr(transport, "producer", True) is not None:
+            # HTTPChannel registered itself in connectionMade; a TCP or TLS transport has exactly
+            # one producer slot.  (StringTransport raises when none is registered.)
             try:
-                producer_owner.unregisterProducer()
-            except Exception:
+                transport.unregisterProducer()
+            except RuntimeError:
                 pass
         return super().render(request)
 

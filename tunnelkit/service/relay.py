@@ -62,6 +62,7 @@ Close codes the service sends
   1008  C{Access token rotated}                     RotateTunnelAccessToken for this side
   1008  C{Connection replaced by a new peer}        a new connection for the same side
   1008  C{Protocol violation (<rule>): <detail>}    a frame broke a rule of reference section 1.7
+  1001  C{Service shutting down}                    L{Relay.shutdown} (the service is stopping)
   1009  (autobahn)                                  a WebSocket frame or message over 131076 bytes
   ====  ==========================================  ===========================================
 
@@ -146,6 +147,7 @@ CLIENT_TOKEN_HEADER = "client-token"
 CLIENT_TOKEN_RE = re.compile(r"\A[a-zA-Z0-9-]{32,128}\Z")
 
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 
 REASON_CLOSED = "Tunnel closed"
@@ -650,7 +652,9 @@ class Relay:
     # --- ITunnelEvents ---
 
     def _close_peer(self, peer: "PeerProtocol", why: str) -> None:
-        if why == "expired":
+        if why == "shutdown":
+            peer.close_by_service(CLOSE_GOING_AWAY, "Service shutting down", "shutdown")
+        elif why == "expired":
             peer.close_by_service(CLOSE_NORMAL, REASON_EXPIRED, "tunnel-expired")
         else:
             peer.close_by_service(CLOSE_NORMAL, REASON_CLOSED, "tunnel-closed")
@@ -681,6 +685,16 @@ class Relay:
             channel_id=peer.channel_id,
         )
         peer.close_by_service(CLOSE_POLICY, REASON_ROTATED, "token-rotated")
+
+    def shutdown(self, reason: str = "Service shutting down") -> None:
+        """Close every peer with 1001 (going away), e.g. when the service stops."""
+        for link in list(self.links.values()):
+            link.closed_reason = link.closed_reason or "shutdown"
+            if link.expiry_call is not None and link.expiry_call.active():
+                link.expiry_call.cancel()
+            link.expiry_call = None
+            for peer in list(link.peers.values()):
+                peer.close_by_service(CLOSE_GOING_AWAY, reason, "shutdown")
 
     # --- introspection ---
 
