@@ -555,3 +555,17 @@ class IsolationTests(ServiceTestCase, ErrorAssertions):
         tunnel = self.api.describe_tunnel(tunnelId=tunnel_id)["tunnel"]
         self.assertEqual((tunnel["status"], tunnel.get("tags")), ("OPEN", None))
         self.assertEqual(self.service.events.calls, [])
+
+
+class ExpectContinueTests(ServiceTestCase):
+    def test_no_continue_after_refusal(self) -> None:
+        """A too-large body announced with Expect: 100-continue gets only the 413, never a 100."""
+        protocol = self.service.site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\nContent-Length: 10485760\r\n\r\n"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertNotIn(b"100 Continue", transport.value())
+        protocol.connectionLost(None)

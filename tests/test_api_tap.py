@@ -261,3 +261,43 @@ class ListenFailureTests(TestCase):
         error = self.assertRaises(Exception, service.startService)
         self.assertIn("cannot listen", str(error))
         service.stopService()
+
+
+class CertificateTests(TestCase):
+    def test_reissue_on_new_hostname(self) -> None:
+        """A new --hostname reissues the server certificate with the same CA; no change keeps it."""
+        from cryptography import x509
+
+        state = self.mktemp()
+        first = ensure_certificates(state, ["a.example"])
+        with open(first.ca_cert, "rb") as f:
+            ca = f.read()
+        with open(first.server_cert, "rb") as f:
+            server = f.read()
+        ensure_certificates(state, ["a.example"])
+        with open(first.server_cert, "rb") as f:
+            self.assertEqual(f.read(), server)
+        ensure_certificates(state, ["a.example", "b.example"])
+        with open(first.ca_cert, "rb") as f:
+            self.assertEqual(f.read(), ca)
+        with open(first.server_cert, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(
+            sorted(san.get_values_for_type(x509.DNSName)), ["a.example", "b.example", "localhost"]
+        )
+        self.assertEqual(sorted(str(ip) for ip in san.get_values_for_type(x509.IPAddress)), ["127.0.0.1", "::1"])
+        ca_cert = x509.load_pem_x509_certificate(ca)
+        cert.verify_directly_issued_by(ca_cert)
+        for name in ("ca.key", "server.key"):
+            self.assertEqual(os.stat(os.path.join(state, name)).st_mode & 0o077, 0)
+
+    def test_missing_ca(self) -> None:
+        """A server certificate without its CA is an error naming the files, not a silent new CA."""
+        from tunnelkit.errors import ConfigError
+
+        state = self.mktemp()
+        ensure_certificates(state)
+        os.remove(os.path.join(state, "ca.pem"))
+        error = self.assertRaises(ConfigError, ensure_certificates, state)
+        self.assertIn("ca.pem", str(error))

@@ -81,6 +81,7 @@ class BoundedRequest(server.Request):
 
     def _refuse(self, message: str) -> None:
         self._too_large = True
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after this answer
         body = error_body("RequestEntityTooLargeException", message)
         head = (
             b"HTTP/1.1 413 Request Entity Too Large\r\n"
