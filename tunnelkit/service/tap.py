@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, List, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
@@ -158,11 +158,14 @@ def listen_description(description: str, certificates: ServiceCertificates) -> s
 class _Listener(Service):
     """Listens on one endpoint; a failure to listen at start-up is a clear error."""
 
-    def __init__(self, reactor: Any, description: str, shown: str, factory: Any) -> None:
+    def __init__(
+        self, reactor: Any, description: str, shown: str, factory: Any, on_listening: Callable[[str], None]
+    ) -> None:
         self._reactor = reactor
         self._description = description
         self.shown = shown
         self._factory = factory
+        self._on_listening = on_listening
         self.port: Optional[IListeningPort] = None
         self.listening: Optional[Deferred] = None
 
@@ -185,6 +188,7 @@ class _Listener(Service):
         base = f"{'https' if secure else 'http'}://{host}:{getattr(address, 'port', '')}"
         ws = base.replace("http", "ws", 1)
         log.info("API listening on {url}/  (data plane {ws}/tunnel)", url=base, ws=ws)
+        self._on_listening(base)
         return port
 
     def stopService(self) -> Optional[Deferred]:  # type: ignore[override]
@@ -251,7 +255,9 @@ class TunnelService(MultiService):
         self.site = ServiceSite(root)
         self.listeners: List[_Listener] = []
         for description in options["listen"]:
-            listener = _Listener(reactor, listen_description(description, self.certificates), description, self.site)
+            listener = _Listener(
+                reactor, listen_description(description, self.certificates), description, self.site, self._announce
+            )
             listener.setServiceParent(self)
             self.listeners.append(listener)
         _StoreCloser(self.store).setServiceParent(self)
@@ -264,12 +270,23 @@ class TunnelService(MultiService):
                 account_id=self.account.account_id,
                 path=self.credentials_path,
             )
+        log.info("API credentials (AWS shared-credentials format): {path}", path=self.credentials_path)
+        self._announced = False
+
+    def _announce(self, url: str) -> None:
+        """Show, once, how to call the API at C{url} with the generated credentials."""
+        if self._announced:
+            return
+        self._announced = True
+        ca = f" --ca-bundle {self.certificates.ca_cert}" if url.startswith("https:") else ""
         log.info(
-            "API credentials: {path}  (e.g. AWS_SHARED_CREDENTIALS_FILE={path} aws iotsecuretunneling "
-            "list-tunnels --endpoint-url https://127.0.0.1:8443 --ca-bundle {ca} --region {region})",
+            "Try: AWS_SHARED_CREDENTIALS_FILE={path} aws iotsecuretunneling list-tunnels --endpoint-url {url}"
+            "{ca} --region {region}   or: tunnelkit list-tunnels --endpoint-url {url} --state-dir {state}",
             path=self.credentials_path,
-            ca=self.certificates.ca_cert,
+            url=url,
+            ca=ca,
             region=self.region,
+            state=self.state_dir,
         )
 
 
