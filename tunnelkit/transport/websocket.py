@@ -25,7 +25,6 @@ The hot path skips autobahn's per-call debug formatting (performance.md: +10 %).
 from __future__ import annotations
 
 import platform
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 from urllib.parse import urlsplit
