@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import tempfile
 import shutil
 from typing import Any, Dict, List, Optional, Sequence, Tuple

@@ -9,9 +9,8 @@ import io
 import json
 import os
 import stat
-from typing import Any, List, Tuple
+from typing import Any, Tuple
 
-from botocore.exceptions import ClientError
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase

@@ -20,7 +20,7 @@ import re
 import unicodedata
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -29,7 +29,7 @@ from tunnelkit.errors import TunnelkitError
 from tunnelkit.service import tokens
 from tunnelkit.service.interfaces import DESTINATION, SOURCE, INotifier, ITunnelEvents
 from tunnelkit.service.lifecycle import TunnelLifecycle
-from tunnelkit.service.store import OPEN, Account, IControlStore, NewTunnel, Tunnel
+from tunnelkit.service.store import Account, IControlStore, NewTunnel, Tunnel
 
 log = Logger()
 
@@ -582,8 +582,3 @@ class ControlPlane:
         if tunnel is None:
             raise not_found(tunnel_id)
         return {"tags": [{"key": k, "value": v} for k, v in tunnel.tags]}
-
-
-def operation_names() -> Sequence[str]:
-    """The operations the API serves."""
-    return ControlPlane.OPERATIONS

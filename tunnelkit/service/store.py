@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
-from zope.interface import Interface
-
 from tunnelkit.errors import TunnelkitError
 from tunnelkit.service.interfaces import ITunnelStore
 
