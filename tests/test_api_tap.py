@@ -258,8 +258,15 @@ class ListenFailureTests(TestCase):
             ["--mode", "service", "--state-dir", state_dir, "--listen", f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"]
         )
         service = tap.TunnelService(options, reactor)
-        error = self.assertRaises(Exception, service.startService)
-        self.assertIn("cannot listen", str(error))
+        import io
+        import sys
+
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        error = self.assertRaises(SystemExit, service.startService)
+        self.assertEqual(error.code, 1)
+        self.assertIn("cannot listen", stderr.getvalue())
+        self.assertIn("Address already in use", stderr.getvalue())
         service.stopService()
 
 

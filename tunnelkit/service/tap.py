@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, List, Mapping, Optional
+import sys
+from typing import Any, Callable, List, Mapping, NoReturn, Optional
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
@@ -30,6 +31,7 @@ from tunnelkit.service.certs import ServiceCertificates, ensure_certificates
 from tunnelkit.service.interfaces import ITunnelEvents
 from tunnelkit.service.notify import NotifyOptions, build_notifier
 from tunnelkit.service.operations import ControlPlane, Limits
+from tunnelkit.service.store import StoreError
 from tunnelkit.service.store_sqlite import SQLiteStore, open_store
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 
@@ -273,6 +275,14 @@ class TunnelService(MultiService):
         log.info("API credentials (AWS shared-credentials format): {path}", path=self.credentials_path)
         self._announced = False
 
+    def startService(self) -> None:
+        """Start every part; a listener that cannot listen ends the process with a one-line error."""
+        try:
+            super().startService()
+        except ConfigError as e:
+            log.error("{message}", message=str(e))
+            _exit_with(str(e))
+
     def _announce(self, url: str) -> None:
         """Show, once, how to call the API at C{url} with the generated credentials."""
         if self._announced:
@@ -297,5 +307,14 @@ def makeService(options: Options) -> IService:
     try:
         require_nvx(bool(options["allow-slow-websocket"]))
         return TunnelService(options, reactor)
-    except (ConfigError, NvxUnavailable) as e:
-        raise usage.UsageError(str(e)) from None
+    except (ConfigError, NvxUnavailable, StoreError) as e:
+        _exit_with(str(e))
+    except OSError as e:
+        _exit_with(f"--state-dir {options['state-dir']}: {e.filename or ''}: {e.strerror or e}")
+    raise AssertionError("not reached")
+
+
+def _exit_with(message: str) -> NoReturn:
+    """End C{twistd} before it starts, with one line on stderr and status 1 (no traceback)."""
+    sys.stderr.write(f"tunnelkit: error: {message}\n")
+    sys.exit(1)
