@@ -258,5 +258,26 @@ class AgentTests(SynchronousTestCase):
         self.assertTrue(all(s.stopped for s in self.starter.sessions))
         self.assertEqual(agent.running_sessions(), [])
 
+    def test_stop_is_bounded(self) -> None:
+        """A session that never finishes closing holds the agent's stop for stop_timeout seconds only."""
+        hanging = Deferred()
+        agent = Agent("t1", self.client, self.starter, DEFAULT_TARGETS, clock=self.reactor, stop_timeout=3.0)
+        agent.startService()
+        self.client.startService()
+        broker = BrokerSide(self.reactor, 0)
+        broker.take()
+        broker.feed(CONNACK_OK)
+        broker.feed(publish(TOPIC, payload(), qos=1, mid=1))
+        [session] = self.starter.sessions
+        session.stop = lambda: hanging
+        d = agent.stopService()
+        self.reactor.advance(2.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.2)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertTrue(any("did not close within" in e.get("log_format", "") for e in self.logged))
+        self.client.stopService()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_bad_thing_name(self) -> None:
         self.assertRaises(ValueError, Agent, "t1/#", self.client, self.starter, DEFAULT_TARGETS)

@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
@@ -206,7 +207,13 @@ class Agent(Service):
         targets: Mapping[str, Target],
         proxy_endpoint: Optional[str] = None,
         remembered_tokens: int = 1024,
+        clock: Optional[IReactorTime] = None,
+        stop_timeout: float = 3.0,
     ) -> None:
+        """
+        @param clock: with it, stopping waits at most C{stop_timeout} seconds for the sessions to
+            close (a peer that never answers a close must not hold the process).
+        """
         self.thing_name = thing_name
         self.topic = notify_topic(thing_name)
         self.mqtt = mqtt
@@ -216,6 +223,8 @@ class Agent(Service):
         self._seen: "OrderedDict[str, None]" = OrderedDict()
         self._remembered = remembered_tokens
         self.sessions: Dict[str, Tuple[Notification, IDestinationSession]] = {}
+        self._clock = clock
+        self._stop_timeout = stop_timeout
 
     def startService(self) -> None:
         super().startService()
@@ -231,7 +240,18 @@ class Agent(Service):
         super().stopService()
         sessions, self.sessions = self.sessions, {}
         stops = [maybeDeferred(session.stop) for _, session in sessions.values()]
-        return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
+        done: Deferred = DeferredList(stops, consumeErrors=True)
+        if self._clock is not None and stops:
+
+            def gave_up(result: Any, timeout: float) -> None:
+                log.warn(
+                    "{count} destination session(s) did not close within {timeout} s; stopping anyway",
+                    count=len(stops),
+                    timeout=timeout,
+                )
+
+            done.addTimeout(self._stop_timeout, self._clock, onTimeoutCancel=gave_up)
+        return done.addCallback(lambda _: None)
 
     def notification_received(self, topic: str, payload: bytes) -> None:
         """Handle one message of the notify topic (the MQTT client's handler)."""

@@ -230,7 +230,14 @@ def makeService(options: Options) -> IService:
         web_proxy=options.web_proxy,
         adapter_overrides=options.adapter_overrides,
     )
-    agent = Agent(options["thing-name"], client, starter, options.targets, proxy_endpoint=options["proxy-endpoint"])
+    agent = Agent(
+        options["thing-name"],
+        client,
+        starter,
+        options.targets,
+        proxy_endpoint=options["proxy-endpoint"],
+        clock=reactor,
+    )
     agent.setServiceParent(top)
     client.setServiceParent(top)
     return top

@@ -170,4 +170,42 @@ class Mosquitto:
         return "".join(self.logs) + current
 
 
-__all__ = ["Mosquitto", "free_port"]
+
+
+class HarnessMosquitto(Mosquitto):
+    """
+    The same broker run as a process of L{tests.e2e.harness.Harness} (blocking calls, for tests that
+    drive subprocesses synchronously); cleaned up with the harness.
+
+        broker = HarnessMosquitto(harness)
+        broker.start(); ...; broker.stop(); broker.start()   # an outage, same port and sessions
+    """
+
+    def __init__(self, harness, users: Optional[Dict[str, str]] = None, persistence: bool = True) -> None:
+        super().__init__(None, users, persistence)
+        self._harness = harness
+        self.process = None
+        harness.testcase.addCleanup(shutil.rmtree, self.directory, True)
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:  # type: ignore[override]
+        """Start the broker and wait until it listens."""
+        assert self.process is None or not self.process.running(), "already running"
+        log_path = os.path.join(self.directory, "mosquitto.log")
+        before = 0
+        if os.path.exists(log_path):  # a restart appends to the same log
+            with open(log_path, "rb") as f:
+                before = len(f.read().decode("utf-8", "replace"))
+        self.process = self._harness.spawn("mosquitto", [MOSQUITTO, "-c", self.config], cwd=self.directory)
+        self.process.wait_for_log(r"Opening ipv4 listen socket on port", timeout, start=before)
+
+    def stop(self) -> None:  # type: ignore[override]
+        """Stop the broker (SIGTERM: it saves its sessions)."""
+        if self.process is not None:
+            self.process.terminate()
+
+    @property
+    def output(self) -> str:
+        return self.process.log() if self.process is not None else ""
+
+
+__all__ = ["Mosquitto", "HarnessMosquitto", "free_port"]
