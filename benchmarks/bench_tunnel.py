@@ -171,17 +171,27 @@ class PeakRss:
         self._thread.join()
 
 
-def measure(name: str, sink_port: int, echo_port: int, args: argparse.Namespace) -> Dict[str, float]:
-    one = statistics.median(bulk(sink_port, args.megabytes, 1) for _ in range(args.repeat))
-    eight = statistics.median(bulk(sink_port, args.megabytes, 8) for _ in range(args.repeat))
-    p50, p99 = round_trips(echo_port, args.round_trips)
-    print(f"  {name:<22} 1 conn {one:8.1f} MB/s   8 conns {eight:8.1f} MB/s   RTT p50 {p50:6.3f} ms  p99 {p99:6.3f} ms",
-          flush=True)
-    return {"one": one, "eight": eight, "p50": p50, "p99": p99}
+def measure_rounds(paths: Dict[str, Tuple[int, int]], args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
+    """
+    Interleaved rounds (every path once per round, in turn), so that load from anything else on
+    the machine hits every path alike; medians over the rounds.
+    """
+    samples: Dict[str, Dict[str, List[float]]] = {name: {"one": [], "eight": []} for name in paths}
+    for round_number in range(args.repeat):
+        for name, (sink_port, _) in paths.items():
+            samples[name]["one"].append(bulk(sink_port, args.megabytes, 1))
+            samples[name]["eight"].append(bulk(sink_port, args.megabytes, 8))
+    results: Dict[str, Dict[str, float]] = {}
+    for name, (_, echo_port) in paths.items():
+        p50, p99 = round_trips(echo_port, args.round_trips)
+        one, eight = statistics.median(samples[name]["one"]), statistics.median(samples[name]["eight"])
+        results[name] = {"one": one, "eight": eight, "p50": p50, "p99": p99}
+        print(f"  {name:<22} 1 conn {one:8.1f} MB/s   8 conns {eight:8.1f} MB/s   "
+              f"RTT p50 {p50:6.3f} ms  p99 {p99:6.3f} ms", flush=True)
+    return results
 
 
 def tunnel_paths(h: Harness, tls: bool, sink: int, echo: int) -> Tuple[int, int, Dict[str, Process]]:
-    h.service = None
     h.start_service(tls=tls, name=f"service-{'wss' if tls else 'ws'}")
     tunnel = h.open_tunnel(["SINK", "ECHO"])
     destination = h.start_destination(tunnel.destination_token, f"SINK={sink},ECHO={echo}")
@@ -200,22 +210,19 @@ def main() -> None:
 
     cleanups = _Cleanups()
     h = Harness(cleanups)
-    results: Dict[str, Dict[str, float]] = {}
-    rss: Dict[str, Dict[str, Tuple[float, float]]] = {}
     try:
         sink, echo = free_port(), free_port()
         servers = h.spawn("servers", [sys.executable, "-c", SERVER_SCRIPT, str(sink), str(echo)])
         servers.wait_for_log("servers ready")
         print(f"bench_tunnel: {args.megabytes} MiB per bulk run, median of {args.repeat}; "
               f"{args.round_trips} round trips; {os.cpu_count()} CPUs", flush=True)
-        results["direct TCP"] = measure("direct TCP", sink, echo, args)
-
+        paths: Dict[str, Tuple[int, int]] = {"direct TCP": (sink, echo)}
         sshd = h.start_sshd()
         forward_sink, forward_echo = free_port(), free_port()
-        ssh = h.spawn("ssh-L", [SSH, *sshd.ssh_options(sshd.port), "-N", "-p", str(sshd.port),
-                                "-o", "Ciphers=aes128-gcm@openssh.com",
-                                "-L", f"127.0.0.1:{forward_sink}:127.0.0.1:{sink}",
-                                "-L", f"127.0.0.1:{forward_echo}:127.0.0.1:{echo}", f"{sshd.user}@127.0.0.1"])
+        h.spawn("ssh-L", [SSH, *sshd.ssh_options(sshd.port), "-N", "-p", str(sshd.port),
+                          "-o", "Ciphers=aes128-gcm@openssh.com",
+                          "-L", f"127.0.0.1:{forward_sink}:127.0.0.1:{sink}",
+                          "-L", f"127.0.0.1:{forward_echo}:127.0.0.1:{echo}", f"{sshd.user}@127.0.0.1"])
 
         def forwarding() -> bool:
             try:
@@ -225,19 +232,22 @@ def main() -> None:
                 return False
 
         wait_until(forwarding, 30, "ssh -L to listen")
-        results["ssh -L"] = measure("ssh -L (aes128-gcm)", forward_sink, forward_echo, args)
-        ssh.terminate()
-
+        paths["ssh -L"] = (forward_sink, forward_echo)
+        all_processes: Dict[str, Dict[str, Process]] = {}
         for tls in (False, True):
             label = "tunnel wss://" if tls else "tunnel ws://"
             tunnel_sink, tunnel_echo, processes = tunnel_paths(h, tls, sink, echo)
-            time.sleep(1.0)
-            idle = {name: rss_mb(p.pid) for name, p in processes.items()}
-            with PeakRss(processes) as peak:
-                results[label] = measure(label, tunnel_sink, tunnel_echo, args)
-            rss[label] = {name: (idle[name], peak.peak[name]) for name in processes}
-            for p in processes.values():
-                p.terminate()
+            paths[label] = (tunnel_sink, tunnel_echo)
+            all_processes[label] = processes
+        time.sleep(1.0)
+        idle = {label: {name: rss_mb(p.pid) for name, p in procs.items()} for label, procs in all_processes.items()}
+        flat = {f"{label} {name}": p for label, procs in all_processes.items() for name, p in procs.items()}
+        with PeakRss(flat) as peak:
+            results = measure_rounds(paths, args)
+        rss = {
+            label: {name: (idle[label][name], peak.peak[f"{label} {name}"]) for name in procs}
+            for label, procs in all_processes.items()
+        }
     finally:
         cleanups.run()
 

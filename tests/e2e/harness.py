@@ -278,13 +278,18 @@ class Harness:
 
     # --- the service ---
 
-    def start_service(self, tls: bool = False, port: int = 0, extra: Sequence[str] = (), name: str = "service") -> Service:
-        """Start (or, with the previous service's C{port}, restart) C{--mode service}."""
-        state_dir = self.service.state_dir if self.service else os.path.join(self.directory("service"), "state")
+    def start_service(self, tls: bool = False, port: int = 0, extra: Sequence[str] = (), name: str = "service",
+                      state_dir: Optional[str] = None) -> Service:
+        """
+        Start C{--mode service} on C{port} (0: ephemeral) with a fresh state directory under the
+        process's own directory (or C{state_dir}); it becomes L{Harness.service}, which the API and
+        proxy helpers use.  Several services may run at once under different names.
+        """
+        state_dir = state_dir or os.path.join(self.directory(name), "state")
         kind = "ssl" if tls else "tcp"
         listen = f"{kind}:{port}:interface=127.0.0.1"
         process = self.twistd(name, ["--mode", "service", "--listen", listen, "--state-dir", state_dir, *extra],
-                              cwd=self.directory("service"))
+                              cwd=self.directory(name))
         match = process.wait_for_log(r"API listening on https?://127\.0\.0\.1:(\d+)/")
         self.service = Service(process, int(match.group(1)), tls, state_dir, listen)
         return self.service
@@ -293,7 +298,9 @@ class Harness:
         """Start the service again on the same port and state directory (after L{kill_service})."""
         assert self.service is not None
         previous = self.service
-        return self.start_service(previous.secure, previous.port, name=f"service-{len(self.processes)}")
+        return self.start_service(
+            previous.secure, previous.port, name=f"{previous.process.name}-restarted", state_dir=previous.state_dir
+        )
 
     def kill_service(self) -> None:
         """kill -9 the service."""
