@@ -2,6 +2,10 @@
 Tests for the SQLite store (L{tunnelkit.service.store_sqlite}) behind L{IControlStore}: the data plane's
 L{ITunnelStore.claim_peer} contract, connection states, lifecycle queries, accounts and keys, and
 durability.
+
+The contract tests (every class but L{SQLiteOnlyTests}) build their store with
+L{StoreTestCase.make_store}: another implementation (PostgreSQL) runs them by subclassing each with
+its own C{make_store}.
 """
 
 from __future__ import annotations
@@ -38,10 +42,14 @@ class StoreTestCase(TestCase):
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="tunnelkit-store-")
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.store = open_store(self.dir)
+        self.store = self.make_store(self.dir)
         self.addCleanup(self.store.close)
         self.store.create_account("default", ACCOUNT, 0)
         self.store.create_account("other", OTHER, 0)
+
+    def make_store(self, directory: str) -> IControlStore:
+        """The store under test, fresh, keeping any files in C{directory}."""
+        return open_store(directory)
 
     def open(
         self,
@@ -69,6 +77,10 @@ class InterfaceTests(StoreTestCase):
     def test_provides(self) -> None:
         self.assertTrue(verifyObject(IControlStore, self.store))
         self.assertTrue(verifyObject(ITunnelStore, self.store))
+
+
+class SQLiteOnlyTests(StoreTestCase):
+    """What is particular to the SQLite file."""
 
     def test_private_file(self) -> None:
         mode = stat.S_IMODE(os.stat(os.path.join(self.dir, DATABASE_NAME)).st_mode)

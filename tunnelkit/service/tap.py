@@ -272,7 +272,16 @@ class TunnelService(MultiService):
                 account_id=self.account.account_id,
                 path=self.credentials_path,
             )
-        log.info("API credentials (AWS shared-credentials format): {path}", path=self.credentials_path)
+        if os.path.exists(self.credentials_path):
+            log.info("API credentials (AWS shared-credentials format): {path}", path=self.credentials_path)
+        else:
+            log.warn(
+                "No credentials file {path} (access keys exist in the database): write a new key there with "
+                "'tunnelkit admin create-key {account} --state-dir {state} --credentials-file {path}'",
+                path=self.credentials_path,
+                account=self.account.name,
+                state=self.state_dir,
+            )
         self._announced = False
 
     def startService(self) -> None:
