@@ -279,6 +279,41 @@ def build_session(options: Options, reactor: Any, clock: Any = None) -> LocalPro
     return session
 
 
+def _filter_process_logs(verbosity: int) -> None:
+    """
+    Apply C{-v} to every log line of the process: 0 nothing, 1 critical, 2 error, 3 warning,
+    4 info (default), 5 debug, 6+ also autobahn's own debug (trace) lines.
+
+    twistd starts logging after makeService, through L{globalLogBeginner}: each observer it hands over
+    is wrapped in a level filter.
+    """
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        PredicateResult,
+        globalLogBeginner,
+    )
+
+    if verbosity >= 6:
+        import txaio
+
+        txaio.set_global_log_level("debug")
+    if verbosity == 0:
+        predicates: List[Any] = [lambda event: PredicateResult.no]
+    else:
+        level = {1: LogLevel.critical, 2: LogLevel.error, 3: LogLevel.warn, 4: LogLevel.info}.get(
+            verbosity, LogLevel.debug
+        )
+        predicates = [LogLevelFilterPredicate(defaultLogLevel=level)]
+    begin = globalLogBeginner.beginLoggingTo
+
+    def filtered_begin(observers: Any, *args: Any, **kwargs: Any) -> Any:
+        return begin([FilteringLogObserver(o, predicates) for o in observers], *args, **kwargs)
+
+    globalLogBeginner.beginLoggingTo = filtered_begin  # type: ignore[method-assign]
+
+
 _exit_status: List[int] = []
 
 
@@ -327,10 +362,7 @@ def makeService(options: Options) -> IService:
             "the proxy: {proxy}",
             proxy=str(options.service_endpoint.web_proxy),
         )
-    if options["verbose"] >= 6:
-        import txaio
-
-        txaio.set_global_log_level("debug")
+    _filter_process_logs(options["verbose"])
     if options.mapping:
         log.info("Use port mapping:")
         for service_id, endpoint in options.mapping.items():
