@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import stat
 from typing import Any, Tuple
 
@@ -239,8 +240,11 @@ class ApiCommandTests(TestCase):
         self.assertEqual(status, 255)
         self.assertIn("ValidationException", err)
         self.assertIn("maxLifetimeTimeoutMinutes", err)
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            nobody = f"https://127.0.0.1:{unused.getsockname()[1]}"
         status, out, err = yield deferToThread(
-            run, "list-tunnels", "--state-dir", self.service.state_dir, "--endpoint-url", "https://127.0.0.1:1"
+            run, "list-tunnels", "--state-dir", self.service.state_dir, "--endpoint-url", nobody
         )
         self.assertEqual(status, 255)
         self.assertIn("is the service running?", err)
