@@ -188,6 +188,8 @@ class LocalProxySession(MultiService):
             self.perform(self.session.websocket_lost())
             self.side.websocket_lost()
         if ended.kind == "retry":
+            if not self.running:
+                return  # we are stopping: the WebSocket was closed on purpose
             self.log.warn(
                 "{message}; reconnecting to {url} (the delay follows)", message=ended.message, url=self.url
             )

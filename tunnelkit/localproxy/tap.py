@@ -90,6 +90,13 @@ class Options(NvxOptions, ModeOptions):
     """The local proxy's options, for both C{--mode source} and C{--mode destination}."""
 
     mode = "source"  # the plugin sets "source" or "destination" before parsing
+    synopsis = "Usage: twistd -n tunnelkit --mode source|destination [options]"
+    longdesc = (
+        "The local proxy, a drop-in for AWS's localproxy. Source: listen for local clients (-s) and carry "
+        "their connections through the tunnel. Destination: connect each stream to its target (-d). "
+        "Exit status: 0 when the tunnel is closed, 1 on a usage error, a refused token or a mapping "
+        "that does not match the tunnel."
+    )
 
     optFlags = [
         ["no-ssl-host-verify", "k", "Do not check the service's TLS certificate or host name (DANGEROUS)."],
