@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("describe-tunnel", "Describe a tunnel.")
     p.add_argument("--tunnel-id", required=True)
 
-    p = command("list-tunnels", "List tunnels, newest first (all pages unless --max-results/--next-token).")
+    p = command("list-tunnels", "List tunnels, newest first, one page (pass on its nextToken for the next).")
     p.add_argument("--thing-name")
     p.add_argument("--max-results", type=int)
     p.add_argument("--next-token")
@@ -374,16 +374,7 @@ def run_api_command(args: argparse.Namespace, out: TextIO) -> int:
     client = make_client(args)
     response: Dict[str, Any]
     try:
-        if method == "list_tunnels" and "maxResults" not in request and "nextToken" not in request:
-            # All pages, merged (botocore has no paginator for this operation).
-            response = client.list_tunnels(**request)
-            while response.get("nextToken"):
-                page = client.list_tunnels(**request, nextToken=response.pop("nextToken"))
-                response["tunnelSummaries"].extend(page.get("tunnelSummaries", []))
-                if page.get("nextToken"):
-                    response["nextToken"] = page["nextToken"]
-        else:
-            response = getattr(client, method)(**request)
+        response = getattr(client, method)(**request)
     except ClientError as e:
         error = e.response.get("Error", {})
         raise CliError(
