@@ -348,3 +348,26 @@ class DataListenerTests(TestCase):
         reactor.advance(60)
         self.assertEqual(side._data_listeners, [])
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class SourceWithoutMappingTests(TestCase):
+    def test_listens_on_free_ports_for_every_service(self):
+        reactor = MemoryReactorClock()
+        side = SourceSide({}, "127.0.0.1", reactor)
+        proxy, websocket = make_proxy(side, reactor)
+        proxy.messages_received([service_ids("A1", "B2")])
+        self.assertEqual([(port, interface) for port, _, _, interface in reactor.tcpServers], [(0, "127.0.0.1")] * 2)
+        self.assertEqual(sorted(side.listeners), ["A1", "B2"])
+        self.assertIsNone(proxy.end)
+
+    def test_v1_bare_port_takes_the_only_service(self):
+        reactor = MemoryReactorClock()
+        side = SourceSide({"": 6000}, "::1", reactor, client_type="V1")
+        proxy, websocket = make_proxy(side, reactor)
+        proxy.messages_received([service_ids("SSH")])
+        self.assertEqual([(port, interface) for port, _, _, interface in reactor.tcpServers], [(6000, "::1")])
+        connection = reactor.tcpServers[0][1].buildProtocol(PEER)
+        connection.makeConnection(StringTransport())
+        ((start,),) = websocket.decoded()
+        self.assertEqual((start.type, start.streamId, start.serviceId, start.connectionId), (Message.STREAM_START, 1, "", 0))
+        self.assertIsNone(reactor.tcpServers[0][1].buildProtocol(PEER))  # one connection at a time
