@@ -121,6 +121,8 @@ class _End(protocol.Protocol):
         if peer is not None:
             peer.peer = None
             if peer.transport is not None:
+                # A paused streaming producer would keep the connection open: unregister first.
+                peer.transport.unregisterProducer()
                 peer.transport.loseConnection()
             else:
                 peer.closed_early = True
