@@ -193,6 +193,13 @@ class MQTTClientTests(SynchronousTestCase):
         self.assertEqual(len(warnings), 1)
         self.assertIn("Connection to the other side was lost", warnings[0]["reason"])
 
+    def test_lost_before_session_logged(self) -> None:
+        """A connection that ends before the CONNACK (a TLS failure, say) is logged with the reason."""
+        broker = self.start()
+        broker.drop()
+        warnings = [e for e in self.logged if "ended before the MQTT session started" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
+
     def test_bytes_one_at_a_time(self) -> None:
         """Packets split at every byte are reassembled."""
         self.client.subscribe("a/b", 1, lambda t, p: self.messages.append((t, p)))

@@ -143,23 +143,34 @@ def mqtt_settings(options: Mapping[str, Any], default_client_id: str) -> Optiona
 def build_endpoint(reactor: Any, settings: MQTTSettings) -> IStreamClientEndpoint:
     """
     The client endpoint to reach the broker: C{settings.endpoint} as Twisted parses it, except that
-    with C{ca_file} a C{tls:HOST:PORT} endpoint trusts that CA (and checks the host name).
+    with C{ca_file} a C{tls:HOST:PORT} endpoint trusts the CA certificates of that PEM file only,
+    checks the host name (or IP address) and speaks TLS 1.2 or later.
+
+    @raise UsageError: if C{ca_file} holds no PEM certificate.
     """
     from twisted.internet.endpoints import HostnameEndpoint, _parse, clientFromString, wrapClientTLS
 
     if settings.ca_file is None:
         return clientFromString(reactor, settings.endpoint)
-    from twisted.internet.ssl import Certificate, optionsForClientTLS
+    from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS, trustRootFromCertificates
 
     args, kwargs = _parse(settings.endpoint)
     host = kwargs.get("host", args[1] if len(args) > 1 else None)
     port = int(kwargs.get("port", args[2] if len(args) > 2 else 8883))
+    marker = b"-----BEGIN CERTIFICATE-----"
     try:
         with open(settings.ca_file, "rb") as f:
-            authority = Certificate.loadPEM(f.read())
+            pem = f.read()
+        authorities = [Certificate.loadPEM(marker + chunk) for chunk in pem.split(marker)[1:]]
     except Exception as e:
         raise UsageError(f"--mqtt-ca {settings.ca_file}: not a PEM certificate ({e})") from None
-    tls = optionsForClientTLS(host, trustRoot=authority)
+    if not authorities:
+        raise UsageError(f"--mqtt-ca {settings.ca_file}: not a PEM certificate (no BEGIN CERTIFICATE)")
+    tls = optionsForClientTLS(
+        host,
+        trustRoot=trustRootFromCertificates(authorities),
+        extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+    )
     return wrapClientTLS(tls, HostnameEndpoint(reactor, host, port))
 
 
@@ -302,6 +313,7 @@ class MQTTClient(Service):
         self._waiting: List[List[Any]] = []  # [topic, payload, qos, Deferred] published while disconnected
         self._connection: Optional[_MQTTProtocol] = None
         self._lost_reason: Optional[str] = None
+        self._refused = False  # the broker refused the current connection's session (logged)
         self.connected = False
         self._connected_observers: List[Deferred] = []
         self._client_service = ClientService(
@@ -396,6 +408,7 @@ class MQTTClient(Service):
 
     def _connection_made(self, connection: _MQTTProtocol) -> None:
         self._connection = connection
+        self._refused = False
         self._paho.next_socket = connection.socket
         self._paho.reconnect()  # sends CONNECT on the new connection
 
@@ -416,6 +429,13 @@ class MQTTClient(Service):
 
     def _connection_lost(self, sock: _TransportSocket, reason: Optional[Failure]) -> None:
         self._lost_reason = reason.getErrorMessage() if reason is not None else None
+        if not self.connected and self.running and not self._refused:
+            # A TLS failure, a broker closing at once: say why, or the retries look silent.
+            log.warn(
+                "The connection to {description} ended before the MQTT session started: {reason}",
+                description=self.description,
+                reason=self._lost_reason or "closed",
+            )
         if self._paho.socket() is sock:
             self._paho.loop_read()  # paho reads the end of stream and reports the disconnect
         if self._connection is not None and self._connection.socket is sock:
@@ -430,6 +450,7 @@ class MQTTClient(Service):
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
+            self._refused = True
             log.error(
                 "{description} refused the MQTT session of {client_id}: {reason}",
                 description=self.description,

@@ -19,7 +19,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from twisted.internet import defer, error
 from twisted.internet.protocol import ProcessProtocol
@@ -63,7 +63,12 @@ class _BrokerProcess(ProcessProtocol):
 class Mosquitto:
     """One mosquitto process at a time on a fixed free port; see the module docstring."""
 
-    def __init__(self, reactor, users: Optional[Dict[str, str]] = None, persistence: bool = True) -> None:
+    def __init__(
+        self, reactor, users: Optional[Dict[str, str]] = None, persistence: bool = True, tls: Optional[Tuple[str, str, str]] = None
+    ) -> None:
+        """
+        @param tls: C{(ca_cert, server_cert, server_key)} PEM paths: the listener speaks TLS.
+        """
         if MOSQUITTO is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self._reactor = reactor
@@ -71,6 +76,7 @@ class Mosquitto:
         self.directory = tempfile.mkdtemp(prefix="tunnelkit-mosquitto-")
         self.users = dict(users or {})
         self.persistence = persistence
+        self.tls = tls
         self._process: Optional[_BrokerProcess] = None
         self._transport = None
         self.logs: List[str] = []
@@ -78,7 +84,9 @@ class Mosquitto:
 
     @property
     def endpoint(self) -> str:
-        """The Twisted client endpoint string of the broker."""
+        """The Twisted client endpoint string of the broker (C{tls:} with C{tls})."""
+        if self.tls:
+            return f"tls:host=127.0.0.1:port={self.port}"
         return f"tcp:host=127.0.0.1:port={self.port}"
 
     def _write_config(self) -> None:
@@ -93,6 +101,9 @@ class Mosquitto:
             "log_dest stderr",
             "log_type all",
         ]
+        if self.tls:
+            ca_cert, server_cert, server_key = self.tls
+            lines += [f"cafile {ca_cert}", f"certfile {server_cert}", f"keyfile {server_key}", "tls_version tlsv1.2"]
         if self.users:
             if MOSQUITTO_PASSWD is None:
                 raise RuntimeError("mosquitto_passwd is not installed")
@@ -181,8 +192,10 @@ class HarnessMosquitto(Mosquitto):
         broker.start(); ...; broker.stop(); broker.start()   # an outage, same port and sessions
     """
 
-    def __init__(self, harness, users: Optional[Dict[str, str]] = None, persistence: bool = True) -> None:
-        super().__init__(None, users, persistence)
+    def __init__(
+        self, harness, users: Optional[Dict[str, str]] = None, persistence: bool = True, tls: Optional[Tuple[str, str, str]] = None
+    ) -> None:
+        super().__init__(None, users, persistence, tls)
         self._harness = harness
         self.process = None
         harness.testcase.addCleanup(shutil.rmtree, self.directory, True)

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, List, Mapping
+from typing import Any, Callable, List, Mapping, Optional
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService
@@ -25,6 +25,7 @@ from zope.interface import implementer
 from tests.e2e.mosquitto import MOSQUITTO, Mosquitto
 from tunnelkit.agent import DEFAULT_TARGETS, Agent, IDestinationStarter, Notification
 from tunnelkit.mqtt import MQTTClient, MQTTSettings, build_endpoint
+from tunnelkit.service.certs import ensure_certificates
 from tunnelkit.service.notify import DATABASE_NAME, MQTTNotifier, SQLiteNotificationQueue
 
 TIMEOUT = 15.0
@@ -89,9 +90,11 @@ class AgentOverMosquittoTests(TestCase):
         await broker.start()
         return broker
 
-    def client(self, broker: Mosquitto, client_id: str, clean_session: bool = True, **kwargs: Any) -> MQTTClient:
+    def client(
+        self, broker: Mosquitto, client_id: str, clean_session: bool = True, ca_file: Optional[str] = None, **kwargs: Any
+    ) -> MQTTClient:
         return MQTTClient(
-            build_endpoint(reactor, MQTTSettings(broker.endpoint, client_id)),
+            build_endpoint(reactor, MQTTSettings(broker.endpoint, client_id, ca_file=ca_file)),
             client_id,
             reactor,
             retry_policy=fast_retries(),
@@ -239,3 +242,27 @@ class AgentOverMosquittoTests(TestCase):
         )
         self.assertFalse(bad.connected)
         self.assertNotIn("wrong", repr([e for e in self.logged if "refused" in e.get("log_format", "")]))
+
+    async def test_tls_broker(self) -> None:
+        """A TLS broker: --mqtt-ca with its CA connects and delivers; another CA is refused."""
+        certificates = ensure_certificates(os.path.join(self.state_dir, "tls"))
+        broker = await self.start_broker(tls=(certificates.ca_cert, certificates.server_cert, certificates.server_key))
+        received: List[bytes] = []
+        subscriber = self.client(broker, "sub", ca_file=certificates.ca_cert)
+        subscriber.subscribe("a/b", 1, lambda topic, payload: received.append(payload))
+        self.keep_running(subscriber)
+        await subscriber.when_connected()
+        await wait_for(self.subscribed, "the subscription")
+        publisher = self.client(broker, "pub", ca_file=certificates.ca_cert)
+        self.keep_running(publisher)
+        await publisher.publish("a/b", b"over tls", 1)
+        await wait_for(lambda: received == [b"over tls"], "the message over TLS")
+
+        other = ensure_certificates(os.path.join(self.state_dir, "other-ca"))
+        stranger = self.client(broker, "stranger", ca_file=other.ca_cert)
+        self.keep_running(stranger)
+        await wait_for(
+            lambda: any("ended before the MQTT session started" in e.get("log_format", "") for e in self.logged),
+            "the TLS failure to be logged",
+        )
+        self.assertFalse(stranger.connected)
