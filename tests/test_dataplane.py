@@ -71,6 +71,19 @@ class OptionTests(SynchronousTestCase):
 
 
 class MountTests(SynchronousTestCase):
+    def test_refuses_without_nvx(self) -> None:
+        import autobahn.websocket
+
+        from tunnelkit.errors import ConfigError
+
+        self.patch(autobahn.websocket, "USES_NVX", False)
+        error = self.assertRaises(ConfigError, mount_data_plane, Resource(), MemoryTunnelStore(), Clock(), {})
+        self.assertIn("--allow-slow-websocket", str(error))
+        root = Resource()
+        mount_data_plane(root, MemoryTunnelStore(), Clock(), parse("--allow-slow-websocket"))
+        self.assertIn(b"tunnel", root.children)
+        self.flushLoggedErrors()
+
     def test_children(self) -> None:
         root = Resource()
         events = mount_data_plane(root, MemoryTunnelStore(), Clock(), {})

@@ -31,6 +31,7 @@ from zope.interface import implementer
 from tunnelkit.service.interfaces import ITunnelEvents, ITunnelStore
 from tunnelkit.service.metrics import ITunnelCounts, RelayMetrics, metrics_resource
 from tunnelkit.service.relay import Relay, RelayLimits, build_factory
+from tunnelkit.transport.nvx import ALLOW_FLAG, NvxOptions, require_nvx
 
 __all__ = [
     "DataPlaneOptions",
@@ -74,9 +75,12 @@ _rate.coerceDoc = ""  # type: ignore[attr-defined]
 
 class DataPlaneOptions:
     """
-    Mixin for the service's C{usage.Options}: the data plane's limits.  Values are read back with
-    L{limits_from_options}; C{max-services-per-tunnel} is enforced by OpenTunnel.
+    Mixin for the service's C{usage.Options}: the data plane's limits, and C{--allow-slow-websocket}
+    (see L{tunnelkit.transport.nvx}).  Values are read back with L{limits_from_options};
+    C{max-services-per-tunnel} is enforced by OpenTunnel.
     """
+
+    optFlags: List[Sequence[Any]] = list(NvxOptions.optFlags)
 
     optParameters: List[Sequence[Any]] = [
         [
@@ -167,7 +171,10 @@ def mount_data_plane(
     @param clock: the reactor (or a L{twisted.internet.task.Clock} in tests).
     @param options: parsed L{DataPlaneOptions} (a plain mapping works; missing keys take defaults).
     @return: the relay, to tell about closed tunnels and rotated tokens.
+    @raise tunnelkit.transport.nvx.NvxUnavailable: autobahn runs without NVX and
+        C{--allow-slow-websocket} was not given.
     """
+    require_nvx(bool(_option(options, ALLOW_FLAG, False)))
     counts = store.count_tunnels_by_status if ITunnelCounts.providedBy(store) else None
     metrics = RelayMetrics(tunnel_counts=counts)
     relay = Relay(store, clock, limits_from_options(options), metrics)

@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Sequence
 
 from twisted.logger import Logger
 
-from tunnelkit.errors import TunnelkitError
+from tunnelkit.errors import ConfigError
 
 __all__ = ["NvxUnavailable", "NvxOptions", "nvx_status", "require_nvx", "ALLOW_FLAG"]
 
@@ -28,8 +28,11 @@ log = Logger()
 ALLOW_FLAG = "allow-slow-websocket"
 
 
-class NvxUnavailable(TunnelkitError):
-    """autobahn runs without its NVX accelerator and the operator did not allow that."""
+class NvxUnavailable(ConfigError):
+    """
+    autobahn runs without its NVX accelerator and the operator did not allow that.  A
+    L{ConfigError}, so a mode's C{makeService} reports it as a one-line usage error.
+    """
 
 
 def nvx_status() -> Optional[str]:
