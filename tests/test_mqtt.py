@@ -17,7 +17,10 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from zope.interface.verify import verifyObject
+
 from tunnelkit.mqtt import (
+    IMQTTClient,
     MQTT_OPTIONS,
     MQTTClient,
     MQTTClientStopped,
@@ -139,6 +142,9 @@ class MQTTClientTests(SynchronousTestCase):
         broker.take()
         broker.feed(CONNACK_OK)
         return broker
+
+    def test_interface(self) -> None:
+        verifyObject(IMQTTClient, self.client)
 
     def test_connect_packet(self) -> None:
         """The client opens with a CONNECT: MQTT 3.1.1, clean session, its id, user and password."""

@@ -38,6 +38,8 @@ from zope.interface import Attribute, Interface
 
 from tunnelkit.adapters import Target, describe_target
 from tunnelkit.errors import TunnelkitError
+from tunnelkit.localproxy.endpoint import region_host
+from tunnelkit.mqtt import IMQTTClient
 
 __all__ = [
     "Agent",
@@ -85,9 +87,8 @@ def notify_topic(thing_name: str) -> str:
 
 
 def data_endpoint_for_region(region: str) -> str:
-    """AWS's data-plane host for C{region}, port 443 (China regions end in C{.com.cn})."""
-    suffix = ".amazonaws.com.cn" if region.startswith("cn-") else ".amazonaws.com"
-    return f"data.tunneling.iot.{region}{suffix}:443"
+    """AWS's data-plane endpoint for C{region}: its host (as the local proxy's C{-r}), port 443."""
+    return f"{region_host(region)}:443"
 
 
 def token_fingerprint(token: str) -> str:
@@ -195,14 +196,14 @@ class IDestinationStarter(Interface):
 
 class Agent(Service):
     """
-    The agent's bookkeeping, between an MQTT client (anything with C{subscribe(topic, qos,
-    handler)}) and an L{IDestinationStarter}.  See the module docstring.
+    The agent's bookkeeping, between an L{IMQTTClient} and an L{IDestinationStarter}.  See the
+    module docstring.
     """
 
     def __init__(
         self,
         thing_name: str,
-        mqtt: Any,
+        mqtt: IMQTTClient,
         starter: IDestinationStarter,
         targets: Mapping[str, Target],
         proxy_endpoint: Optional[str] = None,

@@ -209,6 +209,11 @@ def makeService(options: Options) -> IService:
     if options["no-ssl-host-verify"]:
         for line in NO_VERIFY_WARNING.splitlines():
             log.warn("{line}", line=line)
+    if not options["proxy-endpoint"]:
+        log.info(
+            "No -e/--proxy-endpoint: each session connects to AWS's data plane of its notification's "
+            "region (data.tunneling.iot.REGION.amazonaws.com:443); give -e for a tunnelkit service"
+        )
     settings = options.mqtt
     assert settings is not None
     top = MultiService()

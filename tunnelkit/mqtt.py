@@ -10,7 +10,7 @@ C{connect()} resolves names, connects and does the TLS handshake blocking).  pah
 connection through L{_TransportSocket}, a socket-like object over the Twisted transport; the one
 private paho hook used is C{Client._create_socket} (stable across paho 2.x).
 
-Public surface: L{MQTTClient} (a service: C{subscribe}, C{publish}), L{MQTT_OPTIONS} (the command-line
+Public surface: L{MQTTClient} (a service providing L{IMQTTClient}: C{subscribe}, C{publish}), L{MQTT_OPTIONS} (the command-line
 options shared by the service and the agent), L{mqtt_settings} and L{build_endpoint}.
 """
 
@@ -31,11 +31,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
+from zope.interface import Attribute, Interface, implementer
 
 from tunnelkit.config import client_endpoint
 from tunnelkit.errors import TunnelkitError
 
 __all__ = [
+    "IMQTTClient",
     "MQTTClient",
     "MQTTClientStopped",
     "MQTTSettings",
@@ -258,6 +260,22 @@ class _MQTTProtocol(Protocol):
 MessageHandler = Callable[[str, bytes], None]
 
 
+class IMQTTClient(Interface):
+    """What the notifier and the agent use of an MQTT client."""
+
+    connected = Attribute("True while the broker has accepted the session.")
+
+    def subscribe(topic: str, qos: int, handler: MessageHandler) -> None:
+        """Deliver messages on C{topic} to C{handler(topic, payload)}, across reconnects."""
+
+    def publish(topic: str, payload: bytes, qos: int = 1) -> Deferred:
+        """Publish; fires once acknowledged (QoS 1) or written (QoS 0)."""
+
+    def when_connected() -> Deferred:
+        """Fires once the broker accepted the session."""
+
+
+@implementer(IMQTTClient)
 class MQTTClient(Service):
     """
     A long-lived MQTT session with one broker: connects, reconnects with backoff, (re)subscribes

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from tunnelkit.errors import TunnelkitError
-from tunnelkit.mqtt import MQTT_OPTIONS, MQTTClient, MQTTClientStopped, build_endpoint, mqtt_settings
+from tunnelkit.mqtt import MQTT_OPTIONS, IMQTTClient, MQTTClient, MQTTClientStopped, build_endpoint, mqtt_settings
 from tunnelkit.service.interfaces import INotifier
 
 __all__ = [
@@ -194,13 +194,6 @@ class SQLiteNotificationQueue:
         self._db.close()
 
 
-class IMessagePublisher(Interface):
-    """What the notifier needs of an MQTT client (L{MQTTClient} provides it)."""
-
-    def publish(topic: str, payload: bytes, qos: int) -> Deferred:
-        """Fires once the broker acknowledged the message."""
-
-
 @implementer(INotifier)
 class MQTTNotifier(Service):
     """
@@ -212,7 +205,7 @@ class MQTTNotifier(Service):
     def __init__(
         self,
         queue: INotificationQueue,
-        publisher: Any,
+        publisher: IMQTTClient,
         clock: IReactorTime,
         wall_time: Callable[[], float] = time.time,
     ) -> None:
