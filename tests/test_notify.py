@@ -114,6 +114,18 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual((again.seq, again.tunnel_id, again.thing_name, again.payload), (first.seq, "tun-a", "t1", b"A1"))
         self.assertGreater(self.queue.put("tun-b", "t1", b"B", 11.0).seq, first.seq)
 
+    def test_write_failure_is_typed(self) -> None:
+        """A database that cannot be written gives a NotificationError naming the file."""
+        import sqlite3
+
+        self.queue.close()
+        # The queue over a read-only connection to its file (permissions do not stop root).
+        self.queue = SQLiteNotificationQueue.__new__(SQLiteNotificationQueue)
+        self.queue.path = self.path
+        self.queue._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        e = self.assertRaises(NotificationError, self.queue.put, "tun-a", "t1", b"x", 1.0)
+        self.assertIn(self.path, str(e))
+
     def test_repr_hides_payload(self) -> None:
         item = self.queue.put("tun-a", "t1", TOKEN.encode(), 1.0)
         self.assertNotIn(TOKEN, repr(item))

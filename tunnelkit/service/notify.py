@@ -164,15 +164,18 @@ class SQLiteNotificationQueue:
             raise TunnelkitError(f"{path}: cannot use the notification queue database: {e}") from None
 
     def put(self, tunnel_id: str, thing_name: str, payload: bytes, now: float) -> QueuedNotification:
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("UPDATE counter SET seq = seq + 1 WHERE id = 0")
-            (seq,) = self._db.execute("SELECT seq FROM counter WHERE id = 0").fetchone()
-            self._db.execute(
-                "INSERT OR REPLACE INTO notifications (tunnel_id, seq, thing_name, payload, queued_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (tunnel_id, seq, thing_name, payload, now),
-            )
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("UPDATE counter SET seq = seq + 1 WHERE id = 0")
+                (seq,) = self._db.execute("SELECT seq FROM counter WHERE id = 0").fetchone()
+                self._db.execute(
+                    "INSERT OR REPLACE INTO notifications (tunnel_id, seq, thing_name, payload, queued_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (tunnel_id, seq, thing_name, payload, now),
+                )
+        except sqlite3.Error as e:
+            raise NotificationError(f"{self.path}: cannot store the notification of tunnel {tunnel_id}: {e}") from None
         return QueuedNotification(seq, tunnel_id, thing_name, payload, now)
 
     def remove(self, tunnel_id: str, seq: Optional[int] = None) -> bool:
