@@ -139,6 +139,13 @@ def round_trips(port: int, count: int) -> Tuple[float, float]:
     return samples[len(samples) // 2], samples[min(len(samples) - 1, int(len(samples) * 0.99))]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -242,8 +249,10 @@ def main() -> None:
         time.sleep(1.0)
         idle = {label: {name: rss_mb(p.pid) for name, p in procs.items()} for label, procs in all_processes.items()}
         flat = {f"{label} {name}": p for label, procs in all_processes.items() for name, p in procs.items()}
+        cpu_before = {name: cpu_seconds(p.pid) for name, p in flat.items()}
         with PeakRss(flat) as peak:
             results = measure_rounds(paths, args)
+        cpu_used = {name: cpu_seconds(p.pid) - cpu_before[name] for name, p in flat.items()}
         rss = {
             label: {name: (idle[label][name], peak.peak[f"{label} {name}"]) for name in procs}
             for label, procs in all_processes.items()
@@ -265,6 +274,11 @@ def main() -> None:
     row("ws:// RTT p50 - direct p50 (ms)", ws["p50"] - direct["p50"], "<= 1.0", ws["p50"] - direct["p50"] <= 1.0)
     row("wss:// RTT p50 - direct p50 (ms)", wss["p50"] - direct["p50"], "<= 1.0", wss["p50"] - direct["p50"] <= 1.0)
     row("ws:// 1 conn / direct TCP", ws["one"] / direct["one"], "(info)", True)
+    gigabytes = args.repeat * 2 * args.megabytes / 1024
+    print(f"\nCPU seconds per GB moved (bulk runs, {gigabytes:.1f} GB per tunnel; the RTT runs add a little)")
+    for label in rss:
+        shares = "   ".join(f"{name} {cpu_used[f'{label} {name}'] / gigabytes:5.2f}" for name in rss[label])
+        print(f"  {label:<14} {shares}")
     print("\nRSS (MB)            idle    peak under load   growth   target growth <= 16")
     for label, processes in rss.items():
         for name, (idle, peak) in processes.items():
