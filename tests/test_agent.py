@@ -192,6 +192,17 @@ class AgentTests(SynchronousTestCase):
         self.assertEqual(len(agent.running_sessions()), 3)
         self.assertFalse(any(s.stopped for s in self.starter.sessions))
 
+    def test_session_limit(self) -> None:
+        """Past max_sessions new tunnels are refused (logged); a rotation of a running one is not."""
+        agent = self.start(max_sessions=2)
+        self.deliver(payload(token="a", tunnelId="t-a"))
+        self.deliver(payload(token="b", tunnelId="t-b"))
+        self.deliver(payload(token="c", tunnelId="t-c"))
+        self.assertEqual(len(self.starter.sessions), 2)
+        self.assertTrue(any("sessions already run" in e.get("log_format", "") for e in self.logged))
+        self.deliver(payload(token="a2", tunnelId="t-a"))
+        self.assertEqual(sorted(n.access_token for n in agent.running_sessions()), ["a2", "b"])
+
     def test_duplicate_ignored(self) -> None:
         """The same token again (QoS 1 redelivery) starts nothing, even after its session ended."""
         self.start()

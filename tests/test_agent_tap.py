@@ -92,6 +92,24 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse(service.running)
 
 
+class NoVerifyTests(SynchronousTestCase):
+    def test_no_ssl_host_verify(self) -> None:
+        """-k reaches the sessions (no certificate check) and is warned about loudly."""
+        from twisted.logger import globalLogPublisher
+
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        service = makeService(parse("--allow-slow-websocket", "-k", "--max-sessions", "4"))
+        agent = [child for child in service if isinstance(child, Agent)][0]
+        self.assertFalse(agent._starter.verify)
+        self.assertEqual(agent.max_sessions, 4)
+        from tunnelkit.transport.tls import NO_VERIFY_WARNING
+
+        warned = [e.get("line") for e in logged if e.get("log_format") == "{line}"]
+        self.assertEqual(warned, NO_VERIFY_WARNING.splitlines())
+
+
 class StarterTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()

@@ -210,6 +210,7 @@ class Agent(Service):
         remembered_tokens: int = 1024,
         clock: Optional[IReactorTime] = None,
         stop_timeout: float = 3.0,
+        max_sessions: int = 32,
     ) -> None:
         """
         @param clock: with it, stopping waits at most C{stop_timeout} seconds for the sessions to
@@ -226,6 +227,7 @@ class Agent(Service):
         self.sessions: Dict[str, Tuple[Notification, IDestinationSession]] = {}
         self._clock = clock
         self._stop_timeout = stop_timeout
+        self.max_sessions = max_sessions
 
     def startService(self) -> None:
         super().startService()
@@ -268,6 +270,14 @@ class Agent(Service):
             return
         self._remember(notification.fingerprint)
         key = notification.tunnel_id or notification.fingerprint
+        if key not in self.sessions and len(self.sessions) >= self.max_sessions:
+            log.warn(
+                "Ignored the notification for {name}: {count} sessions already run (the most allowed; "
+                "see --max-sessions)",
+                name=notification.name,
+                count=len(self.sessions),
+            )
+            return
         replaced = self.sessions.pop(key, None)
         if replaced is not None:
             log.info("Tunnel {tunnel_id}: new destination token; replacing its session", tunnel_id=key)

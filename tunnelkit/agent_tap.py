@@ -29,7 +29,7 @@ from zope.interface import implementer
 import tunnelkit
 from tunnelkit.adapters import Target, available_adapters, parse_adapter_overrides
 from tunnelkit.agent import DEFAULT_TARGETS, Agent, IDestinationSession, IDestinationStarter, Notification
-from tunnelkit.config import ModeOptions
+from tunnelkit.config import ModeOptions, positive_int
 from tunnelkit.errors import ConfigError, TunnelkitError
 from tunnelkit.localproxy.destination import DestinationSide
 from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint
@@ -80,6 +80,7 @@ class Options(NvxOptions, ModeOptions):
             "Default: data.tunneling.iot.REGION.amazonaws.com of each notification's region.",
         ],
         ["capath", "c", None, "A CA file (PEM) or hashed CA directory to check the tunnel service's certificate."],
+        ["max-sessions", None, 32, "The most destination sessions at once; notifications beyond are ignored (logged).", positive_int],
     ]
 
     repeatable = {"adapter": str}
@@ -242,6 +243,7 @@ def makeService(options: Options) -> IService:
         options.targets,
         proxy_endpoint=options["proxy-endpoint"],
         clock=reactor,
+        max_sessions=options["max-sessions"],
     )
     agent.setServiceParent(top)
     client.setServiceParent(top)
