@@ -11,6 +11,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -86,6 +87,14 @@ class ServiceProcessTests(TestCase):
         self.assertEqual(described["destinationConfig"], {"thingName": "RemoteDeviceA", "services": ["SSH"]})
         self.assertEqual(described["status"], "OPEN")
 
+        # The tunnelkit command prints exactly what the AWS CLI prints.
+        mine = subprocess.run(
+            [sys.executable, "-m", "tunnelkit.cli", "describe-tunnel", "--tunnel-id", tunnel_id,
+             "--endpoint-url", service.api_url, "--state-dir", service.state_dir],
+            capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual((mine.returncode, mine.stdout), (0, out), mine.stderr)
+
         # Step 6: close, then close with --delete.
         status, out, err = self.aws("close-tunnel", "--tunnel-id", tunnel_id)
         self.assertEqual((status, out.strip()), (0, ""), err)
@@ -122,6 +131,7 @@ class ServiceProcessTests(TestCase):
         ]
         api.close_tunnel(tunnelId=kept[0])
         rotated_source = api.rotate_tunnel_access_token(tunnelId=kept[1], clientMode="SOURCE")["sourceAccessToken"]
+        print(f"before kill -9: {time.monotonic() - started:.1f} s")
         self.harness.kill_service()
         self.harness.restart_service()
         api = self.harness.api()
