@@ -20,6 +20,11 @@ rewrite the reply:
      real data port.  Connection ids with the high bit set are never used for control connections
      (the source counts those up from 1), so data connections of several clients never mix.
 
+Ordering: the destination holds what the server sends on a data connection until the control
+connection has passed the transfer's reply (C{150} ...) into the tunnel (L{FTPDataFilter}).  A
+client reads its data connection only after that reply; were the data to overtake it, the client's
+socket would fill, the source would stop reading the tunnel, and the reply would never arrive.
+
 By default the destination connects data connections to the host of the service's own target
 (the address in a 227 reply is often a public or wildcard address); option C{passive-host: reply}
 uses the address from the reply instead.
@@ -68,6 +73,9 @@ TICKET_MASK = 0x7FFFFFFF
 TICKET_LIFETIME = 60.0
 #: The longest reply (all lines) or command line the filters hold.
 MAX_HELD = 64 * 1024
+#: What a data connection may hold while its transfer's reply has not passed (L{FTPDataFilter}).
+HOLD_LIMIT = 4 * 1024 * 1024
+HOLD_TIME = 2.0
 
 PASSIVE_CODES = (b"227", b"229")
 REFUSE_ACTIVE = (
@@ -121,6 +129,8 @@ class ReplyReader:
     """
 
     def __init__(self) -> None:
+        #: The codes of the replies completed so far (the caller may clear it).
+        self.completed: List[int] = []
         self._partial = b""
         self._multiline: Optional[bytes] = None  # the code of the multi-line reply being read
         self._held: Optional[List[bytes]] = None  # lines of a multi-line passive reply
@@ -173,6 +183,7 @@ class ReplyReader:
                     self._held_size = len(line)
                     return b""
                 return None
+            self.completed.append(int(code))
             if code in PASSIVE_CODES:
                 return PassiveReply(int(code), line)
             return None
@@ -183,6 +194,7 @@ class ReplyReader:
                 raise StreamFilterError(f"the FTP server sent a reply longer than {MAX_HELD} bytes")
         if code == self._multiline and marker != b"-" and marker in (b" ", b"\r", b"\n"):
             self._multiline = None
+            self.completed.append(int(code))
             if self._held is not None:
                 reply = PassiveReply(int(code), b"".join(self._held))
                 self._held = None
@@ -434,10 +446,18 @@ class FTPDestinationFilter:
         self.connection_id = connection_id
         self.replies = ReplyReader()
         self.tickets: List[int] = []
+        self.waiting_data: List["FTPDataFilter"] = []  # data connections held until a reply passes
 
     # server -> tunnel
     def outbound(self, data: bytes) -> bytes:
         events = self.replies.feed(data)
+        if self.replies.completed:
+            codes, self.replies.completed = self.replies.completed, []
+            if self.waiting_data and any(releases_data(code) for code in codes):
+                waiting, self.waiting_data = self.waiting_data, []
+                for data_filter in waiting:
+                    # After the bytes returned now (the reply) are in the tunnel.
+                    self.context.reactor.callLater(0, data_filter.release)
         if len(events) == 1 and events[0] is data:
             return data
         pieces = []
@@ -456,7 +476,7 @@ class FTPDestinationFilter:
                 pieces.append(event.raw)
                 continue
             target = self.adapter.data_target(self.context, host, port)
-            ticket = self.adapter.issue_ticket(self.context.reactor, target)
+            ticket = self.adapter.issue_ticket(self.context.reactor, target, self)
             self.tickets.append(ticket)
             pieces.append(ticket_reply(event.code, ticket))
         return b"".join(pieces)
@@ -469,6 +489,76 @@ class FTPDestinationFilter:
         for ticket in self.tickets:
             self.adapter.forget_ticket(ticket)
         self.tickets = []
+        waiting, self.waiting_data = self.waiting_data, []
+        for data_filter in waiting:
+            data_filter.release()
+
+
+def releases_data(code: int) -> bool:
+    """Whether a reply on the control connection lets a held data connection go (see L{FTPDataFilter})."""
+    return code < 200 or code >= 400 or code in (226, 250)
+
+
+@implementer(IActiveStreamFilter)
+class FTPDataFilter:
+    """
+    The destination side of a passive data connection: holds what the server sends on it until the
+    control connection has passed the transfer's reply (C{150}, C{125}, an error, or C{226}) into the
+    tunnel, then passes everything untouched.
+
+    Why: the client reads the data connection only after it has seen that reply.  Were data to
+    overtake the reply in the tunnel, the client's data socket would fill up, the source would stop
+    reading the tunnel, and the reply behind the data would never arrive.  What is held is bounded
+    (L{HOLD_LIMIT} bytes, L{HOLD_TIME} seconds); past either, or when the connection ends, it goes.
+    """
+
+    def __init__(self, control: FTPDestinationFilter, connection_id: int) -> None:
+        self.control = control
+        self.connection_id = connection_id
+        self.output: Optional[IFilterOutput] = None
+        self.holding = True
+        self._held: List[bytes] = []
+        self._held_size = 0
+        self._timer = control.context.reactor.callLater(HOLD_TIME, self.release)
+
+    def attach(self, output: IFilterOutput) -> None:
+        self.output = output
+
+    def outbound(self, data: bytes) -> bytes:
+        if not self.holding:
+            return data
+        if self.output is None:  # cannot send later: never hold
+            self.release()
+            return data
+        self._held.append(data)
+        self._held_size += len(data)
+        if self._held_size >= HOLD_LIMIT:
+            held = self._take()
+            return held
+        return b""
+
+    def inbound(self, data: bytes) -> bytes:
+        return data
+
+    def release(self) -> None:
+        """Stop holding; send what is held."""
+        if not self.holding:
+            return
+        held = self._take()
+        if held and self.output is not None:
+            self.output.send_outbound(held)
+
+    def _take(self) -> bytes:
+        self.holding = False
+        if self._timer.active():
+            self._timer.cancel()
+        if self in self.control.waiting_data:
+            self.control.waiting_data.remove(self)
+        held, self._held, self._held_size = b"".join(self._held), [], 0
+        return held
+
+    def connection_lost(self) -> None:
+        self.release()
 
 
 def _join(pieces: List[bytes], original: bytes) -> bytes:
@@ -489,7 +579,9 @@ class FTPAdapter:
     def __init__(self, service_id: str, passive_host: str = "target") -> None:
         self.service_id = service_id
         self.passive_host = passive_host
-        self._tickets: Dict[int, Tuple[Target, Any]] = {}  # ticket -> (target, expiry call)
+        # ticket -> (target, expiry call, the control connection's filter)
+        self._tickets: Dict[int, Tuple[Target, Any, Optional[FTPDestinationFilter]]] = {}
+        self._redeemed: Dict[int, FTPDestinationFilter] = {}  # data connection id -> control filter
         self._next_ticket = 1
 
     def __repr__(self) -> str:
@@ -504,7 +596,12 @@ class FTPAdapter:
         self, context: IDestinationContext, connection_id: int
     ) -> Optional[IStreamFilter]:
         if is_data_connection(connection_id):
-            return None
+            control = self._redeemed.pop(connection_id, None)
+            if control is None:
+                return None
+            data_filter = FTPDataFilter(control, connection_id)
+            control.waiting_data.append(data_filter)
+            return data_filter
         return FTPDestinationFilter(self, context, connection_id)
 
     def destination_target(self, context: IDestinationContext, connection_id: int) -> Target:
@@ -517,9 +614,11 @@ class FTPAdapter:
                 f"service {self.service_id}: data connection {connection_id:#x} has no passive "
                 f"ticket {ticket} (unknown, already used, or older than {TICKET_LIFETIME:g} s)"
             )
-        target, expiry = entry
+        target, expiry, control = entry
         if expiry.active():
             expiry.cancel()
+        if control is not None:
+            self._redeemed[connection_id] = control
         log.info(
             "Service {service_id}: data connection {connection_id} goes to {target}",
             service_id=self.service_id,
@@ -537,14 +636,17 @@ class FTPAdapter:
             return (host or "127.0.0.1", port)
         return (default[0], port)
 
-    def issue_ticket(self, reactor: Any, target: Target) -> int:
-        """Keep C{target} under a new ticket for L{TICKET_LIFETIME} seconds."""
+    def issue_ticket(
+        self, reactor: Any, target: Target, control: Optional[FTPDestinationFilter] = None
+    ) -> int:
+        """Keep C{target} (and the control connection's filter) under a new ticket for
+        L{TICKET_LIFETIME} seconds."""
         ticket = self._next_ticket
         while ticket in self._tickets:
             ticket = ticket % TICKET_MASK + 1
         self._next_ticket = ticket % TICKET_MASK + 1
         expiry = reactor.callLater(TICKET_LIFETIME, self._tickets.pop, ticket, None)
-        self._tickets[ticket] = (target, expiry)
+        self._tickets[ticket] = (target, expiry, control)
         return ticket
 
     def forget_ticket(self, ticket: int) -> None:

@@ -17,6 +17,10 @@ from zope.interface.verify import verifyObject
 
 from services.ftp import (
     DATA_CONNECTION_BIT,
+    HOLD_LIMIT,
+    HOLD_TIME,
+    FTPDataFilter,
+    releases_data,
     REFUSE_ACTIVE,
     REFUSE_TLS,
     TICKET_LIFETIME,
@@ -431,3 +435,85 @@ class GreetingTests(SynchronousTestCase):
     def test_not_ftp(self) -> None:
         for wrong in (b"SSH-2.0-x\r\n", b"421 Too many connections\r\n"):
             self.assertRaises(ProbeFailed, check_ftp_greeting, wrong, False)
+
+
+class DataOrderingTests(SynchronousTestCase):
+    """
+    The destination holds a data connection's bytes until the transfer's reply has gone into the
+    tunnel, so the reply never waits behind data the client will not read before it.
+    """
+
+    def setUp(self) -> None:
+        self.adapter = ftp_adapter_factory.build("FTP1", {})
+        self.ctx = DestinationContext()
+        self.clock = self.ctx.reactor
+        self.control = self.adapter.destination_filter(self.ctx, 1)
+        self.assertEqual(
+            self.control.outbound(b"227 Entering Passive Mode (127,0,0,1,0,99)\r\n"),
+            b"227 Entering Passive Mode via tunnelkit ticket 1\r\n",
+        )
+        data_id = DATA_CONNECTION_BIT | 1
+        self.assertEqual(self.adapter.destination_target(self.ctx, data_id), ("127.0.0.1", 99))
+        self.data = self.adapter.destination_filter(self.ctx, data_id)
+        self.assertIsInstance(self.data, FTPDataFilter)
+        verifyObject(IActiveStreamFilter, self.data)
+        self.output = Output()
+        self.data.attach(self.output)
+
+    def test_held_until_the_reply_has_passed(self) -> None:
+        self.assertEqual(self.data.outbound(b"first "), b"")
+        self.assertEqual(self.data.outbound(b"second"), b"")
+        self.assertEqual(self.control.outbound(b"150 Opening data connection\r\n"), b"150 Opening data connection\r\n")
+        self.assertEqual(self.output.outbound, [])  # not before the reply is in the tunnel
+        self.clock.advance(0)
+        self.assertEqual(self.output.outbound, [b"first second"])
+        chunk = b"x" * 1000
+        self.assertIs(self.data.outbound(chunk), chunk)
+        self.assertEqual(self.data.inbound(b"up"), b"up")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_other_replies_do_not_release(self) -> None:
+        self.data.outbound(b"data")
+        self.control.outbound(b"350 Restarting at 0\r\n200 Type set\r\n")
+        self.clock.advance(0)
+        self.assertEqual(self.output.outbound, [])
+        self.control.outbound(b"550 No such file\r\n")
+        self.clock.advance(0)
+        self.assertEqual(self.output.outbound, [b"data"])
+
+    def test_limit(self) -> None:
+        self.assertEqual(self.data.outbound(b"a" * (HOLD_LIMIT - 1)), b"")
+        self.assertEqual(self.data.outbound(b"bc"), b"a" * (HOLD_LIMIT - 1) + b"bc")
+        self.assertEqual(self.data.outbound(b"d"), b"d")
+
+    def test_time(self) -> None:
+        self.data.outbound(b"data")
+        self.clock.advance(HOLD_TIME)
+        self.assertEqual(self.output.outbound, [b"data"])
+        self.assertEqual(self.data.outbound(b"more"), b"more")
+
+    def test_end_of_data_connection_sends_what_is_held(self) -> None:
+        self.data.outbound(b"listing\r\n")
+        self.data.connection_lost()
+        self.assertEqual(self.output.outbound, [b"listing\r\n"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_end_of_control_connection_releases(self) -> None:
+        self.data.outbound(b"x")
+        self.control.connection_lost()
+        self.assertEqual(self.output.outbound, [b"x"])
+
+    def test_without_output_never_holds(self) -> None:
+        self.setUp()
+        data = self.data
+        data.output = None
+        self.assertEqual(data.outbound(b"x"), b"x")
+
+    def test_unredeemed_data_connection_is_the_fast_path(self) -> None:
+        self.assertIsNone(self.adapter.destination_filter(self.ctx, DATA_CONNECTION_BIT | 77))
+
+    def test_releasing_codes(self) -> None:
+        self.assertEqual(
+            [c for c in (125, 150, 200, 226, 227, 250, 350, 425, 450, 550) if releases_data(c)],
+            [125, 150, 226, 250, 425, 450, 550],
+        )

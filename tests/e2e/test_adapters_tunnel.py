@@ -112,16 +112,12 @@ def _ftp_client(port: int, name: str, payload: bytes) -> Dict[str, Any]:
 class FTPTunnelTests(TestCase):
     timeout = 180
 
-    # INTEGRATION: expected to fail until the local proxy (tunnelkit/localproxy) gets three fixes,
-    # each confirmed by patching a scratch copy (see helper F's report): (1) source.py
-    # open_data_listener schedules `close` before defining it (UnboundLocalError -> 425 to the
-    # client); (2) LocalConnection.close() must unregisterProducer() before loseConnection(), or a
-    # paused streaming producer keeps the connection open (the server sees the end of a STOR only
-    # when the client gives up); (3) a full local send buffer of 128 KiB pauses the whole WebSocket,
-    # so a data connection whose client waits for the control connection's "150" reply (which is
-    # queued behind that data) deadlocks; a per-connection allowance of a few MiB fixes it.
-    # Remove this line once those are in.
-    todo = "passive FTP needs the local proxy fixes listed above (helper F's report)"
+    # INTEGRATION: expected to fail until tunnelkit/localproxy/connection.py's
+    # LocalConnection.close() calls self.transport.unregisterProducer() before loseConnection():
+    # with a paused streaming producer registered, Twisted resumes the producer instead of
+    # finishing the close, so the FTP server sees the end of a 10 MB STOR only when the client
+    # gives up (confirmed by patching a scratch copy; see helper F's report).  Remove this then.
+    todo = "the local proxy keeps a closed connection open while its producer is paused (helper F's report)"
 
     def test_two_clients_list_stor_retr_10mb(self) -> None:
         if not _source_can_choose_connection_ids():
