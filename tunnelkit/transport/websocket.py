@@ -288,6 +288,11 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
                 return WebSocketEnded("replaced", text, remote)
             return WebSocketEnded("retry", text, remote)
         why = self.wasNotCleanReason or reason or "connection lost"
+        if "certificate verify failed" in why or "hostname" in why.lower():
+            why += (
+                " (the service's certificate is not trusted for this host name: give its CA with "
+                "-c/--capath, and use a host name or IP address the certificate names)"
+            )
         if not self._opened:
             return WebSocketEnded("retry", f"WebSocket upgrade failed: {why}", code)
         return WebSocketEnded("retry", f"WebSocket connection lost: {why}", code)
