@@ -161,6 +161,7 @@ class InProcessHTTPSTests(TestCase):
             closed = api.describe_tunnel(tunnelId=opened["tunnelId"])["tunnel"]["status"]
             api.close_tunnel(tunnelId=opened["tunnelId"], delete=True)
             listed = api.list_tunnels()["tunnelSummaries"]
+            api.close()
             return [opened, described, rotated, closed, listed]
 
         opened, described, rotated, closed, listed = yield deferToThread(calls)
@@ -181,6 +182,8 @@ class InProcessHTTPSTests(TestCase):
                 bad.open_tunnel()
             except ClientError as e:
                 return e.response
+            finally:
+                bad.close()
             return None
 
         response = yield deferToThread(call)
@@ -215,7 +218,7 @@ class InProcessHTTPSTests(TestCase):
         self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data[:100])
         body = json.loads(data.split(b"\r\n\r\n", 1)[1])
         self.assertEqual(body["__type"], "RequestEntityTooLargeException")
-        listed = yield deferToThread(lambda: self.client().list_tunnels()["tunnelSummaries"])
+        listed = yield deferToThread(self._list)
         self.assertEqual(listed, [])
 
     @inlineCallbacks
@@ -235,6 +238,13 @@ class InProcessHTTPSTests(TestCase):
             self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
         failed = yield deferToThread(lambda: self._fails(handshake, "example.com"))
         self.assertTrue(failed)
+
+    def _list(self) -> Any:
+        api = self.client()
+        try:
+            return api.list_tunnels()["tunnelSummaries"]
+        finally:
+            api.close()
 
     @staticmethod
     def _fails(function: Any, *args: Any) -> bool:

@@ -220,6 +220,7 @@ class ApiCommandTests(TestCase):
             api = boto3_client(self.service, aws_access_key_id=key_id, aws_secret_access_key=secret)
             for _ in range(103):
                 api.open_tunnel()
+            api.close()
 
         yield deferToThread(open_many)
         status, out, err = yield self.cli("list-tunnels")

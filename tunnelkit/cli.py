@@ -392,6 +392,8 @@ def run_api_command(args: argparse.Namespace, out: TextIO) -> int:
         raise CliError(f"{e} (is the service running? see --endpoint-url)", API_FAILED) from None
     except BotoCoreError as e:
         raise CliError(str(e), API_FAILED) from None
+    finally:
+        client.close()
     response.pop("ResponseMetadata", None)
     if args.command in ("open-tunnel", "rotate-tunnel-access-token"):
         _divert_tokens(args, response)

@@ -71,9 +71,11 @@ class NotifyTests(TestCase):
         credentials = dict(aws_access_key_id=key.access_key_id, aws_secret_access_key=key.secret_access_key)
 
         def open_tunnel() -> Dict[str, Any]:
-            return boto3_client(service, **credentials).open_tunnel(
-                destinationConfig={"thingName": "RemoteDeviceA", "services": ["SSH"]}
-            )
+            api = boto3_client(service, **credentials)
+            try:
+                return api.open_tunnel(destinationConfig={"thingName": "RemoteDeviceA", "services": ["SSH"]})
+            finally:
+                api.close()
 
         opened = yield deferToThread(open_tunnel)
         message = yield deferToThread(subscriber.next)
@@ -89,10 +91,14 @@ class NotifyTests(TestCase):
         self.assertEqual(subscriber.topics, ["$aws/things/RemoteDeviceA/tunnels/notify"])
 
         def rotate() -> Dict[str, Any]:
-            return boto3_client(service, **credentials).rotate_tunnel_access_token(
-                tunnelId=opened["tunnelId"], clientMode="DESTINATION",
-                destinationConfig={"thingName": "RemoteDeviceA", "services": ["SSH", "VNC"]},
-            )
+            api = boto3_client(service, **credentials)
+            try:
+                return api.rotate_tunnel_access_token(
+                    tunnelId=opened["tunnelId"], clientMode="DESTINATION",
+                    destinationConfig={"thingName": "RemoteDeviceA", "services": ["SSH", "VNC"]},
+                )
+            finally:
+                api.close()
 
         rotated = yield deferToThread(rotate)
         message = yield deferToThread(subscriber.next)
