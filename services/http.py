@@ -135,7 +135,8 @@ class RequestRewriter:
             data = data[start:]
         if not data:
             return b""
-        method = _TOKEN.match(data).group()
+        token = _TOKEN.match(data)
+        method = token.group() if token else b""
         after = data[len(method) : len(method) + 1]
         if len(method) > 32 or (after and (after != b" " or not method)) or data.startswith(
             b"PRI * HTTP/2"

@@ -10,7 +10,7 @@ override L{StreamAdapter.check_greeting}.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple, Type
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -67,7 +67,7 @@ class StreamAdapter:
 class StreamAdapterFactory:
     """Builds one kind of L{StreamAdapter} (no options)."""
 
-    def __init__(self, adapter: type, prefixes: Tuple[str, ...]) -> None:
+    def __init__(self, adapter: Type[StreamAdapter], prefixes: Tuple[str, ...]) -> None:
         self.adapter = adapter
         self.name = adapter.name
         self.prefixes = prefixes
