@@ -355,6 +355,55 @@ class RelayTests(ServiceTestCase):
         self.assertEqual([len(m) for m in messages], [2 * len(big), len(big)])
         self.assertEqual(b"".join(messages), big * 3)
 
+    def test_fragmented_messages_and_pings_between(self) -> None:
+        from tunnelkit.testing import client_frame
+
+        tunnel, source, destination = self.pair()
+        stream = start() + data(b"f" * 3000)
+        source.send_raw(
+            client_frame(stream[:100], opcode=2, fin=False)
+            + client_frame(b"ping", opcode=9)
+            + client_frame(stream[100:2000], opcode=0, fin=False)
+            + client_frame(stream[2000:], opcode=0, fin=True)
+        )
+        self.assertEqual(destination.take_messages(), [start(), data(b"f" * 3000)])
+        source.poll()
+        self.assertIn((10, b"ping"), source.controls)
+
+    def test_every_length_encoding(self) -> None:
+        """Messages around the 7-bit, 16-bit and 64-bit WebSocket length boundaries."""
+        tunnel, source, destination = self.pair()
+        source.send(start())
+        destination.take_messages()
+        messages = [_data_filling(n) for n in (len(data(b"")), 125, 126, 127, 1000)]
+        for total in (65535, 65536, 65537, 131076):
+            messages.append(_data_filling(total))
+        self.assertEqual([len(m) for m in messages[1:4]], [125, 126, 127])
+        self.assertEqual([len(m) for m in messages[-4:]], [65535, 65536, 65537, 131076])
+        for message in messages:
+            source.send(message)
+        self.assertEqual(b"".join(destination.take_messages()), b"".join(messages))
+        self.assertFalse(source.transport.disconnecting)
+
+    def test_input_split_anywhere(self) -> None:
+        from tunnelkit.testing import client_frame
+
+        tunnel, source, destination = self.pair()
+        big = data(b"s" * 60000)
+        stream = start() + big + data(b"t" * 10)
+        # Tunnel frames split across WebSocket messages, and the wire split across reads.
+        wire = client_frame(stream[:30000]) + client_frame(stream[30000:]) + client_frame(b"")
+        for cut in range(0, len(wire), 997):
+            source.send_raw(wire[cut : cut + 997])
+        self.assertEqual(b"".join(destination.take_messages()), stream)
+
+    def test_unmasked_client_frame(self) -> None:
+        tunnel, source, destination = self.pair()
+        frame = start()
+        source.send_raw(bytes([0x82, len(frame)]) + frame)
+        self.assertEqual(source.close_frame()[0], 1002)  # type: ignore[index]
+        self.assertEqual(destination.take_messages(), [])
+
     def test_pings_get_pongs(self) -> None:
         tunnel, source, destination = self.pair()
         source.send(b"1700000000000", opcode=9)
@@ -416,6 +465,20 @@ class RelayTests(ServiceTestCase):
         tunnel, source, destination = self.pair()
         source.send(b"\x00" * 131077)
         self.assertEqual(source.close_frame()[0], 1009)  # type: ignore[index]
+
+
+def _data_filling(total: int) -> bytes:
+    """Valid DATA frames adding up to exactly C{total} bytes."""
+    full = data(b"f" * 64512)
+    frames = b""
+    while total - len(frames) > len(full) + 64:
+        frames += full
+    left = total - len(frames)
+    for size in range(left, -1, -1):
+        last = data(b"z" * size)
+        if len(last) == left:
+            return frames + last
+    raise AssertionError(f"cannot fill {total}")
 
 
 def _client(payload: bytes) -> bytes:

@@ -87,6 +87,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -706,6 +707,19 @@ class Relay:
         return sum(peer.buffered_bytes() for peer in link.peers.values())
 
 
+_unpack_u16 = struct.Struct("!H").unpack_from
+_unpack_u64 = struct.Struct("!Q").unpack_from
+
+
+def _unmask(mask: bytes, payload: bytes) -> bytes:
+    """Unmask a client's WebSocket payload: big ones with autobahn's NVX, small ones with ints."""
+    n = len(payload)
+    if n > 512:
+        return create_xor_masker(mask, n).process(payload)  # type: ignore[no-any-return]
+    key = (mask * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
 def _ws_header(size: int) -> bytes:
     """The header of an unmasked, final, binary WebSocket frame of C{size} bytes."""
     if size < 126:
@@ -927,6 +941,46 @@ class PeerProtocol(WebSocketServerProtocol):
         if target is not None:
             self._flush_target = None
             target.flush_outbox()
+
+    def processData(self) -> bool:
+        """
+        Take the next WebSocket frame from the input buffer.  The common case, a whole unfragmented
+        masked binary message, is unmasked and handed to L{onMessage} here; every other frame
+        (control frames, fragments, anything malformed or too large) goes through autobahn's
+        general parser, which also enforces the protocol's rules on them.
+        """
+        if self.current_frame is not None or self.inside_message or self.state != self.STATE_OPEN:
+            return bool(super().processData())
+        data = self.data
+        size = len(data)
+        if size < 2:
+            return False
+        if data[0] != 0x82 or data[1] < 0x80:  # not FIN+binary, or not masked
+            return bool(super().processData())
+        length = data[1] & 0x7F
+        if length < 126:
+            start = 6
+        elif length == 126:
+            if size < 4:
+                return False
+            (length,) = _unpack_u16(data, 2)
+            start = 8
+            if length < 126:
+                return bool(super().processData())  # not minimal: autobahn refuses it
+        else:
+            if size < 10:
+                return False
+            (length,) = _unpack_u64(data, 2)
+            start = 14
+            if length < 65536 or length > MAX_WEBSOCKET_FRAME:
+                return bool(super().processData())  # autobahn refuses it (1002 or 1009)
+        end = start + length
+        if size < end:
+            return False  # wait for the whole frame: at most 131090 bytes
+        payload = _unmask(data[start - 4 : start], data[start:end]) if length else b""
+        self.data = data[end:]
+        self.onMessage(payload, True)
+        return size > end and self.state == self.STATE_OPEN
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
         # autobahn's sendData formats a debug message on every call; only the plain case is here.
