@@ -417,6 +417,7 @@ class SettingsTests(SynchronousTestCase):
             (dict(mqtt_username="u", mqtt_password="p", mqtt_password_file="f"), "only one of"),
             (dict(mqtt_username="u", mqtt_password_file="/nonexistent/pw"), "cannot read it"),
             (dict(mqtt_ca="/nonexistent/ca.pem"), "tls: endpoints only"),
+            (dict(mqtt_cert="/x.pem"), "go together"),
         ]
         for extra, message in cases:
             e = self.assertRaises(UsageError, mqtt_settings, self.options(mqtt="tcp:host=h:port=1", **extra), "x")
@@ -425,6 +426,20 @@ class SettingsTests(SynchronousTestCase):
             UsageError, mqtt_settings, self.options(mqtt="tls:h:8883", mqtt_ca="/nonexistent/ca.pem"), "x"
         )
         self.assertIn("no such file", str(e))
+        fd, ca = tempfile.mkstemp()
+        os.close(fd)
+        self.addCleanup(os.remove, ca)
+        e = self.assertRaises(
+            UsageError, mqtt_settings, self.options(mqtt="tls:h:8883", mqtt_cert="/c.pem", mqtt_key="/k.pem"), "x"
+        )
+        self.assertIn("--mqtt-cert needs --mqtt-ca", str(e))
+        e = self.assertRaises(
+            UsageError,
+            mqtt_settings,
+            self.options(mqtt="tls:h:8883", mqtt_ca=ca, mqtt_cert="/nonexistent/c.pem", mqtt_key=ca),
+            "x",
+        )
+        self.assertIn("--mqtt-cert /nonexistent/c.pem: no such file", str(e))
 
     def test_build_endpoint_with_ca(self) -> None:
         """--mqtt-ca makes a TLS endpoint trusting that CA; a file that is not PEM is refused."""

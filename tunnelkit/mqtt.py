@@ -62,6 +62,9 @@ MQTT_OPTIONS: List[List[Any]] = [
     ["mqtt-password", None, None, "Password for the MQTT broker (prefer --mqtt-password-file)."],
     ["mqtt-password-file", None, None, "File holding the MQTT password (first line)."],
     ["mqtt-ca", None, None, "PEM file of the CA that signs the broker's certificate (tls: endpoints)."],
+    ["mqtt-cert", None, None, "PEM file of this client's certificate, for brokers that require one "
+     "(AWS IoT Core); with --mqtt-key."],
+    ["mqtt-key", None, None, "PEM file of the private key of --mqtt-cert."],
     ["mqtt-client-id", None, None, "MQTT client identifier (default: derived from the mode)."],
 ]
 
@@ -79,13 +82,16 @@ class MQTTSettings:
     username: Optional[str] = None
     password: Optional[str] = None
     ca_file: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
     keepalive: int = 60
 
     def __repr__(self) -> str:
         hidden = "<hidden>" if self.password is not None else None
         return (
             f"MQTTSettings(endpoint={self.endpoint!r}, client_id={self.client_id!r}, "
-            f"username={self.username!r}, password={hidden}, ca_file={self.ca_file!r})"
+            f"username={self.username!r}, password={hidden}, ca_file={self.ca_file!r}, "
+            f"cert_file={self.cert_file!r})"
         )
 
 
@@ -107,7 +113,9 @@ def mqtt_settings(options: Mapping[str, Any], default_client_id: str) -> Optiona
     endpoint = _option(options, "mqtt")
     extras = [
         name
-        for name in ("mqtt-username", "mqtt-password", "mqtt-password-file", "mqtt-ca", "mqtt-client-id")
+        for name in (
+            "mqtt-username", "mqtt-password", "mqtt-password-file", "mqtt-ca", "mqtt-cert", "mqtt-key", "mqtt-client-id"
+        )
         if _option(options, name)
     ]
     if not endpoint:
@@ -136,10 +144,19 @@ def mqtt_settings(options: Mapping[str, Any], default_client_id: str) -> Optiona
             raise UsageError(f"--mqtt-ca applies to tls: endpoints only, not {endpoint!r}")
         if not os.path.isfile(ca_file):
             raise UsageError(f"--mqtt-ca {ca_file}: no such file")
+    cert_file = _option(options, "mqtt-cert") or None
+    key_file = _option(options, "mqtt-key") or None
+    if bool(cert_file) != bool(key_file):
+        raise UsageError("--mqtt-cert and --mqtt-key go together")
+    if cert_file is not None and ca_file is None:
+        raise UsageError("--mqtt-cert needs --mqtt-ca (the CA of the broker's certificate)")
+    for option, path in (("--mqtt-cert", cert_file), ("--mqtt-key", key_file)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{option} {path}: no such file")
     client_id = _option(options, "mqtt-client-id") or default_client_id
     if not 1 <= len(client_id.encode("utf-8")) <= 65535:
         raise UsageError("--mqtt-client-id must be 1 to 65535 bytes")
-    return MQTTSettings(endpoint, client_id, username, password or None, ca_file)
+    return MQTTSettings(endpoint, client_id, username, password or None, ca_file, cert_file, key_file)
 
 
 def build_endpoint(reactor: Any, settings: MQTTSettings) -> IStreamClientEndpoint:
@@ -154,7 +171,13 @@ def build_endpoint(reactor: Any, settings: MQTTSettings) -> IStreamClientEndpoin
 
     if settings.ca_file is None:
         return clientFromString(reactor, settings.endpoint)
-    from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS, trustRootFromCertificates
+    from twisted.internet.ssl import (
+        Certificate,
+        PrivateCertificate,
+        TLSVersion,
+        optionsForClientTLS,
+        trustRootFromCertificates,
+    )
 
     args, kwargs = _parse(settings.endpoint)
     host = kwargs.get("host", args[1] if len(args) > 1 else None)
@@ -168,9 +191,23 @@ def build_endpoint(reactor: Any, settings: MQTTSettings) -> IStreamClientEndpoin
         raise UsageError(f"--mqtt-ca {settings.ca_file}: not a PEM certificate ({e})") from None
     if not authorities:
         raise UsageError(f"--mqtt-ca {settings.ca_file}: not a PEM certificate (no BEGIN CERTIFICATE)")
+    client_certificate = None
+    if settings.cert_file is not None and settings.key_file is not None:
+        try:
+            with open(settings.cert_file, "rb") as f:
+                certificate_pem = f.read()
+            with open(settings.key_file, "rb") as f:
+                key_pem = f.read()
+            client_certificate = PrivateCertificate.loadPEM(certificate_pem + b"\n" + key_pem)
+        except Exception as e:
+            raise UsageError(
+                f"--mqtt-cert {settings.cert_file} / --mqtt-key {settings.key_file}: not a PEM certificate "
+                f"and its private key ({e})"
+            ) from None
     tls = optionsForClientTLS(
         host,
         trustRoot=trustRootFromCertificates(authorities),
+        clientCertificate=client_certificate,
         extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
     )
     return wrapClientTLS(tls, HostnameEndpoint(reactor, host, port))

@@ -64,11 +64,19 @@ class Mosquitto:
     """One mosquitto process at a time on a fixed free port; see the module docstring."""
 
     def __init__(
-        self, reactor, users: Optional[Dict[str, str]] = None, persistence: bool = True, tls: Optional[Tuple[str, str, str]] = None
+        self,
+        reactor,
+        users: Optional[Dict[str, str]] = None,
+        persistence: bool = True,
+        tls: Optional[Tuple[str, str, str]] = None,
+        require_certificate: bool = False,
     ) -> None:
         """
         @param tls: C{(ca_cert, server_cert, server_key)} PEM paths: the listener speaks TLS.
+        @param require_certificate: with C{tls}, clients must show a certificate signed by that CA
+            (as AWS IoT Core requires).
         """
+        self.require_certificate = require_certificate
         if MOSQUITTO is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self._reactor = reactor
@@ -104,6 +112,8 @@ class Mosquitto:
         if self.tls:
             ca_cert, server_cert, server_key = self.tls
             lines += [f"cafile {ca_cert}", f"certfile {server_cert}", f"keyfile {server_key}", "tls_version tlsv1.2"]
+            if self.require_certificate:
+                lines.append("require_certificate true")
         if self.users:
             if MOSQUITTO_PASSWD is None:
                 raise RuntimeError("mosquitto_passwd is not installed")

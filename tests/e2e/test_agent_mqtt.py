@@ -91,10 +91,18 @@ class AgentOverMosquittoTests(TestCase):
         return broker
 
     def client(
-        self, broker: Mosquitto, client_id: str, clean_session: bool = True, ca_file: Optional[str] = None, **kwargs: Any
+        self,
+        broker: Mosquitto,
+        client_id: str,
+        clean_session: bool = True,
+        ca_file: Optional[str] = None,
+        cert_file: Optional[str] = None,
+        key_file: Optional[str] = None,
+        **kwargs: Any,
     ) -> MQTTClient:
+        settings = MQTTSettings(broker.endpoint, client_id, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         return MQTTClient(
-            build_endpoint(reactor, MQTTSettings(broker.endpoint, client_id, ca_file=ca_file)),
+            build_endpoint(reactor, settings),
             client_id,
             reactor,
             retry_policy=fast_retries(),
@@ -266,3 +274,61 @@ class AgentOverMosquittoTests(TestCase):
             "the TLS failure to be logged",
         )
         self.assertFalse(stranger.connected)
+
+    async def test_client_certificate(self) -> None:
+        """A broker requiring client certificates (as AWS IoT Core): --mqtt-cert/--mqtt-key connect."""
+        directory = os.path.join(self.state_dir, "mtls")
+        certificates = ensure_certificates(directory)
+        cert_file, key_file = issue_client_certificate(directory, "t1")
+        broker = await self.start_broker(
+            tls=(certificates.ca_cert, certificates.server_cert, certificates.server_key), require_certificate=True
+        )
+        device = self.client(broker, "t1", ca_file=certificates.ca_cert, cert_file=cert_file, key_file=key_file)
+        self.keep_running(device)
+        await device.when_connected()
+        anonymous = self.client(broker, "anonymous", ca_file=certificates.ca_cert)
+        self.keep_running(anonymous)
+        await wait_for(
+            lambda: any("ended before the MQTT session started" in e.get("log_format", "") for e in self.logged),
+            "the certificate-less client to be turned away",
+        )
+        self.assertFalse(anonymous.connected)
+
+
+def issue_client_certificate(directory: str, name: str):
+    """A client certificate for C{name} signed by the CA in C{directory} (ca.pem, ca.key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    with open(os.path.join(directory, "ca.pem"), "rb") as f:
+        ca = x509.load_pem_x509_certificate(f.read())
+    with open(os.path.join(directory, "ca.key"), "rb") as f:
+        ca_key = serialization.load_pem_private_key(f.read(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_file = os.path.join(directory, f"{name}.pem")
+    key_file = os.path.join(directory, f"{name}.key")
+    with open(cert_file, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    with open(key_file, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return cert_file, key_file
