@@ -85,7 +85,12 @@ class IStreamFilter(Interface):
 
 
 class IFilterOutput(Interface):
-    """Given by the local proxy to an L{IActiveStreamFilter}: its connection's two directions."""
+    """
+    Given by the local proxy to an L{IActiveStreamFilter}: its connection's two directions.  Its
+    methods may be called at any time, also from within the filter's own outbound/inbound (the
+    bytes then go before what that call returns); bytes sent after the connection closed are
+    dropped.  What they send does not pass through the filter again.
+    """
 
     def send_outbound(data: bytes) -> None:
         """Send C{data} into the tunnel now, as if L{IStreamFilter.outbound} had returned it."""
@@ -116,9 +121,11 @@ class ISourceContext(Interface):
         """
         Listen on an ephemeral port of C{bind_address}; the next local connection accepted there is
         carried as a new connection of this service with exactly C{connection_id} (V3
-        CONNECTION_START).  The listener closes after that accept or after 60 s.
+        CONNECTION_START).  The listener closes after that accept or after 60 s.  Connection ids
+        with the high bit set (0x80000000) are left to adapters: the source numbers the
+        connections it accepts itself from 1 up.
 
-        @return: a Deferred firing with the local port number.
+        @return: a Deferred firing with the local port number (it may have fired already).
         """
 
 
