@@ -6,9 +6,13 @@ L{MQTTNotifier} implements L{INotifier}: each notification is first written to a
 (L{INotificationQueue}; L{SQLiteNotificationQueue} keeps it in C{notify.sqlite3} in the state
 directory), then published with QoS 1 on C{$aws/things/<thingName>/tunnels/notify}.  The row is
 deleted once the broker acknowledged it (PUBACK), or when the tunnel closes.  While the broker is
-down the MQTT client reconnects with backoff and paho re-sends what was not acknowledged; after a
-restart every row still queued is published again.  A newer notification of the same tunnel (a
-rotated token) replaces the queued one.
+down the MQTT client reconnects with backoff and holds the publish (withdrawn if the tunnel closes
+or its token is rotated meanwhile); what was sent but not acknowledged is sent again after a
+reconnect; after a restart every row still queued is published again.
+
+A PUBACK means the broker has the message, not that the device does: a device that is offline gets
+it from the broker when it comes back, because the agent keeps a persistent MQTT session (QoS 1
+messages are queued for it, across broker restarts when the broker persists its state).
 
 The queue holds access tokens, so the database file is created readable by its owner only; tokens
 never appear in logs.
