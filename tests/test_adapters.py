@@ -30,6 +30,7 @@ from tunnelkit.adapters import (
     default_adapter_name,
     describe_target,
     option_bool,
+    parse_adapter_options,
     parse_adapter_overrides,
     probe_and_log,
     probe_target,
@@ -205,6 +206,30 @@ class ParseOverridesTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             parse_adapter_overrides("SSH1:ssh")
         self.assertIn("SERVICE=ADAPTER", str(caught.exception))
+
+
+class ParseOptionsTests(SynchronousTestCase):
+    def test_flags(self) -> None:
+        self.assertEqual(
+            parse_adapter_options(["HTTP1.host=device.test:8080", "HTTP1.forwarded=true,FTP1.passive-host=reply"]),
+            {"HTTP1": {"host": "device.test:8080", "forwarded": "true"}, "FTP1": {"passive-host": "reply"}},
+        )
+        self.assertEqual(parse_adapter_options("a.b.c=1"), {"a.b": {"c": "1"}})
+        self.assertEqual(parse_adapter_options(None), {})
+
+    def test_mapping(self) -> None:
+        spec = {"HTTP1": {"host": "device.test", "forwarded": True}}
+        self.assertEqual(parse_adapter_options(spec), spec)
+
+    def test_errors(self) -> None:
+        for bad in ("HTTP1=host", "host=x", ".host=x", "HTTP1.=x", {"HTTP1": "host"}, {"HTTP1": {"host": ["a"]}}):
+            with self.assertRaises(ConfigError, msg=repr(bad)):
+                parse_adapter_options(bad)
+
+    def test_reaches_the_adapter(self) -> None:
+        options = parse_adapter_options("HTTP1.host=device.test,HTTP1.rewrite_host=yes")
+        adapter = resolve_adapter("HTTP1", None, options)
+        self.assertEqual((adapter.host, adapter.rewrite_host), ("device.test", True))
 
 
 class OptionHelperTests(SynchronousTestCase):

@@ -300,6 +300,51 @@ def parse_adapter_overrides(
     return result
 
 
+def parse_adapter_options(
+    spec: Union[str, Iterable[str], Mapping[str, Any], None],
+) -> Dict[str, Dict[str, Any]]:
+    """
+    Parse adapter options into service ID -> {option: value}, from C{"HTTP1.host=device.test"}
+    items (a string with commas, or a list of strings, as from a repeated C{--adapter-option}
+    flag) or from a tap.yml mapping C{{HTTP1: {host: device.test, forwarded: true}}}.  Whether
+    each option exists is checked by the adapter when it is built.
+
+    @raise ConfigError: quoting the malformed item.
+    """
+    result: Dict[str, Dict[str, Any]] = {}
+    if spec is None:
+        return result
+    if isinstance(spec, Mapping):
+        for service_id, options in spec.items():
+            if not isinstance(options, Mapping):
+                raise ConfigError(
+                    f"adapter options of service {service_id}: expected a mapping of option names "
+                    f"to values (e.g. {{host: device.test}}), got {options!r}"
+                )
+            for key, value in options.items():
+                if isinstance(value, (Mapping, list)) or value is None:
+                    raise ConfigError(
+                        f"adapter option {service_id}.{key}: expected a single value, got {value!r}"
+                    )
+            result[str(service_id)] = {str(k): v for k, v in options.items()}
+        return result
+    items = [spec] if isinstance(spec, str) else list(spec)
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, sep, value = part.partition("=")
+            service_id, dot, key = name.strip().rpartition(".")
+            if not sep or not dot or not service_id or not key:
+                raise ConfigError(
+                    f"adapter option {part!r}: expected SERVICE.OPTION=VALUE, e.g. "
+                    "'HTTP1.host=device.test'"
+                )
+            result.setdefault(service_id, {})[key] = value.strip()
+    return result
+
+
 def resolve_adapter(
     service_id: str,
     overrides: Optional[Mapping[str, str]] = None,
@@ -599,6 +644,7 @@ __all__: List[str] = [
     "available_adapters",
     "default_adapter_name",
     "parse_adapter_overrides",
+    "parse_adapter_options",
     "resolve_adapter",
     "resolve_adapters",
     "check_options",
