@@ -49,8 +49,12 @@ PENDING_LIMIT = 1 << 20
 
 
 def default_retry_policy() -> Callable[[int], float]:
-    """Reconnect delays: 0.75 s, 1.1 s, 1.7 s ... up to 30 s, plus up to 1 s of jitter."""
-    return backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=1.5)
+    """
+    Reconnect delays: 0.75 s, 1.1 s, 1.7 s ... up to 30 s, plus up to 1 s of jitter, rounded to
+    0.1 s (ClientService logs each one: C{Scheduling retry N to connect ... in D seconds}).
+    """
+    policy = backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=1.5)
+    return lambda attempt: round(policy(attempt), 1)
 
 
 @dataclass(frozen=True)

@@ -286,7 +286,25 @@ def build_session(options: Options, reactor: Any, clock: Any = None) -> LocalPro
     return session
 
 
-def _filter_process_logs(verbosity: int) -> None:
+class _RedactingObserver:
+    """Replaces secrets in every string field of a log event (autobahn's trace lines hold the request)."""
+
+    def __init__(self, observer: Any, secrets: Sequence[str]) -> None:
+        self._observer = observer
+        self._secrets = [s for s in secrets if s]
+
+    def __call__(self, event: Dict[str, Any]) -> None:
+        cleaned = dict(event)
+        for key, value in event.items():
+            if isinstance(value, str):
+                for secret in self._secrets:
+                    if secret in value:
+                        value = value.replace(secret, "***ACCESS_TOKEN_REMOVED***")
+                cleaned[key] = value
+        self._observer(cleaned)
+
+
+def _filter_process_logs(verbosity: int, secrets: Sequence[str] = ()) -> None:
     """
     Apply C{-v} to every log line of the process: 0 nothing, 1 critical, 2 error, 3 warning,
     4 info (default), 5 debug, 6+ also autobahn's own debug (trace) lines.
@@ -316,7 +334,10 @@ def _filter_process_logs(verbosity: int) -> None:
     begin = globalLogBeginner.beginLoggingTo
 
     def filtered_begin(observers: Any, *args: Any, **kwargs: Any) -> Any:
-        return begin([FilteringLogObserver(o, predicates) for o in observers], *args, **kwargs)
+        wrapped = [FilteringLogObserver(o, predicates) for o in observers]
+        if verbosity >= 6:
+            wrapped = [_RedactingObserver(o, secrets) for o in wrapped]
+        return begin(wrapped, *args, **kwargs)
 
     globalLogBeginner.beginLoggingTo = filtered_begin  # type: ignore[method-assign]
 
@@ -369,7 +390,7 @@ def makeService(options: Options) -> IService:
             "the proxy: {proxy}",
             proxy=str(options.service_endpoint.web_proxy),
         )
-    _filter_process_logs(options["verbose"])
+    _filter_process_logs(options["verbose"], [options["access-token"]])
     if options.mapping:
         log.info("Use port mapping:")
         for service_id, endpoint in options.mapping.items():
