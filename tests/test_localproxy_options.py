@@ -147,3 +147,40 @@ class OptionsTests(TestCase):
         self.assertEqual(options.mapping, {"SSH1": ("127.0.0.1", 2222)})
         self.assertEqual(options["connect-retries"], 3)
         self.assertEqual(options.adapter_overrides, {"SSH1": "tcp"})
+
+
+class VerbosityTests(TestCase):
+    def begin(self, verbosity):
+        import twisted.logger
+
+        from tunnelkit.localproxy import tap
+
+        class Beginner:
+            def beginLoggingTo(self, observers):
+                self.observers = observers
+
+        beginner = Beginner()
+        self.patch(twisted.logger, "globalLogBeginner", beginner)
+        tap._filter_process_logs(verbosity, ["the-token"])
+        seen = []
+        twisted.logger.globalLogBeginner.beginLoggingTo([seen.append])
+        (observer,) = beginner.observers
+        return observer, seen
+
+    def emit(self, observer, level, text="x"):
+        from twisted.logger import LogLevel
+
+        observer({"log_level": getattr(LogLevel, level), "log_namespace": "t", "log_format": text, "value": text})
+
+    def test_levels(self):
+        for verbosity, shown in [(0, []), (2, ["error"]), (3, ["warn", "error"]), (4, ["info", "warn", "error"]),
+                                 (5, ["debug", "info", "warn", "error"])]:
+            observer, seen = self.begin(verbosity)
+            for level in ["debug", "info", "warn", "error"]:
+                self.emit(observer, level, level)
+            self.assertEqual([e["value"] for e in seen], shown, verbosity)
+
+    def test_trace_redacts_the_token(self):
+        observer, seen = self.begin(6)
+        self.emit(observer, "debug", "GET /tunnel\r\naccess-token: the-token\r\n")
+        self.assertEqual(seen[0]["value"], "GET /tunnel\r\naccess-token: ***ACCESS_TOKEN_REMOVED***\r\n")
