@@ -159,8 +159,11 @@ class VerbosityTests(TestCase):
             def beginLoggingTo(self, observers):
                 self.observers = observers
 
+        import txaio
+
         beginner = Beginner()
         self.patch(twisted.logger, "globalLogBeginner", beginner)
+        self.addCleanup(txaio.set_global_log_level, txaio.get_global_log_level())
         tap._filter_process_logs(verbosity, ["the-token"])
         seen = []
         twisted.logger.globalLogBeginner.beginLoggingTo([seen.append])
