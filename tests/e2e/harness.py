@@ -20,6 +20,15 @@ with the tail of the process's log.
 
 Processes run as C{python -c 'twisted.scripts.twistd.run()' -n --pidfile= tunnelkit --mode ...}
 in their own directory with their log in C{<dir>/<name>.log}; tokens go through the environment.
+
+Also here:
+  - C{h.kill_service()} / C{h.restart_service()}: kill -9, then the same port and state directory;
+  - C{h.api()}: a botocore C{iotsecuretunneling} client with the service's generated credentials;
+  - C{h.start_echo()}: a TCP echo server, returns its port;
+  - C{h.start_old_format_peer(token, "V1"|"V2", target_port)}: a destination that speaks only the
+    V1 or V2 message format (exits 3 on anything newer), to test C{-y V1|V2} sources;
+  - C{h.spawn(name, argv)} / C{h.twistd(name, args, env)}: any other process, cleaned up likewise;
+  - L{Process.wait_for_log}, L{Process.wait_exit}, L{Proxy.port_of}, L{wait_until}, L{free_port}.
 """
 
 from __future__ import annotations
