@@ -318,3 +318,28 @@ class CertificateTests(TestCase):
         os.remove(os.path.join(state, "ca.pem"))
         error = self.assertRaises(ConfigError, ensure_certificates, state)
         self.assertIn("ca.pem", str(error))
+
+
+class NameWarningTests(TestCase):
+    def warnings_for(self, *args: str) -> List[str]:
+        from twisted.logger import Logger, formatEvent
+
+        events: List[Any] = []
+        self.patch(tap, "log", Logger(observer=events.append))
+        options = tap.Options()
+        options.parseOptions(["--mode", "service", "--state-dir", self.mktemp(), *args])
+        service = tap.TunnelService(options, reactor)  # built, never started: nothing listens
+        service.store.close()
+        return [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+
+    def test_all_interfaces(self) -> None:
+        """An ssl: listener on every interface without --hostname gets a warning naming the fix."""
+        (warning,) = self.warnings_for("--listen", "ssl:0")
+        self.assertIn("every interface", warning)
+        self.assertIn("--hostname", warning)
+
+    def test_no_warning(self) -> None:
+        self.assertEqual(self.warnings_for("--listen", "ssl:0:interface=127.0.0.1"), [])
+        self.assertEqual(self.warnings_for("--listen", r"ssl:0:interface=\:\:1"), [])
+        self.assertEqual(self.warnings_for("--listen", "ssl:0", "--hostname", "tunnels.example.com"), [])
+        self.assertEqual(self.warnings_for("--listen", "tcp:0"), [])

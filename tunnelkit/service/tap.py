@@ -257,6 +257,7 @@ class TunnelService(MultiService):
         self.site = ServiceSite(root)
         self.listeners: List[_Listener] = []
         for description in options["listen"]:
+            self._check_names(description, options.get("hostname") or ())
             listener = _Listener(
                 reactor, listen_description(description, self.certificates), description, self.site, self._announce
             )
@@ -283,6 +284,22 @@ class TunnelService(MultiService):
                 state=self.state_dir,
             )
         self._announced = False
+
+    def _check_names(self, description: str, hostnames: Any) -> None:
+        """Warn when clients may reach an C{ssl:} listener by a name its generated certificate lacks."""
+        if description.split(":", 1)[0].lower() != "ssl" or _has_certificate(description):
+            return
+        match = re.search(r"(?:^|:)interface=((?:\\.|[^:])*)", description)
+        interface = match.group(1).replace("\\:", ":") if match else ""
+        if interface in ("127.0.0.1", "::1", "localhost") or interface in hostnames:
+            return
+        if not hostnames:
+            log.warn(
+                "--listen {listen} accepts connections on {where}, but the generated certificate names only "
+                "127.0.0.1, ::1 and localhost: add --hostname NAME for each name or address clients use",
+                listen=description,
+                where=f"interface {interface}" if interface else "every interface",
+            )
 
     def startService(self) -> None:
         """Start every part; a listener that cannot listen ends the process with a one-line error."""
