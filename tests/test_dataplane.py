@@ -10,7 +10,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
-from tunnelkit.service.dataplane import DataPlaneOptions, limits_from_options, mount_data_plane
+from tunnelkit.service.dataplane import (
+    DataPlaneOptions,
+    limits_from_options,
+    mount_data_plane,
+    tunnel_counter,
+)
 from tunnelkit.service.interfaces import ITunnelEvents
 from tunnelkit.service.relay import RelayLimits
 from tunnelkit.testing import MemoryTunnelStore, RawPeer, ServiceHarness
@@ -70,20 +75,21 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(limits_from_options({"tunnel_bandwidth": 5}).tunnel_bandwidth, 5)
 
 
+class TunnelCounterTests(SynchronousTestCase):
+    def test_sources(self) -> None:
+        store = MemoryTunnelStore()
+        store.open_tunnel((), now=0.0)
+        self.assertEqual(tunnel_counter(store)(), {"OPEN": 1, "CLOSED": 0})  # type: ignore[misc]
+
+        from tunnelkit.service.store_sqlite import open_store
+
+        sqlite_store = open_store(self.mktemp())
+        self.addCleanup(sqlite_store.close)
+        self.assertEqual(tunnel_counter(sqlite_store)(), {"OPEN": 0, "CLOSED": 0})  # type: ignore[misc]
+        self.assertIsNone(tunnel_counter(object()))
+
+
 class MountTests(SynchronousTestCase):
-    def test_refuses_without_nvx(self) -> None:
-        import autobahn.websocket
-
-        from tunnelkit.errors import ConfigError
-
-        self.patch(autobahn.websocket, "USES_NVX", False)
-        error = self.assertRaises(ConfigError, mount_data_plane, Resource(), MemoryTunnelStore(), Clock(), {})
-        self.assertIn("--allow-slow-websocket", str(error))
-        root = Resource()
-        mount_data_plane(root, MemoryTunnelStore(), Clock(), parse("--allow-slow-websocket"))
-        self.assertIn(b"tunnel", root.children)
-        self.flushLoggedErrors()
-
     def test_children(self) -> None:
         root = Resource()
         events = mount_data_plane(root, MemoryTunnelStore(), Clock(), {})

@@ -71,5 +71,6 @@ class ServiceProcessTests(TestCase):
         self.assertEqual(response.code, 200)
         self.assertIn('tunnelkit_peers_connected{side="source"} 1.0', body)
         self.assertIn("tunnelkit_handshakes_total 1.0", body)
+        self.assertIn('tunnelkit_tunnels{status="OPEN"} 1.0', body)
         client.transport.loseConnection()
         yield client.closed

@@ -6,7 +6,6 @@ over TLS.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import time

@@ -21,17 +21,15 @@ itself as the connection's producer, so that the relay can register its own.
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
 from tunnelkit.service.interfaces import ITunnelEvents, ITunnelStore
 from tunnelkit.service.metrics import ITunnelCounts, RelayMetrics, metrics_resource
 from tunnelkit.service.relay import Relay, RelayLimits, build_factory
-from tunnelkit.transport.nvx import ALLOW_FLAG, NvxOptions, require_nvx
 
 __all__ = [
     "DataPlaneOptions",
@@ -39,6 +37,7 @@ __all__ = [
     "TunnelResource",
     "limits_from_options",
     "MAX_SERVICES_LIMIT",
+    "tunnel_counter",
 ]
 
 #: The most services a tunnel may have, whatever the configuration says.
@@ -75,12 +74,10 @@ _rate.coerceDoc = ""  # type: ignore[attr-defined]
 
 class DataPlaneOptions:
     """
-    Mixin for the service's C{usage.Options}: the data plane's limits, and C{--allow-slow-websocket}
-    (see L{tunnelkit.transport.nvx}).  Values are read back with L{limits_from_options};
-    C{max-services-per-tunnel} is enforced by OpenTunnel.
+    Mixin for the service's C{usage.Options}: the data plane's limits.  Values are read back with
+    L{limits_from_options}; C{max-services-per-tunnel} is enforced by OpenTunnel.  (The service's
+    options also mix in L{tunnelkit.transport.nvx.NvxOptions}, and its C{makeService} checks NVX.)
     """
-
-    optFlags: List[Sequence[Any]] = list(NvxOptions.optFlags)
 
     optParameters: List[Sequence[Any]] = [
         [
@@ -158,6 +155,13 @@ class TunnelResource(WebSocketResource):
         return super().render(request)
 
 
+def tunnel_counter(store: Any) -> Optional[Callable[[], Mapping[str, int]]]:
+    """How C{/metrics} counts tunnels by status: the store's L{ITunnelCounts}, if it provides it."""
+    if ITunnelCounts.providedBy(store):
+        return store.count_tunnels_by_status  # type: ignore[no-any-return]
+    return None
+
+
 def mount_data_plane(
     root: Resource,
     store: ITunnelStore,
@@ -171,12 +175,8 @@ def mount_data_plane(
     @param clock: the reactor (or a L{twisted.internet.task.Clock} in tests).
     @param options: parsed L{DataPlaneOptions} (a plain mapping works; missing keys take defaults).
     @return: the relay, to tell about closed tunnels and rotated tokens.
-    @raise tunnelkit.transport.nvx.NvxUnavailable: autobahn runs without NVX and
-        C{--allow-slow-websocket} was not given.
     """
-    require_nvx(bool(_option(options, ALLOW_FLAG, False)))
-    counts = store.count_tunnels_by_status if ITunnelCounts.providedBy(store) else None
-    metrics = RelayMetrics(tunnel_counts=counts)
+    metrics = RelayMetrics(tunnel_counts=tunnel_counter(store))
     relay = Relay(store, clock, limits_from_options(options), metrics)
     root.putChild(b"tunnel", TunnelResource(build_factory(relay)))
     root.putChild(b"metrics", metrics_resource(metrics))

@@ -4,8 +4,9 @@ The tunnel service's Prometheus metrics, in a registry of their own (never the p
 so several services, or tests, can live in one process).
 
 Names (all prefixed C{tunnelkit_}):
-  - C{tunnels{status}}: tunnels by status (OPEN, CLOSED), when the store can count them
-    (it provides L{ITunnelCounts}); C{relay_tunnels}: tunnels with at least one peer connected here.
+  - C{tunnels{status}}: tunnels by status (OPEN, CLOSED), as far as the store can count them
+    (see L{tunnelkit.service.dataplane.tunnel_counter}); C{relay_tunnels}: tunnels with at least one
+    peer connected here.
   - C{peers_connected{side}}: WebSockets connected, per side.
   - C{relayed_bytes_total{direction}}, C{relayed_frames_total{direction}}: tunnel frames relayed
     (C{source_to_destination}, C{destination_to_source}); bytes count frames with their length prefix.
@@ -92,8 +93,6 @@ class _TunnelStatusCollector:
         except Exception:
             log.failure("Counting tunnels for /metrics failed")
             counts = {}
-        for status in ("OPEN", "CLOSED"):
-            counts.setdefault(status, 0)
         for status, value in sorted(counts.items()):
             family.add_metric([status], value)
         yield family
