@@ -141,12 +141,12 @@ class OptionsTests(TestCase):
         with open(path, "w") as f:
             f.write(
                 "destination:\n  destination-app: SSH1=2222\n  proxy-endpoint: ws://127.0.0.1:9\n"
-                "  adapter: [SSH1=tcp]\n  connect-retries: 2\n"
+                "  adapters: [SSH1=tcp, 'X=ssh,Y=tcp']\n  connect-retries: 2\n"
             )
         options = parse(["-t", TOKEN, "--config", path, "--connect-retries", "3"], mode="destination")
         self.assertEqual(options.mapping, {"SSH1": ("127.0.0.1", 2222)})
         self.assertEqual(options["connect-retries"], 3)
-        self.assertEqual(options.adapter_overrides, {"SSH1": "tcp"})
+        self.assertEqual(options.adapter_overrides, {"SSH1": "tcp", "X": "ssh", "Y": "tcp"})
 
 
 class VerbosityTests(TestCase):

@@ -126,7 +126,7 @@ class Options(NvxOptions, ModeOptions):
         ["connect-retry-delay", None, 2.5, "Destination: seconds between those retries.", _seconds],
     ]
 
-    repeatable = {"adapter": str}
+    repeatable = {"adapter": str, "adapters": str}
 
     def __init__(self) -> None:
         super().__init__()
@@ -136,6 +136,10 @@ class Options(NvxOptions, ModeOptions):
     def opt_adapter(self, value: str) -> None:
         """SERVICE=NAME: the service adapter of a service (repeatable; default by prefix)."""
         self["adapter"].append(value)
+
+    def opt_adapters(self, value: str) -> None:
+        """SERVICE=NAME[,SERVICE=NAME...]: the same as --adapter (tap.yml: adapters: [SSH1=ssh])."""
+        self["adapters"].append(value)
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         self._args = list(sys.argv[1:] if options is None else options)
@@ -235,7 +239,7 @@ class Options(NvxOptions, ModeOptions):
                 )
 
         # adapters
-        overrides = parse_adapter_overrides(self["adapter"])
+        overrides = parse_adapter_overrides(list(self["adapter"]) + list(self["adapters"]))
         known = available_adapters()
         for service_id, name in overrides.items():
             if name not in known:
