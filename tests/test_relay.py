@@ -553,8 +553,12 @@ class PeerTests(ServiceTestCase):
         self.relay.shutdown()
         self.assertEqual(source.close_frame(), (1001, "Service shutting down"))
         self.assertEqual(destination.close_frame(), (1001, "Service shutting down"))
+        self.assertEqual(self.store.connection_state(tunnel.tunnel_id, "source")[0], False)
+        self.assertEqual(self.store.connection_state(tunnel.tunnel_id, "destination")[0], False)
+        changes = len(self.store.state_changes)
         source.lose()
         destination.lose()
+        self.assertEqual(len(self.store.state_changes), changes)  # the store may be closed by now
         self.assertEqual(self.relay.links, {})
 
     def test_events_for_unknown_tunnels(self) -> None:

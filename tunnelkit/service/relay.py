@@ -621,7 +621,8 @@ class Relay:
             if link.closed_reason is None:
                 other.send_frames(link.stream_resets())
         link.active_streams.clear()
-        self._set_state(link.tunnel_id, side, False)
+        if link.closed_reason != "shutdown":
+            self._set_state(link.tunnel_id, side, False)
         log.info(
             "The {side} of tunnel {tunnel_id} disconnected (channel {channel_id})",
             side=side,
@@ -688,13 +689,17 @@ class Relay:
         peer.close_by_service(CLOSE_POLICY, REASON_ROTATED, "token-rotated")
 
     def shutdown(self, reason: str = "Service shutting down") -> None:
-        """Close every peer with 1001 (going away), e.g. when the service stops."""
+        """
+        Close every peer with 1001 (going away): call it when the service stops, before the store
+        closes.  Each side is recorded DISCONNECTED at once (the closing handshakes finish later).
+        """
         for link in list(self.links.values()):
-            link.closed_reason = link.closed_reason or "shutdown"
+            link.closed_reason = "shutdown"
             if link.expiry_call is not None and link.expiry_call.active():
                 link.expiry_call.cancel()
             link.expiry_call = None
-            for peer in list(link.peers.values()):
+            for side, peer in list(link.peers.items()):
+                self._set_state(link.tunnel_id, side, False)
                 peer.close_by_service(CLOSE_GOING_AWAY, reason, "shutdown")
 
     # --- introspection ---
