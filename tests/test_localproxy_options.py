@@ -136,6 +136,15 @@ class OptionsTests(TestCase):
         options = parse(["-t", TOKEN, "-e", "a.test", "-s", "1", "--adapter", "X1=ssh", "--adapter", "Y=tcp"])
         self.assertEqual(options.adapter_overrides, {"X1": "ssh", "Y": "tcp"})
 
+    def test_adapter_options(self):
+        options = parse(["-t", TOKEN, "-e", "a.test", "-d", "HTTP1=80", "--adapter-option", "HTTP1.host=intra.test"],
+                        mode="destination")
+        self.assertEqual(options.adapter_options, {"HTTP1": {"host": "intra.test"}})
+        for bad, fragment in [("HTTP1host=x", "SERVICE.KEY=VALUE"), ("HTTP1.nonesuch=1", "nonesuch")]:
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(["-t", TOKEN, "-e", "a.test", "-d", "HTTP1=80", "--adapter-option", bad], mode="destination")
+            self.assertIn(fragment, str(caught.exception))
+
     def test_tap_yml(self):
         path = self.mktemp()
         with open(path, "w") as f:

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 import tunnelkit
-from tunnelkit.adapters import available_adapters, parse_adapter_overrides
+from tunnelkit.adapters import available_adapters, parse_adapter_overrides, resolve_adapter
 from tunnelkit.config import ModeOptions
 from tunnelkit.errors import ConfigError
 from tunnelkit.localproxy.destination import DestinationSide
@@ -126,7 +126,7 @@ class Options(NvxOptions, ModeOptions):
         ["connect-retry-delay", None, 2.5, "Destination: seconds between those retries.", _seconds],
     ]
 
-    repeatable = {"adapter": str, "adapters": str}
+    repeatable = {"adapter": str, "adapters": str, "adapter-option": str}
 
     def __init__(self) -> None:
         super().__init__()
@@ -136,6 +136,10 @@ class Options(NvxOptions, ModeOptions):
     def opt_adapter(self, value: str) -> None:
         """SERVICE=NAME: the service adapter of a service (repeatable; default by prefix)."""
         self["adapter"].append(value)
+
+    def opt_adapter_option(self, value: str) -> None:
+        """SERVICE.KEY=VALUE: an option of a service's adapter, e.g. HTTP1.host=intranet.example (repeatable)."""
+        self["adapter-option"].append(value)
 
     def opt_adapters(self, value: str) -> None:
         """SERVICE=NAME[,SERVICE=NAME...]: the same as --adapter (tap.yml: adapters: [SSH1=ssh])."""
@@ -247,6 +251,16 @@ class Options(NvxOptions, ModeOptions):
                     f"--adapter {service_id}={name}: unknown adapter (known: {', '.join(sorted(known))})"
                 )
         self.adapter_overrides = overrides
+        adapter_options: Dict[str, Dict[str, str]] = {}
+        for item in self["adapter-option"]:
+            target, sep, value = item.partition("=")
+            service_id, dot, key = target.partition(".")
+            if not sep or not dot or not service_id.strip() or not key.strip():
+                raise ConfigError(f"--adapter-option {item!r}: expected SERVICE.KEY=VALUE, e.g. HTTP1.host=intranet.example")
+            adapter_options.setdefault(service_id.strip(), {})[key.strip()] = value.strip()
+        for service_id in adapter_options:
+            resolve_adapter(service_id, overrides, adapter_options)  # rejects unknown or bad options now
+        self.adapter_options = adapter_options
 
 
 def _resolve_bind(address: str) -> str:
@@ -273,6 +287,7 @@ def build_session(options: Options, reactor: Any, clock: Any = None) -> LocalPro
             client_type=options["destination-client-type"],
             max_connections=options["max-connections"],
             adapter_overrides=options.adapter_overrides,
+            adapter_options=options.adapter_options,
         )
     else:
         side = DestinationSide(
@@ -282,6 +297,7 @@ def build_session(options: Options, reactor: Any, clock: Any = None) -> LocalPro
             retries=options["connect-retries"],
             retry_delay=options["connect-retry-delay"],
             adapter_overrides=options.adapter_overrides,
+            adapter_options=options.adapter_options,
         )
     session = LocalProxySession(
         side, options.service_endpoint, options["access-token"], options["client-token"], reactor, clock
