@@ -561,6 +561,16 @@ class PeerTests(ServiceTestCase):
         self.assertEqual(len(self.store.state_changes), changes)  # the store may be closed by now
         self.assertEqual(self.relay.links, {})
 
+    def test_rotation_with_new_services(self) -> None:
+        tunnel, source, destination = self.pair(("SSH",))
+        fresh = self.store.rotate(tunnel.tunnel_id, "destination", services=["SSH", "VNC"])
+        self.relay.token_rotated(tunnel.tunnel_id, "destination")
+        destination.lose()
+        newer = self.connect("destination", fresh)
+        self.assertEqual(newer.take_frames(), [Message(type=SERVICE_IDS, availableServiceIds=["SSH", "VNC"])])
+        source.send(start(service="VNC"))
+        self.assertEqual(newer.take_frames(), [Message(type=STREAM_START, streamId=1, serviceId="VNC", connectionId=1)])
+
     def test_events_for_unknown_tunnels(self) -> None:
         self.relay.tunnel_closed("nope", "closed")
         self.relay.token_rotated("nope", "source")

@@ -121,9 +121,11 @@ class MemoryTunnelStore:
         """Mark the tunnel CLOSED (its tokens stop working)."""
         self._tunnels[tunnel_id].status = "CLOSED"
 
-    def rotate(self, tunnel_id: str, side: str) -> str:
-        """Revoke C{side}'s token and return a new one."""
+    def rotate(self, tunnel_id: str, side: str, services: Optional[Sequence[str]] = None) -> str:
+        """Revoke C{side}'s token and return a new one (with C{services}: the tunnel's new ones)."""
         tunnel = self._tunnels[tunnel_id]
+        if services is not None:
+            tunnel.services = tuple(services)
         self._tokens[tunnel.token_hash[side]].revoked = True
         tunnel.generation[side] += 1
         return self._issue(tunnel, side)

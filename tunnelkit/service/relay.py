@@ -429,7 +429,7 @@ class TunnelLink:
         self.relay = relay
         self.tunnel_id = grant.tunnel_id
         self.account_id = grant.account_id
-        self.services: Tuple[str, ...] = tuple(grant.services)
+        self.services: Tuple[str, ...] = ()
         self.expires_at = grant.expires_at
         self.peers: Dict[str, PeerProtocol] = {}
         self.active_streams: Dict[str, int] = {}
@@ -441,6 +441,12 @@ class TunnelLink:
                 bandwidth, max(bandwidth / 4.0, 2.0 * MAX_WEBSOCKET_FRAME), relay.clock
             )
         self.expiry_call: Optional[IDelayedCall] = None
+        self.service_ids_frame = b""
+        self.set_services(grant.services)
+
+    def set_services(self, services: Sequence[str]) -> None:
+        """The tunnel's service ids (and the SERVICE_IDS frame each new peer gets)."""
+        self.services = tuple(services)
         self.service_ids_frame = encode_message(
             Message(type=Message.SERVICE_IDS, availableServiceIds=self.services)
         )
@@ -556,6 +562,13 @@ class Relay:
             link.expiry_call = self.clock.callLater(delay, self.tunnel_closed, link.tunnel_id, "expired")
             self.metrics.relay_tunnels(len(self.links))
         side = grant.side
+        if tuple(grant.services) != link.services:
+            # RotateTunnelAccessToken may have given the tunnel a new destinationConfig: the peer
+            # still connected may use the new service ids too (it learns them when it reconnects).
+            link.set_services(grant.services)
+            for connected in link.peers.values():
+                if connected.rules is not None:
+                    connected.rules.services = frozenset(link.services)
         peer.link = link
         peer.rules = PeerRules(side, link.services, peer.version)
         self._websockets_per_account[link.account_id] = (
