@@ -128,9 +128,10 @@ class ReplyReader:
     as soon as each line is complete; lines may end in CR LF or a bare LF.
     """
 
-    def __init__(self) -> None:
-        #: The codes of the replies completed so far (the caller may clear it).
+    def __init__(self, record_codes: bool = False) -> None:
+        #: With C{record_codes}: the codes of the replies completed since the caller last cleared it.
         self.completed: List[int] = []
+        self._record = record_codes
         self._partial = b""
         self._multiline: Optional[bytes] = None  # the code of the multi-line reply being read
         self._held: Optional[List[bytes]] = None  # lines of a multi-line passive reply
@@ -183,7 +184,8 @@ class ReplyReader:
                     self._held_size = len(line)
                     return b""
                 return None
-            self.completed.append(int(code))
+            if self._record:
+                self.completed.append(int(code))
             if code in PASSIVE_CODES:
                 return PassiveReply(int(code), line)
             return None
@@ -194,7 +196,8 @@ class ReplyReader:
                 raise StreamFilterError(f"the FTP server sent a reply longer than {MAX_HELD} bytes")
         if code == self._multiline and marker != b"-" and marker in (b" ", b"\r", b"\n"):
             self._multiline = None
-            self.completed.append(int(code))
+            if self._record:
+                self.completed.append(int(code))
             if self._held is not None:
                 reply = PassiveReply(int(code), b"".join(self._held))
                 self._held = None
@@ -444,7 +447,7 @@ class FTPDestinationFilter:
         self.adapter = adapter
         self.context = context
         self.connection_id = connection_id
-        self.replies = ReplyReader()
+        self.replies = ReplyReader(record_codes=True)
         self.tickets: List[int] = []
         self.waiting_data: List["FTPDataFilter"] = []  # data connections held until a reply passes
 

@@ -112,6 +112,14 @@ class ReplyReaderTests(SynchronousTestCase):
         pieces = [SERVER_TRANSCRIPT[i : i + 1] for i in range(len(SERVER_TRANSCRIPT))]
         self.assertEqual(merge(feed_all(ReplyReader(), pieces)), EXPECTED_EVENTS)
 
+    def test_reply_codes(self) -> None:
+        reader = ReplyReader(record_codes=True)
+        feed_all(reader, split_at(SERVER_TRANSCRIPT, [5, 40, 41, 200]))
+        self.assertEqual(reader.completed, [220, 331, 230, 227, 150, 226, 229, 211, 227, 221])
+        quiet = ReplyReader()
+        quiet.feed(SERVER_TRANSCRIPT)
+        self.assertEqual(quiet.completed, [])
+
     def test_pass_through_is_not_copied(self) -> None:
         data = b"200 ok\r\n250 fine\r\n"
         self.assertIs(ReplyReader().feed(data)[0], data)
