@@ -374,7 +374,7 @@ class MQTTClient(Service):
         self._client_service = ClientService(
             endpoint,
             Factory.forProtocol(lambda: _MQTTProtocol(self)),
-            retryPolicy=retry_policy or backoffPolicy(initialDelay=1.0, maxDelay=60.0),
+            retryPolicy=retry_policy or backoffPolicy(initialDelay=1.0, maxDelay=30.0),
             clock=clock,
         )
         self._misc = LoopingCall(self._tick)

@@ -143,3 +143,27 @@ class AgentTunnelTests(TestCase):
         self.session_up(tunnel["tunnelId"], mark)
         source = self.h.start_source(tunnel["sourceAccessToken"], "SSH=0")
         self.ssh_works(source.port_of("SSH"), "after-the-outage")
+
+    def test_service_killed_while_broker_down(self) -> None:
+        """
+        Queued while the broker is down, then the service is killed (-9) and started again: the
+        new process delivers the token from its database once the broker is back.
+        """
+        mark = len(self.agent.log())
+        self.broker.stop()
+        tunnel = self.open_tunnel(["SSH"])
+        self.service.process.wait_for_log(rf"Queued the destination token of tunnel {tunnel['tunnelId']}")
+        self.h.kill_service()
+        self.service = self.h.start_service(
+            tls=True,
+            port=self.service.port,
+            extra=["--mqtt", self.broker.endpoint],
+            name="service-again",
+            state_dir=self.service.state_dir,
+        )
+        self.service.process.wait_for_log(r"1 notification\(s\) waiting for delivery from before")
+        self.broker.start()
+        self.session_up(tunnel["tunnelId"], mark)
+        self.service.process.wait_for_log(rf"Delivered the destination token of tunnel {tunnel['tunnelId']}")
+        source = self.h.start_source(tunnel["sourceAccessToken"], "SSH=0")
+        self.ssh_works(source.port_of("SSH"), "after-the-restart")
