@@ -569,3 +569,44 @@ class ExpectContinueTests(ServiceTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
         self.assertNotIn(b"100 Continue", transport.value())
         protocol.connectionLost(None)
+
+
+class TimeoutTests(ServiceTestCase):
+    def connect(self) -> Any:
+        protocol = self.service.site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_idle_connection_closed(self) -> None:
+        """An idle HTTP connection is closed after the idle timeout (on the site's clock)."""
+        from tunnelkit.service.api import IDLE_TIMEOUT
+
+        protocol, transport = self.connect()
+        self.clock.advance(IDLE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(None)
+
+    def test_taken_over_connection_exempt(self) -> None:
+        """A connection a resource took over (a WebSocket upgrade) is not timed out by HTTP."""
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET
+
+        class TakeOver(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> Any:
+                taken.append(request.channel.transport)
+                request.channel.transport = None
+                return NOT_DONE_YET
+
+        taken: list = []
+        self.service.root.putChild(b"takeover", TakeOver())
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET /takeover HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(taken, [transport])
+        self.clock.advance(24 * 3600)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if "timeout" in repr(c).lower()], [])

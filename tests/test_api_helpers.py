@@ -117,7 +117,7 @@ class InMemoryService:
         )
         self.root = build_root(Resource())
         self.root.putChild(b"", ApiResource(self.control, SigV4Verifier(self.store, REGION, clock.seconds)))
-        self.site = ServiceSite(self.root)
+        self.site = ServiceSite(self.root, reactor=clock)
         if start:
             self.control.lifecycle.startService()
 

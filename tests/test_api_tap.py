@@ -20,7 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.python import usage
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tunnelkit.service import tap
 from tunnelkit.service.certs import ensure_certificates
@@ -343,3 +343,59 @@ class NameWarningTests(TestCase):
         self.assertEqual(self.warnings_for("--listen", r"ssl:0:interface=\:\:1"), [])
         self.assertEqual(self.warnings_for("--listen", "ssl:0", "--hostname", "tunnels.example.com"), [])
         self.assertEqual(self.warnings_for("--listen", "tcp:0"), [])
+
+
+class WebSocketTimeoutTests(TestCase):
+    """The HTTP idle timeout does not touch a connection upgraded to a WebSocket (real reactor)."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_upgraded_connection_outlives_http_timeout(self) -> Any:
+        from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+        from twisted.internet.task import deferLater
+
+        if tap.mount_data_plane is None:
+            raise SkipTest("the data plane is not built")
+        service = yield start_service(self)
+        service.site.timeOut = 0.5
+        account = service.account
+        opened = service.control.call("OpenTunnel", account, {})
+        port = service.listeners[0].port.getHost().port
+        events: List[str] = []
+        connected: Deferred = Deferred()
+
+        class Client(WebSocketClientProtocol):
+            def onOpen(self) -> None:
+                events.append("open")
+                connected.callback(self)
+
+            def onMessage(self, payload: bytes, isBinary: bool) -> None:
+                events.append("message")
+
+            def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+                events.append(f"close {code} {reason}")
+                if not connected.called:
+                    connected.errback(Exception(reason))
+
+        from twisted.internet import ssl as tssl
+        from twisted.internet.endpoints import SSL4ClientEndpoint
+
+        url = f"wss://127.0.0.1:{port}/tunnel?local-proxy-mode=source"
+        factory = WebSocketClientFactory(
+            url, protocols=["aws.iot.securetunneling-3.0"], headers={"access-token": opened["sourceAccessToken"]}
+        )
+        factory.protocol = Client
+        with open(service.certificates.ca_cert, "rb") as f:
+            authority = tssl.Certificate.loadPEM(f.read())
+        options = tssl.optionsForClientTLS("127.0.0.1", trustRoot=authority)
+        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, options)
+        client = yield endpoint.connect(factory)
+        yield connected
+        yield deferLater(reactor, 1.5, lambda: None)
+        self.assertEqual([e for e in events if e.startswith("close")], [])
+        self.assertEqual(service.store.get_tunnel(account.account_id, opened["tunnelId"]).source.status, "CONNECTED")
+        closed: Deferred = Deferred()
+        client.onClose = lambda *args: closed.callback(None)
+        client.sendClose()
+        yield closed

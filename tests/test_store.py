@@ -298,3 +298,24 @@ class CountTests(StoreTestCase):
         self.open("t2", account=OTHER)
         self.store.close_tunnel(ACCOUNT, "t1", 1001.0)
         self.assertEqual(self.store.count_tunnels_by_status(), {"OPEN": 1, "CLOSED": 1})
+
+
+class ResetTests(StoreTestCase):
+    def test_reset_connection_states(self) -> None:
+        """After a restart no peer is connected: every CONNECTED side becomes DISCONNECTED."""
+        self.open("t1")
+        self.open("t2")
+        self.store.set_connection_state("t1", SOURCE, True, 1001.0)
+        self.store.set_connection_state("t1", DESTINATION, True, 1001.0)
+        self.assertEqual(self.store.reset_connection_states(1100.0), 2)
+        tunnel = self.store.get_tunnel(ACCOUNT, "t1")
+        assert tunnel is not None
+        self.assertEqual((tunnel.source.status, tunnel.source.last_updated_at), ("DISCONNECTED", 1100.0))
+        self.assertEqual(tunnel.destination.status, "DISCONNECTED")
+        self.assertEqual(self.store.get_tunnel(ACCOUNT, "t2").source.last_updated_at, 1000.0)  # type: ignore[union-attr]
+
+    def test_after_close(self) -> None:
+        """A disconnection reported while the service stops (store closed) is dropped quietly."""
+        self.open("t1")
+        self.store.close()
+        self.store.set_connection_state("t1", SOURCE, False, 1001.0)

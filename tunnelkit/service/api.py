@@ -79,6 +79,14 @@ class BoundedRequest(server.Request):
             return
         super().requestReceived(command, path, version)
 
+    def process(self) -> None:
+        channel = self.channel
+        super().process()  # a finished request lets go of its channel
+        if channel is not None and channel.transport is None:
+            # A resource (the WebSocket data plane) took the connection over: the HTTP channel's
+            # idle timeout must not fire on a connection that is no longer its own.
+            channel.setTimeout(None)
+
     def _refuse(self, message: str) -> None:
         self._too_large = True
         self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after this answer
@@ -96,11 +104,22 @@ class BoundedRequest(server.Request):
         transport.loseConnection()
 
 
+#: Seconds an HTTP connection may stay idle (between API requests) before the service closes it.
+IDLE_TIMEOUT = 120
+
+
 class ServiceSite(server.Site):
-    """The service's HTTP site: the API and the data plane share it; request bodies are bounded."""
+    """
+    The service's HTTP site: the API and the data plane share it; request bodies are bounded, and
+    idle HTTP connections close after L{IDLE_TIMEOUT} seconds (WebSocket connections are exempt once
+    upgraded).
+    """
 
     requestFactory = BoundedRequest
     noisy = False
+
+    def __init__(self, resource: Resource, timeout: float = IDLE_TIMEOUT, reactor: Any = None) -> None:
+        super().__init__(resource, timeout=timeout, reactor=reactor)
 
 
 class ApiResource(Resource):

@@ -180,6 +180,12 @@ class IControlStore(ITunnelStore):
     def untag_tunnel(account_id: str, tunnel_id: str, keys: Sequence[str], now: float) -> bool:
         """Remove tags (absent keys are ignored).  False if no such tunnel."""
 
+    def reset_connection_states(now: float) -> int:
+        """
+        At start-up: mark every side DISCONNECTED, since no WebSocket survives a restart (a store shared
+        by several service nodes would scope this to the node's own peers).  Returns how many changed.
+        """
+
     # --- lifecycle ---
 
     def open_deadlines() -> List[Tuple[str, float]]:

@@ -133,6 +133,7 @@ class SQLiteStore:
 
     def __init__(self, path: str, busy_timeout: float = 5.0) -> None:
         self.path = path
+        self._closed = False
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
         if not os.path.exists(path):
@@ -154,6 +155,7 @@ class SQLiteStore:
         return _Transaction(self._db)
 
     def close(self) -> None:
+        self._closed = True
         self._db.close()
 
     # --- accounts and keys ---
@@ -456,12 +458,26 @@ class SQLiteStore:
         if side not in (SOURCE, DESTINATION):
             raise ValueError(f"side must be {SOURCE!r} or {DESTINATION!r}, not {side!r}")
         status = CONNECTED if connected else DISCONNECTED
+        if self._closed:
+            return  # the service is stopping; the next start resets every state (reset_connection_states)
         with self._write():
             self._db.execute(
                 f"UPDATE tunnels SET {side}_status = ?, {side}_updated_at = ?, last_updated_at = ? "
                 "WHERE tunnel_id = ? AND (status = ? OR ? = ?)",
                 (status, now, now, tunnel_id, OPEN, status, DISCONNECTED),
             )
+
+    def reset_connection_states(self, now: float) -> int:
+        """Mark every side DISCONNECTED (no peer survives a restart); return how many changed."""
+        with self._write():
+            changed = 0
+            for side in (SOURCE, DESTINATION):
+                cursor = self._db.execute(
+                    f"UPDATE tunnels SET {side}_status = ?, {side}_updated_at = ? WHERE {side}_status = ?",
+                    (DISCONNECTED, now, CONNECTED),
+                )
+                changed += cursor.rowcount
+        return changed
 
     # --- lifecycle ---
 

@@ -229,6 +229,11 @@ class TunnelService(MultiService):
             self.store, self.state_dir, options.get("account-id"), clock.seconds()
         )
         self.region = options["region"]
+        # Stopped last (services stop in reverse order): the data plane records disconnections first.
+        _StoreCloser(self.store).setServiceParent(self)
+        reset = self.store.reset_connection_states(clock.seconds())
+        if reset:
+            log.info("Marked {count} peer connection(s) DISCONNECTED after the restart", count=reset)
         notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor)
         root = build_root(Resource())
         events: Optional[ITunnelEvents] = None
@@ -254,7 +259,7 @@ class TunnelService(MultiService):
         )
         self.control.lifecycle.setServiceParent(self)
         root.putChild(b"", ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds)))
-        self.site = ServiceSite(root)
+        self.site = ServiceSite(root, reactor=reactor)
         self.listeners: List[_Listener] = []
         for description in options["listen"]:
             self._check_names(description, options.get("hostname") or ())
@@ -263,7 +268,6 @@ class TunnelService(MultiService):
             )
             listener.setServiceParent(self)
             self.listeners.append(listener)
-        _StoreCloser(self.store).setServiceParent(self)
         log.info("State directory: {path}", path=self.state_dir)
         log.info("CA certificate (give it to clients): {path}", path=self.certificates.ca_cert)
         if created is not None:
