@@ -272,3 +272,24 @@ class ApiCommandTests(TestCase):
         status, out, err = yield self.cli("list-tunnels")
         self.assertEqual(status, 255)
         self.assertIn("UnrecognizedClientException", err)
+
+
+class EnvironmentTests(TestCase):
+    """The defaults from TUNNELKIT_ENDPOINT_URL, TUNNELKIT_STATE_DIR and TUNNELKIT_REGION."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.service = yield start_service(self)
+
+    @inlineCallbacks
+    def test_environment(self) -> Any:
+        self.patch(os, "environ", dict(os.environ, TUNNELKIT_ENDPOINT_URL=endpoint_url(self.service),
+                                       TUNNELKIT_STATE_DIR=self.service.state_dir, TUNNELKIT_REGION="us-east-1"))
+        status, out, err = yield deferToThread(run, "list-tunnels")
+        self.assertEqual((status, json.loads(out)), (0, {"tunnelSummaries": []}), err)
+        self.patch(os, "environ", dict(os.environ, TUNNELKIT_REGION="eu-west-1"))
+        status, out, err = yield deferToThread(run, "list-tunnels")
+        self.assertEqual(status, 255)
+        self.assertIn("eu-west-1", err)

@@ -12,7 +12,9 @@ response), through botocore itself (the SigV4 client, with the C{iotsecuretunnel
 
 They default to the local service: C{--endpoint-url https://127.0.0.1:8443}, credentials from
 C{<state-dir>/credentials} (profile C{default}), and the CA C{<state-dir>/ca.pem}, with the state
-directory C{./tunnelkit-state} (or C{$TUNNELKIT_STATE_DIR}, or C{--state-dir}).
+directory C{./tunnelkit-state} (or C{$TUNNELKIT_STATE_DIR}, or C{--state-dir}).  C{$TUNNELKIT_ENDPOINT_URL}
+and C{$TUNNELKIT_REGION} set the other two defaults (AWS's own variables are deliberately not read: they
+usually point at AWS).
 
 Operator commands work directly on the state directory's database (the service may be running)::
 
@@ -144,7 +146,9 @@ def _boolean(text: str) -> bool:
 def _api_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("service")
-    group.add_argument("--endpoint-url", help=f"the service's URL (default {DEFAULT_ENDPOINT})")
+    group.add_argument(
+        "--endpoint-url", help=f"the service's URL (default $TUNNELKIT_ENDPOINT_URL or {DEFAULT_ENDPOINT})"
+    )
     group.add_argument(
         "--state-dir",
         help=f"the service's state directory: credentials and ca.pem are read there "
@@ -152,7 +156,9 @@ def _api_options() -> argparse.ArgumentParser:
     )
     group.add_argument("--credentials-file", help="AWS shared-credentials file (default <state-dir>/credentials)")
     group.add_argument("--profile", default="default", help="profile in the credentials file (default: default)")
-    group.add_argument("--region", help=f"the service's region, for signing (default {DEFAULT_REGION})")
+    group.add_argument(
+        "--region", help=f"the service's region, for signing (default $TUNNELKIT_REGION or {DEFAULT_REGION})"
+    )
     group.add_argument("--ca-bundle", help="CA certificate(s) to verify the service (default <state-dir>/ca.pem)")
     group.add_argument("--no-verify-ssl", action="store_true", help="do not verify the service's certificate")
     group.add_argument("--cli-connect-timeout", type=float, default=10.0, help="seconds (default 10)")
@@ -281,8 +287,8 @@ def make_client(args: argparse.Namespace) -> Any:
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=lambda value: value)
     return session.create_client(
         "iotsecuretunneling",
-        region_name=args.region or DEFAULT_REGION,
-        endpoint_url=args.endpoint_url or DEFAULT_ENDPOINT,
+        region_name=args.region or os.environ.get("TUNNELKIT_REGION") or DEFAULT_REGION,
+        endpoint_url=args.endpoint_url or os.environ.get("TUNNELKIT_ENDPOINT_URL") or DEFAULT_ENDPOINT,
         verify=verify,
         aws_access_key_id=credentials["aws_access_key_id"],
         aws_secret_access_key=credentials["aws_secret_access_key"],
