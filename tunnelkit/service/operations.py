@@ -4,8 +4,10 @@ The operations of the AWS IoT Secure Tunneling API (reference section 3) over th
 
 L{ControlPlane} has one method per operation, taking the caller's account and the decoded JSON request
 and returning the JSON response as a dict.  Each validates its input against the shapes and constraints
-of reference section 3.2 and raises L{ApiError} naming the field; it never sees HTTP (that is
-L{tunnelkit.service.api}'s job) nor signatures (L{tunnelkit.service.auth}).
+of reference section 3.2 and raises L{ApiError} naming the field (a wrong JSON type is a
+C{SerializationException}, a broken constraint a C{ValidationException}); members the model does not
+have are ignored, as a newer SDK may send them.  It never sees HTTP (that is L{tunnelkit.service.api}'s
+job) nor signatures (L{tunnelkit.service.auth}).
 
 Side effects beyond the store: the data plane is told when a tunnel closes or a token is rotated
 (L{ITunnelEvents}), the notifier delivers destination tokens (L{INotifier}), and the lifecycle timers
