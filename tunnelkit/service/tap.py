@@ -124,8 +124,7 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, NvxOptions):  # type
     ]
 
     def opt_listen(self, description: str) -> None:
-        """Listen on this Twisted server endpoint (repeatable; default ssl:8443:interface=127.0.0.1).
-        An ssl: endpoint naming no certificate uses the generated server certificate."""
+        """Listen on this Twisted server endpoint, repeatable (default ssl:8443:interface=127.0.0.1); an ssl: endpoint naming no certificate uses the generated one."""
         try:
             self["listen"].append(server_endpoint(description))
         except ValueError as e:
