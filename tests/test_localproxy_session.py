@@ -371,3 +371,21 @@ class SourceWithoutMappingTests(TestCase):
         ((start,),) = websocket.decoded()
         self.assertEqual((start.type, start.streamId, start.serviceId, start.connectionId), (Message.STREAM_START, 1, "", 0))
         self.assertIsNone(reactor.tcpServers[0][1].buildProtocol(PEER))  # one connection at a time
+
+
+class UnixTargetTests(TestCase):
+    def test_unix_socket_target(self):
+        reactor = MemoryReactorClock()
+        side = DestinationSide({"APP": "/run/app.sock"}, reactor, reactor)
+        proxy, websocket = make_proxy(side, reactor)
+        proxy.messages_received([service_ids("APP")])
+        proxy.messages_received([Message(type=Message.STREAM_START, streamId=1, serviceId="APP", connectionId=1)])
+        address, factory, timeout, check_pid = reactor.unixClients[0]
+        self.assertEqual(address, "/run/app.sock")
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        proxy.messages_received(
+            [Message(type=Message.DATA, streamId=1, serviceId="APP", connectionId=1, payload=b"over unix")]
+        )
+        self.assertEqual(transport.value(), b"over unix")
