@@ -196,3 +196,15 @@ class VerbosityTests(TestCase):
         observer, seen = self.begin(6)
         self.emit(observer, "debug", "GET /tunnel\r\naccess-token: the-token\r\n")
         self.assertEqual(seen[0]["value"], "GET /tunnel\r\naccess-token: ***ACCESS_TOKEN_REMOVED***\r\n")
+
+
+class NvxTests(TestCase):
+    def test_refuses_without_nvx_unless_allowed(self):
+        from tunnelkit.transport import nvx
+
+        self.patch(nvx, "nvx_status", lambda: "autobahn's NVX accelerator is not available")
+        args = ["-t", TOKEN, "-e", "a.test", "-s", "1"]
+        with self.assertRaises(usage.UsageError) as caught:
+            parse(args)
+        self.assertIn("--allow-slow-websocket", str(caught.exception))
+        parse(args + ["--allow-slow-websocket"])

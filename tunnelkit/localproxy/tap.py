@@ -47,7 +47,7 @@ from tunnelkit.localproxy.mapping import (
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
 from tunnelkit.localproxy.source import SourceSide
 from tunnelkit.transport.httpproxy import proxy_from_environment
-from tunnelkit.transport.nvx import NvxOptions, require_nvx
+from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
 
 __all__ = ["Options", "makeService", "build_session"]
@@ -161,7 +161,8 @@ class Options(NvxOptions, ModeOptions):
     def postOptions(self) -> None:
         try:
             self._check()
-        except (ConfigError, ValueError) as e:
+            require_nvx(bool(self["allow-slow-websocket"]))
+        except (ConfigError, ValueError, NvxUnavailable) as e:
             raise usage.UsageError(str(e)) from None
 
     def _check(self) -> None:
@@ -388,7 +389,6 @@ def makeService(options: Options) -> IService:
     """Build the local proxy for C{twistd}: one session, whose end stops the process."""
     from twisted.internet import reactor
 
-    require_nvx(bool(options["allow-slow-websocket"]))
     log.info(
         "Running tunnelkit local proxy version {version} ({mode} mode)",
         version=tunnelkit.__version__,
