@@ -12,6 +12,7 @@ boto3 through its API.  The source and destination clients run in this process (
     localproxy sends small reads);
   - 1-byte round trip (source -> destination -> source) p50 / p99;
   - the relay's CPU seconds per GB relayed (utime + stime of the service process, from /proc);
+  - the relay's RSS while a fast source sends 1 GB to a destination that reads in short bursts;
   - the relay's RSS growth with N idle tunnels (2N WebSockets), per WebSocket;
   - the same throughput and round trip over one direct TCP connection to a sink/echo process.
 
@@ -173,6 +174,49 @@ def relay_throughput(service: ServiceProcess, tls: bool, size: int, chunk: int, 
 
 
 @defer.inlineCallbacks
+def slow_reader(service: ServiceProcess, size: int) -> Any:
+    """
+    A fast source sends C{size} bytes to a destination that reads in short bursts; the relay's RSS
+    is sampled throughout.  Returns (MB/s achieved, RSS before in KiB, highest RSS in KiB).
+    """
+    source, destination = yield tunnel_pair(service, True)
+    yield task.deferLater(reactor, 0.1)
+    message = tunnel_frame(
+        type=Message.DATA, streamId=1, serviceId="SSH", connectionId=1, payload=os.urandom(64512)
+    ) * 2
+    count = max(1, size // len(message))
+    counter = _Counter(destination, count * len(message))
+    pump = _MessagePump(source, message, count)
+    before = rss_kib(service.pid)
+    samples = [before]
+    sampler = task.LoopingCall(lambda: samples.append(rss_kib(service.pid)))
+    sampler.start(0.05)
+    reader = destination.transport
+
+    def read_a_little() -> None:
+        reader.resumeProducing()
+        reactor.callLater(0.002, reader.pauseProducing)
+
+    reader.pauseProducing()
+    slow = task.LoopingCall(read_a_little)
+    slow.start(0.01)
+    started = time.perf_counter()
+    source.registerProducer(pump, True)
+    pump.resumeProducing()
+    try:
+        yield pump.done
+        yield counter.done
+    finally:
+        slow.stop()
+        sampler.stop()
+        reader.resumeProducing()
+    elapsed = time.perf_counter() - started
+    source.transport.loseConnection()
+    destination.transport.loseConnection()
+    return count * len(message) / MB / elapsed, before, max(samples)
+
+
+@defer.inlineCallbacks
 def relay_round_trip(service: ServiceProcess, tls: bool, count: int) -> Any:
     source, destination = yield tunnel_pair(service, tls)
     yield task.deferLater(reactor, 0.1)
@@ -315,6 +359,12 @@ def run(options: argparse.Namespace) -> Any:
                 f"relay {scheme} 1-byte round trip       p50 {p50:.3f} ms  p99 {p99:.3f} ms   "
                 f"({p50 / base_p50:.1f}x direct TCP p50)"
             )
+        if options.slow_reader_mb:
+            mbs, before, peak = yield slow_reader(service, options.slow_reader_mb * MB)
+            print(
+                f"relay wss slow reader: {options.slow_reader_mb} MB at {mbs:.0f} MB/s; relay RSS "
+                f"{before / 1024:.1f} MiB, at most {peak / 1024:.1f} MiB (+{(peak - before) / 1024:.1f} MiB)"
+            )
     finally:
         service.stop()
     for tls in (False, True):
@@ -337,9 +387,16 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=None, help="MB per throughput run")
     parser.add_argument("--idle-tunnels", type=int, default=None, help="idle tunnels for the RSS figure")
     parser.add_argument("--idle-only", action="store_true", help="only the idle-memory figure")
+    parser.add_argument(
+        "--slow-reader-mb", type=int, default=None, help="MB sent to a slow reader (0: skip)"
+    )
     options = parser.parse_args()
     if options.size_mb is None:
         options.size_mb = 64 if options.quick else 512
+    if options.slow_reader_mb is None:
+        options.slow_reader_mb = 64 if options.quick else 1024
+    if options.idle_only:
+        options.slow_reader_mb = 0
     if options.idle_tunnels is None:
         options.idle_tunnels = 100 if options.quick else 1000
     task.react(lambda _reactor: run(options))

@@ -525,10 +525,15 @@ class PeerTests(ServiceTestCase):
         self.relay.tunnel_closed(tunnel.tunnel_id, "closed")
         self.assertEqual(source.close_frame(), (1000, "Tunnel closed"))
         self.assertEqual(destination.close_frame(), (1000, "Tunnel closed"))
-        # Without a close reply the connection is dropped within a second.
+        # Without a close reply the connection is ended within a second (gracefully: the close
+        # frame may still be unread at the peer), and nothing stays scheduled once it is gone.
         self.clock.advance(1.0)
         self.assertTrue(source.transport.disconnecting)
         self.assertTrue(destination.transport.disconnecting)
+        source.lose()
+        destination.lose()
+        self.clock.advance(2.0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_expiry(self) -> None:
         tunnel = self.harness.open_tunnel(["SSH"], lifetime_minutes=2)

@@ -397,6 +397,7 @@ class TunnelTestClient(WebSocketClientProtocol):
         self.received: Dict[int, int] = {}
         self.digests: Dict[int, Any] = {}
         self.channel_id = ""
+        self.close_frame_at: Optional[float] = None  # time.monotonic() when the close frame came
         self._decoder = FrameDecoder()
         self._waiting: List[Tuple[Dict[int, int], Any]] = []
         self._sender: Optional["_StreamSender"] = None
@@ -404,6 +405,12 @@ class TunnelTestClient(WebSocketClientProtocol):
 
     def onConnect(self, response: Any) -> None:
         self.channel_id = response.headers.get("channel-id", "")
+
+    def onCloseFrame(self, code: Optional[int], reasonRaw: Optional[bytes]) -> Any:
+        import time
+
+        self.close_frame_at = time.monotonic()
+        return super().onCloseFrame(code, reasonRaw)
 
     def onOpen(self) -> None:
         self.opened.callback(self)

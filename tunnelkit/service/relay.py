@@ -151,6 +151,9 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 
+#: Seconds a peer that ignored our close frame gets to read what is left before it is aborted.
+ABORT_AFTER = 10.0
+
 REASON_CLOSED = "Tunnel closed"
 REASON_EXPIRED = "Tunnel expired"
 REASON_ROTATED = "Access token rotated"
@@ -807,6 +810,7 @@ class PeerProtocol(WebSocketServerProtocol):
         self._resume_call: Optional[IDelayedCall] = None
         self._direction = ""
         self._producer_registered = False
+        self._abort_call: Optional[IDelayedCall] = None
 
     # --- handshake ---
 
@@ -883,6 +887,9 @@ class PeerProtocol(WebSocketServerProtocol):
             self.transport.unregisterProducer()
 
     def connectionLost(self, reason: Any) -> None:
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         self.unregisterProducer()
         super().connectionLost(reason)
 
@@ -911,6 +918,28 @@ class PeerProtocol(WebSocketServerProtocol):
         if self._resume_call is not None and self._resume_call.active():
             self._resume_call.cancel()
         self._resume_call = None
+
+    def onCloseHandshakeTimeout(self) -> None:
+        # autobahn aborts here (TCP RST), which can destroy our close frame while it still sits
+        # unread at the peer.  End the connection gracefully instead; abort only if the peer does
+        # not even read what is left within ABORT_AFTER seconds.
+        self.closeHandshakeTimeoutCall = None
+        if self.state == self.STATE_CLOSED:
+            return
+        self.wasClean = False
+        self.wasNotCleanReason = "the peer did not answer the closing handshake in time"
+        self.wasCloseHandshakeTimeout = True
+        transport = self.transport
+        self.dropConnection(abort=False)
+        self._abort_call = self.factory.relay.clock.callLater(
+            ABORT_AFTER, self._abort_if_open, transport
+        )
+
+    def _abort_if_open(self, transport: Any) -> None:
+        self._abort_call = None
+        abort = getattr(transport, "abortConnection", None)
+        if abort is not None:
+            abort()
 
     # --- reading: pause and resume ---
 
