@@ -204,7 +204,7 @@ def tunnel_paths(h: Harness, tls: bool, sink: int, echo: int) -> Tuple[int, int,
     destination = h.start_destination(tunnel.destination_token, f"SINK={sink},ECHO={echo}")
     source = h.start_source(tunnel.source_token, "SINK=0,ECHO=0")
     ports = source.port_of("SINK"), source.port_of("ECHO")
-    destination.wait_for_log("Successfully established websocket connection")
+    destination.wait_for_log("The tunnel is ready")
     return ports[0], ports[1], {"source": source, "service": h.service.process, "destination": destination}
 
 

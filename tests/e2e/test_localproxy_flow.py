@@ -54,7 +54,7 @@ class SlowReaderTests(TestCase):
         destination = h.start_destination(tunnel.destination_token, f"BULK={port},ECHO={echo}")
         source = h.start_source(tunnel.source_token, "BULK=0,ECHO=0")
         bulk_port, echo_port = source.port_of("BULK"), source.port_of("ECHO")
-        destination.wait_for_log("Successfully established websocket connection")
+        destination.wait_for_log("The tunnel is ready")
         processes = {"source": source, "destination": destination, "service": h.service.process}
         idle = {name: rss_mb(p.pid) for name, p in processes.items()}
 

@@ -64,7 +64,7 @@ class SshThroughTunnelTests(TestCase):
         destination = h.start_destination(tunnel.destination_token, f"SSH1={sshd.port}")
         source = h.start_source(tunnel.source_token, "SSH1=0")
         port = source.port_of("SSH1")
-        destination.wait_for_log("Successfully established websocket connection")
+        destination.wait_for_log("The tunnel is ready")
 
         result = sshd.run("echo hello-through-the-tunnel; uname -s", port=port)
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -101,7 +101,7 @@ class ManyConnectionsTests(TestCase):
         destination = h.start_destination(tunnel.destination_token, ",".join(f"{s}={echo}" for s in services))
         source = h.start_source(tunnel.source_token, ",".join(f"{s}=0" for s in services))
         ports = [source.port_of(s) for s in services]
-        destination.wait_for_log("Successfully established websocket connection")
+        destination.wait_for_log("The tunnel is ready")
 
         results = parallel_echo(ports, 16, 256 * 1024)
         self.assertEqual(len(results), 48)
@@ -112,8 +112,8 @@ class ManyConnectionsTests(TestCase):
         h.kill_service()
         source.wait_for_log("reconnecting", start=source_mark)
         h.restart_service()
-        source.wait_for_log("Successfully established websocket connection", start=source_mark, timeout=60)
-        destination.wait_for_log("Successfully established websocket connection", start=destination_mark, timeout=60)
+        source.wait_for_log("The tunnel is ready", start=source_mark, timeout=60)
+        destination.wait_for_log("The tunnel is ready", start=destination_mark, timeout=60)
         results = parallel_echo(ports, 4, 64 * 1024)
         self.assertEqual([i for i, ok in results.items() if ok is not True], [], results)
 

@@ -178,11 +178,18 @@ class LocalProxySession(MultiService):
         self.perform(self.session.websocket_opened())
 
     def messages_received(self, messages: List[Message]) -> None:
-        receive = self.session.receive
+        session = self.session
+        was_ready = session.ready
+        receive = session.receive
         perform = self.perform
         for message in messages:
             perform(receive(message), flush=False)
         self.side.after_messages()
+        if not was_ready and session.ready:
+            self.log.info(
+                "The tunnel is ready: its services are {services}",
+                services=", ".join(sid or "(none)" for sid in session.services) or "(none)",
+            )
 
     def websocket_ended(self, websocket: TunnelWebSocketProtocol, ended: WebSocketEnded) -> None:
         if websocket is self.websocket or self.websocket is None:
