@@ -69,6 +69,15 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn(message, str(e), args)
             self.assertNotIn("\n", str(e))
 
+    def test_nvx_required(self) -> None:
+        """Without autobahn's NVX the agent refuses to start (one line) unless --allow-slow-websocket."""
+        import autobahn.websocket
+
+        self.patch(autobahn.websocket, "USES_NVX", False)
+        e = self.assertRaises(usage.UsageError, parse)
+        self.assertIn("--allow-slow-websocket", str(e))
+        parse("--allow-slow-websocket")
+
     def test_config_file(self) -> None:
         """tap.yml's agent section fills the options; the command line wins."""
         path = self.mktemp()

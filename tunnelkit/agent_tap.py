@@ -37,7 +37,7 @@ from tunnelkit.localproxy.mapping import V1_SERVICE_ID, parse_destination_mappin
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
 from tunnelkit.mqtt import MQTT_OPTIONS, MQTTClient, build_endpoint, mqtt_settings
 from tunnelkit.transport.httpproxy import ProxySettings, proxy_from_environment
-from tunnelkit.transport.nvx import NvxOptions, require_nvx
+from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
 
 __all__ = ["Options", "makeService", "LocalProxyStarter", "SessionFailed"]
@@ -92,7 +92,8 @@ class Options(NvxOptions, ModeOptions):
     def postOptions(self) -> None:
         try:
             self._check()
-        except (ConfigError, ValueError) as e:
+            require_nvx(bool(self["allow-slow-websocket"]))
+        except (ConfigError, ValueError, NvxUnavailable) as e:
             raise usage.UsageError(str(e)) from None
 
     def _check(self) -> None:
@@ -205,7 +206,6 @@ def makeService(options: Options) -> IService:
     """The agent: an MQTT client, the agent's bookkeeping, and destination sessions on demand."""
     from twisted.internet import reactor
 
-    require_nvx(bool(options["allow-slow-websocket"]))
     log.info("Running tunnelkit agent version {version}", version=tunnelkit.__version__)
     if options["no-ssl-host-verify"]:
         for line in NO_VERIFY_WARNING.splitlines():
