@@ -116,3 +116,31 @@ class ConnectTests(TestCase):
         from tunnelkit.transport.tls import client_tls_options
 
         verifyObject(IStreamClientEndpoint, wrapClientTLS(client_tls_options("service.test"), self.endpoint))
+
+
+class CancelTests(TestCase):
+    def test_cancel_while_waiting_for_the_answer(self):
+        from twisted.internet.defer import CancelledError
+
+        reactor = MemoryReactorClock()
+        endpoint = HTTPConnectEndpoint(TCP4ClientEndpoint(reactor, "127.0.0.1", 3128), "service.test", 443)
+        connected = endpoint.connect(Factory.forProtocol(Recorder))
+        proxy_side = reactor.tcpClients[0][2].buildProtocol(None)
+        transport = StringTransport()
+        proxy_side.makeConnection(transport)
+        connected.cancel()
+        self.failureResultOf(connected, CancelledError)
+        self.assertTrue(transport.disconnecting or transport.disconnected)
+        proxy_side.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")  # too late: nothing breaks
+
+    def test_cancel_while_reaching_the_proxy(self):
+        from twisted.internet.defer import CancelledError
+
+        reactor = MemoryReactorClock()
+        endpoint = HTTPConnectEndpoint(TCP4ClientEndpoint(reactor, "127.0.0.1", 3128), "service.test", 443)
+        from twisted.internet.error import ConnectingCancelledError
+
+        connected = endpoint.connect(Factory.forProtocol(Recorder))
+        connected.cancel()
+        self.failureResultOf(connected, CancelledError, ConnectingCancelledError)
+        self.assertTrue(reactor.connectors[0].stoppedConnecting)

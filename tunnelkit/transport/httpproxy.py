@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import List, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import Deferred
@@ -134,6 +134,9 @@ class _ConnectProtocol(Protocol):
             }.get(status, "")
             self._fail(HTTPProxyError(f"HTTP CONNECT request failed with response code: {status_line}{hint}"))
             return
+        if self._connected is None or self._connected.called:  # cancelled meanwhile
+            self.transport.abortConnection()
+            return
         wrapped = self._factory.buildProtocol(self.transport.getPeer())
         if wrapped is None:
             self._fail(HTTPProxyError("the protocol factory refused the connection"))
@@ -149,13 +152,13 @@ class _ConnectProtocol(Protocol):
     def _fail(self, error: Exception) -> None:
         connected, self._connected = self._connected, None
         self.transport.loseConnection()
-        if connected is not None:
+        if connected is not None and not connected.called:
             connected.errback(Failure(error))
 
     def connectionLost(self, reason: Failure) -> None:
         if self._wrapped is not None:
             self._wrapped.connectionLost(reason)
-        elif self._connected is not None:
+        elif self._connected is not None and not self._connected.called:
             connected, self._connected = self._connected, None
             connected.errback(
                 Failure(HTTPProxyError(f"the web proxy closed the connection before answering CONNECT: {reason.getErrorMessage()}"))
@@ -181,20 +184,29 @@ class HTTPConnectEndpoint:
         self._request = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred:
-        connected: Deferred = Deferred()
-        request = self._request
+        """Connect through the proxy; the Deferred fires with C{protocolFactory}'s protocol."""
+        to_proxy: List[_ConnectProtocol] = []
 
-        def build(addr: object) -> _ConnectProtocol:
-            return _ConnectProtocol(request, protocolFactory, connected)
+        def cancel(d: Deferred) -> None:
+            attempt.cancel()  # still reaching the proxy
+            if to_proxy and to_proxy[0].transport is not None:
+                to_proxy[0].transport.abortConnection()  # waiting for the CONNECT answer
 
-        attempt = self._proxy_endpoint.connect(_FactoryOf(build))
-        attempt.addErrback(lambda f: connected.errback(f) if not connected.called else None)
+        connected: Deferred = Deferred(cancel)
+        attempt = self._proxy_endpoint.connect(_ConnectFactory(self._request, protocolFactory, connected))
+        attempt.addCallbacks(to_proxy.append, lambda f: None if connected.called else connected.errback(f))
         return connected
 
 
-class _FactoryOf(Factory):
-    def __init__(self, build) -> None:  # type: ignore[no-untyped-def]
-        self._build = build
+class _ConnectFactory(Factory):
+    """Builds the one L{_ConnectProtocol} of an attempt."""
+
+    noisy = False
+
+    def __init__(self, request: bytes, factory: IProtocolFactory, connected: Deferred) -> None:
+        self._request = request
+        self._factory = factory
+        self._connected = connected
 
     def buildProtocol(self, addr: object) -> Protocol:
-        return self._build(addr)
+        return _ConnectProtocol(self._request, self._factory, self._connected)
