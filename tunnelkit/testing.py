@@ -8,6 +8,11 @@ store (it calls L{tunnelkit.service.tokens.check_claim}), with just enough contr
 C{twisted.web} site with it.  L{RawPeer} is a WebSocket client written out by hand over a
 L{StringTransport}: it sends exactly the bytes a real client would (the upgrade request, masked
 frames) and parses what the service answers, so relay tests are deterministic and byte-exact.
+
+For end-to-end tests and benchmarks on the real reactor: L{TunnelTestClient} (an autobahn client that
+hashes the DATA it receives per connection and sends flow-controlled DATA streams), L{connect_client}
+(C{ws://} or C{wss://} with a CA), and L{ServiceProcess} (C{tunnelkit --mode service} in a child
+process with a boto3 API client).
 """
 
 from __future__ import annotations
