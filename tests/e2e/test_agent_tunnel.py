@@ -74,7 +74,8 @@ class AgentTunnelTests(TestCase):
     def session_up(self, tunnel_id: str, after: int) -> int:
         """Wait for the agent to start tunnel C{tunnel_id}'s session and connect; where its log is now."""
         mark = self.agent_logs(rf"Started a destination session for {tunnel_id}", after)
-        return self.agent_logs(r"Successfully established websocket connection", mark)
+        mark = self.agent_logs(r"Successfully established websocket connection", mark)
+        return self.agent_logs(r"The tunnel is ready", mark)
 
     def ssh_works(self, port: int, word: str) -> None:
         result = self.sshd.run(f"echo {word}", port=port)
