@@ -589,6 +589,7 @@ class FlowControlTests(ServiceTestCase):
         sink.pauseProducing()
         sink.pauseProducing()  # Twisted repeats this on every write while full
         self.assertEqual(source.transport.producerState, "paused")
+        self.assertTrue(source.protocol.reading_paused)  # type: ignore[attr-defined]
         self.assertEqual(destination.transport.producerState, "producing")
         sink.resumeProducing()
         self.assertEqual(source.transport.producerState, "producing")
@@ -653,6 +654,7 @@ class LimitTests(ServiceTestCase):
         self.assertEqual(self.connect("source", one.source_token, extra=[("client-token", CLIENT_TOKEN)]).status, 101)
         self.assertEqual(self.connect("destination", one.destination_token).status, 101)
         self.assertEqual(self.connect("source", two.source_token).status, 101)
+        self.assertEqual(self.relay.websockets_of("123456789012"), 3)
         refused = self.connect("destination", two.destination_token)
         self.assertEqual(refused.status, 429)
         self.assertIn("limit is 3", refused.body.decode())

@@ -782,12 +782,11 @@ class PeerProtocol(WebSocketServerProtocol):
     """
     One tunnel client's WebSocket, service side.
 
-    Set on the factory: C{relay} (a L{Relay}).  The hot path (L{onMessage}) decodes each tunnel
-    frame, checks it, and hands the raw frame bytes to the other peer's outbox; the outbox is
-    flushed as WebSocket messages at the end of each read.
+    Its factory (L{build_factory}) carries the C{relay} (a L{Relay}).  The hot path
+    (L{processData}, L{onMessage}) unmasks each whole binary message, decodes its tunnel frames,
+    checks them, and hands the raw frame bytes to the other peer's outbox; the outbox is flushed as
+    WebSocket messages at the end of each read.
     """
-
-    relay: Relay
 
     def __init__(self) -> None:
         super().__init__()
