@@ -10,7 +10,7 @@ and takes part in flow control (L{tunnelkit.transport.flow}).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
-from urllib.parse import urlsplit
+from typing import Any, List, Optional
 
 import autobahn
 import google.protobuf
