@@ -93,7 +93,11 @@ class HostEcho(resource.Resource):
 
     def render_GET(self, request: Any) -> bytes:
         host = request.getHeader(b"host") or b"-"
-        return b"vhost=" + self.name + b" host=" + host + b" path=" + request.uri
+        page = b"vhost=" + self.name + b" host=" + host + b" path=" + request.uri
+        forwarded = request.getHeader(b"forwarded")
+        if forwarded is not None:
+            page += b" forwarded=" + forwarded
+        return page
 
     def render_POST(self, request: Any) -> bytes:
         body = request.content.read()

@@ -13,7 +13,7 @@ import inspect
 import io
 import os
 import threading
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
@@ -36,15 +36,15 @@ def _source_can_choose_connection_ids() -> bool:
     return "connection_id" in inspect.signature(SourceSession.local_accepted).parameters
 
 
-def _tunnel(test: TestCase, service_id: str, target_port: int) -> Any:
+def _tunnel(test: TestCase, service_id: str, target_port: int, destination_args: Sequence[str] = ()) -> Any:
     """Service + destination (-d SERVICE=target) + source (-s SERVICE=0); the source's port."""
     h = Harness(test)
     h.start_service()
     tunnel = h.open_tunnel([service_id])
-    destination = h.start_destination(tunnel.destination_token, f"{service_id}={target_port}")
+    destination = h.start_destination(tunnel.destination_token, f"{service_id}={target_port}", destination_args)
     source = h.start_source(tunnel.source_token, f"{service_id}=0")
     port = source.port_of(service_id)
-    destination.wait_for_log("Successfully established websocket connection")
+    destination.wait_for_log("The tunnel is ready")
     return h, source, destination, port
 
 
@@ -79,7 +79,7 @@ class SSHTunnelTests(TestCase):
         destination = h.start_destination(tunnel.destination_token, f"SSH1={sshd.port}")
         source = h.start_source(tunnel.source_token, "SSH1=0")
         port = source.port_of("SSH1")
-        destination.wait_for_log("Successfully established websocket connection")
+        destination.wait_for_log("The tunnel is ready")
         self.assertIn("adapter ssh", source.wait_for_log(r"service SSH1, adapter \w+").group(0))
         result = sshd.run("echo tunnelkit-$((6*7)); uname -s", port=port)
         self.assertEqual(result.stdout, b"tunnelkit-42\nLinux\n", result.stderr)
@@ -176,6 +176,37 @@ class HTTPTunnelTests(TestCase):
             for j, (status, body) in enumerate(result):
                 self.assertEqual(status, 200)
                 self.assertEqual(body, b"vhost=127.0.0.1 host=127.0.0.1:%d path=/page/%d/%d" % (site_port, i, j))
+
+
+class HTTPOptionsTunnelTests(TestCase):
+    """--adapter-option on the destination: a configured Host and the forwarding headers."""
+
+    timeout = 120
+
+    def test_configured_host_and_forwarded(self) -> Any:
+        from twisted.internet import reactor
+
+        site_port = start_vhost_site(self, reactor, [b"127.0.0.1", b"device.test"])
+        return deferToThread(self._through_tunnel, site_port)
+
+    def _through_tunnel(self, site_port: int) -> None:
+        h, source, destination, port = _tunnel(
+            self,
+            "HTTP1",
+            site_port,
+            ["--adapter-option", "HTTP1.host=device.test", "--adapter-option", "HTTP1.forwarded=true"],
+        )
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            connection.request("GET", "/x", headers={"Host": "localhost:%d" % port})
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(
+            body, b'vhost=device.test host=device.test path=/x forwarded=host="localhost:%d";proto=http' % port
+        )
 
 
 class VNCTunnelTests(TestCase):
