@@ -83,7 +83,7 @@ class ThirdPartyPluginTunnelTests(TestCase):
         destination = h.start_destination(tunnel.destination_token, f"SHOUT1={echo},PLAIN1={echo}")
         source = h.start_source(tunnel.source_token, "SHOUT1=0,PLAIN1=0")
         shout_port, plain_port = source.port_of("SHOUT1"), source.port_of("PLAIN1")
-        destination.wait_for_log("Successfully established websocket connection")
+        destination.wait_for_log("The tunnel is ready")
         self.assertIn("adapter shout", source.wait_for_log(r"service SHOUT1, adapter \w+").group(0))
         self.assertIn("adapter tcp", source.wait_for_log(r"service PLAIN1, adapter \w+").group(0))
         for port, expected in ((shout_port, b"HELLO, TUNNEL"), (plain_port, b"hello, tunnel")):
