@@ -810,6 +810,8 @@ class PeerProtocol(WebSocketServerProtocol):
         self._direction = ""
         self._producer_registered = False
         self._abort_call: Optional[IDelayedCall] = None
+        self._pieces: List[bytes] = []  # the start of a frame that is still arriving
+        self._awaiting = 0  # bytes still missing from it
 
     # --- handshake ---
 
@@ -982,6 +984,15 @@ class PeerProtocol(WebSocketServerProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         # autobahn's own dataReceived formats a debug message on every call; skip it.
+        if self._awaiting:
+            # The rest of a frame whose size is known: collect the pieces, join them once.
+            self._pieces.append(data)
+            self._awaiting -= len(data)
+            if self._awaiting > 0:
+                return
+            self._awaiting = 0
+            data = b"".join(self._pieces)
+            self._pieces = []
         self._dataReceived(data)
         target = self._flush_target
         if target is not None:
@@ -990,43 +1001,60 @@ class PeerProtocol(WebSocketServerProtocol):
 
     def processData(self) -> bool:
         """
-        Take the next WebSocket frame from the input buffer.  The common case, a whole unfragmented
-        masked binary message, is unmasked and handed to L{onMessage} here; every other frame
-        (control frames, fragments, anything malformed or too large) goes through autobahn's
-        general parser, which also enforces the protocol's rules on them.
+        Take the frames in the input buffer.  The common case, whole unfragmented masked binary
+        messages, is unmasked and handed to L{onMessage} here, walking the buffer by offset (it is
+        cut once, not once per frame); any other frame (control frames, fragments, anything
+        malformed or too large) goes through autobahn's general parser, which enforces the
+        WebSocket rules on it.
         """
         if self.current_frame is not None or self.inside_message or self.state != self.STATE_OPEN:
             return bool(super().processData())
         data = self.data
         size = len(data)
-        if size < 2:
-            return False
-        if data[0] != 0x82 or data[1] < 0x80:  # not FIN+binary, or not masked
-            return bool(super().processData())
-        length = data[1] & 0x7F
-        if length < 126:
-            start = 6
-        elif length == 126:
-            if size < 4:
-                return False
-            (length,) = _unpack_u16(data, 2)
-            start = 8
+        offset = 0
+        general = False  # the next frame is for autobahn's parser
+        while self.state == self.STATE_OPEN:
+            left = size - offset
+            if left < 2:
+                break
+            if data[offset] != 0x82 or data[offset + 1] < 0x80:  # not FIN+binary, or unmasked
+                general = True
+                break
+            length = data[offset + 1] & 0x7F
             if length < 126:
-                return bool(super().processData())  # not minimal: autobahn refuses it
-        else:
-            if size < 10:
+                start = offset + 6
+            elif length == 126:
+                if left < 4:
+                    break
+                (length,) = _unpack_u16(data, offset + 2)
+                start = offset + 8
+                if length < 126:  # not minimal: autobahn refuses it
+                    general = True
+                    break
+            else:
+                if left < 10:
+                    break
+                (length,) = _unpack_u64(data, offset + 2)
+                start = offset + 14
+                if length < 65536 or length > MAX_WEBSOCKET_FRAME:  # autobahn refuses it
+                    general = True
+                    break
+            end = start + length
+            if end > size:
+                # Wait for the rest of this frame (at most 131090 bytes) without re-copying the
+                # buffer on each read: see dataReceived.
+                self._pieces = [data[offset:]]
+                self._awaiting = end - size
+                self.data = b""
                 return False
-            (length,) = _unpack_u64(data, 2)
-            start = 14
-            if length < 65536 or length > MAX_WEBSOCKET_FRAME:
-                return bool(super().processData())  # autobahn refuses it (1002 or 1009)
-        end = start + length
-        if size < end:
-            return False  # wait for the whole frame: at most 131090 bytes
-        payload = _unmask(data[start - 4 : start], data[start:end]) if length else b""
-        self.data = data[end:]
-        self.onMessage(payload, True)
-        return size > end and self.state == self.STATE_OPEN
+            payload = _unmask(data[start - 4 : start], data[start:end]) if length else b""
+            offset = end
+            self.onMessage(payload, True)
+        if offset:
+            self.data = data[offset:]
+        if general and self.state == self.STATE_OPEN:
+            return bool(super().processData())
+        return offset < size and self.state != self.STATE_OPEN
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
         # autobahn's sendData formats a debug message on every call; only the plain case is here.
@@ -1186,6 +1214,7 @@ class PeerProtocol(WebSocketServerProtocol):
         input, and what its transport (TLS and TCP) has not written yet.
         """
         total = self._outbox_size + self._decoder.buffered + len(getattr(self, "data", b"") or b"")
+        total += sum(len(piece) for piece in self._pieces)
         message = getattr(self, "message_data", None)
         if message:
             total += sum(len(part) for part in message)
