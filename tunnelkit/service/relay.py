@@ -732,7 +732,7 @@ _unpack_u16 = struct.Struct("!H").unpack_from
 _unpack_u64 = struct.Struct("!Q").unpack_from
 
 
-def _unmask(mask: bytes, payload: bytes) -> bytes:
+def _unmask(mask: bytes, payload: Any) -> bytes:
     """Unmask a client's WebSocket payload: big ones with autobahn's NVX, small ones with ints."""
     n = len(payload)
     if n > 512:
@@ -1012,6 +1012,7 @@ class PeerProtocol(WebSocketServerProtocol):
         data = self.data
         size = len(data)
         offset = 0
+        view = memoryview(data)
         general = False  # the next frame is for autobahn's parser
         while self.state == self.STATE_OPEN:
             left = size - offset
@@ -1047,7 +1048,7 @@ class PeerProtocol(WebSocketServerProtocol):
                 self._awaiting = end - size
                 self.data = b""
                 return False
-            payload = _unmask(data[start - 4 : start], data[start:end]) if length else b""
+            payload = _unmask(data[start - 4 : start], view[start:end]) if length else b""
             offset = end
             self.onMessage(payload, True)
         if offset:
