@@ -149,3 +149,35 @@ class ModeFlagTests(unittest.TestCase):
 
     def test_version(self):
         self.assertRaises(SystemExit, ExampleOptions().parseOptions, ["--version"])
+
+
+class MappingValueTests(unittest.TestCase):
+    """A mapping in tap.yml for a repeatable option becomes KEY=VALUE items."""
+
+    class AdapterOptions(ModeOptions):
+        mode = "source"
+        repeatable = {"adapters": str, "adapter-option": str}
+
+    def parse(self, text):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        options = self.AdapterOptions()
+        options.parseOptions(["--config", path])
+        return options
+
+    def test_flat_mapping(self):
+        options = self.parse("source:\n  adapters: {SSH1: ssh, WEB: http}\n")
+        self.assertEqual(options["adapters"], ["SSH1=ssh", "WEB=http"])
+
+    def test_nested_mapping(self):
+        options = self.parse("source:\n  adapter-option:\n    HTTP1: {host: intranet.test, forwarded: true}\n")
+        self.assertEqual(options["adapter-option"], ["HTTP1.host=intranet.test", "HTTP1.forwarded=true"])
+
+    def test_list_inside_mapping(self):
+        e = self.assertRaises(ConfigError, self.parse, "source:\n  adapters: {SSH1: [a]}\n")
+        self.assertIn("source.adapters: SSH1: expected a single value", str(e))
+
+    def test_mode_alias(self):
+        self.assertEqual(find_mode(["--mode", "src"]), "source")
+        self.assertEqual(find_mode(["--mode", "dst"]), "destination")

@@ -35,6 +35,14 @@ MODES: Dict[str, str] = {
     "agent": "tunnelkit.agent_tap",
 }
 
+#: AWS localproxy's spellings of the modes (C{-m src|dst}).
+MODE_ALIASES: Dict[str, str] = {"src": "source", "dst": "destination"}
+
+
+def canonical_mode(mode: str) -> str:
+    """C{src} -> C{source}, C{dst} -> C{destination}; other names unchanged."""
+    return MODE_ALIASES.get(mode, mode)
+
 
 def normalize_key(key: str) -> str:
     """C{state_dir} and C{state-dir} name the same option."""
@@ -108,7 +116,7 @@ class ModeOptions(usage.Options):
 
     def opt_mode(self, mode: str) -> None:
         """The mode to run: service, source, destination or agent."""
-        if mode != self.mode:
+        if canonical_mode(mode) != self.mode:
             raise usage.UsageError(f"--mode {mode} given to the options of mode {self.mode}")
 
     def opt_help(self) -> None:
@@ -166,7 +174,8 @@ class ModeOptions(usage.Options):
                         raise ValueError(f"expected true or false, got {_describe(value)}")
                     self[attr] = 1 if value else 0
                 elif kind == "list":
-                    items = value if isinstance(value, list) else [value]
+                    items = _flatten_mapping(value) if isinstance(value, dict) else value
+                    items = items if isinstance(items, list) else [items]
                     converted = []
                     for item in items:
                         if isinstance(item, (dict, list)) or item is None:
@@ -207,6 +216,24 @@ class ModeOptions(usage.Options):
         return keys
 
 
+def _flatten_mapping(value: Dict[Any, Any], prefix: str = "") -> List[str]:
+    """
+    A mapping given for a repeatable option becomes its C{KEY=VALUE} items; nested mappings join
+    keys with dots: C{{HTTP1: {host: a}}} -> C{["HTTP1.host=a"]}.
+    """
+    items: List[str] = []
+    for key, item in value.items():
+        name = f"{prefix}{key}"
+        if isinstance(item, dict):
+            items.extend(_flatten_mapping(item, name + "."))
+        elif isinstance(item, (list, type(None))):
+            raise ValueError(f"{name}: expected a single value, got {_describe(item)}")
+        else:
+            item = ("true" if item else "false") if isinstance(item, bool) else item
+            items.append(f"{name}={item}")
+    return items
+
+
 def _find_option_value(args: Sequence[str], name: str) -> Optional[str]:
     """The value of C{--name VALUE} or C{--name=VALUE} in C{args}, if present."""
     for i, arg in enumerate(args):
@@ -221,7 +248,7 @@ def find_mode(args: Sequence[str], environ: Mapping[str, str] = os.environ) -> O
     """The mode named by C{--mode}, or the C{mode} key of C{--config}'s file, if any."""
     mode = _find_option_value(args, "--mode")
     if mode is not None:
-        return mode
+        return canonical_mode(mode)
     path = _find_option_value(args, "--config")
     if path is not None:
         try:

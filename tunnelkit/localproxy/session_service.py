@@ -148,6 +148,10 @@ class LocalProxySession(MultiService):
         super().startService()
 
     def stopService(self) -> Deferred:
+        websocket = self.websocket
+        if websocket is not None and websocket.transport is not None:
+            # A TLS transport finishes loseConnection only once its producer is gone.
+            websocket.transport.unregisterProducer()
         self.side.stop()
         for connection in list(self.connections.values()):
             connection.close("the local proxy is stopping")

@@ -35,20 +35,7 @@ from tunnelkit.service.store import StoreError
 from tunnelkit.service.store_sqlite import SQLiteStore, open_store
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 
-# INTEGRATION: the data plane (tunnelkit/service/dataplane.py) is another helper's module; until it
-# exists the service runs without GET /tunnel and says so.  Remove this guard when it lands.
-try:
-    from tunnelkit.service.dataplane import DataPlaneOptions, mount_data_plane
-except ModuleNotFoundError as e:
-    if e.name != "tunnelkit.service.dataplane":
-        raise
-
-    class DataPlaneOptions:  # type: ignore[no-redef]
-        """The data plane is not built: it adds no options."""
-
-        optParameters: List[List[Any]] = []
-
-    mount_data_plane = None  # type: ignore[assignment]
+from tunnelkit.service.dataplane import DataPlaneOptions, mount_data_plane
 
 log = Logger()
 
@@ -235,14 +222,7 @@ class TunnelService(MultiService):
             log.info("Marked {count} peer connection(s) DISCONNECTED after the restart", count=reset)
         notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor)
         root = build_root(Resource())
-        events: Optional[ITunnelEvents] = None
-        if mount_data_plane is None:
-            log.error(
-                "The data plane is not built in this tunnelkit (tunnelkit.service.dataplane is missing): "
-                "GET /tunnel is unavailable, only the API is served"
-            )
-        else:
-            events = mount_data_plane(root, self.store, clock, options)
+        events: ITunnelEvents = mount_data_plane(root, self.store, clock, options)
         limits = Limits(
             max_open_tunnels=options.get("max-open-tunnels", DEFAULT_MAX_OPEN_TUNNELS),
             max_services_per_tunnel=int(options.get("max-services-per-tunnel") or 3),
