@@ -80,6 +80,7 @@ def duration(text: str) -> float:
 
 
 class Options(ModeOptions, DataPlaneOptions, NotifyOptions, NvxOptions):  # type: ignore[misc,valid-type]
+    synopsis = "Usage: twistd -n tunnelkit --mode service [options]"
     """The options of C{--mode service}."""
 
     mode = "service"
