@@ -80,8 +80,9 @@ def duration(text: str) -> float:
 
 
 class Options(ModeOptions, DataPlaneOptions, NotifyOptions, NvxOptions):  # type: ignore[misc,valid-type]
-    synopsis = "Usage: twistd -n tunnelkit --mode service [options]"
     """The options of C{--mode service}."""
+
+    synopsis = "Usage: twistd -n tunnelkit --mode service [options]"
 
     mode = "service"
     repeatable = {"listen": server_endpoint, "hostname": hostname}
