@@ -112,7 +112,8 @@ class DataPlaneOptions:
             "relay-buffer",
             None,
             262144,
-            "Bytes the relay buffers toward one peer before it stops reading the other (min 65536).",
+            "Bytes the relay buffers toward one peer before it stops reading the other; also the "
+            "largest socket read (min 65536).",
             _count("relay-buffer", 65536),
         ],
     ]

@@ -768,7 +768,10 @@ def _transport_buffered(transport: Any) -> int:
 
 
 def _set_buffer_size(transport: Any, size: int) -> None:
-    """Make the TCP transport under C{transport} (TLS or not) pause its producer at C{size} bytes."""
+    """
+    Make the TCP transport under C{transport} (TLS or not) pause its producer at C{size} bytes.
+    (Twisted also reads at most that many bytes at once from the socket.)
+    """
     for _ in range(3):
         inner = getattr(transport, "__dict__", {}).get("transport")
         if inner is None:
