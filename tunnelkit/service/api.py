@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
 from twisted.web import server
+from twisted.web.pages import errorPage
 from twisted.web.resource import Resource
 
 from tunnelkit.service.auth import SigV4Verifier
@@ -216,8 +217,21 @@ class ApiResource(Resource):
         return error_body(error_type, message)
 
 
+class _Root(Resource):
+    """
+    Children: the API at C{/}, C{tunnel} and C{metrics} from the data plane.  A WebSocket upgrade to
+    any other path gets the documented 400.
+    """
+
+    def getChild(self, path: bytes, request: Any) -> Resource:
+        upgrade = request.getHeader(b"upgrade") or b""
+        if upgrade.lower() == b"websocket":
+            return errorPage(400, "Bad Request", "The WebSocket path must be /tunnel")
+        return super().getChild(path, request)
+
+
 def build_root(api: Resource) -> Resource:
     """The root resource: the API at C{/}; the data plane adds C{tunnel} and C{metrics} to it."""
-    root = Resource()
+    root = _Root()
     root.putChild(b"", api)
     return root

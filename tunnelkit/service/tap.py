@@ -189,13 +189,15 @@ class _Listener(Service):
         return None
 
 
-class _StoreCloser(Service):
-    def __init__(self, store: SQLiteStore) -> None:
-        self._store = store
+class _OnStop(Service):
+    """Calls C{action} when stopped (a MultiService stops its children in reverse order)."""
+
+    def __init__(self, action: Callable[[], Any]) -> None:
+        self._action = action
 
     def stopService(self) -> None:
         super().stopService()
-        self._store.close()
+        self._action()
 
 
 class TunnelService(MultiService):
@@ -218,13 +220,16 @@ class TunnelService(MultiService):
         )
         self.region = options["region"]
         # Stopped last (services stop in reverse order): the data plane records disconnections first.
-        _StoreCloser(self.store).setServiceParent(self)
+        _OnStop(self.store.close).setServiceParent(self)
         reset = self.store.reset_connection_states(clock.seconds())
         if reset:
             log.info("Marked {count} peer connection(s) DISCONNECTED after the restart", count=reset)
         notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor)
         root = build_root(Resource())
-        events: ITunnelEvents = mount_data_plane(root, self.store, clock, options)
+        relay = mount_data_plane(root, self.store, clock, options)
+        events: ITunnelEvents = relay
+        # Peers are closed (1001) and recorded DISCONNECTED after the listeners stop, before the store.
+        _OnStop(relay.shutdown).setServiceParent(self)
         limits = Limits(
             max_open_tunnels=options.get("max-open-tunnels", DEFAULT_MAX_OPEN_TUNNELS),
             max_services_per_tunnel=int(options.get("max-services-per-tunnel") or 3),
