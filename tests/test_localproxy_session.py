@@ -342,7 +342,7 @@ class DataListenerTests(TestCase):
         context = side.contexts["FTP"]
         self.successResultOf(context.open_data_listener(0x80000001))
         self.successResultOf(context.open_data_listener(0x80000002))
-        first, second = reactor.tcpServers[1][1], reactor.tcpServers[2][1]
+        first = reactor.tcpServers[1][1]
         first.buildProtocol(PEER).makeConnection(StringTransport())
         self.assertEqual(len(side._data_listeners), 1)
         reactor.advance(60)

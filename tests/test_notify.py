@@ -20,7 +20,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tests.test_mqtt import CONNACK_OK, BrokerSide, _utf8, puback
+from tests.test_mqtt import CONNACK_OK, BrokerSide, puback
 from tunnelkit.mqtt import MQTT_OPTIONS, MQTTClient
 from tunnelkit.service.interfaces import INotifier
 from tunnelkit.service.notify import (

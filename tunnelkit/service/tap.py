@@ -32,7 +32,7 @@ from tunnelkit.service.interfaces import ITunnelEvents
 from tunnelkit.service.notify import NotifyOptions, build_notifier
 from tunnelkit.service.operations import ControlPlane, Limits
 from tunnelkit.service.store import StoreError
-from tunnelkit.service.store_sqlite import SQLiteStore, open_store
+from tunnelkit.service.store_sqlite import open_store
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 
 from tunnelkit.service.dataplane import DataPlaneOptions, mount_data_plane
