@@ -23,21 +23,20 @@ from typing import Any, Dict, Mapping, Optional
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
-from twisted.python import usage
 from zope.interface import implementer
 
 import tunnelkit
-from tunnelkit.adapters import Target, available_adapters, parse_adapter_overrides
+from tunnelkit.adapters import Target
 from tunnelkit.agent import DEFAULT_TARGETS, Agent, IDestinationSession, IDestinationStarter, Notification
-from tunnelkit.config import ModeOptions, positive_int
+from tunnelkit.config import positive_int
 from tunnelkit.errors import ConfigError, TunnelkitError
 from tunnelkit.localproxy.destination import DestinationSide
 from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint
 from tunnelkit.localproxy.mapping import V1_SERVICE_ID, parse_destination_mapping
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
+from tunnelkit.localproxy.tap import DataPlaneOptions
 from tunnelkit.mqtt import MQTT_OPTIONS, MQTTClient, build_endpoint, mqtt_settings
 from tunnelkit.transport.httpproxy import ProxySettings, proxy_from_environment
-from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
 
 __all__ = ["Options", "makeService", "LocalProxyStarter", "SessionFailed"]
@@ -51,15 +50,11 @@ class SessionFailed(TunnelkitError):
     """A destination session ended with an error (its token refused, a protocol error, ...)."""
 
 
-class Options(NvxOptions, ModeOptions):
+class Options(DataPlaneOptions):
     """The agent's options."""
 
     mode = "agent"
     synopsis = "Usage: twistd -n tunnelkit --mode agent --thing-name NAME --mqtt ENDPOINT [options]"
-
-    optFlags = [
-        ["no-ssl-host-verify", "k", "Do not check the tunnel service's TLS certificate or host name (DANGEROUS)."],
-    ]
 
     optParameters = [
         ["thing-name", None, None, "This device's thing name: listens on $aws/things/NAME/tunnels/notify."],
@@ -79,22 +74,8 @@ class Options(NvxOptions, ModeOptions):
             "The tunnel service's data plane: HOST[:PORT] (TLS, 443), wss://HOST[:PORT] or ws://HOST[:PORT]. "
             "Default: data.tunneling.iot.REGION.amazonaws.com of each notification's region.",
         ],
-        ["capath", "c", None, "A CA file (PEM) or hashed CA directory to check the tunnel service's certificate."],
         ["max-sessions", None, 32, "The most destination sessions at once; notifications beyond are ignored (logged).", positive_int],
     ]
-
-    repeatable = {"adapter": str}
-
-    def opt_adapter(self, value: str) -> None:
-        """SERVICE=NAME: the service adapter of a service (repeatable; default by prefix)."""
-        self["adapter"].append(value)
-
-    def postOptions(self) -> None:
-        try:
-            self._check()
-            require_nvx(bool(self["allow-slow-websocket"]))
-        except (ConfigError, ValueError, NvxUnavailable) as e:
-            raise usage.UsageError(str(e)) from None
 
     def _check(self) -> None:
         thing = self["thing-name"]
@@ -118,9 +99,7 @@ class Options(NvxOptions, ModeOptions):
             targets = dict(DEFAULT_TARGETS)
         self.targets: Dict[str, Target] = targets
 
-        capath = self["capath"]
-        if capath is not None and not os.path.exists(capath):
-            raise ConfigError(f"-c/--capath {capath}: no such file or directory")
+        capath = self._checked_capath()
         verify = not self["no-ssl-host-verify"]
         endpoint = self["proxy-endpoint"]
         if endpoint:
@@ -131,12 +110,7 @@ class Options(NvxOptions, ModeOptions):
             ServiceEndpoint("data.tunneling.iot.us-east-1.amazonaws.com", 443, True, capath, verify).check()
         self.web_proxy = proxy_from_environment(os.environ)
 
-        overrides = parse_adapter_overrides(self["adapter"])
-        known = available_adapters()
-        for service_id, name in overrides.items():
-            if name not in known:
-                raise ConfigError(f"--adapter {service_id}={name}: unknown adapter (known: {', '.join(sorted(known))})")
-        self.adapter_overrides = overrides
+        self.adapter_overrides = self._checked_adapter_overrides(self["adapter"])
 
 
 @implementer(IDestinationSession)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import yaml
 from twisted.python import usage
@@ -110,7 +110,8 @@ class ModeOptions(usage.Options):
         self["mode"] = self.mode
         for name in self.repeatable:
             self[name] = []
-        self._from_command_line: set = set()
+        #: The long names (normalized) of the options the command line gives; set by parseOptions.
+        self.from_command_line: Set[str] = set()
 
     # --- the options every mode has ---
 
@@ -165,7 +166,7 @@ class ModeOptions(usage.Options):
                 raise ConfigError(
                     f"{where}: unknown key for mode {self.mode} (known keys: {', '.join(sorted(table))})"
                 )
-            if key in self._from_command_line:
+            if key in self.from_command_line:
                 continue
             kind, coerce, attr = table[key]
             try:
@@ -197,13 +198,13 @@ class ModeOptions(usage.Options):
         command line (so its values win, and C{postOptions} sees the merged result once).
         """
         args = list(sys.argv[1:] if options is None else options)
+        self.from_command_line = self._command_line_keys(args)
         config_path = _find_option_value(args, "--config")
         if config_path is not None:
-            self._from_command_line = self._command_line_keys(args)
             self._apply_config(config_path)
         super().parseOptions(args)
 
-    def _command_line_keys(self, args: Sequence[str]) -> set:
+    def _command_line_keys(self, args: Sequence[str]) -> Set[str]:
         keys = set()
         for arg in args:
             if not arg.startswith("-") or arg == "-":

@@ -50,7 +50,7 @@ from tunnelkit.transport.httpproxy import proxy_from_environment
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
 
-__all__ = ["Options", "makeService", "build_session"]
+__all__ = ["DataPlaneOptions", "Options", "makeService", "build_session"]
 
 log = Logger()
 
@@ -86,7 +86,58 @@ def _seconds(text: str) -> float:
     return value
 
 
-class Options(NvxOptions, ModeOptions):
+class DataPlaneOptions(NvxOptions, ModeOptions):
+    """
+    Options of every mode that connects to the tunnel service's data plane (the local proxy's
+    source and destination, and the agent): C{-k}, C{-c}, C{--adapter}, and C{postOptions} turning
+    each configuration error into a one-line usage error.  Subclasses check the rest in C{_check}.
+    """
+
+    optFlags = [
+        ["no-ssl-host-verify", "k", "Do not check the tunnel service's TLS certificate or host name (DANGEROUS)."],
+    ]
+
+    optParameters = [
+        ["capath", "c", None, "A CA file (PEM) or hashed CA directory to check the tunnel service's certificate."],
+    ]
+
+    repeatable: Mapping[str, Any] = {"adapter": str}
+
+    def opt_adapter(self, value: str) -> None:
+        """SERVICE=NAME: the service adapter of a service (repeatable; default by prefix)."""
+        self["adapter"].append(value)
+
+    def postOptions(self) -> None:
+        try:
+            self._check()
+            require_nvx(bool(self["allow-slow-websocket"]))
+        except (ConfigError, ValueError, NvxUnavailable) as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _check(self) -> None:
+        """Check and derive the mode's options; raise L{ConfigError} naming the option at fault."""
+        raise NotImplementedError(f"{type(self).__name__} must define _check")
+
+    def _checked_capath(self) -> Optional[str]:
+        """C{-c}, which must exist when given."""
+        capath = self["capath"]
+        if capath is not None and not os.path.exists(capath):
+            raise ConfigError(f"-c/--capath {capath}: no such file or directory")
+        return capath
+
+    def _checked_adapter_overrides(self, items: Sequence[str]) -> Dict[str, str]:
+        """C{--adapter SERVICE=NAME} items as a mapping, each naming an installed adapter."""
+        overrides = parse_adapter_overrides(list(items))
+        known = available_adapters()
+        for service_id, name in overrides.items():
+            if name not in known:
+                raise ConfigError(
+                    f"--adapter {service_id}={name}: unknown adapter (known: {', '.join(sorted(known))})"
+                )
+        return overrides
+
+
+class Options(DataPlaneOptions):
     """The local proxy's options, for both C{--mode source} and C{--mode destination}."""
 
     mode = "source"  # the plugin sets "source" or "destination" before parsing
@@ -97,10 +148,6 @@ class Options(NvxOptions, ModeOptions):
         "Exit status: 0 when the tunnel is closed, 1 on a usage error, a refused token or a mapping "
         "that does not match the tunnel."
     )
-
-    optFlags = [
-        ["no-ssl-host-verify", "k", "Do not check the service's TLS certificate or host name (DANGEROUS)."],
-    ]
 
     optParameters = [
         ["access-token", "t", None, "The tunnel's client access token (prefer AWSIOT_TUNNEL_ACCESS_TOKEN)."],
@@ -116,7 +163,6 @@ class Options(NvxOptions, ModeOptions):
          "Destination: PORT, HOST:PORT, a unix socket path, or SERVICE=TARGET[,SERVICE=TARGET...]."],
         ["local-bind-address", "b", None,
          "Source: the address to listen on (default localhost). Destination: the host of PORT-only targets."],
-        ["capath", "c", None, "A CA file (PEM) or hashed CA directory to check the service's certificate."],
         ["destination-client-type", "y", None,
          "Source: the destination's message format, V1 or V2 (default: V3, simultaneous connections)."],
         ["config-dir", None, None, "A directory of files of SERVICE=ENDPOINT lines."],
@@ -130,12 +176,7 @@ class Options(NvxOptions, ModeOptions):
 
     def __init__(self) -> None:
         super().__init__()
-        self._args: List[str] = []
         self.environ: Mapping[str, str] = os.environ
-
-    def opt_adapter(self, value: str) -> None:
-        """SERVICE=NAME: the service adapter of a service (repeatable; default by prefix)."""
-        self["adapter"].append(value)
 
     def opt_adapter_option(self, value: str) -> None:
         """SERVICE.KEY=VALUE: an option of a service's adapter, e.g. HTTP1.host=intranet.example (repeatable)."""
@@ -146,24 +187,8 @@ class Options(NvxOptions, ModeOptions):
         self["adapters"].append(value)
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
-        self._args = list(sys.argv[1:] if options is None else options)
-        self["mode"] = self.mode
+        self["mode"] = self.mode  # the plugin may set the mode after __init__
         super().parseOptions(options)
-
-    def _given_on_command_line(self, long: str, short: str) -> bool:
-        for arg in self._args:
-            if arg == f"--{long}" or arg.startswith(f"--{long}=") or arg == f"-{short}" or (
-                arg.startswith(f"-{short}") and not arg.startswith("--")
-            ):
-                return True
-        return False
-
-    def postOptions(self) -> None:
-        try:
-            self._check()
-            require_nvx(bool(self["allow-slow-websocket"]))
-        except (ConfigError, ValueError, NvxUnavailable) as e:
-            raise usage.UsageError(str(e)) from None
 
     def _check(self) -> None:
         env = self.environ
@@ -180,7 +205,7 @@ class Options(NvxOptions, ModeOptions):
         if len(token) > 4096 or _CONTROL.search(token):
             raise ConfigError("--access-token: at most 4096 characters, no control characters")
         self["access-token"] = token
-        self.token_on_command_line = self._given_on_command_line("access-token", "t")
+        self.token_on_command_line = "access-token" in self.from_command_line
         client_token = self["client-token"] or env.get("AWSIOT_TUNNEL_CLIENT_TOKEN")
         self.client_token_generated = False
         if client_token:
@@ -204,9 +229,7 @@ class Options(NvxOptions, ModeOptions):
         else:
             host, port, secure = region_host(region), 443, True
         verify = not self["no-ssl-host-verify"]
-        capath = self["capath"]
-        if capath is not None and not os.path.exists(capath):
-            raise ConfigError(f"-c/--capath {capath}: no such file or directory")
+        capath = self._checked_capath()
         web_proxy = proxy_from_environment(env)
         self.service_endpoint = ServiceEndpoint(host, port, secure, capath, verify, web_proxy)
         self.service_endpoint.check()
@@ -244,13 +267,7 @@ class Options(NvxOptions, ModeOptions):
                 )
 
         # adapters
-        overrides = parse_adapter_overrides(list(self["adapter"]) + list(self["adapters"]))
-        known = available_adapters()
-        for service_id, name in overrides.items():
-            if name not in known:
-                raise ConfigError(
-                    f"--adapter {service_id}={name}: unknown adapter (known: {', '.join(sorted(known))})"
-                )
+        overrides = self._checked_adapter_overrides([*self["adapter"], *self["adapters"]])
         self.adapter_overrides = overrides
         adapter_options: Dict[str, Dict[str, str]] = {}
         for item in self["adapter-option"]:
