@@ -65,14 +65,17 @@ class PayloadTests(SynchronousTestCase):
 
     def test_topic(self) -> None:
         self.assertEqual(notify_topic("t1"), TOPIC)
-        for bad in ("", "a/b", "a+", "#", "x" * 129):
+        for bad in ("", "a/b", "a+", "#", "x" * 129, "t1\n"):
             self.assertRaises(NotificationError, notify_topic, bad)
+            self.assertRaises(ValueError, notify_topic, bad)  # as the agent expects of a bad thing name
 
     def test_bad_payloads(self) -> None:
         self.assertRaises(NotificationError, notification_payload, "", ("SSH",), "r")
         self.assertRaises(NotificationError, notification_payload, TOKEN, (), "r")
         self.assertRaises(NotificationError, notification_payload, TOKEN, ("S S",), "r")
         self.assertRaises(NotificationError, notification_payload, TOKEN, ("SSH",), "US EAST")
+        self.assertRaises(NotificationError, notification_payload, TOKEN, ("SSH\n",), "r")
+        self.assertRaises(NotificationError, notification_payload, TOKEN, ("SSH",), "r\n")
 
 
 class QueueTests(SynchronousTestCase):

@@ -40,6 +40,7 @@ from tunnelkit.adapters import Target, describe_target
 from tunnelkit.errors import TunnelkitError
 from tunnelkit.localproxy.endpoint import region_host
 from tunnelkit.mqtt import IMQTTClient
+from tunnelkit.protocol.notification import REGION_RE, SERVICE_RE, TUNNEL_ID_RE, notify_topic
 
 __all__ = [
     "Agent",
@@ -67,23 +68,12 @@ DEFAULT_TARGETS: Dict[str, Target] = {
 #: A real notification is well under 5 KB (a token is at most 4096 characters).
 MAX_NOTIFICATION_SIZE = 64 * 1024
 
-_THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
-_SERVICE = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
-_REGION = re.compile(r"^[a-z0-9-]{1,64}$")
-_TUNNEL_ID = re.compile(r"^[a-zA-Z0-9_\-+=:]{1,128}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_TOKEN_LENGTH = 4096
 
 
 class BadNotification(TunnelkitError):
     """A notification the agent cannot act on; the message says why (never quoting the token)."""
-
-
-def notify_topic(thing_name: str) -> str:
-    """C{$aws/things/<thing_name>/tunnels/notify}, for a valid thing name."""
-    if not _THING_NAME.match(thing_name):
-        raise ValueError(f"thing name {thing_name!r} must be 1-128 of a-z A-Z 0-9 : _ -")
-    return f"$aws/things/{thing_name}/tunnels/notify"
 
 
 def data_endpoint_for_region(region: str) -> str:
@@ -150,7 +140,7 @@ def parse_notification(
     if not isinstance(services, list) or not services:
         raise BadNotification("no services requested")
     for service in services:
-        if not isinstance(service, str) or not _SERVICE.match(service):
+        if not isinstance(service, str) or not SERVICE_RE.match(service):
             raise BadNotification(f"service {service!r} is not a service id")
     if len(set(services)) != len(services):
         raise BadNotification(f"services {services!r} name a service twice")
@@ -162,13 +152,13 @@ def parse_notification(
         )
 
     region = document.get("region")
-    if region is not None and (not isinstance(region, str) or not _REGION.match(region)):
+    if region is not None and (not isinstance(region, str) or not REGION_RE.match(region)):
         raise BadNotification(f"region {region!r} is not a region name")
     if region is None and region_required:
         raise BadNotification("no region, and no --proxy-endpoint configured")
 
     tunnel_id = document.get("tunnelId")
-    if tunnel_id is not None and (not isinstance(tunnel_id, str) or not _TUNNEL_ID.match(tunnel_id)):
+    if tunnel_id is not None and (not isinstance(tunnel_id, str) or not TUNNEL_ID_RE.match(tunnel_id)):
         raise BadNotification(f"tunnelId {tunnel_id!r} is not a tunnel id")
     return Notification(token, tuple(services), region, tunnel_id)
 

@@ -36,15 +36,13 @@ from tunnelkit.localproxy.mapping import V1_SERVICE_ID, parse_destination_mappin
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
 from tunnelkit.localproxy.tap import DataPlaneOptions
 from tunnelkit.mqtt import MQTT_OPTIONS, MQTTClient, build_endpoint, mqtt_settings
+from tunnelkit.protocol.notification import THING_NAME_RE
 from tunnelkit.transport.httpproxy import ProxySettings, proxy_from_environment
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
 
 __all__ = ["Options", "makeService", "LocalProxyStarter", "SessionFailed"]
 
 log = Logger()
-
-_THING_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_-")
-
 
 class SessionFailed(TunnelkitError):
     """A destination session ended with an error (its token refused, a protocol error, ...)."""
@@ -81,7 +79,7 @@ class Options(DataPlaneOptions):
         thing = self["thing-name"]
         if not thing:
             raise ConfigError("--thing-name NAME is required (the device's thing name)")
-        if not 1 <= len(thing) <= 128 or not set(thing) <= _THING_NAME_CHARS:
+        if not THING_NAME_RE.match(thing):
             raise ConfigError(f"--thing-name {thing!r}: use 1-128 letters, digits, ':', '_' or '-'")
         if not self["mqtt"]:
             raise ConfigError("--mqtt ENDPOINT is required (e.g. tcp:host=127.0.0.1:port=1883)")

@@ -22,13 +22,11 @@ The service's tap uses L{NotifyOptions} and L{build_notifier}.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -39,6 +37,7 @@ from zope.interface import Interface, implementer
 
 from tunnelkit.errors import TunnelkitError
 from tunnelkit.mqtt import MQTT_OPTIONS, IMQTTClient, MQTTClient, MQTTClientStopped, build_endpoint, mqtt_settings
+from tunnelkit.protocol.notification import NotificationError, notification_payload, notify_topic
 from tunnelkit.service.interfaces import INotifier
 
 __all__ = [
@@ -56,54 +55,12 @@ __all__ = [
 log = Logger()
 
 DATABASE_NAME = "notify.sqlite3"
-_THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
-_SERVICE = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
-_REGION = re.compile(r"^[a-z0-9-]{1,64}$")
-
-
-class NotificationError(TunnelkitError):
-    """A notification cannot be queued (bad thing name, services or region)."""
 
 
 class NotifyOptions:
     """Mixin for the service's Options: the broker the notifier publishes to (see L{MQTT_OPTIONS})."""
 
     optParameters = [list(option) for option in MQTT_OPTIONS]
-
-
-def notify_topic(thing_name: str) -> str:
-    """The topic a thing's agent listens on (reference section 4.1)."""
-    if not _THING_NAME.match(thing_name):
-        raise NotificationError(f"thing name {thing_name!r} must be 1-128 of a-z A-Z 0-9 : _ -")
-    return f"$aws/things/{thing_name}/tunnels/notify"
-
-
-def notification_payload(
-    access_token: str, services: Sequence[str], region: str, tunnel_id: Optional[str] = None
-) -> bytes:
-    """
-    The JSON payload of reference section 4.1 (C{clientMode} is lower-case C{destination}), plus
-    C{tunnelId} when given: an addition to AWS's payload (clients ignore unknown keys) that lets
-    tunnelkit's agent replace a tunnel's session when its token is rotated.
-    """
-    if not access_token:
-        raise NotificationError("no destination access token to deliver")
-    if not services:
-        raise NotificationError("a notification needs at least one service")
-    for service in services:
-        if not _SERVICE.match(service):
-            raise NotificationError(f"service {service!r} must be 1-128 of a-z A-Z 0-9 : _ -")
-    if not _REGION.match(region):
-        raise NotificationError(f"region {region!r} must be 1-64 of a-z 0-9 -")
-    document = {
-        "clientAccessToken": access_token,
-        "clientMode": "destination",
-        "region": region,
-        "services": list(services),
-    }
-    if tunnel_id is not None:
-        document["tunnelId"] = tunnel_id
-    return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
 @dataclass(frozen=True)
