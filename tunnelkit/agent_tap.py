@@ -34,7 +34,7 @@ from tunnelkit.localproxy.destination import DestinationSide
 from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint
 from tunnelkit.localproxy.mapping import V1_SERVICE_ID, parse_destination_mapping
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
-from tunnelkit.localproxy.tap import DataPlaneOptions
+from tunnelkit.localproxy.tap import TunnelClientOptions
 from tunnelkit.mqtt import MQTT_OPTIONS, MQTTClient, build_endpoint, mqtt_settings
 from tunnelkit.protocol.notification import THING_NAME_RE
 from tunnelkit.transport.httpproxy import ProxySettings, proxy_from_environment
@@ -48,7 +48,7 @@ class SessionFailed(TunnelkitError):
     """A destination session ended with an error (its token refused, a protocol error, ...)."""
 
 
-class Options(DataPlaneOptions):
+class Options(TunnelClientOptions):
     """The agent's options."""
 
     mode = "agent"

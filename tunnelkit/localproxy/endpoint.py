@@ -10,7 +10,6 @@ no TLS).  C{-r REGION} means C{data.tunneling.iot.REGION.amazonaws.com} (C{.com.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 from urllib.parse import urlsplit
@@ -19,14 +18,13 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from tunnelkit.errors import ConfigError
+from tunnelkit.localproxy.mapping import HOST_NAME_RE
+from tunnelkit.protocol.notification import REGION_RE
 from tunnelkit.transport.httpproxy import HTTPConnectEndpoint, ProxySettings
 from tunnelkit.transport.tls import client_tls_options
 from tunnelkit.transport.websocket import tunnel_url
 
 __all__ = ["ServiceEndpoint", "parse_proxy_endpoint", "region_host"]
-
-_REGION = re.compile(r"^[a-z0-9-]{1,64}$")
-_HOST = re.compile(r"^[a-zA-Z0-9.\-_]{1,253}$")
 
 #: Seconds a TCP connection attempt to the service (or web proxy) may take.
 CONNECT_TIMEOUT = 30
@@ -34,7 +32,7 @@ CONNECT_TIMEOUT = 30
 
 def region_host(region: str) -> str:
     """The AWS data-plane host of C{region}."""
-    if not _REGION.match(region):
+    if not REGION_RE.match(region):
         raise ConfigError(f"-r/--region {region!r}: expected a region name like us-east-1")
     suffix = ".amazonaws.com.cn" if region.startswith("cn-") else ".amazonaws.com"
     return f"data.tunneling.iot.{region}{suffix}"
@@ -80,7 +78,7 @@ def parse_proxy_endpoint(text: str) -> Tuple[str, int, bool]:
         else:
             port = default_port
     host = host.lower()
-    if not host or not (_HOST.match(host) or ":" in host):
+    if not host or not (HOST_NAME_RE.match(host) or ":" in host):
         raise ConfigError(f"-e/--proxy-endpoint {text!r}: bad host name")
     return host, port, secure
 

@@ -44,7 +44,8 @@ log = Logger()
 V1_SERVICE_ID = ""
 
 _SERVICE_ID = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
-_HOSTNAME = re.compile(r"^[a-zA-Z0-9.\-_]{1,253}$")
+#: A host name or IPv4 address as C{-d} and C{-e} take it (loosely: DNS checks the rest).
+HOST_NAME_RE = re.compile(r"\A[a-zA-Z0-9.\-_]{1,253}\Z")
 
 
 
@@ -133,7 +134,7 @@ def parse_destination_endpoint(endpoint: str, default_host: str = "127.0.0.1") -
             raise ConfigError(f"bad destination {endpoint!r}: expected [IPV6]:PORT")
         return (host, _port(rest[1:], "destination port", False))
     host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not _HOSTNAME.match(host):
+    if not sep or not host or not HOST_NAME_RE.match(host):
         raise ConfigError(
             f"bad destination {endpoint!r}: expected PORT, HOST:PORT, [IPV6]:PORT or a unix socket path"
         )

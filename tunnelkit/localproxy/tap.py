@@ -50,7 +50,7 @@ from tunnelkit.transport.httpproxy import proxy_from_environment
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
 
-__all__ = ["DataPlaneOptions", "Options", "makeService", "build_session"]
+__all__ = ["TunnelClientOptions", "Options", "makeService", "build_session"]
 
 log = Logger()
 
@@ -86,7 +86,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-class DataPlaneOptions(NvxOptions, ModeOptions):
+class TunnelClientOptions(NvxOptions, ModeOptions):
     """
     Options of every mode that connects to the tunnel service's data plane (the local proxy's
     source and destination, and the agent): C{-k}, C{-c}, C{--adapter}, and C{postOptions} turning
@@ -137,7 +137,7 @@ class DataPlaneOptions(NvxOptions, ModeOptions):
         return overrides
 
 
-class Options(DataPlaneOptions):
+class Options(TunnelClientOptions):
     """The local proxy's options, for both C{--mode source} and C{--mode destination}."""
 
     mode = "source"  # the plugin sets "source" or "destination" before parsing

@@ -25,6 +25,7 @@ from twisted.web.resource import Resource
 
 from tunnelkit.config import ModeOptions, positive_int, server_endpoint
 from tunnelkit.errors import ConfigError
+from tunnelkit.protocol.notification import REGION_RE
 from tunnelkit.service.api import ApiResource, ServiceSite, build_root
 from tunnelkit.service.auth import CREDENTIALS_FILE, SigV4Verifier, check_account_id, ensure_initial_credentials
 from tunnelkit.service.certs import ServiceCertificates, ensure_certificates
@@ -45,7 +46,6 @@ DEFAULT_REGION = "us-east-1"
 DEFAULT_MAX_OPEN_TUNNELS = 1000
 DEFAULT_CLOSED_RETENTION = 3 * 3600.0
 
-_REGION_RE = re.compile(r"\A[a-z0-9-]{1,64}\Z")
 _HOSTNAME_RE = re.compile(r"\A(?=.{1,253}\Z)([A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
 _DURATION_RE = re.compile(r"\A([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)?\Z")
 _UNIT_SECONDS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -53,7 +53,7 @@ _UNIT_SECONDS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 def region(text: str) -> str:
     """Coerce: an AWS-style region name (C{us-east-1})."""
-    if not _REGION_RE.match(text):
+    if not REGION_RE.match(text):
         raise ValueError(f"a region is 1-64 of a-z 0-9 -, got {text!r}")
     return text
 
