@@ -112,6 +112,17 @@ def _type_name(message_type: int) -> str:
         return f"type {message_type}"
 
 
+def _check_payload_size(message: Message, message_type: int) -> None:
+    """The payload is at most L{MAX_PAYLOAD_SIZE} bytes (reading it copies it: call only when needed)."""
+    payload_size = len(message.payload)
+    if payload_size > MAX_PAYLOAD_SIZE:
+        raise ProtocolViolation(
+            RULE_PAYLOAD_SIZE,
+            f"{_type_name(message_type)} carries {payload_size} payload bytes, more than the "
+            f"{MAX_PAYLOAD_SIZE}-byte limit",
+        )
+
+
 class PeerRules:
     """
     The rules one tunnel client (one WebSocket connection, service side) must follow.
@@ -184,13 +195,7 @@ class PeerRules:
         service_id = message.serviceId
         if size > MAX_PAYLOAD_SIZE and self._payload_bound(message, size, service_id) > MAX_PAYLOAD_SIZE:
             # Reading the payload copies it: only when the frame's size cannot rule out a large one.
-            payload_size = len(message.payload)
-            if payload_size > MAX_PAYLOAD_SIZE:
-                raise ProtocolViolation(
-                    RULE_PAYLOAD_SIZE,
-                    f"{_type_name(message_type)} carries {payload_size} payload bytes, more than the "
-                    f"{MAX_PAYLOAD_SIZE}-byte limit",
-                )
+            _check_payload_size(message, message_type)
         self._check_fields(message, message_type)
         uses_service_id = service_id != ""
         if uses_service_id is not self._uses_service_id:
@@ -249,13 +254,7 @@ class PeerRules:
                 f"{_type_name(message_type)} is not a message type of protocol version "
                 f"{self.version}, and the message is not marked ignorable",
             )
-        payload_size = len(message.payload)
-        if payload_size > MAX_PAYLOAD_SIZE:
-            raise ProtocolViolation(
-                RULE_PAYLOAD_SIZE,
-                f"{_type_name(message_type)} carries {payload_size} payload bytes, more than the "
-                f"{MAX_PAYLOAD_SIZE}-byte limit",
-            )
+        _check_payload_size(message, message_type)
         self._check_fields(message, message_type)
 
     def _check_fields(self, message: Message, message_type: int) -> None:
