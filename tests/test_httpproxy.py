@@ -25,6 +25,7 @@ class ParseTests(TestCase):
         self.assertEqual((p.scheme, p.host, p.port, p.username, p.password), ("https", "::1", 8080, "u:x", "pw"))
         self.assertEqual(p.authorization, "Basic dTp4OnB3")
         self.assertNotIn("pw", str(p))
+        self.assertNotIn("pw", repr(p))
         self.assertEqual(parse_proxy_url("proxy.test:3129").port, 3129)
 
     def test_errors(self):

@@ -97,6 +97,7 @@ class Notification:
 
     @property
     def fingerprint(self) -> str:
+        """The token's short one-way name (L{token_fingerprint}), fit for logs."""
         return token_fingerprint(self.access_token)
 
     @property

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_framing,tests.test_rules,tests.test_config -*-
 """
 The typed errors tunnelkit raises.  Each carries a message a user can act on.
 """

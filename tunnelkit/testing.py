@@ -140,6 +140,7 @@ class MemoryTunnelStore:
         return self._tunnels[tunnel_id].connected.get(side, (False, 0.0))
 
     def count_tunnels_by_status(self) -> Mapping[str, int]:
+        """The number of tunnels per status (C{OPEN}, C{CLOSED}), as the metrics read it."""
         counts = {"OPEN": 0, "CLOSED": 0}
         for tunnel in self._tunnels.values():
             counts[tunnel.status] += 1
@@ -325,9 +326,11 @@ class RawPeer:
         self.protocol.connectionLost(Failure(ConnectionLost()))  # type: ignore[attr-defined]
 
     def send(self, payload: bytes, opcode: int = 2) -> None:
+        """Send one masked client frame (binary unless C{opcode} says otherwise)."""
         self.protocol.dataReceived(client_frame(payload, opcode))  # type: ignore[attr-defined]
 
     def send_raw(self, data: bytes) -> None:
+        """Feed C{data} to the service as it is (already framed, or deliberately not)."""
         self.protocol.dataReceived(data)  # type: ignore[attr-defined]
 
     def poll(self) -> None:
@@ -364,6 +367,7 @@ class RawPeer:
         self._buffer = buf
 
     def take_messages(self) -> List[bytes]:
+        """The binary messages the service sent since the last call."""
         self.poll()
         messages, self.messages = self.messages, []
         return messages

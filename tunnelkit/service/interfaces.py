@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_store,tests.test_relay,tests.test_notify -*-
 """
 The seams of the tunnel service: the store the API and relay share, and tunnel events the relay obeys.
 

@@ -13,7 +13,7 @@ L{HTTPConnectEndpoint} is an ordinary client endpoint: wrap it with L{wrapClient
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
@@ -43,7 +43,7 @@ class ProxySettings:
     host: str
     port: int
     username: Optional[str] = None
-    password: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)  # never in a log line
 
     @property
     def authorization(self) -> Optional[str]:
