@@ -12,7 +12,7 @@ frames) and parses what the service answers, so relay tests are deterministic an
 For end-to-end tests and benchmarks on the real reactor: L{TunnelTestClient} (an autobahn client that
 hashes the DATA it receives per connection and sends flow-controlled DATA streams), L{connect_client}
 (C{ws://} or C{wss://} with a CA), and L{ServiceProcess} (C{tunnelkit --mode service} in a child
-process with a boto3 API client).
+process with a boto3 API client); L{free_port} for servers that must be told their port.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ __all__ = [
     "TunnelTestClient",
     "connect_client",
     "ServiceProcess",
+    "free_port",
 ]
 
 V3 = "aws.iot.securetunneling-3.0"
@@ -620,10 +621,11 @@ def connect_client(
     return factory.connected
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on at this moment on 127.0.0.1 (for servers told a port up front)."""
     import socket
 
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -645,8 +647,8 @@ class ServiceProcess:
         import time
 
         self.state_dir = tempfile.mkdtemp(prefix="tunnelkit-service-")
-        self.tls_port = _free_port()
-        self.tcp_port = _free_port()
+        self.tls_port = free_port()
+        self.tcp_port = free_port()
         args = [
             sys.executable, "-m", "twisted",
             "--log-file", os.path.join(self.state_dir, "service.log"),

@@ -28,7 +28,8 @@ Also here:
   - C{h.start_old_format_peer(token, "V1"|"V2", target_port)}: a destination that speaks only the
     V1 or V2 message format (exits 3 on anything newer), to test C{-y V1|V2} sources;
   - C{h.spawn(name, argv)} / C{h.twistd(name, args, env)}: any other process, cleaned up likewise;
-  - L{Process.wait_for_log}, L{Process.wait_exit}, L{Proxy.port_of}, L{wait_until}, L{free_port}.
+  - L{Process.wait_for_log}, L{Process.wait_exit}, L{Proxy.port_of}, L{wait_until}, L{free_port},
+    L{exchange} (send bytes to a local port, read the answer).
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
+
+from tunnelkit.testing import free_port
 
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -55,11 +59,27 @@ SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
 DEFAULT_TIMEOUT = 30.0
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on at this moment on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def exchange(port: int, payload: bytes, expected: Optional[int] = None, timeout: float = 30.0) -> bytes:
+    """
+    Send C{payload} to 127.0.0.1:C{port} and return what comes back: C{expected} bytes (default: as
+    many as were sent), or fewer if the peer closes first.  The payload is sent from a thread, so an
+    echo of a large one cannot block both ways.
+    """
+    wanted = len(payload) if expected is None else expected
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        sender = threading.Thread(target=s.sendall, args=(payload,))
+        sender.start()
+        received = bytearray()
+        try:
+            while len(received) < wanted:
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                received += chunk
+        finally:
+            sender.join(timeout)
+    return bytes(received)
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:

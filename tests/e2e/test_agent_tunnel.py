@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from typing import List, Sequence
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.e2e.harness import SSHD, Harness
+from tests.e2e.harness import SSHD, Harness, exchange
 from tests.e2e.mosquitto import MOSQUITTO, HarnessMosquitto
 
 THING = "t1"
@@ -83,15 +82,7 @@ class AgentTunnelTests(TestCase):
         self.assertEqual(result.stdout.strip(), word.encode())
 
     def echo_works(self, port: int, data: bytes) -> None:
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-            s.sendall(data)
-            received = b""
-            while len(received) < len(data):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                received += chunk
-        self.assertEqual(received, data)
+        self.assertEqual(exchange(port, data, timeout=20), data)
 
     def open_tunnel(self, services: Sequence[str]) -> dict:
         return self.cli("open-tunnel", "--destination-config", f"thingName={THING},services={','.join(services)}")

@@ -6,28 +6,16 @@ restart of the service; CloseTunnel ending both proxies with status 0.
 
 import hashlib
 import os
-import socket
 import threading
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.e2e.harness import SSHD, Harness, wait_until
+from tests.e2e.harness import SSHD, Harness, exchange, wait_until
 
 
 def _echo_exchange(port, payload, results, index):
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            s.settimeout(30)
-            sender = threading.Thread(target=s.sendall, args=(payload,))
-            sender.start()
-            received = bytearray()
-            while len(received) < len(payload):
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    break
-                received += chunk
-            sender.join()
-            results[index] = bytes(received) == payload
+        results[index] = exchange(port, payload) == payload
     except OSError as e:
         results[index] = e
 
