@@ -9,7 +9,6 @@ import json
 from typing import Any, Dict
 
 from botocore.exceptions import ClientError
-from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
 from tests.test_api_helpers import REGION, RecordingEvents, RecordingNotifier, ServiceTestCase
@@ -251,9 +250,7 @@ class ValidationTests(ServiceTestCase, ErrorAssertions):
 class BodyLimitTests(ServiceTestCase):
     def test_declared_too_large(self) -> None:
         """A Content-Length over the limit is refused with 413 before any body byte arrives."""
-        protocol = self.service.site.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        protocol, transport = self.connect()
         protocol.dataReceived(
             b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Amz-Target: IoTSecuredTunneling.OpenTunnel\r\n"
             b"Content-Length: 10485760\r\n\r\n"
@@ -271,9 +268,7 @@ class BodyLimitTests(ServiceTestCase):
 
     def test_chunked_too_large(self) -> None:
         """A chunked body is refused as soon as it grows past the limit."""
-        protocol = self.service.site.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        protocol, transport = self.connect()
         protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunk = b"x" * 65536
         for _ in range(17):
@@ -560,9 +555,7 @@ class IsolationTests(ServiceTestCase, ErrorAssertions):
 class ExpectContinueTests(ServiceTestCase):
     def test_no_continue_after_refusal(self) -> None:
         """A too-large body announced with Expect: 100-continue gets only the 413, never a 100."""
-        protocol = self.service.site.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
+        protocol, transport = self.connect()
         protocol.dataReceived(
             b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\nContent-Length: 10485760\r\n\r\n"
         )
@@ -572,12 +565,6 @@ class ExpectContinueTests(ServiceTestCase):
 
 
 class TimeoutTests(ServiceTestCase):
-    def connect(self) -> Any:
-        protocol = self.service.site.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        return protocol, transport
-
     def test_idle_connection_closed(self) -> None:
         """An idle HTTP connection is closed after the idle timeout (on the site's clock)."""
         from tunnelkit.service.api import IDLE_TIMEOUT

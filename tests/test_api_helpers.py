@@ -228,6 +228,13 @@ class ServiceTestCase(TestCase):
         self.addCleanup(service.stop)
         return service
 
+    def connect(self) -> Tuple[Any, StringTransport]:
+        """A connection to the site over a L{StringTransport}, for raw HTTP bytes: (protocol, transport)."""
+        protocol = self.service.site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
     def call_raw(self, target: Optional[str], body: Any, **kwargs: Any) -> Tuple[int, Dict[str, Any]]:
         """POST a signed request; return the status and the decoded JSON body."""
         data = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -410,7 +410,6 @@ class TunnelTestClient(WebSocketClientProtocol):
         self.close_frame_at: Optional[float] = None  # time.monotonic() when the close frame came
         self._decoder = FrameDecoder()
         self._waiting: List[Tuple[Dict[int, int], Any]] = []
-        self._sender: Optional["_StreamSender"] = None
         self.on_data: Optional[Any] = None  # called with each DATA message when set
 
     def onConnect(self, response: Any) -> None:
@@ -494,7 +493,6 @@ class TunnelTestClient(WebSocketClientProtocol):
         sender = _StreamSender(
             self, list(connections), size, service_id, stream_id, chunk, frames_per_message, seed
         )
-        self._sender = sender
         self.registerProducer(sender, True)
         sender.resumeProducing()
         return sender.done
