@@ -13,17 +13,17 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, List, Mapping, Optional
+from typing import Any, Callable, List, Optional
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
-from zope.interface import implementer
 
 from tests.e2e.mosquitto import MOSQUITTO, Mosquitto
-from tunnelkit.agent import DEFAULT_TARGETS, Agent, IDestinationStarter, Notification
+from tests.test_agent import RecordingStarter
+from tunnelkit.agent import DEFAULT_TARGETS, Agent, Notification
 from tunnelkit.mqtt import MQTTClient, MQTTSettings, build_endpoint
 from tunnelkit.service.certs import ensure_certificates
 from tunnelkit.service.notify import DATABASE_NAME, MQTTNotifier, SQLiteNotificationQueue
@@ -46,30 +46,6 @@ async def wait_for(condition: Callable[[], Any], what: str, timeout: float = TIM
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await task.deferLater(reactor, 0.05)
         waited += 0.05
-
-
-class _Recorded:
-    def __init__(self, notification: Notification, endpoint: str, targets: Mapping[str, Any]) -> None:
-        self.notification = notification
-        self.endpoint = endpoint
-        self.targets = dict(targets)
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def stop(self) -> defer.Deferred:
-        if not self.ended.called:
-            self.ended.callback(None)
-        return defer.succeed(None)
-
-
-@implementer(IDestinationStarter)
-class RecordingStarter:
-    def __init__(self) -> None:
-        self.started: List[_Recorded] = []
-
-    def start(self, notification: Notification, endpoint: str, targets: Mapping[str, Any]) -> _Recorded:
-        session = _Recorded(notification, endpoint, targets)
-        self.started.append(session)
-        return session
 
 
 class AgentOverMosquittoTests(TestCase):
@@ -144,7 +120,7 @@ class AgentOverMosquittoTests(TestCase):
         notifier = self.start_notifier(broker)
         await wait_for(lambda: self.agent.mqtt.connected and self.subscribed(), "the agent's subscription")
         notifier.notify_destination("tun-1", "t1", "token-1", ("SSH", "HTTP"), "us-east-1")
-        [session] = await wait_for(lambda: starter.started, "a session")
+        [session] = await wait_for(lambda: starter.sessions, "a session")
         self.assertEqual(session.notification, Notification("token-1", ("SSH", "HTTP"), "us-east-1", "tun-1"))
         self.assertEqual(session.endpoint, "data.tunneling.iot.us-east-1.amazonaws.com:443")
         self.assertEqual(session.targets, {"SSH": ("127.0.0.1", 22), "HTTP": ("127.0.0.1", 80)})
@@ -168,9 +144,9 @@ class AgentOverMosquittoTests(TestCase):
         notifier.notify_destination("tun-1", "t1", "token-1", ("SSH",), "us-east-1")
         self.assertEqual(len(notifier.queue.pending()), 1)
         await task.deferLater(reactor, 0.5)
-        self.assertEqual(starter.started, [])
+        self.assertEqual(starter.sessions, [])
         await broker.start()
-        [session] = await wait_for(lambda: starter.started, "the session after the broker restart")
+        [session] = await wait_for(lambda: starter.sessions, "the session after the broker restart")
         self.assertEqual(session.notification.access_token, "token-1")
         await wait_for(lambda: not notifier.queue.pending(), "the queue to empty")
 
@@ -185,9 +161,9 @@ class AgentOverMosquittoTests(TestCase):
         await self.notifier_top.stopService()
         await broker.start()
         await task.deferLater(reactor, 0.3)
-        self.assertEqual(starter.started, [])
+        self.assertEqual(starter.sessions, [])
         restarted = self.start_notifier(broker)
-        [session] = await wait_for(lambda: starter.started, "the session from the restarted service")
+        [session] = await wait_for(lambda: starter.sessions, "the session from the restarted service")
         self.assertEqual(session.notification.tunnel_id, "tun-1")
         await wait_for(lambda: not restarted.queue.pending(), "the queue to empty")
 
@@ -198,12 +174,12 @@ class AgentOverMosquittoTests(TestCase):
         await wait_for(self.subscribed, "the agent's subscription")
         notifier = self.start_notifier(broker)
         notifier.notify_destination("tun-1", "t1", "token-1", ("SSH",), "us-east-1")
-        await wait_for(lambda: len(starter.started) == 1, "the first session")
+        await wait_for(lambda: len(starter.sessions) == 1, "the first session")
         notifier.notify_destination("tun-2", "t1", "token-2", ("SSH", "FTP"), "us-east-1")
-        await wait_for(lambda: len(starter.started) == 2, "the second tunnel's session")
+        await wait_for(lambda: len(starter.sessions) == 2, "the second tunnel's session")
         notifier.notify_destination("tun-1", "t1", "token-1b", ("SSH",), "us-east-1")
-        await wait_for(lambda: len(starter.started) == 3, "the rotated session")
-        first, second, rotated = starter.started
+        await wait_for(lambda: len(starter.sessions) == 3, "the rotated session")
+        first, second, rotated = starter.sessions
         self.assertTrue(first.ended.called)
         self.assertFalse(second.ended.called)
         self.assertEqual(rotated.notification.access_token, "token-1b")
@@ -235,7 +211,7 @@ class AgentOverMosquittoTests(TestCase):
             json.dumps({"clientAccessToken": "ok", "clientMode": "destination", "region": "r", "services": ["SSH"]}).encode(),
             1,
         )
-        await wait_for(lambda: starter.started, "a session from the good notification")
+        await wait_for(lambda: starter.sessions, "a session from the good notification")
 
     async def test_credentials(self) -> None:
         """A broker requiring a password: right credentials connect, wrong ones are refused and logged."""
