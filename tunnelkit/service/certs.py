@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_certs -*-
+# -*- test-case-name: tests.test_api_tap -*-
 """
 The service's own TLS material, generated into its state directory on first start:
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_lifecycle -*-
+# -*- test-case-name: tests.test_api -*-
 """
 Tunnel lifetimes on the service's clock: OPEN tunnels close when C{maxLifetimeTimeoutMinutes} ends, and
 CLOSED tunnels are purged once they have been visible for the retention period (3 hours by default).
