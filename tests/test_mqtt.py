@@ -26,6 +26,7 @@ from tunnelkit.mqtt import (
     MQTTClientStopped,
     MQTTSettings,
     build_endpoint,
+    client_from_settings,
     mqtt_settings,
 )
 
@@ -337,6 +338,21 @@ class MQTTClientTests(SynchronousTestCase):
         broker.drop()
         self.reactor.advance(2.1)
         self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_client_from_settings(self) -> None:
+        """Parsed broker options make a client of their endpoint, id, login, keep-alive and session kind."""
+        settings = MQTTSettings(
+            "tcp:host=127.0.0.1:port=1884", "svc-1", username="u", password="pw", keepalive=30
+        )
+        client = client_from_settings(self.reactor, settings, clean_session=False)
+        client.startService()
+        self.addCleanup(client.stopService)
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.1", 1884))
+        [(first, body)] = BrokerSide(self.reactor, 0).take()
+        self.assertEqual(body[7], 0x80 | 0x40)  # username, password, persistent session
+        self.assertEqual(struct.unpack("!H", body[8:10])[0], 30)
+        self.assertEqual(body[10:], _utf8("svc-1") + _utf8("u") + _utf8("pw"))
+        self.assertIn("tcp:host=127.0.0.1:port=1884", client.description)
 
     def test_keepalive_ping(self) -> None:
         """paho's keep-alive runs from the client's tick: a PINGREQ once the session is idle."""

@@ -35,7 +35,7 @@ from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint
 from tunnelkit.localproxy.mapping import V1_SERVICE_ID, parse_destination_mapping
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
 from tunnelkit.localproxy.tap import TunnelClientOptions
-from tunnelkit.mqtt import MQTT_OPTIONS, MQTTClient, build_endpoint, mqtt_settings
+from tunnelkit.mqtt import MQTT_OPTIONS, client_from_settings, mqtt_settings
 from tunnelkit.protocol.notification import THING_NAME_RE
 from tunnelkit.transport.httpproxy import ProxySettings, proxy_from_environment
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
@@ -190,17 +190,9 @@ def makeService(options: Options) -> IService:
     settings = options.mqtt
     assert settings is not None
     top = MultiService()
-    client = MQTTClient(
-        build_endpoint(reactor, settings),
-        settings.client_id,
-        reactor,
-        username=settings.username,
-        password=settings.password,
-        description=f"the MQTT broker {settings.endpoint}",
-        # A persistent session: notifications published while the agent is away (a broker
-        # restart, a network outage) are queued by the broker and delivered when it is back.
-        clean_session=False,
-    )
+    # A persistent session: notifications published while the agent is away (a broker restart, a
+    # network outage) are queued by the broker and delivered when it is back.
+    client = client_from_settings(reactor, settings, clean_session=False)
     starter = LocalProxyStarter(
         reactor,
         capath=options["capath"],

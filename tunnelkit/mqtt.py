@@ -44,6 +44,7 @@ __all__ = [
     "MQTT_OPTIONS",
     "mqtt_settings",
     "build_endpoint",
+    "client_from_settings",
 ]
 
 log = Logger()
@@ -345,7 +346,6 @@ class MQTTClient(Service):
         self._clock = clock
         self.client_id = client_id
         self.description = description
-        self._keepalive = keepalive
         self._paho = _Paho(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -572,3 +572,22 @@ class MQTTClient(Service):
         d = self._acks.pop(mid, None)
         if d is not None:
             d.callback(None)
+
+
+def client_from_settings(
+    reactor: Any, settings: MQTTSettings, clock: Optional[IReactorTime] = None, clean_session: bool = True
+) -> MQTTClient:
+    """
+    The L{MQTTClient} of parsed broker options: their endpoint (L{build_endpoint}), client id,
+    login and keepalive, on C{clock} (default: C{reactor}).
+    """
+    return MQTTClient(
+        build_endpoint(reactor, settings),
+        settings.client_id,
+        reactor if clock is None else clock,
+        username=settings.username,
+        password=settings.password,
+        keepalive=settings.keepalive,
+        description=f"the MQTT broker {settings.endpoint}",
+        clean_session=clean_session,
+    )

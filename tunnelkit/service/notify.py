@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from tunnelkit.errors import TunnelkitError
-from tunnelkit.mqtt import MQTT_OPTIONS, IMQTTClient, MQTTClient, MQTTClientStopped, build_endpoint, mqtt_settings
+from tunnelkit.mqtt import MQTT_OPTIONS, IMQTTClient, MQTTClientStopped, client_from_settings, mqtt_settings
 from tunnelkit.protocol.notification import NotificationError, notification_payload, notify_topic
 from tunnelkit.service.interfaces import INotifier
 
@@ -281,14 +281,7 @@ def build_notifier(
         reactor = global_reactor
     os.makedirs(state_dir, exist_ok=True)
     queue = SQLiteNotificationQueue(os.path.join(state_dir, DATABASE_NAME))
-    client = MQTTClient(
-        build_endpoint(reactor, settings),
-        settings.client_id,
-        clock,
-        username=settings.username,
-        password=settings.password,
-        description=f"the MQTT broker {settings.endpoint}",
-    )
+    client = client_from_settings(reactor, settings, clock)
     notifier = MQTTNotifier(queue, client, clock)
     client.setServiceParent(parent)
     notifier.setServiceParent(parent)
