@@ -3,8 +3,12 @@ Tests of tunnelkit.transport.websocket: the local proxy's WebSocket client, run 
 against an autobahn server or a raw HTTP answer, on an injected clock.
 """
 
+import os
+import struct
+
 import txaio
 import txaio.testutil
+from autobahn.websocket.xormasker import create_xor_masker
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.protocol import Protocol
@@ -20,6 +24,7 @@ from tunnelkit.transport.websocket import (
     SUBPROTOCOL,
     ITunnelWebSocketHandler,
     TunnelWebSocketFactory,
+    masked_frame,
     tunnel_url,
 )
 
@@ -79,7 +84,9 @@ class RawAnswer(Protocol):
             self.answer = None
 
 
-class WebSocketClientTests(TestCase):
+class ClientSetup:
+    """A client factory and an autobahn test server on an injected clock."""
+
     def setUp(self):
         self.clock = Clock()
         loop = txaio.testutil.replace_loop(self.clock)
@@ -104,6 +111,8 @@ class WebSocketClientTests(TestCase):
         self.client = client
         return server_protocol
 
+
+class WebSocketClientTests(ClientSetup, TestCase):
     def test_interface(self):
         verifyObject(ITunnelWebSocketHandler, self.handler)
 
@@ -241,3 +250,69 @@ class WebSocketClientTests(TestCase):
         self.assertEqual(ended.kind, "retry")
         self.assertIn("no answer", ended.message)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+def server_frame(payload, opcode=0x2):
+    """An unmasked, final WebSocket frame as a service sends it."""
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x80 | opcode, size))
+    elif size < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, size)
+    return header + payload
+
+
+class MaskedFrameTests(TestCase):
+    def test_same_as_autobahn(self):
+        mask = b"\x9a\x01\xff\x3c"
+        for size in (0, 1, 3, 63, 64, 65, 1000, 64512, 129052):
+            payload = os.urandom(size)
+            expected = create_xor_masker(mask, size).process(payload) if size else b""
+            self.assertEqual(masked_frame(b"HDR", mask, [payload]), b"HDR" + expected)
+            half = size // 2
+            parts = [payload[:half], memoryview(payload)[half:]]
+            self.assertEqual(masked_frame(b"", mask, parts), expected)
+
+    def test_inputs_untouched(self):
+        payload = bytes(range(256)) * 4
+        copy = bytes(bytearray(payload))
+        masked = masked_frame(b"", b"\x01\x02\x03\x04", [payload])
+        self.assertEqual(payload, copy)
+        self.assertNotEqual(masked, payload)
+        self.assertEqual(masked_frame(b"", b"\x01\x02\x03\x04", [masked]), payload)
+
+
+class FastReadTests(ClientSetup, TestCase):
+    """Whole unmasked binary frames take the fast path, split anywhere; others autobahn's parser."""
+
+    def test_frames_split_anywhere(self):
+        self.connect()
+        big = os.urandom(64512)
+        frames = [
+            encode_message(Message(type=Message.DATA, streamId=1, payload=big, serviceId="A")),
+            encode_message(Message(type=Message.DATA, streamId=1, payload=b"small", serviceId="A")),
+        ]
+        raw = server_frame(frames[0] + frames[1]) + server_frame(frames[1])
+        raw += server_frame(b"ping!", opcode=0x9) + server_frame(frames[0])
+        for step in (1, 7, 1000, 65536, len(raw)):
+            self.handler.messages = []
+            for offset in range(0, len(raw), step):
+                self.client.dataReceived(raw[offset : offset + step])
+            payloads = [m.payload for batch in self.handler.messages for m in batch]
+            self.assertEqual(payloads, [big, b"small", b"small", big], step)
+        self.assertEqual(self.client.data, b"")
+        self.assertEqual(self.handler.ended, [])
+
+    def test_masked_frame_from_service_fails(self):
+        self.connect()
+        frame = bytearray(server_frame(b"\x00\x02\x08\x05"))
+        frame[1] |= 0x80
+        self.client.dataReceived(bytes(frame[:2]) + b"\x00\x00\x00\x00" + bytes(frame[2:]))
+        self.pump.flush()
+        self.clock.advance(5)
+        self.pump.flush()
+        self.assertEqual(self.handler.messages, [])
+        (ended,) = self.handler.ended
+        self.assertEqual(ended.kind, "retry")

@@ -87,7 +87,6 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -115,6 +114,7 @@ from tunnelkit.service.metrics import (
     IRelayMetrics,
     RelayMetrics,
 )
+from tunnelkit.transport.websocket import masked_frame
 
 __all__ = [
     "SUBPROTOCOLS",
@@ -733,12 +733,8 @@ _unpack_u64 = struct.Struct("!Q").unpack_from
 
 
 def _unmask(mask: bytes, payload: Any) -> bytes:
-    """Unmask a client's WebSocket payload: big ones with autobahn's NVX, small ones with ints."""
-    n = len(payload)
-    if n > 512:
-        return create_xor_masker(mask, n).process(payload)  # type: ignore[no-any-return]
-    key = (mask * ((n >> 2) + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+    """Unmask a client's WebSocket payload: one copy, XORed in place (see L{masked_frame})."""
+    return masked_frame(b"", mask, (payload,))
 
 
 def _ws_header(size: int) -> bytes:

@@ -19,16 +19,22 @@ How a session ends, as L{WebSocketEnded.kind}:
   - C{"retry"}: anything else (5xx, no subprotocol in the 101, 1001/1011/1006, a lost
     connection, a handshake timeout): reconnect with backoff.
 
-The hot path skips autobahn's per-call debug formatting (performance.md: +10 %).
+The hot path skips autobahn's per-call debug formatting (performance.md: +10 %), builds each outgoing
+binary frame with one copy and one in-place XOR pass (L{masked_frame}; autobahn's own masker copies
+the payload four times), and reads whole unmasked binary frames from the service without autobahn's
+general frame parser.
 """
 
 from __future__ import annotations
 
+import os
 import platform
+import struct
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence, Union
 
 import autobahn
+import autobahn.websocket
 import google.protobuf
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -50,6 +56,7 @@ __all__ = [
     "TunnelWebSocketProtocol",
     "TunnelWebSocketFactory",
     "tunnel_url",
+    "masked_frame",
 ]
 
 #: The subprotocol the local proxy offers (AWS's localproxy offers only this one, whatever -y says).
@@ -60,7 +67,57 @@ PING_PERIOD = 20.0
 HANDSHAKE_TIMEOUT = 30.0
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
+_SEND_STATE_GROUND = WebSocketProtocol.SEND_STATE_GROUND
+_unpack_u16 = struct.Struct("!H").unpack_from
+_unpack_u64 = struct.Struct("!Q").unpack_from
 _log = Logger(namespace="tunnelkit.transport.websocket")
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+try:  # autobahn's NVX masker, called directly: in place, no intermediate buffers
+    if not getattr(autobahn.websocket, "USES_NVX", False):
+        raise ImportError("NVX is off")
+    from _nvx_xormasker import ffi as _nvx_ffi, lib as _nvx_lib
+except ImportError:  # pragma: no cover - only with --allow-slow-websocket
+    _nvx_ffi = _nvx_lib = None
+
+
+def masked_frame(prefix: bytes, mask: bytes, parts: Sequence[Buffer]) -> bytes:
+    """
+    C{prefix} followed by the concatenation of C{parts} XORed with the 4-byte WebSocket C{mask}
+    (masking and unmasking are the same operation), as one new C{bytes} object.
+
+    The bytes are copied once (a join) and XORed in place in that fresh object, before anything
+    else can see it; autobahn's masker instead copies the payload four times.
+    """
+    frame = b"".join([prefix, *parts])
+    start = len(prefix)
+    size = len(frame) - start
+    if not size:
+        return frame
+    if any(frame is part for part in (prefix, *parts)):  # join handed back an input: copy it
+        frame = bytes(bytearray(frame))
+    if _nvx_lib is not None and size > 64:
+        masker = _nvx_lib.nvx_xormask_new(_nvx_ffi.from_buffer("uint8_t[]", mask))
+        if not masker:  # pragma: no cover
+            raise MemoryError("could not allocate a WebSocket masker")
+        try:
+            _nvx_lib.nvx_xormask_process(masker, _nvx_ffi.from_buffer("uint8_t[]", frame) + start, size)
+        finally:
+            _nvx_lib.nvx_xormask_free(masker)
+        return frame
+    key = (mask * ((size >> 2) + 1))[:size]
+    body = int.from_bytes(memoryview(frame)[start:], "little") ^ int.from_bytes(key, "little")
+    return prefix + body.to_bytes(size, "little")
+
+
+def _client_frame_header(size: int) -> bytes:
+    """The header of a masked, final, binary WebSocket frame of C{size} bytes (before its mask)."""
+    if size < 126:
+        return bytes((0x82, 0x80 | size))
+    if size < 65536:
+        return struct.pack("!BBH", 0x82, 0xFE, size)
+    return struct.pack("!BBQ", 0x82, 0xFF, size)
 
 
 def tunnel_url(secure: bool, host: str, port: int, mode: str) -> str:
@@ -112,6 +169,8 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
         self._decoder = FrameDecoder()
         self._pending: List[bytes] = []
         self._pending_size = 0
+        self._pieces: List[bytes] = []  # the start of an incoming frame that is still arriving
+        self._awaiting = 0  # bytes still missing from it
         self._ping_call: Any = None
         self._handshake_timer: Any = None
         self._rejected: Optional[WebSocketEnded] = None
@@ -208,7 +267,7 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
 
     # --- data ---
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+    def onMessage(self, payload: Buffer, isBinary: bool) -> None:
         if not isBinary:
             _log.error("The tunnel service sent a text WebSocket message: closing (1003)")
             self._rejected = WebSocketEnded("retry", "the tunnel service sent a text message (binary only)")
@@ -241,15 +300,85 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
         """Send the queued frames as one WebSocket message."""
         if not self._pending:
             return
-        payload = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        pending = self._pending
+        size = self._pending_size
         self._pending = []
         self._pending_size = 0
-        if self.state == _STATE_OPEN:
-            self.sendMessage(payload, isBinary=True)
+        if self.state != _STATE_OPEN:
+            return
+        if self.send_queue or self.send_state != _SEND_STATE_GROUND:  # autobahn is mid-way: its path
+            self.sendMessage(pending[0] if len(pending) == 1 else b"".join(pending), isBinary=True)
+            return
+        mask = os.urandom(4)
+        self.transport.write(masked_frame(_client_frame_header(size) + mask, mask, pending))
 
     # hot path: autobahn formats debug arguments eagerly in these two; skip that
     def dataReceived(self, data: bytes) -> None:
+        if self._awaiting:
+            # The rest of a frame whose size is known: collect the pieces, join them once.
+            self._pieces.append(data)
+            self._awaiting -= len(data)
+            if self._awaiting > 0:
+                return
+            self._awaiting = 0
+            data = b"".join(self._pieces)
+            self._pieces = []
         self._dataReceived(data)
+
+    def processData(self) -> bool:
+        """
+        Take the frames in the input buffer.  Whole unfragmented unmasked binary frames (what the
+        service sends) are handed to L{onMessage} as views of the buffer, walking it by offset; any
+        other frame (control frames, fragments, anything malformed or too large) goes through
+        autobahn's general parser, which enforces the WebSocket rules on it.
+        """
+        if self.current_frame is not None or self.inside_message or self.state != _STATE_OPEN:
+            return bool(super().processData())
+        data = self.data
+        size = len(data)
+        offset = 0
+        view = memoryview(data)
+        general = False  # the next frame is for autobahn's parser
+        while self.state == _STATE_OPEN:
+            left = size - offset
+            if left < 2:
+                break
+            length = data[offset + 1]
+            if data[offset] != 0x82 or length & 0x80:  # not FIN+binary, or masked
+                general = True
+                break
+            if length < 126:
+                start = offset + 2
+            elif length == 126:
+                if left < 4:
+                    break
+                (length,) = _unpack_u16(data, offset + 2)
+                start = offset + 4
+                if length < 126:  # not minimal: autobahn refuses it
+                    general = True
+                    break
+            else:
+                if left < 10:
+                    break
+                (length,) = _unpack_u64(data, offset + 2)
+                start = offset + 10
+                if length < 65536 or length > MAX_WEBSOCKET_FRAME:  # autobahn refuses it
+                    general = True
+                    break
+            end = start + length
+            if end > size:
+                # Wait for the rest of this frame without re-copying the buffer on each read.
+                self._pieces = [data[offset:]]
+                self._awaiting = end - size
+                self.data = b""
+                return False
+            offset = end
+            self.onMessage(view[start:end], True)
+        if offset:
+            self.data = data[offset:]
+        if general and self.state == _STATE_OPEN:
+            return bool(super().processData())
+        return offset < size and self.state != _STATE_OPEN
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
         if sync or chopsize or self.send_queue:
