@@ -304,7 +304,7 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
+        raise ValueError(f"expected a whole number >= 1, got {text!r}") from None
     if value <= 0:
-        raise ValueError(f"expected a number greater than 0, got {value}")
+        raise ValueError(f"expected a whole number >= 1, got {text!r}")
     return value

@@ -33,7 +33,7 @@ from twisted.python import usage
 
 import tunnelkit
 from tunnelkit.adapters import available_adapters, parse_adapter_overrides, resolve_adapter
-from tunnelkit.config import ModeOptions
+from tunnelkit.config import ModeOptions, positive_int
 from tunnelkit.errors import ConfigError
 from tunnelkit.localproxy.destination import DestinationSide
 from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint, region_host
@@ -67,12 +67,6 @@ def _verbosity(text: str) -> int:
 def _count(text: str) -> int:
     if not text.lstrip("-").isdigit() or int(text) < 0:
         raise ValueError(f"expected a whole number >= 0, got {text!r}")
-    return int(text)
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"expected a whole number >= 1, got {text!r}")
     return int(text)
 
 
@@ -167,7 +161,7 @@ class Options(TunnelClientOptions):
          "Source: the destination's message format, V1 or V2 (default: V3, simultaneous connections)."],
         ["config-dir", None, None, "A directory of files of SERVICE=ENDPOINT lines."],
         ["verbose", "v", 4, "Log detail 0-255: 4 = info, 5 = debug, 6+ = trace.", _verbosity],
-        ["max-connections", None, 128, "Source: the most simultaneous connections per service.", _positive],
+        ["max-connections", None, 128, "Source: the most simultaneous connections per service.", positive_int],
         ["connect-retries", None, 5, "Destination: retries of a refused target before the reset.", _count],
         ["connect-retry-delay", None, 2.5, "Destination: seconds between those retries.", _seconds],
     ]
