@@ -31,7 +31,7 @@ from tunnelkit.agent import DEFAULT_TARGETS, Agent, IDestinationSession, IDestin
 from tunnelkit.config import positive_int
 from tunnelkit.errors import ConfigError, TunnelkitError
 from tunnelkit.localproxy.destination import DestinationSide
-from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint
+from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint, region_host
 from tunnelkit.localproxy.mapping import V1_SERVICE_ID, parse_destination_mapping
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
 from tunnelkit.localproxy.tap import TunnelClientOptions
@@ -105,7 +105,7 @@ class Options(TunnelClientOptions):
             ServiceEndpoint(host, port, secure, capath, verify).check()
         else:
             # Check the CA now rather than at the first notification.
-            ServiceEndpoint("data.tunneling.iot.us-east-1.amazonaws.com", 443, True, capath, verify).check()
+            ServiceEndpoint(region_host("us-east-1"), 443, True, capath, verify).check()
         self.web_proxy = proxy_from_environment(os.environ)
 
         self.adapter_overrides = self._checked_adapter_overrides(self["adapter"])
