@@ -27,6 +27,7 @@ import calendar
 import configparser
 import hashlib
 import hmac
+import io
 import os
 import re
 import secrets
@@ -40,6 +41,7 @@ from botocore.credentials import Credentials
 from twisted.logger import Logger
 
 from tunnelkit.service.operations import ApiError
+from tunnelkit.service.statefiles import write_atomically
 from tunnelkit.service.store import AccessKey, Account, IControlStore, NoSuchAccount
 
 SIGNING_NAME = "IoTSecuredTunneling"
@@ -112,13 +114,9 @@ def write_credentials_file(path: str, key: AccessKey, profile: str = "default") 
         parser.add_section(profile)
     parser.set(profile, "aws_access_key_id", key.access_key_id)
     parser.set(profile, "aws_secret_access_key", key.secret_access_key)
-    temporary = f"{path}.tmp{os.getpid()}"
-    fd = os.open(temporary, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        parser.write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    text = io.StringIO()
+    parser.write(text)
+    write_atomically(path, text.getvalue().encode("utf-8"), 0o600)
 
 
 def ensure_initial_credentials(

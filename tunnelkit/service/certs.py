@@ -26,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.logger import Logger
 
 from tunnelkit.errors import ConfigError
+from tunnelkit.service.statefiles import write_atomically
 
 log = Logger()
 
@@ -43,16 +44,6 @@ class ServiceCertificates:
     ca_cert: str
     server_cert: str
     server_key: str
-
-
-def _write_private(path: str, data: bytes, mode: int) -> None:
-    temporary = f"{path}.tmp{os.getpid()}"
-    fd = os.open(temporary, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -126,8 +117,8 @@ def _make_ca(state_dir: str) -> None:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(os.path.join(state_dir, CA_KEY), _key_pem(key), 0o600)
-    _write_private(os.path.join(state_dir, CA_CERT), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomically(os.path.join(state_dir, CA_KEY), _key_pem(key), 0o600)
+    write_atomically(os.path.join(state_dir, CA_CERT), cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _make_server(state_dir: str, names: Sequence[str]) -> None:
@@ -154,8 +145,8 @@ def _make_server(state_dir: str, names: Sequence[str]) -> None:
         )
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
-    _write_private(os.path.join(state_dir, SERVER_KEY), _key_pem(key), 0o600)
-    _write_private(os.path.join(state_dir, SERVER_CERT), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomically(os.path.join(state_dir, SERVER_KEY), _key_pem(key), 0o600)
+    write_atomically(os.path.join(state_dir, SERVER_CERT), cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def ensure_certificates(state_dir: str, hostnames: Iterable[str] = ()) -> ServiceCertificates:
