@@ -173,21 +173,20 @@ def build_endpoint(reactor: Any, settings: MQTTSettings) -> IStreamClientEndpoin
     if settings.ca_file is None:
         return clientFromString(reactor, settings.endpoint)
     from twisted.internet.ssl import (
-        Certificate,
         PrivateCertificate,
         TLSVersion,
         optionsForClientTLS,
         trustRootFromCertificates,
     )
 
+    from tunnelkit.transport.tls import pem_certificates
+
     args, kwargs = _parse(settings.endpoint)
     host = kwargs.get("host", args[1] if len(args) > 1 else None)
     port = int(kwargs.get("port", args[2] if len(args) > 2 else 8883))
-    marker = b"-----BEGIN CERTIFICATE-----"
     try:
         with open(settings.ca_file, "rb") as f:
-            pem = f.read()
-        authorities = [Certificate.loadPEM(marker + chunk) for chunk in pem.split(marker)[1:]]
+            authorities = pem_certificates(f.read())
     except Exception as e:
         raise UsageError(f"--mqtt-ca {settings.ca_file}: not a PEM certificate ({e})") from None
     if not authorities:

@@ -15,7 +15,7 @@ then encrypted but anyone on the path can read it.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import List, Optional
 
 from OpenSSL import SSL
 from twisted.internet import ssl
@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from tunnelkit.errors import ConfigError
 
-__all__ = ["client_tls_options", "NO_VERIFY_WARNING", "MINIMUM_TLS"]
+__all__ = ["client_tls_options", "pem_certificates", "NO_VERIFY_WARNING", "MINIMUM_TLS"]
 
 #: The oldest TLS version the local proxy speaks.
 MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
@@ -65,7 +65,7 @@ def _trust_root(capath: Optional[str]) -> object:
         try:
             with open(capath, "rb") as f:
                 pem = f.read()
-            certificates = _pem_certificates(pem)
+            certificates = pem_certificates(pem)
         except (OSError, SSL.Error, ValueError) as e:
             raise ConfigError(f"-c/--capath {capath}: not a readable PEM CA file: {e}") from None
         if not certificates:
@@ -79,7 +79,8 @@ def _is_hash_name(name: str) -> bool:
     return len(stem) == 8 and dot == "." and suffix.isdigit() and all(c in "0123456789abcdef" for c in stem)
 
 
-def _pem_certificates(pem: bytes) -> list:
+def pem_certificates(pem: bytes) -> List[ssl.Certificate]:
+    """Every certificate of a PEM bundle, in order (none if it has no C{BEGIN CERTIFICATE})."""
     marker = b"-----BEGIN CERTIFICATE-----"
     certificates = []
     for chunk in pem.split(marker)[1:]:
