@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from tunnelkit.errors import TunnelkitError
+from tunnelkit.protocol.notification import THING_NAME_RE, TUNNEL_ID_RE
 from tunnelkit.service import tokens
 from tunnelkit.service.interfaces import DESTINATION, SOURCE, INotifier, ITunnelEvents
 from tunnelkit.service.lifecycle import TunnelLifecycle
@@ -97,8 +98,6 @@ def _json_type(value: Any) -> str:
 
 # --- field checks (reference section 3.2) ---
 
-_TUNNEL_ID_RE = re.compile(r"\A[a-zA-Z0-9_\-+=:]{1,128}\Z")
-_NAME_RE = re.compile(r"\A[a-zA-Z0-9:_-]+\Z")
 _NEXT_TOKEN_RE = re.compile(r"\A[a-zA-Z0-9_=-]{1,4096}\Z")
 _TAG_EXTRA = frozenset("_.:/=+-@")
 CLIENT_MODES = ("SOURCE", "DESTINATION", "ALL")
@@ -132,13 +131,13 @@ def _pattern(path: str, value: str, regex: "re.Pattern[str]", shown: str) -> str
 def check_tunnel_id(value: str, path: str = "tunnelId") -> str:
     """A C{TunnelId}: 1-128 of C{[a-zA-Z0-9_-+=:]}."""
     _length(path, value, 1, 128)
-    return _pattern(path, value, _TUNNEL_ID_RE, r"[a-zA-Z0-9_\-+=:]{1,128}")
+    return _pattern(path, value, TUNNEL_ID_RE, r"[a-zA-Z0-9_\-+=:]{1,128}")
 
 
 def check_name(value: str, path: str) -> str:
     """A C{ThingName} or C{Service}: 1-128 of C{[a-zA-Z0-9:_-]}."""
     _length(path, value, 1, 128)
-    return _pattern(path, value, _NAME_RE, "[a-zA-Z0-9:_-]+")
+    return _pattern(path, value, THING_NAME_RE, "[a-zA-Z0-9:_-]+")  # the same characters as SERVICE_RE
 
 
 def check_description(value: str, path: str = "description") -> str:
@@ -333,7 +332,7 @@ class ControlPlane:
         assert arn is not None
         _length("resourceArn", arn, 1, 1011)
         prefix = f"arn:aws:iot:{self.region}:{account.account_id}:tunnel/"
-        if not arn.startswith(prefix) or not _TUNNEL_ID_RE.match(arn[len(prefix) :]):
+        if not arn.startswith(prefix) or not TUNNEL_ID_RE.match(arn[len(prefix) :]):
             raise ApiError(
                 "ResourceNotFoundException",
                 f"Resource {arn} does not exist (tunnel ARNs here have the form {prefix}<tunnel-id>)",
