@@ -6,6 +6,9 @@ topic, its payload, and the names it carries.
 Both ends use this module: the service builds the topic and payload (L{tunnelkit.service.notify}),
 the agent subscribes to the topic and checks each payload's names (L{tunnelkit.agent}).  Sans-IO:
 strings in, strings and bytes out.
+
+The name patterns are AWS's (thing name, service, region, tunnel id): the API's checks
+(L{tunnelkit.service.operations}), the service's C{--region} and the local proxy's C{-r} use them too.
 """
 
 from __future__ import annotations
