@@ -95,9 +95,8 @@ class Options(usage.Options):
             module = load_mode(mode)
             self.mode = mode
             self.modeOptions = module.Options()
-            if hasattr(self.modeOptions, "mode") and mode in ("source", "destination"):
-                self.modeOptions.mode = mode
-                self.modeOptions["mode"] = mode
+            if mode in ("source", "destination"):
+                self.modeOptions.mode = mode  # one Options class serves both; it sets its "mode" key
             self.modeOptions.parseOptions(args)
         except (usage.UsageError, ConfigError) as e:
             _fail(mode, str(e))
