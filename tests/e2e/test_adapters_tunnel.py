@@ -112,13 +112,6 @@ def _ftp_client(port: int, name: str, payload: bytes) -> Dict[str, Any]:
 class FTPTunnelTests(TestCase):
     timeout = 180
 
-    # INTEGRATION: expected to fail until tunnelkit/localproxy/connection.py's
-    # LocalConnection.close() calls self.transport.unregisterProducer() before loseConnection():
-    # with a paused streaming producer registered, Twisted resumes the producer instead of
-    # finishing the close, so the FTP server sees the end of a 10 MB STOR only when the client
-    # gives up (confirmed by patching a scratch copy; see helper F's report).  Remove this then.
-    todo = "the local proxy keeps a closed connection open while its producer is paused (helper F's report)"
-
     def test_two_clients_list_stor_retr_10mb(self) -> None:
         if not _source_can_choose_connection_ids():
             raise SkipTest(

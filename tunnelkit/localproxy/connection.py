@@ -135,6 +135,9 @@ class LocalConnection(Protocol):
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
         )
+        # With a paused streaming producer registered, Twisted would resume it instead of finishing
+        # the close once the buffer drains: the far end would never see the end of the stream.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
