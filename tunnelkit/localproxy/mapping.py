@@ -29,6 +29,7 @@ from tunnelkit.errors import ConfigError
 
 __all__ = [
     "V1_SERVICE_ID",
+    "HOST_NAME_RE",
     "Target",
     "describe_target",
     "parse_source_mapping",
@@ -43,11 +44,9 @@ log = Logger()
 #: The service id of a bare V1-format mapping (C{-s 5555}, C{-d 22}).
 V1_SERVICE_ID = ""
 
-_SERVICE_ID = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+_SERVICE_ID = re.compile(r"\A[a-zA-Z0-9_-]{1,128}\Z")
 #: A host name or IPv4 address as C{-d} and C{-e} take it (loosely: DNS checks the rest).
 HOST_NAME_RE = re.compile(r"\A[a-zA-Z0-9.\-_]{1,253}\Z")
-
-
 
 
 def validate_service_id(service_id: str) -> str:
