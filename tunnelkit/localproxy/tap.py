@@ -46,6 +46,7 @@ from tunnelkit.localproxy.mapping import (
 )
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
 from tunnelkit.localproxy.source import SourceSide
+from tunnelkit.service.tokens import CLIENT_TOKEN_RE
 from tunnelkit.transport.httpproxy import proxy_from_environment
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
@@ -54,7 +55,6 @@ __all__ = ["TunnelClientOptions", "Options", "makeService", "build_session"]
 
 log = Logger()
 
-_CLIENT_TOKEN = re.compile(r"^[a-zA-Z0-9-]{32,128}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -203,7 +203,7 @@ class Options(TunnelClientOptions):
         client_token = self["client-token"] or env.get("AWSIOT_TUNNEL_CLIENT_TOKEN")
         self.client_token_generated = False
         if client_token:
-            if not _CLIENT_TOKEN.match(client_token):
+            if not CLIENT_TOKEN_RE.match(client_token):
                 raise ConfigError("-i/--client-token: expected 32-128 characters of a-z, A-Z, 0-9 and '-'")
         else:
             client_token = str(uuid.uuid4())
