@@ -29,6 +29,13 @@ class FormatTests(TestCase):
         self.assertTrue(tokens.is_well_formed(token))
         self.assertEqual(tokens.SECRET_BYTES * 8, 256)
 
+    def test_sendable(self) -> None:
+        """What a client may put in its access-token header: 1-4096 characters, no control characters."""
+        self.assertTrue(tokens.sendable_access_token(tokens.new_access_token("tunnel-1")))
+        self.assertTrue(tokens.sendable_access_token("AQGAAXiV" * 512))
+        for bad in ("", "x" * 4097, "tok\n", "tok\r\nX-Injected: 1", "\x7f"):
+            self.assertFalse(tokens.sendable_access_token(bad), bad)
+
     def test_routing(self) -> None:
         """Every token of a tunnel has the same routing part; it does not reveal the tunnel id."""
         a, b = tokens.new_access_token("t-1"), tokens.new_access_token("t-1")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -41,6 +40,7 @@ from tunnelkit.errors import TunnelkitError
 from tunnelkit.localproxy.endpoint import region_host
 from tunnelkit.mqtt import IMQTTClient
 from tunnelkit.protocol.notification import REGION_RE, SERVICE_RE, TUNNEL_ID_RE, notify_topic
+from tunnelkit.service.tokens import MAX_ACCESS_TOKEN_LENGTH, sendable_access_token
 
 __all__ = [
     "Agent",
@@ -68,8 +68,6 @@ DEFAULT_TARGETS: Dict[str, Target] = {
 #: A real notification is well under 5 KB (a token is at most 4096 characters).
 MAX_NOTIFICATION_SIZE = 64 * 1024
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-MAX_TOKEN_LENGTH = 4096
 
 
 class BadNotification(TunnelkitError):
@@ -134,8 +132,10 @@ def parse_notification(
     token = document.get("clientAccessToken")
     if not isinstance(token, str) or not token:
         raise BadNotification("no clientAccessToken")
-    if len(token) > MAX_TOKEN_LENGTH or _CONTROL.search(token):
-        raise BadNotification(f"clientAccessToken is not a token (over {MAX_TOKEN_LENGTH} characters or control characters)")
+    if not sendable_access_token(token):
+        raise BadNotification(
+            f"clientAccessToken is not a token (over {MAX_ACCESS_TOKEN_LENGTH} characters or control characters)"
+        )
 
     services = document.get("services")
     if not isinstance(services, list) or not services:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import sys
 import uuid
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -46,7 +45,7 @@ from tunnelkit.localproxy.mapping import (
 )
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
 from tunnelkit.localproxy.source import SourceSide
-from tunnelkit.service.tokens import CLIENT_TOKEN_RE
+from tunnelkit.service.tokens import CLIENT_TOKEN_RE, MAX_ACCESS_TOKEN_LENGTH, sendable_access_token
 from tunnelkit.transport.httpproxy import proxy_from_environment
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
@@ -55,7 +54,6 @@ __all__ = ["TunnelClientOptions", "Options", "makeService", "build_session"]
 
 log = Logger()
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _verbosity(text: str) -> int:
@@ -196,8 +194,10 @@ class Options(TunnelClientOptions):
             raise ConfigError(
                 "the option '--access-token' is required but missing (or set AWSIOT_TUNNEL_ACCESS_TOKEN)"
             )
-        if len(token) > 4096 or _CONTROL.search(token):
-            raise ConfigError("--access-token: at most 4096 characters, no control characters")
+        if not sendable_access_token(token):
+            raise ConfigError(
+                f"--access-token: at most {MAX_ACCESS_TOKEN_LENGTH} characters, no control characters"
+            )
         self["access-token"] = token
         self.token_on_command_line = "access-token" in self.from_command_line
         client_token = self["client-token"] or env.get("AWSIOT_TUNNEL_CLIENT_TOKEN")
