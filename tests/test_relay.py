@@ -397,6 +397,20 @@ class RelayTests(ServiceTestCase):
             source.send_raw(wire[cut : cut + 997])
         self.assertEqual(b"".join(destination.take_messages()), stream)
 
+    def test_input_split_in_small_steps(self) -> None:
+        """Reads that end inside a header, inside a mask, or a few bytes into the next frame."""
+        from tunnelkit.testing import client_frame
+
+        tunnel, source, destination = self.pair()
+        stream = start() + data(b"a" * 10) + data(b"b" * 1000) + data(b"c" * 64000) + data(b"d" * 5)
+        wire = client_frame(stream[:20]) + client_frame(stream[20:1100]) + client_frame(b"")
+        wire += client_frame(stream[1100:60000]) + client_frame(stream[60000:])
+        for step in (1, 5, 13, 4093):
+            for cut in range(0, len(wire), step):
+                source.send_raw(wire[cut : cut + step])
+            self.assertEqual(b"".join(destination.take_messages()), stream, step)
+            self.assertEqual(self.relay.buffered_bytes(tunnel.tunnel_id), 0)
+
     def test_unmasked_client_frame(self) -> None:
         tunnel, source, destination = self.pair()
         frame = start()

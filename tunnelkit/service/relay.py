@@ -732,9 +732,15 @@ _unpack_u16 = struct.Struct("!H").unpack_from
 _unpack_u64 = struct.Struct("!Q").unpack_from
 
 
-def _unmask(mask: bytes, payload: Any) -> bytes:
-    """Unmask a client's WebSocket payload: one copy, XORed in place (see L{masked_frame})."""
-    return masked_frame(b"", mask, (payload,))
+def _unmasked_frame(mask: bytes, parts: Sequence[Any], size: int) -> Tuple[bytes, memoryview]:
+    """
+    A client's masked payload (C{size} bytes in C{parts}) unmasked, as a whole unmasked WebSocket
+    frame ready to send on (header included), and a view of its payload.  One copy, XORed in place
+    (see L{masked_frame}).
+    """
+    header = _ws_header(size)
+    frame = masked_frame(header, mask, parts)
+    return frame, memoryview(frame)[len(header) :]
 
 
 def _ws_header(size: int) -> bytes:
@@ -809,8 +815,12 @@ class PeerProtocol(WebSocketServerProtocol):
         self._direction = ""
         self._producer_registered = False
         self._abort_call: Optional[IDelayedCall] = None
-        self._pieces: List[bytes] = []  # the start of a frame that is still arriving
+        self._pieces: List[Any] = []  # the start of a frame that is still arriving
         self._awaiting = 0  # bytes still missing from it
+        self._awaiting_size = 0  # its payload size
+        self._awaiting_mask = b""  # and its mask
+        self._framed: Optional[bytes] = None  # the message onMessage has, as a frame to send on
+        self._outbox_framed: Optional[bytes] = None  # the outbox's only message, already framed
 
     # --- handshake ---
 
@@ -877,6 +887,7 @@ class PeerProtocol(WebSocketServerProtocol):
         self.closing = True
         self._outbox = []
         self._outbox_size = 0
+        self._outbox_framed = None
         if self.link is not None:
             self.factory.relay.detach(self)
 
@@ -908,6 +919,7 @@ class PeerProtocol(WebSocketServerProtocol):
         self.factory.relay.metrics.peer_closed(cause)
         self._outbox = []
         self._outbox_size = 0
+        self._outbox_framed = None
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
         else:
@@ -984,15 +996,22 @@ class PeerProtocol(WebSocketServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         # autobahn's own dataReceived formats a debug message on every call; skip it.
         if self._awaiting:
-            # The rest of a frame whose size is known: collect the pieces, join them once.
+            # The rest of a frame whose size is known: collect the pieces; once it is whole,
+            # unmask it straight from them (one copy) and go on with what follows it.
             self._pieces.append(data)
             self._awaiting -= len(data)
             if self._awaiting > 0:
                 return
+            extra = -self._awaiting
             self._awaiting = 0
-            data = b"".join(self._pieces)
+            pieces = self._pieces
             self._pieces = []
-        self._dataReceived(data)
+            if extra:
+                pieces[-1] = memoryview(data)[: len(data) - extra]
+            self._take_message(self._awaiting_mask, pieces, self._awaiting_size)
+            data = data[len(data) - extra :] if extra else b""
+        if data:
+            self._dataReceived(data)
         target = self._flush_target
         if target is not None:
             self._flush_target = None
@@ -1039,22 +1058,37 @@ class PeerProtocol(WebSocketServerProtocol):
                 if length < 65536 or length > MAX_WEBSOCKET_FRAME:  # autobahn refuses it
                     general = True
                     break
+            if start > size:  # the mask is still on its way
+                break
             end = start + length
             if end > size:
                 # Wait for the rest of this frame (at most 131090 bytes) without re-copying the
                 # buffer on each read: see dataReceived.
-                self._pieces = [data[offset:]]
+                self._pieces = [view[start:]]
                 self._awaiting = end - size
+                self._awaiting_size = length
+                self._awaiting_mask = data[start - 4 : start]
                 self.data = b""
                 return False
-            payload = _unmask(data[start - 4 : start], view[start:end]) if length else b""
             offset = end
-            self.onMessage(payload, True)
+            self._take_message(data[start - 4 : start], (view[start:end],), length)
         if offset:
             self.data = data[offset:]
         if general and self.state == self.STATE_OPEN:
             return bool(super().processData())
         return offset < size and self.state != self.STATE_OPEN
+
+    def _take_message(self, mask: bytes, parts: Sequence[Any], size: int) -> None:
+        """A whole masked binary message in C{parts}: unmask it and hand it to L{onMessage}."""
+        if not size:
+            self.onMessage(b"", True)
+            return
+        frame, payload = _unmasked_frame(mask, parts, size)
+        self._framed = frame
+        try:
+            self.onMessage(payload, True)
+        finally:
+            self._framed = None
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
         # autobahn's sendData formats a debug message on every call; only the plain case is here.
@@ -1128,7 +1162,7 @@ class PeerProtocol(WebSocketServerProtocol):
             return
         self.factory.relay.metrics.relayed(self._direction, len(bodies), size)
         if whole and (not cuts or cuts == [last]):
-            partner.queue(payload, bool(cuts))
+            partner.queue(payload, bool(cuts), self._framed)
             self._flush_target = partner
         else:
             self._forward(partner, bodies, cuts, True)
@@ -1173,15 +1207,17 @@ class PeerProtocol(WebSocketServerProtocol):
 
     # --- writing toward this peer ---
 
-    def queue(self, frames: bytes, end_message: bool) -> None:
+    def queue(self, frames: Any, end_message: bool, framed: Optional[bytes] = None) -> None:
         """
-        Add whole tunnel frames to the next WebSocket message toward this peer; with
-        C{end_message}, the message ends after them.
+        Add whole tunnel frames (bytes or a view) to the next WebSocket message toward this peer;
+        with C{end_message}, the message ends after them.  C{framed}, if given, is C{frames} as a
+        whole WebSocket message already (sent as it is if nothing joins it).
         """
         if self.closing:
             return
         if self._outbox_size + len(frames) > MAX_WEBSOCKET_FRAME:
             self.flush_outbox()
+        self._outbox_framed = None if self._outbox else framed
         self._outbox.append(frames)
         self._outbox_size += len(frames)
         if end_message:
@@ -1193,12 +1229,15 @@ class PeerProtocol(WebSocketServerProtocol):
             return
         pieces = self._outbox
         size = self._outbox_size
+        framed = self._outbox_framed
         self._outbox = []
         self._outbox_size = 0
+        self._outbox_framed = None
         if self.state != self.STATE_OPEN:
             return
-        pieces.insert(0, _ws_header(size))
-        self.transport.writeSequence(pieces)
+        if framed is None or len(pieces) != 1:
+            framed = b"".join([_ws_header(size), *pieces])
+        self.transport.write(framed)
 
     def send_frames(self, frames: Sequence[bytes]) -> None:
         """Send each of C{frames} (whole, length-prefixed) as its own WebSocket message, now."""
