@@ -20,7 +20,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -177,10 +177,13 @@ class PeakRss:
         self._thread.join()
 
 
-def measure_rounds(paths: Dict[str, Tuple[int, int]], args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
+def measure_rounds(
+    paths: Dict[str, Tuple[int, int]], args: argparse.Namespace
+) -> Tuple[Dict[str, Dict[str, float]], Dict[str, Dict[str, List[float]]]]:
     """
     Interleaved rounds (every path once per round, in turn), so that load from anything else on
-    the machine hits every path alike; medians over the rounds.
+    the machine hits every path alike; medians over the rounds, and the raw samples (ratios are
+    taken per round, between figures measured seconds apart).
     """
     samples: Dict[str, Dict[str, List[float]]] = {name: {"one": [], "eight": []} for name in paths}
     for round_number in range(args.repeat):
@@ -192,9 +195,37 @@ def measure_rounds(paths: Dict[str, Tuple[int, int]], args: argparse.Namespace) 
         p50, p99 = round_trips(echo_port, args.round_trips)
         one, eight = statistics.median(samples[name]["one"]), statistics.median(samples[name]["eight"])
         results[name] = {"one": one, "eight": eight, "p50": p50, "p99": p99}
-        print(f"  {name:<22} 1 conn {one:8.1f} MB/s   8 conns {eight:8.1f} MB/s   "
+        spread = f"{min(samples[name]['one']):.0f}-{max(samples[name]['one']):.0f}"
+        print(f"  {name:<14} 1 conn {one:8.1f} MB/s ({spread:>9})   8 conns {eight:8.1f} MB/s   "
               f"RTT p50 {p50:6.3f} ms  p99 {p99:6.3f} ms", flush=True)
-    return results
+    return results, samples
+
+
+def ratio(samples: Dict[str, Dict[str, List[float]]], a: Tuple[str, str], b: Tuple[str, str]) -> float:
+    """Median over the rounds of C{a / b}, each round's figures measured back to back."""
+    return statistics.median(x / y for x, y in zip(samples[a[0]][a[1]], samples[b[0]][b[1]]))
+
+
+def load_note() -> str:
+    """The machine's load averages, to judge whether anything else ran."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def busy_before(seconds: float = 1.0) -> str:
+    """How busy the CPUs are while this benchmark does nothing (anything else running shows here)."""
+
+    def times() -> Tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
+
+    busy0, total0 = times()
+    time.sleep(seconds)
+    busy1, total1 = times()
+    share = 100.0 * (busy1 - busy0) / max(1, total1 - total0)
+    return f"the CPUs were {share:.0f}% busy during {seconds:g} s of quiet before the run"
 
 
 def tunnel_paths(h: Harness, tls: bool, sink: int, echo: int) -> Tuple[int, int, Dict[str, Process]]:
@@ -220,8 +251,8 @@ def main() -> None:
         sink, echo = free_port(), free_port()
         servers = h.spawn("servers", [sys.executable, "-c", SERVER_SCRIPT, str(sink), str(echo)])
         servers.wait_for_log("servers ready")
-        print(f"bench_tunnel: {args.megabytes} MiB per bulk run, median of {args.repeat}; "
-              f"{args.round_trips} round trips; {os.cpu_count()} CPUs", flush=True)
+        print(f"bench_tunnel: {args.megabytes} MiB per bulk run, median of {args.repeat} rounds; "
+              f"{args.round_trips} round trips; {load_note()}; {busy_before()}", flush=True)
         paths: Dict[str, Tuple[int, int]] = {"direct TCP": (sink, echo)}
         sshd = h.start_sshd()
         forward_sink, forward_echo = free_port(), free_port()
@@ -250,7 +281,8 @@ def main() -> None:
         flat = {f"{label} {name}": p for label, procs in all_processes.items() for name, p in procs.items()}
         cpu_before = {name: cpu_seconds(p.pid) for name, p in flat.items()}
         with PeakRss(flat) as peak:
-            results = measure_rounds(paths, args)
+            results, samples = measure_rounds(paths, args)
+        load_after = load_note()
         cpu_used = {name: cpu_seconds(p.pid) - cpu_before[name] for name, p in flat.items()}
         rss = {
             label: {name: (idle[label][name], peak.peak[f"{label} {name}"]) for name in procs}
@@ -259,20 +291,30 @@ def main() -> None:
     finally:
         cleanups.run()
 
-    direct, ssh_l = results["direct TCP"], results["ssh -L"]
+    direct = results["direct TCP"]
     ws, wss = results["tunnel ws://"], results["tunnel wss://"]
-    print("\nratios (same run)                                   value    target")
+    ssh_l, ws_, wss_ = "ssh -L", "tunnel ws://", "tunnel wss://"
+    print(f"\nsummary (ratios: median over rounds of figures measured back to back)  "
+          f"[after: {load_after}]")
+    print(f"  {'metric':<44} {'value':>8}   {'target':<9} result")
 
-    def row(text: str, value: float, target: str, ok: bool) -> None:
-        print(f"  {text:<48} {value:7.2f}   {target:<10} {'ok' if ok else 'MISSED'}")
+    def row(text: str, value: float, target: str, ok: Optional[bool]) -> None:
+        verdict = "-" if ok is None else ("ok" if ok else "MISSED")
+        print(f"  {text:<44} {value:8.2f}   {target:<9} {verdict}")
 
-    row("ws:// 1 conn / ssh -L 1 conn", ws["one"] / ssh_l["one"], ">= 0.60", ws["one"] / ssh_l["one"] >= 0.6)
-    row("wss:// 1 conn / ssh -L 1 conn", wss["one"] / ssh_l["one"], ">= 0.35", wss["one"] / ssh_l["one"] >= 0.35)
-    row("ws:// 8 conns / ws:// 1 conn", ws["eight"] / ws["one"], ">= 0.90", ws["eight"] / ws["one"] >= 0.9)
-    row("wss:// 8 conns / wss:// 1 conn", wss["eight"] / wss["one"], ">= 0.90", wss["eight"] / wss["one"] >= 0.9)
-    row("ws:// RTT p50 - direct p50 (ms)", ws["p50"] - direct["p50"], "<= 1.0", ws["p50"] - direct["p50"] <= 1.0)
-    row("wss:// RTT p50 - direct p50 (ms)", wss["p50"] - direct["p50"], "<= 1.0", wss["p50"] - direct["p50"] <= 1.0)
-    row("ws:// 1 conn / direct TCP", ws["one"] / direct["one"], "(info)", True)
+    rows = [
+        ("ws:// 1 conn / ssh -L 1 conn", ratio(samples, (ws_, "one"), (ssh_l, "one")), 0.60),
+        ("wss:// 1 conn / ssh -L 1 conn", ratio(samples, (wss_, "one"), (ssh_l, "one")), 0.35),
+        ("ws:// 8 conns / ws:// 1 conn", ratio(samples, (ws_, "eight"), (ws_, "one")), 0.90),
+        ("wss:// 8 conns / wss:// 1 conn", ratio(samples, (wss_, "eight"), (wss_, "one")), 0.90),
+    ]
+    for text, value, target in rows:
+        row(text, value, f">= {target:.2f}", value >= target)
+    for label, figures in (("ws://", ws), ("wss://", wss)):
+        extra = figures["p50"] - direct["p50"]
+        row(f"{label} RTT p50 - direct TCP p50 (ms)", extra, "<= 1.00", extra <= 1.0)
+    row("ssh -L 1 conn (MB/s, the reference)", results[ssh_l]["one"], "", None)
+    row("ws:// 1 conn / direct TCP 1 conn", ratio(samples, (ws_, "one"), ("direct TCP", "one")), "", None)
     gigabytes = args.repeat * 2 * args.megabytes / 1024
     print(f"\nCPU seconds per GB moved (bulk runs, {gigabytes:.1f} GB per tunnel; the RTT runs add a little)")
     for label in rss:
@@ -283,6 +325,7 @@ def main() -> None:
         for name, (idle, peak) in processes.items():
             growth = peak - idle
             print(f"  {label:<14} {name:<12} {idle:6.1f}   {peak:6.1f}   {growth:+7.1f}   {'ok' if growth <= 16 else 'MISSED'}")
+    print(f"\n{load_after}")
 
 
 if __name__ == "__main__":
