@@ -9,7 +9,6 @@ import os
 import sys
 import textwrap
 
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -19,7 +18,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 import services
-from tunnelkit import adapters
 from tunnelkit.adapters import (
     IServiceAdapter,
     IServiceAdapterFactory,

@@ -16,7 +16,7 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 from twisted.internet import defer
 from twisted.trial.unittest import SkipTest, TestCase
