@@ -41,7 +41,7 @@ class OptionTests(SynchronousTestCase):
                 tunnel_bandwidth=None,
                 handshakes_per_second=10.0,
                 max_websockets_per_account=2000,
-                relay_buffer=262144,
+                relay_buffer=131072,
             ),
         )
 
@@ -71,7 +71,7 @@ class OptionTests(SynchronousTestCase):
             self.assertIn(text, str(error))
 
     def test_plain_mapping(self) -> None:
-        self.assertEqual(limits_from_options({}), RelayLimits(None, 10.0, 2000, 262144))
+        self.assertEqual(limits_from_options({}), RelayLimits(None, 10.0, 2000, 131072))
         self.assertEqual(limits_from_options({"tunnel_bandwidth": 5}).tunnel_bandwidth, 5)
 
 

@@ -95,7 +95,7 @@ def masked_frame(prefix: bytes, mask: bytes, parts: Sequence[Buffer]) -> bytes:
     size = len(frame) - start
     if not size:
         return frame
-    if any(frame is part for part in (prefix, *parts)):  # join handed back an input: copy it
+    if frame is prefix or (len(parts) == 1 and frame is parts[0]):  # join handed back an input: copy it
         frame = bytes(bytearray(frame))
     if _nvx_lib is not None and size > 64:
         masker = _nvx_lib.nvx_xormask_new(_nvx_ffi.from_buffer("uint8_t[]", mask))
