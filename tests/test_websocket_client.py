@@ -316,3 +316,12 @@ class FastReadTests(ClientSetup, TestCase):
         self.assertEqual(self.handler.messages, [])
         (ended,) = self.handler.ended
         self.assertEqual(ended.kind, "retry")
+
+
+class AllocatorTests(TestCase):
+    def test_tune_allocator(self):
+        import platform
+
+        from tunnelkit.transport.websocket import tune_allocator
+
+        self.assertEqual(tune_allocator(), platform.libc_ver()[0] == "glibc")

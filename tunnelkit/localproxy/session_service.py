@@ -40,6 +40,7 @@ from tunnelkit.transport.websocket import (
     TunnelWebSocketFactory,
     TunnelWebSocketProtocol,
     WebSocketEnded,
+    tune_allocator,
 )
 
 __all__ = ["LocalProxySession", "SessionEnd", "default_retry_policy"]
@@ -143,6 +144,7 @@ class LocalProxySession(MultiService):
     # --- service ---
 
     def startService(self) -> None:
+        tune_allocator()  # 129 KB messages: see tune_allocator
         self.log.info("Starting proxy in {mode} mode", mode=self.side.mode)
         self.log.info("Attempting to establish web socket connection with endpoint {url}", url=self.url)
         super().startService()

@@ -30,6 +30,7 @@ from twisted.web.resource import Resource
 from tunnelkit.service.interfaces import ITunnelEvents, ITunnelStore
 from tunnelkit.service.metrics import ITunnelCounts, RelayMetrics, metrics_resource
 from tunnelkit.service.relay import Relay, RelayLimits, build_factory
+from tunnelkit.transport.websocket import tune_allocator
 
 __all__ = [
     "DataPlaneOptions",
@@ -178,6 +179,7 @@ def mount_data_plane(
     @param options: parsed L{DataPlaneOptions} (a plain mapping works; missing keys take defaults).
     @return: the relay, to tell about closed tunnels and rotated tokens.
     """
+    tune_allocator()  # the relay's 129 KB messages: see tune_allocator
     metrics = RelayMetrics(tunnel_counts=tunnel_counter(store))
     relay = Relay(store, clock, limits_from_options(options), metrics)
     root.putChild(b"tunnel", TunnelResource(build_factory(relay)))
