@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -379,6 +379,8 @@ def run(options: argparse.Namespace) -> Any:
     import autobahn.websocket
 
     print(autobahn.websocket.USES_NVX)
+    print(f"machine: {load_note()}; {busy_before()}")
+    summary: List[Tuple[str, float, str, Optional[bool]]] = []
     if options.idle_only:
         base_mbs, base_p50, base_p99 = 1.0, 1.0, 1.0
     else:
@@ -395,17 +397,22 @@ def run(options: argparse.Namespace) -> Any:
                     f"relay {scheme} {label} payloads       {mbs:8.0f} MB/s   "
                     f"({mbs / base_mbs:.2f}x direct TCP)   relay CPU {cpu_per_gb:5.1f} s/GB"
                 )
+                summary.append((f"relay {scheme.strip()} {label.strip()} payloads (MB/s)", mbs, "", None))
+                summary.append((f"relay {scheme.strip()} {label.strip()} relay CPU (s/GB)", cpu_per_gb, "", None))
             p50, p99 = yield relay_round_trip(service, tls, rtts)
             print(
                 f"relay {scheme} 1-byte round trip       p50 {p50:.3f} ms  p99 {p99:.3f} ms   "
                 f"({p50 / base_p50:.1f}x direct TCP p50)"
             )
+            summary.append((f"relay {scheme.strip()} RTT p50 - direct TCP p50 (ms)", p50 - base_p50, "", None))
         if options.slow_reader_mb:
             mbs, before, peak = yield slow_reader(service, options.slow_reader_mb * MB)
             print(
                 f"relay wss slow reader: {options.slow_reader_mb} MB at {mbs:.0f} MB/s; relay RSS "
                 f"{before / 1024:.1f} MiB, at most {peak / 1024:.1f} MiB (+{(peak - before) / 1024:.1f} MiB)"
             )
+            growth = (peak - before) / 1024
+            summary.append(("relay RSS growth, fast source to slow reader (MiB)", growth, "<= 2", growth <= 2))
     finally:
         service.stop()
     for tls in (False, True):
@@ -420,6 +427,34 @@ def run(options: argparse.Namespace) -> Any:
             f"relay {'wss' if tls else 'ws '} idle: RSS {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB "
             f"with {sockets} WebSockets = {per:.1f} KiB per WebSocket (target <= 16)"
         )
+        summary.append((f"relay {'wss' if tls else 'ws'} idle RSS per WebSocket (KiB)", per, "<= 16", per <= 16))
+    print(f"\nsummary (direct TCP here: {base_mbs:.0f} MB/s, RTT p50 {base_p50:.3f} ms; after: {load_note()})")
+    print(f"  {'metric':<52} {'value':>8}   {'target':<7} result")
+    for text, value, target, ok in summary:
+        verdict = "-" if ok is None else ("ok" if ok else "MISSED")
+        print(f"  {text:<52} {value:8.2f}   {target:<7} {verdict}")
+
+
+def load_note() -> str:
+    """The machine's load averages, to judge whether anything else ran."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def busy_before(seconds: float = 1.0) -> str:
+    """How busy the CPUs are while this benchmark does nothing (anything else running shows here)."""
+
+    def times() -> Tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
+
+    busy0, total0 = times()
+    time.sleep(seconds)
+    busy1, total1 = times()
+    share = 100.0 * (busy1 - busy0) / max(1, total1 - total0)
+    return f"the CPUs were {share:.0f}% busy during {seconds:g} s of quiet before the run"
 
 
 def main() -> None:
