@@ -245,7 +245,9 @@ class SourceTests(TestCase):
 class DestinationTests(TestCase):
     def setUp(self):
         self.reactor = MemoryReactorClock()
-        self.side = DestinationSide({"SSH1": ("127.0.0.1", 2222), "WEB": ("127.0.0.1", 8080)}, self.reactor, self.reactor)
+        self.side = DestinationSide(
+            {"SSH1": ("127.0.0.1", 2222), "WEB": ("127.0.0.1", 8080)}, self.reactor, self.reactor, probe_targets=False
+        )
         self.proxy, self.websocket = make_proxy(self.side, self.reactor)
         self.proxy.messages_received([service_ids("SSH1", "WEB")])
 
@@ -376,7 +378,7 @@ class SourceWithoutMappingTests(TestCase):
 class UnixTargetTests(TestCase):
     def test_unix_socket_target(self):
         reactor = MemoryReactorClock()
-        side = DestinationSide({"APP": "/run/app.sock"}, reactor, reactor)
+        side = DestinationSide({"APP": "/run/app.sock"}, reactor, reactor, probe_targets=False)
         proxy, websocket = make_proxy(side, reactor)
         proxy.messages_received([service_ids("APP")])
         proxy.messages_received([Message(type=Message.STREAM_START, streamId=1, serviceId="APP", connectionId=1)])
@@ -389,3 +391,56 @@ class UnixTargetTests(TestCase):
             [Message(type=Message.DATA, streamId=1, serviceId="APP", connectionId=1, payload=b"over unix")]
         )
         self.assertEqual(transport.value(), b"over unix")
+
+
+class DestinationProbeTests(TestCase):
+    """When the tunnel is ready, the destination probes each target once with its adapter's probe."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+
+    def ready(self, probe_targets=True):
+        side = DestinationSide(
+            {"SSH1": ("127.0.0.1", 2222), "WEB": ("127.0.0.1", 8080)}, self.reactor, self.reactor,
+            probe_targets=probe_targets,
+        )
+        proxy, websocket = make_proxy(side, self.reactor)
+        proxy.messages_received([service_ids("SSH1", "WEB")])
+        return side, proxy
+
+    def test_probes_each_target_once(self):
+        side, proxy = self.ready()
+        self.assertEqual(sorted(c[:2] for c in self.reactor.tcpClients), [("127.0.0.1", 2222), ("127.0.0.1", 8080)])
+        self.assertEqual(sorted(side.probes), ["SSH1", "WEB"])
+        self.assertEqual(side.adapters["SSH1"].name, "ssh")
+        # A later SERVICE_IDS (a reconnection) probes nothing more.
+        side.tunnel_ready()
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_probe_result_is_logged_not_fatal(self):
+        side, proxy = self.ready()
+        results = []
+        side.probes["SSH1"].addCallback(results.append)
+        host, port, factory, timeout, bind = [c for c in self.reactor.tcpClients if c[1] == 2222][0]
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.reactor.advance(10)
+        self.assertEqual(results, [False])
+        self.assertIsNone(proxy.end)
+
+    def test_ssh_banner_passes(self):
+        side, proxy = self.ready()
+        results = []
+        side.probes["SSH1"].addCallback(results.append)
+        host, port, factory, timeout, bind = [c for c in self.reactor.tcpClients if c[1] == 2222][0]
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\n")
+        self.reactor.advance(10)
+        self.assertEqual(results, [True])
+
+    def test_no_probe(self):
+        side, proxy = self.ready(probe_targets=False)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(side.probes, {})

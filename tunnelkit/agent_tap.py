@@ -148,8 +148,10 @@ class LocalProxyStarter:
         web_proxy: Optional[ProxySettings] = None,
         adapter_overrides: Optional[Mapping[str, str]] = None,
         clock: Any = None,
+        probe_targets: bool = True,
     ) -> None:
         self.reactor = reactor
+        self.probe_targets = probe_targets
         self.clock = clock
         self.capath = capath
         self.verify = verify
@@ -164,6 +166,7 @@ class LocalProxyStarter:
             self.reactor,
             self.clock,
             adapter_overrides={k: v for k, v in self.adapter_overrides.items() if k in targets},
+            probe_targets=self.probe_targets,
         )
         # A client token of our own lets the session reconnect with its single-use access token.
         session = LocalProxySession(
@@ -199,6 +202,7 @@ def makeService(options: Options) -> IService:
         verify=not options["no-ssl-host-verify"],
         web_proxy=options.web_proxy,
         adapter_overrides=options.adapter_overrides,
+        probe_targets=not options["no-probe"],
     )
     agent = Agent(
         options["thing-name"],

@@ -4,7 +4,9 @@ Destination mode: each STREAM_START / CONNECTION_START becomes a connection to t
 (C{-d}), retried while refused (5 times, 2.5 s apart by default, on the injected clock) before the
 stream or connection is reset.
 
-The service adapter picks the target (usually the configured one) and may filter the bytes.  Data
+The service adapter picks the target (usually the configured one) and may filter the bytes.  When
+the tunnel is ready, each target is probed once with its adapter's probe (SSH banner, RFB greeting,
+...): a health check that logs one line per service and never ends the session.  Data
 for a connection still being opened is held by the state machine; past L{PENDING_LIMIT} bytes the
 WebSocket's reads pause until the connection is up or given up.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,6 +27,7 @@ from tunnelkit.adapters import (
     StreamFilterError,
     Target,
     describe_target,
+    probe_and_log,
     resolve_adapter,
     target_endpoint,
 )
@@ -31,12 +35,14 @@ from tunnelkit.errors import TunnelkitError
 from tunnelkit.localproxy.connection import ConnectionKey, LocalConnection
 from tunnelkit.protocol.session import ConnectTarget, DestinationSession
 
-__all__ = ["DestinationSide", "DestinationContext", "PENDING_LIMIT", "CONNECT_TIMEOUT"]
+__all__ = ["DestinationSide", "DestinationContext", "PENDING_LIMIT", "CONNECT_TIMEOUT", "PROBE_TIMEOUT"]
 
 #: Bytes held for connections being opened before the WebSocket's reads pause.
 PENDING_LIMIT = 1 << 20
 #: Seconds one connection attempt to a target may take.
 CONNECT_TIMEOUT = 10.0
+#: Seconds a target's health probe may take.
+PROBE_TIMEOUT = 5.0
 _PENDING_KEY = ("", -1)  # the flow-control key of "data held for pending connections"
 
 
@@ -174,8 +180,11 @@ class DestinationSide:
         retry_delay: float = 2.5,
         adapter_overrides: Optional[Mapping[str, str]] = None,
         adapter_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        probe_targets: bool = True,
     ) -> None:
         self.mapping = dict(mapping)
+        self.probe_targets = probe_targets
+        self.probes: Dict[str, Deferred] = {}
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.retries = retries
@@ -191,23 +200,50 @@ class DestinationSide:
     def attach(self, proxy: Any) -> None:
         self.proxy = proxy
 
-    def connect(self, action: ConnectTarget) -> None:
-        service_id = action.service_id
+    def _adapter(self, service_id: str, mapping_key: str) -> Optional[IServiceAdapter]:
+        """The adapter of C{service_id}, resolved once (None after ending the session for a bad one)."""
         adapter = self.adapters.get(service_id)
         if adapter is None:
             try:
                 adapter = resolve_adapter(service_id, self.adapter_overrides, self.adapter_options)
             except TunnelkitError as e:
                 self.proxy.finish(1, str(e))
-                return
+                return None
             self.adapters[service_id] = adapter
-            self.contexts[service_id] = DestinationContext(service_id, self.reactor, self.mapping[action.mapping_key])
+            self.contexts[service_id] = DestinationContext(service_id, self.reactor, self.mapping[mapping_key])
             self.log.info(
                 "Service {service_id} -> {target} (adapter {adapter})",
                 service_id=service_id or "-",
-                target=describe_target(self.mapping[action.mapping_key]),
+                target=describe_target(self.mapping[mapping_key]),
                 adapter=adapter.name,
             )
+        return adapter
+
+    def tunnel_ready(self) -> None:
+        """
+        SERVICE_IDS matched the mapping: check once per service that its target speaks the protocol
+        its adapter expects (a health check: one log line each, never fatal).
+        """
+        if not self.probe_targets:
+            return
+        for service_id in self.session.services:
+            if service_id in self.probes:
+                continue
+            mapping_key = service_id if service_id in self.mapping else ""
+            if mapping_key not in self.mapping:
+                continue
+            adapter = self._adapter(service_id, mapping_key)
+            if adapter is None:
+                return
+            self.probes[service_id] = probe_and_log(
+                adapter, self.reactor, service_id or "-", self.mapping[mapping_key], PROBE_TIMEOUT
+            )
+
+    def connect(self, action: ConnectTarget) -> None:
+        service_id = action.service_id
+        adapter = self._adapter(service_id, action.mapping_key)
+        if adapter is None:
+            return
         context = self.contexts[service_id]
         try:
             target = adapter.destination_target(context, action.connection_id)
@@ -257,4 +293,6 @@ class DestinationSide:
         self.after_messages()
 
     def stop(self) -> None:
+        for probe in self.probes.values():
+            probe.cancel()
         self.websocket_lost()

@@ -196,6 +196,7 @@ class LocalProxySession(MultiService):
                 "The tunnel is ready: its services are {services}",
                 services=", ".join(sid or "(none)" for sid in session.services) or "(none)",
             )
+            self.side.tunnel_ready()
 
     def websocket_ended(self, websocket: TunnelWebSocketProtocol, ended: WebSocketEnded) -> None:
         if websocket is self.websocket or self.websocket is None:

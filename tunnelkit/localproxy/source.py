@@ -215,6 +215,9 @@ class SourceSide:
     def cancel(self, key: ConnectionKey, reason: str) -> None:
         """Nothing pending on a source: connections exist from their accept."""
 
+    def tunnel_ready(self) -> None:
+        """SERVICE_IDS matched the mapping (the listeners are opened by StartListening actions)."""
+
     def after_messages(self) -> None:
         """Nothing to do after a batch of tunnel messages."""
 

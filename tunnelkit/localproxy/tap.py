@@ -87,6 +87,8 @@ class TunnelClientOptions(NvxOptions, ModeOptions):
 
     optFlags = [
         ["no-ssl-host-verify", "k", "Do not check the tunnel service's TLS certificate or host name (DANGEROUS)."],
+        ["no-probe", None, "Destination: do not probe each target's protocol (SSH banner, RFB greeting, ...) "
+         "when the tunnel is ready."],
     ]
 
     optParameters = [
@@ -310,6 +312,7 @@ def build_session(options: Options, reactor: Any, clock: Any = None) -> LocalPro
             retry_delay=options["connect-retry-delay"],
             adapter_overrides=options.adapter_overrides,
             adapter_options=options.adapter_options,
+            probe_targets=not options["no-probe"],
         )
     session = LocalProxySession(
         side, options.service_endpoint, options["access-token"], options["client-token"], reactor, clock
