@@ -137,6 +137,15 @@ class ReconnectTests(TestCase):
         self.endpoint.flush()
         self.assertEqual(len(self.service.requests), 1)
         self.assertFalse(self.proxy.running)
+        self.assertNotIn("client token", end.message)
+
+    def test_401_says_how_to_get_a_usable_token(self):
+        self.start(ConnectionDeny(401, "Invalid access token"))
+        self.settle()
+        end = self.successResultOf(self.proxy.ended)
+        self.assertEqual(end.status, 1)
+        self.assertIn("-i/--client-token", end.message)
+        self.assertIn("rotate-tunnel-access-token", end.message)
 
     def test_close_1000_ends_with_status_0(self):
         self.start()

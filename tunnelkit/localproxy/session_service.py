@@ -212,7 +212,15 @@ class LocalProxySession(MultiService):
                 "{message}; reconnecting to {url} (the delay follows)", message=ended.message, url=self.url
             )
         elif ended.kind == "rejected":
-            self.finish(1, f"{ended.message}; not retrying: the token or tunnel cannot be used (exit status 1)")
+            hint = ""
+            if ended.code == 401:
+                hint = (
+                    " (an access token connects once, and reconnects only with the client token it first"
+                    " used: -i/--client-token; or get a new one with 'tunnelkit rotate-tunnel-access-token')"
+                )
+            self.finish(
+                1, f"{ended.message}; not retrying: the token or tunnel cannot be used{hint} (exit status 1)"
+            )
         else:
             self.finish(0, f"{ended.message}; the tunnel is closed, stopping")
 
