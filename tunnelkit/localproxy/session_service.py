@@ -191,7 +191,7 @@ class LocalProxySession(MultiService):
         for message in messages:
             perform(receive(message), flush=False)
         self.side.after_messages()
-        if not was_ready and session.ready:
+        if not was_ready and session.ready and self.end is None:
             self.log.info(
                 "The tunnel is ready: its services are {services}",
                 services=", ".join(sid or "(none)" for sid in session.services) or "(none)",
