@@ -325,3 +325,37 @@ class AllocatorTests(TestCase):
         from tunnelkit.transport.websocket import tune_allocator
 
         self.assertEqual(tune_allocator(), platform.libc_ver()[0] == "glibc")
+
+
+class BinaryFrameHeaderTests(TestCase):
+    """L{binary_frame_header}: the fast paths' reading of a WebSocket frame header."""
+
+    def test_lengths(self):
+        from tunnelkit.transport.websocket import binary_frame_header
+
+        self.assertEqual(binary_frame_header(b"\x82\x05hello", 0, masked=False), (2, 5))
+        self.assertEqual(binary_frame_header(b"xx\x82\x7e\x01\x00", 2, masked=False), (6, 256))
+        self.assertEqual(binary_frame_header(b"\x82\x7f" + (70000).to_bytes(8, "big"), 0, masked=False), (10, 70000))
+        self.assertEqual(binary_frame_header(b"\x82\x85abcd", 0, masked=True), (6, 5))
+        self.assertEqual(binary_frame_header(b"\x82\xfe\x01\x00abcd", 0, masked=True), (8, 256))
+
+    def test_incomplete(self):
+        from tunnelkit.transport.websocket import FRAME_INCOMPLETE, binary_frame_header
+
+        for data in (b"", b"\x82", b"\x82\x7e\x01", b"\x82\x7f\x00\x00", b"\x82\x85ab"):
+            self.assertEqual(binary_frame_header(data, 0, masked=data[1:2] == b"\x85"), (FRAME_INCOMPLETE, 0))
+
+    def test_not_plain(self):
+        from tunnelkit.transport.websocket import FRAME_NOT_PLAIN, binary_frame_header
+
+        for data, masked in (
+            (b"\x81\x05hello", False),  # text
+            (b"\x02\x05hello", False),  # not final
+            (b"\x89\x00", False),  # ping
+            (b"\x82\x85abcd", False),  # masked toward a client
+            (b"\x82\x05hello", True),  # unmasked toward a server
+            (b"\x82\x7e\x00\x05", False),  # 16-bit length that fits in 7 bits
+            (b"\x82\x7f" + (100).to_bytes(8, "big"), False),  # 64-bit length that fits in 16 bits
+            (b"\x82\x7f" + (131077).to_bytes(8, "big"), False),  # larger than the protocol allows
+        ):
+            self.assertEqual(binary_frame_header(data, 0, masked), (FRAME_NOT_PLAIN, 0), data)

@@ -114,7 +114,7 @@ from tunnelkit.service.metrics import (
     IRelayMetrics,
     RelayMetrics,
 )
-from tunnelkit.transport.websocket import masked_frame
+from tunnelkit.transport.websocket import FRAME_NOT_PLAIN, binary_frame_header, masked_frame
 
 __all__ = [
     "SUBPROTOCOLS",
@@ -730,10 +730,6 @@ class Relay:
         return sum(peer.buffered_bytes() for peer in link.peers.values())
 
 
-_unpack_u16 = struct.Struct("!H").unpack_from
-_unpack_u64 = struct.Struct("!Q").unpack_from
-
-
 def _unmasked_frame(mask: bytes, parts: Sequence[Any], size: int) -> Tuple[bytes, memoryview]:
     """
     A client's masked payload (C{size} bytes in C{parts}) unmasked, as a whole unmasked WebSocket
@@ -1035,32 +1031,9 @@ class PeerProtocol(WebSocketServerProtocol):
         view = memoryview(data)
         general = False  # the next frame is for autobahn's parser
         while self.state == self.STATE_OPEN:
-            left = size - offset
-            if left < 2:
-                break
-            if data[offset] != 0x82 or data[offset + 1] < 0x80:  # not FIN+binary, or unmasked
-                general = True
-                break
-            length = data[offset + 1] & 0x7F
-            if length < 126:
-                start = offset + 6
-            elif length == 126:
-                if left < 4:
-                    break
-                (length,) = _unpack_u16(data, offset + 2)
-                start = offset + 8
-                if length < 126:  # not minimal: autobahn refuses it
-                    general = True
-                    break
-            else:
-                if left < 10:
-                    break
-                (length,) = _unpack_u64(data, offset + 2)
-                start = offset + 14
-                if length < 65536 or length > MAX_WEBSOCKET_FRAME:  # autobahn refuses it
-                    general = True
-                    break
-            if start > size:  # the mask is still on its way
+            start, length = binary_frame_header(data, offset, masked=True)
+            if start < 0:
+                general = start == FRAME_NOT_PLAIN
                 break
             end = start + length
             if end > size:

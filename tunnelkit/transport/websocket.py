@@ -31,7 +31,7 @@ import os
 import platform
 import struct
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import autobahn
 import autobahn.websocket
@@ -71,6 +71,49 @@ _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _SEND_STATE_GROUND = WebSocketProtocol.SEND_STATE_GROUND
 _unpack_u16 = struct.Struct("!H").unpack_from
 _unpack_u64 = struct.Struct("!Q").unpack_from
+
+#: L{binary_frame_header}: the bytes so far do not hold the whole header.
+FRAME_INCOMPLETE = -1
+#: L{binary_frame_header}: the frame is not a whole binary frame (autobahn's general parser takes it).
+FRAME_NOT_PLAIN = -2
+
+
+def binary_frame_header(data: bytes, offset: int, masked: bool) -> Tuple[int, int]:
+    """
+    Read the header of the WebSocket frame at C{offset} of C{data} for the fast paths of the local
+    proxy and the relay: a final binary frame (FIN + opcode 2) with a minimal length of at most
+    L{MAX_WEBSOCKET_FRAME}, masked as C{masked} says (frames to a server are masked).
+
+    @return: (where the payload starts, its length), or (L{FRAME_INCOMPLETE}, 0), or
+        (L{FRAME_NOT_PLAIN}, 0) for anything else (control frames, fragments, text, odd lengths).
+    """
+    size = len(data)
+    left = size - offset
+    if left < 2:
+        return FRAME_INCOMPLETE, 0
+    length = data[offset + 1]
+    if data[offset] != 0x82 or bool(length & 0x80) != masked:
+        return FRAME_NOT_PLAIN, 0
+    length &= 0x7F
+    header = 6 if masked else 2
+    if length == 126:
+        if left < 4:
+            return FRAME_INCOMPLETE, 0
+        (length,) = _unpack_u16(data, offset + 2)
+        if length < 126:  # not minimal: autobahn refuses it
+            return FRAME_NOT_PLAIN, 0
+        header += 2
+    elif length == 127:
+        if left < 10:
+            return FRAME_INCOMPLETE, 0
+        (length,) = _unpack_u64(data, offset + 2)
+        if length < 65536 or length > MAX_WEBSOCKET_FRAME:  # autobahn refuses it
+            return FRAME_NOT_PLAIN, 0
+        header += 8
+    start = offset + header
+    if start > size:  # the mask is still on its way
+        return FRAME_INCOMPLETE, 0
+    return start, length
 _log = Logger(namespace="tunnelkit.transport.websocket")
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -368,31 +411,10 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
         view = memoryview(data)
         general = False  # the next frame is for autobahn's parser
         while self.state == _STATE_OPEN:
-            left = size - offset
-            if left < 2:
+            start, length = binary_frame_header(data, offset, masked=False)
+            if start < 0:
+                general = start == FRAME_NOT_PLAIN
                 break
-            length = data[offset + 1]
-            if data[offset] != 0x82 or length & 0x80:  # not FIN+binary, or masked
-                general = True
-                break
-            if length < 126:
-                start = offset + 2
-            elif length == 126:
-                if left < 4:
-                    break
-                (length,) = _unpack_u16(data, offset + 2)
-                start = offset + 4
-                if length < 126:  # not minimal: autobahn refuses it
-                    general = True
-                    break
-            else:
-                if left < 10:
-                    break
-                (length,) = _unpack_u64(data, offset + 2)
-                start = offset + 10
-                if length < 65536 or length > MAX_WEBSOCKET_FRAME:  # autobahn refuses it
-                    general = True
-                    break
             end = start + length
             if end > size:
                 # Wait for the rest of this frame without re-copying the buffer on each read.
