@@ -150,6 +150,11 @@ class ModeFlagTests(unittest.TestCase):
     def test_version(self):
         self.assertRaises(SystemExit, ExampleOptions().parseOptions, ["--version"])
 
+    def test_stray_argument_named(self):
+        """A positional argument (e.g. after an option that took the next flag as its value) is named."""
+        e = self.assertRaises(usage.UsageError, ExampleOptions().parseOptions, ["--state-dir", "-v", "extra"])
+        self.assertIn("unexpected argument 'extra'", str(e))
+
 
 class MappingValueTests(unittest.TestCase):
     """A mapping in tap.yml for a repeatable option becomes KEY=VALUE items."""

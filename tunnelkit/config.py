@@ -132,6 +132,14 @@ class ModeOptions(usage.Options):
         print(f"tunnelkit {tunnelkit.__version__}")
         sys.exit(0)
 
+    def parseArgs(self, *args: str) -> None:
+        """No mode takes positional arguments: name the first stray one (often an option's lost value)."""
+        if args:
+            raise usage.UsageError(
+                f"unexpected argument {args[0]!r}: every value follows its option (e.g. -s SSH1=5555); "
+                "did the option before it lose its value?"
+            )
+
     # --- tap.yml ---
 
     def _option_table(self) -> Dict[str, Tuple[str, Optional[Callable[[Any], Any]], str]]:
