@@ -164,6 +164,7 @@ class SourceTests(TestCase):
         end = self.successResultOf(self.proxy.ended)
         self.assertEqual(end.status, 1)
         self.assertIn("fails to bind address 127.0.0.1:5555", end.message)
+        self.assertIn("choose a free port with -s SSH1=PORT", end.message)
 
     def test_flow_control_both_ways(self):
         self.ready()

@@ -148,7 +148,8 @@ class SourceSide:
             self.proxy.finish(
                 1,
                 f"Source local proxy fails to bind address {self.bind_address}:{port} for service "
-                f"{service_id or '-'}: {failure.getErrorMessage()}",
+                f"{service_id or '-'}: {failure.getErrorMessage()}; choose a free port with "
+                f"-s {service_id + '=' if service_id else ''}PORT (0 = any free port)",
             )
 
         d.addCallbacks(listening, failed)
