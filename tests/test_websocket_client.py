@@ -240,6 +240,17 @@ class WebSocketClientTests(ClientSetup, TestCase):
         self.assertIn("No websocket subprotocol returned", ended.message)
         self.assertEqual(self.handler.opened, [])
 
+    def test_untrusted_certificate_explained(self):
+        """A TLS verification failure says to give the CA, without OpenSSL 3's empty function name."""
+        self.connect(lambda: RawAnswer(None))  # TLS fails before the upgrade's answer
+        client = self.client
+        client.wasNotCleanReason = "SSL error: certificate verify failed (in )"
+        ended = client._outcome(False, None, None)
+        self.assertEqual(ended.kind, "retry")
+        self.assertIn("certificate verify failed (the service's certificate is not trusted", ended.message)
+        self.assertIn("-c/--capath", ended.message)
+        self.assertNotIn("(in )", ended.message)
+
     def test_handshake_timeout(self):
         self.connect(lambda: RawAnswer(None))
         self.clock.advance(29)

@@ -466,6 +466,7 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
                 return WebSocketEnded("replaced", text, remote)
             return WebSocketEnded("retry", text, remote)
         why = self.wasNotCleanReason or reason or "connection lost"
+        why = why.replace(" (in )", "")  # autobahn names OpenSSL's function, which OpenSSL 3 leaves empty
         if "certificate verify failed" in why or "hostname" in why.lower():
             why += (
                 " (the service's certificate is not trusted for this host name: give its CA with "
