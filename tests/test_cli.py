@@ -262,6 +262,14 @@ class ApiCommandTests(TestCase):
         status, out, err = yield self.cli("list-tunnels", "--ca-bundle", os.path.join(other_ca, "ca.pem"))
         self.assertEqual(status, 255)
         self.assertIn("--ca-bundle", err)
+        host_port = endpoint_url(self.service)[len("https://") :]
+        state = ["--state-dir", self.service.state_dir]
+        status, out, err = yield deferToThread(run, "list-tunnels", *state, "--endpoint-url", host_port)
+        self.assertEqual(status, 2)
+        self.assertIn("expected https://HOST[:PORT]", err)
+        status, out, err = yield deferToThread(run, "list-tunnels", *state, "--endpoint-url", "http://" + host_port)
+        self.assertEqual(status, 255)
+        self.assertIn("use https:// in --endpoint-url", err)
 
     @inlineCallbacks
     def test_revoked_key(self) -> Any:

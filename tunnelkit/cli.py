@@ -36,6 +36,7 @@ import os
 import stat
 import sys
 import time
+import urllib.parse
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 import tunnelkit
@@ -273,6 +274,10 @@ def make_client(args: argparse.Namespace) -> Any:
     import botocore.session
     from botocore.config import Config
 
+    endpoint_url = args.endpoint_url or os.environ.get("TUNNELKIT_ENDPOINT_URL") or DEFAULT_ENDPOINT
+    parts = urllib.parse.urlsplit(endpoint_url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise CliError(f"--endpoint-url {endpoint_url!r}: expected https://HOST[:PORT] (e.g. {DEFAULT_ENDPOINT})", 2)
     state_dir = _state_dir(args)
     credentials = _credentials(args.credentials_file or os.path.join(state_dir, "credentials"), args.profile)
     verify: Any = True
@@ -288,7 +293,7 @@ def make_client(args: argparse.Namespace) -> Any:
     return session.create_client(
         "iotsecuretunneling",
         region_name=args.region or os.environ.get("TUNNELKIT_REGION") or DEFAULT_REGION,
-        endpoint_url=args.endpoint_url or os.environ.get("TUNNELKIT_ENDPOINT_URL") or DEFAULT_ENDPOINT,
+        endpoint_url=endpoint_url,
         verify=verify,
         aws_access_key_id=credentials["aws_access_key_id"],
         aws_secret_access_key=credentials["aws_secret_access_key"],
@@ -369,6 +374,7 @@ def run_api_command(args: argparse.Namespace, out: TextIO) -> int:
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
+        ConnectionClosedError,
         EndpointConnectionError,
         ParamValidationError,
         SSLError,
@@ -394,6 +400,9 @@ def run_api_command(args: argparse.Namespace, out: TextIO) -> int:
         raise CliError(
             f"TLS failed with {client.meta.endpoint_url}: {e}. Is --ca-bundle the service's ca.pem?", API_FAILED
         ) from None
+    except ConnectionClosedError as e:
+        hint = " (if the service listens with TLS, use https:// in --endpoint-url)"
+        raise CliError(f"{e}{hint if client.meta.endpoint_url.startswith('http://') else ''}", API_FAILED) from None
     except EndpointConnectionError as e:
         raise CliError(f"{e} (is the service running? see --endpoint-url)", API_FAILED) from None
     except BotoCoreError as e:
