@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import stat
+import sys
 from typing import Any, Tuple
 
 from twisted.internet.defer import inlineCallbacks
@@ -132,6 +133,14 @@ class AdminTests(TestCase):
         self.assertEqual(run("rotate-tunnel-access-token", "--tunnel-id", "x", "--client-mode", "BOTH")[0], 2)
         status, out, _ = run("--version")
         self.assertEqual(status, 0)
+
+    def test_help_documents_exit_status(self) -> None:
+        for argv in (["--help"], ["open-tunnel", "--help"]):
+            printed = io.StringIO()
+            self.patch(sys, "stdout", printed)  # argparse prints help there
+            status, _, _ = run(*argv)
+            self.assertEqual(status, 0)
+            self.assertIn("Exit status: 0 on success, 2 for a usage error, 255", printed.getvalue())
 
 
 class ApiCommandTests(TestCase):

@@ -46,6 +46,10 @@ DEFAULT_ENDPOINT = "https://127.0.0.1:8443"
 DEFAULT_STATE_DIR = "./tunnelkit-state"
 DEFAULT_REGION = "us-east-1"
 API_FAILED = 255
+EXIT_STATUS_HELP = (
+    "Exit status: 0 on success, 2 for a usage error, 255 when the service refuses a request or cannot be "
+    "reached (as the AWS CLI), 1 for any other error."
+)
 
 
 class CliError(TunnelkitError):
@@ -171,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunnelkit",
         description="Client of the tunnelkit service (the AWS IoT Secure Tunneling API) and operator commands.",
+        epilog=EXIT_STATUS_HELP,
     )
     parser.add_argument("--version", action="version", version=f"tunnelkit {tunnelkit.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -178,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = _api_options()
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        return commands.add_parser(
+            name, parents=[common], help=help_text, description=help_text, epilog=EXIT_STATUS_HELP
+        )
 
     p = command("open-tunnel", "Open a tunnel and print its id, ARN and access tokens.")
     p.add_argument("--description")
