@@ -42,6 +42,23 @@ class TapTests(unittest.TestCase):
         self.assertEqual(err.count("\n"), 1)
         self.assertIn("no mode given", err)
 
+    def test_no_mode_config_problem(self):
+        """Without --mode, a --config file that cannot name the mode says why, in one line."""
+        path = self.mktemp()
+        for text, expected in [
+            ("source: [\n", "not valid YAML"),
+            ("service: {}\nsource: {}\n", "has several sections (service, source): use --mode"),
+            ("", "has no mode section: use --mode"),
+        ]:
+            with open(path, "w") as f:
+                f.write(text)
+            code, _, err = self.run_options(["--config", path])
+            self.assertEqual(code, 1)
+            self.assertEqual(err.count("\n"), 1)
+            self.assertIn(expected, err)
+        code, _, err = self.run_options(["--config", path + ".missing"])
+        self.assertIn("cannot read the configuration file", err)
+
     def test_unknown_mode(self):
         code, _, err = self.run_options(["--mode", "relay"])
         self.assertEqual(code, 1)

@@ -272,6 +272,23 @@ def find_mode(args: Sequence[str], environ: Mapping[str, str] = os.environ) -> O
     return None
 
 
+def missing_mode_message(args: Sequence[str]) -> str:
+    """
+    Why L{find_mode} found no mode in C{args}: the C{--config} file's problem if it has one (unreadable,
+    not YAML, ...), else which C{--mode} to give.
+    """
+    choose = "use --mode service|source|destination|agent"
+    path = _find_option_value(args, "--config")
+    if path is None:
+        return f"no mode given: {choose}"
+    load_config_file(path, "service")  # raises ConfigError naming the file's problem, if any
+    with open(path, "rb") as f:
+        sections = sorted(key for key in (yaml.safe_load(f) or {}) if key in MODES)
+    if sections:
+        return f"no mode given and {path} has several sections ({', '.join(sections)}): {choose}"
+    return f"no mode given and {path} has no mode section: {choose}"
+
+
 def _check_endpoint(description: str, kind_of: str) -> str:
     from twisted.internet.endpoints import _parse  # syntax only: nothing listens or connects
 

@@ -16,7 +16,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 import tunnelkit
-from tunnelkit.config import MODES, find_mode
+from tunnelkit.config import MODES, find_mode, missing_mode_message
 from tunnelkit.errors import ConfigError
 
 _GENERAL_HELP = f"""\
@@ -90,7 +90,11 @@ class Options(usage.Options):
             if "--version" in args:
                 print(f"tunnelkit {tunnelkit.__version__}")
                 sys.exit(0)
-            _fail(None, "no mode given: use --mode service|source|destination|agent")
+            try:
+                message = missing_mode_message(args)
+            except ConfigError as e:
+                message = str(e)
+            _fail(None, message)
         try:
             module = load_mode(mode)
             self.mode = mode
