@@ -11,6 +11,7 @@ import tempfile
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -206,6 +207,19 @@ class MQTTClientTests(SynchronousTestCase):
         broker.drop()
         warnings = [e for e in self.logged if "ended before the MQTT session started" in e.get("log_format", "")]
         self.assertEqual(len(warnings), 1)
+
+    def test_connect_failure_logged(self) -> None:
+        """A broker that cannot be reached is logged with the reason at each attempt, not only the retry."""
+        self.client.startService()
+        self.addCleanup(self._stop)
+        factory = self.reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError("Connection refused")))
+        warnings = [e for e in self.logged if e.get("log_format", "").startswith("Could not connect to")]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0]["description"], "the MQTT broker")
+        self.assertIn("Connection refused", warnings[0]["error"])
+        self.reactor.advance(2.0)
+        self.assertEqual(len(self.reactor.tcpClients), 2)  # and it retries
 
     def test_bytes_one_at_a_time(self) -> None:
         """Packets split at every byte are reassembled."""

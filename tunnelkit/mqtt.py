@@ -24,7 +24,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -213,6 +213,30 @@ def build_endpoint(reactor: Any, settings: MQTTSettings) -> IStreamClientEndpoin
     return wrapClientTLS(tls, HostnameEndpoint(reactor, host, port))
 
 
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """Logs why a connection attempt to the broker failed (ClientService only logs the retry)."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, description: str) -> None:
+        self._endpoint = endpoint
+        self._description = description
+
+    def connect(self, factory: Any) -> Deferred:
+        def failed(failure: Failure) -> Failure:
+            if not failure.check(CancelledError):
+                log.warn(
+                    "Could not connect to {description}: {error}; retrying (is the broker running? check --mqtt)",
+                    description=self._description,
+                    error=failure.getErrorMessage().rstrip("."),
+                )
+            return failure
+
+        return self._endpoint.connect(factory).addErrback(failed)
+
+    def __repr__(self) -> str:
+        return f"<{self._description}>"
+
+
 class _TransportSocket:
     """
     What paho sees as its socket: bytes received from the Twisted transport wait in a buffer until
@@ -371,7 +395,7 @@ class MQTTClient(Service):
         self.connected = False
         self._connected_observers: List[Deferred] = []
         self._client_service = ClientService(
-            endpoint,
+            _ReportingEndpoint(endpoint, description),
             Factory.forProtocol(lambda: _MQTTProtocol(self)),
             retryPolicy=retry_policy or backoffPolicy(initialDelay=1.0, maxDelay=30.0),
             clock=clock,
