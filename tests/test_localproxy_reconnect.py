@@ -7,15 +7,17 @@ import txaio
 import txaio.testutil
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.defer import succeed
+from twisted.internet.defer import fail, succeed
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
 from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from tunnelkit.localproxy.endpoint import ServiceEndpoint
-from tunnelkit.localproxy.session_service import LocalProxySession
+from tunnelkit.localproxy.session_service import LocalProxySession, _ReportingEndpoint
 from tunnelkit.localproxy.source import SourceSide
 from tunnelkit.protocol.framing import Message, encode_message
 from tunnelkit.transport.websocket import SUBPROTOCOL
@@ -161,3 +163,24 @@ class ReconnectTests(TestCase):
         self.endpoint.flush()
         self.assertEqual(len(self.service.requests), 1)
         self.assertEqual(self.side.listeners, {})  # closed with the session
+
+
+@implementer(IStreamClientEndpoint)
+class RefusingEndpoint:
+    def connect(self, factory):
+        return fail(ConnectionRefusedError("Connection refused"))
+
+
+class ReportingEndpointTests(TestCase):
+    def test_refused_connection_says_what_to_check(self):
+        """Nothing listening at -e: the reason, and to check that the service runs there."""
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        url = "wss://127.0.0.1:9/tunnel?local-proxy-mode=source"
+        d = _ReportingEndpoint(RefusingEndpoint(), url).connect(None)
+        self.failureResultOf(d, ConnectionRefusedError)
+        (event,) = [e for e in logged if e.get("log_format", "").startswith("Could not connect to proxy server")]
+        self.assertEqual(event["url"], url)
+        self.assertIn("Connection refused", event["error"])
+        self.assertIn("check -e/--proxy-endpoint", event["log_format"])

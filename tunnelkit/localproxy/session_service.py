@@ -80,9 +80,10 @@ class _ReportingEndpoint:
         def failed(failure: Failure) -> Failure:
             if not failure.check(CancelledError):
                 self.log.error(
-                    "Could not connect to proxy server {url}: {error}",
+                    "Could not connect to proxy server {url}: {error}; retrying (is the tunnel service "
+                    "running there? check -e/--proxy-endpoint)",
                     url=self._url,
-                    error=failure.getErrorMessage(),
+                    error=failure.getErrorMessage().rstrip("."),
                 )
             return failure
 
