@@ -92,11 +92,14 @@ class ClaimTests(TestCase):
         self.assertRejected("token-rotated", 401, state(revoked=True), "source", None, 1.0)
 
     def test_closed_and_expired(self) -> None:
-        self.assertRejected("tunnel-closed", 410, state(tunnel_status="CLOSED"), "source", None, 1.0)
-        self.assertRejected("tunnel-expired", 410, state(), "source", None, 100.0)
+        error = self.assertRejected("tunnel-closed", 410, state(tunnel_status="CLOSED"), "source", None, 1.0)
+        self.assertTrue(error.text.endswith("; open a new tunnel"))
+        error = self.assertRejected("tunnel-expired", 410, state(), "source", None, 100.0)
+        self.assertIn("maximum lifetime has elapsed; open a new tunnel", error.text)
 
     def test_mode(self) -> None:
-        self.assertRejected("mode-mismatch", 403, state(), "destination", None, 1.0)
+        error = self.assertRejected("mode-mismatch", 403, state(), "destination", None, 1.0)
+        self.assertIn("use the destination token, or run the local proxy with --mode source", error.text)
         self.assertRejected("bad-mode", 400, state(), "src", None, 1.0)
 
     def test_client_token_format(self) -> None:

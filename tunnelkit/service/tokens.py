@@ -172,13 +172,14 @@ def check_claim(
             "Invalid access token: the access token was revoked by RotateTunnelAccessToken; use the new token",
         )
     if state.tunnel_status != "OPEN":
-        raise reject("tunnel-closed", "Tunnel is closed: its access tokens can no longer connect")
+        raise reject("tunnel-closed", "Tunnel is closed: its access tokens can no longer connect; open a new tunnel")
     if now >= state.expires_at:
-        raise reject("tunnel-expired", "Tunnel is closed: its maximum lifetime has elapsed")
+        raise reject("tunnel-expired", "Tunnel is closed: its maximum lifetime has elapsed; open a new tunnel")
     if mode != state.side:
         raise reject(
             "mode-mismatch",
-            f"Invalid access token: this is a {state.side} token but local-proxy-mode is {mode}",
+            f"Invalid access token: this is a {state.side} token but local-proxy-mode is {mode}; "
+            f"use the {mode} token, or run the local proxy with --mode {state.side}",
         )
     if state.used:
         if state.bound_client_token is None or client_token is None:
