@@ -153,6 +153,19 @@ class SourceTests(TestCase):
         self.proxy.websocket_ended(self.websocket, WebSocketEnded("closed", "Web socket close received. Code: 1000"))
         self.assertEqual(self.successResultOf(self.proxy.ended).status, 0)
 
+    def test_rotation_says_to_restart_with_the_new_token(self):
+        ended = WebSocketEnded("replaced", "Web socket close received. Code: 1008; Reason: Access token rotated", 1008)
+        self.proxy.websocket_ended(self.websocket, ended)
+        end = self.successResultOf(self.proxy.ended)
+        self.assertEqual(end.status, 0)
+        self.assertIn("token was rotated: start it again with the new token", end.message)
+        self.assertNotIn("tunnel is closed", end.message)
+
+    def test_replaced_by_another_proxy(self):
+        reason = "Web socket close received. Code: 1008; Reason: Connection replaced by a new peer"
+        self.proxy.websocket_ended(self.websocket, WebSocketEnded("replaced", reason, 1008))
+        self.assertIn("another local proxy connected", self.successResultOf(self.proxy.ended).message)
+
     def test_rejection_ends_with_status_1(self):
         self.proxy.websocket_ended(self.websocket, WebSocketEnded("rejected", "403", 403))
         end = self.successResultOf(self.proxy.ended)

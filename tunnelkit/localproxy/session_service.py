@@ -222,6 +222,12 @@ class LocalProxySession(MultiService):
             self.finish(
                 1, f"{ended.message}; not retrying: the token or tunnel cannot be used{hint} (exit status 1)"
             )
+        elif ended.kind == "replaced" and "rotated" in ended.message:
+            self.finish(
+                0, f"{ended.message}; this proxy's token was rotated: start it again with the new token, stopping"
+            )
+        elif ended.kind == "replaced":
+            self.finish(0, f"{ended.message}; another local proxy connected with this token, stopping")
         else:
             self.finish(0, f"{ended.message}; the tunnel is closed, stopping")
 
