@@ -63,6 +63,7 @@ class TapTests(unittest.TestCase):
         code, _, err = self.run_options(["--mode", "relay"])
         self.assertEqual(code, 1)
         self.assertIn("unknown mode 'relay'", err)
+        self.assertIn("(see 'twistd tunnelkit --help')", err)
         self.assertEqual(err.count("\n"), 1)
 
     def test_mode_not_built(self):

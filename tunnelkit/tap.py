@@ -103,7 +103,7 @@ class Options(usage.Options):
                 self.modeOptions.mode = mode  # one Options class serves both; it sets its "mode" key
             self.modeOptions.parseOptions(args)
         except (usage.UsageError, ConfigError) as e:
-            _fail(mode, str(e))
+            _fail(mode if mode in MODES else None, str(e))  # an unknown mode has no help of its own
 
 
 def _fail(mode: Optional[str], message: str) -> None:
