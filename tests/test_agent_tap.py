@@ -35,6 +35,9 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options.mqtt.client_id, "tunnelkit-agent-t1")
         self.assertIsNone(options["proxy-endpoint"])
 
+    def test_help_states_exit_status(self) -> None:
+        self.assertIn("Exit status: 0 when stopped", " ".join(str(parse()).split()))
+
     def test_plugin_dispatch(self) -> None:
         """C{twistd tunnelkit --mode agent} reaches these options."""
         options = PluginOptions()

@@ -32,6 +32,9 @@ class OptionsTests(TestCase):
         options.parseOptions(["--mode", "service", *args])
         return options
 
+    def test_help_states_exit_status(self) -> None:
+        self.assertIn("Exit status: 0 when stopped", " ".join(str(tap.Options()).split()))
+
     def test_defaults(self) -> None:
         options = self.parse()
         self.assertEqual(options["listen"], ["ssl:8443:interface=127.0.0.1"])
@@ -277,6 +280,7 @@ class ListenFailureTests(TestCase):
         self.assertEqual(error.code, 1)
         self.assertIn("cannot listen", stderr.getvalue())
         self.assertIn("Address already in use", stderr.getvalue())
+        self.assertIn("choose another port", stderr.getvalue())
         service.stopService()
 
 

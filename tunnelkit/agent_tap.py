@@ -53,6 +53,11 @@ class Options(TunnelClientOptions):
 
     mode = "agent"
     synopsis = "Usage: twistd -n tunnelkit --mode agent --thing-name NAME --mqtt ENDPOINT [options]"
+    longdesc = (
+        "The device agent: takes destination tokens from MQTT and runs a destination session per tunnel; "
+        "it keeps retrying an unreachable broker or service. Exit status: 0 when stopped (SIGTERM or Ctrl-C), "
+        "1 on a usage error."
+    )
 
     optParameters = [
         ["thing-name", None, None, "This device's thing name: listens on $aws/things/NAME/tunnels/notify."],

@@ -83,6 +83,10 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, NvxOptions):  # type
     """The options of C{--mode service}."""
 
     synopsis = "Usage: twistd -n tunnelkit --mode service [options]"
+    longdesc = (
+        "The tunnel service: the AWS IoT Secure Tunneling API and the WebSocket relay. Exit status: 0 when "
+        "stopped (SIGTERM or Ctrl-C), 1 on a usage error or when it cannot listen."
+    )
 
     mode = "service"
     repeatable = {"listen": server_endpoint, "hostname": hostname}
@@ -166,7 +170,10 @@ class _Listener(Service):
         failed: List[Failure] = []
         self.listening.addCallbacks(self._listening, failed.append)
         if failed:
-            raise ConfigError(f"--listen {self.shown}: cannot listen: {failed[0].getErrorMessage()}")
+            raise ConfigError(
+                f"--listen {self.shown}: cannot listen: {failed[0].getErrorMessage().rstrip('.')}; is the service "
+                "already running? Otherwise choose another port (e.g. --listen ssl:8444:interface=127.0.0.1)"
+            )
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
