@@ -388,3 +388,15 @@ class ProbeAndLogTests(SynchronousTestCase):
         self.assertIn("ssh server", text)
         self.assertIn("HTTP/1.1 400", text)
         self.assertIn("--adapter SSH1=NAME", text)
+
+    def test_logs_unreachable_target(self) -> None:
+        """Nothing listening at the target: say so and point at -d, not at the adapter."""
+        reactor = MemoryReactorClock()
+        results = []
+        probe_and_log(resolve_adapter("SSH1"), reactor, "SSH1", ("127.0.0.1", 2222)).addCallback(results.append)
+        reactor.tcpClients[0][2].clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
+        self.assertEqual(results, [False])
+        text = formatEvent([e for e in self.events if e.get("log_level") == LogLevel.warn][0])
+        self.assertIn("Service SSH1: cannot connect to 127.0.0.1:2222", text)
+        self.assertIn("is its server running? Check -d/--destination-app (SSH1=HOST:PORT)", text)
+        self.assertNotIn("does not look like", text)

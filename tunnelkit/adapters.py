@@ -64,6 +64,10 @@ class ProbeFailed(TunnelkitError):
     """A target did not answer a probe the way its adapter's protocol should."""
 
 
+class TargetUnreachable(ProbeFailed):
+    """A probe could not connect to its target at all (nothing listens there, or no route)."""
+
+
 class StreamFilterError(TunnelkitError):
     """A filter cannot go on with its connection (malformed protocol data, limits exceeded)."""
 
@@ -559,7 +563,7 @@ def probe_target(
         except ConnectingCancelledError:
             raise defer.CancelledError() from None
         except Exception as e:
-            raise ProbeFailed(f"cannot connect to {where}: {e}") from None
+            raise TargetUnreachable(f"cannot connect to {where}: {e}") from None
         try:
             return (yield proto.result)
         except ProbeFailed as e:
@@ -603,6 +607,14 @@ def probe_and_log(
 
     def failed(failure: Any) -> bool:
         failure.trap(ProbeFailed)
+        if failure.check(TargetUnreachable):
+            log.warn(
+                "Service {service_id}: {reason}; is its server running? Check -d/--destination-app "
+                "({service_id}=HOST:PORT)",
+                service_id=service_id,
+                reason=str(failure.value).rstrip("."),
+            )
+            return False
         log.warn(
             "Service {service_id}: target {target} does not look like a {adapter} server "
             "({reason}); check the target, or choose another adapter with "
