@@ -77,6 +77,18 @@ class ShorthandTests(TestCase):
         self.assertRaises(cli.CliError, cli.parse_structure, "file:///nonexistent/x", "--x")
 
 
+class TokenFileTests(TestCase):
+    def test_token_kept_in_output_when_its_file_cannot_be_written(self) -> None:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        args = cli.build_parser().parse_args(["open-tunnel", "--source-token-file", directory])
+        response = {"tunnelId": "t", "sourceAccessToken": "tok"}
+        problems = cli._divert_tokens(args, response)
+        self.assertEqual(response["sourceAccessToken"], "tok")
+        self.assertEqual(len(problems), 1)
+        self.assertIn("the token is in the output instead", problems[0])
+
+
 class AdminTests(TestCase):
     def setUp(self) -> None:
         self.state = self.mktemp()
@@ -193,6 +205,17 @@ class ApiCommandTests(TestCase):
         self.assertIn(
             "An error occurred (ResourceNotFoundException) when calling the DescribeTunnel operation", err
         )
+
+    @inlineCallbacks
+    def test_unwritable_token_file_refused_before_opening(self) -> Any:
+        """A token file that cannot be written is refused before the tunnel is opened (no lost tokens)."""
+        missing = os.path.join(self.service.state_dir, "no-such-dir", "src.token")
+        for path, expected in ((missing, "no directory"), (self.service.state_dir, "is a directory")):
+            status, out, err = yield self.cli("open-tunnel", "--source-token-file", path)
+            self.assertEqual(status, 2)
+            self.assertIn(f"--source-token-file {path}: {expected}", err)
+        status, out, err = yield self.cli("list-tunnels")
+        self.assertEqual(json.loads(out), {"tunnelSummaries": []})
 
     @inlineCallbacks
     def test_token_files(self) -> Any:

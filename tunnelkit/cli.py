@@ -37,7 +37,7 @@ import stat
 import sys
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import tunnelkit
 from tunnelkit.errors import TunnelkitError
@@ -321,13 +321,44 @@ def write_token_file(path: str, token: str) -> None:
         f.write(token + "\n")
 
 
-def _divert_tokens(args: argparse.Namespace, response: Dict[str, Any]) -> None:
-    for field, path in (
-        ("sourceAccessToken", args.source_token_file),
-        ("destinationAccessToken", args.destination_token_file),
-    ):
-        if path and field in response:
-            write_token_file(path, response.pop(field))
+def _token_paths(args: argparse.Namespace) -> List[Tuple[str, str, str]]:
+    """(response field, option, path) of each token file given."""
+    files = [
+        ("sourceAccessToken", "--source-token-file", getattr(args, "source_token_file", None)),
+        ("destinationAccessToken", "--destination-token-file", getattr(args, "destination_token_file", None)),
+    ]
+    return [(field, option, path) for field, option, path in files if path]
+
+
+def check_token_files(args: argparse.Namespace) -> None:
+    """
+    Refuse, before anything is asked of the service, a token file that cannot be written (its
+    directory is missing or read-only, or it is a directory): the tokens would be lost.
+
+    @raise CliError: status 2, naming the option and the path.
+    """
+    for _, option, path in _token_paths(args):
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise CliError(f"{option} {path}: is a directory; give a file name", 2)
+        if not os.path.isdir(directory):
+            raise CliError(f"{option} {path}: no directory {directory}", 2)
+        if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise CliError(f"{option} {path}: not writable", 2)
+
+
+def _divert_tokens(args: argparse.Namespace, response: Dict[str, Any]) -> List[str]:
+    """Move the tokens to their files; a file that cannot be written keeps its token in C{response}."""
+    problems = []
+    for field, option, path in _token_paths(args):
+        if field in response:
+            try:
+                write_token_file(path, response[field])
+            except OSError as e:
+                problems.append(f"{option} {path}: cannot write: {e.strerror}; the token is in the output instead")
+            else:
+                del response[field]
+    return problems
 
 
 def _api_request(args: argparse.Namespace) -> Dict[str, Any]:
@@ -390,6 +421,7 @@ def run_api_command(args: argparse.Namespace, out: TextIO) -> int:
     request = _api_request(args)
     method = args.command.replace("-", "_")
     operation = "".join(part.capitalize() for part in args.command.split("-"))
+    check_token_files(args)
     client = make_client(args)
     response: Dict[str, Any]
     try:
@@ -417,10 +449,11 @@ def run_api_command(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         client.close()
     response.pop("ResponseMetadata", None)
-    if args.command in ("open-tunnel", "rotate-tunnel-access-token"):
-        _divert_tokens(args, response)
+    problems = _divert_tokens(args, response)
     if response:
         out.write(json.dumps(response, indent=4, ensure_ascii=False) + "\n")
+    if problems:
+        raise CliError("; ".join(problems))
     return 0
 
 
