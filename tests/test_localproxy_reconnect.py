@@ -20,6 +20,7 @@ from tunnelkit.localproxy.endpoint import ServiceEndpoint
 from tunnelkit.localproxy.session_service import LocalProxySession, _ReportingEndpoint
 from tunnelkit.localproxy.source import SourceSide
 from tunnelkit.protocol.framing import Message, encode_message
+from tunnelkit.transport.httpproxy import ProxySettings
 from tunnelkit.transport.websocket import SUBPROTOCOL
 
 txaio.use_twisted()
@@ -183,4 +184,16 @@ class ReportingEndpointTests(TestCase):
         (event,) = [e for e in logged if e.get("log_format", "").startswith("Could not connect to proxy server")]
         self.assertEqual(event["url"], url)
         self.assertIn("Connection refused", event["error"])
-        self.assertIn("check -e/--proxy-endpoint", event["log_format"])
+        self.assertIn("check -e/--proxy-endpoint", event["hint"])
+
+    def test_refused_web_proxy_named(self):
+        """With HTTPS_PROXY the refusal may be the web proxy's: name it (never its credentials)."""
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        web_proxy = ProxySettings("http", "127.0.0.1", 3128, "user", "s3cret")
+        d = _ReportingEndpoint(RefusingEndpoint(), "wss://127.0.0.1:9/tunnel", web_proxy).connect(None)
+        self.failureResultOf(d, ConnectionRefusedError)
+        (event,) = [e for e in logged if e.get("log_format", "").startswith("Could not connect to proxy server")]
+        self.assertIn("web proxy 127.0.0.1:3128 from HTTPS_PROXY", event["hint"])
+        self.assertNotIn("s3cret", event["hint"])

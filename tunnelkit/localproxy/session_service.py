@@ -72,17 +72,24 @@ class _ReportingEndpoint:
 
     log = Logger()
 
-    def __init__(self, endpoint: IStreamClientEndpoint, url: str) -> None:
+    def __init__(self, endpoint: IStreamClientEndpoint, url: str, web_proxy: Any = None) -> None:
         self._endpoint = endpoint
         self._url = url
+        if web_proxy is None:
+            self._hint = "is the tunnel service running there? check -e/--proxy-endpoint"
+        else:
+            self._hint = (
+                f"through the web proxy {web_proxy.host}:{web_proxy.port} from HTTPS_PROXY: is it running? "
+                "unset HTTPS_PROXY to connect directly"
+            )
 
     def connect(self, factory: Any) -> Deferred:
         def failed(failure: Failure) -> Failure:
             if not failure.check(CancelledError):
                 self.log.error(
-                    "Could not connect to proxy server {url}: {error}; retrying (is the tunnel service "
-                    "running there? check -e/--proxy-endpoint)",
+                    "Could not connect to proxy server {url}: {error}; retrying ({hint})",
                     url=self._url,
+                    hint=self._hint,
                     error=failure.getErrorMessage().rstrip("."),
                 )
             return failure
@@ -134,7 +141,7 @@ class LocalProxySession(MultiService):
             self.url, access_token, client_token, self, self.clock, reactor=reactor
         )
         self.client_service = ClientService(
-            _ReportingEndpoint(service_endpoint.client_endpoint(reactor), self.url),
+            _ReportingEndpoint(service_endpoint.client_endpoint(reactor), self.url, service_endpoint.web_proxy),
             self.factory,
             retryPolicy=retry_policy or default_retry_policy(),
             clock=self.clock,
