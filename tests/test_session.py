@@ -24,6 +24,7 @@ from tunnelkit.protocol.framing import (
 )
 from tunnelkit.protocol.rules import PeerRules
 from tunnelkit.protocol.session import (
+    DESTINATION_RESET,
     INT32_MAX,
     UINT32_MAX,
     WRONG_CONFIGURATION,
@@ -284,7 +285,8 @@ class SourceV3Tests(SourceTestCase):
 
         # STREAM_RESET closes every connection of the service; the next accept starts stream 2.
         actions = source.receive(Message(type=STREAM_RESET, streamId=1, serviceId="SSH"))
-        self.assertEqual(actions, [CloseLocal("SSH", 3, "the destination reset the stream")])
+        self.assertEqual(actions, [CloseLocal("SSH", 3, DESTINATION_RESET)])
+        self.assertIn("is a destination local proxy connected to the tunnel", DESTINATION_RESET)
         self.assertEqual(source.active_streams, {})
         fourth, actions = source.local_accepted("SSH")
         self.assertEqual(fourth, 4)
@@ -511,7 +513,7 @@ class SourceV1V2Tests(SourceTestCase):
         self.assertEqual(only(actions), Message(type=STREAM_START, streamId=2))
         self.assertEqual(
             source.receive(Message(type=STREAM_RESET, streamId=2)),
-            [CloseLocal("SSH", second, "the destination reset the stream")],
+            [CloseLocal("SSH", second, DESTINATION_RESET)],
         )
         self.assertEqual(only(source.local_accepted("SSH")[1]), Message(type=STREAM_START, streamId=3))
 
@@ -1005,7 +1007,7 @@ class ConversationTests(SynchronousTestCase):
         relay.send("source", "SSH", second, b"again")
         self.assertEqual(relay.got("destination", "SSH", 1), b"pingagain")
         relay.close("destination", "SSH", 1)
-        self.assertEqual(relay.closed[-1], ("source", "SSH", second, "the destination reset the stream"))
+        self.assertEqual(relay.closed[-1], ("source", "SSH", second, DESTINATION_RESET))
 
     def test_v2_multiplexed(self) -> None:
         relay = Relay(["A", "B"], ["A", "B"], ["A", "B"], client_type="V2")

@@ -122,6 +122,13 @@ WRONG_CONFIGURATION = (
     "Please starts local proxy with right sets of service ids."
 )
 
+#: Why a source closes its connections on a STREAM_RESET: the service sends one when no destination is
+#: connected, the destination when its target refuses.
+DESTINATION_RESET = (
+    "the destination reset the stream: is a destination local proxy connected to the tunnel, and its "
+    "target reachable? (see the destination's log)"
+)
+
 _DATA = Message.DATA
 _STREAM_START = Message.STREAM_START
 _STREAM_RESET = Message.STREAM_RESET
@@ -558,7 +565,7 @@ class SourceSession(_Session):
             service = self._lookup(message.serviceId)
             if service is None or not service.stream_id or message.streamId != service.stream_id:
                 return []
-            return service.close_all("the destination reset the stream")
+            return service.close_all(DESTINATION_RESET)
         if message_type == _CONNECTION_RESET:
             service = self._lookup(message.serviceId)
             if service is None or not service.stream_id or message.streamId != service.stream_id:
