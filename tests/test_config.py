@@ -150,6 +150,12 @@ class ModeFlagTests(unittest.TestCase):
     def test_version(self):
         self.assertRaises(SystemExit, ExampleOptions().parseOptions, ["--version"])
 
+    def test_bad_value_names_its_option(self):
+        """A value its coerce refuses is reported under the option's long name, also for a short flag."""
+        e = self.assertRaises(usage.UsageError, ExampleOptions().parseOptions, ["--max-open-tunnels", "x"])
+        self.assertTrue(str(e).startswith("--max-open-tunnels: expected a whole number"), str(e))
+        self.assertNotIn("Parameter type enforcement", str(e))
+
     def test_stray_argument_named(self):
         """A positional argument (e.g. after an option that took the next flag as its value) is named."""
         e = self.assertRaises(usage.UsageError, ExampleOptions().parseOptions, ["--state-dir", "-v", "extra"])

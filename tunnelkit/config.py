@@ -89,6 +89,20 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+class _NamedCoerceParameter(usage.CoerceParameter):
+    """A parameter whose bad value is reported under its option's name, not twisted's generic prefix."""
+
+    def dispatch(self, parameterName: str, value: Optional[str]) -> None:
+        try:
+            super().dispatch(parameterName, value)
+        except usage.UsageError as e:
+            text, prefix = str(e), "Parameter type enforcement failed: "
+            if not text.startswith(prefix):
+                raise
+            detail = text[len(prefix) :]
+            raise usage.UsageError(detail if detail.startswith("-") else f"--{parameterName}: {detail}") from None
+
+
 class ModeOptions(usage.Options):
     """
     Base of each mode's Options: C{--mode}, C{--config}, C{-h/--help}, C{--version}, and C{tap.yml}
@@ -107,6 +121,9 @@ class ModeOptions(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        for name, dispatch in list(self._dispatch.items()):
+            if type(dispatch) is usage.CoerceParameter:
+                self._dispatch[name] = _NamedCoerceParameter(self, dispatch.coerce)
         self["mode"] = self.mode
         for name in self.repeatable:
             self[name] = []
