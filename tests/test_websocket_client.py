@@ -251,6 +251,13 @@ class WebSocketClientTests(ClientSetup, TestCase):
         self.assertIn("-c/--capath", ended.message)
         self.assertNotIn("(in )", ended.message)
 
+    def test_plain_upgrade_dropped_suggests_tls(self):
+        """A ws:// upgrade the far end drops (a TLS port, say) suggests wss://."""
+        self.connect(lambda: RawAnswer(None))
+        self.client.wasNotCleanReason = "peer dropped the TCP connection without previous WebSocket closing handshake"
+        ended = self.client._outcome(False, None, None)
+        self.assertIn("use wss://HOST:PORT or HOST:PORT in -e", ended.message)
+
     def test_handshake_timeout(self):
         self.connect(lambda: RawAnswer(None))
         self.clock.advance(29)
