@@ -258,6 +258,13 @@ class WebSocketClientTests(ClientSetup, TestCase):
         ended = self.client._outcome(False, None, None)
         self.assertIn("use wss://HOST:PORT or HOST:PORT in -e", ended.message)
 
+    def test_tls_upgrade_dropped_asks_for_the_address(self):
+        self.factory.isSecure = True
+        self.connect(lambda: RawAnswer(None))
+        self.client.wasNotCleanReason = "peer dropped the TCP connection without previous WebSocket closing handshake"
+        ended = self.client._outcome(False, None, None)
+        self.assertIn("is -e the tunnel service's address? if it listens without TLS, use ws://", ended.message)
+
     def test_handshake_timeout(self):
         self.connect(lambda: RawAnswer(None))
         self.clock.advance(29)

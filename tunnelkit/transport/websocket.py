@@ -473,8 +473,12 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
                 "-c/--capath, and use a host name or IP address the certificate names)"
             )
         if not self._opened:
-            if not self.factory.isSecure and "without previous WebSocket closing handshake" in why:
-                why += " (if the service listens with TLS, use wss://HOST:PORT or HOST:PORT in -e)"
+            if "without previous WebSocket closing handshake" in why:
+                why += (
+                    " (is -e the tunnel service's address? if it listens without TLS, use ws://HOST:PORT)"
+                    if self.factory.isSecure
+                    else " (if the service listens with TLS, use wss://HOST:PORT or HOST:PORT in -e)"
+                )
             return WebSocketEnded("retry", f"WebSocket upgrade failed: {why}", code)
         return WebSocketEnded("retry", f"WebSocket connection lost: {why}", code)
 
