@@ -284,6 +284,24 @@ class ListenFailureTests(TestCase):
         service.stopService()
 
 
+class StateDirTests(TestCase):
+    def test_state_dir_is_a_file(self) -> None:
+        """A --state-dir that is a file is one clear line and status 1."""
+        import io
+        import sys
+
+        path = self.mktemp()
+        with open(path, "w"):
+            pass
+        options = tap.Options()
+        options.parseOptions(["--mode", "service", "--state-dir", path, "--listen", "tcp:0:interface=127.0.0.1"])
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        error = self.assertRaises(SystemExit, tap.makeService, options)
+        self.assertEqual(error.code, 1)
+        self.assertIn(f"--state-dir {path}: not a directory", stderr.getvalue())
+
+
 class CertificateTests(TestCase):
     def test_reissue_on_new_hostname(self) -> None:
         """A new --hostname reissues the server certificate with the same CA; no change keeps it."""

@@ -333,7 +333,10 @@ def makeService(options: Options) -> IService:
     except (ConfigError, NvxUnavailable, StoreError) as e:
         _exit_with(str(e))
     except OSError as e:
-        _exit_with(f"--state-dir {options['state-dir']}: {e.filename or ''}: {e.strerror or e}")
+        state_dir = options["state-dir"]
+        if os.path.exists(state_dir) and not os.path.isdir(state_dir):
+            _exit_with(f"--state-dir {state_dir}: not a directory (give a directory; a missing one is created)")
+        _exit_with(f"--state-dir {state_dir}: {e.filename or ''}: {e.strerror or e}")
     raise AssertionError("not reached")
 
 
