@@ -158,6 +158,13 @@ class OptionsTests(TestCase):
         self.assertEqual(options.adapter_overrides, {"SSH1": "tcp", "X": "ssh", "Y": "tcp"})
 
 
+class HelpTests(TestCase):
+    def test_help_states_exit_status(self):
+        text = " ".join(str(Options()).split())
+        self.assertIn("Exit status: 0 when the tunnel is closed", text)
+        self.assertIn("or a listen port in use", text)
+
+
 class VerbosityTests(TestCase):
     def begin(self, verbosity):
         import twisted.logger

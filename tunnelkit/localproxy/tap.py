@@ -139,8 +139,9 @@ class Options(TunnelClientOptions):
     longdesc = (
         "The local proxy, a drop-in for AWS's localproxy. Source: listen for local clients (-s) and carry "
         "their connections through the tunnel. Destination: connect each stream to its target (-d). "
-        "Exit status: 0 when the tunnel is closed, 1 on a usage error, a refused token or a mapping "
-        "that does not match the tunnel."
+        "Exit status: 0 when the tunnel is closed (or this proxy's token is rotated); 1 on a usage error, "
+        "a refused token, a mapping that does not match the tunnel, or a listen port in use. An unreachable "
+        "service or an untrusted certificate is retried (with the reason logged), as AWS's localproxy does."
     )
 
     optParameters = [
