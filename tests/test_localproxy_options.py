@@ -30,9 +30,15 @@ class EndpointTests(TestCase):
         self.assertEqual(parse_proxy_endpoint("ws://h.test"), ("h.test", 80, False))
 
     def test_errors(self):
-        for text in ["http://h.test", "h.test:0", "h.test:x", "wss://h.test/other", "bad host", "ws://h.test:99999"]:
+        for text in ["http://h.test", "h.test:0", "h.test:x", "wss://h.test/other", "bad host", "ws://h.test:99999",
+                     "8443", "127.0.1:8443", "wss://8443"]:
             with self.assertRaises(ConfigError, msg=text):
                 parse_proxy_endpoint(text)
+
+    def test_port_only_says_give_a_host(self):
+        e = self.assertRaises(ConfigError, parse_proxy_endpoint, "8443")
+        self.assertIn("give HOST:PORT (e.g. 127.0.0.1:8443)", str(e))
+        self.assertEqual(parse_proxy_endpoint("127.0.0.1"), ("127.0.0.1", 443, True))
 
     def test_region(self):
         self.assertEqual(region_host("us-east-1"), "data.tunneling.iot.us-east-1.amazonaws.com")

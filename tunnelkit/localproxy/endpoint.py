@@ -10,6 +10,7 @@ no TLS).  C{-r REGION} means C{data.tunneling.iot.REGION.amazonaws.com} (C{.com.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 from urllib.parse import urlsplit
@@ -80,6 +81,14 @@ def parse_proxy_endpoint(text: str) -> Tuple[str, int, bool]:
     host = host.lower()
     if not host or not (HOST_NAME_RE.match(host) or ":" in host):
         raise ConfigError(f"-e/--proxy-endpoint {text!r}: bad host name")
+    if host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:  # '8443' or '127.0.1': not a name, and not an address either
+            raise ConfigError(
+                f"-e/--proxy-endpoint {text!r}: {host!r} is neither a host name nor an IPv4 address; "
+                f"give HOST:PORT (e.g. 127.0.0.1:8443)"
+            ) from None
     return host, port, secure
 
 
