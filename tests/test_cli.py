@@ -296,9 +296,10 @@ class ApiCommandTests(TestCase):
         self.assertIn("--ca-bundle", err)
         host_port = endpoint_url(self.service)[len("https://") :]
         state = ["--state-dir", self.service.state_dir]
-        status, out, err = yield deferToThread(run, "list-tunnels", *state, "--endpoint-url", host_port)
-        self.assertEqual(status, 2)
-        self.assertIn("expected https://HOST[:PORT]", err)
+        for url in (host_port, "https://8443"):
+            status, out, err = yield deferToThread(run, "list-tunnels", *state, "--endpoint-url", url)
+            self.assertEqual(status, 2)
+            self.assertIn("expected https://HOST[:PORT]", err)
         status, out, err = yield deferToThread(run, "list-tunnels", *state, "--endpoint-url", "http://" + host_port)
         self.assertEqual(status, 255)
         self.assertIn("use https:// in --endpoint-url", err)

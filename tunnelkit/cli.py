@@ -31,6 +31,7 @@ reached (as the AWS CLI), 1 for any other error.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import stat
@@ -276,6 +277,17 @@ def _credentials(path: str, profile: str) -> Dict[str, str]:
     return section
 
 
+def _not_an_address(host: str) -> bool:
+    """Whether C{host} is all digits and dots without being an IPv4 address (a port given as the host)."""
+    if not host.replace(".", "").isdigit():
+        return False
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return True
+    return False
+
+
 def make_client(args: argparse.Namespace) -> Any:
     """A botocore C{iotsecuretunneling} client for the service the arguments name."""
     import botocore.session
@@ -283,7 +295,7 @@ def make_client(args: argparse.Namespace) -> Any:
 
     endpoint_url = args.endpoint_url or os.environ.get("TUNNELKIT_ENDPOINT_URL") or DEFAULT_ENDPOINT
     parts = urllib.parse.urlsplit(endpoint_url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    if parts.scheme not in ("https", "http") or not parts.hostname or _not_an_address(parts.hostname):
         raise CliError(f"--endpoint-url {endpoint_url!r}: expected https://HOST[:PORT] (e.g. {DEFAULT_ENDPOINT})", 2)
     state_dir = _state_dir(args)
     credentials = _credentials(args.credentials_file or os.path.join(state_dir, "credentials"), args.profile)
