@@ -150,6 +150,21 @@ class ReconnectTests(TestCase):
         self.assertIn("-i/--client-token", end.message)
         self.assertIn("rotate-tunnel-access-token", end.message)
 
+    def test_401_unknown_token_says_to_check_it(self):
+        self.start(ConnectionDeny(401, "Invalid access token: the access token is not valid for any tunnel"))
+        self.settle()
+        end = self.successResultOf(self.proxy.ended)
+        self.assertEqual(end.status, 1)
+        self.assertIn("is it this service's token, whole, of a tunnel not deleted?", end.message)
+        self.assertNotIn("-i/--client-token", end.message)
+
+    def test_401_rotated_token_adds_nothing(self):
+        self.start(ConnectionDeny(401, "Invalid access token: the access token was revoked by RotateTunnelAccessToken"))
+        self.settle()
+        end = self.successResultOf(self.proxy.ended)
+        self.assertEqual(end.status, 1)
+        self.assertNotIn("-i/--client-token", end.message)
+
     def test_close_1000_ends_with_status_0(self):
         self.start()
         self.endpoint.flush()

@@ -221,7 +221,14 @@ class LocalProxySession(MultiService):
             )
         elif ended.kind == "rejected":
             hint = ""
-            if ended.code == 401:
+            if ended.code == 401 and "not valid for any tunnel" in ended.message:
+                hint = (
+                    " (is it this service's token, whole, of a tunnel not deleted? copy it from open-tunnel's"
+                    " output or token file)"
+                )
+            elif ended.code == 401 and "revoked" in ended.message:
+                hint = ""  # the service's text says to use the new token
+            elif ended.code == 401:
                 hint = (
                     " (an access token connects once, and reconnects only with the client token it first"
                     " used: -i/--client-token; or get a new one with 'tunnelkit rotate-tunnel-access-token')"
