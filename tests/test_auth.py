@@ -11,6 +11,7 @@ import stat
 from typing import Any
 
 from botocore.exceptions import ClientError
+from twisted.logger import globalLogPublisher
 
 from tests.test_api_helpers import REGION, ServiceTestCase
 from tunnelkit.service import auth
@@ -62,6 +63,16 @@ class RejectedTests(ServiceTestCase):
         self.assertEqual(raised.exception.response["ResponseMetadata"]["HTTPStatusCode"], 403)
         self.assertEqual(raised.exception.response["Error"]["Code"], "InvalidSignatureException")
         self.assertEqual(self.service.store.count_open_tunnels(self.service.account.account_id), 0)
+
+    def test_refusal_logged_with_the_operation(self) -> None:
+        """The service's log names the operation a wrongly signed request asked for."""
+        logged: list = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        with self.assertRaises(ClientError):
+            self.service.client(secret="not the secret").list_tunnels()
+        (event,) = [e for e in logged if e.get("log_format", "").startswith("API {operation} refused")]
+        self.assertEqual((event["operation"], event["error_type"]), ("ListTunnels", "InvalidSignatureException"))
 
     def test_unknown_key(self) -> None:
         unknown = auth.AccessKey("TKIAAAAAAAAAAAAAAAAA", "1", "secret", 0)

@@ -147,7 +147,10 @@ class ApiResource(Resource):
         request_id = str(uuid.uuid4())
         request.setHeader(b"x-amzn-requestid", request_id.encode())
         request.setHeader(b"content-type", CONTENT_TYPE)
-        operation = "?"
+        try:
+            operation = self._operation(request)  # for the log; checked again once the caller is known
+        except ApiError:
+            operation = "?"
         try:
             body = request.content.read() if request.content is not None else b""
             headers: List[Tuple[str, List[str]]] = [
