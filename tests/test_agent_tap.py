@@ -36,7 +36,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNone(options["proxy-endpoint"])
 
     def test_help_states_exit_status(self) -> None:
-        self.assertIn("Exit status: 0 when stopped", " ".join(str(parse()).split()))
+        self.assertIn("Exit status: 1 on a usage error; stopped by a signal", " ".join(str(parse()).split()))
 
     def test_plugin_dispatch(self) -> None:
         """C{twistd tunnelkit --mode agent} reaches these options."""

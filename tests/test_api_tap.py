@@ -33,7 +33,7 @@ class OptionsTests(TestCase):
         return options
 
     def test_help_states_exit_status(self) -> None:
-        self.assertIn("Exit status: 0 when stopped", " ".join(str(tap.Options()).split()))
+        self.assertIn("Exit status: 1 on a usage error or when it cannot listen; stopped by a signal", " ".join(str(tap.Options()).split()))
 
     def test_defaults(self) -> None:
         options = self.parse()

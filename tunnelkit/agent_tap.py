@@ -55,8 +55,8 @@ class Options(TunnelClientOptions):
     synopsis = "Usage: twistd -n tunnelkit --mode agent --thing-name NAME --mqtt ENDPOINT [options]"
     longdesc = (
         "The device agent: takes destination tokens from MQTT and runs a destination session per tunnel; "
-        "it keeps retrying an unreachable broker or service. Exit status: 0 when stopped (SIGTERM or Ctrl-C), "
-        "1 on a usage error."
+        "it keeps retrying an unreachable broker or service. Exit status: 1 on a usage error; stopped by a "
+        "signal, it ends as twistd does, by that signal (shell status 143 for SIGTERM, 130 for Ctrl-C)."
     )
 
     optParameters = [

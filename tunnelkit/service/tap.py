@@ -84,8 +84,9 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, NvxOptions):  # type
 
     synopsis = "Usage: twistd -n tunnelkit --mode service [options]"
     longdesc = (
-        "The tunnel service: the AWS IoT Secure Tunneling API and the WebSocket relay. Exit status: 0 when "
-        "stopped (SIGTERM or Ctrl-C), 1 on a usage error or when it cannot listen."
+        "The tunnel service: the AWS IoT Secure Tunneling API and the WebSocket relay. Exit status: 1 on a "
+        "usage error or when it cannot listen; stopped by a signal, it ends as twistd does, by that signal "
+        "(shell status 143 for SIGTERM, 130 for Ctrl-C)."
     )
 
     mode = "service"
