@@ -17,7 +17,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.test_api_tap import boto3_client, endpoint_url, start_service
+from tests.e2e.test_service_inprocess import boto3_client, endpoint_url, start_service
 from tunnelkit import cli
 from tunnelkit.service.store_sqlite import open_store
 

@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.e2e.mosquitto import MOSQUITTO, Mosquitto
-from tests.test_api_tap import boto3_client, start_service
+from tests.e2e.test_service_inprocess import boto3_client, start_service
 
 
 class Subscriber:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_api_tap -*-
+# -*- test-case-name: tests.test_api_tap,tests.e2e.test_service_inprocess -*-
 """
 C{twistd -n tunnelkit --mode service}: the tunnel service.
 
