@@ -19,14 +19,13 @@ SOURCE = "source"
 DESTINATION = "destination"
 
 
-class TokenRejected(TunnelkitError):
+class HandshakeRejected(TunnelkitError):
     """
-    A data-plane handshake's access token may not connect.
+    A data-plane WebSocket handshake is refused.
 
-    @ivar status: the HTTP status to answer the upgrade with (4xx).
-    @ivar reason: a short machine-readable label (metrics): C{unknown-token}, C{token-used},
-        C{client-token-mismatch}, C{mode-mismatch}, C{tunnel-closed}, C{token-rotated}, ...
-    @ivar text: the body text for the client (the documented AWS texts where they apply).
+    @ivar status: the HTTP status to answer the upgrade with.
+    @ivar reason: a short machine-readable label (metrics, logs).
+    @ivar text: the body text for the client.
     """
 
     def __init__(self, status: int, reason: str, text: str) -> None:
@@ -34,6 +33,14 @@ class TokenRejected(TunnelkitError):
         self.status = status
         self.reason = reason
         self.text = text
+
+
+class TokenRejected(HandshakeRejected):
+    """
+    The handshake's access token may not connect (raised by L{ITunnelStore.claim_peer}): a 4xx
+    status, a reason such as C{unknown-token}, C{token-used}, C{client-token-mismatch},
+    C{mode-mismatch}, C{tunnel-closed}, C{token-rotated}, and the documented AWS texts where they apply.
+    """
 
 
 @dataclass(frozen=True)

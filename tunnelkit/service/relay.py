@@ -91,7 +91,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tunnelkit.errors import FramingError, ProtocolViolation, TunnelkitError
+from tunnelkit.errors import FramingError, ProtocolViolation
 from tunnelkit.protocol.framing import (
     MAX_WEBSOCKET_FRAME,
     FrameDecoder,
@@ -103,10 +103,10 @@ from tunnelkit.protocol.rules import PeerRules
 from tunnelkit.service.interfaces import (
     DESTINATION,
     SOURCE,
+    HandshakeRejected,
     ITunnelEvents,
     ITunnelStore,
     PeerGrant,
-    TokenRejected,
 )
 from tunnelkit.service.metrics import (
     DESTINATION_TO_SOURCE,
@@ -168,22 +168,6 @@ _STREAM_RESET = Message.STREAM_RESET
 _CONNECTION_RESET = Message.CONNECTION_RESET
 _START_TYPES = frozenset({_STREAM_START, _CONNECTION_START})
 _pack_length = struct.Struct(">H").pack
-
-
-class HandshakeRejected(TunnelkitError):
-    """
-    A WebSocket handshake is refused.
-
-    @ivar status: the HTTP status of the answer.
-    @ivar reason: a short label (metrics, logs).
-    @ivar text: the body, for the client.
-    """
-
-    def __init__(self, status: int, reason: str, text: str) -> None:
-        super().__init__(text)
-        self.status = status
-        self.reason = reason
-        self.text = text
 
 
 @dataclass(frozen=True)
@@ -533,8 +517,8 @@ class Relay:
             grant = self.store.claim_peer(
                 request.access_token, request.mode, request.client_token, self.clock.seconds()
             )
-        except TokenRejected as e:
-            raise HandshakeRejected(e.status, e.reason, e.text) from None
+        except HandshakeRejected:  # the store's TokenRejected: its status, reason and text as they are
+            raise
         except Exception:
             log.failure("The tunnel store failed while checking an access token")
             raise HandshakeRejected(
