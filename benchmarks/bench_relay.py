@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.testing import ServiceProcess, TunnelTestClient, connect_client, tunnel_frame
+from machine import busy_before, load_note  # benchmarks/machine.py (the script's own directory)
 
 MB = 1024 * 1024
 LIMITS_OFF = ["--handshakes-per-second", "0", "--max-websockets-per-account", "0", "--max-open-tunnels", "100000"]
@@ -433,28 +434,6 @@ def run(options: argparse.Namespace) -> Any:
     for text, value, target, ok in summary:
         verdict = "-" if ok is None else ("ok" if ok else "MISSED")
         print(f"  {text:<52} {value:8.2f}   {target:<7} {verdict}")
-
-
-def load_note() -> str:
-    """The machine's load averages, to judge whether anything else ran."""
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} CPUs"
-
-
-def busy_before(seconds: float = 1.0) -> str:
-    """How busy the CPUs are while this benchmark does nothing (anything else running shows here)."""
-
-    def times() -> Tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + fields[4]
-        return sum(fields) - idle, sum(fields)
-
-    busy0, total0 = times()
-    time.sleep(seconds)
-    busy1, total1 = times()
-    share = 100.0 * (busy1 - busy0) / max(1, total1 - total0)
-    return f"the CPUs were {share:.0f}% busy during {seconds:g} s of quiet before the run"
 
 
 def main() -> None:

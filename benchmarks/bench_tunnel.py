@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from tests.e2e.harness import SSH, Harness, Process, free_port, wait_until  # noqa: E402
+from machine import busy_before, load_note  # noqa: E402 - benchmarks/machine.py (the script's own directory)
 
 CHUNK = 1 << 20
 
@@ -204,28 +205,6 @@ def measure_rounds(
 def ratio(samples: Dict[str, Dict[str, List[float]]], a: Tuple[str, str], b: Tuple[str, str]) -> float:
     """Median over the rounds of C{a / b}, each round's figures measured back to back."""
     return statistics.median(x / y for x, y in zip(samples[a[0]][a[1]], samples[b[0]][b[1]]))
-
-
-def load_note() -> str:
-    """The machine's load averages, to judge whether anything else ran."""
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} CPUs"
-
-
-def busy_before(seconds: float = 1.0) -> str:
-    """How busy the CPUs are while this benchmark does nothing (anything else running shows here)."""
-
-    def times() -> Tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + fields[4]
-        return sum(fields) - idle, sum(fields)
-
-    busy0, total0 = times()
-    time.sleep(seconds)
-    busy1, total1 = times()
-    share = 100.0 * (busy1 - busy0) / max(1, total1 - total0)
-    return f"the CPUs were {share:.0f}% busy during {seconds:g} s of quiet before the run"
 
 
 def tunnel_paths(h: Harness, tls: bool, sink: int, echo: int) -> Tuple[int, int, Dict[str, Process]]:
