@@ -50,6 +50,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from tunnelkit.testing import free_port
 
+#: The checkout these tests belong to: put first on the processes' PYTHONPATH.
+REPOSITORY_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
@@ -295,6 +298,10 @@ class Harness:
               process_class: type = Process) -> Any:
         """Start C{argv} (registered for cleanup); its log is C{<cwd>/<name>.log}."""
         environment = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_") and k.lower() != "https_proxy"}
+        # The processes run this checkout's code, whatever is installed (a worktree, a plain install).
+        environment["PYTHONPATH"] = os.pathsep.join(
+            p for p in (REPOSITORY_TOP, environment.get("PYTHONPATH", "")) if p
+        )
         environment.update(env or {})
         process = process_class(name, argv, cwd or self.directory(name), environment)
         self.processes.append(process)
@@ -400,13 +407,11 @@ class Harness:
         """A V1- or V2-only destination test peer (see L{run_old_format_peer}) on the ws:// service."""
         assert self.service is not None and not self.service.secure
         url = f"ws://127.0.0.1:{self.service.port}/tunnel?local-proxy-mode=destination"
-        here = os.path.dirname(os.path.abspath(__file__))
-        top = os.path.dirname(os.path.dirname(here))
         return self.spawn(
             f"peer-{message_format}",
             [sys.executable, "-m", "tests.e2e.harness", "peer", "--url", url, "--format", message_format,
              "--target", str(target_port)],
-            env={"AWSIOT_TUNNEL_ACCESS_TOKEN": token, "PYTHONPATH": top},
+            env={"AWSIOT_TUNNEL_ACCESS_TOKEN": token, "PYTHONPATH": REPOSITORY_TOP},
         )
 
     def start_echo(self, name: str = "echo") -> int:
