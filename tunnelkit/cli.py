@@ -41,6 +41,7 @@ import urllib.parse
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import tunnelkit
+from tunnelkit import cli_operator
 from tunnelkit.errors import TunnelkitError
 
 DEFAULT_ENDPOINT = "https://127.0.0.1:8443"
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("key_id", metavar="KEYID")
     admin_commands.add_parser("list-keys", parents=[state], help="List access keys (without secrets).")
     admin_commands.add_parser("list-accounts", parents=[state], help="List accounts.")
+    cli_operator.add_commands(commands, command)
     return parser
 
 
@@ -550,6 +552,8 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in cli_operator.COMMANDS:
+            return cli_operator.run(args, out, err)
         if args.command == "admin":
             return run_admin_command(args, out)
         return run_api_command(args, out)
@@ -558,6 +562,12 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
         return e.status
     except TunnelkitError as e:
         err.write(f"tunnelkit: {e}\n")
+        return 1
+    except ModuleNotFoundError as e:
+        if e.name != "botocore" and not (e.name or "").startswith("botocore."):
+            raise
+        err.write('tunnelkit: this command needs botocore, which a device install leaves out: install '
+                  '"tunnelkit[service]" (in a checkout: bash tools/install.sh)\n')
         return 1
 
 

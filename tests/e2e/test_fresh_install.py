@@ -140,6 +140,11 @@ class FreshMachineTests(unittest.TestCase):
             self.assertEqual(done.returncode, 0, f"{command}\n{done.stdout}{done.stderr}")
             return done.stdout
 
+        example = self.shell("tunnelkit example-config", work)  # the installed copy of tap.yml
+        with open(os.path.join(self.checkout, "tunnelkit", "tap.yml"), encoding="utf-8") as f:
+            self.assertEqual(example.stdout, f.read())
+        self.assertEqual(self.shell("tunnelkit-localproxy --help", work).returncode, 0)
+
         opened = run(_one(commands, r"^tunnelkit open-tunnel"))
         tunnel_id = re.search(r'"tunnelId": "([^"]+)"', opened)
         self.assertIsNotNone(tunnel_id, opened)
@@ -177,6 +182,19 @@ class FreshMachineTests(unittest.TestCase):
         run(close.replace("<id>", tunnel_id.group(1)).replace(" [--delete]", ""))
         self.assertEqual(source.wait_exit(30), 0, source.tail())
         self.assertEqual(destination.wait_exit(30), 0, destination.tail())
+
+    def test_device_install(self) -> None:
+        """C{tools/install.sh --device}: the local proxy and the agent, without the service's libraries."""
+        done = self.shell("bash tools/install.sh --device", self.checkout, timeout=INSTALL_TIMEOUT)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        for module in ("botocore", "prometheus_client"):
+            self.assertNotEqual(self.shell(f".venv/bin/python -c 'import {module}'", self.checkout).returncode, 0)
+        for mode in ("source", "destination", "agent"):
+            shown = self.shell(f".venv/bin/twistd -n tunnelkit --mode {mode} --help", self.checkout)
+            self.assertEqual(shown.returncode, 0, shown.stdout + shown.stderr)
+        service = self.shell(".venv/bin/twistd -n tunnelkit --mode service", self.checkout)
+        self.assertEqual(service.returncode, 1)
+        self.assertIn('install "tunnelkit[service]"', service.stderr)
 
     def test_editable_install_finds_the_plugin(self) -> None:
         """C{pip install -e .}: twistd lists the tunnelkit plugin, and it runs the checkout's files."""
