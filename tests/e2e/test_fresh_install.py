@@ -176,6 +176,8 @@ class FreshMachineTests(unittest.TestCase):
         for process in (service, destination, source, agent):
             self.assertTrue(process.running(), f"{process.name} stopped:\n{process.tail()}")
             self.assertNotIn("Another twistd server is running", process.log())
+            self.assertNotIn("Starting factory", process.log())  # twistd's noise, at the default -v
+            self.assertNotIn("#debug]", process.log())
         self.assertFalse([name for name in os.listdir(work) if name.endswith(".pid")])
 
         close = _one(commands, r"^tunnelkit close-tunnel")

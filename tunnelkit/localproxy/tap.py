@@ -405,7 +405,7 @@ class _RedactingObserver:
         self._observer(cleaned)
 
 
-def _filter_process_logs(verbosity: int, secrets: Sequence[str] = ()) -> None:
+def filter_process_logs(verbosity: int, secrets: Sequence[str] = ()) -> None:
     """
     Apply C{-v} to every log line of the process: 0 nothing, 1 critical, 2 error, 3 warning,
     4 info (default), 5 debug, 6+ also autobahn's own debug (trace) lines.
@@ -500,7 +500,7 @@ def makeService(options: Options) -> IService:
             "the proxy: {proxy}",
             proxy=str(options.service_endpoint.web_proxy),
         )
-    _filter_process_logs(options["verbose"], [options["access-token"]])
+    filter_process_logs(options["verbose"], [options["access-token"]])
     if options.mapping:
         log.info("Use port mapping:")
         for service_id, endpoint in options.mapping.items():

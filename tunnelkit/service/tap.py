@@ -304,8 +304,7 @@ class TunnelService(MultiService):
         try:
             super().startService()
         except ConfigError as e:
-            log.error("{message}", message=str(e))
-            _exit_with(str(e))
+            _exit_with(str(e))  # one line: twistd already logs stderr, so not log.error too
 
     def _announce(self, url: str) -> None:
         """Show, once, how to call the API at C{url} with the generated credentials."""
