@@ -39,6 +39,7 @@ class AwsCommandLineTests(TestCase):
                          work, env={"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel.source_token}, process_class=Proxy)
         port = source.port_of("SSH1")
         source.wait_for_log("The tunnel is ready")
+        destination.wait_for_log("The tunnel is ready")
         self.assertEqual(exchange(port, b"aws command line"), b"aws command line")
         self.assertNotIn(tunnel.destination_token, " ".join(destination.argv))
         h.close_tunnel(tunnel)
