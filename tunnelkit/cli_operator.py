@@ -6,6 +6,7 @@ The operator commands of the C{tunnelkit} CLI beside the API ones (L{tunnelkit.c
     tunnelkit ssh [USER@]THING [-- SSH ARGS]
     tunnelkit connect THING SERVICE --local-port N
     tunnelkit duplicate-tunnel --tunnel-id ID [--lifetime MINUTES]
+    tunnelkit audit --tunnel-id ID         the service's audit trail of a tunnel (tunnelkit.service.audit)
 
 C{ssh} and C{connect} open a tunnel to the thing (its agent gets the destination token over MQTT),
 run a source local proxy in this process (L{tunnelkit.thing_session}), wait for the thing with a
@@ -29,7 +30,7 @@ from typing import Any, Callable, Dict, List, TextIO
 __all__ = ["COMMANDS", "add_commands", "example_config", "run"]
 
 #: The commands this module adds and runs.
-COMMANDS = ("example-config", "ssh", "connect", "duplicate-tunnel")
+COMMANDS = ("example-config", "ssh", "connect", "duplicate-tunnel", "audit")
 
 
 def example_config() -> str:
@@ -65,6 +66,13 @@ def add_commands(commands: Any, api_command: Callable[[str, str], argparse.Argum
     p.add_argument("--tunnel-id", required=True)
     p.add_argument("--lifetime", type=_minutes, metavar="MINUTES", help="maxLifetimeTimeoutMinutes (default: the old one's)")
     cli._token_files(p)
+    p = commands.add_parser("audit", help="Show a tunnel's records of the service's audit trail.",
+                            description="Show the audit trail's records (API calls, peer connects and "
+                            "disconnects, TCP connections) of one tunnel, oldest first.")
+    p.add_argument("--tunnel-id", help="only this tunnel's records (default: all)")
+    p.add_argument("--audit-log", help="the trail (default <state-dir>/audit.jsonl)")
+    p.add_argument("--state-dir", help=f"the service's state directory (default {cli.DEFAULT_STATE_DIR})")
+    p.add_argument("--json", action="store_true", help="print the records as JSON lines, as stored")
 
 
 def _minutes(text: str) -> int:
@@ -102,6 +110,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.command == "example-config":
         out.write(example_config())
         return 0
+    if args.command == "audit":
+        return show_audit(args, out)
     if args.command == "duplicate-tunnel":
         return duplicate_tunnel(args, out)
     if args.command == "ssh":
@@ -109,6 +119,30 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.command == "connect":
         return run_thing_session(args, args.thing, args.service, err, ssh=False)
     raise AssertionError(f"not an operator command: {args.command}")  # pragma: no cover
+
+
+def show_audit(args: argparse.Namespace, out: TextIO) -> int:
+    """Print the trail's records (of C{--tunnel-id}): one line each, C{time kind key=value ...}."""
+    import json
+
+    from tunnelkit import cli
+    from tunnelkit.service.audit import read_records
+
+    path = args.audit_log or os.path.join(cli._state_dir(args), "audit.jsonl")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            records = list(read_records(f, args.tunnel_id))
+    except OSError as e:
+        raise cli.CliError(f"cannot read the audit trail {path}: {e.strerror} (pass --audit-log or --state-dir)") from None
+    for record in records:
+        if args.json:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            continue
+        fields = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("time", "kind") and v is not None)
+        out.write(f"{record.get('time', '?')} {record.get('kind', '?')} {fields}\n")
+    if not records and args.tunnel_id:
+        raise cli.CliError(f"no records of tunnel {args.tunnel_id} in {path}")
+    return 0
 
 
 def duplicate_tunnel(args: argparse.Namespace, out: TextIO) -> int:
