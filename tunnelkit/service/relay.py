@@ -109,6 +109,7 @@ from tunnelkit.service.interfaces import (
     ITunnelStore,
     PeerGrant,
 )
+from tunnelkit.service.logbounds import bounded
 from tunnelkit.service.metrics import (
     DESTINATION_TO_SOURCE,
     SOURCE_TO_DESTINATION,
@@ -1164,8 +1165,8 @@ class PeerProtocol(WebSocketServerProtocol):
             side=self.side,
             tunnel_id=self.link.tunnel_id if self.link else "",
             channel_id=self.channel_id,
-            rule=rule,
-            detail=str(error),
+            rule=bounded(rule),
+            detail=bounded(error),
         )
         self.close_by_service(CLOSE_POLICY, f"Protocol violation ({rule}): {error}", "violation")
 

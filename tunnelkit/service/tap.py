@@ -35,6 +35,7 @@ from tunnelkit.service.operations import ControlPlane, Limits
 from tunnelkit.service.store import StoreError
 from tunnelkit.service.store_sqlite import open_store
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
+from tunnelkit.transport.tls import restrict_context
 
 from tunnelkit.service.audit import AuditedApi, AuditOptions, build_audit_trail
 from tunnelkit.service.dataplane import DataPlaneOptions, mount_data_plane
@@ -151,6 +152,17 @@ def listen_description(description: str, certificates: ServiceCertificates) -> s
     return description
 
 
+def restrict_listener_tls(endpoint: Any) -> None:
+    """
+    Hold an C{ssl:} endpoint's TLS to TLS 1.2+ with AEAD suites only (L{restrict_context}).  Twisted's
+    endpoint string cannot say so: the context its options built (and reuse for every connection)
+    is changed in place.
+    """
+    options = getattr(endpoint, "_sslContextFactory", None)
+    if options is not None:
+        restrict_context(options.getContext())
+
+
 class _Listener(Service):
     """Listens on one endpoint; a failure to listen at start-up is a clear error."""
 
@@ -168,6 +180,7 @@ class _Listener(Service):
     def startService(self) -> None:
         super().startService()
         endpoint = endpoints.serverFromString(self._reactor, self._description)
+        restrict_listener_tls(endpoint)
         self.listening = endpoint.listen(self._factory)
         failed: List[Failure] = []
         self.listening.addCallbacks(self._listening, failed.append)
