@@ -464,7 +464,7 @@ class RotateTests(ServiceTestCase, ErrorAssertions):
             [(opened["tunnelId"], "RemoteDeviceA", rotated["destinationAccessToken"], ("SSH",), REGION)],
         )
         tunnel = self.api.describe_tunnel(tunnelId=opened["tunnelId"])["tunnel"]
-        self.assertEqual(tunnel["destinationConfig"], {"services": ["SSH"]})  # the tunnel is as opened
+        self.assertEqual(tunnel["destinationConfig"], {"thingName": "RemoteDeviceA", "services": ["SSH"]})
         grant = self.service.store.claim_peer(rotated["destinationAccessToken"], "destination", None, self.clock.seconds())
         self.assertEqual(grant.services, ("SSH",))
         self.assertEqual(self.service.events.calls, [("token_rotated", opened["tunnelId"], "destination")])
@@ -496,13 +496,14 @@ class RotateTests(ServiceTestCase, ErrorAssertions):
         )
         self.assertEqual(self.service.notifier.sent[-1][3], ("SSH", "HTTP"))
 
-    def test_rotate_services_on_a_tunnel_without(self) -> None:
+    def test_rotate_gives_a_tunnel_without_config_its_first(self) -> None:
+        """A tunnel opened without destinationConfig takes the rotation's (its first; nothing changes)."""
         opened = self.api.open_tunnel()
-        with self.assertRaises(ClientError) as raised:
-            self.api.rotate_tunnel_access_token(
-                tunnelId=opened["tunnelId"], clientMode="DESTINATION", destinationConfig={"thingName": "T", "services": ["SSH"]}
-            )
-        self.assertIn("opened without services", raised.exception.response["Error"]["Message"])
+        self.api.rotate_tunnel_access_token(
+            tunnelId=opened["tunnelId"], clientMode="DESTINATION", destinationConfig={"thingName": "T", "services": ["SSH"]}
+        )
+        tunnel = self.api.describe_tunnel(tunnelId=opened["tunnelId"])["tunnel"]
+        self.assertEqual(tunnel["destinationConfig"], {"thingName": "T", "services": ["SSH"]})
 
     def test_rotate_all(self) -> None:
         """ALL: both tokens; the lifetime is not extended."""

@@ -258,7 +258,7 @@ class ClaimPeerTests(StoreTestCase):
         source, destination = self.open()
         self.store.claim_peer(source, SOURCE, CLIENT_A, 1001.0)
         new_source = tokens.new_access_token("t1")
-        tunnel = self.store.rotate_tokens(ACCOUNT, "t1", [(SOURCE, tokens.token_hash(new_source))], 1002.0)
+        tunnel = self.store.rotate_tokens(ACCOUNT, "t1", [(SOURCE, tokens.token_hash(new_source))], None, 1002.0)
         self.assertIsNotNone(tunnel)
         error = self.assertRaises(TokenRejected, self.store.claim_peer, source, SOURCE, CLIENT_A, 1003.0)
         self.assertEqual(error.reason, "token-rotated")
@@ -268,7 +268,7 @@ class ClaimPeerTests(StoreTestCase):
 
     def test_rotation_other_account(self) -> None:
         self.open()
-        self.assertIsNone(self.store.rotate_tokens(OTHER, "t1", [(SOURCE, "0" * 64)], 1002.0))
+        self.assertIsNone(self.store.rotate_tokens(OTHER, "t1", [(SOURCE, "0" * 64)], None, 1002.0))
 
 
 class ConnectionStateTests(StoreTestCase):

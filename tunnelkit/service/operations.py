@@ -530,14 +530,18 @@ class ControlPlane:
                 f"Tunnel {tunnel_id} is CLOSED: the tokens of a closed tunnel cannot be rotated; open a new tunnel",
                 status=404,
             )
+        recorded = None
         if delivery is not None:
             self._check_rotation_services(current, delivery[1])
+            services = current.services if current.services is not None else delivery[1]
+            recorded = (delivery[0] if delivery[0] is not None else current.thing_name, services)
         new_tokens = {side: self._new_token(tunnel_id) for side in sides}
         now = self.clock.seconds()
         tunnel = self.store.rotate_tokens(
             account.account_id,
             tunnel_id,
             [(side, tokens.token_hash(token)) for side, token in new_tokens.items()],
+            recorded,
             now,
         )
         if tunnel is None:  # closed between the two calls
@@ -565,22 +569,15 @@ class ControlPlane:
     def _check_rotation_services(tunnel: Tunnel, services: Tuple[str, ...]) -> None:
         """
         RotateTunnelAccessToken's destinationConfig says where the new destination token goes (its
-        thingName's notify topic); AWS documents no change of the tunnel's services by it (they are
-        set by OpenTunnel, and IAM's C{iot:TunnelDestinationService} is the tunnel's), so the
-        services given must be the tunnel's: a different list is refused, never applied silently.
+        thingName's notify topic, recorded as the tunnel's thing); AWS documents no change of a
+        tunnel's services by it (OpenTunnel sets them, and IAM's C{iot:TunnelDestinationService}
+        is the tunnel's), so the services given must be the tunnel's: a different list is refused,
+        never applied silently.  A tunnel opened without a destinationConfig takes the one given.
         """
-        if tunnel.services is not None and sorted(services) == sorted(tunnel.services):
+        if tunnel.services is None or sorted(services) == sorted(tunnel.services):
             return
-        opened = ",".join(tunnel.services) if tunnel.services else None
+        opened = ",".join(tunnel.services)
         given = ",".join(services)
-        if opened is None:
-            raise ApiError(
-                "ValidationException",
-                f"destinationConfig.services ({given}) does not match tunnel {tunnel.tunnel_id}, which was "
-                "opened without services: a tunnel's services are fixed by OpenTunnel, and rotation does not "
-                "change them. Rotate without --destination-config, or open a new tunnel with "
-                f"--destination-config services={given}",
-            )
         raise ApiError(
             "ValidationException",
             f"destinationConfig.services ({given}) does not match the services of tunnel {tunnel.tunnel_id} "

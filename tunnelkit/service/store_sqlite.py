@@ -382,6 +382,7 @@ class SQLiteStore:
         account_id: str,
         tunnel_id: str,
         new_hashes: Sequence[Tuple[str, str]],
+        destination: Optional[Tuple[Optional[str], Tuple[str, ...]]],
         now: float,
     ) -> Optional[Tunnel]:
         with self._write():
@@ -402,6 +403,12 @@ class SQLiteStore:
                 self._db.execute(
                     "INSERT INTO tokens (token_hash, tunnel_id, side, generation) VALUES (?, ?, ?, ?)",
                     (new_hash, tunnel_id, side, generation + 1),
+                )
+            if destination is not None:
+                thing_name, services = destination
+                self._db.execute(
+                    "UPDATE tunnels SET thing_name = ?, services = ? WHERE tunnel_id = ?",
+                    (thing_name, json.dumps(list(services)), tunnel_id),
                 )
             self._db.execute("UPDATE tunnels SET last_updated_at = ? WHERE tunnel_id = ?", (now, tunnel_id))
         return self.get_tunnel(account_id, tunnel_id)
