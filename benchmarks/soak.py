@@ -15,7 +15,7 @@ destination run for the whole soak.  Then, at a steady rate, until the time is u
     every --cycle seconds one of them is dropped and replaced.
 Every --sample seconds it records, for each long-lived process (service, long source, long
 destination), its RSS and open file descriptors, and the state directory's database size (with its
-WAL) and each long-lived process's log size.  At the end it prints the samples and each quantity's
+WAL), the audit trail's size and each long-lived process's log size.  At the end it prints the samples and each quantity's
 trend per hour: the least-squares slope over the samples after --warmup seconds.  Flat means the
 slope is small next to the value (a leak shows as a steady climb).  The machine's load is printed
 before and after.
@@ -27,9 +27,7 @@ import argparse
 import configparser
 import os
 import random
-import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -41,57 +39,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TOP)
 
-from benchmarks.machine import busy_before, load_note  # noqa: E402
-
-TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
-
-
-class Process:
-    """A subprocess with its output in a log file."""
-
-    def __init__(self, name: str, argv: Sequence[str], directory: str, env: Optional[Dict[str, str]] = None) -> None:
-        self.name = name
-        self.log_path = os.path.join(directory, f"{name}.log")
-        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (TOP, os.environ.get("PYTHONPATH", "")) if p))
-        environment.update(env or {})
-        self._log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(list(argv), cwd=directory, env=environment, stdout=self._log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def log(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def wait_for(self, pattern: str, timeout: float = 60.0, start: int = 0) -> "re.Match[str]":
-        deadline = time.monotonic() + timeout
-        regex = re.compile(pattern)
-        while True:
-            match = regex.search(self.log(), start)
-            if match:
-                return match
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                tail = "\n".join(self.log().splitlines()[-20:])
-                raise RuntimeError(f"{self.name} did not log {pattern!r} (status {self.popen.poll()}):\n{tail}")
-            time.sleep(0.05)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> Optional[int]:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout)
-        self._log.close()
-        return self.popen.returncode
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+sys.path.insert(0, os.path.join(TOP, "benchmarks"))
+from bench_tunnel import rss_kib  # noqa: E402 - benchmarks/bench_tunnel.py
+from machine import busy_before, load_note  # noqa: E402 - benchmarks/machine.py
+from tests.e2e.harness import REPOSITORY_TOP, TWISTD, Process  # noqa: E402
+from tunnelkit.testing import free_port  # noqa: E402
 
 
 def open_fds(pid: int) -> int:
@@ -187,7 +139,8 @@ class Soak:
     def twistd(self, name: str, args: Sequence[str], env: Optional[Dict[str, str]] = None) -> Process:
         directory = os.path.join(self.root, name)
         os.makedirs(directory, exist_ok=True)
-        environment = {"XDG_STATE_HOME": os.path.join(self.root, "state-home")}
+        environment = dict(os.environ, XDG_STATE_HOME=os.path.join(self.root, "state-home"),
+                           PYTHONPATH=os.pathsep.join(p for p in (REPOSITORY_TOP, os.environ.get("PYTHONPATH")) if p))
         environment.update(env or {})
         process = Process(name, [*TWISTD, "-n", "--pidfile=", "tunnelkit", *args], directory, environment)
         self.processes.append(process)
@@ -214,7 +167,7 @@ class Soak:
             "--mode", "service", "--listen", "tcp:0:interface=127.0.0.1", "--state-dir", self.state_dir,
             "--closed-retention", f"{self.args.retention}s", "--handshakes-per-second", "0",
         ])
-        self.port = int(self.service.wait_for(r"API listening on http://127\.0\.0\.1:(\d+)/").group(1))
+        self.port = int(self.service.wait_for_log(r"API listening on http://127\.0\.0\.1:(\d+)/").group(1))
         self.echo_port, self.echo_stop = echo_server()
         self.client = self.api()
         tunnel = self.client.open_tunnel(destinationConfig={"thingName": "soak", "services": ["ECHO"]},
@@ -222,10 +175,10 @@ class Soak:
         self.long_destination = self.proxy("destination", "long-destination", tunnel["destinationAccessToken"],
                                            f"ECHO={self.echo_port}")
         self.long_source = self.proxy("source", "long-source", tunnel["sourceAccessToken"], "ECHO=0")
-        match = self.long_source.wait_for(r"Listening for new connection on port (\d+)")
+        match = self.long_source.wait_for_log(r"Listening for new connection on port (\d+)")
         self.long_port = int(match.group(1))
-        self.long_source.wait_for("The tunnel is ready")
-        self.long_destination.wait_for("The tunnel is ready")
+        self.long_source.wait_for_log("The tunnel is ready")
+        self.long_destination.wait_for_log("The tunnel is ready")
         self.long_connections = [LongConnection(self.long_port) for _ in range(self.args.long)]
         for connection in self.long_connections:
             connection.start()
@@ -238,14 +191,14 @@ class Soak:
         destination = self.proxy("destination", f"destination-{n}", tunnel["destinationAccessToken"],
                                  f"ECHO={self.echo_port}")
         source = self.proxy("source", f"source-{n}", tunnel["sourceAccessToken"], f"ECHO={port}")
-        source.wait_for("The tunnel is ready")
-        destination.wait_for("The tunnel is ready")
+        source.wait_for_log("The tunnel is ready")
+        destination.wait_for_log("The tunnel is ready")
         for _ in range(self.args.short // 2):
             echo(port, 4096)
             self.short_connections += 1
-        source.stop(signal.SIGKILL)
+        source.kill()
         again = self.proxy("source", f"source-{n}-again", tunnel["sourceAccessToken"], f"ECHO={port}")
-        again.wait_for("The tunnel is ready")
+        again.wait_for_log("The tunnel is ready")
         for _ in range(self.args.short - self.args.short // 2):
             for attempt in range(50):  # the service may still be replacing the killed source's peer
                 try:
@@ -261,7 +214,7 @@ class Soak:
             status = process.popen.wait(30)
             if status != 0:
                 raise RuntimeError(f"{process.name} exited with {status}")
-            process.stop()
+            process.terminate()
         for process in (source, again, destination):
             self.processes.remove(process)
             shutil.rmtree(os.path.dirname(process.log_path), ignore_errors=True)
@@ -286,6 +239,8 @@ class Soak:
         db = sum(os.path.getsize(os.path.join(self.state_dir, f)) for f in os.listdir(self.state_dir)
                  if ".sqlite" in f)  # the tunnel store and the notification queue, with their WAL files
         values["database KiB"] = db / 1024
+        values["audit trail KiB"] = sum(os.path.getsize(os.path.join(self.state_dir, f))
+                                        for f in os.listdir(self.state_dir) if f.startswith("audit.jsonl")) / 1024
         return values
 
     def stop(self) -> None:
@@ -295,15 +250,9 @@ class Soak:
             connection.join(10)
             self.errors += connection.errors
         for process in reversed(self.processes):
-            process.stop()
+            process.terminate()
         self.echo_stop.set()
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def slope_per_hour(xs: List[float], ys: List[float]) -> float:

@@ -110,3 +110,24 @@ class BuildTests(TestCase):
         self.addCleanup(trail.close)
         self.assertEqual(trail.path, os.path.join(state, "audit.jsonl"))
         self.assertIsNone(build_audit_trail({"audit-log": ""}, state, Clock()))
+
+
+class RotationTests(TestCase):
+    def test_rotated_and_bounded(self):
+        from tunnelkit.service.audit import KEEP_ROTATED, trail_files
+
+        path = self.mktemp()
+        trail = AuditTrail(path, Clock(), rotate_size=300)
+        for number in range(40):
+            trail.record("api", operation="ListTunnels", n=number)
+        trail.close()
+        files = trail_files(path)
+        self.assertEqual(files, [f"{path}.{n}" for n in range(KEEP_ROTATED, 0, -1)] + [path])
+        self.assertFalse(os.path.exists(f"{path}.{KEEP_ROTATED + 1}"))
+        numbers = []
+        for name in files:
+            self.assertLess(os.path.getsize(name), 300 + 200)
+            with open(name) as f:
+                numbers += [r["n"] for r in read_records(f)]
+        self.assertEqual(numbers, sorted(numbers))  # oldest first, none lost within what is kept
+        self.assertEqual(numbers[-1], 39)

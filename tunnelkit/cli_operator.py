@@ -126,12 +126,14 @@ def show_audit(args: argparse.Namespace, out: TextIO) -> int:
     import json
 
     from tunnelkit import cli
-    from tunnelkit.service.audit import read_records
+    from tunnelkit.service.audit import read_records, trail_files
 
     path = args.audit_log or os.path.join(cli._state_dir(args), "audit.jsonl")
+    records: List[Dict[str, Any]] = []
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            records = list(read_records(f, args.tunnel_id))
+        for name in trail_files(path):
+            with open(name, encoding="utf-8", errors="replace") as f:
+                records.extend(read_records(f, args.tunnel_id))
     except OSError as e:
         raise cli.CliError(f"cannot read the audit trail {path}: {e.strerror} (pass --audit-log or --state-dir)") from None
     for record in records:

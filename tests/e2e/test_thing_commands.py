@@ -7,19 +7,17 @@ service (C{--mqtt}) and the thing's agent (SSH to a real sshd, ECHO to an echo s
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
 from typing import Any, List
 
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from tests.e2e.harness import SSHD, Harness, exchange, free_port
-from tests.e2e.mosquitto import MOSQUITTO, HarnessMosquitto
+from tests.e2e import test_agent_tunnel as agent_tunnel
+from tests.e2e.harness import exchange, free_port
 
-THING = "t1"
+THING = agent_tunnel.THING
 CLI = [sys.executable, "-m", "tunnelkit.cli"]
 
 
@@ -27,23 +25,8 @@ class ThingCommandTests(TestCase):
     timeout = 180
 
     def setUp(self) -> None:
-        if MOSQUITTO is None:
-            raise SkipTest("mosquitto is not installed")
-        if not os.path.exists(SSHD):
-            raise SkipTest("sshd is not installed")
-        self.h = Harness(self)
-        self.broker = HarnessMosquitto(self.h)
-        self.broker.start()
-        self.service = self.h.start_service(tls=True, extra=["--mqtt", self.broker.endpoint])
-        self.service.process.wait_for_log(r"Connected to the MQTT broker")
-        self.sshd = self.h.start_sshd()
-        self.echo_port = self.h.start_echo()
-        self.agent = self.h.twistd("agent", [
-            "--mode", "agent", "--thing-name", THING, "--mqtt", self.broker.endpoint,
-            "-e", self.service.proxy_endpoint, "-c", self.service.ca_pem,
-            "-d", f"SSH=127.0.0.1:{self.sshd.port},ECHO=127.0.0.1:{self.echo_port}",
-        ])
-        self.agent.wait_for_log(r"Subscribed to \$aws/things/t1/tunnels/notify")
+        """mosquitto, the service (--mqtt) and the agent of thing t1 (SSH to sshd, ECHO to an echo server)."""
+        agent_tunnel.AgentTunnelTests.setUp(self)  # type: ignore[arg-type]
         self.api = ["--endpoint-url", self.service.api_url, "--state-dir", self.service.state_dir]
 
     def tunnel_states(self) -> List[str]:

@@ -2,7 +2,8 @@
 """
 The service's audit trail: one JSON object per line, to C{--audit-log} (default
 C{<state-dir>/audit.jsonl}, mode 0600; C{--audit-log ""} turns it off) and to the log
-(C{tunnelkit.service.audit}).  Never a token.  C{tunnelkit audit --tunnel-id ID} reads it back.
+(C{tunnelkit.service.audit}).  Never a token.  Past C{--audit-log-size} bytes (64 MiB) the file is
+rotated to C{FILE.1} ... C{FILE.4}, so the trail stays bounded over months.  C{tunnelkit audit --tunnel-id ID} reads it back.
 
 Records (every one has C{time}, ISO 8601 UTC with milliseconds, and C{kind}):
   - C{api}: one per API call: C{account}, C{access_key_id}, C{operation}, C{tunnel_id} (when the
@@ -35,7 +36,7 @@ from twisted.web.resource import Resource
 
 from tunnelkit.protocol.framing import Message
 
-__all__ = ["AuditOptions", "AuditTrail", "AuditedApi", "NO_AUDIT", "read_records", "build_audit_trail"]
+__all__ = ["AuditOptions", "AuditTrail", "AuditedApi", "NO_AUDIT", "build_audit_trail", "read_records", "trail_files"]
 
 log = Logger()
 
@@ -51,6 +52,9 @@ _TARGET_PREFIX = "IoTSecuredTunneling."
 
 #: What a value from a client may take in a record.
 MAX_VALUE = 128
+#: The trail's size before it is rotated, and how many rotated files are kept: at most ~320 MiB.
+DEFAULT_ROTATE_SIZE = 64 * 1024 * 1024
+KEEP_ROTATED = 4
 
 
 def _bounded(value: Any, limit: int = MAX_VALUE) -> Any:
@@ -65,6 +69,9 @@ class AuditOptions:
     optParameters = [
         ["audit-log", None, None,
          "The audit trail, JSON lines (default <state-dir>/audit.jsonl; \"\" turns it off)."],
+        ["audit-log-size", None, DEFAULT_ROTATE_SIZE,
+         f"Bytes after which the trail is rotated to FILE.1 ... FILE.{KEEP_ROTATED} (the oldest dropped).",
+         int],
     ]
 
 
@@ -91,11 +98,11 @@ class AuditTrail:
     @param path: the JSON-lines file, appended to (made with mode 0600).
     """
 
-    def __init__(self, path: str, clock: IReactorTime) -> None:
+    def __init__(self, path: str, clock: IReactorTime, rotate_size: int = DEFAULT_ROTATE_SIZE) -> None:
         self.path = path
         self._clock = clock
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._file = os.fdopen(descriptor, "a", encoding="utf-8", buffering=1)
+        self.rotate_size = rotate_size
+        self._file = self._open()
         #: tunnel id -> (service, stream id, connection id) -> the open connection's counts.
         self._connections: Dict[str, Dict[Tuple[str, int, int], List[float]]] = {}
 
@@ -103,6 +110,20 @@ class AuditTrail:
         for tunnel_id in list(self._connections):
             self._end_all(tunnel_id, lambda key: True, "the service stopped")
         self._file.close()
+
+    def _open(self) -> Any:
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(descriptor, "a", encoding="utf-8", buffering=1)
+
+    def _rotate(self) -> None:
+        """FILE -> FILE.1 -> ... -> FILE.KEEP_ROTATED (dropped after that), and a new FILE."""
+        self._file.close()
+        for number in range(KEEP_ROTATED - 1, 0, -1):
+            older = f"{self.path}.{number}"
+            if os.path.exists(older):
+                os.replace(older, f"{self.path}.{number + 1}")
+        os.replace(self.path, f"{self.path}.1")
+        self._file = self._open()
 
     def record(self, kind: str, **fields: Any) -> None:
         """Write one record (and log it)."""
@@ -112,6 +133,8 @@ class AuditTrail:
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
         if not self._file.closed:
             self._file.write(line + "\n")
+            if self.rotate_size and self._file.tell() >= self.rotate_size:
+                self._rotate()
         log.info("audit {record}", record=line)
 
     # --- peers (called by the relay) ---
@@ -291,7 +314,13 @@ def build_audit_trail(options: Mapping[str, Any], state_dir: str, clock: IReacto
         path = os.path.join(state_dir, "audit.jsonl")
     if not path:
         return None
-    return AuditTrail(path, clock)
+    return AuditTrail(path, clock, int(options.get("audit-log-size") or 0))
+
+
+def trail_files(path: str) -> List[str]:
+    """The trail's files, oldest first: the rotated ones (FILE.N ... FILE.1), then FILE."""
+    rotated = [f"{path}.{n}" for n in range(KEEP_ROTATED, 0, -1) if os.path.exists(f"{path}.{n}")]
+    return rotated + [path]
 
 
 def read_records(lines: Iterable[str], tunnel_id: Optional[str] = None) -> Iterator[Dict[str, Any]]:
