@@ -41,6 +41,7 @@ import urllib.parse
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import tunnelkit
+from tunnelkit import cli_operator
 from tunnelkit.errors import TunnelkitError
 
 DEFAULT_ENDPOINT = "https://127.0.0.1:8443"
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("key_id", metavar="KEYID")
     admin_commands.add_parser("list-keys", parents=[state], help="List access keys (without secrets).")
     admin_commands.add_parser("list-accounts", parents=[state], help="List accounts.")
+    cli_operator.add_commands(commands, command)
     return parser
 
 
@@ -421,6 +423,33 @@ def _api_request(args: argparse.Namespace) -> Dict[str, Any]:
 
 def run_api_command(args: argparse.Namespace, out: TextIO) -> int:
     """Run one API command; print its JSON response."""
+    request = _api_request(args)
+    check_token_files(args)
+    client = make_client(args)
+    try:
+        response = call_api(client, args.command, request)
+    finally:
+        client.close()
+    return print_response(args, response, out)
+
+
+def print_response(args: argparse.Namespace, response: Dict[str, Any], out: TextIO) -> int:
+    """Print an API response as JSON, its tokens moved to the token files given; the exit status."""
+    problems = _divert_tokens(args, response)
+    if response:
+        out.write(json.dumps(response, indent=4, ensure_ascii=False) + "\n")
+    if problems:
+        raise CliError("; ".join(problems))
+    return 0
+
+
+def call_api(client: Any, command: str, request: Dict[str, Any]) -> Dict[str, Any]:
+    """
+    Call the API operation of C{command} (C{open-tunnel}) with C{request}; the response without
+    its C{ResponseMetadata}.
+
+    @raise CliError: status 255, saying what the service answered or why it cannot be reached.
+    """
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
@@ -430,11 +459,8 @@ def run_api_command(args: argparse.Namespace, out: TextIO) -> int:
         SSLError,
     )
 
-    request = _api_request(args)
-    method = args.command.replace("-", "_")
-    operation = "".join(part.capitalize() for part in args.command.split("-"))
-    check_token_files(args)
-    client = make_client(args)
+    method = command.replace("-", "_")
+    operation = "".join(part.capitalize() for part in command.split("-"))
     response: Dict[str, Any]
     try:
         response = getattr(client, method)(**request)
@@ -458,15 +484,8 @@ def run_api_command(args: argparse.Namespace, out: TextIO) -> int:
         raise CliError(f"{e} (is the service running? see --endpoint-url)", API_FAILED) from None
     except BotoCoreError as e:
         raise CliError(str(e), API_FAILED) from None
-    finally:
-        client.close()
     response.pop("ResponseMetadata", None)
-    problems = _divert_tokens(args, response)
-    if response:
-        out.write(json.dumps(response, indent=4, ensure_ascii=False) + "\n")
-    if problems:
-        raise CliError("; ".join(problems))
-    return 0
+    return response
 
 
 def run_admin_command(args: argparse.Namespace, out: TextIO, now: Callable[[], float] = time.time) -> int:
@@ -550,6 +569,8 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in cli_operator.COMMANDS:
+            return cli_operator.run(args, out, err)
         if args.command == "admin":
             return run_admin_command(args, out)
         return run_api_command(args, out)
@@ -558,6 +579,12 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
         return e.status
     except TunnelkitError as e:
         err.write(f"tunnelkit: {e}\n")
+        return 1
+    except ModuleNotFoundError as e:
+        if e.name != "botocore" and not (e.name or "").startswith("botocore."):
+            raise
+        err.write('tunnelkit: this command needs botocore, which a device install leaves out: install '
+                  '"tunnelkit[service]" (in a checkout: bash tools/install.sh)\n')
         return 1
 
 

@@ -3,7 +3,8 @@
 C{twistd -n tunnelkit --mode service}: the tunnel service.
 
 One HTTP site on every C{--listen} endpoint serves the control-plane API (C{POST /}, AWS JSON 1.1 with
-SigV4) and the data plane (C{GET /tunnel}, WebSocket; C{GET /metrics}).  The state directory holds the
+SigV4) and the data plane (C{GET /tunnel}, WebSocket); C{GET /metrics} is on C{--metrics-listen}
+only (off by default).  The state directory holds the
 database, the generated CA and server certificate, and the generated C{credentials} file.
 """
 
@@ -26,7 +27,7 @@ from twisted.web.resource import Resource
 from tunnelkit.config import ModeOptions, positive_int, server_endpoint
 from tunnelkit.errors import ConfigError
 from tunnelkit.protocol.notification import REGION_RE
-from tunnelkit.service.api import ApiResource, ServiceSite, build_root
+from tunnelkit.service.api import HEAD_TIMEOUT, MAX_PENDING_PER_ADDRESS, ApiResource, ServiceSite, build_root
 from tunnelkit.service.auth import CREDENTIALS_FILE, SigV4Verifier, check_account_id, ensure_initial_credentials
 from tunnelkit.service.certs import ServiceCertificates, ensure_certificates
 from tunnelkit.service.interfaces import ITunnelEvents
@@ -35,8 +36,10 @@ from tunnelkit.service.operations import ControlPlane, Limits
 from tunnelkit.service.store import StoreError
 from tunnelkit.service.store_sqlite import open_store
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
+from tunnelkit.transport.tls import restrict_context
 
-from tunnelkit.service.dataplane import DataPlaneOptions, mount_data_plane
+from tunnelkit.service.audit import AuditedApi, AuditOptions, build_audit_trail
+from tunnelkit.service.dataplane import DataPlaneOptions, metrics_site, mount_data_plane
 
 log = Logger()
 
@@ -79,7 +82,7 @@ def duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
-class Options(ModeOptions, DataPlaneOptions, NotifyOptions, NvxOptions):  # type: ignore[misc,valid-type]
+class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions):  # type: ignore[misc,valid-type]
     """The options of C{--mode service}."""
 
     synopsis = "Usage: twistd -n tunnelkit --mode service [options]"
@@ -107,6 +110,30 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, NvxOptions):  # type
             DEFAULT_MAX_OPEN_TUNNELS,
             "Open tunnels allowed per account (OpenTunnel answers LimitExceededException beyond).",
             positive_int,
+        ],
+        [
+            "metrics-listen",
+            None,
+            None,
+            "Serve the Prometheus metrics (GET /metrics) on this Twisted endpoint, e.g. "
+            "tcp:9464:interface=127.0.0.1 (default: off; never on the API's listeners).",
+            server_endpoint,
+        ],
+        [
+            "handshake-timeout",
+            None,
+            HEAD_TIMEOUT,
+            "Seconds a new connection has for its TLS handshake and its request line and headers "
+            "(and each later request for its head) before it is reset.",
+            duration,
+        ],
+        [
+            "max-pending-per-address",
+            None,
+            MAX_PENDING_PER_ADDRESS,
+            "Connections one client address may hold that are not WebSocket peers yet; more are "
+            "reset at once (0: no limit).",
+            int,
         ],
         [
             "closed-retention",
@@ -150,12 +177,30 @@ def listen_description(description: str, certificates: ServiceCertificates) -> s
     return description
 
 
+def restrict_listener_tls(endpoint: Any) -> None:
+    """
+    Hold an C{ssl:} endpoint's TLS to TLS 1.2+ with AEAD suites only (L{restrict_context}).  Twisted's
+    endpoint string cannot say so: the context its options built (and reuse for every connection)
+    is changed in place.
+    """
+    options = getattr(endpoint, "_sslContextFactory", None)
+    if options is not None:
+        restrict_context(options.getContext())
+
+
 class _Listener(Service):
     """Listens on one endpoint; a failure to listen at start-up is a clear error."""
 
     def __init__(
-        self, reactor: Any, description: str, shown: str, factory: Any, on_listening: Callable[[str], None]
+        self,
+        reactor: Any,
+        description: str,
+        shown: str,
+        factory: Any,
+        on_listening: Callable[[str], None],
+        api: bool = True,
     ) -> None:
+        self._api = api
         self._reactor = reactor
         self._description = description
         self.shown = shown
@@ -167,6 +212,7 @@ class _Listener(Service):
     def startService(self) -> None:
         super().startService()
         endpoint = endpoints.serverFromString(self._reactor, self._description)
+        restrict_listener_tls(endpoint)
         self.listening = endpoint.listen(self._factory)
         failed: List[Failure] = []
         self.listening.addCallbacks(self._listening, failed.append)
@@ -185,7 +231,8 @@ class _Listener(Service):
             host = f"[{host}]"
         base = f"{'https' if secure else 'http'}://{host}:{getattr(address, 'port', '')}"
         ws = base.replace("http", "ws", 1)
-        log.info("API listening on {url}/  (data plane {ws}/tunnel)", url=base, ws=ws)
+        if self._api:
+            log.info("API listening on {url}/  (data plane {ws}/tunnel)", url=base, ws=ws)
         self._on_listening(base)
         return port
 
@@ -236,6 +283,10 @@ class TunnelService(MultiService):
         root = build_root(Resource())
         relay = mount_data_plane(root, self.store, clock, options)
         events: ITunnelEvents = relay
+        self.audit = build_audit_trail(options, self.state_dir, clock)
+        if self.audit is not None:
+            relay.audit = self.audit
+            _OnStop(self.audit.close).setServiceParent(self)  # closed after the relay's shutdown
         # Peers are closed (1001) and recorded DISCONNECTED after the listeners stop, before the store.
         _OnStop(relay.shutdown).setServiceParent(self)
         limits = Limits(
@@ -252,8 +303,16 @@ class TunnelService(MultiService):
             closed_retention=options.get("closed-retention", DEFAULT_CLOSED_RETENTION),
         )
         self.control.lifecycle.setServiceParent(self)
-        root.putChild(b"", ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds)))
-        self.site = ServiceSite(root, reactor=reactor)
+        api: Resource = ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds))
+        if self.audit is not None:
+            api = AuditedApi(api, self.audit, self.store)
+        root.putChild(b"", api)
+        self.site = ServiceSite(
+            root,
+            reactor=reactor,
+            head_timeout=float(options.get("handshake-timeout") or HEAD_TIMEOUT),
+            max_pending_per_address=options.get("max-pending-per-address", MAX_PENDING_PER_ADDRESS) or None,
+        )
         self.listeners: List[_Listener] = []
         for description in options["listen"]:
             self._check_names(description, options.get("hostname") or ())
@@ -262,6 +321,17 @@ class TunnelService(MultiService):
             )
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        self.metrics_listener: Optional[_Listener] = None
+        if options.get("metrics-listen"):
+            self.metrics_listener = _Listener(
+                reactor,
+                options["metrics-listen"],
+                options["metrics-listen"],
+                metrics_site(relay, reactor),
+                self._announce_metrics,
+                api=False,
+            )
+            self.metrics_listener.setServiceParent(self)
         log.info("State directory: {path}", path=self.state_dir)
         log.info("CA certificate (give it to clients): {path}", path=self.certificates.ca_cert)
         if created is not None:
@@ -304,8 +374,10 @@ class TunnelService(MultiService):
         try:
             super().startService()
         except ConfigError as e:
-            log.error("{message}", message=str(e))
-            _exit_with(str(e))
+            _exit_with(str(e))  # one line: twistd already logs stderr, so not log.error too
+
+    def _announce_metrics(self, url: str) -> None:
+        log.info("Metrics (Prometheus) on {url}/metrics", url=url)
 
     def _announce(self, url: str) -> None:
         """Show, once, how to call the API at C{url} with the generated credentials."""
