@@ -22,6 +22,16 @@ from tunnelkit.localproxy.connection import Refused
 from tunnelkit.localproxy.endpoint import ServiceEndpoint
 from tunnelkit.localproxy.session_service import LocalProxySession
 from tunnelkit.localproxy.source import SourceSide
+from tunnelkit.protocol.flowcontrol import (
+    ANNOUNCE,
+    EOF,
+    OFFERED,
+    WINDOW_UPDATE,
+    announcement_frame,
+    eof_frame,
+    window_increment,
+    window_update_frame,
+)
 from tunnelkit.protocol.framing import MAX_PAYLOAD_SIZE, MAX_WEBSOCKET_FRAME, FrameDecoder, Message, parse_message
 from tunnelkit.transport.websocket import ITunnelWebSocketHandler, WebSocketEnded
 
@@ -202,14 +212,36 @@ class SourceTests(TestCase):
         self.assertEqual(late_transport.producerState, "paused")
         ws_producer.resumeProducing()
         self.assertEqual({transport.producerState, other_transport.producerState, late_transport.producerState}, {"producing"})
-        # a local socket's send buffer is full: the WebSocket's reads pause until it drains
+        # Without flow control (the far peer did not announce it), a local socket whose send buffer is
+        # full takes up to per_connection bytes more, the tunnel's together up to per_tunnel; past
+        # either bound the WebSocket's reads pause until that connection drains.
+        throttle = self.proxy.websocket_read_throttle
+        throttle.per_connection, throttle.per_tunnel = 1000, 1500
+
+        def data(connection_id, size):
+            self.proxy.messages_received(
+                [Message(type=Message.DATA, streamId=1, serviceId="SSH1", connectionId=connection_id, payload=b"x" * size)]
+            )
+
+        transport.producer.pauseProducing()
+        data(1, 600)
+        self.assertEqual(self.websocket.transport.producerState, "producing")
+        data(1, 600)
+        self.assertEqual(self.websocket.transport.producerState, "paused")
+        self.assertEqual(throttle.legacy_buffered, 1200)
+        transport.producer.resumeProducing()
+        self.assertEqual(self.websocket.transport.producerState, "producing")
+        self.assertEqual(throttle.legacy_buffered, 0)
         transport.producer.pauseProducing()
         other_transport.producer.pauseProducing()
+        data(1, 800)
+        data(2, 800)  # 1600 in all: over the tunnel's bound
         self.assertEqual(self.websocket.transport.producerState, "paused")
         transport.producer.resumeProducing()
         self.assertEqual(self.websocket.transport.producerState, "paused")
         other.connectionLost(Failure(Exception("gone")))
         self.assertEqual(self.websocket.transport.producerState, "producing")
+        self.assertEqual(throttle.legacy_buffered, 0)
 
     def test_adapter_filter_and_data_listener(self):
         contexts = []
@@ -397,6 +429,81 @@ class SourceWithoutMappingTests(TestCase):
         ((start,),) = websocket.decoded()
         self.assertEqual((start.type, start.streamId, start.serviceId, start.connectionId), (Message.STREAM_START, 1, "", 0))
         self.assertIsInstance(reactor.tcpServers[0][1].buildProtocol(PEER), Refused)  # one at a time
+
+
+class FlowControlTests(TestCase):
+    """A source whose peer announced flow control and half-close (tunnelkit.protocol.flowcontrol)."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.side = SourceSide({"SSH1": 0}, "127.0.0.1", self.reactor)
+        self.proxy = LocalProxySession(
+            self.side, ServiceEndpoint("127.0.0.1", 1, secure=False), "token", "c" * 36, self.reactor, self.reactor
+        )
+        self.websocket = FakeWebSocket()
+        self.websocket.extensions = OFFERED
+        self.proxy.websocket_opened(self.websocket)
+        self.proxy.messages_received([service_ids("SSH1")])
+        ((announcement,),) = self.websocket.decoded()
+        self.assertEqual(announcement.type, ANNOUNCE)
+        self.proxy.messages_received([parse_message(announcement_frame(1000)[2:])])
+        self.connection = self.reactor.tcpServers[0][1].buildProtocol(PEER)
+        self.transport = StringTransport()
+        self.connection.makeConnection(self.transport)
+        start, marker = [m for batch in self.websocket.decoded() for m in batch]
+        self.assertEqual((start.type, marker.type), (Message.STREAM_START, WINDOW_UPDATE))
+
+    def data(self, size):
+        return Message(type=Message.DATA, streamId=1, serviceId="SSH1", connectionId=1, payload=b"d" * size)
+
+    def test_grants_follow_the_local_socket_buffer(self):
+        window = self.side.session.window
+        self.proxy.messages_received([self.data(window // 4)])
+        self.websocket.flush()
+        ((grant,),) = self.websocket.decoded()
+        self.assertEqual((grant.type, window_increment(grant.payload)), (WINDOW_UPDATE, window // 4))
+        # the local socket's buffer is full: nothing is granted, and the WebSocket keeps reading
+        self.transport.producer.pauseProducing()
+        self.proxy.messages_received([self.data(window // 2)])
+        self.websocket.flush()
+        self.assertEqual(self.websocket.decoded(), [])
+        self.assertEqual(self.websocket.transport.producerState, "producing")
+        self.transport.producer.resumeProducing()
+        ((grant,),) = self.websocket.decoded()
+        self.assertEqual(window_increment(grant.payload), window // 2)
+
+    def test_no_credit_pauses_this_connection_only(self):
+        self.connection.dataReceived(b"u" * 1500)
+        (sent,) = [m for batch in self.websocket.decoded() for m in batch]
+        self.assertEqual(len(sent.payload), 1000)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.proxy.messages_received([parse_message(window_update_frame(1, "SSH1", 1, 10000)[2:])])
+        self.assertEqual(self.transport.producerState, "producing")
+        self.websocket.flush()
+        ((rest,),) = self.websocket.decoded()
+        self.assertEqual(len(rest.payload), 500)
+
+    def test_half_close_both_ways(self):
+        self.connection.readConnectionLost()
+        ((eof,),) = self.websocket.decoded()
+        self.assertEqual(eof.type, EOF)
+        self.assertFalse(self.transport.disconnecting)
+        self.proxy.messages_received([parse_message(eof_frame(1, "SSH1", 1)[2:])])
+        self.assertTrue(self.transport.disconnecting)  # both ended: a FIN, not a reset
+        self.assertFalse(self.transport.disconnected)
+        self.websocket.flush()
+        ((reset,),) = self.websocket.decoded()
+        self.assertEqual(reset.type, Message.CONNECTION_RESET)
+
+    def test_far_eof_shuts_down_the_write_side_only(self):
+        half_closed = []
+        self.transport.loseWriteConnection = lambda: half_closed.append(True)
+        self.proxy.messages_received([parse_message(eof_frame(1, "SSH1", 1)[2:])])
+        self.assertEqual(half_closed, [True])
+        self.assertFalse(self.transport.disconnecting)
+        self.connection.dataReceived(b"still talking")
+        ((data,),) = self.websocket.decoded()
+        self.assertEqual(data.payload, b"still talking")
 
 
 class UnixTargetTests(TestCase):

@@ -13,6 +13,16 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tunnelkit.protocol.flowcontrol import (
+    ANNOUNCE,
+    EOF,
+    EXTENSIONS_HEADER,
+    OFFERED,
+    WINDOW_UPDATE,
+    announcement_frame,
+    eof_frame,
+    window_update_frame,
+)
 from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.service.interfaces import ITunnelEvents, ITunnelStore
 from tunnelkit.service.relay import (
@@ -496,6 +506,56 @@ class RelayTests(ServiceTestCase):
         tunnel, source, destination = self.pair()
         source.send(b"\x00" * 131077)
         self.assertEqual(source.close_frame()[0], 1009)  # type: ignore[index]
+
+
+class ExtensionTests(ServiceTestCase):
+    """tunnelkit's extensions (flowcontrol): the 101 header, announcements, forwarding only between announced peers."""
+
+    def announce(self, peer: RawPeer, window: int = 1000) -> None:
+        peer.send(announcement_frame(window))
+
+    def test_the_101_offers_the_extensions(self) -> None:
+        tunnel, source, destination = self.pair()
+        self.assertEqual(source.headers[EXTENSIONS_HEADER.lower()], OFFERED)
+
+    def test_announcements_exchanged_once_both_announced(self) -> None:
+        tunnel, source, destination = self.pair()
+        self.announce(source, 1000)
+        self.assertEqual(destination.take_frames(), [])
+        self.assertEqual(source.take_frames(), [])
+        self.announce(destination, 2000)
+        (to_source,) = source.take_frames()
+        (to_destination,) = destination.take_frames()
+        self.assertEqual((to_source.type, to_source.payload), (ANNOUNCE, b"flow-control/1;window=2000 half-close/1"))
+        self.assertEqual(to_destination.payload, b"flow-control/1;window=1000 half-close/1")
+        # now window updates and EOFs pass, untouched and counted
+        source.send(start() + window_update_frame(1, "SSH", 1, 1000))
+        self.assertEqual([m.type for m in destination.take_frames()], [STREAM_START, WINDOW_UPDATE])
+        destination.send(eof_frame(1, "SSH", 1))
+        self.assertEqual([m.type for m in source.take_frames()], [EOF])
+
+    def test_not_forwarded_to_a_peer_that_did_not_announce(self) -> None:
+        tunnel, source, destination = self.pair()
+        self.announce(source)
+        source.send(start() + window_update_frame(1, "SSH", 1, 1000) + data(b"x") + eof_frame(1, "SSH", 1))
+        self.assertEqual([m.type for m in destination.take_frames()], [STREAM_START, DATA])
+        self.assertEqual(
+            self.relay.metrics.value("tunnelkit_dropped_frames_total", reason="extension_not_announced"), 2.0  # type: ignore[attr-defined]
+        )
+        self.assertFalse(source.transport.disconnecting)
+
+    def test_withdrawn_when_the_partner_goes(self) -> None:
+        tunnel, source, destination = self.pair()
+        self.announce(source)
+        self.announce(destination, 2000)
+        source.take_frames()
+        destination.take_frames()
+        destination.lose()
+        withdrawal = [m for m in source.take_frames() if m.type == ANNOUNCE]
+        self.assertEqual([(m.payload, m.ignorable) for m in withdrawal], [(b"", True)])
+        # nothing more passes toward the (absent) destination, and the source is not closed for it
+        source.send(window_update_frame(1, "SSH", 1, 10))
+        self.assertFalse(source.transport.disconnecting)
 
 
 def _data_filling(total: int) -> bytes:

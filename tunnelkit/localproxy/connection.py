@@ -5,13 +5,23 @@ once a connection exists (accepted by a source listener, or opened by a destinat
 
 It reads in multiples of the 64512-byte DATA payload (no runt frames, two frames per WebSocket
 message), passes bytes through the service adapter's filter when there is one (C{None} = untouched),
-and takes part in flow control (L{tunnelkit.transport.flow}).
+and takes part in flow control (L{tunnelkit.transport.flow}, L{tunnelkit.protocol.flowcontrol}):
+
+  - its reads pause for any of several causes (the WebSocket is full, no credit, pacing) and resume
+    when none is left;
+  - it watches its own send buffer (it is its transport's producer): bytes from the tunnel are
+    reported as delivered while the buffer takes them, and held back while it is full, so that the
+    peer's credit only grows as the local application reads;
+  - it is half-closeable: a read EOF is reported to the session (an EOF to the far peer, or the
+    connection's end without the extension), and L{LocalConnection.half_close} shuts down only the
+    write side.
 """
 
 from __future__ import annotations
 
 from typing import Any, Tuple
 
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -19,7 +29,6 @@ from zope.interface import implementer
 
 from tunnelkit.adapters import IActiveStreamFilter, IFilterOutput, StreamFilterError
 from tunnelkit.protocol.framing import MAX_PAYLOAD_SIZE
-from tunnelkit.transport.flow import SinkProducer
 
 __all__ = ["LocalConnection", "READ_SIZE", "ConnectionKey", "reset_connection", "Refused"]
 
@@ -49,7 +58,26 @@ class Refused(Protocol):
         reset_connection(self.transport)
 
 
-@implementer(IFilterOutput)
+@implementer(IPushProducer)
+class _SendBuffer:
+    """Registered on a local connection's transport: tells the connection when its buffer is full."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: "LocalConnection") -> None:
+        self.connection = connection
+
+    def pauseProducing(self) -> None:
+        self.connection.buffer_filled()
+
+    def resumeProducing(self) -> None:
+        self.connection.buffer_drained()
+
+    def stopProducing(self) -> None:
+        self.connection.buffer_drained()
+
+
+@implementer(IFilterOutput, IHalfCloseableProtocol)
 class LocalConnection(Protocol):
     """
     A local connection of service C{service_id}, carried as tunnel connection C{connection_id}.
@@ -70,6 +98,11 @@ class LocalConnection(Protocol):
         self.bytes_out = 0  # from the tunnel to the local socket
         self.closing = False
         self.peer = "?"
+        self.buffer_full = False  # the transport's send buffer is over its limit
+        self.ungranted = 0  # tunnel bytes written while it was full (flow control: not granted yet)
+        self.pacer: Any = None  # a Pacer toward a peer without flow control, if configured
+        self.pace_call: Any = None
+        self._read_pauses: set = set()
         self._reported_closed = False
         if stream_filter is not None and IActiveStreamFilter.providedBy(stream_filter):
             stream_filter.attach(self)
@@ -84,9 +117,57 @@ class LocalConnection(Protocol):
             transport.bufferSize = READ_SIZE  # the recv size, and the send-buffer limit before pausing
         peer = transport.getPeer()
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
-        transport.registerProducer(SinkProducer(self.proxy.websocket_read_throttle, self.key), True)
-        self.proxy.local_read_throttle.add(transport)
+        transport.registerProducer(_SendBuffer(self), True)
+        self.proxy.local_read_throttle.add(self)
         self.proxy.local_opened(self)
+
+    # --- reading: pauses for several causes ---
+
+    def pause_reading(self, cause: str) -> None:
+        """Stop reading the local socket for C{cause} (until every cause is lifted)."""
+        if not self._read_pauses and self.transport is not None:
+            self.transport.pauseProducing()
+        self._read_pauses.add(cause)
+
+    def resume_reading(self, cause: str) -> None:
+        """Lift C{cause}; read again when none is left."""
+        if cause not in self._read_pauses:
+            return
+        self._read_pauses.discard(cause)
+        if not self._read_pauses and self.transport is not None and not self.closing:
+            self.transport.resumeProducing()
+
+    @property
+    def reading_paused(self) -> bool:
+        return bool(self._read_pauses)
+
+    # --- the send buffer ---
+
+    def buffer_filled(self) -> None:
+        if not self.buffer_full:
+            self.buffer_full = True
+            self.proxy.local_buffer_full(self)
+
+    def buffer_drained(self) -> None:
+        if self.buffer_full:
+            self.buffer_full = False
+            self.proxy.local_buffer_drained(self)
+
+    def readConnectionLost(self) -> None:
+        """The local application shut down its write side (or closed)."""
+        self.proxy.local_eof(self)
+
+    def writeConnectionLost(self) -> None:
+        """Our write side is shut down (after L{half_close})."""
+
+    def half_close(self) -> None:
+        """The far application sent its last byte: flush, then shut down only our write side (FIN)."""
+        if self.closing:
+            return
+        # A paused streaming producer would be resumed instead of the write side being shut down.
+        self.transport.unregisterProducer()
+        self.buffer_drained()
+        self.transport.loseWriteConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self.filter is not None:
@@ -101,17 +182,18 @@ class LocalConnection(Protocol):
         self.proxy.local_data(self, data)
 
     def write(self, data: bytes) -> None:
-        """Bytes from the tunnel for the local socket."""
+        """Bytes from the tunnel for the local socket (reported as written, in tunnel bytes)."""
+        size = len(data)
         if self.filter is not None:
             try:
                 data = self.filter.inbound(data)
             except StreamFilterError as e:
                 self._filter_failed(e)
                 return
-            if not data:
-                return
-        self.bytes_out += len(data)
-        self.transport.write(data)
+        if data:
+            self.bytes_out += len(data)
+            self.transport.write(data)
+        self.proxy.local_written(self, size)
 
     # IFilterOutput, for active filters
     def send_outbound(self, data: bytes) -> None:
@@ -159,14 +241,21 @@ class LocalConnection(Protocol):
         # With a paused streaming producer registered, Twisted would resume it instead of finishing
         # the close once the buffer drains: the far end would never see the end of the stream.
         self.transport.unregisterProducer()
+        self._cancel_pacing()
         if abort:
             reset_connection(self.transport)
         else:
             self.transport.loseConnection()
 
+    def _cancel_pacing(self) -> None:
+        if self.pace_call is not None and self.pace_call.active():
+            self.pace_call.cancel()
+        self.pace_call = None
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.proxy.local_read_throttle.remove(self.transport)
-        self.proxy.websocket_read_throttle.sink_drained(self.key)
+        self._cancel_pacing()
+        self.proxy.local_read_throttle.remove(self)
+        self.proxy.websocket_read_throttle.legacy_drained(self.key)
         if self.filter is not None:
             try:
                 self.filter.connection_lost()

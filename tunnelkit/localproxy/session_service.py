@@ -34,7 +34,18 @@ from zope.interface import implementer
 from tunnelkit.localproxy.connection import ConnectionKey, LocalConnection
 from tunnelkit.localproxy.endpoint import ServiceEndpoint
 from tunnelkit.protocol.framing import Message
-from tunnelkit.protocol.session import CloseLocal, ConnectTarget, Fatal, SendFrames, StartListening, WriteLocal
+from tunnelkit.protocol.flowcontrol import Pacer
+from tunnelkit.protocol.session import (
+    CloseLocal,
+    ConnectTarget,
+    Fatal,
+    HalfCloseLocal,
+    PauseLocal,
+    ResumeLocal,
+    SendFrames,
+    StartListening,
+    WriteLocal,
+)
 from tunnelkit.transport.flow import LocalReadThrottle, WebSocketReadThrottle
 from tunnelkit.transport.websocket import (
     ITunnelWebSocketHandler,
@@ -45,6 +56,9 @@ from tunnelkit.transport.websocket import (
 )
 
 __all__ = ["LocalProxySession", "RateLimitedRetry", "SessionEnd", "default_retry_policy"]
+
+#: Bytes a paced connection may send at once (toward a peer without flow control).
+PACE_BURST = 64 * 1024
 
 #: Bytes a destination may hold for connections still being opened before the WebSocket pauses.
 PENDING_LIMIT = 1 << 20
@@ -160,8 +174,12 @@ class LocalProxySession(MultiService):
         reactor: Any,
         clock: Any = None,
         retry_policy: Optional[Callable[[int], float]] = None,
+        pace: float = 0.0,
     ) -> None:
         super().__init__()
+        #: Bytes per second each connection may send toward a far peer without flow control (0: no
+        #: pacing); see L{tunnelkit.protocol.flowcontrol.Pacer}.
+        self.pace = pace
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.side = side
@@ -228,7 +246,7 @@ class LocalProxySession(MultiService):
         )
         websocket.transport.registerProducer(self.local_read_throttle, True)
         self.websocket_read_throttle.attach(websocket.transport)
-        self.perform(self.session.websocket_opened())
+        self.perform(self.session.websocket_opened(getattr(websocket, "extensions", "")))
 
     def messages_received(self, messages: List[Message]) -> None:
         session = self.session
@@ -326,6 +344,15 @@ class LocalProxySession(MultiService):
                     connection.close(action.reason, action.abort)
                 else:
                     self.side.cancel(key, action.reason)
+            elif kind is PauseLocal or kind is ResumeLocal or kind is HalfCloseLocal:
+                connection = self.connections.get((action.service_id, action.connection_id))
+                if connection is not None:
+                    if kind is PauseLocal:
+                        connection.pause_reading("credit")
+                    elif kind is ResumeLocal:
+                        connection.resume_reading("credit")
+                    else:
+                        connection.half_close()
             elif kind is StartListening:
                 self.side.start_listening(action)
             elif kind is ConnectTarget:
@@ -344,7 +371,54 @@ class LocalProxySession(MultiService):
         self.connections[connection.key] = connection
 
     def local_data(self, connection: LocalConnection, data: bytes) -> None:
-        self.perform(self.session.local_data(connection.service_id, connection.connection_id, data))
+        session = self.session
+        self.perform(session.local_data(connection.service_id, connection.connection_id, data))
+        if self.pace and not session.flow_controlled(connection.service_id, connection.connection_id):
+            self._pace(connection, len(data))
+
+    def _pace(self, connection: LocalConnection, size: int) -> None:
+        """Toward a peer without flow control: pause this connection's reads to keep to L{pace}."""
+        now = self.clock.seconds()
+        if connection.pacer is None:
+            connection.pacer = Pacer(self.pace, PACE_BURST, now)
+        delay = connection.pacer.delay_after(size, now)
+        if delay > 0 and connection.pace_call is None:
+            connection.pause_reading("pace")
+
+            def resume() -> None:
+                connection.pace_call = None
+                connection.resume_reading("pace")
+
+            connection.pace_call = self.clock.callLater(delay, resume)
+
+    def local_written(self, connection: LocalConnection, size: int) -> None:
+        """C{size} tunnel bytes were written to the connection's transport."""
+        if self.session.flow_controlled(connection.service_id, connection.connection_id):
+            if connection.buffer_full:
+                connection.ungranted += size
+            else:
+                self.perform(
+                    self.session.local_delivered(connection.service_id, connection.connection_id, size), flush=False
+                )
+        elif connection.buffer_full:
+            self.websocket_read_throttle.legacy_written(
+                connection.key, size, f"connection {connection.connection_id} of {connection.service_id or '-'} ({connection.peer})"
+            )
+
+    def local_buffer_full(self, connection: LocalConnection) -> None:
+        if not self.session.flow_controlled(connection.service_id, connection.connection_id):
+            self.websocket_read_throttle.legacy_full(connection.key)
+
+    def local_buffer_drained(self, connection: LocalConnection) -> None:
+        self.websocket_read_throttle.legacy_drained(connection.key)
+        size, connection.ungranted = connection.ungranted, 0
+        if size:
+            self.perform(self.session.local_delivered(connection.service_id, connection.connection_id, size))
+
+    def local_eof(self, connection: LocalConnection) -> None:
+        """The local application shut down its write side."""
+        if not connection.closing:
+            self.perform(self.session.local_eof(connection.service_id, connection.connection_id))
 
     def local_gone(self, connection: LocalConnection) -> None:
         key = connection.key

@@ -85,6 +85,22 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from twisted.logger import Logger
 
 from tunnelkit.errors import ConfigError, TunnelkitError
+from tunnelkit.protocol.flowcontrol import (
+    ANNOUNCE,
+    DEFAULT_WINDOW,
+    EOF,
+    EXTENSION_TYPES,
+    FLOW_CONTROL,
+    HALF_CLOSE,
+    WINDOW_UPDATE,
+    ConnectionFlow,
+    Extensions,
+    announcement_frame,
+    eof_frame,
+    parse_announcement,
+    window_increment,
+    window_update_frame,
+)
 from tunnelkit.protocol.framing import (
     MAX_PAYLOAD_SIZE,
     MAX_WEBSOCKET_FRAME,
@@ -100,6 +116,9 @@ __all__ = [
     "ConnectTarget",
     "WriteLocal",
     "CloseLocal",
+    "PauseLocal",
+    "ResumeLocal",
+    "HalfCloseLocal",
     "Fatal",
     "Action",
     "LocalConnectionRefused",
@@ -194,13 +213,47 @@ class CloseLocal:
 
 
 @dataclass(frozen=True, slots=True)
+class PauseLocal:
+    """Stop reading a local connection: the peer granted no more credit for it (flow control)."""
+
+    service_id: str
+    connection_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeLocal:
+    """Read a local connection again: the peer granted credit (flow control)."""
+
+    service_id: str
+    connection_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class HalfCloseLocal:
+    """The far application sent its last byte: flush, then shut down the write side (a FIN) only."""
+
+    service_id: str
+    connection_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Fatal:
     """Stop the proxy (exit status 1) with this message."""
 
     message: str
 
 
-Action = Union[SendFrames, StartListening, ConnectTarget, WriteLocal, CloseLocal, Fatal]
+Action = Union[
+    SendFrames,
+    StartListening,
+    ConnectTarget,
+    WriteLocal,
+    CloseLocal,
+    PauseLocal,
+    ResumeLocal,
+    HalfCloseLocal,
+    Fatal,
+]
 
 
 class LocalConnectionRefused(TunnelkitError):
@@ -313,6 +366,17 @@ def _control(
     )
 
 
+def _reset_or_close(service_id: str, connection_id: int, connection: "_Connection", peer: str) -> CloseLocal:
+    """
+    The peer's CONNECTION_RESET.  Without the extensions it is the protocol's normal end (FIN); with
+    them a connection ends normally by EOF, so a reset before the peer's EOF is a failure (RST).
+    """
+    flow = connection.flow
+    if flow is not None and not flow.eof_received:
+        return CloseLocal(service_id, connection_id, f"{peer} reset the connection", True)
+    return CloseLocal(service_id, connection_id, f"{peer} closed the connection")
+
+
 def _bounded(text: str, limit: int = 64) -> str:
     """C{text} as a peer sent it, cut to C{limit} characters for a log line."""
     return repr(text if len(text) <= limit else text[:limit] + "...")
@@ -379,11 +443,25 @@ class _Session(ABC):
     _services: Dict[str, "_Service"]
     _default: Optional["_Service"]
 
-    def __init__(self) -> None:
+    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
         self._decoder = FrameDecoder()
         self._ready = False  # SERVICE_IDS seen on this WebSocket
         self._services = {}
         self._default = None
+        self.window = window  # the receive window this side grants per connection
+        self._offered = False  # the service said it passes tunnelkit's extensions on
+        self._peer: Optional[Extensions] = None  # what the far peer announced, if usable
+
+    @property
+    def peer_extensions(self) -> Optional[Extensions]:
+        """What the far peer announced (flow control and half-close), or None."""
+        return self._peer
+
+    def flow_controlled(self, service_id: str, connection_id: int) -> bool:
+        """Whether that connection uses flow control and half-close (both peers announced them)."""
+        service = self._services.get(service_id)
+        connection = service.connections.get(connection_id) if service is not None else None
+        return connection is not None and connection.flow is not None
 
     @property
     def ready(self) -> bool:
@@ -420,17 +498,220 @@ class _Session(ABC):
     def receive(self, message: Message) -> List[Action]:
         """React to one message from the tunnel."""
 
-    def websocket_opened(self) -> List[Action]:
-        """A new WebSocket is up (also after a reconnect): forget the old streams, wait for SERVICE_IDS."""
+    def websocket_opened(self, extensions: str = "") -> List[Action]:
+        """
+        A new WebSocket is up (also after a reconnect): forget the old streams, wait for SERVICE_IDS.
+
+        @param extensions: the service's L{tunnelkit.protocol.flowcontrol.EXTENSIONS_HEADER} value
+            (empty: AWS's service, or an older one): this side announces its extensions only if the
+            service passes them on.
+        """
         actions = self._close_all("the tunnel's WebSocket was replaced")
         self._ready = False
         self._decoder = FrameDecoder()
+        offered = extensions.split()
+        self._offered = FLOW_CONTROL in offered and HALF_CLOSE in offered
+        self._peer = None
         return actions
 
     def websocket_lost(self) -> List[Action]:
-        """The WebSocket is gone: every local connection is closed, every stream forgotten."""
+        """The WebSocket is gone: every local connection is reset, every stream forgotten."""
         self._ready = False
+        self._peer = None
         return self._close_all("the tunnel's WebSocket connection was lost")
+
+    def _ready_now(self, actions: List[Action], was_ready: bool) -> List[Action]:
+        """After SERVICE_IDS: announce the extensions when the WebSocket just became ready."""
+        if self._offered and self._ready and not was_ready:
+            actions.append(SendFrames(announcement_frame(self.window), True))
+        return actions
+
+    # --- tunnelkit's extensions (flowcontrol) ---
+
+    def _extension(self, message: Message) -> List[Action]:
+        """An ANNOUNCE, WINDOW_UPDATE or EOF from the far peer."""
+        if not self._offered or not self._ready:
+            return []
+        kind = message.type
+        if kind == ANNOUNCE:
+            extensions = parse_announcement(message.payload)
+            self._peer = extensions if extensions is not None and extensions.usable else None
+            log.info(
+                "The tunnel's far peer {does} flow control and half-close",
+                does="announced" if self._peer is not None else "does not announce",
+            )
+            return []
+        service = self._lookup(message.serviceId)
+        connection_id = message.connectionId
+        if service is None or not connection_id or message.streamId != service.stream_id:
+            return []
+        connection = service.connections.get(connection_id)
+        if connection is None:
+            return []
+        if kind == WINDOW_UPDATE:
+            return self._window_update(service, connection_id, connection, window_increment(message.payload))
+        flow = connection.flow
+        if flow is None or flow.eof_received:
+            return []
+        flow.eof_received = True
+        if flow.ended:
+            return self._both_ended(service, connection_id)
+        if not connection.connected:
+            return []  # a destination's target is still being connected: local_connected says it
+        return [HalfCloseLocal(service.service_id, connection_id)]
+
+    def _adopt_flow(self, connection: "_Connection", increment: int) -> Optional[ConnectionFlow]:
+        """A WINDOW_UPDATE for a connection without flow control (the destination overrides)."""
+        return None
+
+    def _window_update(
+        self, service: "_Service", connection_id: int, connection: "_Connection", increment: int
+    ) -> List[Action]:
+        flow = connection.flow
+        if flow is None:
+            connection.flow = self._adopt_flow(connection, increment)
+            if connection.flow is None:
+                return []
+        elif not flow.grant(increment):
+            log.warn(
+                "Ignoring a window update of {increment} bytes for connection {connection_id} of {service_id}",
+                increment=increment,
+                connection_id=connection_id,
+                service_id=service.service_id or "-",
+            )
+            return []
+        return self._release(service, connection_id, connection)
+
+    def _release(self, service: "_Service", connection_id: int, connection: "_Connection") -> List[Action]:
+        """Send what credit now allows of the bytes held for lack of it (and a waiting EOF)."""
+        flow = connection.flow
+        assert flow is not None
+        actions: List[Action] = []
+        held = connection.held
+        if held:
+            allowed = flow.take(len(held))
+            if allowed:
+                actions += [SendFrames(batch) for batch in connection.encoder.encode(held[:allowed])]
+                connection.held = held[allowed:]
+            if connection.held:
+                return actions
+            connection.held = b""
+            actions.append(ResumeLocal(service.service_id, connection_id))
+        if flow.eof_pending:
+            flow.eof_pending = False
+            actions += self._send_eof(service, connection_id, connection)
+        return actions
+
+    def _send_data(
+        self, service: "_Service", connection_id: int, connection: "_Connection", data: Union[bytes, bytearray, memoryview]
+    ) -> List[Action]:
+        """DATA frames for bytes read from a local connection, within its credit."""
+        flow = connection.flow
+        if flow is None:
+            connection.sent += len(data)
+            return [SendFrames(batch) for batch in connection.encoder.encode(data)]
+        if connection.held or flow.eof_pending:
+            connection.held = bytes(connection.held) + bytes(data)
+            return []
+        size = len(data)
+        allowed = flow.take(size)
+        if allowed == size:
+            return [SendFrames(batch) for batch in connection.encoder.encode(data)]
+        view = memoryview(data)
+        actions: List[Action] = [SendFrames(batch) for batch in connection.encoder.encode(view[:allowed])]
+        connection.held = view[allowed:]
+        actions.append(PauseLocal(service.service_id, connection_id))
+        return actions
+
+    def _send_eof(self, service: "_Service", connection_id: int, connection: "_Connection") -> List[Action]:
+        flow = connection.flow
+        assert flow is not None
+        flow.eof_sent = True
+        actions: List[Action] = [
+            SendFrames(eof_frame(service.stream_id, service.wire_service_id, connection.wire_connection_id))
+        ]
+        if flow.ended:
+            actions += self._both_ended(service, connection_id)
+        return actions
+
+    def _both_ended(self, service: "_Service", connection_id: int) -> List[Action]:
+        """Both applications shut down their write sides: the connection ends normally."""
+        connection = service.connections.pop(connection_id)
+        return [
+            CloseLocal(service.service_id, connection_id, "both applications closed their side"),
+            SendFrames(
+                _control(
+                    _CONNECTION_RESET, service.stream_id, service.wire_service_id, connection.wire_connection_id
+                )
+            ),
+        ]
+
+    def _flow_violation(self, service: "_Service", connection_id: int, size: int) -> List[Action]:
+        """The peer sent more than it was granted: reset that connection only."""
+        connection = service.connections.pop(connection_id)
+        flow = connection.flow
+        log.error(
+            "Resetting connection {connection_id} of {service_id}: the peer sent {size} bytes with only "
+            "{allowed} granted (a flow-control error of the far proxy)",
+            connection_id=connection_id,
+            service_id=service.service_id or "-",
+            size=size,
+            allowed=flow.allowed if flow is not None else 0,
+        )
+        return [
+            CloseLocal(service.service_id, connection_id, "the peer broke flow control", True),
+            SendFrames(
+                _control(
+                    _CONNECTION_RESET, service.stream_id, service.wire_service_id, connection.wire_connection_id
+                )
+            ),
+        ]
+
+    def local_delivered(self, service_id: str, connection_id: int, size: int) -> List[Action]:
+        """
+        C{size} bytes of DATA (as received, before any adapter filter) were accepted by that local
+        socket's buffer: grant them back to the peer once enough are waiting (flow control).
+        """
+        service = self._services.get(service_id)
+        connection = service.connections.get(connection_id) if service is not None else None
+        if connection is None or connection.flow is None:
+            return []
+        increment = connection.flow.delivered(size)
+        if not increment:
+            return []
+        return [
+            SendFrames(
+                window_update_frame(
+                    service.stream_id, service.wire_service_id, connection.wire_connection_id, increment
+                )
+            )
+        ]
+
+    def local_eof(self, service_id: str, connection_id: int) -> List[Action]:
+        """
+        The local application shut down its write side (read EOF).  With flow control and half-close:
+        an EOF to the far peer (after the bytes still held), the other direction stays open.  Without:
+        the connection ends, as with AWS's clients (its reset goes to the peer).
+        """
+        service = self._services.get(service_id)
+        connection = service.connections.get(connection_id) if service is not None else None
+        if connection is None:
+            return []
+        flow = connection.flow
+        if flow is None:
+            return self.local_closed(service_id, connection_id) + [
+                CloseLocal(
+                    service_id,
+                    connection_id,
+                    "the application closed its side, and the tunnel's far peer cannot carry a half-close",
+                )
+            ]
+        if flow.eof_sent or flow.eof_pending:
+            return []
+        if connection.held:
+            flow.eof_pending = True
+            return []
+        return self._send_eof(service, connection_id, connection)
 
     def _close_all(self, reason: str) -> List[Action]:
         """Reset every connection (the WebSocket or the session failed: nothing ended cleanly)."""
@@ -465,15 +746,27 @@ class _Session(ABC):
 
 
 class _Connection:
-    """One local connection: its DATA encoder, and (destination) whether it is connected yet."""
+    """
+    One local connection: its DATA encoder, (destination) whether it is connected yet, and with
+    flow control its windows and the bytes read but not sent for lack of credit (C{held}).
+    """
 
-    __slots__ = ("encoder", "wire_connection_id", "connected", "pending")
+    __slots__ = ("encoder", "wire_connection_id", "connected", "pending", "flow", "held", "sent")
 
-    def __init__(self, encoder: DataFrameEncoder, wire_connection_id: int, connected: bool) -> None:
+    def __init__(
+        self,
+        encoder: DataFrameEncoder,
+        wire_connection_id: int,
+        connected: bool,
+        flow: Optional[ConnectionFlow] = None,
+    ) -> None:
         self.encoder = encoder
         self.wire_connection_id = wire_connection_id
         self.connected = connected
         self.pending: List[bytes] = []
+        self.flow = flow
+        self.held: Union[bytes, memoryview] = b""
+        self.sent = 0  # DATA bytes sent without flow control
 
 
 class _Service:
@@ -541,8 +834,9 @@ class SourceSession(_Session):
         service_ids: Optional[Sequence[str]],
         client_type: str = "V3",
         max_connections: int = 128,
+        window: int = DEFAULT_WINDOW,
     ) -> None:
-        super().__init__()
+        super().__init__(window)
         if client_type not in CLIENT_TYPES:
             raise ConfigError(
                 f"destination client type must be one of {', '.join(CLIENT_TYPES)}, not {client_type!r}"
@@ -573,9 +867,14 @@ class SourceSession(_Session):
                 log.debug("Stale message received. Dropping")
                 return []
             connection_id = self._connection_of(service, message.connectionId)
-            if connection_id not in service.connections:
+            connection = service.connections.get(connection_id)
+            if connection is None:
                 return []
-            return [WriteLocal(service.service_id, connection_id, message.payload)]
+            payload = message.payload
+            flow = connection.flow
+            if flow is not None and not flow.received(len(payload)):
+                return self._flow_violation(service, connection_id, len(payload))
+            return [WriteLocal(service.service_id, connection_id, payload)]
         if message_type == _STREAM_RESET:
             service = self._lookup(message.serviceId)
             if service is None or not service.stream_id or message.streamId != service.stream_id:
@@ -587,15 +886,19 @@ class SourceSession(_Session):
             if service is None or not service.stream_id or message.streamId != service.stream_id:
                 return []
             connection_id = self._connection_of(service, message.connectionId)
-            if service.connections.pop(connection_id, None) is None:
+            connection = service.connections.pop(connection_id, None)
+            if connection is None:
                 return []  # unknown or already closed: duplicates are normal
             if not self._v3:
                 service.stream_id = 0
-            return [CloseLocal(service.service_id, connection_id, "the destination closed the connection")]
+            return [_reset_or_close(service.service_id, connection_id, connection, "the destination")]
         if message_type == _SESSION_RESET:
             return self._close_all("the tunnel service reset the session")
         if message_type == _SERVICE_IDS:
-            return self._service_ids(message.availableServiceIds)
+            was_ready = self._ready
+            return self._ready_now(self._service_ids(message.availableServiceIds), was_ready)
+        if message_type in EXTENSION_TYPES:
+            return self._extension(message)
         if message_type == _STREAM_START or message_type == _CONNECTION_START:
             log.error(
                 "Dropping {type} for stream {stream_id}: only a source sends it, and this is the source",
@@ -695,10 +998,17 @@ class SourceSession(_Session):
             stream_id = service.stream_id
             frame = _control(_CONNECTION_START, stream_id, wire_service_id, connection_id)
             wire_connection_id = connection_id
+        flow = None
+        actions: List[Action] = [SendFrames(frame, True)]
+        if self._peer is not None and self._v3:
+            # Both peers announced: the destination's window is this connection's first credit;
+            # the WINDOW_UPDATE right after the start grants ours and tells the destination.
+            flow = ConnectionFlow(self._peer.window, self.window)
+            actions.append(SendFrames(window_update_frame(stream_id, wire_service_id, connection_id, self.window)))
         service.connections[connection_id] = _Connection(
-            DataFrameEncoder(stream_id, wire_service_id, wire_connection_id), wire_connection_id, True
+            DataFrameEncoder(stream_id, wire_service_id, wire_connection_id), wire_connection_id, True, flow
         )
-        return connection_id, [SendFrames(frame, True)]
+        return connection_id, actions
 
     def local_data(
         self, service_id: str, connection_id: int, data: Union[bytes, bytearray, memoryview]
@@ -710,7 +1020,7 @@ class SourceSession(_Session):
         connection = service.connections.get(connection_id)
         if connection is None:
             return []
-        return [SendFrames(batch) for batch in connection.encoder.encode(data)]
+        return self._send_data(service, connection_id, connection, data)
 
     def local_closed(self, service_id: str, connection_id: int) -> List[Action]:
         """A local connection closed: CONNECTION_RESET (V3) or STREAM_RESET (V1/V2)."""
@@ -740,8 +1050,8 @@ class DestinationSession(_Session):
     @param service_ids: the configured mapping's keys (C{""} = a bare V1 target).
     """
 
-    def __init__(self, service_ids: Sequence[str]) -> None:
-        super().__init__()
+    def __init__(self, service_ids: Sequence[str], window: int = DEFAULT_WINDOW) -> None:
+        super().__init__(window)
         self._configured = _check_mapping_keys(service_ids)
         self._buffered = 0
 
@@ -765,14 +1075,21 @@ class DestinationSession(_Session):
             connection = service.connections.get(connection_id)
             if connection is None:
                 return []
-            if connection.connected:
-                return [WriteLocal(service.service_id, connection_id, message.payload)]
             payload = message.payload
+            flow = connection.flow
+            if flow is not None and not flow.received(len(payload)):
+                self._drop_pending(connection)
+                return self._flow_violation(service, connection_id, len(payload))
+            if connection.connected:
+                return [WriteLocal(service.service_id, connection_id, payload)]
             connection.pending.append(payload)
             self._buffered += len(payload)
             return []
         if message_type == _SERVICE_IDS:
-            return self._service_ids(message.availableServiceIds)
+            was_ready = self._ready
+            return self._ready_now(self._service_ids(message.availableServiceIds), was_ready)
+        if message_type in EXTENSION_TYPES:
+            return self._extension(message)
         if message_type not in (
             _STREAM_START,
             _CONNECTION_START,
@@ -813,7 +1130,7 @@ class DestinationSession(_Session):
         if connection is None:
             return []  # unknown or already closed: duplicates are normal
         self._drop_pending(connection)
-        return [CloseLocal(service.service_id, connection_id, "the source closed the connection")]
+        return [_reset_or_close(service.service_id, connection_id, connection, "the source")]
 
     def _drop_pending(self, connection: _Connection) -> None:
         if connection.pending:
@@ -913,6 +1230,15 @@ class DestinationSession(_Session):
         service.wire_service_id = message.serviceId
         return [ConnectTarget(service.service_id, connection_id, service.mapping_key)]
 
+    def _adopt_flow(self, connection: _Connection, increment: int) -> Optional[ConnectionFlow]:
+        """
+        The source's first WINDOW_UPDATE for a connection (right after its start): the source uses
+        flow control and half-close on it.  Our window is what the source assumed (we announced it).
+        """
+        if not connection.wire_connection_id or connection.sent > increment:
+            return None
+        return ConnectionFlow(increment - connection.sent, self.window)
+
     def local_connected(self, service_id: str, connection_id: int) -> List[Action]:
         """The target connection is open: release what arrived meanwhile."""
         connection = self._connection(service_id, connection_id)
@@ -920,11 +1246,14 @@ class DestinationSession(_Session):
             return [CloseLocal(service_id, connection_id, "the stream was reset while connecting", True)]
         connection.connected = True
         pending = connection.pending
-        if not pending:
-            return []
-        connection.pending = []
-        self._buffered -= sum(map(len, pending))
-        return [WriteLocal(service_id, connection_id, data) for data in pending]
+        actions: List[Action] = []
+        if pending:
+            connection.pending = []
+            self._buffered -= sum(map(len, pending))
+            actions = [WriteLocal(service_id, connection_id, data) for data in pending]
+        if connection.flow is not None and connection.flow.eof_received:
+            actions.append(HalfCloseLocal(service_id, connection_id))
+        return actions
 
     def local_connect_failed(self, service_id: str, connection_id: int) -> List[Action]:
         """The target could not be reached (after the proxy's retries): reset the connection or stream."""
@@ -934,10 +1263,11 @@ class DestinationSession(_Session):
         self, service_id: str, connection_id: int, data: Union[bytes, bytearray, memoryview]
     ) -> List[Action]:
         """Bytes read from a target connection: DATA frames in the source's format."""
-        connection = self._connection(service_id, connection_id)
+        service = self._services.get(service_id)
+        connection = service.connections.get(connection_id) if service is not None else None
         if connection is None:
             return []
-        return [SendFrames(batch) for batch in connection.encoder.encode(data)]
+        return self._send_data(service, connection_id, connection, data)
 
     def local_closed(self, service_id: str, connection_id: int) -> List[Action]:
         """A target connection closed: CONNECTION_RESET, or STREAM_RESET for a V1/V2 stream."""

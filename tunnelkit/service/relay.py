@@ -100,6 +100,13 @@ from tunnelkit.protocol.framing import (
     parse_message,
 )
 from tunnelkit.protocol.message_pb2 import Message
+from tunnelkit.protocol.flowcontrol import (
+    ANNOUNCE,
+    EXTENSION_TYPES,
+    EXTENSIONS_HEADER,
+    OFFERED,
+    WITHDRAWAL_FRAME,
+)
 from tunnelkit.protocol.rules import PeerRules
 from tunnelkit.service.audit import NO_AUDIT
 from tunnelkit.service.interfaces import (
@@ -702,6 +709,7 @@ class Relay:
         if other is not None:
             if old is not None:
                 other.send_frames(link.stream_resets())
+                withdraw_announcement(other)
             if side == DESTINATION and other.rules is not None:
                 for service_id in other.rules.started_services:
                     peer.rules.note_stream_started(service_id)
@@ -790,6 +798,7 @@ class Relay:
             other.resume_reading("backpressure")
             if link.closed_reason is None:
                 other.send_frames(link.stream_resets())
+            withdraw_announcement(other)
         link.active_streams.clear()
         if link.closed_reason != "shutdown":
             self._set_state(link.tunnel_id, side, False)
@@ -973,6 +982,8 @@ class PeerProtocol(WebSocketServerProtocol):
         self._awaiting_size = 0  # its payload size
         self._awaiting_mask = b""  # and its mask
         self._framed: Optional[bytes] = None  # the message onMessage has, as a frame to send on
+        self.announcement: Optional[bytes] = None  # the peer's ANNOUNCE frame (tunnelkit extensions)
+        self.told = False  # whether this peer was sent its current partner's announcement
         self._outbox_framed: Optional[bytes] = None  # the outbox's only message, already framed
         self.heard = True  # something arrived since the last liveness check
         self.silent_since = 0.0  # when the last liveness check found it had heard something
@@ -1011,7 +1022,7 @@ class PeerProtocol(WebSocketServerProtocol):
         self.subprotocol = checked.subprotocol
         self.version = checked.version
         self._direction = _DIRECTION[grant.side]
-        return checked.subprotocol, {"channel-id": self.channel_id}
+        return checked.subprotocol, {"channel-id": self.channel_id, EXTENSIONS_HEADER: OFFERED}
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         """Answer a refused upgrade with a short text body and the channel id."""
@@ -1270,6 +1281,8 @@ class PeerProtocol(WebSocketServerProtocol):
         link = self.link
         partner = link.peers.get(_OTHER_SIDE[self.side])
         cuts: List[int] = []  # indexes of frames after which a WebSocket message must end
+        skip: List[int] = []  # extension frames not forwarded
+        announced = False
         size = 0
         last = len(bodies) - 1
         for index, body in enumerate(bodies):
@@ -1297,17 +1310,40 @@ class PeerProtocol(WebSocketServerProtocol):
                 service_id = message.serviceId
                 if link.active_streams.get(service_id) == message.streamId:
                     del link.active_streams[service_id]
-        if not bodies:
-            return
-        if partner is None:
-            self.factory.relay.metrics.dropped("peer_absent", len(bodies))
-            return
-        self.factory.relay.metrics.relayed(self._direction, len(bodies), size)
-        if whole and (not cuts or cuts == [last]):
-            partner.queue(payload, bool(cuts), self._framed)
-            self._flush_target = partner
-        else:
-            self._forward(partner, bodies, cuts, True)
+            elif kind in EXTENSION_TYPES:
+                # Announcements are exchanged by the relay; the others go only between peers that
+                # were both told of each other's announcement.
+                if kind == ANNOUNCE:
+                    skip.append(index)
+                    if message.payload and self.announcement is None:
+                        self.announcement = _pack_length(len(body)) + bytes(body)
+                        announced = True
+                elif not self.told or partner is None or not partner.told:
+                    skip.append(index)
+        if skip:
+            metrics = self.factory.relay.metrics
+            dropped = len(skip) - (1 if announced else 0)
+            if dropped:
+                metrics.dropped("extension_not_announced", dropped)
+            skipped = set(skip)
+            kept = [i for i in range(len(bodies)) if i not in skipped]
+            cuts = [kept.index(i) for i in cuts if i in kept]
+            bodies = [bodies[i] for i in kept]
+            size = sum(len(b) + 2 for b in bodies)
+            whole = False
+            last = len(bodies) - 1
+        if bodies:
+            if partner is None:
+                self.factory.relay.metrics.dropped("peer_absent", len(bodies))
+            else:
+                self.factory.relay.metrics.relayed(self._direction, len(bodies), size)
+                if whole and (not cuts or cuts == [last]):
+                    partner.queue(payload, bool(cuts), self._framed)
+                    self._flush_target = partner
+                else:
+                    self._forward(partner, bodies, cuts, True)
+        if announced and partner is not None:
+            exchange_announcements(self, partner)
 
     def _forward(self, partner: "PeerProtocol", bodies: List[bytes], cuts: List[int], defer: bool) -> None:
         cut_set = set(cuts)
@@ -1400,6 +1436,24 @@ class PeerProtocol(WebSocketServerProtocol):
         if message:
             total += sum(len(part) for part in message)
         return total + _transport_buffered(self.transport)
+
+
+def exchange_announcements(one: PeerProtocol, other: PeerProtocol) -> None:
+    """Once both peers announced tunnelkit's extensions, give each the other's announcement."""
+    if one.announcement is None or other.announcement is None:
+        return
+    for peer, partner in ((one, other), (other, one)):
+        if not peer.told:
+            peer.flush_outbox()
+            peer.send_frames([partner.announcement])
+            peer.told = True
+
+
+def withdraw_announcement(peer: PeerProtocol) -> None:
+    """The peer's partner went away or was replaced: it must not use the extensions until told again."""
+    if peer.told:
+        peer.told = False
+        peer.send_frames([WITHDRAWAL_FRAME])
 
 
 def build_factory(relay: Relay) -> WebSocketServerFactory:

@@ -1,55 +1,68 @@
-# -*- test-case-name: tests.test_localproxy_flow -*-
+# -*- test-case-name: tests.test_localproxy_session -*-
 """
-Flow control between the local sockets and the tunnel's one WebSocket.
-
-Two directions, two throttles:
+Flow control between the local sockets and the tunnel's one WebSocket (see the README, "Flow control,
+half-close and how connections end").
 
   - L{LocalReadThrottle} -- local sockets -> WebSocket.  Registered as the streaming producer of the
     WebSocket's transport: when that transport's send buffer fills up, Twisted calls
     C{pauseProducing} and every local connection stops reading; C{resumeProducing} starts them again.
-    A connection accepted while paused starts paused.
+    A connection accepted while paused starts paused.  (Each connection also pauses itself for its own
+    reasons: no credit, pacing; see L{tunnelkit.localproxy.connection}.)
 
-  - L{WebSocketReadThrottle} -- WebSocket -> local sockets.  Each local connection registers a
-    L{SinkProducer} on its own transport; when that transport's send buffer passes its limit (the
-    transport's C{bufferSize}, about 128 KiB here), the WebSocket's reads are paused until every full
-    local buffer has drained.
+  - L{WebSocketReadThrottle} -- WebSocket -> local sockets.  With a peer that speaks flow control,
+    a slow local reader only holds back its own credit and never pauses the WebSocket.  With a peer
+    that does not (AWS's clients), a local connection whose send buffer is full keeps taking bytes
+    up to C{per_connection} more, and all of them together up to C{per_tunnel}; past either bound the
+    WebSocket's reads pause (one log line names the connection) until that connection drains.  Data
+    held for connections still being opened pauses it at once (L{WebSocketReadThrottle.sink_full}).
 
-Trade-off (the protocol has no per-stream window): one local reader that stalls pauses the whole
-WebSocket, so the other connections of the tunnel wait too.  In exchange memory stays bounded: at most
-one WebSocket read plus the local send buffers, whatever the peer sends.  Dropping or buffering without
-bound are the only alternatives, and both are worse.
-
-Twisted calls C{pauseProducing} on every write while a buffer is full, so both throttles are
-idempotent per sink (sets, not counters).
+Twisted calls C{pauseProducing} on every write while a buffer is full, so everything here is
+idempotent per connection (sets and dicts, not counters).
 """
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Optional, Set
+from typing import Any, Dict, Hashable, Optional, Set
 
 from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
 from zope.interface import implementer
 
-__all__ = ["LocalReadThrottle", "WebSocketReadThrottle", "SinkProducer"]
+__all__ = [
+    "LocalReadThrottle",
+    "WebSocketReadThrottle",
+    "LEGACY_CONNECTION_BUFFER",
+    "LEGACY_TUNNEL_BUFFER",
+]
+
+#: Bytes one local connection may buffer past its transport's limit, toward a peer without flow control.
+LEGACY_CONNECTION_BUFFER = 4 << 20
+#: Bytes all of a tunnel's local connections may buffer so, together.
+LEGACY_TUNNEL_BUFFER = 16 << 20
+
+log = Logger()
 
 
 @implementer(IPushProducer)
 class LocalReadThrottle:
     """Pauses the reads of every registered local transport while the WebSocket cannot take more."""
 
+    CAUSE = "websocket"
+
     def __init__(self) -> None:
         self.paused = False
         self._transports: Set[Any] = set()
 
-    def add(self, transport: Any) -> None:
-        """Start managing C{transport}'s reads (paused now if the WebSocket is full)."""
-        self._transports.add(transport)
+    def add(self, reader: Any) -> None:
+        """Start managing C{reader}'s reads (a local connection with C{pause_reading(cause)} and
+        C{resume_reading(cause)}); paused now if the WebSocket is full."""
+        self._transports.add(reader)
         if self.paused:
-            transport.pauseProducing()
+            reader.pause_reading(self.CAUSE)
 
-    def remove(self, transport: Any) -> None:
-        """Stop managing C{transport} (it closed)."""
-        self._transports.discard(transport)
+    def remove(self, reader: Any) -> None:
+        """Stop managing C{reader} (it closed)."""
+        self._transports.discard(reader)
 
     def __len__(self) -> int:
         return len(self._transports)
@@ -59,15 +72,15 @@ class LocalReadThrottle:
         if self.paused:
             return
         self.paused = True
-        for transport in list(self._transports):
-            transport.pauseProducing()
+        for reader in list(self._transports):
+            reader.pause_reading(self.CAUSE)
 
     def resumeProducing(self) -> None:
         if not self.paused:
             return
         self.paused = False
-        for transport in list(self._transports):
-            transport.resumeProducing()
+        for reader in list(self._transports):
+            reader.resume_reading(self.CAUSE)
 
     def stopProducing(self) -> None:
         """The WebSocket is going away: the session closes the local connections itself."""
@@ -75,11 +88,57 @@ class LocalReadThrottle:
 
 
 class WebSocketReadThrottle:
-    """Pauses the WebSocket's reads while any local connection's send buffer is full."""
+    """
+    Pauses the WebSocket's reads while data waits for connections being opened (L{sink_full}), or
+    while a connection to a peer without flow control buffers too much (L{legacy_written}).
+    """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, per_connection: int = LEGACY_CONNECTION_BUFFER, per_tunnel: int = LEGACY_TUNNEL_BUFFER
+    ) -> None:
+        self.per_connection = per_connection
+        self.per_tunnel = per_tunnel
         self._full: Set[Hashable] = set()
         self._websocket: Optional[Any] = None
+        self._excess: Dict[Hashable, int] = {}  # bytes written to a full local buffer
+        self._excess_total = 0
+
+    @property
+    def legacy_buffered(self) -> int:
+        """Bytes written to full local buffers of connections without flow control."""
+        return self._excess_total
+
+    def legacy_full(self, key: Hashable) -> None:
+        """Connection C{key} (without flow control) has a full send buffer: count what it takes now."""
+        self._excess.setdefault(key, 0)
+
+    def legacy_written(self, key: Hashable, size: int, name: str) -> None:
+        """C{size} bytes written to C{key}'s full buffer; pause the WebSocket past the bounds."""
+        excess = self._excess.get(key)
+        if excess is None:
+            return
+        excess += size
+        self._excess[key] = excess
+        self._excess_total += size
+        if key in self._full:
+            return
+        if excess > self.per_connection or self._excess_total > self.per_tunnel:
+            log.warn(
+                "Pausing the tunnel's WebSocket: {name} does not read what arrives for it ({excess} bytes "
+                "waiting, {total} for the whole tunnel), and the far peer has no per-connection flow "
+                "control (AWS's clients); every connection of the tunnel waits until it reads",
+                name=name,
+                excess=excess,
+                total=self._excess_total,
+            )
+            self.sink_full(key)
+
+    def legacy_drained(self, key: Hashable) -> None:
+        """C{key}'s send buffer drained (or the connection is gone)."""
+        excess = self._excess.pop(key, None)
+        if excess is not None:
+            self._excess_total -= excess
+        self.sink_drained(key)
 
     @property
     def paused(self) -> bool:
@@ -116,24 +175,3 @@ class WebSocketReadThrottle:
         self._full.discard(key)
         if not self._full and self._websocket is not None:
             self._websocket.resumeProducing()
-
-
-@implementer(IPushProducer)
-class SinkProducer:
-    """
-    Registered on a local connection's transport: tells the L{WebSocketReadThrottle} when that
-    transport's send buffer is full or drained.  C{key} names the connection.
-    """
-
-    def __init__(self, throttle: WebSocketReadThrottle, key: Hashable) -> None:
-        self._throttle = throttle
-        self._key = key
-
-    def pauseProducing(self) -> None:
-        self._throttle.sink_full(self._key)
-
-    def resumeProducing(self) -> None:
-        self._throttle.sink_drained(self._key)
-
-    def stopProducing(self) -> None:
-        self._throttle.sink_drained(self._key)

@@ -46,6 +46,7 @@ from zope.interface import Interface
 
 import tunnelkit
 from tunnelkit.errors import FramingError
+from tunnelkit.protocol.flowcontrol import EXTENSIONS_HEADER
 from tunnelkit.protocol.framing import MAX_WEBSOCKET_FRAME, FrameDecoder, Message, parse_message
 
 __all__ = [
@@ -249,6 +250,7 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
         self._opened = False
         self._ended = False
         self.channel_id: Optional[str] = None
+        self.extensions = ""  # the service's EXTENSIONS_HEADER: which extensions it passes on
         self.subprotocol: Optional[str] = None
 
     # --- connection and handshake ---
@@ -308,6 +310,7 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
             self._handshake_timer.cancel()
         self._handshake_timer = None
         self.channel_id = response.headers.get("channel-id")
+        self.extensions = response.headers.get(EXTENSIONS_HEADER.lower(), "")[:256]
         if not response.protocol:
             self._rejected = WebSocketEnded(
                 "retry", "No websocket subprotocol returned from proxy server!"
