@@ -269,6 +269,37 @@ class CreditTests(SessionFlowTestCase):
         self.assertEqual(others(actions), [PauseLocal("SSH", 1)])
 
 
+class LateAnnouncementTests(SessionFlowTestCase):
+    def test_connection_accepted_before_the_announcement_switches(self) -> None:
+        """A connection accepted in the round trip before the destination's announcement arrived."""
+        source = SourceSession(["SSH"], window=self.WINDOW)
+        destination = DestinationSession(["SSH"], window=self.WINDOW)
+        self.announced(source)
+        self.announced(destination)
+        _, actions = source.local_accepted("SSH")
+        (start,) = sent(actions)
+        (early,) = sent(source.local_data("SSH", 1, b"e" * 5000))  # no credit limit yet
+        destination.receive(parse_message(announcement_frame(self.WINDOW)[2:]))
+        destination.receive(start)
+        destination.local_connected("SSH", 1)
+        destination.receive(early)
+        (marker,) = sent(source.receive(parse_message(announcement_frame(self.WINDOW)[2:])))
+        self.assertEqual((marker.type, window_increment(marker.payload)), (WINDOW_UPDATE, self.WINDOW))
+        self.assertEqual(destination.receive(marker), [])
+        self.assertTrue(destination.flow_controlled("SSH", 1))
+        self.assertEqual(len(sent(source.local_data("SSH", 1, b"f" * 1500))[0].payload), self.WINDOW)
+        self.assertEqual(sent(source.local_eof("SSH", 1)), [])  # after the held bytes
+        self.assertEqual(destination.receive(parse_message(eof_frame(1, "SSH", 1)[2:])), [HalfCloseLocal("SSH", 1)])
+
+    def test_connection_that_heard_from_the_destination_stays_without(self) -> None:
+        source = SourceSession(["SSH"], window=self.WINDOW)
+        self.announced(source)
+        source.local_accepted("SSH")
+        source.receive(Message(type=DATA, streamId=1, serviceId="SSH", connectionId=1, payload=b"banner"))
+        self.assertEqual(source.receive(parse_message(announcement_frame(self.WINDOW)[2:])), [])
+        self.assertFalse(source.flow_controlled("SSH", 1))
+
+
 class HalfCloseTests(SessionFlowTestCase):
     def test_both_directions_end_then_the_connection(self) -> None:
         source, destination = self.peers()

@@ -506,6 +506,31 @@ class FlowControlTests(TestCase):
         self.assertEqual(data.payload, b"still talking")
 
 
+class PacingTests(TestCase):
+    def test_paces_toward_a_peer_without_flow_control(self):
+        reactor = MemoryReactorClock()
+        side = SourceSide({"SSH1": 0}, "127.0.0.1", reactor)
+        proxy = LocalProxySession(
+            side, ServiceEndpoint("127.0.0.1", 1, secure=False), "token", "c" * 36, reactor, reactor, pace=100000
+        )
+        websocket = FakeWebSocket()
+        proxy.websocket_opened(websocket)
+        proxy.messages_received([service_ids("SSH1")])
+        connection = reactor.tcpServers[0][1].buildProtocol(PEER)
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        connection.dataReceived(b"p" * 65536)  # the burst
+        self.assertEqual(transport.producerState, "producing")
+        connection.dataReceived(b"p" * 50000)  # half a second's worth over it
+        self.assertEqual(transport.producerState, "paused")
+        reactor.advance(0.49)
+        self.assertEqual(transport.producerState, "paused")
+        reactor.advance(0.02)
+        self.assertEqual(transport.producerState, "producing")
+        connection.connectionLost(Failure(Exception("gone")))
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+
 class UnixTargetTests(TestCase):
     def test_unix_socket_target(self):
         reactor = MemoryReactorClock()

@@ -65,7 +65,7 @@ class SlowReaderTests(TestCase):
         for name in processes:
             self.assertLess(stalled[name] - idle[name], 24, f"{name}: {idle[name]:.1f} -> {stalled[name]:.1f} MB")
 
-        # the stalled reader pauses the WebSocket: the tunnel's other service waits, then resumes
+        # between tunnelkit peers the stalled reader holds back only its own connection's credit
         block = hashlib.sha256(b"firehose").digest() * 2048
         digest = hashlib.sha256()
         received = 0

@@ -173,6 +173,9 @@ class Options(TunnelClientOptions):
         ["max-connections", None, 128, "Source: the most simultaneous connections per service.", positive_int],
         ["connect-retries", None, 5, "Destination: retries of a refused target before the reset.", _count],
         ["connect-retry-delay", None, 2.5, "Destination: seconds between those retries.", _seconds],
+        ["pace", None, 0, "Bytes per second each connection may send when the far peer has no per-connection "
+         "flow control (AWS's localproxy, whose destination dies when data comes faster than its target "
+         "reads it); 0: no pacing.", _count],
     ]
 
     repeatable = {"adapter": str, "adapters": str, "adapter-option": str}
@@ -381,7 +384,8 @@ def build_session(options: Options, reactor: Any, clock: Any = None) -> LocalPro
             probe_targets=not options["no-probe"],
         )
     session = LocalProxySession(
-        side, options.service_endpoint, options["access-token"], options["client-token"], reactor, clock
+        side, options.service_endpoint, options["access-token"], options["client-token"], reactor, clock,
+        pace=options["pace"],
     )
     session.factory.verbose = options["verbose"] >= 5
     return session

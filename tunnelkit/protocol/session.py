@@ -540,7 +540,7 @@ class _Session(ABC):
                 "The tunnel's far peer {does} flow control and half-close",
                 does="announced" if self._peer is not None else "does not announce",
             )
-            return []
+            return self._upgrade_connections() if self._peer is not None else []
         service = self._lookup(message.serviceId)
         connection_id = message.connectionId
         if service is None or not connection_id or message.streamId != service.stream_id:
@@ -563,6 +563,10 @@ class _Session(ABC):
     def _adopt_flow(self, connection: "_Connection", increment: int) -> Optional[ConnectionFlow]:
         """A WINDOW_UPDATE for a connection without flow control (the destination overrides)."""
         return None
+
+    def _upgrade_connections(self) -> List[Action]:
+        """The far peer's announcement arrived (the source overrides: connections opened just before)."""
+        return []
 
     def _window_update(
         self, service: "_Service", connection_id: int, connection: "_Connection", increment: int
@@ -751,7 +755,7 @@ class _Connection:
     flow control its windows and the bytes read but not sent for lack of credit (C{held}).
     """
 
-    __slots__ = ("encoder", "wire_connection_id", "connected", "pending", "flow", "held", "sent")
+    __slots__ = ("encoder", "wire_connection_id", "connected", "pending", "flow", "held", "sent", "received")
 
     def __init__(
         self,
@@ -767,6 +771,7 @@ class _Connection:
         self.flow = flow
         self.held: Union[bytes, memoryview] = b""
         self.sent = 0  # DATA bytes sent without flow control
+        self.received = 0  # (source) DATA bytes received without flow control
 
 
 class _Service:
@@ -872,7 +877,9 @@ class SourceSession(_Session):
                 return []
             payload = message.payload
             flow = connection.flow
-            if flow is not None and not flow.received(len(payload)):
+            if flow is None:
+                connection.received += len(payload)
+            elif not flow.received(len(payload)):
                 return self._flow_violation(service, connection_id, len(payload))
             return [WriteLocal(service.service_id, connection_id, payload)]
         if message_type == _STREAM_RESET:
@@ -907,6 +914,25 @@ class SourceSession(_Session):
             )
             return []
         return self._unknown_type(message)
+
+    def _upgrade_connections(self) -> List[Action]:
+        """
+        Connections accepted in the round trip before the destination's announcement arrived: those
+        that received nothing yet switch to flow control now (a WINDOW_UPDATE after the DATA already
+        sent tells the destination; every byte it sent is still to arrive, so both count alike).
+        """
+        actions: List[Action] = []
+        if not self._v3:
+            return actions
+        assert self._peer is not None
+        for service in self._services.values():
+            for connection_id, connection in service.connections.items():
+                if connection.flow is None and not connection.received:
+                    connection.flow = ConnectionFlow(self._peer.window, self.window)
+                    actions.append(
+                        SendFrames(window_update_frame(service.stream_id, service.wire_service_id, connection_id, self.window))
+                    )
+        return actions
 
     def _connection_of(self, service: _Service, wire_connection_id: int) -> int:
         if self._v3:
@@ -1234,10 +1260,12 @@ class DestinationSession(_Session):
         """
         The source's first WINDOW_UPDATE for a connection (right after its start): the source uses
         flow control and half-close on it.  Our window is what the source assumed (we announced it).
+        What we sent before counts against the grant (the source counts it on arrival; should that
+        exceed its window, the source resets the connection: honest, if rare).
         """
-        if not connection.wire_connection_id or connection.sent > increment:
+        if not connection.wire_connection_id:
             return None
-        return ConnectionFlow(increment - connection.sent, self.window)
+        return ConnectionFlow(max(0, increment - connection.sent), self.window)
 
     def local_connected(self, service_id: str, connection_id: int) -> List[Action]:
         """The target connection is open: release what arrived meanwhile."""

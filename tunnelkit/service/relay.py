@@ -54,6 +54,17 @@ C{tunnelkit_dropped_frames_total{reason="peer_absent"}}).
 When a peer goes away (or is replaced), the other side gets a STREAM_RESET for each stream the
 source had started and not reset, so it closes the local connections at once.
 
+tunnelkit's extensions
+======================
+The 101 answer carries C{X-Tunnelkit-Extensions: flow-control/1 half-close/1}
+(L{tunnelkit.protocol.flowcontrol}).  A peer's ANNOUNCE is kept, not forwarded, until the other
+peer announced too; then each gets the other's (and a new peer that replaces one gets the stored
+one when it announces).  WINDOW_UPDATE and EOF frames pass untouched only between two peers that
+were told of each other; otherwise they are dropped (C{tunnelkit_dropped_frames_total
+{reason="extension_not_announced"}}).  When a peer goes away or is replaced, the other one (if it was
+told) gets an empty ANNOUNCE: its partner announces nothing now.  AWS's clients never announce, so
+they never see an extension message.
+
 Close codes the service sends
 =============================
   ====  ==========================================  ===========================================

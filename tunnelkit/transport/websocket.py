@@ -5,7 +5,8 @@ The local proxy's WebSocket to the tunnel service (autobahn), as AWS's localprox
 Handshake: C{GET /tunnel?local-proxy-mode=source|destination}, C{Sec-WebSocket-Protocol:
 aws.iot.securetunneling-3.0} (whatever C{-y} says: the message format is chosen per message),
 C{access-token}, and C{client-token} when one is set.  The 101 must echo a subprotocol; its optional
-C{channel-id} header is logged as the session id.
+C{channel-id} header is logged as the session id, and its C{X-Tunnelkit-Extensions} header (tunnelkit's
+service only) is kept in C{extensions}: the session then announces flow control and half-close.
 
 After the 101: a ping right away and every 20 s, its payload the epoch time in milliseconds as ASCII
 digits (the pong's latency is logged at debug level).  Binary messages are a byte stream of tunnel
