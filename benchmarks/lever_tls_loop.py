@@ -16,6 +16,10 @@ the comparison runs the same checkout.  Printed per variant: 1-connection MB/s (
 stock), CPU seconds per GB of each process and their sum, RTT p50/p99.
 
     python benchmarks/lever_tls_loop.py [--megabytes 256] [--repeat 3] [--variants stock,batched]
+
+To run another benchmark with levers (e.g. the store's C{sqlite-normal}, for bench_tunnel's handshake
+part): C{lever_tls_loop.py --sitecustomize DIR}, then run it with C{PYTHONPATH=DIR:...} and
+C{TUNNELKIT_LEVERS=sqlite-normal,batched,aes128} (any of them).
 """
 
 from __future__ import annotations
@@ -52,6 +56,17 @@ if "aes128" in _levers:
         self.set_tls13_ciphersuites(b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256")
 
     SSL.Context.__init__ = _context_init
+
+if "sqlite-normal" in _levers:  # the store's WAL with synchronous=NORMAL: no fsync per commit
+    from tunnelkit.service import store_sqlite
+
+    _store_init = store_sqlite.SQLiteStore.__init__
+
+    def _store_init_normal(self, *args, **kwargs):
+        _store_init(self, *args, **kwargs)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+
+    store_sqlite.SQLiteStore.__init__ = _store_init_normal
 
 if "batched" in _levers:
     from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
@@ -125,7 +140,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--round-trips", type=int, default=1000)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--sitecustomize", metavar="DIR", help="only write the lever module into DIR")
     args = parser.parse_args()
+    if args.sitecustomize:
+        os.makedirs(args.sitecustomize, exist_ok=True)
+        with open(os.path.join(args.sitecustomize, "sitecustomize.py"), "w") as f:
+            f.write(SITECUSTOMIZE)
+        return
     variants = args.variants.split(",")
     cleanups = _Cleanups()
     h = Harness(cleanups)
