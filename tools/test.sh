@@ -4,7 +4,9 @@
 set -u
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="mosquitto openssh-server openssh-client x11vnc xvfb"
+APT_PACKAGES="mosquitto openssh-server openssh-client x11vnc xvfb chromium chromium-driver libnss3-tools"
+# The web console's terminal code comes from npm (tunnelkit/service/console/vendor/package.json).
+command -v npm >/dev/null 2>&1 || APT_PACKAGES="$APT_PACKAGES npm"
 missing=""
 for p in $APT_PACKAGES; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -20,6 +22,10 @@ if [ -n "$missing" ]; then
 fi
 # The service's sshd end-to-end tests run sshd directly; it wants this directory.
 [ -d /run/sshd ] || mkdir -p /run/sshd 2>/dev/null || true
+
+# The web console's terminal: xterm.js and its fit add-on, the versions package-lock.json names.
+npm ci --prefix tunnelkit/service/console/vendor --no-audit --no-fund >/dev/null \
+  || { echo "npm ci --prefix tunnelkit/service/console/vendor failed"; exit 1; }
 
 python3 -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test]' \
   || { echo "pip install failed"; exit 1; }

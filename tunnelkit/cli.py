@@ -23,6 +23,8 @@ Operator commands work directly on the state directory's database (the service m
     tunnelkit admin revoke-key KEYID
     tunnelkit admin list-keys
     tunnelkit admin list-accounts
+    tunnelkit admin create-user|reset-password|delete-user ACCOUNT NAME   (console users; password from stdin)
+    tunnelkit admin list-users [ACCOUNT]
 
 Exit status: 0 on success, 2 for a usage error, 255 when the service refuses a request or cannot be
 reached (as the AWS CLI), 1 for any other error.
@@ -241,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("key_id", metavar="KEYID")
     admin_commands.add_parser("list-keys", parents=[state], help="List access keys (without secrets).")
     admin_commands.add_parser("list-accounts", parents=[state], help="List accounts.")
+    # Console users (the web console's sign-in): tunnelkit/service/console/admin.py.
+    from tunnelkit.service.console.admin import add_user_commands
+
+    add_user_commands(admin_commands, state)
     return parser
 
 
@@ -527,6 +533,10 @@ def run_admin_command(args: argparse.Namespace, out: TextIO, now: Callable[[], f
             }
         elif args.admin_command == "list-accounts":
             result = {"Accounts": [_account_json(a) for a in store.list_accounts()]}
+        elif args.admin_command in ("create-user", "list-users", "reset-password", "delete-user"):
+            from tunnelkit.service.console.admin import run_user_command
+
+            result = run_user_command(args, store, state_dir, now())
         else:  # pragma: no cover - argparse only allows the commands above
             raise CliError(f"unknown admin command {args.admin_command}", 2)
     except StoreError as e:

@@ -37,6 +37,7 @@ from tunnelkit.service.store_sqlite import open_store
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 
 from tunnelkit.service.dataplane import DataPlaneOptions, mount_data_plane
+from tunnelkit.service.console import ConsoleOptions, build_console, mount_console
 
 log = Logger()
 
@@ -79,7 +80,7 @@ def duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
-class Options(ModeOptions, DataPlaneOptions, NotifyOptions, NvxOptions):  # type: ignore[misc,valid-type]
+class Options(ModeOptions, DataPlaneOptions, NotifyOptions, NvxOptions, ConsoleOptions):  # type: ignore[misc,valid-type]
     """The options of C{--mode service}."""
 
     synopsis = "Usage: twistd -n tunnelkit --mode service [options]"
@@ -252,7 +253,12 @@ class TunnelService(MultiService):
             closed_retention=options.get("closed-retention", DEFAULT_CLOSED_RETENTION),
         )
         self.control.lifecycle.setServiceParent(self)
-        root.putChild(b"", ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds)))
+        api = ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds))
+        root.putChild(b"", api)
+        self.console = None
+        if not options.get("no-console"):  # the web console under /console/ (GET / redirects there)
+            self.console = build_console(self, options, clock, reactor)
+            mount_console(root, api, self.console)
         self.site = ServiceSite(root, reactor=reactor)
         self.listeners: List[_Listener] = []
         for description in options["listen"]:
@@ -282,6 +288,14 @@ class TunnelService(MultiService):
                 state=self.state_dir,
             )
         self._announced = False
+
+    def data_plane_address(self) -> Optional[Any]:
+        """(secure, port) of the first listener once it listens (the console connects to it), or None."""
+        for listener in self.listeners:
+            if listener.port is not None:
+                secure = listener.shown.split(":", 1)[0].lower() == "ssl"
+                return secure, listener.port.getHost().port
+        return None
 
     def _check_names(self, description: str, hostnames: Any) -> None:
         """Warn when clients may reach an C{ssl:} listener by a name its generated certificate lacks."""
