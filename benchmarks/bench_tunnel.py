@@ -1,34 +1,64 @@
 """
-Throughput and latency through source + service + destination, against direct TCP and `ssh -L` to
-the same target, in one run on this machine (absolute numbers drift between runs; compare ratios).
+The whole performance table of tunnelkit against what a user would run instead, in one run on this
+machine (absolute figures drift between runs; compare the ratios, measured seconds apart).
 
-    python benchmarks/bench_tunnel.py [--megabytes 512] [--repeat 3] [--round-trips 2000]
+    python benchmarks/bench_tunnel.py                 # everything (a few minutes)
+    python benchmarks/bench_tunnel.py --quick         # small runs: a smoke test (under a minute)
+    python benchmarks/bench_tunnel.py --parts bulk,rtt --paths ssh-L,relay,wss
 
-Measures, for each path (direct TCP, ssh -L, tunnel over ws://, tunnel over wss://):
-  - bulk MB/s, 1 connection and 8 parallel connections (medians of --repeat runs);
-  - 1-byte round trip p50/p99 (ms);
-  - for the tunnels, each process's RSS idle and its peak under load (MB).
-and prints the issue's targets next to the ratios.
+Paths (``--paths``), all on 127.0.0.1 to the same sink and echo servers:
+  direct    direct TCP;
+  ssh-L     ``ssh -L`` to a real sshd (one encrypted hop, aes128-gcm);
+  relay     the reverse-SSH relay: ``ssh -R`` from the "device" to an sshd, ``ssh -L`` from the
+            "operator" to the same sshd (two encrypted legs, the sshd decrypts and re-encrypts);
+  ws, wss   tunnelkit: source + service + destination processes over ws:// and wss://.
+
+Parts (``--parts``):
+  bulk       MB/s over 1 and over 8 parallel connections, and the CPU seconds per GB of each
+             process on the path (source, service, destination; an sshd counts with its children);
+  rtt        1-byte round trip p50/p99;
+  connect    new TCP connections per second through one tunnel (8 client threads; each connects,
+             sends a byte, reads the echo, closes), with the p99 connect-and-first-byte latency;
+  handshake  tunnel handshakes per second on one service process (WebSocket upgrades with token
+             checks, 8 client threads reconnecting with a client token), ws:// and wss://, p99;
+  idle       service memory per idle TLS WebSocket with --idle-tunnels idle tunnels (a fresh
+             service; two WebSockets per tunnel).
+
+Every figure but idle is the median of --repeat interleaved rounds (each round measures every path
+once, in turn, so load from elsewhere hits them alike).  The machine's load is printed before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import socket
+import ssl
 import statistics
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from tests.e2e.harness import SSH, Harness, Process, free_port, wait_until  # noqa: E402
+from tests.e2e.harness import SSH, Harness, Process, Sshd, free_port, wait_until  # noqa: E402
+from tunnelkit.testing import upgrade_request  # noqa: E402
 from machine import busy_before, load_note  # noqa: E402 - benchmarks/machine.py (the script's own directory)
 
 CHUNK = 1 << 20
+#: The service's per-tunnel limits get in the way of the rate and idle measurements.
+LIMITS_OFF = ["--handshakes-per-second", "0", "--max-websockets-per-account", "0", "--max-open-tunnels", "100000"]
+ALL_PATHS = ("direct", "ssh-L", "relay", "ws", "wss")
+ALL_PARTS = ("bulk", "rtt", "connect", "handshake", "idle")
+LABELS = {"direct": "direct TCP", "ssh-L": "ssh -L", "relay": "reverse-SSH relay", "ws": "tunnel ws://",
+          "wss": "tunnel wss://"}
+ROLES = ("source", "service", "destination")
+CLIENT_THREADS = 8
 
 SERVER_SCRIPT = r"""
 import socket, struct, sys, threading
@@ -49,16 +79,21 @@ def sink(conn):
     conn.close()
 def echo(conn):
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    while True:
-        data = conn.recv(65536)
-        if not data:
-            return
-        conn.sendall(data)
+    try:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            conn.sendall(data)
+    except OSError:
+        pass
+    finally:
+        conn.close()
 def serve(port, handler):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("127.0.0.1", port))
-    s.listen(64)
+    s.listen(1024)
     while True:
         conn, _ = s.accept()
         threading.Thread(target=handler, args=(conn,), daemon=True).start()
@@ -81,6 +116,9 @@ class _Cleanups:
     def run(self) -> None:
         for call in reversed(self.calls):
             call()
+
+
+# --- load -----------------------------------------------------------------------------------------
 
 
 def _send_bulk(port: int, total: int, ready: threading.Barrier) -> float:
@@ -121,6 +159,11 @@ def bulk(port: int, megabytes: int, connections: int) -> float:
     return (each * connections) / (1 << 20) / elapsed
 
 
+def percentile(samples: List[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+
 def round_trips(port: int, count: int) -> Tuple[float, float]:
     """p50 and p99 (ms) of 1-byte round trips through an echo."""
     samples = []
@@ -135,176 +178,473 @@ def round_trips(port: int, count: int) -> Tuple[float, float]:
             if s.recv(1) != b"x":
                 raise RuntimeError("bad echo")
             samples.append((time.perf_counter() - start) * 1000)
-    samples.sort()
-    return samples[len(samples) // 2], samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    return percentile(samples, 50), percentile(samples, 99)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used."""
+def _in_threads(total: int, one: Callable[[], None]) -> Tuple[float, float]:
+    """Run C{one} C{total} times over L{CLIENT_THREADS} threads: (calls per second, p99 ms of a call)."""
+    latencies: List[float] = []
+    errors: List[BaseException] = []
+    lock = threading.Lock()
+    left = [total]
+
+    def worker() -> None:
+        mine: List[float] = []
+        try:
+            while True:
+                with lock:
+                    if left[0] <= 0:
+                        break
+                    left[0] -= 1
+                start = time.perf_counter()
+                one()
+                mine.append((time.perf_counter() - start) * 1000)
+        except BaseException as e:  # reported below, after the other threads finished
+            errors.append(e)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=worker) for _ in range(CLIENT_THREADS)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} client threads failed, the first with: {errors[0]!r}")
+    return len(latencies) / elapsed, percentile(latencies, 99)
+
+
+def connection_rate(port: int, total: int) -> Tuple[float, float]:
+    """New connections per second through an echo (connect, 1 byte there and back, close), p99 ms."""
+
+    def one() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"x")
+            if s.recv(1) != b"x":
+                raise RuntimeError("the echo did not answer")
+
+    return _in_threads(total, one)
+
+
+def open_websocket(port: int, token: str, mode: str, client_token: Optional[str],
+                   tls: Optional[ssl.SSLContext]) -> socket.socket:
+    """A tunnel WebSocket (a raw socket, upgraded; TLS when C{tls}), after the service's 101."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    if tls is not None:
+        s = tls.wrap_socket(s, server_hostname="127.0.0.1")
+    extra = [("client-token", client_token)] if client_token else []
+    s.sendall(upgrade_request(mode, token, extra=extra))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise RuntimeError(f"the service closed the upgrade: {head[:200]!r}")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 101"):
+        status = head.split(b"\r\n", 1)[0]
+        raise RuntimeError(f"the upgrade was refused: {status!r}")
+    return s
+
+
+# --- processes and their CPU and memory ---------------------------------------------------------
+
+
+def _stat(pid: int) -> List[str]:
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return f.read().rsplit(")", 1)[1].split()
 
 
-def rss_mb(pid: int) -> float:
+def with_children(pid: int) -> List[int]:
+    """C{pid} and all its descendants (an sshd and its per-connection children)."""
+    parents: Dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(_stat(int(entry))[1])
+            except (OSError, IndexError):
+                pass
+    found, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds the processes have used."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = _stat(pid)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+                return int(line.split()[1])
+    return 0
 
 
-class PeakRss:
-    """Samples the RSS of some processes every 20 ms while a load runs."""
+@dataclass
+class Path:
+    """One way from the load to the sink and echo servers, and the processes on it by role."""
 
-    def __init__(self, processes: Dict[str, Process]) -> None:
-        self.processes = processes
-        self.peak = {name: 0.0 for name in processes}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    name: str
+    sink: int
+    echo: int
+    processes: Dict[str, List[int]] = field(default_factory=dict)
+    service: object = None  # the harness's Service, for the tunnel paths
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for name, process in self.processes.items():
-                self.peak[name] = max(self.peak[name], rss_mb(process.pid))
-            time.sleep(0.02)
-
-    def __enter__(self) -> "PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    @property
+    def label(self) -> str:
+        return LABELS[self.name]
 
 
-def measure_rounds(
-    paths: Dict[str, Tuple[int, int]], args: argparse.Namespace
-) -> Tuple[Dict[str, Dict[str, float]], Dict[str, Dict[str, List[float]]]]:
+# --- setting the paths up -----------------------------------------------------------------------
+
+
+def _listening(port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    return check
+
+
+def _ssh(h: Harness, name: str, sshd: Sshd, forwards: Sequence[str]) -> Process:
+    return h.spawn(name, [SSH, *sshd.ssh_options(sshd.port), "-N", "-p", str(sshd.port),
+                          "-o", "Ciphers=aes128-gcm@openssh.com", "-o", "Compression=no",
+                          *forwards, f"{sshd.user}@127.0.0.1"])
+
+
+def ssh_forward_path(cleanups: _Cleanups, sink: int, echo: int) -> Path:
+    """``ssh -L`` to a fresh sshd, forwarding to the sink and the echo."""
+    h = Harness(cleanups)
+    sshd = h.start_sshd()
+    local_sink, local_echo = free_port(), free_port()
+    client = _ssh(h, "ssh-L", sshd, ["-L", f"127.0.0.1:{local_sink}:127.0.0.1:{sink}",
+                                     "-L", f"127.0.0.1:{local_echo}:127.0.0.1:{echo}"])
+    wait_until(_listening(local_echo), 30, "ssh -L to listen")
+    return Path("ssh-L", local_sink, local_echo,
+                {"source": [client.pid], "destination": with_children(sshd.process.pid)})
+
+
+def reverse_ssh_relay_path(cleanups: _Cleanups, sink: int, echo: int) -> Path:
     """
-    Interleaved rounds (every path once per round, in turn), so that load from anything else on
-    the machine hits every path alike; medians over the rounds, and the raw samples (ratios are
-    taken per round, between figures measured seconds apart).
+    The reverse-SSH relay: the "device" runs ``ssh -R`` to a relay sshd (which then listens on
+    loopback ports reaching the sink and echo), the "operator" runs ``ssh -L`` to the same sshd,
+    forwarding to those ports.
     """
-    samples: Dict[str, Dict[str, List[float]]] = {name: {"one": [], "eight": []} for name in paths}
-    for round_number in range(args.repeat):
-        for name, (sink_port, _) in paths.items():
-            samples[name]["one"].append(bulk(sink_port, args.megabytes, 1))
-            samples[name]["eight"].append(bulk(sink_port, args.megabytes, 8))
-    results: Dict[str, Dict[str, float]] = {}
-    for name, (_, echo_port) in paths.items():
-        p50, p99 = round_trips(echo_port, args.round_trips)
-        one, eight = statistics.median(samples[name]["one"]), statistics.median(samples[name]["eight"])
-        results[name] = {"one": one, "eight": eight, "p50": p50, "p99": p99}
-        spread = f"{min(samples[name]['one']):.0f}-{max(samples[name]['one']):.0f}"
-        print(f"  {name:<14} 1 conn {one:8.1f} MB/s ({spread:>9})   8 conns {eight:8.1f} MB/s   "
-              f"RTT p50 {p50:6.3f} ms  p99 {p99:6.3f} ms", flush=True)
-    return results, samples
+    h = Harness(cleanups)
+    sshd = h.start_sshd()
+    relay_sink, relay_echo = free_port(), free_port()
+    device = _ssh(h, "ssh-R", sshd, ["-R", f"127.0.0.1:{relay_sink}:127.0.0.1:{sink}",
+                                     "-R", f"127.0.0.1:{relay_echo}:127.0.0.1:{echo}"])
+    wait_until(_listening(relay_echo), 30, "the relay sshd to listen for ssh -R")
+    local_sink, local_echo = free_port(), free_port()
+    operator = _ssh(h, "ssh-L-relay", sshd, ["-L", f"127.0.0.1:{local_sink}:127.0.0.1:{relay_sink}",
+                                             "-L", f"127.0.0.1:{local_echo}:127.0.0.1:{relay_echo}"])
+    wait_until(_listening(local_echo), 30, "ssh -L through the relay to listen")
+    return Path("relay", local_sink, local_echo,
+                {"source": [operator.pid], "service": with_children(sshd.process.pid),
+                 "destination": [device.pid]})
 
 
-def ratio(samples: Dict[str, Dict[str, List[float]]], a: Tuple[str, str], b: Tuple[str, str]) -> float:
-    """Median over the rounds of C{a / b}, each round's figures measured back to back."""
-    return statistics.median(x / y for x, y in zip(samples[a[0]][a[1]], samples[b[0]][b[1]]))
-
-
-def tunnel_paths(h: Harness, tls: bool, sink: int, echo: int) -> Tuple[int, int, Dict[str, Process]]:
-    h.start_service(tls=tls, name=f"service-{'wss' if tls else 'ws'}")
+def tunnel_path(h: Harness, tls: bool, sink: int, echo: int) -> Path:
+    """tunnelkit: a service, a tunnel opened through its API, a destination and a source."""
+    name = "wss" if tls else "ws"
+    service = h.start_service(tls=tls, name=f"service-{name}", extra=LIMITS_OFF)
     tunnel = h.open_tunnel(["SINK", "ECHO"])
-    destination = h.start_destination(tunnel.destination_token, f"SINK={sink},ECHO={echo}")
-    source = h.start_source(tunnel.source_token, "SINK=0,ECHO=0")
+    destination = h.start_destination(tunnel.destination_token, f"SINK={sink},ECHO={echo}", name=f"destination-{name}")
+    source = h.start_source(tunnel.source_token, "SINK=0,ECHO=0", name=f"source-{name}")
     ports = source.port_of("SINK"), source.port_of("ECHO")
     destination.wait_for_log("The tunnel is ready")
-    return ports[0], ports[1], {"source": source, "service": h.service.process, "destination": destination}
+    return Path(name, ports[0], ports[1],
+                {"source": [source.pid], "service": [service.process.pid], "destination": [destination.pid]},
+                service)
+
+
+# --- the measurements -----------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    one: List[float] = field(default_factory=list)
+    eight: List[float] = field(default_factory=list)
+    cpu: Dict[str, float] = field(default_factory=lambda: {role: 0.0 for role in ROLES})
+    gigabytes: float = 0.0
+    rtt: Tuple[float, float] = (0.0, 0.0)
+    connects: List[float] = field(default_factory=list)
+    connect_p99: List[float] = field(default_factory=list)
+    rss: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+
+
+def measure_rounds(paths: List[Path], args: argparse.Namespace) -> Dict[str, Figures]:
+    figures = {path.name: Figures() for path in paths}
+    for round_number in range(args.repeat):
+        for path in paths:
+            f = figures[path.name]
+            if "bulk" in args.parts:
+                before = {role: cpu_seconds(pids) for role, pids in path.processes.items()}
+                f.one.append(bulk(path.sink, args.megabytes, 1))
+                f.eight.append(bulk(path.sink, args.megabytes, 8))
+                for role, pids in path.processes.items():
+                    f.cpu[role] += cpu_seconds(pids) - before[role]
+                f.gigabytes += 2 * args.megabytes / 1024
+            if "connect" in args.parts:
+                rate, p99 = connection_rate(path.echo, args.connections)
+                f.connects.append(rate)
+                f.connect_p99.append(p99)
+        print(f"  round {round_number + 1}/{args.repeat} done ({load_note()})", flush=True)
+    if "rtt" in args.parts:
+        for path in paths:
+            figures[path.name].rtt = round_trips(path.echo, args.round_trips)
+    return figures
+
+
+def handshake_rates(h: Harness, service: object, tls: bool, total: int, repeat: int) -> Tuple[List[float], List[float]]:
+    """
+    Handshakes per second on one service: L{CLIENT_THREADS} threads, each with its own token (the
+    source and the destination sides of tunnels opened here) and client token, upgrading again and
+    again (each new WebSocket replaces the one before: a full token check each time).
+    """
+    h.service = service  # type: ignore[assignment]
+    tokens: List[Tuple[str, str]] = []
+    for _ in range(CLIENT_THREADS // 2):
+        tunnel = h.open_tunnel(["SINK"])
+        tokens += [(tunnel.source_token, "source"), (tunnel.destination_token, "destination")]
+    context = ssl.create_default_context(cafile=service.ca_pem) if tls else None  # type: ignore[attr-defined]
+    port = service.port  # type: ignore[attr-defined]
+    client_tokens = [uuid.uuid4().hex for _ in tokens]
+    mine = threading.local()
+    counter = iter(range(len(tokens)))
+    counter_lock = threading.Lock()
+
+    def one() -> None:
+        if not hasattr(mine, "index"):
+            with counter_lock:
+                mine.index = next(counter)
+        token, mode = tokens[mine.index]
+        open_websocket(port, token, mode, client_tokens[mine.index], context).close()
+
+    rates, p99s = [], []
+    for _ in range(repeat):
+        counter = iter(range(len(tokens)))
+        mine = threading.local()
+        rate, p99 = _in_threads(total, one)
+        rates.append(rate)
+        p99s.append(p99)
+    return rates, p99s
+
+
+def idle_memory(cleanups: _Cleanups, tunnels: int, tls: bool) -> Tuple[float, float, int]:
+    """
+    RSS of a fresh service (KiB) with C{tunnels} tunnels open, then with both sides of each
+    connected and idle: (before, after, WebSockets).
+    """
+    h = Harness(cleanups)
+    service = h.start_service(tls=tls, name=f"idle-{'wss' if tls else 'ws'}", extra=LIMITS_OFF)
+    api = h.api()
+
+    def open_one(_: int) -> Tuple[str, str]:
+        answer = api.open_tunnel(destinationConfig={"thingName": "idle", "services": ["SSH"]})
+        return answer["sourceAccessToken"], answer["destinationAccessToken"]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        pairs = list(pool.map(open_one, range(tunnels)))
+    time.sleep(1.0)
+    before = rss_kib(service.process.pid)
+    context = ssl.create_default_context(cafile=service.ca_pem) if tls else None
+    jobs = [(token, mode) for pair in pairs for token, mode in zip(pair, ("source", "destination"))]
+    with concurrent.futures.ThreadPoolExecutor(CLIENT_THREADS) as pool:
+        sockets = list(pool.map(lambda job: open_websocket(service.port, job[0], job[1], None, context), jobs))
+    time.sleep(2.0)
+    after = rss_kib(service.process.pid)
+    for s in sockets:
+        s.close()
+    service.process.terminate()
+    return before, after, len(sockets)
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def median_ratio(a: List[float], b: List[float]) -> float:
+    """Median over the rounds of C{a / b}, each round's figures measured back to back."""
+    return statistics.median(x / y for x, y in zip(a, b)) if a and b else float("nan")
+
+
+def report(paths: List[Path], figures: Dict[str, Figures], hand: Dict[str, Tuple[List[float], List[float]]],
+           idle: Dict[str, Tuple[float, float, int]], args: argparse.Namespace, load_after: str) -> None:
+    names = [path.name for path in paths]
+    print(f"\nthe table (medians of {args.repeat} rounds; ratios: medians of per-round ratios)  [after: {load_after}]")
+    if "bulk" in args.parts or "rtt" in args.parts:
+        print(f"  {'path':<18} {'1 conn MB/s':>11} {'/ssh -L':>7} {'/relay':>6} {'8 conns':>8} {'8/1':>5}"
+              f" {'RTT p50':>8} {'p99 ms':>7}   CPU s/GB: {'source':>6} {'service':>7} {'dest':>6} {'sum':>6}")
+        for name in names:
+            f = figures[name]
+            one = statistics.median(f.one) if f.one else float("nan")
+            eight = statistics.median(f.eight) if f.eight else float("nan")
+            vs_ssh = median_ratio(f.one, figures["ssh-L"].one) if "ssh-L" in figures else float("nan")
+            vs_relay = median_ratio(f.one, figures["relay"].one) if "relay" in figures else float("nan")
+            on_path = paths_by_name(paths)[name].processes
+            cpu = {role: f.cpu[role] / f.gigabytes if f.gigabytes and role in on_path else float("nan") for role in ROLES}
+            total = sum(f.cpu.values()) / f.gigabytes if f.gigabytes and on_path else float("nan")
+            print(f"  {LABELS[name]:<18} {one:11.0f} {vs_ssh:7.2f} {vs_relay:6.2f} {eight:8.0f} {median_ratio(f.eight, f.one):5.2f}"
+                  f" {f.rtt[0]:8.3f} {f.rtt[1]:7.3f}   {'':>9} {cpu['source']:6.2f} {cpu['service']:7.2f}"
+                  f" {cpu['destination']:6.2f} {total:6.2f}")
+    if "connect" in args.parts:
+        print(f"\n  new TCP connections/s through one tunnel ({CLIENT_THREADS} client threads, {args.connections} per run):")
+        for name in names:
+            f = figures[name]
+            print(f"  {LABELS[name]:<18} {statistics.median(f.connects):8.0f} /s"
+                  f"  ({median_ratio(f.connects, figures['direct'].connects) if 'direct' in figures else float('nan'):.2f}x direct,"
+                  f" {median_ratio(f.connects, figures['relay'].connects) if 'relay' in figures else float('nan'):.2f}x relay)"
+                  f"   p99 connect + first byte {statistics.median(f.connect_p99):7.2f} ms")
+    if hand:
+        print(f"\n  tunnel handshakes/s, one service process ({CLIENT_THREADS} client threads, {args.handshakes} per run):")
+        for scheme, (rates, p99s) in hand.items():
+            print(f"  {scheme:<18} {statistics.median(rates):8.0f} /s   p99 {statistics.median(p99s):7.2f} ms"
+                  f"   (runs {', '.join(f'{r:.0f}' for r in rates)})")
+    for scheme, (before, after, sockets) in idle.items():
+        per = (after - before) / sockets
+        print(f"\n  service memory, {args.idle_tunnels} idle tunnels over {scheme}: RSS {before / 1024:.1f} MiB -> "
+              f"{after / 1024:.1f} MiB with {sockets} WebSockets = {per * 1.024:.1f} KB per WebSocket")
+    for name in names:
+        if figures[name].rss:
+            shown = "   ".join(f"{role} {a / 1024:.0f}->{b / 1024:.0f}" for role, (a, b) in figures[name].rss.items())
+            print(f"  RSS MiB before -> after the load, {LABELS[name]}: {shown}")
+
+    print("\nthe issue's targets")
+    rows: List[Tuple[str, float, str, Optional[bool]]] = []
+    if "wss" in figures and "bulk" in args.parts:
+        wss = figures["wss"]
+        if "relay" in figures:
+            r = median_ratio(wss.one, figures["relay"].one)
+            rows.append(("wss:// 1 conn / reverse-SSH relay 1 conn", r, ">= 1.00", r >= 1.0))
+        if "ssh-L" in figures:
+            r = median_ratio(wss.one, figures["ssh-L"].one)
+            rows.append(("wss:// 1 conn / ssh -L 1 conn (aim 1.0)", r, ">= 0.65", r >= 0.65))
+        r = median_ratio(wss.eight, wss.one)
+        rows.append(("wss:// 8 conns / wss:// 1 conn", r, ">= 1.00", r >= 1.0))
+        total = sum(wss.cpu.values()) / wss.gigabytes
+        rows.append(("wss:// CPU s/GB, 3 processes summed", total, "<= 3.50", total <= 3.5))
+        if "relay" in figures:
+            relay = figures["relay"]
+            rows.append(("reverse-SSH relay CPU s/GB (the reference)", sum(relay.cpu.values()) / relay.gigabytes, "", None))
+    if "wss" in figures and "relay" in figures and "rtt" in args.parts:
+        r = figures["wss"].rtt[0] / figures["relay"].rtt[0]
+        rows.append(("wss:// RTT p50 / reverse-SSH relay RTT p50", r, "<= 1.50", r <= 1.5))
+    if "wss" in figures and "connect" in args.parts:
+        rate = statistics.median(figures["wss"].connects)
+        rows.append(("new connections/s through one wss:// tunnel", rate, ">= 2000", rate >= 2000))
+    if "wss" in hand:
+        rate = statistics.median(hand["wss"][0])
+        rows.append(("wss:// handshakes/s per service process", rate, ">= 500", rate >= 500))
+    if "wss" in idle:
+        before, after, sockets = idle["wss"]
+        per = (after - before) / sockets * 1.024
+        rows.append((f"KB per idle TLS WebSocket ({args.idle_tunnels} tunnels)", per, "<= 25", per <= 25))
+    for text, value, target, ok in rows:
+        verdict = "-" if ok is None else ("ok" if ok else "MISSED")
+        print(f"  {text:<46} {value:9.2f}   {target:<8} {verdict}")
+    print(f"\n{load_after}")
+
+
+def paths_by_name(paths: List[Path]) -> Dict[str, Path]:
+    return {path.name: path for path in paths}
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small runs, one round (a smoke test)")
+    parser.add_argument("--parts", default=",".join(ALL_PARTS), help=f"comma-separated, of {','.join(ALL_PARTS)}")
+    parser.add_argument("--paths", default=",".join(ALL_PATHS), help=f"comma-separated, of {','.join(ALL_PATHS)}")
+    parser.add_argument("--megabytes", type=int, help="MiB moved per bulk run (512; quick 64)")
+    parser.add_argument("--repeat", type=int, help="rounds (3; quick 1)")
+    parser.add_argument("--round-trips", type=int, help="1-byte round trips (2000; quick 300)")
+    parser.add_argument("--connections", type=int, help="new connections per connection-rate run (3000; quick 400)")
+    parser.add_argument("--handshakes", type=int, help="handshakes per handshake-rate run (2000; quick 300)")
+    parser.add_argument("--idle-tunnels", type=int, help="idle tunnels for the memory figure (2000; quick 200)")
+    parser.add_argument("--idle-ws", action="store_true", help="also measure idle memory over ws://")
+    args = parser.parse_args()
+    quick = args.quick
+    for name, full, small in (("megabytes", 512, 64), ("repeat", 3, 1), ("round_trips", 2000, 300),
+                              ("connections", 3000, 400), ("handshakes", 2000, 300), ("idle_tunnels", 2000, 200)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    args.parts = [p for p in args.parts.split(",") if p]
+    args.paths = [p for p in args.paths.split(",") if p]
+    for value, allowed, what in ((args.parts, ALL_PARTS, "--parts"), (args.paths, ALL_PATHS, "--paths")):
+        unknown = set(value) - set(allowed)
+        if unknown:
+            parser.error(f"{what}: unknown {', '.join(sorted(unknown))} (choose from {', '.join(allowed)})")
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--megabytes", type=int, default=512, help="bytes moved per bulk run (MiB)")
-    parser.add_argument("--repeat", type=int, default=3, help="bulk runs per figure (median)")
-    parser.add_argument("--round-trips", type=int, default=2000)
-    args = parser.parse_args()
-
+    args = parse_arguments()
     cleanups = _Cleanups()
     h = Harness(cleanups)
+    hand: Dict[str, Tuple[List[float], List[float]]] = {}
+    idle: Dict[str, Tuple[float, float, int]] = {}
+    figures: Dict[str, Figures] = {}
+    paths: List[Path] = []
+    import autobahn.websocket
+
     try:
         sink, echo = free_port(), free_port()
         servers = h.spawn("servers", [sys.executable, "-c", SERVER_SCRIPT, str(sink), str(echo)])
         servers.wait_for_log("servers ready")
-        print(f"bench_tunnel: {args.megabytes} MiB per bulk run, median of {args.repeat} rounds; "
-              f"{args.round_trips} round trips; {load_note()}; {busy_before()}", flush=True)
-        paths: Dict[str, Tuple[int, int]] = {"direct TCP": (sink, echo)}
-        sshd = h.start_sshd()
-        forward_sink, forward_echo = free_port(), free_port()
-        h.spawn("ssh-L", [SSH, *sshd.ssh_options(sshd.port), "-N", "-p", str(sshd.port),
-                          "-o", "Ciphers=aes128-gcm@openssh.com",
-                          "-L", f"127.0.0.1:{forward_sink}:127.0.0.1:{sink}",
-                          "-L", f"127.0.0.1:{forward_echo}:127.0.0.1:{echo}", f"{sshd.user}@127.0.0.1"])
-
-        def forwarding() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", forward_echo), timeout=1).close()
-                return True
-            except OSError:
-                return False
-
-        wait_until(forwarding, 30, "ssh -L to listen")
-        paths["ssh -L"] = (forward_sink, forward_echo)
-        all_processes: Dict[str, Dict[str, Process]] = {}
-        for tls in (False, True):
-            label = "tunnel wss://" if tls else "tunnel ws://"
-            tunnel_sink, tunnel_echo, processes = tunnel_paths(h, tls, sink, echo)
-            paths[label] = (tunnel_sink, tunnel_echo)
-            all_processes[label] = processes
+        print(f"bench_tunnel: parts {','.join(args.parts)}; paths {','.join(args.paths)}; {args.megabytes} MiB per "
+              f"bulk run; {args.repeat} rounds; {args.round_trips} round trips; autobahn NVX {autobahn.websocket.USES_NVX}",
+              flush=True)
+        print(f"machine before: {load_note()}; {busy_before()}", flush=True)
+        flow_parts = {"bulk", "rtt", "connect"} & set(args.parts)
+        tunnel_services: Dict[str, object] = {}
+        for name in args.paths:
+            if name == "direct":
+                paths.append(Path("direct", sink, echo))
+            elif name == "ssh-L":
+                paths.append(ssh_forward_path(cleanups, sink, echo))
+            elif name == "relay":
+                paths.append(reverse_ssh_relay_path(cleanups, sink, echo))
+            elif name in ("ws", "wss") and (flow_parts or "handshake" in args.parts):
+                path = tunnel_path(h, name == "wss", sink, echo)
+                tunnel_services[name] = path.service
+                paths.append(path)
+        paths = [p for p in paths if flow_parts or p.name in ("ws", "wss")]
         time.sleep(1.0)
-        idle = {label: {name: rss_mb(p.pid) for name, p in procs.items()} for label, procs in all_processes.items()}
-        flat = {f"{label} {name}": p for label, procs in all_processes.items() for name, p in procs.items()}
-        cpu_before = {name: cpu_seconds(p.pid) for name, p in flat.items()}
-        with PeakRss(flat) as peak:
-            results, samples = measure_rounds(paths, args)
+        if flow_parts:
+            idle_rss = {p.name: {role: rss_kib(pids[0]) for role, pids in p.processes.items()} for p in paths
+                        if p.name in ("ws", "wss")}
+            figures = measure_rounds(paths, args)
+            for name, by_role in idle_rss.items():
+                path = paths_by_name(paths)[name]
+                figures[name].rss = {role: (by_role[role], rss_kib(path.processes[role][0])) for role in by_role}
+        if "handshake" in args.parts:
+            for name, service in tunnel_services.items():
+                hand[name] = handshake_rates(h, service, name == "wss", args.handshakes, args.repeat)
+                print(f"  handshakes over {name} done ({load_note()})", flush=True)
+        if "idle" in args.parts:
+            for tls in ((False, True) if args.idle_ws else (True,)):
+                idle["wss" if tls else "ws"] = idle_memory(cleanups, args.idle_tunnels, tls)
         load_after = load_note()
-        cpu_used = {name: cpu_seconds(p.pid) - cpu_before[name] for name, p in flat.items()}
-        rss = {
-            label: {name: (idle[label][name], peak.peak[f"{label} {name}"]) for name in procs}
-            for label, procs in all_processes.items()
-        }
     finally:
         cleanups.run()
-
-    direct = results["direct TCP"]
-    ws, wss = results["tunnel ws://"], results["tunnel wss://"]
-    ssh_l, ws_, wss_ = "ssh -L", "tunnel ws://", "tunnel wss://"
-    print(f"\nsummary (ratios: median over rounds of figures measured back to back)  "
-          f"[after: {load_after}]")
-    print(f"  {'metric':<44} {'value':>8}   {'target':<9} result")
-
-    def row(text: str, value: float, target: str, ok: Optional[bool]) -> None:
-        verdict = "-" if ok is None else ("ok" if ok else "MISSED")
-        print(f"  {text:<44} {value:8.2f}   {target:<9} {verdict}")
-
-    rows = [
-        ("ws:// 1 conn / ssh -L 1 conn", ratio(samples, (ws_, "one"), (ssh_l, "one")), 0.60),
-        ("wss:// 1 conn / ssh -L 1 conn", ratio(samples, (wss_, "one"), (ssh_l, "one")), 0.35),
-        ("ws:// 8 conns / ws:// 1 conn", ratio(samples, (ws_, "eight"), (ws_, "one")), 0.90),
-        ("wss:// 8 conns / wss:// 1 conn", ratio(samples, (wss_, "eight"), (wss_, "one")), 0.90),
-    ]
-    for text, value, target in rows:
-        row(text, value, f">= {target:.2f}", value >= target)
-    for label, figures in (("ws://", ws), ("wss://", wss)):
-        extra = figures["p50"] - direct["p50"]
-        row(f"{label} RTT p50 - direct TCP p50 (ms)", extra, "<= 1.00", extra <= 1.0)
-    row("ssh -L 1 conn (MB/s, the reference)", results[ssh_l]["one"], "", None)
-    row("ws:// 1 conn / direct TCP 1 conn", ratio(samples, (ws_, "one"), ("direct TCP", "one")), "", None)
-    gigabytes = args.repeat * 2 * args.megabytes / 1024
-    print(f"\nCPU seconds per GB moved (bulk runs, {gigabytes:.1f} GB per tunnel; the RTT runs add a little)")
-    for label in rss:
-        shares = "   ".join(f"{name} {cpu_used[f'{label} {name}'] / gigabytes:5.2f}" for name in rss[label])
-        print(f"  {label:<14} {shares}")
-    print("\nRSS (MB)            idle    peak under load   growth   target growth <= 16")
-    for label, processes in rss.items():
-        for name, (idle, peak) in processes.items():
-            growth = peak - idle
-            print(f"  {label:<14} {name:<12} {idle:6.1f}   {peak:6.1f}   {growth:+7.1f}   {'ok' if growth <= 16 else 'MISSED'}")
-    print(f"\n{load_after}")
+    if not flow_parts:
+        paths = []
+    report(paths, figures, hand, idle, args, load_after)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,30 @@ class OptionsTests(SynchronousTestCase):
 
 
 class ServiceTests(SynchronousTestCase):
+    def test_verbose(self) -> None:
+        """-v 0-5 as the local proxy's (4 by default); trace levels, which would log tokens, are refused."""
+        self.assertEqual(parse()["verbose"], 4)
+        self.assertEqual(parse("-v", "5")["verbose"], 5)
+        e = self.assertRaises(usage.UsageError, parse, "-v", "6")
+        self.assertIn("-v/--verbose expects 0-5", str(e))
+
+    def test_default_verbosity_hides_debug(self) -> None:
+        """At -v 4 makeService leaves debug lines out of the process's log; -v 5 shows them."""
+        from twisted.logger import LogLevel, globalLogBeginner
+
+        for verbosity, shown in (("4", False), ("5", True)):
+            self.patch(globalLogBeginner, "beginLoggingTo", lambda observers, *a, **k: observers)
+            makeService(parse("--allow-slow-websocket", "-e", "ws://127.0.0.1:9", "-v", verbosity))
+            seen: list = []
+            (observer,) = globalLogBeginner.beginLoggingTo([seen.append])
+            observer({"log_level": LogLevel.debug, "log_namespace": "t", "log_format": "x"})
+            self.assertEqual(bool(seen), shown)
+
     def test_make_service(self) -> None:
         """makeService gives an agent and its MQTT client, not started."""
+        from twisted.logger import globalLogBeginner
+
+        self.patch(globalLogBeginner, "beginLoggingTo", globalLogBeginner.beginLoggingTo)
         service = makeService(parse("--allow-slow-websocket", "-e", "ws://127.0.0.1:9"))
         self.assertIsInstance(service, MultiService)
         kinds = sorted(type(child).__name__ for child in service)

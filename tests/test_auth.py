@@ -8,7 +8,8 @@ from __future__ import annotations
 import configparser
 import os
 import stat
-from typing import Any
+import json
+from typing import Any, Optional
 
 from botocore.exceptions import ClientError
 from twisted.logger import globalLogPublisher
@@ -139,6 +140,27 @@ class RejectedTests(ServiceTestCase):
     def test_host_must_be_signed(self) -> None:
         raw = self.open_request()
         self.assertRejected(raw.replace(b"SignedHeaders=content-type;host;", b"SignedHeaders=content-type;"), "InvalidSignatureException", "host")
+
+    def unsigned_target(self, signed_target: Optional[str], sent_target: str, body: bytes) -> bytes:
+        """A request signed for C{signed_target} (None: no X-Amz-Target at signing), sent as C{sent_target}."""
+        raw = self.service.signed(signed_target, body)
+        head, _, rest = raw.partition(b"\r\n")
+        lines = [line for line in rest.split(b"\r\n") if not line.lower().startswith(b"x-amz-target:")]
+        return head + b"\r\nX-Amz-Target: " + sent_target.encode() + b"\r\n" + b"\r\n".join(lines)
+
+    def test_target_must_be_signed(self) -> None:
+        """A request whose X-Amz-Target is not signed cannot be replayed as another operation."""
+        client = self.service.client()
+        tunnel_id = client.open_tunnel()["tunnelId"]
+        body = json.dumps({"tunnelId": tunnel_id}).encode()
+        replay = self.unsigned_target(None, "IoTSecuredTunneling.CloseTunnel", body)
+        self.assertRejected(replay, "InvalidSignatureException", "X-Amz-Target header must be signed")
+        self.assertEqual(client.describe_tunnel(tunnelId=tunnel_id)["tunnel"]["status"], "OPEN")
+
+    def test_content_type_must_be_signed(self) -> None:
+        raw = self.open_request()
+        unsigned = raw.replace(b"SignedHeaders=content-type;", b"SignedHeaders=")
+        self.assertRejected(unsigned, "InvalidSignatureException", "Content-Type header must be signed")
 
     def test_auth_before_operation(self) -> None:
         """An unsigned request for an unknown operation is refused for its signature first."""

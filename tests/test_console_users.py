@@ -40,7 +40,10 @@ class UserTests(TestCase):
         self.assertIsNotNone(self.db.check_password("111111111111", "alice", "password-4"))
         self.assertEqual([u.account_id for u in self.db.list_users()], ["111111111111", "222222222222"])
         self.assertEqual(len(self.db.list_users("222222222222")), 1)
+        self.assertTrue(self.db.still_valid("111111111111", "alice", 13.0))
+        self.assertFalse(self.db.still_valid("111111111111", "alice", 12.5))  # signed in before the reset
         self.db.delete_user("111111111111", "alice")
+        self.assertFalse(self.db.still_valid("111111111111", "alice", 20.0))
         self.assertRaises(users.NoSuchUser, self.db.delete_user, "111111111111", "alice")
         self.assertRaises(users.NoSuchUser, self.db.set_password, "111111111111", "alice", "password-5", 1.0)
 

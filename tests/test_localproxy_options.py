@@ -186,7 +186,7 @@ class VerbosityTests(TestCase):
         beginner = Beginner()
         self.patch(twisted.logger, "globalLogBeginner", beginner)
         self.addCleanup(txaio.set_global_log_level, txaio.get_global_log_level())
-        tap._filter_process_logs(verbosity, ["the-token"])
+        tap.filter_process_logs(verbosity, ["the-token"])
         seen = []
         twisted.logger.globalLogBeginner.beginLoggingTo([seen.append])
         (observer,) = beginner.observers

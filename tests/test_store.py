@@ -101,6 +101,99 @@ class SQLiteOnlyTests(StoreTestCase):
         self.assertIn(path, str(error))
 
 
+#: The tokens table as schema version 1 had it (client tokens in clear), for the upgrade test.
+_VERSION_1_TOKENS = """
+CREATE TABLE tokens (
+    token_hash TEXT PRIMARY KEY,
+    tunnel_id TEXT NOT NULL REFERENCES tunnels(tunnel_id) ON DELETE CASCADE,
+    side TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    client_token TEXT,
+    used_at REAL,
+    revoked_at REAL
+);
+CREATE INDEX tokens_by_tunnel ON tokens (tunnel_id, side);
+CREATE INDEX tokens_by_client_token ON tokens (client_token) WHERE client_token IS NOT NULL;
+"""
+
+
+class SchemaTests(TestCase):
+    """Client tokens are kept hashed; older databases are upgraded in place."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="tunnelkit-schema-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, DATABASE_NAME)
+
+    def file_bytes(self) -> bytes:
+        data = b""
+        for suffix in ("", "-wal"):
+            if os.path.exists(self.path + suffix):
+                with open(self.path + suffix, "rb") as f:
+                    data += f.read()
+        return data
+
+    def test_client_token_kept_hashed(self) -> None:
+        store = SQLiteStore(self.path)
+        self.addCleanup(store.close)
+        store.create_account("default", ACCOUNT, 0)
+        source = tokens.new_access_token("t1")
+        store.create_tunnel(
+            NewTunnel("t1", ACCOUNT, None, None, ("SSH",), 10, (), tokens.token_hash(source), "0" * 64, 1000.0), None
+        )
+        client = "Zq7-client-token-0123456789abcdef"
+        store.claim_peer(source, SOURCE, client, 1001.0)
+        (kept,) = store._db.execute("SELECT client_token_hash FROM tokens WHERE side = 'source'").fetchone()
+        self.assertEqual(kept, tokens.client_token_hash(client))
+        self.assertNotIn(client.encode(), self.file_bytes())
+        store.claim_peer(source, SOURCE, client, 1002.0)  # the same client token reconnects
+
+    def test_upgrade_from_version_1(self) -> None:
+        """A version-1 database opens with its tunnels, and its bound client tokens still work."""
+        store = SQLiteStore(self.path)
+        store.create_account("default", ACCOUNT, 0)
+        source, destination = tokens.new_access_token("t1"), tokens.new_access_token("t1")
+        store.create_tunnel(
+            NewTunnel(
+                "t1", ACCOUNT, "old", "thing", ("SSH",), 10, (("k", "v"),),
+                tokens.token_hash(source), tokens.token_hash(destination), 1000.0,
+            ),
+            None,
+        )
+        store.close()
+        db = sqlite3.connect(self.path, isolation_level=None)
+        db.execute("DROP TABLE tokens")
+        db.executescript(_VERSION_1_TOKENS)
+        db.executemany(
+            "INSERT INTO tokens (token_hash, tunnel_id, side, generation, client_token, used_at) VALUES (?, 't1', ?, 0, ?, ?)",
+            [(tokens.token_hash(source), SOURCE, CLIENT_A, 1001.0), (tokens.token_hash(destination), DESTINATION, None, None)],
+        )
+        db.execute("PRAGMA user_version=1")
+        db.close()
+
+        upgraded = SQLiteStore(self.path)
+        self.addCleanup(upgraded.close)
+        self.assertEqual(upgraded._db.execute("PRAGMA user_version").fetchone()[0], 2)
+        tunnel = upgraded.get_tunnel(ACCOUNT, "t1")
+        assert tunnel is not None
+        self.assertEqual((tunnel.description, tunnel.services, tunnel.tags), ("old", ("SSH",), (("k", "v"),)))
+        self.assertEqual(upgraded.claim_peer(source, SOURCE, CLIENT_A, 1002.0).tunnel_id, "t1")
+        error = self.assertRaises(TokenRejected, upgraded.claim_peer, source, SOURCE, CLIENT_B, 1003.0)
+        self.assertEqual(error.reason, "client-token-mismatch")
+        upgraded.claim_peer(destination, DESTINATION, None, 1003.0)
+        self.assertNotIn(CLIENT_A.encode(), upgraded._db.execute("SELECT group_concat(client_token_hash) FROM tokens").fetchone()[0].encode())
+
+    def test_newer_version_refused(self) -> None:
+        SQLiteStore(self.path).close()
+        db = sqlite3.connect(self.path, isolation_level=None)
+        db.execute("PRAGMA user_version=99")
+        db.close()
+        from tunnelkit.service.store import StoreError
+
+        error = self.assertRaises(StoreError, SQLiteStore, self.path)
+        self.assertIn("schema version 99", str(error))
+
+
 class ClaimPeerTests(StoreTestCase):
     def test_grant(self) -> None:
         source, destination = self.open(services=("SSH", "HTTP"))

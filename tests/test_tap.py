@@ -76,3 +76,33 @@ class TapTests(unittest.TestCase):
 
     def test_load_mode_unknown(self):
         self.assertRaises(usage.UsageError, tap.load_mode, "nope")
+
+
+class ProcessFilesTests(unittest.TestCase):
+    """twistd's pid and log files get per-mode defaults, so modes run side by side in one directory."""
+
+    def server_options(self, *args):
+        from twisted.scripts.twistd import ServerOptions
+
+        options = ServerOptions()
+        options.parseOptions([*args, "tunnelkit", "--mode", "destination", "-t", "token", "-e", "ws://127.0.0.1:1",
+                              "-d", "SSH1=22", "--allow-slow-websocket"])
+        return options
+
+    def test_foreground_writes_no_pid_file(self):
+        options = self.server_options("-n")
+        self.assertEqual(options["pidfile"], "")
+        self.assertIsNone(options["logfile"])
+
+    def test_daemon_files_per_mode(self):
+        options = self.server_options()
+        self.assertTrue(options["pidfile"].endswith("/tunnelkit-destination.pid"), options["pidfile"])
+        self.assertEqual(options["logfile"], "tunnelkit-destination.log")
+
+    def test_explicit_files_win(self):
+        options = self.server_options("-n", "--pidfile", "mine.pid", "--logfile", "mine.log")
+        self.assertTrue(options["pidfile"].endswith("/mine.pid"))
+        self.assertEqual(options["logfile"], "mine.log")
+
+    def test_no_parent(self):
+        tap.default_process_files(None, "service")  # the plugin's Options used on its own

@@ -9,7 +9,7 @@ from twisted.trial import unittest
 from tunnelkit.service.certs import ensure_certificates
 from tunnelkit.tap import load_mode
 
-TAP_YML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tap.yml")
+TAP_YML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tunnelkit", "tap.yml")
 
 
 class ExampleConfigurationTests(unittest.TestCase):

@@ -19,7 +19,7 @@ from zope.interface.verify import verifyObject
 
 from tunnelkit.errors import ConfigError
 from tunnelkit.service.certs import ensure_certificates
-from tunnelkit.transport.tls import client_tls_options
+from tunnelkit.transport.tls import client_tls_options, restrict_context
 
 
 @implementer(IHandshakeListener)
@@ -140,3 +140,29 @@ class ClientTLSTests(TestCase):
             _server_options(self.good, maximum=ssl.TLSVersion.TLSv1_1),
         )
         self.assertFalse(client.handshake_done)
+
+    def test_refuses_a_cbc_sha1_server(self):
+        """A TLS 1.2 server that offers only CBC suites with SHA-1 gets no handshake, with or without -k."""
+        server = _server_options(self.good, maximum=ssl.TLSVersion.TLSv1_2)
+        server.getContext().set_cipher_list(b"ECDHE-ECDSA-AES256-SHA:ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0")
+        for creator in (client_tls_options("localhost", self.good.ca_cert), client_tls_options("localhost", verify=False)):
+            self.assertFalse(_handshake(creator, server).handshake_done)
+
+    def test_aead_server(self):
+        server = _server_options(self.good, maximum=ssl.TLSVersion.TLSv1_2)
+        server.getContext().set_cipher_list(b"ECDHE-ECDSA-AES128-GCM-SHA256")
+        self.assertTrue(_handshake(client_tls_options("localhost", self.good.ca_cert), server).handshake_done)
+
+
+class RestrictContextTests(TestCase):
+    def test_cipher_list(self):
+        """A restricted context offers ECDHE-AEAD suites (and TLS 1.3's) only."""
+        good, _ = _certificates()
+        context = _server_options(good).getContext()
+        restrict_context(context)
+        names = SSL.Connection(context, None).get_cipher_list()
+        self.assertIn("ECDHE-ECDSA-AES128-GCM-SHA256", names)
+        self.assertIn("ECDHE-ECDSA-CHACHA20-POLY1305", names)
+        for name in names:
+            self.assertTrue(name.startswith("TLS_") or ("GCM" in name or "CHACHA20" in name), name)
+            self.assertTrue(name.startswith(("TLS_", "ECDHE-")), name)

@@ -15,7 +15,7 @@ CLIENT = "c" * 32
 
 
 def state(**overrides: object) -> tokens.TokenState:
-    values = dict(side="source", revoked=False, used=False, bound_client_token=None, tunnel_status="OPEN", expires_at=100.0)
+    values = dict(side="source", revoked=False, used=False, bound_client_token_hash=None, tunnel_status="OPEN", expires_at=100.0)
     values.update(overrides)
     return tokens.TokenState(**values)  # type: ignore[arg-type]
 
@@ -68,7 +68,9 @@ class ClaimTests(TestCase):
 
     def test_first_use(self) -> None:
         self.assertEqual(tokens.check_claim(state(), "source", None, 1.0), tokens.Claim(True, None))
-        self.assertEqual(tokens.check_claim(state(), "source", CLIENT, 1.0), tokens.Claim(True, CLIENT))
+        self.assertEqual(
+            tokens.check_claim(state(), "source", CLIENT, 1.0), tokens.Claim(True, tokens.client_token_hash(CLIENT))
+        )
 
     def test_reuse_without_client_token(self) -> None:
         error = self.assertRejected("token-used", 401, state(used=True), "source", None, 1.0)
@@ -76,7 +78,7 @@ class ClaimTests(TestCase):
         self.assertRejected("token-used", 401, state(used=True), "source", CLIENT, 1.0)
 
     def test_reconnect_with_client_token(self) -> None:
-        bound = state(used=True, bound_client_token=CLIENT)
+        bound = state(used=True, bound_client_token_hash=tokens.client_token_hash(CLIENT))
         self.assertEqual(tokens.check_claim(bound, "source", CLIENT, 1.0), tokens.Claim(False, None))
         error = self.assertRejected("client-token-mismatch", 401, bound, "source", "d" * 32, 1.0)
         self.assertEqual(

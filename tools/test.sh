@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Set up and run tunnelkit's whole test suite on a fresh Debian machine (run as root for apt-get,
 # or with the Debian packages below already installed).  Ends with "N passed, N failed".
+# It installs tunnelkit editable, with the test tools, into the checkout's .venv (tools/install.sh).
 set -u
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="mosquitto openssh-server openssh-client x11vnc xvfb chromium chromium-driver libnss3-tools"
-# The web console's terminal code comes from npm (tunnelkit/service/console/vendor/package.json).
-command -v npm >/dev/null 2>&1 || APT_PACKAGES="$APT_PACKAGES npm"
+APT_PACKAGES="mosquitto openssh-server openssh-client x11vnc xvfb python3-venv chromium chromium-driver libnss3-tools"
 missing=""
 for p in $APT_PACKAGES; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -23,17 +22,17 @@ fi
 # The service's sshd end-to-end tests run sshd directly; it wants this directory.
 [ -d /run/sshd ] || mkdir -p /run/sshd 2>/dev/null || true
 
-# The web console's terminal: xterm.js and its fit add-on, the versions package-lock.json names.
-npm ci --prefix tunnelkit/service/console/vendor --no-audit --no-fund >/dev/null \
-  || { echo "npm ci --prefix tunnelkit/service/console/vendor failed"; exit 1; }
-
-python3 -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test]' \
-  || { echo "pip install failed"; exit 1; }
+# tunnelkit and the test tools go into the checkout's own .venv (tools/install.sh), never into the
+# Python that is active: the tests run there, with .venv/bin first on PATH (aws, tunnelkit).
+bash tools/install.sh --dev || { echo "tools/install.sh --dev failed"; exit 1; }
+VENV=$(cd "${TUNNELKIT_VENV:-.venv}" && pwd)
+export PATH="$VENV/bin:$PATH"
+unset PYTHONHOME
 
 log=$(mktemp)
-python3 -m twisted.trial --jobs 2 --temp-directory "${TMPDIR:-/tmp}/tunnelkit-trial-$$" tests 2>&1 | tee "$log"
+"$VENV/bin/python" -m twisted.trial --jobs 2 --temp-directory "${TMPDIR:-/tmp}/tunnelkit-trial-$$" tests 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-python3 tools/trial_summary.py "$log"
+"$VENV/bin/python" tools/trial_summary.py "$log"
 summary_status=$?
 rm -f "$log"
 rm -rf "${TMPDIR:-/tmp}/tunnelkit-trial-$$"

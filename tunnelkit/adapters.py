@@ -555,6 +555,7 @@ def probe_target(
     def run() -> Any:
         proto = _ProbeProtocol(check, greeting, limit)
         factory = protocol.Factory.forProtocol(lambda: proto)
+        factory.noisy = False  # no "Starting factory <...>" line per probe
         connecting = target_endpoint(reactor, target, timeout=timeout).connect(factory)
         try:
             yield connecting

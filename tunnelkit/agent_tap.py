@@ -34,7 +34,7 @@ from tunnelkit.localproxy.destination import DestinationSide
 from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint, region_host
 from tunnelkit.localproxy.mapping import V1_SERVICE_ID, parse_destination_mapping
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
-from tunnelkit.localproxy.tap import TunnelClientOptions
+from tunnelkit.localproxy.tap import TunnelClientOptions, filter_process_logs
 from tunnelkit.mqtt import MQTT_OPTIONS, client_from_settings, mqtt_settings
 from tunnelkit.protocol.notification import THING_NAME_RE
 from tunnelkit.transport.httpproxy import ProxySettings, proxy_from_environment
@@ -46,6 +46,13 @@ log = Logger()
 
 class SessionFailed(TunnelkitError):
     """A destination session ended with an error (its token refused, a protocol error, ...)."""
+
+
+def agent_verbosity(text: str) -> int:
+    """C{-v}: 0-5; the local proxy's trace levels (6+) would log the tokens the agent receives."""
+    if not text.isdigit() or not 0 <= int(text) <= 5:
+        raise ValueError(f"-v/--verbose expects 0-5 (4 = info, 5 = debug), got {text!r}")
+    return int(text)
 
 
 class Options(TunnelClientOptions):
@@ -78,6 +85,7 @@ class Options(TunnelClientOptions):
             "Default: data.tunneling.iot.REGION.amazonaws.com of each notification's region.",
         ],
         ["max-sessions", None, 32, "The most destination sessions at once; notifications beyond are ignored (logged).", positive_int],
+        ["verbose", "v", 4, "Log detail 0-5: 0 nothing, 3 warnings, 4 info (default), 5 debug.", agent_verbosity],
     ]
 
     def _check(self) -> None:
@@ -187,6 +195,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     log.info("Running tunnelkit agent version {version}", version=tunnelkit.__version__)
+    filter_process_logs(options["verbose"])
     if options["no-ssl-host-verify"]:
         for line in NO_VERIFY_WARNING.splitlines():
             log.warn("{line}", line=line)

@@ -43,6 +43,7 @@ import urllib.parse
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import tunnelkit
+from tunnelkit import cli_operator
 from tunnelkit.errors import TunnelkitError
 
 DEFAULT_ENDPOINT = "https://127.0.0.1:8443"
@@ -243,11 +244,31 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("key_id", metavar="KEYID")
     admin_commands.add_parser("list-keys", parents=[state], help="List access keys (without secrets).")
     admin_commands.add_parser("list-accounts", parents=[state], help="List accounts.")
-    # Console users (the web console's sign-in): tunnelkit/service/console/admin.py.
-    from tunnelkit.service.console.admin import add_user_commands
-
-    add_user_commands(admin_commands, state)
+    _add_console_user_commands(admin_commands, state)
+    cli_operator.add_commands(commands, command)
     return parser
+
+
+CONSOLE_USER_COMMANDS = ("create-user", "list-users", "reset-password", "delete-user")
+
+
+def _add_console_user_commands(admin_commands: Any, state: argparse.ArgumentParser) -> None:
+    """The web console's users (run by L{tunnelkit.service.console.admin}); the password comes from stdin."""
+    a = admin_commands.add_parser(
+        "create-user", parents=[state], help="Create a console user (password asked, or read from stdin)."
+    )
+    a.add_argument("account", help="account name or id")
+    a.add_argument("name", help="user name (1-64 of A-Z a-z 0-9 . _ @ + -)")
+    a = admin_commands.add_parser("list-users", parents=[state], help="List console users.")
+    a.add_argument("account", nargs="?", help="only this account's (name or id)")
+    a = admin_commands.add_parser(
+        "reset-password", parents=[state], help="Set a console user's password (signs the user out)."
+    )
+    a.add_argument("account", help="account name or id")
+    a.add_argument("name")
+    a = admin_commands.add_parser("delete-user", parents=[state], help="Delete a console user.")
+    a.add_argument("account", help="account name or id")
+    a.add_argument("name")
 
 
 def _token_files(p: argparse.ArgumentParser) -> None:
@@ -427,6 +448,33 @@ def _api_request(args: argparse.Namespace) -> Dict[str, Any]:
 
 def run_api_command(args: argparse.Namespace, out: TextIO) -> int:
     """Run one API command; print its JSON response."""
+    request = _api_request(args)
+    check_token_files(args)
+    client = make_client(args)
+    try:
+        response = call_api(client, args.command, request)
+    finally:
+        client.close()
+    return print_response(args, response, out)
+
+
+def print_response(args: argparse.Namespace, response: Dict[str, Any], out: TextIO) -> int:
+    """Print an API response as JSON, its tokens moved to the token files given; the exit status."""
+    problems = _divert_tokens(args, response)
+    if response:
+        out.write(json.dumps(response, indent=4, ensure_ascii=False) + "\n")
+    if problems:
+        raise CliError("; ".join(problems))
+    return 0
+
+
+def call_api(client: Any, command: str, request: Dict[str, Any]) -> Dict[str, Any]:
+    """
+    Call the API operation of C{command} (C{open-tunnel}) with C{request}; the response without
+    its C{ResponseMetadata}.
+
+    @raise CliError: status 255, saying what the service answered or why it cannot be reached.
+    """
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
@@ -436,11 +484,8 @@ def run_api_command(args: argparse.Namespace, out: TextIO) -> int:
         SSLError,
     )
 
-    request = _api_request(args)
-    method = args.command.replace("-", "_")
-    operation = "".join(part.capitalize() for part in args.command.split("-"))
-    check_token_files(args)
-    client = make_client(args)
+    method = command.replace("-", "_")
+    operation = "".join(part.capitalize() for part in command.split("-"))
     response: Dict[str, Any]
     try:
         response = getattr(client, method)(**request)
@@ -464,15 +509,8 @@ def run_api_command(args: argparse.Namespace, out: TextIO) -> int:
         raise CliError(f"{e} (is the service running? see --endpoint-url)", API_FAILED) from None
     except BotoCoreError as e:
         raise CliError(str(e), API_FAILED) from None
-    finally:
-        client.close()
     response.pop("ResponseMetadata", None)
-    problems = _divert_tokens(args, response)
-    if response:
-        out.write(json.dumps(response, indent=4, ensure_ascii=False) + "\n")
-    if problems:
-        raise CliError("; ".join(problems))
-    return 0
+    return response
 
 
 def run_admin_command(args: argparse.Namespace, out: TextIO, now: Callable[[], float] = time.time) -> int:
@@ -533,7 +571,7 @@ def run_admin_command(args: argparse.Namespace, out: TextIO, now: Callable[[], f
             }
         elif args.admin_command == "list-accounts":
             result = {"Accounts": [_account_json(a) for a in store.list_accounts()]}
-        elif args.admin_command in ("create-user", "list-users", "reset-password", "delete-user"):
+        elif args.admin_command in CONSOLE_USER_COMMANDS:
             from tunnelkit.service.console.admin import run_user_command
 
             result = run_user_command(args, store, state_dir, now())
@@ -560,6 +598,8 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in cli_operator.COMMANDS:
+            return cli_operator.run(args, out, err)
         if args.command == "admin":
             return run_admin_command(args, out)
         return run_api_command(args, out)
@@ -568,6 +608,12 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
         return e.status
     except TunnelkitError as e:
         err.write(f"tunnelkit: {e}\n")
+        return 1
+    except ModuleNotFoundError as e:
+        if e.name != "botocore" and not (e.name or "").startswith("botocore."):
+            raise
+        err.write('tunnelkit: this command needs botocore, which a device install leaves out: install '
+                  '"tunnelkit[service]" (in a checkout: bash tools/install.sh)\n')
         return 1
 
 

@@ -394,9 +394,11 @@ class MQTTClient(Service):
         self._refused = False  # the broker refused the current connection's session (logged)
         self.connected = False
         self._connected_observers: List[Deferred] = []
+        factory = Factory.forProtocol(lambda: _MQTTProtocol(self))
+        factory.noisy = False  # the connection is logged by name, not as "Starting factory <...>"
         self._client_service = ClientService(
             _ReportingEndpoint(endpoint, description),
-            Factory.forProtocol(lambda: _MQTTProtocol(self)),
+            factory,
             retryPolicy=retry_policy or backoffPolicy(initialDelay=1.0, maxDelay=30.0),
             clock=clock,
         )

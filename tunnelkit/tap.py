@@ -38,7 +38,17 @@ Options:
   --version      print tunnelkit's version
 
 Example: twistd -n tunnelkit --mode service --help
+
+Files: in the foreground (-n) twistd writes no pid file unless --pidfile is given, so several modes
+run side by side in one directory; daemonized, the pid file is tunnelkit-MODE.pid and the log
+tunnelkit-MODE.log unless --pidfile/--logfile say otherwise.
 """
+
+#: twistd's own default pid file, which every twistd process in a directory would share.
+TWISTD_DEFAULT_PIDFILE = "twistd.pid"
+
+#: The extra that brings the service's dependencies, by the modules it provides.
+_SERVICE_EXTRA_MODULES = ("botocore", "prometheus_client")
 
 
 class ModeNotBuilt(usage.UsageError):
@@ -61,7 +71,34 @@ def load_mode(mode: str) -> Any:
             raise ModeNotBuilt(
                 f"mode {mode!r} is not built yet in tunnelkit {tunnelkit.__version__}"
             ) from None
+        if (e.name or "").partition(".")[0] in _SERVICE_EXTRA_MODULES:
+            raise usage.UsageError(
+                f"mode {mode!r} needs {e.name}, which a device install leaves out: install "
+                "\"tunnelkit[service]\" (in a checkout: bash tools/install.sh)"
+            ) from None
         raise
+
+
+def default_process_files(server_options: Any, mode: str) -> None:
+    """
+    Give twistd's pid file and log file defaults of their own to C{mode}, so that every documented
+    command runs side by side in one directory (twistd's one C{twistd.pid} otherwise stops the second
+    process with "Another twistd server is running").
+
+    In the foreground (C{-n}) a process is watched by its shell or its supervisor (systemd), which
+    know its pid: no pid file, as Twisted's own systemd guide runs C{twistd --nodaemon --pidfile=}.
+    Daemonized, the pid file is C{tunnelkit-MODE.pid} (a second daemon of the same mode in the same
+    directory is still refused) and the log C{tunnelkit-MODE.log}.  An explicit C{--pidfile} or
+    C{--logfile} wins (except C{--pidfile=twistd.pid}, which looks like the default).
+
+    @param server_options: twistd's C{ServerOptions} (the plugin options' C{parent}), or None.
+    """
+    if server_options is None or not hasattr(server_options, "get"):
+        return
+    if server_options.get("pidfile") == TWISTD_DEFAULT_PIDFILE:
+        server_options["pidfile"] = "" if server_options.get("nodaemon") else f"tunnelkit-{mode}.pid"
+    if "logfile" in server_options and server_options.get("logfile") is None and not server_options.get("nodaemon"):
+        server_options["logfile"] = f"tunnelkit-{mode}.log"
 
 
 class Options(usage.Options):
@@ -104,6 +141,7 @@ class Options(usage.Options):
             self.modeOptions.parseOptions(args)
         except (usage.UsageError, ConfigError) as e:
             _fail(mode if mode in MODES else None, str(e))  # an unknown mode has no help of its own
+        default_process_files(getattr(self, "parent", None), mode)
 
 
 def _fail(mode: Optional[str], message: str) -> None:

@@ -37,7 +37,7 @@ from tunnelkit.protocol.framing import FrameDecoder, encode_message, parse_messa
 from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.service.interfaces import DESTINATION, SOURCE, ITunnelStore, PeerGrant
 from tunnelkit.service.metrics import ITunnelCounts
-from tunnelkit.service.tokens import TokenState, check_claim, new_access_token, token_hash
+from tunnelkit.service.tokens import TokenState, check_claim, client_token_hash, new_access_token, token_hash
 
 __all__ = [
     "MemoryTunnelStore",
@@ -71,7 +71,7 @@ class _Token:
     tunnel_id: str
     revoked: bool = False
     used: bool = False
-    bound_client_token: Optional[str] = None
+    bound_client_token_hash: Optional[str] = None
 
 
 @dataclass
@@ -161,14 +161,14 @@ class MemoryTunnelStore:
                 side=record.side,
                 revoked=record.revoked,
                 used=record.used,
-                bound_client_token=record.bound_client_token,
+                bound_client_token_hash=record.bound_client_token_hash,
                 tunnel_status=tunnel.status,
                 expires_at=tunnel.expires_at,
             )
         taken = False
         if client_token is not None and tunnel is not None:
             taken = any(
-                other.bound_client_token == client_token
+                other.bound_client_token_hash == client_token_hash(client_token)
                 and other is not record
                 and self._tunnels[other.tunnel_id].status == "OPEN"
                 and self._tunnels[other.tunnel_id].account_id == tunnel.account_id
@@ -179,7 +179,7 @@ class MemoryTunnelStore:
         assert record is not None and tunnel is not None
         record.used = True
         if claim.bind is not None:
-            record.bound_client_token = claim.bind
+            record.bound_client_token_hash = claim.bind
         return PeerGrant(
             tunnel_id=tunnel.tunnel_id,
             account_id=tunnel.account_id,

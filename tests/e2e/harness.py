@@ -302,8 +302,11 @@ class Harness:
         environment["PYTHONPATH"] = os.pathsep.join(
             p for p in (REPOSITORY_TOP, environment.get("PYTHONPATH", "")) if p
         )
+        directory = cwd or self.directory(name)
+        # Kept client tokens (tunnelkit.localproxy.client_token) stay in the process's own directory.
+        environment["XDG_STATE_HOME"] = os.path.join(directory, "state-home")
         environment.update(env or {})
-        process = process_class(name, argv, cwd or self.directory(name), environment)
+        process = process_class(name, argv, directory, environment)
         self.processes.append(process)
         return process
 

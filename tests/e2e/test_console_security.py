@@ -108,6 +108,19 @@ class SecurityTests(TestCase):
         self.assertEqual(stale.request("GET", "/console/")[0], 303)
         self.assertEqual(stale.request("POST", "/console/bulk", {"csrf": csrf, "action": "close", "tunnel": "x"})[0], 401)
 
+    def test_password_reset_signs_out(self) -> None:
+        from tests.e2e.test_console_browser import tunnelkit_cli
+
+        user = self.client()
+        user.sign_in()
+        self.assertEqual(user.request("GET", "/console/")[0], 200)
+        tunnelkit_cli(self.service, "admin", "reset-password", "default", "alice", stdin="a new password\n")
+        self.assertEqual(user.request("GET", "/console/")[0], 303)
+        self.assertEqual(user.sign_in(password="a new password")[0], 303)
+        self.assertEqual(user.request("GET", "/console/")[0], 200)
+        tunnelkit_cli(self.service, "admin", "delete-user", "default", "alice")
+        self.assertEqual(user.request("GET", "/console/")[0], 303)
+
     def test_csrf_token_required(self) -> None:
         user = self.client()
         user.sign_in()

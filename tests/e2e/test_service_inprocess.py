@@ -200,11 +200,17 @@ class ListenFailureTests(TestCase):
         import io
         import sys
 
+        from twisted.logger import globalLogPublisher
+
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         error = self.assertRaises(SystemExit, service.startService)
         self.assertEqual(error.code, 1)
-        self.assertIn("cannot listen", stderr.getvalue())
+        self.assertEqual(stderr.getvalue().count("cannot listen"), 1)
+        self.assertFalse([e for e in events if "cannot listen" in str(e.get("message", ""))])  # not logged twice
         self.assertIn("Address already in use", stderr.getvalue())
         self.assertIn("choose another port", stderr.getvalue())
         service.stopService()

@@ -12,7 +12,8 @@ L{LocalProxySession} is a L{MultiService}.  It owns:
   - the two flow-control throttles (L{tunnelkit.transport.flow}).
 
 It ends (L{LocalProxySession.ended} fires with a L{SessionEnd}) when the service closes the tunnel
-(status 0), when the upgrade is refused with a 4xx (status 1), or on a fatal protocol or
+(status 0), when the upgrade is refused with a 4xx other than 429 (status 1; a 429 is retried with a
+growing delay, L{RateLimitedRetry}), or on a fatal protocol or
 configuration error (status 1).  The twistd plugin turns that into the process's exit status; the
 device agent runs several sessions in one process and just drops the ended ones.
 """
@@ -43,7 +44,7 @@ from tunnelkit.transport.websocket import (
     tune_allocator,
 )
 
-__all__ = ["LocalProxySession", "SessionEnd", "default_retry_policy"]
+__all__ = ["LocalProxySession", "RateLimitedRetry", "SessionEnd", "default_retry_policy"]
 
 #: Bytes a destination may hold for connections still being opened before the WebSocket pauses.
 PENDING_LIMIT = 1 << 20
@@ -56,6 +57,42 @@ def default_retry_policy() -> Callable[[int], float]:
     """
     policy = backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=1.5)
     return lambda attempt: round(policy(attempt), 1)
+
+
+class RateLimitedRetry:
+    """
+    A reconnection policy that also backs off from the service's C{429 Too Many Requests}.
+
+    A 429 answers a completed TCP connection, so L{ClientService} restarts its count of failed
+    attempts and would retry after its shortest delay, again and again.  After C{refusals}
+    consecutive 429s the delay is at least 1, 2, 4, ... up to C{max_delay} seconds (plus the base
+    policy's jitter); an opened WebSocket clears the count.
+
+    @param base: the usual policy (L{default_retry_policy}).
+    """
+
+    def __init__(self, base: Callable[[int], float], max_delay: float = 60.0) -> None:
+        self.base = base
+        self.max_delay = max_delay
+        self.refusals = 0
+
+    def rate_limited(self) -> float:
+        """Count one more 429; the least delay before the next attempt."""
+        self.refusals += 1
+        return self.floor()
+
+    def floor(self) -> float:
+        """The least delay the consecutive 429s ask for (0 without any)."""
+        if not self.refusals:
+            return 0.0
+        return float(min(self.max_delay, 2.0 ** (self.refusals - 1)))
+
+    def connected(self) -> None:
+        """A WebSocket opened: the service admits us again."""
+        self.refusals = 0
+
+    def __call__(self, attempt: int) -> float:
+        return max(self.base(attempt), self.floor())
 
 
 @dataclass(frozen=True)
@@ -140,10 +177,11 @@ class LocalProxySession(MultiService):
         self.factory = TunnelWebSocketFactory(
             self.url, access_token, client_token, self, self.clock, reactor=reactor
         )
+        self.retry_policy = RateLimitedRetry(retry_policy or default_retry_policy())
         self.client_service = ClientService(
             _ReportingEndpoint(service_endpoint.client_endpoint(reactor), self.url, service_endpoint.web_proxy),
             self.factory,
-            retryPolicy=retry_policy or default_retry_policy(),
+            retryPolicy=self.retry_policy,
             clock=self.clock,
         )
         self.client_service.setServiceParent(self)
@@ -184,6 +222,7 @@ class LocalProxySession(MultiService):
 
     def websocket_opened(self, websocket: TunnelWebSocketProtocol) -> None:
         self.websocket = websocket
+        self.retry_policy.connected()
         self.log.info(
             "Successfully established websocket connection with proxy server: {url}", url=self.url
         )
@@ -219,6 +258,8 @@ class LocalProxySession(MultiService):
             self.log.warn(
                 "{message}; reconnecting to {url} (the delay follows)", message=ended.message, url=self.url
             )
+        elif ended.kind == "rejected" and ended.code == 429:
+            self._rate_limited(ended)
         elif ended.kind == "rejected":
             hint = ""
             if ended.code == 401 and "not valid for any tunnel" in ended.message:
@@ -244,6 +285,19 @@ class LocalProxySession(MultiService):
             self.finish(0, f"{ended.message}; another local proxy connected with this token, stopping")
         else:
             self.finish(0, f"{ended.message}; the tunnel is closed, stopping")
+
+    def _rate_limited(self, ended: WebSocketEnded) -> None:
+        """A 429 (too many attempts, or the account's connection limit): retry later, never give up."""
+        if not self.running:
+            return
+        delay = self.retry_policy.rate_limited()
+        self.log.warn(
+            "{message}; the service is limiting connections: retrying in {delay:g} s or more "
+            "(refused {count} time(s) in a row)",
+            message=ended.message,
+            delay=delay,
+            count=self.retry_policy.refusals,
+        )
 
     # --- actions of the state machine ---
 

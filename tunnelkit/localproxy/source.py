@@ -3,7 +3,8 @@
 Source mode: a listener per service of the tunnel; each accepted connection becomes a stream (V1/V2)
 or a connection of the service's stream (V3).
 
-Listeners open once the tunnel's SERVICE_IDS matched the C{-s} mapping and stay open across WebSocket
+Fixed listen ports are bound before the access token is presented (L{SourceSide.reserve_ports}) and
+accept once the tunnel's SERVICE_IDS matched the C{-s} mapping; listeners stay open across WebSocket
 reconnects; a connection accepted while the WebSocket is down (or over the per-service maximum) is
 closed at once with a log line saying why.  A listen port of 0 takes an ephemeral port, logged as
 C{Listening for new connection on port N}.
@@ -11,7 +12,7 @@ C{Listening for new connection on port N}.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -54,6 +55,16 @@ class _ListenerFactory(Factory):
         if self.on_accept is not None:
             self.on_accept()
         return self.side.accepted(self.service_id, self.port, addr, self.connection_id)
+
+
+def _resume_reserved(reserved: Tuple[IListeningPort, "_ListenerFactory"], service_id: str) -> IListeningPort:
+    """A listener bound by L{SourceSide.reserve_ports}, now accepting for the tunnel's C{service_id}."""
+    listener, factory = reserved
+    factory.service_id = service_id
+    resume = getattr(listener, "startReading", None)
+    if resume is not None:
+        resume()
+    return listener
 
 
 @implementer(ISourceContext)
@@ -103,12 +114,56 @@ class SourceSide:
         self.listeners: Dict[str, IListeningPort] = {}
         self.ports: Dict[str, int] = {}  # service id -> the port actually bound
         self._data_listeners: List[Any] = []
+        self._reserved: Dict[str, Tuple[IListeningPort, "_ListenerFactory"]] = {}
         self.proxy: Any = None
 
     def attach(self, proxy: Any) -> None:
         self.proxy = proxy
 
     # --- listeners ---
+
+    def reserve_ports(self) -> defer.Deferred:
+        """
+        Bind every fixed port of the mapping now, before the access token is presented, so a port in
+        use stops the proxy while its single-use token is still unspent.  Each listener accepts
+        nothing until the tunnel's services match (L{start_listening}): a client connecting meanwhile
+        waits in the listen queue.  Port 0 entries bind later (any free port will do).
+
+        @return: fires when all are bound; fails with L{TunnelkitError} naming the port at fault
+            (the ones already bound are closed).
+        """
+        reservations = [self._reserve(key, port) for key, port in self.mapping.items() if port]
+        done = defer.gatherResults(reservations, consumeErrors=True)
+
+        def failed(failure: Any) -> Any:
+            for listener, _ in self._reserved.values():
+                listener.stopListening()
+            self._reserved.clear()
+            return failure.value.subFailure
+
+        return done.addCallbacks(lambda _: None, failed)
+
+    def _reserve(self, key: str, port: int) -> defer.Deferred:
+        factory = _ListenerFactory(self, key, port)
+        d = _server_endpoint(self.reactor, self.bind_address, port).listen(factory)
+
+        def bound(listener: IListeningPort) -> None:
+            pause = getattr(listener, "stopReading", None)
+            if pause is not None:
+                pause()
+            self._reserved[key] = (listener, factory)
+
+        def failed(failure: Any) -> None:
+            raise TunnelkitError(self._bind_error(key, port, failure.getErrorMessage()))
+
+        return d.addCallbacks(bound, failed)
+
+    def _bind_error(self, service_id: str, port: int, error: str) -> str:
+        return (
+            f"Source local proxy fails to bind address {self.bind_address}:{port} for service "
+            f"{service_id or '-'}: {error}; choose a free port with "
+            f"-s {service_id + '=' if service_id else ''}PORT (0 = any free port)"
+        )
 
     def start_listening(self, action: StartListening) -> None:
         service_id = action.service_id
@@ -124,8 +179,13 @@ class SourceSide:
             return
         self.contexts[service_id] = SourceContext(self, service_id)
         self.ports[service_id] = port
-        factory = _ListenerFactory(self, service_id, port)
-        d = _server_endpoint(self.reactor, self.bind_address, port).listen(factory)
+        reserved = self._reserved.pop(action.mapping_key, None)
+        if reserved is not None:
+            d = defer.succeed(_resume_reserved(reserved, service_id))
+            factory = reserved[1]
+        else:
+            factory = _ListenerFactory(self, service_id, port)
+            d = _server_endpoint(self.reactor, self.bind_address, port).listen(factory)
 
         def listening(listener: IListeningPort) -> None:
             bound = listener.getHost().port
@@ -145,20 +205,17 @@ class SourceSide:
                 listener.stopListening()
 
         def failed(failure: Any) -> None:
-            self.proxy.finish(
-                1,
-                f"Source local proxy fails to bind address {self.bind_address}:{port} for service "
-                f"{service_id or '-'}: {failure.getErrorMessage()}; choose a free port with "
-                f"-s {service_id + '=' if service_id else ''}PORT (0 = any free port)",
-            )
+            self.proxy.finish(1, self._bind_error(service_id, port, failure.getErrorMessage()))
 
         d.addCallbacks(listening, failed)
 
     def stop(self) -> None:
         """Close every listener."""
-        for listener in list(self.listeners.values()) + self._data_listeners:
+        reserved = [listener for listener, _ in self._reserved.values()]
+        for listener in list(self.listeners.values()) + self._data_listeners + reserved:
             listener.stopListening()
         self.listeners.clear()
+        self._reserved.clear()
         self._data_listeners = []
 
     def open_data_listener(self, service_id: str, connection_id: int) -> defer.Deferred:

@@ -26,14 +26,17 @@ import sys
 import uuid
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 import tunnelkit
 from tunnelkit.adapters import available_adapters, parse_adapter_overrides, resolve_adapter
 from tunnelkit.config import ModeOptions, positive_int
 from tunnelkit.errors import ConfigError
+from tunnelkit.localproxy.client_token import KeptClientToken, keep_client_token
 from tunnelkit.localproxy.destination import DestinationSide
 from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint, region_host
 from tunnelkit.localproxy.mapping import (
@@ -146,9 +149,14 @@ class Options(TunnelClientOptions):
 
     optParameters = [
         ["access-token", "t", None, "The tunnel's client access token (prefer AWSIOT_TUNNEL_ACCESS_TOKEN)."],
+        ["access-token-file", None, None,
+         "A file holding the access token (keeps it out of the process list and the environment)."],
         ["client-token", "i", None,
          "32-128 characters [a-zA-Z0-9-] sent on every (re)connection (AWSIOT_TUNNEL_CLIENT_TOKEN); "
-         "a random one is made when none is given, so the proxy can reconnect."],
+         "without it one is generated and kept (--client-token-file, or a file per access token under "
+         "$XDG_STATE_HOME/tunnelkit/client-tokens), so the same command started again reconnects."],
+        ["client-token-file", None, None,
+         "Keep the client token in this file (mode 0600): read it if it exists, else generate one and write it."],
         ["proxy-endpoint", "e", None,
          "The tunnel service: HOST[:PORT] (TLS, port 443), wss://HOST[:PORT] or ws://HOST[:PORT] "
          "(AWSIOT_TUNNEL_ENDPOINT)."],
@@ -192,6 +200,10 @@ class Options(TunnelClientOptions):
             raise ConfigError(f"Mode value is wrong: {mode!r} (allowed: source, destination)")
 
         # tokens
+        if self["access-token-file"]:
+            if self["access-token"]:
+                raise ConfigError("give one of -t/--access-token and --access-token-file")
+            self["access-token"] = read_token_file(self["access-token-file"], "--access-token-file")
         token = self["access-token"] or env.get("AWSIOT_TUNNEL_ACCESS_TOKEN")
         if not token:
             raise ConfigError(
@@ -205,11 +217,17 @@ class Options(TunnelClientOptions):
         self.token_on_command_line = "access-token" in self.from_command_line
         client_token = self["client-token"] or env.get("AWSIOT_TUNNEL_CLIENT_TOKEN")
         self.client_token_generated = False
+        self.kept_client_token: Optional[KeptClientToken] = None
         if client_token:
             if not CLIENT_TOKEN_RE.match(client_token):
                 raise ConfigError("-i/--client-token: expected 32-128 characters of a-z, A-Z, 0-9 and '-'")
+            if self["client-token-file"]:
+                raise ConfigError("give one of -i/--client-token (or AWSIOT_TUNNEL_CLIENT_TOKEN) and --client-token-file")
+        elif self["client-token-file"]:
+            self.kept_client_token = keep_client_token(token, self["client-token-file"], env)
+            client_token = self.kept_client_token.token
         else:
-            client_token = str(uuid.uuid4())
+            client_token = str(uuid.uuid4())  # makeService keeps one for this access token instead
             self.client_token_generated = True
         self["client-token"] = client_token
 
@@ -276,6 +294,53 @@ class Options(TunnelClientOptions):
         for service_id in adapter_options:
             resolve_adapter(service_id, overrides, adapter_options)  # rejects unknown or bad options now
         self.adapter_options = adapter_options
+        self._check_mapped_services()
+
+    def _check_mapped_services(self) -> None:
+        """
+        What can be known of the mapping before the single-use token is presented: every mapped
+        service's adapter builds with its options.  (Whether the tunnel has these services is known
+        only once connected; a restart of the same command then reconnects with the kept client
+        token.)
+        """
+        for service_id in self.mapping:
+            if service_id:
+                resolve_adapter(service_id, self.adapter_overrides, self.adapter_options)
+
+
+def read_token_file(path: str, option: str) -> str:
+    """The token in the file C{path} (surrounding white space removed)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{option} {path}: not a token (not UTF-8 text)") from None
+    if not token:
+        raise ConfigError(f"{option} {path}: the file is empty")
+    return token
+
+
+def _keep_generated_client_token(options: "Options") -> None:
+    """
+    Replace a client token generated for this process by the one kept for its access token
+    (L{tunnelkit.localproxy.client_token}), so a restart of the same command reconnects.  Where
+    nothing can be kept (no writable home), the generated one serves this process only.
+    """
+    if not options.client_token_generated:
+        return
+    try:
+        kept = keep_client_token(options["access-token"], None, options.environ)
+    except ConfigError as e:
+        log.warn(
+            "Generated a client token for this process only ({error}): a restart cannot reuse this "
+            "access token; give -i/--client-token or --client-token-file to keep one",
+            error=str(e),
+        )
+        return
+    options["client-token"] = kept.token
+    options.kept_client_token = kept
 
 
 def _resolve_bind(address: str) -> str:
@@ -340,7 +405,7 @@ class _RedactingObserver:
         self._observer(cleaned)
 
 
-def _filter_process_logs(verbosity: int, secrets: Sequence[str] = ()) -> None:
+def filter_process_logs(verbosity: int, secrets: Sequence[str] = ()) -> None:
     """
     Apply C{-v} to every log line of the process: 0 nothing, 1 critical, 2 error, 3 warning,
     4 info (default), 5 debug, 6+ also autobahn's own debug (trace) lines.
@@ -414,8 +479,18 @@ def makeService(options: Options) -> IService:
             "Found access token supplied via CLI arg. Consider using environment variable "
             "AWSIOT_TUNNEL_ACCESS_TOKEN instead"
         )
-    if options.client_token_generated:
-        log.info("No client token given: generated one for this process, so it can reconnect")
+    _keep_generated_client_token(options)
+    kept = options.kept_client_token
+    if kept is not None and kept.created:
+        log.info(
+            "No client token given: generated one and kept it in {path}, so this command, started "
+            "again, reconnects with the same access token",
+            path=kept.path,
+        )
+    elif kept is not None:
+        log.info(
+            "Using the client token kept in {path} (this access token connected before)", path=kept.path
+        )
     if not options.service_endpoint.verify:
         for line in NO_VERIFY_WARNING.splitlines():
             log.warn("{line}", line=line)
@@ -425,7 +500,7 @@ def makeService(options: Options) -> IService:
             "the proxy: {proxy}",
             proxy=str(options.service_endpoint.web_proxy),
         )
-    _filter_process_logs(options["verbose"], [options["access-token"]])
+    filter_process_logs(options["verbose"], [options["access-token"]])
     if options.mapping:
         log.info("Use port mapping:")
         for service_id, endpoint in options.mapping.items():
@@ -433,6 +508,29 @@ def makeService(options: Options) -> IService:
             log.info("{service_id} = {endpoint}", service_id=service_id or "(v1 format)", endpoint=shown)
     session = build_session(options, reactor)
     session.ended.addCallback(_exit_process, reactor)
-    top = MultiService()
-    session.setServiceParent(top)
-    return top
+    return StartAfterLocalChecks(session)
+
+
+class StartAfterLocalChecks(MultiService):
+    """
+    Starts a local proxy session once everything local checks out (a source's fixed listen ports
+    are bound: L{SourceSide.reserve_ports}), so that a local mistake ends the process before the
+    single-use access token is presented; such a failure ends the session with status 1.
+    """
+
+    def __init__(self, session: LocalProxySession) -> None:
+        super().__init__()
+        self.session = session
+
+    def startService(self) -> None:
+        Service.startService(self)  # the session becomes a child (and starts) after the checks
+        reserve = getattr(self.session.side, "reserve_ports", None)
+        checked = maybeDeferred(reserve) if reserve is not None else succeed(None)
+        checked.addCallbacks(self._checked, self._failed)
+
+    def _checked(self, _: Any) -> None:
+        if self.running and self.session.end is None:
+            self.session.setServiceParent(self)
+
+    def _failed(self, failure: Failure) -> None:
+        self.session.finish(1, failure.getErrorMessage())

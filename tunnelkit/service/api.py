@@ -29,6 +29,7 @@ from twisted.web.pages import errorPage
 from twisted.web.resource import Resource
 
 from tunnelkit.service.auth import SigV4Verifier
+from tunnelkit.service.logbounds import bounded
 from tunnelkit.service.operations import ApiError, ControlPlane
 
 log = Logger()
@@ -109,18 +110,38 @@ class BoundedRequest(server.Request):
 IDLE_TIMEOUT = 120
 
 
+def access_log_line(timestamp: str, request: Any) -> str:
+    """
+    The access-log line of C{request} in Twisted's combined format, with every value the client
+    sent (method, URI, protocol, referrer, user agent) bounded by L{bounded}.
+    """
+    address = request.getClientAddress()
+    host = getattr(address, "host", "-")
+    return '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
+        host,
+        timestamp,
+        bounded(request.method or b"-", 16),
+        bounded(request.uri or b"-"),
+        bounded(request.clientproto or b"-", 16),
+        request.code,
+        request.sentLength or "-",
+        bounded(request.getHeader(b"referer") or b"-"),
+        bounded(request.getHeader(b"user-agent") or b"-"),
+    )
+
+
 class ServiceSite(server.Site):
     """
     The service's HTTP site: the API and the data plane share it; request bodies are bounded, and
     idle HTTP connections close after L{IDLE_TIMEOUT} seconds (WebSocket connections are exempt once
-    upgraded).
+    upgraded).  Access-log lines show at most L{bounded}'s share of what the client sent.
     """
 
     requestFactory = BoundedRequest
     noisy = False
 
     def __init__(self, resource: Resource, timeout: float = IDLE_TIMEOUT, reactor: Any = None) -> None:
-        super().__init__(resource, timeout=timeout, reactor=reactor)
+        super().__init__(resource, timeout=timeout, reactor=reactor, logFormatter=access_log_line)
 
 
 class ApiResource(Resource):
@@ -166,7 +187,7 @@ class ApiResource(Resource):
                 "API {operation} refused: {error_type}: {message}",
                 operation=operation,
                 error_type=e.error_type,
-                message=e.message,
+                message=bounded(e.message),
             )
             return self._error(request, e.status, e.error_type, e.message)
         except Exception:

@@ -13,7 +13,8 @@ Failures are AWS's error types with HTTP 403, and the request is not executed:
   - no C{Authorization} header: C{MissingAuthenticationTokenException}
   - a malformed one: C{IncompleteSignatureException}
   - unknown or revoked key id, or a session token: C{UnrecognizedClientException}
-  - wrong signature, wrong scope, clock skew: C{InvalidSignatureException}
+  - wrong signature, wrong scope, clock skew, or one of L{MUST_SIGN} (C{Host}, C{X-Amz-Target},
+    C{Content-Type}) present but not in C{SignedHeaders}: C{InvalidSignatureException}
 
 Access keys live in the store (the secret is kept: SigV4 verification needs it).  With no usable key, the
 service's first start creates account C{default} and one key, and writes it to C{<state>/credentials} in
@@ -50,6 +51,15 @@ MAX_SKEW_SECONDS = 15 * 60
 CREDENTIALS_FILE = "credentials"
 DEFAULT_ACCOUNT_NAME = "default"
 _AMZ_DATE = "%Y%m%dT%H%M%SZ"
+
+#: Headers that must be in C{SignedHeaders} whenever the request has them (host always), and why:
+#: an unsigned one could be replaced in a captured request to make it mean something else.
+MUST_SIGN = {
+    "host": "it names the service the request is for",
+    "x-amz-target": "it selects the operation",
+    "content-type": "it says how the body is read",
+}
+_HEADER_SPELLING = {"host": "Host", "x-amz-target": "X-Amz-Target", "content-type": "Content-Type"}
 _KEY_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 
 log = Logger()
@@ -240,8 +250,14 @@ class SigV4Verifier:
             )
         key_id, scope_date, scope_region, scope_service, terminator = scope
         signed_names = fields["SignedHeaders"].split(";")
-        if "host" not in signed_names:
-            raise AuthError("InvalidSignatureException", "The host header must be signed (SignedHeaders lacks host)")
+        for name in MUST_SIGN:
+            if name not in signed_names and (name in received or name == "host"):
+                raise AuthError(
+                    "InvalidSignatureException",
+                    f"The {_HEADER_SPELLING[name]} header must be signed (SignedHeaders lacks {name}): "
+                    f"{MUST_SIGN[name]}; sign the request with botocore, the AWS CLI or an AWS SDK, "
+                    "which sign it",
+                )
 
         amz_date = received.get("x-amz-date")
         if not amz_date:

@@ -100,6 +100,7 @@ from tunnelkit.protocol.framing import (
 )
 from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.protocol.rules import PeerRules
+from tunnelkit.service.audit import NO_AUDIT
 from tunnelkit.service.interfaces import (
     DESTINATION,
     SOURCE,
@@ -108,6 +109,7 @@ from tunnelkit.service.interfaces import (
     ITunnelStore,
     PeerGrant,
 )
+from tunnelkit.service.logbounds import bounded
 from tunnelkit.service.metrics import (
     DESTINATION_TO_SOURCE,
     SOURCE_TO_DESTINATION,
@@ -477,6 +479,8 @@ class Relay:
         self.links: Dict[str, TunnelLink] = {}
         self._websockets_per_account: Dict[str, int] = {}
         self._handshake_buckets: Dict[str, TokenBucket] = {}
+        #: The audit trail's hooks (L{tunnelkit.service.audit}); the service sets its trail here.
+        self.audit: Any = NO_AUDIT
 
     # --- admission ---
 
@@ -590,6 +594,7 @@ class Relay:
             if other.sink is not None and other.sink.full:
                 peer.pause_reading("backpressure")
         self._set_state(link.tunnel_id, side, True)
+        self.audit.peer_connected(peer)
         log.info(
             "The {side} of tunnel {tunnel_id} connected on channel {channel_id} ({subprotocol})",
             side=side,
@@ -606,6 +611,7 @@ class Relay:
         if link is None or peer.detached:
             return
         peer.detached = True
+        self.audit.peer_disconnected(peer)
         side = peer.side
         self.metrics.peer_connected(side, -1)
         count_now = self._websockets_per_account.get(link.account_id, 1) - 1
@@ -1159,8 +1165,8 @@ class PeerProtocol(WebSocketServerProtocol):
             side=self.side,
             tunnel_id=self.link.tunnel_id if self.link else "",
             channel_id=self.channel_id,
-            rule=rule,
-            detail=str(error),
+            rule=bounded(rule),
+            detail=bounded(error),
         )
         self.close_by_service(CLOSE_POLICY, f"Protocol violation ({rule}): {error}", "violation")
 

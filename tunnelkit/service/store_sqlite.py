@@ -13,6 +13,12 @@ thread pool would add hand-offs without adding throughput.
 
 The database file and its directory are created private to the user (the file holds the API secret
 keys, needed to verify signatures, and token hashes).
+
+Schema versions (C{PRAGMA user_version}); an older database is upgraded in place when it is opened,
+in one transaction, keeping every tunnel and token:
+  1. the first schema: C{tokens.client_token} held client tokens in clear;
+  2. C{tokens.client_token_hash} holds L{tokens.client_token_hash} of them instead.
+A database of a newer version than this code knows is refused (a message says so).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from tunnelkit.service.store import (
 )
 
 DATABASE_NAME = "tunnelkit.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -92,13 +98,29 @@ CREATE TABLE IF NOT EXISTS tokens (
     tunnel_id TEXT NOT NULL REFERENCES tunnels(tunnel_id) ON DELETE CASCADE,
     side TEXT NOT NULL,
     generation INTEGER NOT NULL,
-    client_token TEXT,
+    client_token_hash TEXT,
     used_at REAL,
     revoked_at REAL
 );
 CREATE INDEX IF NOT EXISTS tokens_by_tunnel ON tokens (tunnel_id, side);
-CREATE INDEX IF NOT EXISTS tokens_by_client_token ON tokens (client_token) WHERE client_token IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tokens_by_client_token_hash ON tokens (client_token_hash)
+    WHERE client_token_hash IS NOT NULL;
 """
+
+
+def _upgrade_1_to_2(db: sqlite3.Connection) -> None:
+    """Replace every client token kept in clear by its hash."""
+    db.execute("DROP INDEX IF EXISTS tokens_by_client_token")
+    db.execute("ALTER TABLE tokens RENAME COLUMN client_token TO client_token_hash")
+    rows = db.execute("SELECT token_hash, client_token_hash FROM tokens WHERE client_token_hash IS NOT NULL").fetchall()
+    db.executemany(
+        "UPDATE tokens SET client_token_hash = ? WHERE token_hash = ?",
+        [(tokens.client_token_hash(clear), token_hash) for token_hash, clear in rows],
+    )
+
+
+#: How to bring a database of version N to N + 1.
+_UPGRADES = {1: _upgrade_1_to_2}
 
 _TUNNEL_COLUMNS = (
     "tunnel_id, account_id, status, description, thing_name, services, max_lifetime_minutes, "
@@ -144,10 +166,27 @@ class SQLiteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._migrate()
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{path}: cannot open the tunnelkit database: {e}") from None
+
+    def _migrate(self) -> None:
+        """Create the tables, or upgrade an older database to L{SCHEMA_VERSION} (one transaction)."""
+        with self._write():
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: the database has schema version {version}, made by a newer tunnelkit; "
+                    f"this one knows versions up to {SCHEMA_VERSION}: run the newer tunnelkit, or give "
+                    "another --state-dir"
+                )
+            while 0 < version < SCHEMA_VERSION:
+                _UPGRADES[version](self._db)
+                version += 1
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # --- transactions ---
 
@@ -410,7 +449,7 @@ class SQLiteStore:
             row = None
             if digest is not None:
                 row = self._db.execute(
-                    "SELECT k.side, k.revoked_at, k.used_at, k.client_token, k.generation, "
+                    "SELECT k.side, k.revoked_at, k.used_at, k.client_token_hash, k.generation, "
                     "t.tunnel_id, t.account_id, t.status, t.expires_at, t.services "
                     "FROM tokens k JOIN tunnels t ON t.tunnel_id = k.tunnel_id WHERE k.token_hash = ?",
                     (digest,),
@@ -422,7 +461,7 @@ class SQLiteStore:
                     side=row[0],
                     revoked=row[1] is not None,
                     used=row[2] is not None,
-                    bound_client_token=row[3],
+                    bound_client_token_hash=row[3],
                     tunnel_status=row[7],
                     expires_at=row[8],
                 )
@@ -430,9 +469,9 @@ class SQLiteStore:
                     taken = (
                         self._db.execute(
                             "SELECT 1 FROM tokens k JOIN tunnels t ON t.tunnel_id = k.tunnel_id "
-                            "WHERE k.client_token = ? AND t.account_id = ? AND t.status = ? "
+                            "WHERE k.client_token_hash = ? AND t.account_id = ? AND t.status = ? "
                             "AND t.tunnel_id != ? LIMIT 1",
-                            (client_token, row[6], OPEN, row[5]),
+                            (tokens.client_token_hash(client_token), row[6], OPEN, row[5]),
                         ).fetchone()
                         is not None
                     )
@@ -440,7 +479,7 @@ class SQLiteStore:
             assert row is not None
             if claim.first_use:
                 self._db.execute(
-                    "UPDATE tokens SET used_at = ?, client_token = ? WHERE token_hash = ?",
+                    "UPDATE tokens SET used_at = ?, client_token_hash = ? WHERE token_hash = ?",
                     (now, claim.bind, digest),
                 )
         services = json.loads(row[9]) if row[9] is not None else []

@@ -35,7 +35,9 @@ from tunnelkit.service.operations import ControlPlane, Limits
 from tunnelkit.service.store import StoreError
 from tunnelkit.service.store_sqlite import open_store
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
+from tunnelkit.transport.tls import restrict_context
 
+from tunnelkit.service.audit import AuditedApi, AuditOptions, build_audit_trail
 from tunnelkit.service.dataplane import DataPlaneOptions, mount_data_plane
 from tunnelkit.service.console import ConsoleOptions, build_console, mount_console
 
@@ -80,7 +82,7 @@ def duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
-class Options(ModeOptions, DataPlaneOptions, NotifyOptions, NvxOptions, ConsoleOptions):  # type: ignore[misc,valid-type]
+class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions, ConsoleOptions):  # type: ignore[misc,valid-type]
     """The options of C{--mode service}."""
 
     synopsis = "Usage: twistd -n tunnelkit --mode service [options]"
@@ -151,6 +153,17 @@ def listen_description(description: str, certificates: ServiceCertificates) -> s
     return description
 
 
+def restrict_listener_tls(endpoint: Any) -> None:
+    """
+    Hold an C{ssl:} endpoint's TLS to TLS 1.2+ with AEAD suites only (L{restrict_context}).  Twisted's
+    endpoint string cannot say so: the context its options built (and reuse for every connection)
+    is changed in place.
+    """
+    options = getattr(endpoint, "_sslContextFactory", None)
+    if options is not None:
+        restrict_context(options.getContext())
+
+
 class _Listener(Service):
     """Listens on one endpoint; a failure to listen at start-up is a clear error."""
 
@@ -168,6 +181,7 @@ class _Listener(Service):
     def startService(self) -> None:
         super().startService()
         endpoint = endpoints.serverFromString(self._reactor, self._description)
+        restrict_listener_tls(endpoint)
         self.listening = endpoint.listen(self._factory)
         failed: List[Failure] = []
         self.listening.addCallbacks(self._listening, failed.append)
@@ -237,6 +251,10 @@ class TunnelService(MultiService):
         root = build_root(Resource())
         relay = mount_data_plane(root, self.store, clock, options)
         events: ITunnelEvents = relay
+        self.audit = build_audit_trail(options, self.state_dir, clock)
+        if self.audit is not None:
+            relay.audit = self.audit
+            _OnStop(self.audit.close).setServiceParent(self)  # closed after the relay's shutdown
         # Peers are closed (1001) and recorded DISCONNECTED after the listeners stop, before the store.
         _OnStop(relay.shutdown).setServiceParent(self)
         limits = Limits(
@@ -253,7 +271,9 @@ class TunnelService(MultiService):
             closed_retention=options.get("closed-retention", DEFAULT_CLOSED_RETENTION),
         )
         self.control.lifecycle.setServiceParent(self)
-        api = ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds))
+        api: Resource = ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds))
+        if self.audit is not None:
+            api = AuditedApi(api, self.audit, self.store)
         root.putChild(b"", api)
         self.console = None
         if not options.get("no-console"):  # the web console under /console/ (GET / redirects there)
@@ -318,8 +338,7 @@ class TunnelService(MultiService):
         try:
             super().startService()
         except ConfigError as e:
-            log.error("{message}", message=str(e))
-            _exit_with(str(e))
+            _exit_with(str(e))  # one line: twistd already logs stderr, so not log.error too
 
     def _announce(self, url: str) -> None:
         """Show, once, how to call the API at C{url} with the generated credentials."""

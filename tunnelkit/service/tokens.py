@@ -23,6 +23,10 @@ Both parts use only C{A-Z a-z 0-9 - _}, and the separator is C{.}, so a token is
 cookie, a URL and a shell argument.  The service stores only C{SHA-256(token)} (hex); 256 bits of entropy
 make a slow password hash unnecessary.
 
+Client tokens (the C{client-token} header a peer binds its access token to) are kept as
+L{client_token_hash} only, a SHA-256 under a prefix of its own: a stolen database shows which tokens
+were bound, never a client token that would let its holder reconnect.
+
 Rules
 =====
 L{check_claim} is the one place that decides a handshake's fate from the token's stored state; the
@@ -118,6 +122,11 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def client_token_hash(client_token: str) -> str:
+    """What the store keeps instead of a client token: hex SHA-256 of a prefixed copy."""
+    return hashlib.sha256(b"tunnelkit-client-token:" + client_token.encode("utf-8")).hexdigest()
+
+
 def reject(reason: str, text: str) -> TokenRejected:
     """A L{TokenRejected} with the status this module assigns to C{reason}."""
     return TokenRejected(STATUS_BY_REASON[reason], reason, text)
@@ -130,14 +139,17 @@ class TokenState:
     side: str
     revoked: bool
     used: bool
-    bound_client_token: Optional[str]
+    bound_client_token_hash: Optional[str]  # L{client_token_hash} of the client token it is bound to
     tunnel_status: str  # OPEN | CLOSED
     expires_at: float
 
 
 @dataclass(frozen=True)
 class Claim:
-    """An accepted handshake: C{bind} is the client token to record (None when nothing changes)."""
+    """
+    An accepted handshake: C{bind} is the L{client_token_hash} to record (None when nothing
+    changes).
+    """
 
     first_use: bool
     bind: Optional[str]
@@ -182,9 +194,9 @@ def check_claim(
             f"use the {mode} token, or run the local proxy with --mode {state.side}",
         )
     if state.used:
-        if state.bound_client_token is None or client_token is None:
+        if state.bound_client_token_hash is None or client_token is None:
             raise reject("token-used", TOKEN_USED_TEXT)
-        if not secrets.compare_digest(state.bound_client_token, client_token):
+        if not secrets.compare_digest(state.bound_client_token_hash, client_token_hash(client_token)):
             raise reject("client-token-mismatch", CLIENT_TOKEN_MISMATCH_TEXT)
         return Claim(first_use=False, bind=None)
     if client_token is not None and client_token_taken:
@@ -192,4 +204,4 @@ def check_claim(
             "client-token-in-use",
             "Invalid client token: it is already in use by another open tunnel of this account",
         )
-    return Claim(first_use=True, bind=client_token)
+    return Claim(first_use=True, bind=client_token_hash(client_token) if client_token is not None else None)

@@ -1,7 +1,13 @@
 # -*- test-case-name: tests.test_tls -*-
 """
 Client TLS for the local proxy's WebSocket: TLS 1.2 or newer, certificate chain and host name checked
-(pyOpenSSL + service-identity, through Twisted's L{optionsForClientTLS}).
+(pyOpenSSL + service-identity, through Twisted's L{optionsForClientTLS}); and the protocol rules the
+service's TLS listeners share with the clients (L{restrict_context}).
+
+Cipher suites: TLS 1.3 as OpenSSL offers it (all AEAD); TLS 1.2 only with ECDHE key exchange and an
+AEAD cipher (AES-GCM, ChaCha20-Poly1305): L{TLS12_CIPHERS}.  The CBC suites with SHA-1 MACs that
+Twisted's defaults still allow (C{ECDHE-ECDSA-AES256-SHA}, ...) are never negotiated.  AWS's data
+plane endpoints offer ECDHE-GCM suites, so clients lose nothing by this.
 
 Trust comes from, in order:
   - C{-c/--capath FILE}: the CA certificates in a PEM file;
@@ -26,10 +32,33 @@ from zope.interface import implementer
 
 from tunnelkit.errors import ConfigError
 
-__all__ = ["client_tls_options", "pem_certificates", "NO_VERIFY_WARNING", "MINIMUM_TLS"]
+__all__ = [
+    "client_tls_options",
+    "pem_certificates",
+    "restrict_context",
+    "NO_VERIFY_WARNING",
+    "MINIMUM_TLS",
+    "TLS12_CIPHERS",
+]
 
-#: The oldest TLS version the local proxy speaks.
+#: The oldest TLS version the local proxy and the service speak.
 MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
+
+#: The TLS 1.2 suites offered and accepted (OpenSSL cipher-list syntax): ECDHE with AEAD only.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!PSK:!SRP"
+
+
+def _acceptable_ciphers() -> object:
+    return ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
+
+
+def restrict_context(context: SSL.Context) -> None:
+    """
+    Hold an OpenSSL context (a listener's, whoever built it) to L{MINIMUM_TLS} and, for TLS 1.2,
+    to L{TLS12_CIPHERS}.
+    """
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
 
 NO_VERIFY_WARNING = """\
 !!! SECURITY WARNING: -k/--no-ssl-host-verify is set !!!
@@ -94,7 +123,9 @@ class _UnverifiedClientTLS:
 
     def __init__(self, hostname: str) -> None:
         self._hostname = hostname
-        self._context = ssl.CertificateOptions(verify=False, raiseMinimumTo=MINIMUM_TLS).getContext()
+        self._context = ssl.CertificateOptions(
+            verify=False, raiseMinimumTo=MINIMUM_TLS, acceptableCiphers=_acceptable_ciphers()
+        ).getContext()
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
@@ -120,5 +151,5 @@ def client_tls_options(
     return ssl.optionsForClientTLS(
         hostname,
         trustRoot=_trust_root(capath),
-        extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS},
+        extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS, "acceptableCiphers": _acceptable_ciphers()},
     )

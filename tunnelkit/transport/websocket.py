@@ -12,7 +12,8 @@ digits (the pong's latency is logged at debug level).  Binary messages are a byt
 frames (L{FrameDecoder}); a text message is a protocol error (close 1003).
 
 How a session ends, as L{WebSocketEnded.kind}:
-  - C{"rejected"}: a 4xx answer to the upgrade.  Retrying cannot help: the proxy stops.
+  - C{"rejected"}: a 4xx answer to the upgrade.  Retrying cannot help: the proxy stops (except after
+    a 429, which the session retries with a growing delay).
   - C{"closed"}: the service sent a close frame with code 1000 (CloseTunnel, expiry): the proxy stops, status 0.
   - C{"replaced"}: close code 1008: another proxy took over this token, or the service rejected
     what we sent.  The proxy stops.

@@ -106,6 +106,7 @@ class Console:
         ca_path: Optional[str] = None,
         verify_password: Any = None,
         terminal_factory: Optional[Callable[["Console"], Any]] = None,
+        audit: Any = None,
     ) -> None:
         self.control = control
         self.store = store
@@ -118,7 +119,7 @@ class Console:
         self.terminal = terminal_factory(self) if terminal_factory is not None else None
         self.pages = ConsolePages(
             control, store, users, self.sessions, self.limiter, self.watcher, PREFIX, service_endpoint,
-            verify_password=verify_password, terminal=self.terminal, ca_path=ca_path,
+            verify_password=verify_password, terminal=self.terminal, ca_path=ca_path, audit=audit,
         )
         ssh = self.terminal.resource() if self.terminal is not None else None
         self.resource = _ConsoleRoot(self.pages, StaticResource(), AssetResource(self.assets), ssh)
@@ -161,7 +162,7 @@ def build_console(service: Any, options: Any, clock: IReactorTime, reactor: Any)
     users = open_console_database(service.state_dir)
     console = Console(
         service.control, service.store, users, clock, assets_dir=options.get("console-assets"),
-        ca_path=service.certificates.ca_cert,
+        ca_path=service.certificates.ca_cert, audit=getattr(service, "audit", None),
     )
 
     class _Stop(Service):

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_console_admin -*-
 """
 C{tunnelkit admin create-user|list-users|reset-password|delete-user}: console users, on the state
-directory's database (see L{tunnelkit.service.console.users}).
+directory's database (see L{tunnelkit.service.console.users}); L{tunnelkit.cli} defines their arguments.
 
 The password is asked twice on a terminal, or read from the first line of standard input otherwise
 (C{echo "$PW" | tunnelkit admin create-user default alice}); it never appears on the command line.
@@ -13,28 +13,6 @@ import argparse
 import getpass
 import sys
 from typing import Any, Callable, Dict, Optional, TextIO
-
-USER_COMMANDS = ("create-user", "list-users", "reset-password", "delete-user")
-
-
-def add_user_commands(admin_commands: Any, state: argparse.ArgumentParser) -> None:
-    """Add the console-user commands to C{tunnelkit admin}."""
-    a = admin_commands.add_parser(
-        "create-user", parents=[state], help="Create a console user (password asked, or read from stdin)."
-    )
-    a.add_argument("account", help="account name or id")
-    a.add_argument("name", help="user name (1-64 of A-Z a-z 0-9 . _ @ + -)")
-    a = admin_commands.add_parser("list-users", parents=[state], help="List console users.")
-    a.add_argument("account", nargs="?", help="only this account's (name or id)")
-    a = admin_commands.add_parser(
-        "reset-password", parents=[state], help="Set a console user's password (signs the user out)."
-    )
-    a.add_argument("account", help="account name or id")
-    a.add_argument("name")
-    a = admin_commands.add_parser("delete-user", parents=[state], help="Delete a console user.")
-    a.add_argument("account", help="account name or id")
-    a.add_argument("name")
-
 
 def read_password(stdin: TextIO, prompt: Callable[[str], str] = getpass.getpass) -> str:
     """The new password: asked twice on a terminal, else the first line of C{stdin}."""

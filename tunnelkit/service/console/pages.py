@@ -103,6 +103,7 @@ class ConsolePages(Resource):
         verify_password: Optional[Callable[[str, str], "defer.Deferred[bool]"]] = None,
         terminal: Any = None,
         ca_path: Optional[str] = None,
+        audit: Any = None,
     ) -> None:
         super().__init__()
         self.control = control
@@ -115,6 +116,7 @@ class ConsolePages(Resource):
         self.service_endpoint = service_endpoint
         self.terminal = terminal
         self.ca_path = ca_path
+        self.audit = audit
         self._verify = verify_password or _verify_in_thread
         self._env = web.template_environment()
         self._checking: set = set()
@@ -142,6 +144,28 @@ class ConsolePages(Resource):
             back_label="Back to the tunnels hub" if session else "Sign in",
         )
 
+    def _call(self, request: Request, session: Session, account: Account, operation: str,
+              body: Dict[str, Any]) -> Dict[str, Any]:
+        """Run a control-plane operation as the API does, with an audit record naming the console user."""
+        outcome, status = "ok", 200
+        try:
+            return self.control.call(operation, account, body)
+        except ApiError as e:
+            outcome, status = e.error_type, e.status
+            raise
+        finally:
+            if self.audit is not None:
+                address = request.getClientAddress()
+                tunnel_id = body.get("tunnelId") or (body.get("resourceArn") or "").rpartition("/")[2] or None
+                try:
+                    self.audit.record(
+                        "api", account=account.account_id, console_user=session.user_name, operation=operation,
+                        tunnel_id=tunnel_id, outcome=outcome, status=status,
+                        client=f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}",
+                    )
+                except Exception:
+                    log.failure("Console: could not write the audit record of {operation}", operation=operation)
+
     # --- dispatch ---
 
     def render(self, request: Request) -> Any:
@@ -161,6 +185,10 @@ class ConsolePages(Resource):
                     return self.post_signin(request)
                 return self.get_signin(request)
             session = self.sessions.get(web.session_id(request))
+            if session is not None and not self.users.still_valid(session.account_id, session.user_name,
+                                                                  session.created_at):
+                self.sessions.end(session)  # the user was deleted, or its password reset, since sign-in
+                session = None
             if session is None:
                 if method == "GET" and parts != ["events"]:
                     return web.redirect(request, self.prefix + "signin")
@@ -355,7 +383,7 @@ class ConsolePages(Resource):
         done, errors = 0, []
         for tunnel_id in ids:
             try:
-                self.control.call("CloseTunnel", account, {"tunnelId": tunnel_id, "delete": action == "delete"})
+                self._call(request, session, account, "CloseTunnel", {"tunnelId": tunnel_id, "delete": action == "delete"})
                 done += 1
             except ApiError as e:
                 errors.append(e.message)
@@ -375,7 +403,7 @@ class ConsolePages(Resource):
         values = {name: web.field(request, name) for name in ("description", "lifetime", "tags", "thing", "services")}
         try:
             body = self._tunnel_request(values)
-            answer = self.control.call("OpenTunnel", account, body)
+            answer = self._call(request, session, account, "OpenTunnel", body)
         except (ApiError, ValueError) as e:
             return self.get_create(request, session, account, _message(e), 400, values)
         return self._show_tokens(request, session, answer, body)
@@ -467,7 +495,7 @@ class ConsolePages(Resource):
 
     def _describe(self, account: Account, tunnel_id: str) -> Dict[str, Any]:
         try:
-            return self.control.call("DescribeTunnel", account, {"tunnelId": tunnel_id})["tunnel"]
+            return self._call(request, session, account, "DescribeTunnel", {"tunnelId": tunnel_id})["tunnel"]
         except ApiError as e:
             raise Refused(e.status if e.status in (400, 404) else 400, "No such tunnel", e.message) from None
 
@@ -492,7 +520,7 @@ class ConsolePages(Resource):
     def _tunnel_action(self, request: Request, session: Session, account: Account, tunnel_id: str,
                        operation: str, body: Dict[str, Any], done: str) -> bytes:
         try:
-            self.control.call(operation, account, body)
+            self._call(request, session, account, operation, body)
         except ApiError as e:
             return self.get_tunnel(request, session, account, tunnel_id, e.message, 400)
         session.flash.append(done)
@@ -529,7 +557,7 @@ class ConsolePages(Resource):
         if web.field(request, "confirm") != "yes":
             return self.get_delete(request, session, account, tunnel_id)
         try:
-            self.control.call("CloseTunnel", account, {"tunnelId": tunnel_id, "delete": True})
+            self._call(request, session, account, "CloseTunnel", {"tunnelId": tunnel_id, "delete": True})
         except ApiError as e:
             return self.get_tunnel(request, session, account, tunnel_id, e.message, 400)
         session.flash.append(f"Tunnel {tunnel_id} deleted.")
@@ -545,7 +573,7 @@ class ConsolePages(Resource):
         if mode != "SOURCE" and config.get("thingName"):
             body["destinationConfig"] = {"thingName": config["thingName"], "services": config["services"]}
         try:
-            answer = self.control.call("RotateTunnelAccessToken", account, body)
+            answer = self._call(request, session, account, "RotateTunnelAccessToken", body)
         except ApiError as e:
             return self.get_tunnel(request, session, account, tunnel_id, e.message, 400)
         if self.terminal is not None and mode != "DESTINATION":
@@ -570,7 +598,7 @@ class ConsolePages(Resource):
         values = {name: web.field(request, name) for name in ("description", "lifetime", "tags", "thing", "services")}
         try:
             body = self._tunnel_request(values)
-            answer = self.control.call("OpenTunnel", account, body)
+            answer = self._call(request, session, account, "OpenTunnel", body)
         except (ApiError, ValueError) as e:
             return self.get_duplicate(request, session, account, tunnel_id, _message(e), 400, values)
         session.flash.append(f"Tunnel {answer['tunnelId']} opened as a copy of {tunnel_id}.")
@@ -607,7 +635,7 @@ class ConsolePages(Resource):
         try:
             if values["lifetime"].strip():
                 body["timeoutConfig"] = {"maxLifetimeTimeoutMinutes": int(values["lifetime"])}
-            answer = self.control.call("OpenTunnel", account, body)
+            answer = self._call(request, session, account, "OpenTunnel", body)
         except ValueError:
             return self.get_quick(request, session, account, "Lifetime: a whole number of minutes from 1 to 720.", 400,
                                   values)

@@ -145,6 +145,9 @@ class IConsoleUsers(Interface):
     def password_hash(account_id: str, name: str) -> Optional[str]:
         """The user's stored hash (for a check off the reactor thread), or None if no such user."""
 
+    def still_valid(account_id: str, name: str, signed_in_at: float) -> bool:
+        """Whether a session begun at C{signed_in_at} may go on: the user exists, its password unchanged since."""
+
     def get_host_key(account_id: str, thing_name: str) -> Optional[HostKey]:
         """The host key remembered for the thing, or None."""
 
@@ -259,6 +262,12 @@ class ConsoleDatabase:
     def password_hash(self, account_id: str, name: str) -> Optional[str]:
         row = self._get(account_id, name)
         return row[4] if row is not None else None
+
+    def still_valid(self, account_id: str, name: str, signed_in_at: float) -> bool:
+        row = self._db.execute(
+            "SELECT password_changed_at FROM console_users WHERE account_id = ? AND name = ?", (account_id, name)
+        ).fetchone()
+        return row is not None and row[0] <= signed_in_at
 
     # --- host keys ---
 
