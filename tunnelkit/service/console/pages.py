@@ -495,7 +495,7 @@ class ConsolePages(Resource):
 
     def _describe(self, account: Account, tunnel_id: str) -> Dict[str, Any]:
         try:
-            return self._call(request, session, account, "DescribeTunnel", {"tunnelId": tunnel_id})["tunnel"]
+            return self.control.call("DescribeTunnel", account, {"tunnelId": tunnel_id})["tunnel"]
         except ApiError as e:
             raise Refused(e.status if e.status in (400, 404) else 400, "No such tunnel", e.message) from None
 
