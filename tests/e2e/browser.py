@@ -70,8 +70,11 @@ class Browser:
             except Exception as e:  # element not there yet, stale, ...
                 last = e
             time.sleep(0.1)
+        shot = self.shot("timed-out")
+        status = self.driver.execute_script(
+            "var s = document.querySelector('[role=status], [role=alert]'); return s ? s.textContent : '';")
         raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition} ({last!r}); "
-                             f"page {self.driver.current_url}")
+                             f"page {self.driver.current_url}, status {status!r}, screenshot {shot}")
 
     def text(self, selector: str) -> str:
         return str(self.css(selector).text)

@@ -157,12 +157,17 @@ def build_console(service: Any, options: Any, clock: IReactorTime, reactor: Any)
     """
     from twisted.application.service import Service
 
+    from tunnelkit.service.console.terminal import Terminals
     from tunnelkit.service.console.users import open_console_database
 
     users = open_console_database(service.state_dir)
+
+    def terminals(console: Console) -> Terminals:
+        return Terminals(console, reactor, clock, service.data_plane_address, service.certificates.ca_cert)
+
     console = Console(
         service.control, service.store, users, clock, assets_dir=options.get("console-assets"),
-        ca_path=service.certificates.ca_cert, audit=getattr(service, "audit", None),
+        ca_path=service.certificates.ca_cert, terminal_factory=terminals, audit=getattr(service, "audit", None),
     )
 
     class _Stop(Service):

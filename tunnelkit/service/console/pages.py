@@ -146,6 +146,12 @@ class ConsolePages(Resource):
 
     def _call(self, request: Request, session: Session, account: Account, operation: str,
               body: Dict[str, Any]) -> Dict[str, Any]:
+        address = request.getClientAddress()
+        client = f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
+        return self.run_operation(client, session, account, operation, body)
+
+    def run_operation(self, client: str, session: Session, account: Account, operation: str,
+                      body: Dict[str, Any]) -> Dict[str, Any]:
         """Run a control-plane operation as the API does, with an audit record naming the console user."""
         outcome, status = "ok", 200
         try:
@@ -155,13 +161,11 @@ class ConsolePages(Resource):
             raise
         finally:
             if self.audit is not None:
-                address = request.getClientAddress()
                 tunnel_id = body.get("tunnelId") or (body.get("resourceArn") or "").rpartition("/")[2] or None
                 try:
                     self.audit.record(
                         "api", account=account.account_id, console_user=session.user_name, operation=operation,
-                        tunnel_id=tunnel_id, outcome=outcome, status=status,
-                        client=f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}",
+                        tunnel_id=tunnel_id, outcome=outcome, status=status, client=client,
                     )
                 except Exception:
                     log.failure("Console: could not write the audit record of {operation}", operation=operation)
