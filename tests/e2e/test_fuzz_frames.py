@@ -44,7 +44,8 @@ service_ids = st.one_of(
 )
 messages = st.builds(
     Message,
-    type=st.integers(0, 12),
+    # AWS's types, unknown ones, and tunnelkit's ignorable extension types (1001-1003)
+    type=st.one_of(st.integers(0, 12), st.sampled_from([1001, 1002, 1003]), st.integers(0, 2**31 - 1)),
     streamId=st.one_of(st.integers(-3, 5), st.integers(0, FUZZ_STREAM_IDS - 1)),
     ignorable=st.booleans(),
     payload=st.binary(max_size=3000),
@@ -94,6 +95,9 @@ KNOWN_CASES = [
             Message(type=Message.CONNECTION_START, streamId=8, serviceId="", connectionId=2)),
     _frames(Message(type=Message.STREAM_START, streamId=9, serviceId="NOPE", connectionId=1)),
     _frames(Message(type=Message.DATA, streamId=3, serviceId="OTHER", connectionId=5, payload=b"early")),
+    # a window update and an end-of-stream of tunnelkit's extension for a connection that never was
+    _frames(Message(type=1002, ignorable=True, streamId=4, serviceId="ECHO", connectionId=9, payload=b"\xff\xff\xff\xff"),
+            Message(type=1003, ignorable=True, streamId=4, serviceId="ECHO", connectionId=9)),
 ]
 
 
@@ -197,6 +201,7 @@ class FuzzTests(TestCase):
         @example(True, KNOWN_CASES[1])
         @example(True, KNOWN_CASES[2])
         @example(True, KNOWN_CASES[3])
+        @example(False, KNOWN_CASES[4])
         def one_case(fresh: bool, messages: List[Tuple[bool, bytes]]) -> None:
             """C{fresh}: on a new WebSocket (its first stream message decides V1/V2/V3 rules)."""
             if fresh:
