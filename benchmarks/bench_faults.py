@@ -2,7 +2,7 @@
 Fault injection (issue 10): concurrent checksummed transfers through a tunnel while the service,
 the destination and the source are killed (kill -9) and started again in turn.
 
-    python benchmarks/bench_faults.py [--transfers 1000] [--concurrency 8] [--every 3] [--short]
+    python benchmarks/bench_faults.py [--transfers 1000] [--concurrency 8] [--every 6] [--short]
 
 Each transfer asks the far application (tunnelkit.testapps) for a push of 64 KB to 4 MB of a seeded
 pattern and reads to the end; the application's view of it is one of: byte-exact; reset (an error
@@ -129,7 +129,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transfers", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--every", type=float, default=3.0, help="seconds between kills")
+    parser.add_argument("--every", type=float, default=6.0, help="seconds between kills")
     parser.add_argument("--down", type=float, default=1.0, help="seconds a killed process stays down")
     parser.add_argument("--timeout", type=float, default=30.0, help="socket timeout of one transfer")
     parser.add_argument("--short", action="store_true", help="60 transfers, 4 at a time, one kill of each")

@@ -27,7 +27,7 @@ from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.e2e.harness import Harness
-from tests.e2e.test_tunnel_independence import require_flow_control, start_apps
+from tests.e2e.test_tunnel_independence import start_apps
 from tunnelkit.protocol.framing import encode_message
 from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.testapps import echo_round_trips
@@ -175,9 +175,8 @@ class FuzzTests(TestCase):
     timeout = 60 + EXAMPLES * 20
 
     def test_destination_relay_and_other_tunnel_stay_up(self) -> Any:
-        # On main before issue 10's fixes the first known case (a STREAM_START without a service id
-        # on a new WebSocket of a two-service tunnel) passes the relay and the destination exits 1.
-        require_flow_control()
+        # Before issue 10's fixes (bf2b141) the first known case (a STREAM_START without a service
+        # id on a new WebSocket of a two-service tunnel) passed the relay and the destination exited 1.
         return deferToThread(self._fuzz)
 
     def _fuzz(self) -> None:
