@@ -12,8 +12,9 @@ tunnelkit, e.g. C{git archive <commit> | tar -x -C DIR}), against that one too, 
          accepted handshakes per second without and with the flood, and the flood's rate and statuses.
   idle   3,000 raw TCP connections that send nothing and 1,000 TLS connections that finish their
          handshake and send nothing (from 100 addresses 127.0.1.x, under the per-address cap), then
-         prints the service's RSS before, with them all open, and how many the service still holds
-         15 s later (a TLS + request-head deadline resets them; without one they wait 120 s).
+         prints the service's RSS before and its peak (sampled every 0.25 s), and how many the
+         service still holds when the last is open and 15 s later (a TLS + request-head deadline
+         resets them; without one they wait for the 120 s idle timeout).
 
 Every service is started afresh with its own state directory; every process is stopped at the end.
 """
@@ -213,39 +214,42 @@ def _open_idle(port: int, tls_port: int, raw: int, tls: int, addresses: int) -> 
 
 def _still_open(sockets: List[socket.socket]) -> int:
     """How many of C{sockets} the service has not closed or reset (nothing to read, no EOF)."""
-    count = 0
+    poller = select.poll()
     for s in sockets:
-        try:
-            raw = s if not isinstance(s, ssl.SSLSocket) else s
-            readable, _, _ = select.select([raw], [], [], 0)
-            if not readable:
-                count += 1
-                continue
-            data = raw.recv(1, socket.MSG_PEEK) if not isinstance(raw, ssl.SSLSocket) else raw.recv(1)
-            if data:
-                count += 1
-        except (OSError, ssl.SSLError):
-            pass
-    return count
+        poller.register(s.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    ended = {fd for fd, _ in poller.poll(0)}
+    return sum(1 for s in sockets if s.fileno() not in ended)
 
 
 def part_idle(top: str, raw: int, tls: int, hold: float) -> Dict[str, object]:
+    import threading
+
     service = Service(top)
     try:
         time.sleep(1.0)
         before = service.rss_kib()
+        peak = [before]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.25):
+                peak[0] = max(peak[0], service.rss_kib())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         started = time.monotonic()
         held = _open_idle(service.tcp_port, service.tls_port, raw, tls, 100)
         opened = time.monotonic() - started
-        time.sleep(1.0)
-        with_all = service.rss_kib()
-        time.sleep(max(0.0, hold - (time.monotonic() - started)))
+        at_end = _still_open(held)
+        time.sleep(hold)
         left = _still_open(held)
         after = service.rss_kib()
+        done.set()
+        sampler.join()
         for s in held:
             s.close()
-        return {"opened": len(held), "open_seconds": opened, "rss_before": before, "rss_all": with_all,
-                "still_open": left, "rss_after": after}  # fmt: skip
+        return {"opened": len(held), "open_seconds": opened, "rss_before": before, "rss_peak": peak[0],
+                "open_at_end": at_end, "still_open": left, "rss_after": after}  # fmt: skip
     finally:
         service.stop()
 
@@ -284,9 +288,11 @@ def main() -> None:
         idle = by_part.get("idle")
         if idle:
             print(
-                f"{idle['opened']} idle connections opened in {idle['open_seconds']:.1f} s: RSS "
-                f"{idle['rss_before'] / 1024:.0f} MB before, {idle['rss_all'] / 1024:.0f} MB with them, "
-                f"{idle['still_open']} still held after {args.hold:g} s (RSS {idle['rss_after'] / 1024:.0f} MB)"
+                f"{idle['opened']} idle connections opened in {idle['open_seconds']:.1f} s "
+                f"({idle['open_at_end']} of them still held when the last was open): service RSS "
+                f"{idle['rss_before'] / 1024:.0f} MB before, peak {idle['rss_peak'] / 1024:.0f} MB; "
+                f"{idle['still_open']} still held {args.hold:g} s after the last opened "
+                f"(RSS then {idle['rss_after'] / 1024:.0f} MB)"
             )
     if len(results) == 2 and "flood" in parts:
         now, then = results["this checkout"]["flood"], results["before"]["flood"]
