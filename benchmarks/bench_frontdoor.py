@@ -41,6 +41,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
 from benchmarks.machine import busy_before, load_note  # noqa: E402
+from tunnelkit.testing import http_attempt, upgrade_request  # noqa: E402
 
 
 def free_port() -> int:
@@ -109,39 +110,14 @@ class Service:
         shutil.rmtree(self.state, True)
 
 
-def upgrade(token: str, client_token: Optional[str] = None) -> bytes:
-    lines = [
-        "GET /tunnel?local-proxy-mode=source HTTP/1.1",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: upgrade",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version: 13",
-        "Sec-WebSocket-Protocol: aws.iot.securetunneling-3.0",
-        f"access-token: {token}",
-    ]
-    if client_token:
-        lines.append(f"client-token: {client_token}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+def upgrade(token: str, mode: str = "source", client_token: Optional[str] = None) -> bytes:
+    """The reference local proxy's upgrade request (L{upgrade_request}), with C{client_token} if given."""
+    return upgrade_request(mode, token, extra=[("client-token", client_token)] if client_token else [])
 
 
 def handshake(port: int, request: bytes, source: str) -> int:
     """One upgrade attempt from C{source}: the status code (0 if the connection failed)."""
-    try:
-        with socket.socket() as s:
-            s.settimeout(5)
-            s.bind((source, 0))
-            s.connect(("127.0.0.1", port))
-            s.sendall(request)
-            head = b""
-            while b"\r\n" not in head:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                head += chunk
-            return int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    except (OSError, ValueError, IndexError):
-        return 0
+    return http_attempt(port, request, source, timeout=5.0)[0]
 
 
 def _flood(port: int, token: str, seconds: float, out: "multiprocessing.Queue[Tuple[int, Dict[int, int]]]") -> None:
@@ -159,7 +135,7 @@ def _flood(port: int, token: str, seconds: float, out: "multiprocessing.Queue[Tu
 
 def real_client(port: int, token: str, seconds: float) -> Tuple[float, Dict[int, int]]:
     """Reconnect with the valid token as fast as allowed for C{seconds}: accepted/s and statuses."""
-    request = upgrade(token, "bench-client-token-0123456789abcdef")
+    request = upgrade(token, client_token="bench-client-token-0123456789abcdef")
     counts: Dict[int, int] = {}
     start = time.monotonic()
     while time.monotonic() - start < seconds:
@@ -213,12 +189,27 @@ def _open_idle(port: int, tls_port: int, raw: int, tls: int, addresses: int) -> 
 
 
 def _still_open(sockets: List[socket.socket]) -> int:
-    """How many of C{sockets} the service has not closed or reset (nothing to read, no EOF)."""
+    """
+    How many of C{sockets} the service has not closed or reset.  A readable TLS socket may only hold
+    TLS 1.3 session tickets: it is read (non-blocking) to tell those from the end of the connection.
+    """
     poller = select.poll()
     for s in sockets:
         poller.register(s.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-    ended = {fd for fd, _ in poller.poll(0)}
-    return sum(1 for s in sockets if s.fileno() not in ended)
+    readable = {fd for fd, _ in poller.poll(0)}
+    count = 0
+    for s in sockets:
+        if s.fileno() not in readable:
+            count += 1
+        elif isinstance(s, ssl.SSLSocket):
+            s.setblocking(False)
+            try:
+                count += 1 if s.recv(1) else 0
+            except ssl.SSLWantReadError:
+                count += 1
+            except OSError:
+                pass
+    return count
 
 
 def part_idle(top: str, raw: int, tls: int, hold: float) -> Dict[str, object]:

@@ -8,49 +8,19 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Optional, Tuple
+from typing import Optional
 
 from twisted.trial.unittest import TestCase
 
 from tests.e2e.harness import Harness, wait_until
+from tunnelkit.testing import http_attempt as attempt, upgrade_request
 
 CLIENT_TOKEN = "e2e-frontdoor-client-token-0123456789"
 
 
 def upgrade(token: str, mode: str = "source", client_token: Optional[str] = None) -> bytes:
-    lines = [
-        f"GET /tunnel?local-proxy-mode={mode} HTTP/1.1",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: upgrade",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version: 13",
-        "Sec-WebSocket-Protocol: aws.iot.securetunneling-3.0",
-        f"access-token: {token}",
-    ]
-    if client_token:
-        lines.append(f"client-token: {client_token}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def attempt(port: int, request: bytes, source: str = "127.0.0.1", keep: bool = False) -> Tuple[int, bytes, Optional[socket.socket]]:
-    """Send C{request} from C{source}; the status, the answer's head, and the socket if C{keep}."""
-    s = socket.socket()
-    s.settimeout(10)
-    s.bind((source, 0))
-    s.connect(("127.0.0.1", port))
-    s.sendall(request)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        head += chunk
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    if keep:
-        return status, head, s
-    s.close()
-    return status, head, None
+    """The reference local proxy's upgrade request (L{upgrade_request}), with C{client_token} if given."""
+    return upgrade_request(mode, token, extra=[("client-token", client_token)] if client_token else [])
 
 
 def wrong_secret(token: str) -> str:
