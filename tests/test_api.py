@@ -5,6 +5,8 @@ botocore clients signing for real, in memory, on an injected clock.
 
 from __future__ import annotations
 
+from twisted.internet.testing import StringTransport
+
 import json
 from typing import Any, Dict
 
@@ -449,8 +451,8 @@ class RotateTests(ServiceTestCase, ErrorAssertions):
         self.assertEqual(self.service.notifier.sent, [])
 
     def test_rotate_destination_with_config(self) -> None:
-        """DESTINATION with a destinationConfig: new token, new config, the thing is notified (tutorial step 3)."""
-        opened = self.api.open_tunnel()
+        """DESTINATION with a destinationConfig: new token, delivered to the thing (tutorial step 3)."""
+        opened = self.api.open_tunnel(destinationConfig={"services": ["SSH"]})
         rotated = self.api.rotate_tunnel_access_token(
             tunnelId=opened["tunnelId"],
             clientMode="DESTINATION",
@@ -466,6 +468,42 @@ class RotateTests(ServiceTestCase, ErrorAssertions):
         grant = self.service.store.claim_peer(rotated["destinationAccessToken"], "destination", None, self.clock.seconds())
         self.assertEqual(grant.services, ("SSH",))
         self.assertEqual(self.service.events.calls, [("token_rotated", opened["tunnelId"], "destination")])
+
+    def test_rotate_with_other_services_refused(self) -> None:
+        """Rotation never changes a tunnel's services silently (issue 11 item 3): it says so and changes nothing."""
+        opened = self.api.open_tunnel(destinationConfig={"thingName": "RemoteThing1", "services": ["SSH1"]})
+        sent_before = list(self.service.notifier.sent)
+        with self.assertRaises(ClientError) as raised:
+            self.api.rotate_tunnel_access_token(
+                tunnelId=opened["tunnelId"],
+                clientMode="DESTINATION",
+                destinationConfig={"thingName": "RemoteThing1", "services": ["SSH"]},
+            )
+        error = raised.exception.response["Error"]
+        self.assertEqual(error["Code"], "ValidationException")
+        self.assertIn("does not match the services of tunnel", error["Message"])
+        self.assertIn("(SSH1)", error["Message"])
+        self.assertIn("Rotate with services=SSH1", error["Message"])
+        self.assertEqual(self.service.notifier.sent, sent_before)
+        self.assertEqual(self.service.events.calls, [])
+        grant = self.service.store.claim_peer(opened["destinationAccessToken"], "destination", None, self.clock.seconds())
+        self.assertEqual(grant.services, ("SSH1",))  # the old token still works: nothing was rotated
+
+    def test_rotate_services_in_another_order(self) -> None:
+        opened = self.api.open_tunnel(destinationConfig={"thingName": "T", "services": ["SSH", "HTTP"]})
+        self.api.rotate_tunnel_access_token(
+            tunnelId=opened["tunnelId"], clientMode="ALL", destinationConfig={"thingName": "T", "services": ["HTTP", "SSH"]}
+        )
+        self.assertEqual(self.service.notifier.sent[-1][3], ("SSH", "HTTP"))
+
+    def test_rotate_gives_a_tunnel_without_config_its_first(self) -> None:
+        """A tunnel opened without destinationConfig takes the rotation's (its first; nothing changes)."""
+        opened = self.api.open_tunnel()
+        self.api.rotate_tunnel_access_token(
+            tunnelId=opened["tunnelId"], clientMode="DESTINATION", destinationConfig={"thingName": "T", "services": ["SSH"]}
+        )
+        tunnel = self.api.describe_tunnel(tunnelId=opened["tunnelId"])["tunnel"]
+        self.assertEqual(tunnel["destinationConfig"], {"thingName": "T", "services": ["SSH"]})
 
     def test_rotate_all(self) -> None:
         """ALL: both tokens; the lifetime is not extended."""
@@ -570,11 +608,74 @@ class TimeoutTests(ServiceTestCase):
         from tunnelkit.service.api import IDLE_TIMEOUT
 
         protocol, transport = self.connect()
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertIn(b" 405 ", transport.value())
         self.clock.advance(IDLE_TIMEOUT - 1)
         self.assertFalse(transport.disconnecting)
         self.clock.advance(2)
         self.assertTrue(transport.disconnecting)
         protocol.connectionLost(None)
+
+    def test_request_head_deadline(self) -> None:
+        """A connection whose request head is not complete 10 s after connecting is reset (issue 11 item 5)."""
+        from tunnelkit.service.api import HEAD_TIMEOUT
+
+        protocol, transport = self.connect()
+        for _ in range(9):  # one byte a second: the idle timeout would never fire
+            protocol.dataReceived(b"G")
+            self.clock.advance(1)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(HEAD_TIMEOUT - 9)
+        self.assertTrue(transport.disconnected)  # aborted (reset), not closed
+        protocol.connectionLost(None)
+        self.assertEqual(self.service.site.pending, {})
+
+    def test_later_request_head_deadline(self) -> None:
+        from tunnelkit.service.api import HEAD_TIMEOUT
+
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.clock.advance(HEAD_TIMEOUT * 3)  # idle between requests: the idle timeout's business
+        self.assertFalse(transport.disconnected)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.clock.advance(HEAD_TIMEOUT)
+        self.assertTrue(transport.disconnected)
+        protocol.connectionLost(None)
+
+    def test_oversize_header_line_431(self) -> None:
+        """A header line over 16 KB, of any size, is answered 431 at once."""
+        for size in (16385, 70000, 1_000_000):
+            protocol, transport = self.connect()
+            protocol.dataReceived(b"POST / HTTP/1.1\r\nX-Big: " + b"a" * size)
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value()[:80])
+            self.assertTrue(transport.disconnecting)
+            protocol.connectionLost(None)
+
+    def test_oversize_head_431(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"POST / HTTP/1.1\r\n" + b"X-Some: " + b"b" * 8000 + b"\r\nX-More: " + b"c" * 9000 + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "), transport.value()[:80])
+
+    def test_pending_connections_per_address(self) -> None:
+        """An address holding 64 connections that are not WebSockets yet gets its next one reset."""
+        from tunnelkit.service.api import MAX_PENDING_PER_ADDRESS
+
+        from twisted.internet.address import IPv4Address
+
+        def connect(host: str) -> Any:
+            address = IPv4Address("TCP", host, 40000)
+            protocol = self.service.site.buildProtocol(address)
+            transport = StringTransport(peerAddress=address)
+            protocol.makeConnection(transport)
+            return protocol, transport
+
+        held = [connect("127.0.0.9") for _ in range(MAX_PENDING_PER_ADDRESS)]
+        self.assertEqual(self.service.site.pending, {"127.0.0.9": MAX_PENDING_PER_ADDRESS})
+        protocol, transport = connect("127.0.0.9")
+        self.assertTrue(transport.disconnected)
+        self.assertFalse(connect("127.0.0.8")[1].disconnected)  # another address is not affected
+        held[0][0].connectionLost(None)
+        self.assertFalse(connect("127.0.0.9")[1].disconnected)
 
     def test_taken_over_connection_exempt(self) -> None:
         """A connection a resource took over (a WebSocket upgrade) is not timed out by HTTP."""

@@ -56,7 +56,7 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(options["max-services-per-tunnel"], 32)
         self.assertEqual(
             limits_from_options(options),
-            RelayLimits(800000, 0.5, None, 65536),
+            RelayLimits(800000, 0.5, max_websockets_per_account=None, relay_buffer=65536),
         )
 
     def test_bad_values_name_the_option(self) -> None:
@@ -71,7 +71,7 @@ class OptionTests(SynchronousTestCase):
             self.assertIn(text, str(error))
 
     def test_plain_mapping(self) -> None:
-        self.assertEqual(limits_from_options({}), RelayLimits(None, 10.0, 2000, 131072))
+        self.assertEqual(limits_from_options({}), RelayLimits(None, 10.0, max_websockets_per_account=2000))
         self.assertEqual(limits_from_options({"tunnel_bandwidth": 5}).tunnel_bandwidth, 5)
 
 
@@ -94,13 +94,14 @@ class MountTests(SynchronousTestCase):
         root = Resource()
         events = mount_data_plane(root, MemoryTunnelStore(), Clock(), {})
         verifyObject(ITunnelEvents, events)
-        self.assertEqual(sorted(root.children), [b"metrics", b"tunnel"])
+        self.assertEqual(sorted(root.children), [b"tunnel"])  # no /metrics on the API's site
 
-    def test_metrics_on_the_site(self) -> None:
+    def test_metrics_on_their_own_site(self) -> None:
         clock = Clock()
         harness = ServiceHarness(clock)
         harness.open_tunnel()
-        peer = RawPeer(harness.site, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertEqual(RawPeer(harness.site, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").status, 404)
+        peer = RawPeer(harness.metrics_site, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertEqual(peer.status, 200)
         self.assertTrue(peer.headers["content-type"].startswith("text/plain"))
         value = peer.transport.value().decode()

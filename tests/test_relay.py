@@ -301,7 +301,7 @@ class HandshakeTests(ServiceTestCase):
         self.assertTrue(400 <= (peer.status or 0) < 500, peer.status)
 
     def test_store_failure_is_500(self) -> None:
-        def broken(*args: Any) -> None:
+        def broken(*args: Any, **kwargs: Any) -> None:
             raise OSError("disk on fire")
 
         self.store.claim_peer = broken  # type: ignore[method-assign]
@@ -552,7 +552,9 @@ class PeerTests(ServiceTestCase):
     def test_expiry(self) -> None:
         tunnel = self.harness.open_tunnel(["SSH"], lifetime_minutes=2)
         source = self.connect("source", tunnel.source_token)
-        self.clock.advance(119)
+        for step in (20, 20, 20, 20, 20, 19):
+            self.clock.advance(step)
+            source.send(b"", opcode=0xA)  # a live peer: it answers the service's pings
         self.assertIsNone(source.close_frame())
         self.clock.advance(1)
         self.assertEqual(source.close_frame(), (1000, "Tunnel expired"))
@@ -589,6 +591,47 @@ class PeerTests(ServiceTestCase):
         self.assertEqual(newer.take_frames(), [Message(type=SERVICE_IDS, availableServiceIds=["SSH", "VNC"])])
         source.send(start(service="VNC"))
         self.assertEqual(newer.take_frames(), [Message(type=STREAM_START, streamId=1, serviceId="VNC", connectionId=1)])
+
+    def test_silent_peer_pinged_then_dropped(self) -> None:
+        """A peer that vanished without a FIN is DISCONNECTED within a bounded time (issue 11 item 6)."""
+        tunnel, source, destination = self.pair()
+        source.send(start())
+        destination.take_frames()
+        self.clock.advance(20)  # both heard since attach: no ping yet
+        self.assertEqual(source.controls + destination.controls, [])
+        for _ in range(2):
+            destination.send(b"", opcode=0xA)  # the destination answers (a pong) each time; the source is silent
+            self.clock.advance(20)
+            source.poll()
+            self.assertEqual(source.controls[-1][0], 0x9)  # pinged
+        self.assertFalse(source.transport.disconnecting)
+        destination.send(b"", opcode=0xA)
+        self.clock.advance(20)  # 60 s of silence: reset
+        self.assertTrue(source.transport.disconnecting)
+        source.lose()
+        self.assertEqual(self.store.connection_state(tunnel.tunnel_id, "source")[0], False)
+        self.assertEqual(self.store.connection_state(tunnel.tunnel_id, "destination")[0], True)
+        (reset,) = destination.take_frames()
+        self.assertEqual((reset.type, reset.streamId, reset.serviceId), (STREAM_RESET, 1, "SSH"))
+        destination.lose()
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # the liveness loop stopped with the last peer
+
+    def test_pong_keeps_a_peer(self) -> None:
+        tunnel, source, destination = self.pair()
+        for _ in range(10):
+            self.clock.advance(20)
+            source.send(b"", opcode=0xA)
+            destination.send(b"", opcode=0xA)
+        self.assertFalse(source.transport.disconnecting or destination.transport.disconnecting)
+
+    def test_paused_peer_is_not_dropped(self) -> None:
+        tunnel, source, destination = self.pair()
+        source.protocol.pause_reading("backpressure")  # type: ignore[attr-defined]
+        destination_alive = lambda: destination.send(b"", opcode=0xA)  # noqa: E731
+        for _ in range(6):
+            destination_alive()
+            self.clock.advance(20)
+        self.assertFalse(source.transport.disconnecting)
 
     def test_events_for_unknown_tunnels(self) -> None:
         self.relay.tunnel_closed("nope", "closed")
@@ -653,14 +696,55 @@ class LimitTests(ServiceTestCase):
         self.assertEqual(len(b"".join(destination.take_messages())), len(start()) + 5 * len(chunk))
 
     def test_handshake_rate(self) -> None:
+        """Accepted handshakes per tunnel are limited; only valid tokens spend that budget."""
         tunnel = self.harness.open_tunnel(["SSH"])
-        statuses = [self.connect("source", tunnel.destination_token).status for _ in range(3)]
-        self.assertEqual(statuses, [403, 403, 429])
-        # The same tunnel's other token shares the budget; another tunnel does not.
-        self.assertEqual(self.connect("source", tunnel.source_token).status, 429)
-        self.assertEqual(self.connect("source", self.harness.open_tunnel().source_token).status, 101)
+        client = [("client-token", CLIENT_TOKEN)]
+        statuses = [self.connect("source", tunnel.source_token, extra=client).status for _ in range(3)]
+        self.assertEqual(statuses, [101, 101, 429])
+        # The refused attempt did not count: once the budget refills, the same token reconnects.
+        self.assertEqual(self.connect("destination", self.harness.open_tunnel().destination_token).status, 101)
         self.clock.advance(0.5)
+        self.assertEqual(self.connect("source", tunnel.source_token, extra=client).status, 101)
+
+    def flood(self, token: str, count: int, port: int) -> list:
+        """C{count} handshakes with a wrong secret for C{token}'s tunnel, from another address."""
+        statuses = []
+        wrong = token[:17] + ("A" if token[17] != "A" else "B") + token[18:]
+        for _ in range(count):
+            peer = RawPeer(self.harness.site, upgrade_request("source", wrong), port, host="127.0.0.2")
+            statuses.append(peer.status)
+        return statuses
+
+    def test_flood_of_bad_secrets_never_refuses_the_valid_token(self) -> None:
+        """Failed attempts for a tunnel id cost its real peers nothing (issue 11 item 1)."""
+        tunnel = self.harness.open_tunnel(["SSH"])
+        statuses = self.flood(tunnel.source_token, 50, 45000)
+        self.assertEqual(statuses[:4], [401, 401, 401, 401])
+        self.assertEqual(statuses[-1], 429)  # the flooding address spent its budget
+        self.assertEqual(self.connect("destination", tunnel.destination_token).status, 101)
         self.assertEqual(self.connect("source", tunnel.source_token).status, 101)
+
+    def test_failures_per_key_from_many_addresses(self) -> None:
+        """A failure flood spread over addresses gets 429 per key; the valid token still passes."""
+        tunnel = self.harness.open_tunnel(["SSH"])
+        wrong = tunnel.source_token[:-1] + ("A" if tunnel.source_token[-1] != "A" else "B")
+        statuses = [
+            RawPeer(self.harness.site, upgrade_request("source", wrong), 45000, host=f"127.0.1.{n}").status
+            for n in range(1, 60)
+        ]
+        self.assertEqual(statuses[0], 401)
+        self.assertEqual(statuses[-1], 429)
+        self.assertEqual(self.connect("source", tunnel.source_token).status, 101)
+
+    def test_failures_from_one_address(self) -> None:
+        """Malformed requests count against the address too; other addresses are not affected."""
+        statuses = [
+            RawPeer(self.harness.site, upgrade_request(None, "x"), 45000, host="127.0.0.3").status
+            for _ in range(30)
+        ]
+        self.assertEqual((statuses[0], statuses[-1]), (400, 429))
+        self.clock.advance(1.0)
+        self.assertEqual(self.connect("source", self.harness.open_tunnel().source_token).status, 101)
 
     def test_websockets_per_account(self) -> None:
         one = self.harness.open_tunnel()
@@ -676,6 +760,15 @@ class LimitTests(ServiceTestCase):
         self.clock.advance(1)
         again = self.connect("source", one.source_token, extra=[("client-token", CLIENT_TOKEN)])
         self.assertEqual(again.status, 101)
+
+    def test_refused_by_the_account_limit_keeps_the_token(self) -> None:
+        """The per-account limit is checked before the token is spent (issue 11 item 2)."""
+        peers = [self.connect("source", self.harness.open_tunnel().source_token) for _ in range(3)]
+        self.assertEqual([peer.status for peer in peers], [101, 101, 101])
+        late = self.harness.open_tunnel()
+        self.assertEqual(self.connect("destination", late.destination_token).status, 429)
+        peers[0].lose()
+        self.assertEqual(self.connect("destination", late.destination_token).status, 101)
 
 
 class TokenBucketTests(SynchronousTestCase):

@@ -22,7 +22,7 @@ import os
 import struct
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
@@ -150,7 +150,12 @@ class MemoryTunnelStore:
     # --- ITunnelStore ---
 
     def claim_peer(
-        self, access_token: str, mode: str, client_token: Optional[str], now: float
+        self,
+        access_token: str,
+        mode: str,
+        client_token: Optional[str],
+        now: float,
+        admit: Optional[Callable[[PeerGrant], None]] = None,
     ) -> PeerGrant:
         digest = token_hash(access_token)
         record = self._tokens.get(digest)
@@ -177,10 +182,7 @@ class MemoryTunnelStore:
             )
         claim = check_claim(state, mode, client_token, now, client_token_taken=taken)
         assert record is not None and tunnel is not None
-        record.used = True
-        if claim.bind is not None:
-            record.bound_client_token_hash = claim.bind
-        return PeerGrant(
+        grant = PeerGrant(
             tunnel_id=tunnel.tunnel_id,
             account_id=tunnel.account_id,
             side=record.side,
@@ -188,6 +190,12 @@ class MemoryTunnelStore:
             expires_at=tunnel.expires_at,
             token_generation=tunnel.generation[record.side],
         )
+        if admit is not None:
+            admit(grant)
+        record.used = True
+        if claim.bind is not None:
+            record.bound_client_token_hash = claim.bind
+        return grant
 
     def set_connection_state(self, tunnel_id: str, side: str, connected: bool, now: float) -> None:
         self.state_changes.append((tunnel_id, side, connected, now))
@@ -202,17 +210,19 @@ class ServiceHarness:
 
     @ivar store: the store.
     @ivar events: the relay (L{tunnelkit.service.interfaces.ITunnelEvents}).
-    @ivar site: serve it on any endpoint (C{GET /tunnel}, C{GET /metrics}).
+    @ivar site: serve it on any endpoint (C{GET /tunnel}).
+    @ivar metrics_site: C{GET /metrics}, as C{--metrics-listen} serves it.
     """
 
     def __init__(self, clock: IReactorTime, options: Optional[Mapping[str, Any]] = None) -> None:
-        from tunnelkit.service.dataplane import mount_data_plane
+        from tunnelkit.service.dataplane import metrics_site, mount_data_plane
 
         self.clock = clock
         self.store = MemoryTunnelStore()
         self.root = Resource()
         self.events = mount_data_plane(self.root, self.store, clock, dict(options or {}))
         self.site = Site(self.root, reactor=clock)
+        self.metrics_site = metrics_site(self.events, reactor=clock)  # type: ignore[arg-type]
 
     def open_tunnel(self, services: Sequence[str] = (), lifetime_minutes: int = 720) -> OpenedTunnel:
         """Open a tunnel now (by the harness's clock)."""
@@ -276,10 +286,10 @@ def tunnel_frame(**fields: object) -> bytes:
 class RawPeer:
     """One raw WebSocket connection to a site."""
 
-    def __init__(self, site: object, request: bytes, port: int = 40000) -> None:
+    def __init__(self, site: object, request: bytes, port: int = 40000, host: str = "127.0.0.1") -> None:
         self.transport = StringTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 8443),
-            peerAddress=IPv4Address("TCP", "127.0.0.1", port),
+            peerAddress=IPv4Address("TCP", host, port),
         )
         self.channel = site.buildProtocol(self.transport.getPeer())  # type: ignore[attr-defined]
         self.transport.protocol = self.channel  # as a real transport has; autobahn replaces it

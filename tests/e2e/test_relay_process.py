@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from tunnelkit.protocol.message_pb2 import Message
-from tunnelkit.testing import ServiceProcess, connect_client, tunnel_frame
+from tunnelkit.testing import ServiceProcess, connect_client, free_port, tunnel_frame
 
 MB = 1024 * 1024
 
@@ -20,7 +20,8 @@ class ServiceProcessTests(TestCase):
     timeout = 90
 
     def setUp(self) -> None:
-        self.service = ServiceProcess()
+        self.metrics_port = free_port()
+        self.service = ServiceProcess(["--metrics-listen", f"tcp:{self.metrics_port}:interface=127.0.0.1"])
         self.addCleanup(self.service.stop)
 
     @defer.inlineCallbacks
@@ -65,8 +66,11 @@ class ServiceProcessTests(TestCase):
             self.service.tcp_port, "source", tunnel["sourceAccessToken"]
         )
         response = yield Agent(reactor).request(
-            b"GET", f"http://127.0.0.1:{self.service.tcp_port}/metrics".encode()
+            b"GET", f"http://127.0.0.1:{self.metrics_port}/metrics".encode()
         )
+        on_api = yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{self.service.tcp_port}/metrics".encode())
+        self.assertEqual(on_api.code, 404)
+        yield readBody(on_api)
         body = (yield readBody(response)).decode()
         self.assertEqual(response.code, 200)
         self.assertIn('tunnelkit_peers_connected{side="source"} 1.0', body)

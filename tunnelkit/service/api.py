@@ -23,8 +23,10 @@ import json
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.web import http, server
+from twisted.web.http import _GenericHTTPChannelProtocol  # the channel wrapper Site's protocol must be
 from twisted.web.pages import errorPage
 from twisted.web.resource import Resource
 
@@ -88,6 +90,8 @@ class BoundedRequest(server.Request):
             # A resource (the WebSocket data plane) took the connection over: the HTTP channel's
             # idle timeout must not fire on a connection that is no longer its own.
             channel.setTimeout(None)
+            if isinstance(channel, FrontDoorChannel):
+                channel.upgraded()
 
     def _refuse(self, message: str) -> None:
         self._too_large = True
@@ -108,6 +112,128 @@ class BoundedRequest(server.Request):
 
 #: Seconds an HTTP connection may stay idle (between API requests) before the service closes it.
 IDLE_TIMEOUT = 120
+
+#: Seconds a new connection has for its TLS handshake and its first request's line and headers
+#: (and each later request, for its line and headers, from its first byte).
+HEAD_TIMEOUT = 10.0
+
+#: Connections one client address may hold that are not WebSocket peers yet.
+MAX_PENDING_PER_ADDRESS = 64
+
+#: The longest request line or header line, and the most bytes of a request's line and headers.
+MAX_HEAD_LINE = 16384
+
+
+class FrontDoorChannel(http.HTTPChannel):
+    """
+    The HTTP side of one connection to the service, until it is upgraded to a WebSocket (or
+    closes).  On top of C{twisted.web}'s channel:
+      - its site's L{HEAD_TIMEOUT}: the TLS handshake (the channel starts with the TCP connection,
+        before TLS is through) and the request line and headers must arrive within it, however
+        slowly the bytes trickle in (the idle timeout restarts on each byte, this does not);
+        past it the connection is reset;
+      - it counts as pending for its client address until it is upgraded or closed (see
+        L{ServiceSite.max_pending_per_address});
+      - a request line or header line over L{MAX_HEAD_LINE} bytes, or a head over it in all, is
+        answered C{431} at once, whatever its size.
+    """
+
+    MAX_LENGTH = MAX_HEAD_LINE
+    totalHeadersSize = MAX_HEAD_LINE
+    _pending_host: Optional[str] = None
+    _head_deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        site = self.factory
+        peer = self.transport.getPeer()
+        host = str(getattr(peer, "host", ""))
+        if isinstance(site, ServiceSite):
+            site.pending[host] = site.pending.get(host, 0) + 1
+            self._pending_host = host
+        self._arm_head_deadline()
+
+    def _arm_head_deadline(self) -> None:
+        timeout = getattr(self.factory, "head_timeout", HEAD_TIMEOUT)
+        if timeout and self._head_deadline is None:
+            self._head_deadline = self.callLater(timeout, self._head_too_slow)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None and self._head_deadline.active():
+            self._head_deadline.cancel()
+        self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        log.debug(
+            "Reset a connection from {address}: no complete request head within {timeout} s",
+            address=self._pending_host,
+            timeout=getattr(self.factory, "head_timeout", HEAD_TIMEOUT),
+        )
+        transport = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._head_deadline is None and self.line_mode and not self._handlingRequest:
+            self._arm_head_deadline()  # the first bytes of a later request on this connection
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._too_large(f"the request line and headers are over {self.totalHeadersSize} bytes")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._too_large(f"a request or header line is over {self.MAX_LENGTH} bytes")
+
+    def _too_large(self, why: str) -> None:
+        body = f"Request Header Fields Too Large: {why}\n".encode()
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+            b"Connection: close\r\n\r\n" + body
+        )
+        self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+        self.loseConnection()
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_head_deadline()
+        super().allHeadersReceived()
+
+    def upgraded(self) -> None:
+        """The connection became a WebSocket peer: no longer pending."""
+        self._cancel_head_deadline()
+        self._release()
+
+    def _release(self) -> None:
+        host, self._pending_host = self._pending_host, None
+        site = self.factory
+        if host is None or not isinstance(site, ServiceSite):
+            return
+        left = site.pending.get(host, 1) - 1
+        if left > 0:
+            site.pending[host] = left
+        else:
+            site.pending.pop(host, None)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_head_deadline()
+        self._release()
+        super().connectionLost(reason)
+
+
+class _Refused(Protocol):
+    """A connection over its address's pending limit: reset at once."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
+def _front_door_protocol(factory: Any) -> Any:
+    return _GenericHTTPChannelProtocol(FrontDoorChannel())
 
 
 def access_log_line(timestamp: str, request: Any) -> str:
@@ -134,14 +260,44 @@ class ServiceSite(server.Site):
     """
     The service's HTTP site: the API and the data plane share it; request bodies are bounded, and
     idle HTTP connections close after L{IDLE_TIMEOUT} seconds (WebSocket connections are exempt once
-    upgraded).  Access-log lines show at most L{bounded}'s share of what the client sent.
+    upgraded).  Every connection is a L{FrontDoorChannel} (head deadline, 431, pending count); one
+    over C{max_pending_per_address} is reset at once.  Access-log lines show at most L{bounded}'s share of what the client sent.
     """
 
     requestFactory = BoundedRequest
+    protocol = _front_door_protocol
     noisy = False
 
-    def __init__(self, resource: Resource, timeout: float = IDLE_TIMEOUT, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        resource: Resource,
+        timeout: float = IDLE_TIMEOUT,
+        reactor: Any = None,
+        head_timeout: float = HEAD_TIMEOUT,
+        max_pending_per_address: Optional[int] = MAX_PENDING_PER_ADDRESS,
+    ) -> None:
         super().__init__(resource, timeout=timeout, reactor=reactor, logFormatter=access_log_line)
+        self.head_timeout = head_timeout
+        self.max_pending_per_address = max_pending_per_address
+        #: client address -> connections not upgraded to WebSocket (nor closed) yet.
+        self.pending: Dict[str, int] = {}
+        self.refused_pending = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        limit = self.max_pending_per_address
+        host = str(getattr(addr, "host", ""))
+        if limit and self.pending.get(host, 0) >= limit:
+            self.refused_pending += 1
+            if self.refused_pending % 1000 == 1:
+                log.info(
+                    "Reset a connection from {address}: it has {limit} connections waiting for a "
+                    "request or an upgrade already (--max-pending-per-address); {count} reset so far",
+                    address=host,
+                    limit=limit,
+                    count=self.refused_pending,
+                )
+            return _Refused()
+        return super().buildProtocol(addr)
 
 
 class ApiResource(Resource):

@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_dataplane -*-
 """
 Mounting the data plane on the service's web site: C{GET /tunnel} (the WebSocket relay, see
-L{tunnelkit.service.relay}) and C{GET /metrics} (Prometheus), beside the API's C{POST /} on the same
-listener.
+L{tunnelkit.service.relay}), beside the API's C{POST /} on the same listener.  The relay's Prometheus
+metrics are not on that site: L{metrics_site} serves them on a listener of their own
+(C{--metrics-listen}, off by default), since they count tunnels of every account and show attacks in
+progress.
 
 The control plane's C{makeService} mixes L{DataPlaneOptions} into its options and calls
 L{mount_data_plane} with its root resource and store; it keeps the returned L{ITunnelEvents} to tell
@@ -26,6 +28,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from tunnelkit.service.interfaces import ITunnelEvents, ITunnelStore
 from tunnelkit.service.metrics import ITunnelCounts, RelayMetrics, metrics_resource
@@ -39,6 +42,7 @@ __all__ = [
     "limits_from_options",
     "MAX_SERVICES_LIMIT",
     "tunnel_counter",
+    "metrics_site",
 ]
 
 #: The most services a tunnel may have, whatever the configuration says.
@@ -60,17 +64,22 @@ def _count(name: str, low: int, high: Optional[int] = None) -> Any:
     return coerce
 
 
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"--handshakes-per-second takes a number, not {text!r}") from None
-    if value < 0:
-        raise ValueError(f"--handshakes-per-second must be 0 (no limit) or more, not {text}")
-    return value
+def _number(name: str, low: float, zero_means: str = "") -> Any:
+    def coerce(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"--{name} takes a number, not {text!r}") from None
+        if value < low and not (zero_means and value == 0):
+            extra = f"0 ({zero_means}) or " if zero_means else ""
+            raise ValueError(f"--{name} must be {extra}at least {low:g}, not {text}")
+        return value
+
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]
+    return coerce
 
 
-_rate.coerceDoc = ""  # type: ignore[attr-defined]
+_rate = _number("handshakes-per-second", 0)
 
 
 class DataPlaneOptions:
@@ -101,6 +110,37 @@ class DataPlaneOptions:
             10.0,
             "WebSocket handshakes per second allowed per tunnel, beyond which they get 429 (0: no limit).",
             _rate,
+        ],
+        [
+            "failed-handshakes-per-address",
+            None,
+            10.0,
+            "Failed WebSocket handshakes per second one client address may make (burst of twice as "
+            "many); beyond them its attempts get 429 before their token is looked at (0: no limit).",
+            _number("failed-handshakes-per-address", 0),
+        ],
+        [
+            "failed-handshakes-per-key",
+            None,
+            10.0,
+            "Failed handshakes per second counted per tunnel (token routing key), burst of twice as "
+            "many; beyond them failing attempts get 429. A valid token is never refused by it (0: no limit).",
+            _number("failed-handshakes-per-key", 0),
+        ],
+        [
+            "ping-interval",
+            None,
+            20.0,
+            "Seconds a connected peer may be silent before the service pings it (min 1).",
+            _number("ping-interval", 1),
+        ],
+        [
+            "peer-timeout",
+            None,
+            60.0,
+            "Seconds of silence (no frame, no pong) after which a peer is taken for gone: reset, "
+            "recorded DISCONNECTED, the other side sent STREAM_RESET (min 2).",
+            _number("peer-timeout", 2),
         ],
         [
             "max-websockets-per-account",
@@ -135,8 +175,12 @@ def limits_from_options(options: Mapping[str, Any]) -> RelayLimits:
     return RelayLimits(
         tunnel_bandwidth=bandwidth or None,
         handshakes_per_second=float(_option(options, "handshakes-per-second", 10.0)),
+        failed_handshakes_per_address=float(_option(options, "failed-handshakes-per-address", 10.0)),
+        failed_handshakes_per_key=float(_option(options, "failed-handshakes-per-key", 10.0)),
         max_websockets_per_account=per_account or None,
         relay_buffer=int(_option(options, "relay-buffer", 131072)),
+        ping_interval=float(_option(options, "ping-interval", 20.0)),
+        peer_timeout=float(_option(options, "peer-timeout", 60.0)),
     )
 
 
@@ -172,7 +216,7 @@ def mount_data_plane(
     options: Mapping[str, Any],
 ) -> ITunnelEvents:
     """
-    Put C{/tunnel} and C{/metrics} under C{root}.
+    Put C{/tunnel} under C{root} (the metrics: L{metrics_site}).
 
     @param store: checks tokens and records connection states.
     @param clock: the reactor (or a L{twisted.internet.task.Clock} in tests).
@@ -183,5 +227,13 @@ def mount_data_plane(
     metrics = RelayMetrics(tunnel_counts=tunnel_counter(store))
     relay = Relay(store, clock, limits_from_options(options), metrics)
     root.putChild(b"tunnel", TunnelResource(build_factory(relay)))
-    root.putChild(b"metrics", metrics_resource(metrics))
     return relay
+
+
+def metrics_site(relay: Relay, reactor: Any = None) -> Site:
+    """A site serving C{relay}'s metrics at C{GET /metrics} (for C{--metrics-listen})."""
+    root = Resource()
+    root.putChild(b"metrics", metrics_resource(relay.metrics))  # type: ignore[arg-type]
+    site = Site(root, reactor=reactor)
+    site.noisy = False
+    return site

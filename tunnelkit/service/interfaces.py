@@ -9,7 +9,7 @@ L{ITunnelEvents} and calls L{ITunnelStore.claim_peer} at each WebSocket handshak
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from zope.interface import Interface
 
@@ -59,7 +59,11 @@ class ITunnelStore(Interface):
     """The part of the tunnel store the data plane needs (the full store is the control plane's)."""
 
     def claim_peer(
-        access_token: str, mode: str, client_token: Optional[str], now: float
+        access_token: str,
+        mode: str,
+        client_token: Optional[str],
+        now: float,
+        admit: Optional[Callable[[PeerGrant], None]] = None,
     ) -> PeerGrant:
         """
         Check and consume C{access_token} for a handshake in C{mode} (C{source}|C{destination}).
@@ -67,6 +71,9 @@ class ITunnelStore(Interface):
         Single use: a token without a client token connects once; with a client token, it binds to
         that client token and may reconnect with the same one only.  Durable before it returns.
 
+        @param admit: called with the grant once the token is found valid, before it is spent; if
+            it raises (a L{HandshakeRejected}), nothing is recorded and the exception propagates, so
+            the token can still be used.
         @raise TokenRejected: with the status, reason and text for the client.
         """
 

@@ -16,7 +16,7 @@ Names (all prefixed C{tunnelkit_}):
     C{token-used}, ...).
   - C{protocol_violations_total{rule}}: peers closed for breaking a protocol rule.
   - C{peers_closed_total{cause}}: WebSockets the service closed (C{replaced}, C{tunnel-closed},
-    C{tunnel-expired}, C{token-rotated}, C{violation}).
+    C{tunnel-expired}, C{token-rotated}, C{violation}, C{timeout}: silent past C{--peer-timeout}).
   - C{reads_paused_total{cause}}: times the relay stopped reading a peer (C{backpressure},
     C{bandwidth}).
 """

@@ -510,33 +510,49 @@ class ControlPlane:
         assert mode is not None
         if mode not in CLIENT_MODES:
             raise validation_error("clientMode", mode, "Member must satisfy enum value set: [SOURCE, DESTINATION, ALL]")
-        destination = None
+        delivery = None
         if body.get("destinationConfig") is not None:
             if mode == "SOURCE":
                 raise ApiError(
                     "ValidationException",
-                    "destinationConfig cannot be used with clientMode SOURCE: rotate DESTINATION or ALL",
+                    "destinationConfig cannot be used with clientMode SOURCE (it says where to deliver "
+                    "the new destination token): rotate with --client-mode DESTINATION or ALL, or leave "
+                    "out --destination-config",
                 )
-            destination = check_destination_config(body["destinationConfig"], self.limits.max_services_per_tunnel)
+            delivery = check_destination_config(body["destinationConfig"], self.limits.max_services_per_tunnel)
         sides = {"SOURCE": (SOURCE,), "DESTINATION": (DESTINATION,), "ALL": (SOURCE, DESTINATION)}[mode]
+        current = self.store.get_tunnel(account.account_id, tunnel_id)
+        if current is None:
+            raise not_found(tunnel_id)
+        if current.status != "OPEN":
+            raise ApiError(
+                "ResourceNotFoundException",
+                f"Tunnel {tunnel_id} is CLOSED: the tokens of a closed tunnel cannot be rotated; open a new tunnel",
+                status=404,
+            )
+        recorded = None
+        if delivery is not None:
+            self._check_rotation_services(current, delivery[1])
+            services = current.services if current.services is not None else delivery[1]
+            recorded = (delivery[0] if delivery[0] is not None else current.thing_name, services)
         new_tokens = {side: self._new_token(tunnel_id) for side in sides}
         now = self.clock.seconds()
         tunnel = self.store.rotate_tokens(
             account.account_id,
             tunnel_id,
             [(side, tokens.token_hash(token)) for side, token in new_tokens.items()],
-            destination,
+            recorded,
             now,
         )
-        if tunnel is None:
-            if self.store.get_tunnel(account.account_id, tunnel_id) is not None:
-                raise ApiError(
-                    "ResourceNotFoundException",
-                    f"Tunnel {tunnel_id} is CLOSED: the tokens of a closed tunnel cannot be rotated",
-                    status=404,
-                )
+        if tunnel is None:  # closed between the two calls
             raise not_found(tunnel_id)
-        log.info("Rotated the {mode} token(s) of tunnel {tunnel_id}", mode=mode, tunnel_id=tunnel_id)
+        thing = delivery[0] if delivery is not None else None
+        log.info(
+            "Rotated the {mode} token(s) of tunnel {tunnel_id}{delivered}",
+            mode=mode,
+            tunnel_id=tunnel_id,
+            delivered=f"; the new destination token goes to thing {thing}" if thing and DESTINATION in new_tokens else "",
+        )
         if self.events is not None:
             for side in sides:
                 self.events.token_rotated(tunnel_id, side)
@@ -545,9 +561,30 @@ class ControlPlane:
             response["sourceAccessToken"] = new_tokens[SOURCE]
         if DESTINATION in new_tokens:
             response["destinationAccessToken"] = new_tokens[DESTINATION]
-            if destination is not None and destination[0] is not None:
-                self._notify(tunnel_id, destination[0], new_tokens[DESTINATION], destination[1])
+            if thing is not None:
+                self._notify(tunnel_id, thing, new_tokens[DESTINATION], tunnel.services or ())
         return response
+
+    @staticmethod
+    def _check_rotation_services(tunnel: Tunnel, services: Tuple[str, ...]) -> None:
+        """
+        RotateTunnelAccessToken's destinationConfig says where the new destination token goes (its
+        thingName's notify topic, recorded as the tunnel's thing); AWS documents no change of a
+        tunnel's services by it (OpenTunnel sets them, and IAM's C{iot:TunnelDestinationService}
+        is the tunnel's), so the services given must be the tunnel's: a different list is refused,
+        never applied silently.  A tunnel opened without a destinationConfig takes the one given.
+        """
+        if tunnel.services is None or sorted(services) == sorted(tunnel.services):
+            return
+        opened = ",".join(tunnel.services)
+        given = ",".join(services)
+        raise ApiError(
+            "ValidationException",
+            f"destinationConfig.services ({given}) does not match the services of tunnel {tunnel.tunnel_id} "
+            f"({opened}): a tunnel's services are fixed by OpenTunnel, and rotation does not change them "
+            f"(the running local proxies keep using {opened}). Rotate with services={opened}, or open a "
+            f"new tunnel with services={given}",
+        )
 
     def op_TagResource(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
         tunnel_id = self._resolve_arn(account, body)

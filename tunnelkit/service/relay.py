@@ -88,6 +88,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -110,6 +111,7 @@ from tunnelkit.service.interfaces import (
     PeerGrant,
 )
 from tunnelkit.service.logbounds import bounded
+from tunnelkit.service.tokens import routing_key
 from tunnelkit.service.metrics import (
     DESTINATION_TO_SOURCE,
     SOURCE_TO_DESTINATION,
@@ -162,6 +164,7 @@ REASON_ROTATED = "Access token rotated"
 REASON_REPLACED = "Connection replaced by a new peer"
 
 _OTHER_SIDE = {SOURCE: DESTINATION, DESTINATION: SOURCE}
+_FLOOD_REASONS = frozenset({"too-many-failures", "tunnel-failures-limited"})
 _DIRECTION = {SOURCE: SOURCE_TO_DESTINATION, DESTINATION: DESTINATION_TO_SOURCE}
 
 _STREAM_START = Message.STREAM_START
@@ -349,6 +352,10 @@ class TokenBucket:
         self._level -= amount
         return True
 
+    def holds(self, amount: float = 1.0) -> bool:
+        """Whether L{try_take} of C{amount} would succeed now (takes nothing)."""
+        return self._refill() >= amount
+
     @property
     def full(self) -> bool:
         """Whether the bucket has refilled completely (an idle bucket can be forgotten)."""
@@ -361,8 +368,19 @@ class RelayLimits:
     The relay's limits (see L{tunnelkit.service.dataplane.DataPlaneOptions}).
 
     @ivar tunnel_bandwidth: bytes per second per tunnel, both directions together; None: unlimited.
-    @ivar handshakes_per_second: handshakes per tunnel per second (burst of as many).
+    @ivar handshakes_per_second: accepted handshakes per tunnel per second (burst of as many); only
+        a valid token can spend it.
+    @ivar failed_handshakes_per_address: failed handshakes per second one client address may make
+        (burst of twice as many) before its next attempts get 429 without a look at their token.
+    @ivar failed_handshakes_per_key: failed handshakes per second counted per routing key; beyond
+        them a failing attempt is answered 429 (and not logged one by one).  A valid token is always
+        checked first, so this never refuses one.
     @ivar max_websockets_per_account: open WebSockets per account; None: unlimited.
+    @ivar ping_interval: seconds a peer may stay silent before the service pings it.
+    @ivar peer_timeout: seconds of silence (no frame, no pong) after which a peer is taken for gone:
+        its connection is reset, its side recorded DISCONNECTED and the other side told with a
+        STREAM_RESET for each active stream.  A silent peer is dropped within
+        C{peer_timeout + ping_interval} seconds.
     @ivar relay_buffer: bytes a peer's transport may buffer before the other peer is paused, and
         the largest socket read.  Python allocates each read's buffer at this size: above 128 KiB
         glibc serves it with a fresh mmap, so every read costs ~70 us more (page faults).
@@ -370,8 +388,109 @@ class RelayLimits:
 
     tunnel_bandwidth: Optional[int] = None
     handshakes_per_second: float = 10.0
+    failed_handshakes_per_address: float = 10.0
+    failed_handshakes_per_key: float = 10.0
     max_websockets_per_account: Optional[int] = None
     relay_buffer: int = 131072
+    ping_interval: float = 20.0
+    peer_timeout: float = 60.0
+
+
+class _BucketTable:
+    """
+    One L{TokenBucket} per key, made on first use; idle (full) buckets are forgotten when the table
+    grows past C{max_keys}, and if none is idle the table starts afresh (memory stays bounded).
+    """
+
+    def __init__(self, rate: float, burst: float, clock: IReactorTime, max_keys: int = 8192) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self.clock = clock
+        self.max_keys = max_keys
+        self._buckets: Dict[str, TokenBucket] = {}
+
+    def get(self, key: str) -> Optional[TokenBucket]:
+        """The bucket of C{key} (None when the rate is 0: no limit)."""
+        if self.rate <= 0:
+            return None
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            if len(buckets) >= self.max_keys:
+                for stale in [k for k, b in buckets.items() if b.full]:
+                    del buckets[stale]
+                if len(buckets) >= self.max_keys:
+                    buckets.clear()
+            bucket = buckets[key] = TokenBucket(self.rate, self.burst, self.clock)
+        return bucket
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class HandshakeLimiter:
+    """
+    Who may try a WebSocket handshake now, on an injected clock (no I/O).
+
+    Three budgets, so that failed attempts never cost a valid token its connection:
+      - failures per client address: an address that spent it gets 429 before its token is even
+        looked at (it blocks only itself);
+      - failures per routing key (the token's non-secret prefix, shared by a tunnel's tokens): only
+        failures are counted, and only after the token was checked, so a valid token always passes;
+        past the budget a failing attempt gets 429 instead of its 4xx;
+      - accepted handshakes per tunnel: spent only by valid tokens (a client's reconnect loop).
+    """
+
+    def __init__(self, limits: RelayLimits, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._per_address = _BucketTable(
+            limits.failed_handshakes_per_address, 2 * limits.failed_handshakes_per_address, clock
+        )
+        self._per_key = _BucketTable(limits.failed_handshakes_per_key, 2 * limits.failed_handshakes_per_key, clock)
+        self._per_tunnel = _BucketTable(limits.handshakes_per_second, limits.handshakes_per_second, clock)
+
+    @staticmethod
+    def _wait(bucket: TokenBucket) -> int:
+        return max(1, int(-(-(1.0 - bucket._refill()) // bucket.rate)))
+
+    def check_address(self, address: str) -> None:
+        """@raise HandshakeRejected: 429 if C{address} spent its failure budget."""
+        bucket = self._per_address.get(address)
+        if bucket is not None and not bucket.holds():
+            raise HandshakeRejected(
+                429,
+                "too-many-failures",
+                f"Too many failed connection attempts from this address: retry in {self._wait(bucket)} s",
+            )
+
+    def check_tunnel(self, tunnel_id: str) -> None:
+        """@raise HandshakeRejected: 429 if the tunnel had too many accepted handshakes just now."""
+        bucket = self._per_tunnel.get(tunnel_id)
+        if bucket is not None and not bucket.holds():
+            raise HandshakeRejected(
+                429,
+                "rate-limited",
+                f"Too many connections to this tunnel just now: retry in {self._wait(bucket)} s",
+            )
+
+    def accepted(self, tunnel_id: str) -> None:
+        """A valid token connected to C{tunnel_id}."""
+        bucket = self._per_tunnel.get(tunnel_id)
+        if bucket is not None:
+            bucket.take(1.0)
+
+    def failed(self, address: str, key: Optional[str]) -> bool:
+        """
+        A handshake from C{address} (presenting routing key C{key}, if any) failed.  Returns
+        whether C{key} had spent its failure budget already (the attempt is then answered 429).
+        """
+        bucket = self._per_address.get(address)
+        if bucket is not None:
+            bucket.take(1.0)
+        if key is None:
+            return False
+        bucket = self._per_key.get(key)
+        return bucket is not None and not bucket.try_take()
 
 
 @implementer(IPushProducer)
@@ -478,56 +597,51 @@ class Relay:
         self.metrics: IRelayMetrics = metrics if metrics is not None else RelayMetrics()
         self.links: Dict[str, TunnelLink] = {}
         self._websockets_per_account: Dict[str, int] = {}
-        self._handshake_buckets: Dict[str, TokenBucket] = {}
+        self.limiter = HandshakeLimiter(self.limits, clock)
+        self._liveness: Optional[LoopingCall] = None
         #: The audit trail's hooks (L{tunnelkit.service.audit}); the service sets its trail here.
         self.audit: Any = NO_AUDIT
 
     # --- admission ---
 
-    def _rate_key(self, access_token: str) -> str:
-        # tunnelkit tokens start with a routing key shared by both sides and every rotation of one
-        # tunnel; other tokens are limited one by one.
-        head, dot, _ = access_token.partition(".")
-        return head if dot and len(head) == 16 else access_token
-
-    def _take_handshake(self, access_token: str) -> bool:
-        rate = self.limits.handshakes_per_second
-        if rate <= 0:
-            return True
-        key = self._rate_key(access_token)
-        buckets = self._handshake_buckets
-        bucket = buckets.get(key)
-        if bucket is None:
-            if len(buckets) >= 4096:
-                for stale in [k for k, b in buckets.items() if b.full]:
-                    del buckets[stale]
-            bucket = buckets[key] = TokenBucket(rate, max(rate, 1.0), self.clock)
-        return bucket.try_take()
-
-    def admit(self, request: HandshakeRequest) -> PeerGrant:
+    def admit(self, request: HandshakeRequest, address: str = "") -> PeerGrant:
         """
-        Decide whether a checked handshake may connect: the rate limit, the store's token rules
-        (this spends the token), the account's WebSocket limit.
+        Decide whether a checked handshake from client C{address} may connect: the failure budgets
+        (L{HandshakeLimiter}), then the store's token rules, with the tunnel's rate and the account's
+        WebSocket limit checked before the token is spent (a refused client keeps its token).
 
         @raise HandshakeRejected: if not.
         """
-        if not self._take_handshake(request.access_token):
-            raise HandshakeRejected(
-                429,
-                "rate-limited",
-                "Too many connection attempts for this tunnel: wait a second and retry",
-            )
+        self.limiter.check_address(address)
         try:
             grant = self.store.claim_peer(
-                request.access_token, request.mode, request.client_token, self.clock.seconds()
+                request.access_token,
+                request.mode,
+                request.client_token,
+                self.clock.seconds(),
+                admit=self._may_join,
             )
-        except HandshakeRejected:  # the store's TokenRejected: its status, reason and text as they are
+        except HandshakeRejected as e:  # the store's TokenRejected: its status, reason and text as they are
+            if e.status < 500 and e.status != 429:
+                if self.limiter.failed(address, routing_key(request.access_token)):
+                    raise HandshakeRejected(
+                        429,
+                        "tunnel-failures-limited",
+                        "Too many failed connection attempts for this tunnel: check the access token, "
+                        "then retry in a second",
+                    ) from None
             raise
         except Exception:
             log.failure("The tunnel store failed while checking an access token")
             raise HandshakeRejected(
                 500, "internal-error", "Internal error: the service could not check the token; retry"
             ) from None
+        self.limiter.accepted(grant.tunnel_id)
+        return grant
+
+    def _may_join(self, grant: PeerGrant) -> None:
+        """Checked by the store before it spends a valid token: the tunnel's and account's limits."""
+        self.limiter.check_tunnel(grant.tunnel_id)
         limit = self.limits.max_websockets_per_account
         if limit is not None:
             link = self.links.get(grant.tunnel_id)
@@ -538,9 +652,8 @@ class Relay:
                     429,
                     "too-many-websockets",
                     f"Too many connections: this account has {open_now} open tunnel connections, "
-                    f"the limit is {limit}",
+                    f"the limit is {limit}; the access token was not used, retry when one closes",
                 )
-        return grant
 
     # --- pairing ---
 
@@ -563,6 +676,9 @@ class Relay:
                 if connected.rules is not None:
                     connected.rules.services = frozenset(link.services)
         peer.link = link
+        peer.heard = False
+        peer.silent_since = self.clock.seconds()
+        self._watch_liveness()
         peer.rules = PeerRules(side, link.services, peer.version)
         self._websockets_per_account[link.account_id] = (
             self._websockets_per_account.get(link.account_id, 0) + 1
@@ -605,6 +721,52 @@ class Relay:
         if link.closed_reason is not None:
             self._close_peer(peer, link.closed_reason)
 
+    # --- liveness ---
+
+    def _watch_liveness(self) -> None:
+        """Check every connected peer each L{RelayLimits.ping_interval} (while any is connected)."""
+        if self._liveness is not None:
+            return
+        self._liveness = LoopingCall(self._check_liveness)
+        self._liveness.clock = self.clock
+        self._liveness.start(self.limits.ping_interval, now=False)
+
+    def _stop_liveness(self) -> None:
+        if self._liveness is not None and self._liveness.running:
+            self._liveness.stop()
+        self._liveness = None
+
+    def _check_liveness(self) -> None:
+        """
+        Ping each peer that has sent nothing since the last check; reset the connection of one that
+        has been silent for L{RelayLimits.peer_timeout} (its side becomes DISCONNECTED and the other
+        side gets a STREAM_RESET per active stream, through L{detach}).  A peer the relay is not
+        reading (backpressure, bandwidth) counts as alive: its pong could not be read.
+        """
+        now = self.clock.seconds()
+        timeout = self.limits.peer_timeout
+        for link in list(self.links.values()):
+            for peer in list(link.peers.values()):
+                if peer.heard or peer.reading_paused or peer.closing:
+                    peer.heard = False
+                    peer.silent_since = now
+                elif now - peer.silent_since >= timeout:
+                    log.info(
+                        "The {side} of tunnel {tunnel_id} (channel {channel_id}) sent nothing, not even "
+                        "a pong, for {seconds:.0f} s: taking it for gone",
+                        side=peer.side,
+                        tunnel_id=link.tunnel_id,
+                        channel_id=peer.channel_id,
+                        seconds=now - peer.silent_since,
+                    )
+                    self.metrics.peer_closed("timeout")
+                    peer.closing = True
+                    peer.dropConnection(abort=True)
+                elif peer.state == peer.STATE_OPEN:
+                    peer.sendPing()
+        if not self.links:
+            self._stop_liveness()
+
     def detach(self, peer: "PeerProtocol") -> None:
         """A paired peer's connection ended."""
         link = peer.link
@@ -643,6 +805,8 @@ class Relay:
             link.expiry_call = None
             del self.links[link.tunnel_id]
             self.metrics.relay_tunnels(len(self.links))
+            if not self.links:
+                self._stop_liveness()
 
     def _set_state(self, tunnel_id: str, side: str, connected: bool) -> None:
         try:
@@ -701,6 +865,7 @@ class Relay:
         Close every peer with 1001 (going away): call it when the service stops, before the store
         closes.  Each side is recorded DISCONNECTED at once (the closing handshakes finish later).
         """
+        self._stop_liveness()
         for link in list(self.links.values()):
             link.closed_reason = "shutdown"
             if link.expiry_call is not None and link.expiry_call.active():
@@ -809,22 +974,33 @@ class PeerProtocol(WebSocketServerProtocol):
         self._awaiting_mask = b""  # and its mask
         self._framed: Optional[bytes] = None  # the message onMessage has, as a frame to send on
         self._outbox_framed: Optional[bytes] = None  # the outbox's only message, already framed
+        self.heard = True  # something arrived since the last liveness check
+        self.silent_since = 0.0  # when the last liveness check found it had heard something
 
     # --- handshake ---
 
     def onConnect(self, request: Any) -> Tuple[str, Dict[str, str]]:
         relay = self.factory.relay
         self.channel_id = new_channel_id(relay.clock.seconds())
+        address = str(getattr(self.transport.getPeer(), "host", ""))
         try:
-            checked = check_handshake(
-                self.http_request_data, request.path, request.params, request.protocols
-            )
-            grant = relay.admit(checked)
+            relay.limiter.check_address(address)
+            try:
+                checked = check_handshake(
+                    self.http_request_data, request.path, request.params, request.protocols
+                )
+            except HandshakeRejected:
+                relay.limiter.failed(address, None)
+                raise
+            grant = relay.admit(checked, address)
         except HandshakeRejected as e:
             relay.metrics.handshake_rejected(e.reason)
-            log.info(
-                "Refused a handshake on channel {channel_id}: {status} {reason}",
+            # Refusals by a failure budget come in floods: counted in the metrics, logged at debug.
+            emit = log.debug if e.reason in _FLOOD_REASONS else log.info
+            emit(
+                "Refused a handshake on channel {channel_id} from {address}: {status} {reason}",
                 channel_id=self.channel_id,
+                address=address,
                 status=e.status,
                 reason=e.reason,
             )
@@ -982,6 +1158,7 @@ class PeerProtocol(WebSocketServerProtocol):
     # --- the hot path ---
 
     def dataReceived(self, data: bytes) -> None:
+        self.heard = True  # alive (see Relay._check_liveness)
         # autobahn's own dataReceived formats a debug message on every call; skip it.
         if self._awaiting:
             # The rest of a frame whose size is known: collect the pieces; once it is whole,

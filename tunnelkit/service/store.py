@@ -170,8 +170,9 @@ class IControlStore(ITunnelStore):
     ) -> Optional[Tunnel]:
         """
         Revoke the current token of each side in C{new_hashes} (pairs of side and new token hash) and
-        record the new ones; with C{destination} (thing name, services) also replace the tunnel's
-        destination config.  Returns the tunnel, or None if no OPEN tunnel has this id.
+        record the new ones; with C{destination} (thing name, services) also record the tunnel's
+        destination config (the control plane only gives one whose services are the tunnel's, or
+        for a tunnel opened without one).  Returns the tunnel, or None if no OPEN tunnel has this id.
         """
 
     def tag_tunnel(account_id: str, tunnel_id: str, tags: Sequence[Tuple[str, str]], now: float) -> bool:

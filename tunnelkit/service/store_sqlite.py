@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from zope.interface import implementer
 
@@ -442,7 +442,14 @@ class SQLiteStore:
 
     # --- the data plane's part (ITunnelStore) ---
 
-    def claim_peer(self, access_token: str, mode: str, client_token: Optional[str], now: float) -> PeerGrant:
+    def claim_peer(
+        self,
+        access_token: str,
+        mode: str,
+        client_token: Optional[str],
+        now: float,
+        admit: Optional[Callable[[PeerGrant], None]] = None,
+    ) -> PeerGrant:
         """See L{ITunnelStore.claim_peer}; the rules are L{tokens.check_claim}'s."""
         digest = tokens.token_hash(access_token) if tokens.is_well_formed(access_token) else None
         with self._write():
@@ -477,20 +484,23 @@ class SQLiteStore:
                     )
             claim = tokens.check_claim(state, mode, client_token, now, client_token_taken=taken)
             assert row is not None
+            services = json.loads(row[9]) if row[9] is not None else []
+            grant = PeerGrant(
+                tunnel_id=row[5],
+                account_id=row[6],
+                side=row[0],
+                services=tuple(services),
+                expires_at=row[8],
+                token_generation=row[4],
+            )
+            if admit is not None:
+                admit(grant)  # may refuse: the transaction then rolls back, the token stays unused
             if claim.first_use:
                 self._db.execute(
                     "UPDATE tokens SET used_at = ?, client_token_hash = ? WHERE token_hash = ?",
                     (now, claim.bind, digest),
                 )
-        services = json.loads(row[9]) if row[9] is not None else []
-        return PeerGrant(
-            tunnel_id=row[5],
-            account_id=row[6],
-            side=row[0],
-            services=tuple(services),
-            expires_at=row[8],
-            token_generation=row[4],
-        )
+        return grant
 
     def set_connection_state(self, tunnel_id: str, side: str, connected: bool, now: float) -> None:
         """See L{ITunnelStore.set_connection_state}."""

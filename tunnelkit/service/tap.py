@@ -3,7 +3,8 @@
 C{twistd -n tunnelkit --mode service}: the tunnel service.
 
 One HTTP site on every C{--listen} endpoint serves the control-plane API (C{POST /}, AWS JSON 1.1 with
-SigV4) and the data plane (C{GET /tunnel}, WebSocket; C{GET /metrics}).  The state directory holds the
+SigV4) and the data plane (C{GET /tunnel}, WebSocket); C{GET /metrics} is on C{--metrics-listen}
+only (off by default).  The state directory holds the
 database, the generated CA and server certificate, and the generated C{credentials} file.
 """
 
@@ -26,7 +27,7 @@ from twisted.web.resource import Resource
 from tunnelkit.config import ModeOptions, positive_int, server_endpoint
 from tunnelkit.errors import ConfigError
 from tunnelkit.protocol.notification import REGION_RE
-from tunnelkit.service.api import ApiResource, ServiceSite, build_root
+from tunnelkit.service.api import HEAD_TIMEOUT, MAX_PENDING_PER_ADDRESS, ApiResource, ServiceSite, build_root
 from tunnelkit.service.auth import CREDENTIALS_FILE, SigV4Verifier, check_account_id, ensure_initial_credentials
 from tunnelkit.service.certs import ServiceCertificates, ensure_certificates
 from tunnelkit.service.interfaces import ITunnelEvents
@@ -38,7 +39,7 @@ from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 from tunnelkit.transport.tls import restrict_context
 
 from tunnelkit.service.audit import AuditedApi, AuditOptions, build_audit_trail
-from tunnelkit.service.dataplane import DataPlaneOptions, mount_data_plane
+from tunnelkit.service.dataplane import DataPlaneOptions, metrics_site, mount_data_plane
 
 log = Logger()
 
@@ -111,6 +112,30 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
             positive_int,
         ],
         [
+            "metrics-listen",
+            None,
+            None,
+            "Serve the Prometheus metrics (GET /metrics) on this Twisted endpoint, e.g. "
+            "tcp:9464:interface=127.0.0.1 (default: off; never on the API's listeners).",
+            server_endpoint,
+        ],
+        [
+            "handshake-timeout",
+            None,
+            HEAD_TIMEOUT,
+            "Seconds a new connection has for its TLS handshake and its request line and headers "
+            "(and each later request for its head) before it is reset.",
+            duration,
+        ],
+        [
+            "max-pending-per-address",
+            None,
+            MAX_PENDING_PER_ADDRESS,
+            "Connections one client address may hold that are not WebSocket peers yet; more are "
+            "reset at once (0: no limit).",
+            int,
+        ],
+        [
             "closed-retention",
             None,
             DEFAULT_CLOSED_RETENTION,
@@ -167,8 +192,15 @@ class _Listener(Service):
     """Listens on one endpoint; a failure to listen at start-up is a clear error."""
 
     def __init__(
-        self, reactor: Any, description: str, shown: str, factory: Any, on_listening: Callable[[str], None]
+        self,
+        reactor: Any,
+        description: str,
+        shown: str,
+        factory: Any,
+        on_listening: Callable[[str], None],
+        api: bool = True,
     ) -> None:
+        self._api = api
         self._reactor = reactor
         self._description = description
         self.shown = shown
@@ -199,7 +231,8 @@ class _Listener(Service):
             host = f"[{host}]"
         base = f"{'https' if secure else 'http'}://{host}:{getattr(address, 'port', '')}"
         ws = base.replace("http", "ws", 1)
-        log.info("API listening on {url}/  (data plane {ws}/tunnel)", url=base, ws=ws)
+        if self._api:
+            log.info("API listening on {url}/  (data plane {ws}/tunnel)", url=base, ws=ws)
         self._on_listening(base)
         return port
 
@@ -274,7 +307,12 @@ class TunnelService(MultiService):
         if self.audit is not None:
             api = AuditedApi(api, self.audit, self.store)
         root.putChild(b"", api)
-        self.site = ServiceSite(root, reactor=reactor)
+        self.site = ServiceSite(
+            root,
+            reactor=reactor,
+            head_timeout=float(options.get("handshake-timeout") or HEAD_TIMEOUT),
+            max_pending_per_address=options.get("max-pending-per-address", MAX_PENDING_PER_ADDRESS) or None,
+        )
         self.listeners: List[_Listener] = []
         for description in options["listen"]:
             self._check_names(description, options.get("hostname") or ())
@@ -283,6 +321,17 @@ class TunnelService(MultiService):
             )
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        self.metrics_listener: Optional[_Listener] = None
+        if options.get("metrics-listen"):
+            self.metrics_listener = _Listener(
+                reactor,
+                options["metrics-listen"],
+                options["metrics-listen"],
+                metrics_site(relay, reactor),
+                self._announce_metrics,
+                api=False,
+            )
+            self.metrics_listener.setServiceParent(self)
         log.info("State directory: {path}", path=self.state_dir)
         log.info("CA certificate (give it to clients): {path}", path=self.certificates.ca_cert)
         if created is not None:
@@ -326,6 +375,9 @@ class TunnelService(MultiService):
             super().startService()
         except ConfigError as e:
             _exit_with(str(e))  # one line: twistd already logs stderr, so not log.error too
+
+    def _announce_metrics(self, url: str) -> None:
+        log.info("Metrics (Prometheus) on {url}/metrics", url=url)
 
     def _announce(self, url: str) -> None:
         """Show, once, how to call the API at C{url} with the generated credentials."""
