@@ -115,6 +115,9 @@ class ManualSetupTests(TestCase):
                      and cell(browser, tunnel_id, "destination") == "CONNECTED", what="CONNECTED in the hub")
         self.assertEqual(browser.execute_script("return window.tunnelkitNoReload;"), 1)  # no reload happened
         browser.shot("hub-connected")
+        browser.set_window_size(390, 844)  # a phone
+        browser.shot("hub-phone")
+        browser.set_window_size(1280, 900)
 
         # Rotate from the tunnel page: new tokens shown, the old source refused.
         browser.css(f'a[href="/console/tunnel/{tunnel_id}"]').click()
