@@ -453,7 +453,9 @@ def idle_memory(cleanups: _Cleanups, tunnels: int, tls: bool) -> Tuple[float, fl
     connected and idle: (before, after, WebSockets).
     """
     h = Harness(cleanups)
-    service = h.start_service(tls=tls, name=f"idle-{'wss' if tls else 'ws'}", extra=LIMITS_OFF)
+    # These raw clients never answer pings: a long --peer-timeout keeps them while 2N handshakes run.
+    service = h.start_service(tls=tls, name=f"idle-{'wss' if tls else 'ws'}",
+                              extra=[*LIMITS_OFF, "--peer-timeout", "3600"])
     api = h.api()
 
     def open_one(_: int) -> Tuple[str, str]:

@@ -18,6 +18,7 @@ from tunnelkit.adapters import IActiveStreamFilter, IDestinationContext, ISource
 from tunnelkit.localproxy import destination as destination_module
 from tunnelkit.localproxy import source as source_module
 from tunnelkit.localproxy.destination import PENDING_LIMIT, DestinationSide
+from tunnelkit.localproxy.connection import Refused
 from tunnelkit.localproxy.endpoint import ServiceEndpoint
 from tunnelkit.localproxy.session_service import LocalProxySession
 from tunnelkit.localproxy.source import SourceSide
@@ -129,10 +130,12 @@ class SourceTests(TestCase):
         self.ready()
         connection, transport = self.accept()
         self.proxy.websocket_ended(self.websocket, WebSocketEnded("retry", "lost"))
-        self.assertTrue(transport.disconnecting)
+        self.assertTrue(transport.disconnected)  # reset (abortConnection), not closed: a failure
         self.assertIsNone(self.proxy.end)
-        refused, _ = self.accept()
-        self.assertIsNone(refused)
+        # while the tunnel is down, accepts are reset at once; the listeners stay
+        refused, refused_transport = self.accept()
+        self.assertIsInstance(refused, Refused)
+        self.assertTrue(refused_transport.disconnected)
         self.assertEqual(len(self.reactor.tcpServers), 2)
         # a new WebSocket: no second listener, accepts work again
         websocket = FakeWebSocket()
@@ -165,6 +168,13 @@ class SourceTests(TestCase):
         reason = "Web socket close received. Code: 1008; Reason: Connection replaced by a new peer"
         self.proxy.websocket_ended(self.websocket, WebSocketEnded("replaced", reason, 1008))
         self.assertIn("another local proxy connected", self.successResultOf(self.proxy.ended).message)
+
+    def test_closed_for_a_protocol_violation_ends_with_status_1(self):
+        reason = "Web socket close received. Code: 1008; Reason: Protocol violation (stream_id): DATA has stream id 0"
+        self.proxy.websocket_ended(self.websocket, WebSocketEnded("replaced", reason, 1008))
+        end = self.successResultOf(self.proxy.ended)
+        self.assertEqual(end.status, 1)
+        self.assertIn("broke the tunneling protocol", end.message)
 
     def test_rejection_ends_with_status_1(self):
         self.proxy.websocket_ended(self.websocket, WebSocketEnded("rejected", "403", 403))
@@ -386,7 +396,7 @@ class SourceWithoutMappingTests(TestCase):
         connection.makeConnection(StringTransport())
         ((start,),) = websocket.decoded()
         self.assertEqual((start.type, start.streamId, start.serviceId, start.connectionId), (Message.STREAM_START, 1, "", 0))
-        self.assertIsNone(reactor.tcpServers[0][1].buildProtocol(PEER))  # one connection at a time
+        self.assertIsInstance(reactor.tcpServers[0][1].buildProtocol(PEER), Refused)  # one at a time
 
 
 class UnixTargetTests(TestCase):

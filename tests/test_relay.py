@@ -461,6 +461,23 @@ class RelayTests(ServiceTestCase):
         source.send(start(2))
         self.assertEqual(source.take_frames(), [Message(type=STREAM_RESET, streamId=2, serviceId="SSH")])
 
+    def test_start_without_service_id_on_two_services(self) -> None:
+        """
+        Issue 10: a STREAM_START without a service id on a tunnel of two services used to reach the
+        destination, which then exited.  The relay closes the sender; the destination hears nothing.
+        """
+        for frame in (
+            tunnel_frame(type=STREAM_START, streamId=1, connectionId=1),
+            tunnel_frame(type=CONNECTION_START, streamId=1, connectionId=2),
+        ):
+            tunnel, source, destination = self.pair(("SSH", "WEB"))
+            source.send(frame)
+            code, reason = source.close_frame()  # type: ignore[misc]
+            self.assertEqual(code, 1008)
+            self.assertIn("missing_service_id", reason)
+            self.assertEqual(destination.take_messages(), [])
+            self.assertFalse(destination.transport.disconnecting)
+
     def test_frames_before_the_violation_are_delivered(self) -> None:
         tunnel, source, destination = self.pair(("SSH",))
         source.send(start() + data(b"ok") + data(b"bad", service="OTHER"))

@@ -321,6 +321,20 @@ class ServiceIdRuleTests(RuleTestCase):
             Message(type=DATA, streamId=1, serviceId="FTP", payload=b"x"),
         )
 
+    def test_missing_service_id_on_a_tunnel_of_two(self) -> None:
+        for side, message in (
+            ("source", Message(type=STREAM_START, streamId=1, connectionId=1)),
+            ("source", Message(type=CONNECTION_START, streamId=1, connectionId=2)),
+            ("destination", Message(type=DATA, streamId=1, payload=b"x")),
+        ):
+            peer = PeerRules(side, ["SSH", "HTTP"])
+            peer.note_stream_started("")
+            error = self.assertViolation(rules.RULE_MISSING_SERVICE_ID, peer, message)
+            self.assertIn("HTTP, SSH", str(error))
+        # one service, or none: messages without a service id are fine
+        check(PeerRules("source", ["SSH"]), Message(type=STREAM_START, streamId=1))
+        check(PeerRules("source", []), Message(type=STREAM_START, streamId=1))
+
     def test_mixing_without_then_with(self) -> None:
         peer = PeerRules("source", ["SSH"])
         check(peer, Message(type=STREAM_START, streamId=1))

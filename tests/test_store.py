@@ -15,7 +15,7 @@ import shutil
 import sqlite3
 import stat
 import tempfile
-from typing import Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
@@ -298,6 +298,45 @@ class ConnectionStateTests(StoreTestCase):
     def test_bad_side(self) -> None:
         self.open()
         self.assertRaises(ValueError, self.store.set_connection_state, "t1", "sideways", True, 1.0)
+
+
+class SoftStateSyncTests(StoreTestCase):
+    """Connection states commit without an fsync of their own; everything else stays FULL."""
+
+    def statements(self, call: Any) -> List[str]:
+        seen: List[str] = []
+        db = self.store._db
+        db.set_trace_callback(seen.append)
+        try:
+            call()
+        finally:
+            db.set_trace_callback(None)
+        return [s.strip() for s in seen]
+
+    def test_connection_state_commits_normal(self) -> None:
+        self.open()
+        seen = self.statements(lambda: self.store.set_connection_state("t1", SOURCE, True, 1005.0))
+        self.assertEqual(seen[0], "PRAGMA synchronous=NORMAL")
+        self.assertEqual(seen[-2:], ["COMMIT", "PRAGMA synchronous=FULL"])
+        self.assertEqual(self.store._db.execute("PRAGMA synchronous").fetchone()[0], 2)  # FULL again
+
+    def test_token_writes_stay_full(self) -> None:
+        """A claim after a connection state is committed with synchronous=FULL."""
+        self.open()
+        self.store.set_connection_state("t1", SOURCE, True, 1005.0)
+        seen = self.statements(lambda: self.store.close_tunnel(ACCOUNT, "t1", 1010.0))
+        self.assertIn("COMMIT", seen)
+        self.assertNotIn("PRAGMA synchronous=NORMAL", seen)
+        self.assertEqual(self.store._db.execute("PRAGMA synchronous").fetchone()[0], 2)
+
+    def test_failed_state_write_restores_full(self) -> None:
+        self.open()
+        self.store._db.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON tunnels BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        self.assertRaises(sqlite3.Error, self.store.set_connection_state, "t1", SOURCE, True, 1005.0)
+        self.assertFalse(self.store._db.in_transaction)
+        self.assertEqual(self.store._db.execute("PRAGMA synchronous").fetchone()[0], 2)
 
 
 class LifecycleQueryTests(StoreTestCase):

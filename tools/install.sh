@@ -53,6 +53,14 @@ if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
   echo "tools/install.sh: made the virtual environment $VENV with $("$VENV/bin/python" -V)"
 fi
 
+# The web console's terminal (service installs): xterm.js and its fit add-on from npm, the versions
+# tunnelkit/service/console/vendor/package-lock.json names; installed before pip, which copies them.
+if [ "$spec" != "." ]; then
+  command -v npm >/dev/null || apt_install npm
+  npm ci --prefix tunnelkit/service/console/vendor --no-audit --no-fund >/dev/null \
+    || { echo "tools/install.sh: npm ci --prefix tunnelkit/service/console/vendor failed" >&2; exit 1; }
+fi
+
 # shellcheck disable=SC2086  # $spec is "-e .[...]" for --dev
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check $spec \
   || { echo "tools/install.sh: pip install $spec into $VENV failed" >&2; exit 1; }

@@ -23,6 +23,8 @@ Operator commands work directly on the state directory's database (the service m
     tunnelkit admin revoke-key KEYID
     tunnelkit admin list-keys
     tunnelkit admin list-accounts
+    tunnelkit admin create-user|reset-password|delete-user ACCOUNT NAME   (console users; password from stdin)
+    tunnelkit admin list-users [ACCOUNT]
 
 Exit status: 0 on success, 2 for a usage error, 255 when the service refuses a request or cannot be
 reached (as the AWS CLI), 1 for any other error.
@@ -242,8 +244,31 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("key_id", metavar="KEYID")
     admin_commands.add_parser("list-keys", parents=[state], help="List access keys (without secrets).")
     admin_commands.add_parser("list-accounts", parents=[state], help="List accounts.")
+    _add_console_user_commands(admin_commands, state)
     cli_operator.add_commands(commands, command)
     return parser
+
+
+CONSOLE_USER_COMMANDS = ("create-user", "list-users", "reset-password", "delete-user")
+
+
+def _add_console_user_commands(admin_commands: Any, state: argparse.ArgumentParser) -> None:
+    """The web console's users (run by L{tunnelkit.service.console.admin}); the password comes from stdin."""
+    a = admin_commands.add_parser(
+        "create-user", parents=[state], help="Create a console user (password asked, or read from stdin)."
+    )
+    a.add_argument("account", help="account name or id")
+    a.add_argument("name", help="user name (1-64 of A-Z a-z 0-9 . _ @ + -)")
+    a = admin_commands.add_parser("list-users", parents=[state], help="List console users.")
+    a.add_argument("account", nargs="?", help="only this account's (name or id)")
+    a = admin_commands.add_parser(
+        "reset-password", parents=[state], help="Set a console user's password (signs the user out)."
+    )
+    a.add_argument("account", help="account name or id")
+    a.add_argument("name")
+    a = admin_commands.add_parser("delete-user", parents=[state], help="Delete a console user.")
+    a.add_argument("account", help="account name or id")
+    a.add_argument("name")
 
 
 def _token_files(p: argparse.ArgumentParser) -> None:
@@ -546,6 +571,10 @@ def run_admin_command(args: argparse.Namespace, out: TextIO, now: Callable[[], f
             }
         elif args.admin_command == "list-accounts":
             result = {"Accounts": [_account_json(a) for a in store.list_accounts()]}
+        elif args.admin_command in CONSOLE_USER_COMMANDS:
+            from tunnelkit.service.console.admin import run_user_command
+
+            result = run_user_command(args, store, state_dir, now())
         else:  # pragma: no cover - argparse only allows the commands above
             raise CliError(f"unknown admin command {args.admin_command}", 2)
     except StoreError as e:

@@ -307,10 +307,10 @@ def missing_mode_message(args: Sequence[str]) -> str:
 
 
 def _check_endpoint(description: str, kind_of: str) -> str:
-    from twisted.internet.endpoints import _parse  # syntax only: nothing listens or connects
+    from tunnelkit.internals import parse_endpoint_description  # syntax only: nothing listens or connects
 
     try:
-        args, kwargs = _parse(description)
+        args, kwargs = parse_endpoint_description(description)
     except Exception as e:
         raise ValueError(f"bad {kind_of} endpoint {description!r}: {e}") from None
     kind = (args[0] if args else "").lower()

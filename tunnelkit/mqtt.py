@@ -8,7 +8,8 @@ network is Twisted's: the connection is made by a client endpoint (C{tcp:}, C{tl
 and kept up by L{ClientService} with a backoff policy, so nothing ever blocks the reactor (paho's own
 C{connect()} resolves names, connects and does the TLS handshake blocking).  paho talks to the
 connection through L{_TransportSocket}, a socket-like object over the Twisted transport; the one
-private paho hook used is C{Client._create_socket} (stable across paho 2.x).
+private paho hook used is C{Client._create_socket} (stable across paho 2.x; listed and checked at
+start in L{tunnelkit.internals}).
 
 Public surface: L{MQTTClient} (a service providing L{IMQTTClient}: C{subscribe}, C{publish}), L{MQTT_OPTIONS} (the command-line
 options shared by the service and the agent), L{mqtt_settings} and L{build_endpoint}.
@@ -168,7 +169,9 @@ def build_endpoint(reactor: Any, settings: MQTTSettings) -> IStreamClientEndpoin
 
     @raise UsageError: if C{ca_file} holds no PEM certificate.
     """
-    from twisted.internet.endpoints import HostnameEndpoint, _parse, clientFromString, wrapClientTLS
+    from twisted.internet.endpoints import HostnameEndpoint, clientFromString, wrapClientTLS
+
+    from tunnelkit.internals import parse_endpoint_description
 
     if settings.ca_file is None:
         return clientFromString(reactor, settings.endpoint)
@@ -181,7 +184,7 @@ def build_endpoint(reactor: Any, settings: MQTTSettings) -> IStreamClientEndpoin
 
     from tunnelkit.transport.tls import pem_certificates
 
-    args, kwargs = _parse(settings.endpoint)
+    args, kwargs = parse_endpoint_description(settings.endpoint)
     host = kwargs.get("host", args[1] if len(args) > 1 else None)
     port = int(kwargs.get("port", args[2] if len(args) > 2 else 8883))
     try:

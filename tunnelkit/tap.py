@@ -18,6 +18,7 @@ from twisted.python import usage
 import tunnelkit
 from tunnelkit.config import MODES, find_mode, missing_mode_message
 from tunnelkit.errors import ConfigError
+from tunnelkit.internals import MissingInternals, check_internals
 
 _GENERAL_HELP = f"""\
 Usage: twistd [twistd options] tunnelkit --mode MODE [options]
@@ -142,6 +143,11 @@ class Options(usage.Options):
         except (usage.UsageError, ConfigError) as e:
             _fail(mode if mode in MODES else None, str(e))  # an unknown mode has no help of its own
         default_process_files(getattr(self, "parent", None), mode)
+        try:
+            check_internals(warn=lambda message: sys.stderr.write(f"tunnelkit: warning: {message}\n"))
+        except MissingInternals as e:
+            sys.stderr.write(f"tunnelkit: error: {e}\n")
+            sys.exit(1)
 
 
 def _fail(mode: Optional[str], message: str) -> None:

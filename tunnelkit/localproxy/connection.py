@@ -21,12 +21,32 @@ from tunnelkit.adapters import IActiveStreamFilter, IFilterOutput, StreamFilterE
 from tunnelkit.protocol.framing import MAX_PAYLOAD_SIZE
 from tunnelkit.transport.flow import SinkProducer
 
-__all__ = ["LocalConnection", "READ_SIZE", "ConnectionKey"]
+__all__ = ["LocalConnection", "READ_SIZE", "ConnectionKey", "reset_connection", "Refused"]
 
 #: Bytes read from a local socket at once: two full DATA payloads, one WebSocket message.
 READ_SIZE = 2 * MAX_PAYLOAD_SIZE
 
 ConnectionKey = Tuple[str, int]
+
+
+def reset_connection(transport: Any) -> None:
+    """
+    End a TCP connection with a reset (RST): Twisted's C{abortConnection} sets C{SO_LINGER} to
+    C{{1, 0}} before closing, so the peer's next read fails with ECONNRESET.  (A transport without
+    it, e.g. a unix socket's or a test's, is just closed.)
+    """
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.loseConnection()
+
+
+class Refused(Protocol):
+    """An accepted connection the source cannot carry: reset at once (the caller logged why)."""
+
+    def connectionMade(self) -> None:
+        reset_connection(self.transport)
 
 
 @implementer(IFilterOutput)
@@ -114,21 +134,22 @@ class LocalConnection(Protocol):
             service_id=self.service_id or "-",
             error=str(error),
         )
-        abort = getattr(self.transport, "abortConnection", None)
-        if abort is not None:
-            abort()
-        else:
-            self.transport.loseConnection()
+        reset_connection(self.transport)
 
-    def close(self, reason: str) -> None:
-        """Flush what is buffered, then close (the tunnel side already knows)."""
+    def close(self, reason: str, abort: bool = False) -> None:
+        """
+        End the connection (the tunnel side already knows).  C{abort=False}: flush what is buffered,
+        then close with a FIN.  C{abort=True}: reset it (RST) now, dropping what is buffered, so that
+        the local application sees an error (ECONNRESET) instead of a clean end of stream.
+        """
         if self.closing:
             return
         self.closing = True
         self._reported_closed = True  # the session asked for it: no reset to send back
         self.log.info(
-            "Closing connection {connection_id} of {service_id} ({reason}): "
+            "{what} connection {connection_id} of {service_id} ({reason}): "
             "{bytes_in} bytes in, {bytes_out} bytes out",
+            what="Resetting" if abort else "Closing",
             connection_id=self.connection_id,
             service_id=self.service_id or "-",
             reason=reason,
@@ -138,7 +159,10 @@ class LocalConnection(Protocol):
         # With a paused streaming producer registered, Twisted would resume it instead of finishing
         # the close once the buffer drains: the far end would never see the end of the stream.
         self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        if abort:
+            reset_connection(self.transport)
+        else:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.proxy.local_read_throttle.remove(self.transport)

@@ -109,7 +109,7 @@ class _Connector:
         self.attempt = None
         self.side.pending.pop(self.key, None)
         if self.cancelled:
-            connection.close("the stream was reset while connecting")
+            connection.close("the stream was reset while connecting", abort=True)
             return
         self.log.info("Connected to {target}", target=describe_target(self.target))
         self.side.proxy.perform(self.side.session.local_connected(self.service_id, self.connection_id))

@@ -202,7 +202,7 @@ class LocalProxySession(MultiService):
             websocket.transport.unregisterProducer()
         self.side.stop()
         for connection in list(self.connections.values()):
-            connection.close("the local proxy is stopping")
+            connection.close("the local proxy is stopping", abort=True)
         return super().stopService()
 
     def finish(self, status: int, message: str) -> None:
@@ -277,6 +277,12 @@ class LocalProxySession(MultiService):
             self.finish(
                 1, f"{ended.message}; not retrying: the token or tunnel cannot be used{hint} (exit status 1)"
             )
+        elif ended.kind == "replaced" and "Protocol violation" in ended.message:
+            self.finish(
+                1,
+                f"{ended.message}; the service closed this proxy's connection because a frame it sent broke "
+                "the tunneling protocol (a bug of this proxy: please report it with this line), stopping",
+            )
         elif ended.kind == "replaced" and "rotated" in ended.message:
             self.finish(
                 0, f"{ended.message}; this proxy's token was rotated: start it again with the new token, stopping"
@@ -317,7 +323,7 @@ class LocalProxySession(MultiService):
                 key = (action.service_id, action.connection_id)
                 connection = self.connections.get(key)
                 if connection is not None:
-                    connection.close(action.reason)
+                    connection.close(action.reason, action.abort)
                 else:
                     self.side.cancel(key, action.reason)
             elif kind is StartListening:

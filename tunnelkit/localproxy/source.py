@@ -6,7 +6,8 @@ or a connection of the service's stream (V3).
 Fixed listen ports are bound before the access token is presented (L{SourceSide.reserve_ports}) and
 accept once the tunnel's SERVICE_IDS matched the C{-s} mapping; listeners stay open across WebSocket
 reconnects; a connection accepted while the WebSocket is down (or over the per-service maximum) is
-closed at once with a log line saying why.  A listen port of 0 takes an ephemeral port, logged as
+reset at once (RST, so the application sees ECONNRESET, not an empty answer) with a log line saying
+why.  A listen port of 0 takes an ephemeral port, logged as
 C{Listening for new connection on port N}.
 """
 
@@ -23,7 +24,7 @@ from zope.interface import implementer
 
 from tunnelkit.adapters import ISourceContext, IServiceAdapter, resolve_adapter
 from tunnelkit.errors import TunnelkitError
-from tunnelkit.localproxy.connection import ConnectionKey, LocalConnection
+from tunnelkit.localproxy.connection import ConnectionKey, LocalConnection, Refused
 from tunnelkit.localproxy.mapping import V1_SERVICE_ID
 from tunnelkit.protocol.session import LocalConnectionRefused, SourceSession, StartListening
 
@@ -250,8 +251,8 @@ class SourceSide:
         try:
             connection_id, actions = self.session.local_accepted(service_id, connection_id)
         except LocalConnectionRefused as e:
-            self.log.warn("Refusing the connection from {peer}: {reason}", peer=peer, reason=str(e))
-            return None
+            self.log.warn("Resetting the connection from {peer}: {reason}", peer=peer, reason=str(e))
+            return Refused()
         adapter = self.adapters.get(service_id)
         stream_filter = None
         if adapter is not None:

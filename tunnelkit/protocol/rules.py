@@ -45,6 +45,7 @@ __all__ = [
     "RULE_UNKNOWN_FIELD",
     "RULE_UNKNOWN_SERVICE_ID",
     "RULE_SERVICE_ID_MIXING",
+    "RULE_MISSING_SERVICE_ID",
     "RULE_DATA_BEFORE_STREAM_START",
 ]
 
@@ -68,6 +69,7 @@ RULE_FIELD_NOT_IN_VERSION = "field_not_in_version"
 RULE_UNKNOWN_FIELD = "unknown_field"
 RULE_UNKNOWN_SERVICE_ID = "unknown_service_id"
 RULE_SERVICE_ID_MIXING = "service_id_mixing"
+RULE_MISSING_SERVICE_ID = "missing_service_id"
 RULE_DATA_BEFORE_STREAM_START = "data_before_stream_start"
 
 _DATA = Message.DATA
@@ -209,6 +211,13 @@ class PeerRules:
                     + ": a client must not alternate between messages with and without a service id",
                 )
             self._uses_service_id = uses_service_id
+        if not uses_service_id and len(self.services) > 1:
+            raise ProtocolViolation(
+                RULE_MISSING_SERVICE_ID,
+                f"{_type_name(message_type)} has no service id, but the tunnel has "
+                f"{len(self.services)} services ({', '.join(sorted(self.services))}): a message "
+                "without one (V1 format) cannot say which it is for",
+            )
         if uses_service_id and service_id not in self.services:
             raise ProtocolViolation(
                 RULE_UNKNOWN_SERVICE_ID,

@@ -23,9 +23,13 @@ Actions (frozen dataclasses)
   - L{WriteLocal}C{(service_id, connection_id, data)}: write to that local connection.  The destination
     holds the data that arrives while a connection is still being opened and releases it from
     C{local_connected} (see C{DestinationSession.buffered_bytes} to pause the WebSocket meanwhile).
-  - L{CloseLocal}C{(service_id, connection_id, reason)}: flush what was written, then close.
-  - L{Fatal}C{(message)}: stop the proxy with this message (exit status 1), e.g. the mapping does not
-    match the tunnel's services, or a message type that is neither known nor ignorable.
+  - L{CloseLocal}C{(service_id, connection_id, reason, abort)}: with C{abort=False} flush what was
+    written, then close (FIN): the far application closed.  With C{abort=True} reset the connection
+    (RST): the WebSocket was lost or replaced, the service reset the session, a V3 stream was reset,
+    the source restarted a stream: anything but the far application's own close.
+  - L{Fatal}C{(message)}: stop the proxy with this message (exit status 1): only a configuration that
+    does not match the tunnel (SERVICE_IDS).  Nothing a peer sends is fatal: a frame that breaks the
+    rules is dropped, or answered by resetting its stream or connection.
 
 Local connections are named by C{(service_id, connection_id)}: the service id is the tunnel's
 (C{""} when the tunnel has no services), the connection id an integer the session chooses (source:
@@ -177,11 +181,16 @@ class WriteLocal:
 
 @dataclass(frozen=True, slots=True)
 class CloseLocal:
-    """Flush, then close a local connection."""
+    """
+    Close a local connection.  C{abort=False}: flush, then close with a FIN (the far application
+    closed); C{abort=True}: reset it (TCP RST) at once, because something failed and the local
+    application must not mistake what it received for the whole.
+    """
 
     service_id: str
     connection_id: int
     reason: str
+    abort: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +313,11 @@ def _control(
     )
 
 
+def _bounded(text: str, limit: int = 64) -> str:
+    """C{text} as a peer sent it, cut to C{limit} characters for a log line."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def _type_name(message_type: int) -> str:
     try:
         return Message.Type.Name(message_type)
@@ -419,9 +433,10 @@ class _Session(ABC):
         return self._close_all("the tunnel's WebSocket connection was lost")
 
     def _close_all(self, reason: str) -> List[Action]:
+        """Reset every connection (the WebSocket or the session failed: nothing ended cleanly)."""
         actions: List[Action] = []
         for service in self._services.values():
-            actions += service.close_all(reason)
+            actions += service.close_all(reason, abort=True)
         return actions
 
     def _lookup(self, service_id: str) -> Optional["_Service"]:
@@ -441,12 +456,12 @@ class _Session(ABC):
         if message.ignorable:
             log.debug("Ignoring a message of unknown type {type} marked ignorable", type=message.type)
             return []
-        return [
-            Fatal(
-                f"Unexpected message type {_type_name(message.type)} received from the tunnel "
-                "service (neither known nor marked ignorable)"
-            )
-        ]
+        # AWS's localproxy exits here; a peer's message never stops this proxy.
+        log.error(
+            "Dropping a message of unexpected type {type} (neither known nor marked ignorable)",
+            type=_type_name(message.type),
+        )
+        return []
 
 
 class _Connection:
@@ -483,10 +498,10 @@ class _Service:
         self.last_connection_id = 0
         self.connections: Dict[int, _Connection] = {}
 
-    def close_all(self, reason: str) -> List[Action]:
-        """Forget the stream; close every connection."""
+    def close_all(self, reason: str, abort: bool) -> List[Action]:
+        """Forget the stream; close (C{abort=False}) or reset (C{abort=True}) every connection."""
         actions: List[Action] = [
-            CloseLocal(self.service_id, connection_id, reason) for connection_id in self.connections
+            CloseLocal(self.service_id, connection_id, reason, abort) for connection_id in self.connections
         ]
         self.connections = {}
         self.stream_id = 0
@@ -565,7 +580,8 @@ class SourceSession(_Session):
             service = self._lookup(message.serviceId)
             if service is None or not service.stream_id or message.streamId != service.stream_id:
                 return []
-            return service.close_all(DESTINATION_RESET)
+            # V1/V2: the normal end of the stream's one connection; V3: the stream failed.
+            return service.close_all(DESTINATION_RESET, abort=self._v3)
         if message_type == _CONNECTION_RESET:
             service = self._lookup(message.serviceId)
             if service is None or not service.stream_id or message.streamId != service.stream_id:
@@ -781,9 +797,16 @@ class DestinationSession(_Session):
         if service is None or not service.stream_id or message.streamId != service.stream_id:
             return []
         if message_type == _STREAM_RESET:
+            # V1/V2 (no connection id): the normal end of the stream's one connection; V3: a failure.
             for connection in service.connections.values():
                 self._drop_pending(connection)
-            return service.close_all("the source reset the stream")
+            actions: List[Action] = [
+                CloseLocal(service.service_id, cid, "the source reset the stream", bool(c.wire_connection_id))
+                for cid, c in service.connections.items()
+            ]
+            service.connections = {}
+            service.stream_id = 0
+            return actions
         # CONNECTION_RESET
         connection_id = message.connectionId or 1
         connection = service.connections.pop(connection_id, None)
@@ -818,18 +841,31 @@ class DestinationSession(_Session):
             )
         return []
 
+    def _refuse_start(self, message: Message) -> List[Action]:
+        """
+        A STREAM_START / CONNECTION_START for a service this destination does not serve: log it and
+        reset that stream or connection (the source closes its local connection; nothing else stops).
+        """
+        service_id = message.serviceId
+        if service_id:
+            why = f"Invalid service id received for stream start: {_bounded(service_id)}"
+        else:
+            why = (
+                "Invalid service id received for stream start: the source sent no service id "
+                f"(V1 format), but this destination serves {len(self._services)} services "
+                f"({', '.join(sorted(self._services))}); a V1 source needs a tunnel of one service"
+            )
+        log.error("{why}; resetting stream {stream_id}", why=why, stream_id=message.streamId)
+        if message.streamId <= 0:
+            return []
+        if message.type == _STREAM_START:
+            return [SendFrames(_control(_STREAM_RESET, message.streamId, service_id))]
+        return [SendFrames(_control(_CONNECTION_RESET, message.streamId, service_id, message.connectionId))]
+
     def _stream_start(self, message: Message) -> List[Action]:
         service = self._lookup(message.serviceId)
         if service is None:
-            if message.serviceId:
-                return [Fatal(f"Invalid service id received for stream start: {message.serviceId}")]
-            return [
-                Fatal(
-                    "Invalid service id received for stream start: the source sent no service id "
-                    f"(V1 format), but this destination serves {len(self._services)} services "
-                    f"({', '.join(sorted(self._services))}); a V1 source needs a tunnel of one service"
-                )
-            ]
+            return self._refuse_start(message)
         stream_id = message.streamId
         if stream_id <= 0:
             log.error("Dropping STREAM_START with invalid stream id {stream_id}", stream_id=stream_id)
@@ -838,15 +874,14 @@ class DestinationSession(_Session):
         if service.connections:
             for connection in service.connections.values():
                 self._drop_pending(connection)
-            actions += service.close_all("the source started a new stream")
+            actions += service.close_all("the source started a new stream", abort=True)
         service.stream_id = stream_id
         return actions + self._open_connection(service, message)
 
     def _connection_start(self, message: Message) -> List[Action]:
         service = self._lookup(message.serviceId)
         if service is None:
-            log.error("Dropping CONNECTION_START for unknown service id {sid}", sid=message.serviceId)
-            return []
+            return self._refuse_start(message)
         stream_id = message.streamId
         if not service.stream_id:
             if stream_id <= 0:
@@ -860,7 +895,7 @@ class DestinationSession(_Session):
             # Already open: an error of the source; reset that connection on both sides.
             self._drop_pending(connection)
             return [
-                CloseLocal(service.service_id, connection_id, "the source started it a second time"),
+                CloseLocal(service.service_id, connection_id, "the source started it a second time", True),
                 SendFrames(
                     _control(_CONNECTION_RESET, stream_id, message.serviceId, message.connectionId)
                 ),
@@ -882,7 +917,7 @@ class DestinationSession(_Session):
         """The target connection is open: release what arrived meanwhile."""
         connection = self._connection(service_id, connection_id)
         if connection is None:
-            return [CloseLocal(service_id, connection_id, "the stream was reset while connecting")]
+            return [CloseLocal(service_id, connection_id, "the stream was reset while connecting", True)]
         connection.connected = True
         pending = connection.pending
         if not pending:
@@ -934,5 +969,5 @@ class DestinationSession(_Session):
         actions: List[Action] = [SendFrames(_control(_STREAM_RESET, stream_id, wire_service_id))]
         for connection in service.connections.values():
             self._drop_pending(connection)
-        actions += service.close_all("the stream was reset")
+        actions += service.close_all("the stream was reset", abort=True)
         return actions

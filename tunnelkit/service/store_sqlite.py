@@ -3,11 +3,14 @@
 L{IControlStore} on SQLite: one file C{tunnelkit.sqlite3} in the state directory.
 
 Durability: WAL journal with C{synchronous=FULL}, so every committed transaction survives C{kill -9} and
-power loss.  Several processes may open the file at once (the service and the C{tunnelkit admin}
+power loss; except the sides' connection states (L{SQLiteStore.set_connection_state}), soft state
+written twice per WebSocket and reset at every start: they commit with C{synchronous=NORMAL} (no fsync
+of their own; they survive C{kill -9}, and the next FULL commit makes them durable).  The fsync was
+half the service's CPU and time per tunnel handshake (benchmarks/bench_tunnel.py --parts handshake).  Several processes may open the file at once (the service and the C{tunnelkit admin}
 command); writers wait up to C{busy_timeout} for each other.
 
 Calls block the calling thread.  The service makes them on the reactor thread on purpose: each is one
-short indexed transaction (tens of microseconds, plus one WAL fsync per write), the data plane's
+short indexed transaction (tens of microseconds, plus one WAL fsync per durable write), the data plane's
 L{ITunnelStore.claim_peer} contract is synchronous, and SQLite allows a single writer anyway, so a
 thread pool would add hand-offs without adding throughput.
 
@@ -509,7 +512,7 @@ class SQLiteStore:
         status = CONNECTED if connected else DISCONNECTED
         if self._closed:
             return  # the service is stopping; the next start resets every state (reset_connection_states)
-        with self._write():
+        with _Transaction(self._db, durable=False):
             self._db.execute(
                 f"UPDATE tunnels SET {side}_status = ?, {side}_updated_at = ?, last_updated_at = ? "
                 "WHERE tunnel_id = ? AND (status = ? OR ? = ?)",
@@ -563,24 +566,31 @@ class SQLiteStore:
 
 
 class _Transaction:
-    """C{BEGIN IMMEDIATE} ... C{COMMIT} (or C{ROLLBACK} on error); nests as a no-op."""
+    """
+    C{BEGIN IMMEDIATE} ... C{COMMIT} (or C{ROLLBACK} on error); nests as a no-op.  Not C{durable}:
+    committed with C{synchronous=NORMAL} (no fsync), then FULL again for every other transaction.
+    """
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, durable: bool = True) -> None:
         self._db = db
+        self._durable = durable
         self._outer = False
 
     def __enter__(self) -> None:
         if not self._db.in_transaction:
+            if not self._durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("BEGIN IMMEDIATE")
             self._outer = True
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
         if not self._outer:
             return
-        if kind is None:
-            self._db.execute("COMMIT")
-        else:
-            self._db.execute("ROLLBACK")
+        try:
+            self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+        finally:
+            if not self._durable:
+                self._db.execute("PRAGMA synchronous=FULL")
 
 
 def open_store(state_dir: str) -> SQLiteStore:

@@ -40,6 +40,7 @@ from tunnelkit.transport.tls import restrict_context
 
 from tunnelkit.service.audit import AuditedApi, AuditOptions, build_audit_trail
 from tunnelkit.service.dataplane import DataPlaneOptions, metrics_site, mount_data_plane
+from tunnelkit.service.console import ConsoleOptions, build_console, mount_console
 
 log = Logger()
 
@@ -82,7 +83,7 @@ def duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
-class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions):  # type: ignore[misc,valid-type]
+class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions, ConsoleOptions):  # type: ignore[misc,valid-type]
     """The options of C{--mode service}."""
 
     synopsis = "Usage: twistd -n tunnelkit --mode service [options]"
@@ -307,6 +308,10 @@ class TunnelService(MultiService):
         if self.audit is not None:
             api = AuditedApi(api, self.audit, self.store)
         root.putChild(b"", api)
+        self.console = None
+        if not options.get("no-console"):  # the web console under /console/ (GET / redirects there)
+            self.console = build_console(self, options, clock, reactor)
+            mount_console(root, api, self.console)
         self.site = ServiceSite(
             root,
             reactor=reactor,
@@ -352,6 +357,14 @@ class TunnelService(MultiService):
                 state=self.state_dir,
             )
         self._announced = False
+
+    def data_plane_address(self) -> Optional[Any]:
+        """(secure, port) of the first listener once it listens (the console connects to it), or None."""
+        for listener in self.listeners:
+            if listener.port is not None:
+                secure = listener.shown.split(":", 1)[0].lower() == "ssl"
+                return secure, listener.port.getHost().port
+        return None
 
     def _check_names(self, description: str, hostnames: Any) -> None:
         """Warn when clients may reach an C{ssl:} listener by a name its generated certificate lacks."""

@@ -1,0 +1,114 @@
+# -*- test-case-name: tests.test_internals -*-
+"""
+The one place where tunnelkit reaches into its dependencies' private internals.
+
+Each use is listed in L{INTERNALS} with what it is for and a check that the name is still there, so
+an upgrade that removes one is found at start (L{check_internals}, run by C{twistd tunnelkit}) with a
+message naming it, instead of as an C{AttributeError} in the middle of a session.  Code that needs
+one of them gets it from here (L{parse_endpoint_description}, L{PAHO_SOCKET_HOOK}), never directly.
+
+Required internals have no public replacement and their feature cannot run without them; optional
+ones guard a fast path that turns itself off (one log line) when its internals are missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Tuple
+
+from tunnelkit.errors import TunnelkitError
+
+__all__ = [
+    "Internal",
+    "INTERNALS",
+    "MissingInternals",
+    "check_internals",
+    "missing_internals",
+    "parse_endpoint_description",
+    "PAHO_SOCKET_HOOK",
+]
+
+#: The name of the paho-mqtt 2.x method that makes a new connection's socket; tunnelkit's MQTT client
+#: overrides it to hand paho a socket-like object over a Twisted transport (see L{tunnelkit.mqtt}).
+PAHO_SOCKET_HOOK = "_create_socket"
+
+
+@dataclass(frozen=True)
+class Internal:
+    """One private name of a dependency: C{module} and dotted C{attribute}, why, and whether required."""
+
+    module: str
+    attribute: str
+    purpose: str
+    required: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.attribute}"
+
+    def present(self) -> bool:
+        """Whether the dependency still has it."""
+        try:
+            value: Any = importlib.import_module(self.module)
+        except ImportError:
+            return False
+        for part in self.attribute.split("."):
+            if not hasattr(value, part):
+                return False
+            value = getattr(value, part)
+        return True
+
+
+INTERNALS: Tuple[Internal, ...] = (
+    Internal(
+        "twisted.internet.endpoints",
+        "_parse",
+        "checking the syntax of endpoint strings in options and tap.yml without building the endpoint "
+        "(serverFromString would already read certificate files) and reading host/port of an MQTT "
+        "tls: endpoint",
+    ),
+    Internal(
+        "paho.mqtt.client",
+        f"Client.{PAHO_SOCKET_HOOK}",
+        "handing paho's MQTT session a socket over a Twisted transport, so nothing blocks the reactor",
+    ),
+)
+
+
+class MissingInternals(TunnelkitError):
+    """A required private internal of a dependency is gone (an upgrade changed it)."""
+
+
+def missing_internals(internals: Tuple[Internal, ...] = INTERNALS) -> List[Internal]:
+    """The listed internals that are not there."""
+    return [internal for internal in internals if not internal.present()]
+
+
+def check_internals(
+    internals: Tuple[Internal, ...] = INTERNALS, warn: Callable[[str], None] = lambda message: None
+) -> None:
+    """
+    Check every listed internal: a missing optional one is reported through C{warn}.
+
+    @raise MissingInternals: naming each missing required one, what it is for, and what to do.
+    """
+    missing = missing_internals(internals)
+    for internal in missing:
+        if not internal.required:
+            warn(f"{internal.name} is missing in this version: {internal.purpose} is off")
+    required = [internal for internal in missing if internal.required]
+    if required:
+        names = "; ".join(f"{internal.name} ({internal.purpose})" for internal in required)
+        raise MissingInternals(
+            f"an installed dependency lacks what tunnelkit needs: {names}. Install the versions "
+            "setup.cfg allows (pip install -e . or pip install tunnelkit again)"
+        )
+
+
+def parse_endpoint_description(description: str) -> Tuple[List[Any], Dict[str, Any]]:
+    """Split a Twisted endpoint string into its positional and keyword arguments (syntax only)."""
+    from twisted.internet import endpoints
+
+    parse: Callable[[str], Tuple[List[Any], Dict[str, Any]]] = getattr(endpoints, "_parse")
+    return parse(description)

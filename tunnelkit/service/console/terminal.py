@@ -1,0 +1,684 @@
+# -*- test-case-name: tests.e2e.test_console_terminal -*-
+"""
+SSH in the browser: the service itself is the tunnel's source and runs an SSH client (Twisted Conch)
+to the device's sshd through the tunnel; the page's xterm.js terminal talks to it over a WebSocket
+(C{/console/ssh?tunnel=ID}).
+
+The path of the bytes, with the protocol and transport layers every other source uses::
+
+    xterm.js <-WebSocket-> BrowserTerminal <-> Conch SSHClientTransport <-> TunnelSource
+        (tunnelkit.protocol.session.SourceSession over tunnelkit.transport.websocket's client)
+        <-wss-> the service's own data plane (/tunnel) <-> the relay <-> the destination (agent) <-> sshd
+
+Connecting to the service's own listener, rather than pairing with the relay in memory, keeps the relay
+untouched and makes the console's source a peer like any other (its state, limits, audit, rotation).
+Nothing from L{tunnelkit.localproxy} is used.
+
+Where the source token comes from: quick setup keeps the one OpenTunnel returned
+(L{Terminals.hold_source}); for any other open tunnel the console generates a new source token
+(RotateTunnelAccessToken SOURCE, through the control plane) when a terminal connects, which
+disconnects a source proxy connected then (the page says so).  The console connects with its own
+client token, so a later terminal reconnects with the same token.  Tokens stay in memory only.
+
+Credentials (password, private key) come in the WebSocket's first message, are used for that SSH
+session only, and are dropped once it is authenticated; they are never stored or logged.
+
+Host keys: the fingerprint (SHA256, as OpenSSH shows it) is shown; the first one seen for a thing is
+remembered (L{IConsoleUsers.remember_host_key}); a different one later stops the connection with a
+clear warning (the tunnel page can forget the remembered key).
+
+Browser protocol: binary messages are terminal bytes both ways; text messages are JSON: from the page
+C{{"type": "connect", "csrf", "user", "password", "key", "passphrase", "cols", "rows"}} and
+C{{"type": "resize", "cols", "rows"}}; to the page C{{"type": "status"|"hostkey"|"ready"|"closed", ...}}.
+
+Flow control: when the browser reads slower than the device writes, the browser connection's transport
+pauses its producer, which is the tunnel WebSocket's transport: the service stops reading from the
+tunnel, and the relay's own flow control slows the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+from http.cookies import SimpleCookie
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.conch.ssh import channel, common, connection, keys, transport, userauth
+from twisted.internet import defer, endpoints
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tunnelkit.protocol.session import (
+    CloseLocal,
+    Fatal,
+    LocalConnectionRefused,
+    SendFrames,
+    SourceSession,
+    StartListening,
+    WriteLocal,
+)
+from tunnelkit.service.console.sessions import COOKIE_NAME, Session
+from tunnelkit.service.store import CONNECTED, OPEN, NoSuchAccount
+from tunnelkit.transport.tls import client_tls_options
+from tunnelkit.transport.websocket import TunnelWebSocketFactory, WebSocketEnded, tunnel_url
+
+log = Logger()
+
+#: How long a terminal waits for the tunnel's destination (the device's agent) to connect.
+DESTINATION_WAIT = 90.0
+#: Terminal size limits accepted from the page.
+MAX_COLS, MAX_ROWS = 1000, 500
+#: The most bytes of credentials accepted in the first message.
+MAX_CREDENTIALS = 32768
+
+
+class TerminalError(Exception):
+    """Why a terminal cannot go on (shown to the user)."""
+
+
+def host_key_fingerprint(blob: bytes) -> Tuple[str, str]:
+    """(key type, C{SHA256:...} fingerprint) of an SSH public key blob."""
+    key = keys.Key.fromString(blob)
+    fingerprint = key.fingerprint(keys.FingerprintFormats.SHA256_BASE64)
+    return key.sshType().decode("ascii", "replace"), "SHA256:" + fingerprint.rstrip("=")
+
+
+@implementer(ITransport)
+class _TunnelConnection:
+    """The SSH client's transport: one connection carried by the tunnel source."""
+
+    disconnecting = False
+
+    def __init__(self, source: "TunnelSource") -> None:
+        self._source = source
+
+    def write(self, data: bytes) -> None:
+        self._source.send(data)
+
+    def writeSequence(self, data: List[bytes]) -> None:
+        self._source.send(b"".join(data))
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+        self._source.close()
+
+    abortConnection = loseConnection
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 0)
+
+    getHost = getPeer
+
+
+class TunnelSource:
+    """
+    The console as one tunnel's source: a WebSocket to the service's data plane running a
+    L{SourceSession}, carrying one connection (the SSH client's).
+
+    @param on_ready: called once the tunnel's service ids arrived (the connection may start).
+    @param on_data: bytes from the device.
+    @param on_end: called once with a message when the connection or the WebSocket ends.
+    """
+
+    def __init__(self, service_id: str, on_ready: Callable[[], None], on_data: Callable[[bytes], None],
+                 on_end: Callable[[str], None]) -> None:
+        self.service_id = service_id
+        self.session = SourceSession([service_id])
+        self._on_ready = on_ready
+        self._on_data = on_data
+        self._on_end = on_end
+        self.websocket: Any = None
+        self.connection_id: Optional[int] = None
+        self.connector: Any = None
+        self._closing = False
+        self._reported = False
+
+    # ITunnelWebSocketHandler
+    def websocket_opened(self, websocket: Any) -> None:
+        self.websocket = websocket
+        self._perform(self.session.websocket_opened())
+
+    def messages_received(self, messages: List[Any]) -> None:
+        for message in messages:
+            self._perform(self.session.receive(message))
+
+    def websocket_ended(self, websocket: Any, ended: WebSocketEnded) -> None:
+        self.websocket = None
+        if ended.kind == "closed":
+            self._end("The tunnel was closed (closed by its owner, or its lifetime ended): the terminal has ended.")
+        elif ended.kind == "replaced":
+            self._end("Another source took over this tunnel: the terminal has ended.")
+        else:
+            self._end(f"The connection to the tunnel ended: {ended.message}")
+
+    # the SSH client's side
+    def start_connection(self) -> None:
+        try:
+            self.connection_id, actions = self.session.local_accepted(self.service_id)
+        except LocalConnectionRefused as e:
+            self._end(f"The tunnel cannot carry the connection: {e}")
+            return
+        self._perform(actions)
+
+    def send(self, data: bytes) -> None:
+        if self.connection_id is not None:
+            self._perform(self.session.local_data(self.service_id, self.connection_id, data))
+
+    def close(self) -> None:
+        """End the connection and the WebSocket (the SSH session is over)."""
+        if self.connection_id is not None:
+            cid, self.connection_id = self.connection_id, None
+            self._perform(self.session.local_closed(self.service_id, cid))
+        self._closing = True
+        if self.websocket is not None:
+            self.websocket.sendClose(code=1000)
+        elif self.connector is not None:
+            self.connector.cancel()
+
+    def _perform(self, actions: List[Any]) -> None:
+        for action in actions:
+            if isinstance(action, SendFrames):
+                if self.websocket is not None:
+                    self.websocket.send_frames(action.data, action.boundary)
+            elif isinstance(action, StartListening):
+                self._on_ready()
+            elif isinstance(action, WriteLocal):
+                if action.connection_id == self.connection_id:
+                    self._on_data(bytes(action.data))
+            elif isinstance(action, CloseLocal):
+                if action.connection_id == self.connection_id:
+                    self.connection_id = None
+                    self._end(f"The device closed the connection ({action.reason}).")
+            elif isinstance(action, Fatal):
+                self._end(f"The tunnel cannot be used: {action.message}")
+        if self.websocket is not None:
+            self.websocket.flush()
+
+    def _end(self, message: str) -> None:
+        if self._reported:
+            return
+        self._reported = True
+        if self.websocket is not None and not self._closing:
+            self._closing = True
+            self.websocket.sendClose(code=1000)
+        if not self._closing or self.connection_id is None:
+            self._on_end(message)
+
+
+class _Shell(channel.SSHChannel):
+    name = b"session"
+
+    def __init__(self, terminal: "BrowserTerminal", **kw: Any) -> None:
+        super().__init__(**kw)
+        self.terminal = terminal
+
+    def channelOpen(self, specificData: bytes) -> None:
+        cols, rows = self.terminal.size
+        pty = common.NS(b"xterm-256color") + struct.pack(">4L", cols, rows, 0, 0) + common.NS(b"\x00")
+        d = self.conn.sendRequest(self, b"pty-req", pty, wantReply=True)
+        d.addCallback(lambda _: self.conn.sendRequest(self, b"shell", b"", wantReply=True))
+        d.addCallbacks(lambda _: self.terminal.shell_ready(self), self.terminal.shell_failed)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.terminal.output(data)
+
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        self.terminal.output(data)
+
+    def closed(self) -> None:
+        self.terminal.finish("The SSH session ended.")
+        self.loseConnection()
+
+    def resize(self, cols: int, rows: int) -> None:
+        self.conn.sendRequest(self, b"window-change", struct.pack(">4L", cols, rows, 0, 0))
+
+
+class _Connection(connection.SSHConnection):
+    def __init__(self, terminal: "BrowserTerminal") -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        self.terminal.authenticated()
+        self.openChannel(_Shell(self.terminal, conn=self))
+
+
+class _UserAuth(userauth.SSHUserAuthClient):
+    preferredOrder = [b"publickey", b"password", b"keyboard-interactive"]
+
+    def __init__(self, terminal: "BrowserTerminal", user: str, instance: Any) -> None:
+        super().__init__(user.encode("utf-8"), instance)
+        self.terminal = terminal
+        self._password_tries = 0
+
+    def getPassword(self, prompt: Optional[bytes] = None) -> Any:
+        password = self.terminal.credentials.get("password")
+        if not password or self._password_tries:
+            return None
+        self._password_tries += 1
+        return defer.succeed(password.encode("utf-8"))
+
+    def getGenericAnswers(self, name: bytes, instruction: bytes, questions: List[Tuple[bytes, int]]) -> Any:
+        password = self.terminal.credentials.get("password")
+        if not password or self._password_tries > 1:
+            return defer.fail(TerminalError("no password for keyboard-interactive authentication"))
+        self._password_tries += 1
+        return defer.succeed([password.encode("utf-8") for _ in questions])
+
+    def _key(self) -> Optional[keys.Key]:
+        text = self.terminal.credentials.get("key")
+        if not text:
+            return None
+        passphrase = self.terminal.credentials.get("passphrase") or None
+        try:
+            return keys.Key.fromString(text.encode("utf-8"), passphrase=passphrase.encode() if passphrase else None)
+        except (keys.BadKeyError, keys.EncryptedKeyError, ValueError) as e:
+            self.terminal.status(f"The private key cannot be read ({e}); trying the password.")
+            self.terminal.credentials.pop("key", None)
+            return None
+
+    def getPublicKey(self) -> Optional[keys.Key]:
+        if self.lastPublicKey is not None:  # offered once already
+            return None
+        key = self._key()
+        return key.public() if key is not None else None
+
+    def getPrivateKey(self) -> Any:
+        key = self._key()
+        return defer.succeed(key) if key is not None else defer.fail(TerminalError("no private key"))
+
+
+class _ClientTransport(transport.SSHClientTransport):
+    def __init__(self, terminal: "BrowserTerminal") -> None:
+        super().__init__()
+        self.terminal = terminal
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> Any:
+        return self.terminal.check_host_key(hostKey)
+
+    def connectionSecure(self) -> None:
+        self.requestService(_UserAuth(self.terminal, self.terminal.user, _Connection(self.terminal)))
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        text = description.decode("utf-8", "replace")[:300]
+        if reasonCode == transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
+            text = "authentication failed: check the user name and the password or key"
+        self.terminal.finish(f"The SSH connection ended: {text}")
+
+
+class BrowserTerminal(WebSocketServerProtocol):
+    """One terminal page's WebSocket, its SSH client and its tunnel source."""
+
+    factory: "_TerminalFactory"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: Optional[Session] = None
+        self.account: Any = None
+        self.tunnel_id = ""
+        self.thing: Optional[str] = None
+        self.service_id = ""
+        self.user = ""
+        self.credentials: Dict[str, str] = {}
+        self.size = (80, 24)
+        self.source: Optional[TunnelSource] = None
+        self.ssh: Optional[_ClientTransport] = None
+        self.shell: Optional[_Shell] = None
+        self._finished = False
+        self._waiting: Any = None
+
+    # --- the handshake: signed in, same origin ---
+
+    def onConnect(self, request: Any) -> None:
+        terminals = self.factory.terminals
+        origin = request.headers.get("origin", "")
+        host = request.headers.get("host", "")
+        if origin != f"https://{host}" and origin != f"http://{host}":
+            raise ConnectionDeny(403, "The terminal's WebSocket must come from the console's own page")
+        jar = SimpleCookie()
+        try:
+            jar.load(request.headers.get("cookie", ""))
+        except Exception:
+            pass
+        morsel = jar.get(COOKIE_NAME)
+        session = terminals.console.sessions.get(morsel.value if morsel else None)
+        if session is not None and not terminals.console.users.still_valid(
+            session.account_id, session.user_name, session.created_at
+        ):
+            terminals.console.sessions.end(session)
+            session = None
+        if session is None:
+            raise ConnectionDeny(401, "Not signed in: sign in to the console again")
+        tunnel_id = (request.params.get("tunnel") or [""])[0]
+        try:
+            account = terminals.console.store.get_account(session.account_id)
+        except NoSuchAccount:
+            raise ConnectionDeny(401, "Your account no longer exists") from None
+        tunnel = terminals.console.store.get_tunnel(account.account_id, tunnel_id)
+        if tunnel is None:
+            raise ConnectionDeny(404, f"Tunnel {tunnel_id[:128]} does not exist")
+        self.session, self.account, self.tunnel_id, self.thing = session, account, tunnel_id, tunnel.thing_name
+        from tunnelkit.service.console.pages import is_ssh_service
+
+        services = [s for s in tunnel.services or () if is_ssh_service(s)]
+        self.service_id = services[0] if services else ""
+
+    def onOpen(self) -> None:
+        self.factory.terminals.opened(self)
+        producer = getattr(self.transport, "producer", None)
+        if producer is not None:
+            try:
+                self.transport.unregisterProducer()  # the HTTP channel's; the tunnel's goes there
+            except RuntimeError:
+                pass
+        self.status("Connected to the console. Give a user name and a password or key.")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            if self.shell is not None:
+                self.shell.write(bytes(payload))
+            return
+        try:
+            message = json.loads(bytes(payload)[:MAX_CREDENTIALS].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return
+        if not isinstance(message, dict):
+            return
+        kind = message.get("type")
+        if kind == "resize":
+            self.size = _size(message, self.size)
+            if self.shell is not None:
+                self.shell.resize(*self.size)
+        elif kind == "connect" and self.source is None and not self._finished:
+            self._connect(message)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        self.credentials = {}
+        self.factory.terminals.closed(self)
+        self._finished = True
+        self._teardown()
+
+    # --- to the page ---
+
+    def _send(self, **message: Any) -> None:
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendMessage(json.dumps(message).encode("utf-8"), isBinary=False)
+
+    def status(self, text: str) -> None:
+        self._send(type="status", text=text)
+
+    def output(self, data: bytes) -> None:
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendMessage(data, isBinary=True)
+
+    def finish(self, text: str) -> None:
+        """End the terminal with a message."""
+        if self._finished:
+            return
+        self._finished = True
+        self.credentials = {}
+        self._send(type="closed", text=text)
+        self._teardown()
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendClose(code=1000)
+
+    def _teardown(self) -> None:
+        if self._waiting is not None and self._waiting.active():
+            self._waiting.cancel()
+        self._waiting = None
+        if self.ssh is not None:
+            ssh, self.ssh = self.ssh, None
+            if ssh.transport is not None and not ssh.transport.disconnecting:
+                ssh.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"the browser terminal closed")
+        if self.source is not None:
+            self.source.close()
+
+    # --- connecting ---
+
+    def _connect(self, message: Dict[str, Any]) -> None:
+        terminals = self.factory.terminals
+        assert self.session is not None
+        if not self.session.csrf_ok(message.get("csrf") if isinstance(message.get("csrf"), str) else None):
+            self.finish("Refused: the page is out of date (CSRF token): reload it.")
+            return
+        if terminals.console.sessions.get(self.session.session_id) is None:
+            self.finish("Your session has ended: sign in again.")
+            return
+        user = message.get("user")
+        if not isinstance(user, str) or not user or len(user) > 256:
+            self.finish("Give the user name to log in as on the device.")
+            return
+        self.user = user
+        self.credentials = {k: v for k in ("password", "key", "passphrase")
+                            if isinstance(v := message.get(k), str) and v}
+        if not self.credentials.get("password") and not self.credentials.get("key"):
+            self.finish("Give a password or a private key.")
+            return
+        self.size = _size(message, self.size)
+        if not self.service_id:
+            self.finish("This tunnel has no SSH service (a service id starting with SSH).")
+            return
+        try:
+            token, client_token = terminals.source_token(self.session, self.account, self.tunnel_id, self.peer)
+        except TerminalError as e:
+            self.finish(str(e))
+            return
+        self.source = TunnelSource(self.service_id, self._tunnel_ready, self._from_device, self.finish)
+        try:
+            terminals.connect_source(self.source, token, client_token)
+        except TerminalError as e:
+            self.finish(str(e))
+            return
+        self.status("Connecting to the tunnel...")
+
+    def _tunnel_ready(self) -> None:
+        self._wait_for_destination(0.0)
+
+    def _wait_for_destination(self, waited: float) -> None:
+        self._waiting = None
+        terminals = self.factory.terminals
+        tunnel = terminals.console.store.get_tunnel(self.account.account_id, self.tunnel_id)
+        if tunnel is None or tunnel.status != OPEN:
+            self.finish("The tunnel was closed: the terminal has ended.")
+            return
+        if tunnel.destination.status == CONNECTED:
+            self.status(f"Connected through the tunnel to {self.thing or 'the destination'}; opening SSH...")
+            self._start_ssh()
+            return
+        if waited == 0.0:
+            self.status(f"Waiting for {self.thing or 'the destination'} to connect to the tunnel (its agent gets the "
+                        "destination token over MQTT)...")
+        if waited >= DESTINATION_WAIT:
+            self.finish(f"{self.thing or 'The destination'} did not connect to the tunnel within "
+                        f"{DESTINATION_WAIT:g} s: is its agent running and connected to the MQTT broker?")
+            return
+        self._waiting = terminals.clock.callLater(0.2, self._wait_for_destination, waited + 0.2)
+
+    def _start_ssh(self) -> None:
+        assert self.source is not None
+        self.source.start_connection()
+        if self.source.connection_id is None:
+            return
+        tunnel_ws = self.source.websocket
+        if tunnel_ws is not None and tunnel_ws.transport is not None and self.transport is not None:
+            try:
+                self.transport.registerProducer(tunnel_ws.transport, True)
+            except RuntimeError:
+                pass
+        self.ssh = _ClientTransport(self)
+        self.ssh.makeConnection(_TunnelConnection(self.source))
+
+    def _from_device(self, data: bytes) -> None:
+        if self.ssh is not None:
+            self.ssh.dataReceived(data)
+
+    def check_host_key(self, blob: bytes) -> Any:
+        key_type, fingerprint = host_key_fingerprint(blob)
+        users = self.factory.terminals.console.users
+        if self.thing is None:
+            self._send(type="hostkey", status="unremembered", key_type=key_type, fingerprint=fingerprint)
+            return defer.succeed(True)
+        known = users.get_host_key(self.account.account_id, self.thing)
+        if known is None:
+            users.remember_host_key(self.account.account_id, self.thing, key_type, fingerprint,
+                                    self.factory.terminals.clock.seconds())
+            self._send(type="hostkey", status="new", key_type=key_type, fingerprint=fingerprint)
+            return defer.succeed(True)
+        if known.fingerprint == fingerprint:
+            self._send(type="hostkey", status="known", key_type=key_type, fingerprint=fingerprint)
+            return defer.succeed(True)
+        self._send(type="hostkey", status="changed", key_type=key_type, fingerprint=fingerprint,
+                   expected=known.fingerprint, expected_type=known.key_type)
+        log.warn("Console: host key of thing {thing} changed ({expected} -> {fingerprint}): connection refused",
+                 thing=self.thing, expected=known.fingerprint, fingerprint=fingerprint)
+        self.finish(
+            f"WARNING: the host key of {self.thing} has changed (it was {known.key_type} {known.fingerprint}, now "
+            f"{key_type} {fingerprint}). Someone may be impersonating the device, or its key was replaced. "
+            "The connection was stopped. If you know the key changed, forget the remembered key on the tunnel's page."
+        )
+        return defer.fail(TerminalError("host key changed"))
+
+    def authenticated(self) -> None:
+        self.credentials = {}  # used; never kept
+        self.status(f"Logged in as {self.user}.")
+
+    def shell_ready(self, shell: _Shell) -> None:
+        self.shell = shell
+        self._send(type="ready")
+
+    def shell_failed(self, failure: Failure) -> None:
+        self.finish(f"The device refused a terminal: {failure.getErrorMessage()}")
+
+
+def _size(message: Dict[str, Any], default: Tuple[int, int]) -> Tuple[int, int]:
+    cols, rows = message.get("cols"), message.get("rows")
+    if isinstance(cols, int) and isinstance(rows, int) and 1 <= cols <= MAX_COLS and 1 <= rows <= MAX_ROWS:
+        return cols, rows
+    return default
+
+
+class _TerminalFactory(WebSocketServerFactory):
+    protocol = BrowserTerminal
+
+    def __init__(self, terminals: "Terminals") -> None:
+        super().__init__()
+        self.terminals = terminals
+        self.setProtocolOptions(maxMessagePayloadSize=1 << 20, autoPingInterval=20, autoPingTimeout=60)
+
+
+class _TerminalResource(WebSocketResource):
+    def render(self, request: Any) -> Any:
+        from tunnelkit.service.console import web
+
+        if (request.getHeader(b"upgrade") or b"").lower() != b"websocket":
+            web.security_headers(request)
+            request.setResponseCode(400)
+            return b"The terminal's WebSocket: open a tunnel's terminal page instead.\n"
+        return super().render(request)
+
+
+class Terminals:
+    """
+    The console's browser terminals.
+
+    @param data_plane: returns (secure, port) of the service's own listener once it listens.
+    @param ca_path: the service's CA certificate (to check its own certificate).
+    """
+
+    def __init__(self, console: Any, reactor: Any, clock: IReactorTime,
+                 data_plane: Callable[[], Optional[Tuple[bool, int]]], ca_path: Optional[str]) -> None:
+        self.console = console
+        self.reactor = reactor
+        self.clock = clock
+        self._data_plane = data_plane
+        self._ca_path = ca_path
+        self._held: Dict[str, Tuple[str, str, str]] = {}  # tunnel id -> (account id, token, client token)
+        self._open: List[BrowserTerminal] = []
+
+    def resource(self) -> WebSocketResource:
+        return _TerminalResource(_TerminalFactory(self))
+
+    def assets_ready(self) -> bool:
+        return bool(self.console.assets.ready)
+
+    def assets_problem(self) -> str:
+        return str(self.console.assets.problem())
+
+    # --- source tokens ---
+
+    def hold_source(self, account_id: str, tunnel_id: str, token: str) -> None:
+        """Keep quick setup's source token (memory only) for the tunnel's terminals."""
+        self._held[tunnel_id] = (account_id, token, secrets.token_hex(24))
+
+    def holds_source(self, tunnel_id: str) -> bool:
+        return tunnel_id in self._held
+
+    def forget_source(self, tunnel_id: str) -> None:
+        """The tunnel's source token was rotated (by the console's user): the held one is void."""
+        self._held.pop(tunnel_id, None)
+
+    def source_token(self, session: Session, account: Any, tunnel_id: str, client: str) -> Tuple[str, str]:
+        """The token (and client token) the console connects with: held, or a new one (rotation)."""
+        held = self._held.get(tunnel_id)
+        if held is not None and held[0] == account.account_id:
+            return held[1], held[2]
+        from tunnelkit.service.operations import ApiError
+
+        try:
+            answer = self.console.pages.run_operation(
+                client, session, account, "RotateTunnelAccessToken", {"tunnelId": tunnel_id, "clientMode": "SOURCE"}
+            )
+        except ApiError as e:
+            raise TerminalError(f"No source token for the terminal: {e.message}") from None
+        self.hold_source(account.account_id, tunnel_id, answer["sourceAccessToken"])
+        held = self._held[tunnel_id]
+        return held[1], held[2]
+
+    def connect_source(self, source: TunnelSource, token: str, client_token: str) -> None:
+        address = self._data_plane()
+        if address is None:
+            raise TerminalError("The service is not listening yet: try again in a moment.")
+        secure, port = address
+        url = tunnel_url(secure, "127.0.0.1", port, "source")
+        factory = TunnelWebSocketFactory(url, token, client_token, source, self.clock, reactor=self.reactor)
+        endpoint: Any = endpoints.TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=30)
+        if secure:
+            endpoint = endpoints.wrapClientTLS(client_tls_options("127.0.0.1", self._ca_path), endpoint)
+        d = endpoint.connect(factory)
+        source.connector = d
+
+        def failed(failure: Failure) -> None:
+            source.connector = None
+            source.websocket_ended(None, WebSocketEnded("retry", f"cannot reach the data plane: {failure.getErrorMessage()}"))
+
+        def connected(protocol: Any) -> None:
+            source.connector = None
+
+        d.addCallbacks(connected, failed)
+
+    # --- bookkeeping ---
+
+    def opened(self, terminal: BrowserTerminal) -> None:
+        self._open.append(terminal)
+
+    def closed(self, terminal: BrowserTerminal) -> None:
+        if terminal in self._open:
+            self._open.remove(terminal)
+
+    def session_ended(self, session_id: str) -> None:
+        for terminal in list(self._open):
+            if terminal.session is not None and terminal.session.session_id == session_id:
+                terminal.finish("You signed out: the terminal has ended.")
+
+    def stop(self) -> None:
+        for terminal in list(self._open):
+            terminal.finish("The service is stopping: the terminal has ended.")
+        self._held.clear()

@@ -1,0 +1,299 @@
+# -*- test-case-name: tests.test_console_users -*-
+"""
+The console's own tables: console users (per account) and the SSH host keys remembered per thing.
+
+They live in the service's SQLite database file beside the control plane's tables, in tables of their
+own (C{console_users}, C{console_host_keys}) with their own schema version in C{console_schema}, so
+the control-plane store (L{tunnelkit.service.store_sqlite}) is unchanged: L{ConsoleDatabase} opens its
+own connection to the same file (SQLite serialises writers between connections; WAL mode is the
+store's).  Migrations are numbered steps in L{MIGRATIONS}; opening the database applies the missing
+ones in one transaction.
+
+Passwords are hashed with Argon2id (argon2-cffi's L{PasswordHasher}, its default parameters): a slow,
+salted, memory-hard hash, the current recommendation for stored passwords.  The plain password is
+never stored nor logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from dataclasses import dataclass
+from typing import List, Optional
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from zope.interface import Interface, implementer
+
+from tunnelkit.service.store import StoreError
+
+DATABASE_NAME = "tunnelkit.sqlite3"  # the control-plane store's file (store_sqlite.DATABASE_NAME)
+
+#: Numbered schema steps; step N brings the schema from version N-1 to N.
+MIGRATIONS = (
+    """
+    CREATE TABLE console_users (
+        account_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        password_hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        password_changed_at REAL NOT NULL,
+        PRIMARY KEY (account_id, name)
+    );
+    CREATE TABLE console_host_keys (
+        account_id TEXT NOT NULL,
+        thing_name TEXT NOT NULL,
+        key_type TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        first_seen_at REAL NOT NULL,
+        PRIMARY KEY (account_id, thing_name)
+    );
+    """,
+)
+
+USER_NAME_RE = re.compile(r"\A[A-Za-z0-9._@+-]{1,64}\Z")
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 1024
+
+_hasher = PasswordHasher()
+
+
+class UserError(StoreError):
+    """A console-user command cannot be done (the message says why)."""
+
+
+class NoSuchUser(UserError):
+    """No console user has this name in this account."""
+
+
+class UserExists(UserError):
+    """A console user with this name exists already in this account."""
+
+
+@dataclass(frozen=True)
+class ConsoleUser:
+    """A person who signs in to the console; sees only C{account_id}'s tunnels."""
+
+    account_id: str
+    name: str
+    created_at: float
+    password_changed_at: float
+
+
+@dataclass(frozen=True)
+class HostKey:
+    """The SSH host key first seen for a thing (trust on first use)."""
+
+    thing_name: str
+    key_type: str
+    fingerprint: str  # SHA256:base64, as OpenSSH shows it
+    first_seen_at: float
+
+
+def check_user_name(name: str) -> str:
+    """A console user name: 1-64 of A-Z a-z 0-9 . _ @ + -."""
+    if not USER_NAME_RE.match(name):
+        raise UserError(f"a console user name is 1-64 of A-Z a-z 0-9 . _ @ + -, not {name[:80]!r}")
+    return name
+
+
+def check_password(password: str) -> str:
+    """A new password: 8 to 1024 characters."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise UserError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise UserError(f"the password must have at most {MAX_PASSWORD_LENGTH} characters")
+    return password
+
+
+def hash_password(password: str) -> str:
+    """The Argon2id hash (with its salt and parameters) of C{password}."""
+    return _hasher.hash(password)
+
+
+def password_matches(password_hash: str, password: str) -> bool:
+    """Whether C{password} is the one C{password_hash} was made from (slow on purpose: ~50 ms)."""
+    try:
+        return bool(_hasher.verify(password_hash, password))
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+#: A hash of a random password, checked when the user does not exist so that the answer takes as long.
+DUMMY_HASH = hash_password(os.urandom(16).hex())
+
+
+class IConsoleUsers(Interface):
+    """Console users and remembered host keys, per account."""
+
+    def create_user(account_id: str, name: str, password: str, now: float) -> ConsoleUser:
+        """@raise UserExists: if C{name} is taken in the account."""
+
+    def list_users(account_id: Optional[str]) -> List[ConsoleUser]:
+        """The users of C{account_id} (every account's if None), by account then name."""
+
+    def set_password(account_id: str, name: str, password: str, now: float) -> ConsoleUser:
+        """@raise NoSuchUser: if there is no such user."""
+
+    def delete_user(account_id: str, name: str) -> None:
+        """@raise NoSuchUser: if there is no such user."""
+
+    def check_password(account_id: str, name: str, password: str) -> Optional[ConsoleUser]:
+        """The user if the password is right, else None (an unknown user costs as much time)."""
+
+    def password_hash(account_id: str, name: str) -> Optional[str]:
+        """The user's stored hash (for a check off the reactor thread), or None if no such user."""
+
+    def still_valid(account_id: str, name: str, signed_in_at: float) -> bool:
+        """Whether a session begun at C{signed_in_at} may go on: the user exists, its password unchanged since."""
+
+    def get_host_key(account_id: str, thing_name: str) -> Optional[HostKey]:
+        """The host key remembered for the thing, or None."""
+
+    def remember_host_key(account_id: str, thing_name: str, key_type: str, fingerprint: str, now: float) -> None:
+        """Remember (or replace) the thing's host key."""
+
+    def forget_host_key(account_id: str, thing_name: str) -> bool:
+        """Forget the thing's host key; False if none was remembered."""
+
+
+@implementer(IConsoleUsers)
+class ConsoleDatabase:
+    """L{IConsoleUsers} in the service's SQLite file C{path}."""
+
+    def __init__(self, path: str, busy_timeout: float = 5.0) -> None:
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{path}: cannot open the console's tables: {e}") from None
+
+    def _migrate(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("CREATE TABLE IF NOT EXISTS console_schema (version INTEGER NOT NULL)")
+            row = self._db.execute("SELECT version FROM console_schema").fetchone()
+            version = row[0] if row else 0
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"{self.path}: the console's tables are at schema version {version}, newer than this "
+                    f"tunnelkit knows ({len(MIGRATIONS)}): upgrade tunnelkit"
+                )
+            for step in MIGRATIONS[version:]:
+                for statement in step.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+            if row is None:
+                self._db.execute("INSERT INTO console_schema (version) VALUES (?)", (len(MIGRATIONS),))
+            else:
+                self._db.execute("UPDATE console_schema SET version = ?", (len(MIGRATIONS),))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        (version,) = self._db.execute("SELECT version FROM console_schema").fetchone()
+        return int(version)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- users ---
+
+    def create_user(self, account_id: str, name: str, password: str, now: float) -> ConsoleUser:
+        check_user_name(name)
+        digest = hash_password(check_password(password))
+        try:
+            self._db.execute(
+                "INSERT INTO console_users (account_id, name, password_hash, created_at, password_changed_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (account_id, name, digest, now, now),
+            )
+        except sqlite3.IntegrityError:
+            raise UserExists(f"account {account_id} has a console user named {name!r} already") from None
+        return ConsoleUser(account_id, name, now, now)
+
+    def list_users(self, account_id: Optional[str] = None) -> List[ConsoleUser]:
+        query = "SELECT account_id, name, created_at, password_changed_at FROM console_users"
+        args: tuple = ()
+        if account_id is not None:
+            query += " WHERE account_id = ?"
+            args = (account_id,)
+        return [ConsoleUser(*row) for row in self._db.execute(query + " ORDER BY account_id, name", args)]
+
+    def _get(self, account_id: str, name: str) -> Optional[tuple]:
+        return self._db.execute(
+            "SELECT account_id, name, created_at, password_changed_at, password_hash FROM console_users "
+            "WHERE account_id = ? AND name = ?",
+            (account_id, name),
+        ).fetchone()
+
+    def set_password(self, account_id: str, name: str, password: str, now: float) -> ConsoleUser:
+        digest = hash_password(check_password(password))
+        cursor = self._db.execute(
+            "UPDATE console_users SET password_hash = ?, password_changed_at = ? WHERE account_id = ? AND name = ?",
+            (digest, now, account_id, name),
+        )
+        if cursor.rowcount == 0:
+            raise NoSuchUser(f"account {account_id} has no console user named {name!r}")
+        row = self._get(account_id, name)
+        assert row is not None
+        return ConsoleUser(*row[:4])
+
+    def delete_user(self, account_id: str, name: str) -> None:
+        cursor = self._db.execute("DELETE FROM console_users WHERE account_id = ? AND name = ?", (account_id, name))
+        if cursor.rowcount == 0:
+            raise NoSuchUser(f"account {account_id} has no console user named {name!r}")
+
+    def check_password(self, account_id: str, name: str, password: str) -> Optional[ConsoleUser]:
+        row = self._get(account_id, name)
+        if row is None:
+            password_matches(DUMMY_HASH, password)
+            return None
+        if not password_matches(row[4], password):
+            return None
+        return ConsoleUser(*row[:4])
+
+    def password_hash(self, account_id: str, name: str) -> Optional[str]:
+        row = self._get(account_id, name)
+        return row[4] if row is not None else None
+
+    def still_valid(self, account_id: str, name: str, signed_in_at: float) -> bool:
+        row = self._db.execute(
+            "SELECT password_changed_at FROM console_users WHERE account_id = ? AND name = ?", (account_id, name)
+        ).fetchone()
+        return row is not None and row[0] <= signed_in_at
+
+    # --- host keys ---
+
+    def get_host_key(self, account_id: str, thing_name: str) -> Optional[HostKey]:
+        row = self._db.execute(
+            "SELECT thing_name, key_type, fingerprint, first_seen_at FROM console_host_keys "
+            "WHERE account_id = ? AND thing_name = ?",
+            (account_id, thing_name),
+        ).fetchone()
+        return HostKey(*row) if row else None
+
+    def remember_host_key(self, account_id: str, thing_name: str, key_type: str, fingerprint: str, now: float) -> None:
+        self._db.execute(
+            "INSERT INTO console_host_keys (account_id, thing_name, key_type, fingerprint, first_seen_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account_id, thing_name) DO UPDATE SET "
+            "key_type = excluded.key_type, fingerprint = excluded.fingerprint, first_seen_at = excluded.first_seen_at",
+            (account_id, thing_name, key_type, fingerprint, now),
+        )
+
+    def forget_host_key(self, account_id: str, thing_name: str) -> bool:
+        cursor = self._db.execute(
+            "DELETE FROM console_host_keys WHERE account_id = ? AND thing_name = ?", (account_id, thing_name)
+        )
+        return cursor.rowcount > 0
+
+
+def open_console_database(state_dir: str) -> ConsoleDatabase:
+    """The console's tables in the database of the service whose state directory is C{state_dir}."""
+    return ConsoleDatabase(os.path.join(state_dir, DATABASE_NAME))
