@@ -163,8 +163,14 @@ def main() -> int:
                                 faults.done if args.short else None)
         faults.stop()
         elapsed = time.monotonic() - start
-        time.sleep(2 * args.down)
-        after = run_transfers(port, 10, 2, 900_000, args.timeout)
+        # recovery: the processes reconnect by themselves (their retry back-off); wait up to 60 s
+        stopped = time.monotonic()
+        while True:
+            after = run_transfers(port, 10, 2, 900_000 + int(1000 * (time.monotonic() - stopped)), args.timeout)
+            if all(o.kind == "exact" for _, _, o in after) or time.monotonic() - stopped > 60:
+                break
+            time.sleep(1)
+        recovery = time.monotonic() - stopped
         alive = {child.name: child.running() for child in (service, destination, source)}
     finally:
         procs.cleanup()
@@ -205,8 +211,8 @@ def main() -> int:
         print(f"  e.g. {outcome.kind}: {outcome.received} bytes {outcome.detail}")
     for failure in faults.failures:
         print(f"  FAULT THREAD: {failure}")
-    print(f"after the run: {Counter(o.kind for _, _, o in after)}; processes alive: {alive}; "
-          f"recovered without a manual step: {'yes' if recovered else 'NO'}")
+    print(f"after the run: {Counter(o.kind for _, _, o in after)} {recovery:.1f} s after the last restart; "
+          f"processes alive: {alive}; recovered without a manual step: {'yes' if recovered else 'NO'}")
     verdicts = {
         "short-then-clean-EOF = 0 (transfers during no kill of the source)": not_source["short-clean-eof"] == 0,
         "short-then-clean-EOF = 0 (all)": totals["short-clean-eof"] == 0,
