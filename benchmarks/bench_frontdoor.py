@@ -12,8 +12,9 @@ tunnelkit, e.g. C{git archive <commit> | tar -x -C DIR}), against that one too, 
          accepted handshakes per second without and with the flood, and the flood's rate and statuses.
   idle   3,000 raw TCP connections that send nothing and 1,000 TLS connections that finish their
          handshake and send nothing (from 100 addresses 127.0.1.x, under the per-address cap), then
-         prints the service's RSS before, with them all open, and how many the service still holds
-         15 s later (a TLS + request-head deadline resets them; without one they wait 120 s).
+         prints the service's RSS before and its peak (sampled every 0.25 s), and how many the
+         service still holds when the last is open and 15 s later (a TLS + request-head deadline
+         resets them; without one they wait for the 120 s idle timeout).
 
 Every service is started afresh with its own state directory; every process is stopped at the end.
 """
@@ -40,6 +41,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
 from benchmarks.machine import busy_before, load_note  # noqa: E402
+from tunnelkit.testing import http_attempt, upgrade_request  # noqa: E402
 
 
 def free_port() -> int:
@@ -108,39 +110,14 @@ class Service:
         shutil.rmtree(self.state, True)
 
 
-def upgrade(token: str, client_token: Optional[str] = None) -> bytes:
-    lines = [
-        "GET /tunnel?local-proxy-mode=source HTTP/1.1",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: upgrade",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-        "Sec-WebSocket-Version: 13",
-        "Sec-WebSocket-Protocol: aws.iot.securetunneling-3.0",
-        f"access-token: {token}",
-    ]
-    if client_token:
-        lines.append(f"client-token: {client_token}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+def upgrade(token: str, mode: str = "source", client_token: Optional[str] = None) -> bytes:
+    """The reference local proxy's upgrade request (L{upgrade_request}), with C{client_token} if given."""
+    return upgrade_request(mode, token, extra=[("client-token", client_token)] if client_token else [])
 
 
 def handshake(port: int, request: bytes, source: str) -> int:
     """One upgrade attempt from C{source}: the status code (0 if the connection failed)."""
-    try:
-        with socket.socket() as s:
-            s.settimeout(5)
-            s.bind((source, 0))
-            s.connect(("127.0.0.1", port))
-            s.sendall(request)
-            head = b""
-            while b"\r\n" not in head:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                head += chunk
-            return int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    except (OSError, ValueError, IndexError):
-        return 0
+    return http_attempt(port, request, source, timeout=5.0)[0]
 
 
 def _flood(port: int, token: str, seconds: float, out: "multiprocessing.Queue[Tuple[int, Dict[int, int]]]") -> None:
@@ -158,7 +135,7 @@ def _flood(port: int, token: str, seconds: float, out: "multiprocessing.Queue[Tu
 
 def real_client(port: int, token: str, seconds: float) -> Tuple[float, Dict[int, int]]:
     """Reconnect with the valid token as fast as allowed for C{seconds}: accepted/s and statuses."""
-    request = upgrade(token, "bench-client-token-0123456789abcdef")
+    request = upgrade(token, client_token="bench-client-token-0123456789abcdef")
     counts: Dict[int, int] = {}
     start = time.monotonic()
     while time.monotonic() - start < seconds:
@@ -212,40 +189,58 @@ def _open_idle(port: int, tls_port: int, raw: int, tls: int, addresses: int) -> 
 
 
 def _still_open(sockets: List[socket.socket]) -> int:
-    """How many of C{sockets} the service has not closed or reset (nothing to read, no EOF)."""
+    """
+    How many of C{sockets} the service has not closed or reset.  A readable TLS socket may only hold
+    TLS 1.3 session tickets: it is read (non-blocking) to tell those from the end of the connection.
+    """
+    poller = select.poll()
+    for s in sockets:
+        poller.register(s.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    readable = {fd for fd, _ in poller.poll(0)}
     count = 0
     for s in sockets:
-        try:
-            raw = s if not isinstance(s, ssl.SSLSocket) else s
-            readable, _, _ = select.select([raw], [], [], 0)
-            if not readable:
+        if s.fileno() not in readable:
+            count += 1
+        elif isinstance(s, ssl.SSLSocket):
+            s.setblocking(False)
+            try:
+                count += 1 if s.recv(1) else 0
+            except ssl.SSLWantReadError:
                 count += 1
-                continue
-            data = raw.recv(1, socket.MSG_PEEK) if not isinstance(raw, ssl.SSLSocket) else raw.recv(1)
-            if data:
-                count += 1
-        except (OSError, ssl.SSLError):
-            pass
+            except OSError:
+                pass
     return count
 
 
 def part_idle(top: str, raw: int, tls: int, hold: float) -> Dict[str, object]:
+    import threading
+
     service = Service(top)
     try:
         time.sleep(1.0)
         before = service.rss_kib()
+        peak = [before]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.25):
+                peak[0] = max(peak[0], service.rss_kib())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         started = time.monotonic()
         held = _open_idle(service.tcp_port, service.tls_port, raw, tls, 100)
         opened = time.monotonic() - started
-        time.sleep(1.0)
-        with_all = service.rss_kib()
-        time.sleep(max(0.0, hold - (time.monotonic() - started)))
+        at_end = _still_open(held)
+        time.sleep(hold)
         left = _still_open(held)
         after = service.rss_kib()
+        done.set()
+        sampler.join()
         for s in held:
             s.close()
-        return {"opened": len(held), "open_seconds": opened, "rss_before": before, "rss_all": with_all,
-                "still_open": left, "rss_after": after}  # fmt: skip
+        return {"opened": len(held), "open_seconds": opened, "rss_before": before, "rss_peak": peak[0],
+                "open_at_end": at_end, "still_open": left, "rss_after": after}  # fmt: skip
     finally:
         service.stop()
 
@@ -284,9 +279,11 @@ def main() -> None:
         idle = by_part.get("idle")
         if idle:
             print(
-                f"{idle['opened']} idle connections opened in {idle['open_seconds']:.1f} s: RSS "
-                f"{idle['rss_before'] / 1024:.0f} MB before, {idle['rss_all'] / 1024:.0f} MB with them, "
-                f"{idle['still_open']} still held after {args.hold:g} s (RSS {idle['rss_after'] / 1024:.0f} MB)"
+                f"{idle['opened']} idle connections opened in {idle['open_seconds']:.1f} s "
+                f"({idle['open_at_end']} of them still held when the last was open): service RSS "
+                f"{idle['rss_before'] / 1024:.0f} MB before, peak {idle['rss_peak'] / 1024:.0f} MB; "
+                f"{idle['still_open']} still held {args.hold:g} s after the last opened "
+                f"(RSS then {idle['rss_after'] / 1024:.0f} MB)"
             )
     if len(results) == 2 and "flood" in parts:
         now, then = results["this checkout"]["flood"], results["before"]["flood"]

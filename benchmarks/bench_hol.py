@@ -142,7 +142,11 @@ def main() -> int:
                           for i, (name, port) in enumerate((("BULK", bulk_port), ("OTHER", other_port)))}
                 time.sleep(2)
                 start = time.perf_counter()
-                received, exact = stalled.drain()
+                try:
+                    received, exact = stalled.drain()
+                    ended = "exact" if exact else "NOT the pattern"
+                except OSError as e:  # the stalled connection was reset on the way
+                    received, ended = stalled.received, f"then {type(e).__name__}"
                 drained = time.perf_counter() - start
             growth = {name: peak.peak[name] - idle[name] for name in processes}
             alive = {name: child.running() for name, child in processes.items()}
@@ -154,7 +158,7 @@ def main() -> int:
                       f"push {show(u['push'], 'MB/s')} -> {show(l['push'], 'MB/s')}   "
                       f"sink {show(u['sink'], 'MB/s')} -> {show(l['sink'], 'MB/s')}")
             print("  RSS growth (MB): " + "  ".join(f"{n} {g:+.1f}" for n, g in growth.items())
-                  + f"   stalled connection: {received} bytes, {'exact' if exact else 'NOT the pattern'}, "
+                  + f"   stalled connection: {received} bytes, {ended}, "
                   f"drained in {drained:.1f} s; alive: {alive}", flush=True)
             if not all(alive.values()):
                 print("a process exited: stopping")

@@ -271,7 +271,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--sample", type=float, default=60.0, help="seconds between samples (default 60)")
-    parser.add_argument("--warmup", type=float, default=300.0, help="seconds left out of the trend (default 300)")
+    parser.add_argument("--warmup", type=float, default=720.0,
+                        help="seconds left out of the trend (default 720: SQLite's WAL file fills to its "
+                        "1000-page checkpoint, ~4 MiB, in the first ~11 minutes, then is reused)")
     parser.add_argument("--cycle", type=float, default=15.0, help="seconds between short-lived tunnels (default 15)")
     parser.add_argument("--short", type=int, default=20, help="short connections per short-lived tunnel")
     parser.add_argument("--long", type=int, default=8, help="long connections through the long-lived tunnel")

@@ -186,7 +186,7 @@ class VerbosityTests(TestCase):
         beginner = Beginner()
         self.patch(twisted.logger, "globalLogBeginner", beginner)
         self.addCleanup(txaio.set_global_log_level, txaio.get_global_log_level())
-        tap.filter_process_logs(verbosity, ["the-token"])
+        tap.filter_process_logs(verbosity, ["the-token"], ["the-client-token-0123456789abcdef0123"])
         seen = []
         twisted.logger.globalLogBeginner.beginLoggingTo([seen.append])
         (observer,) = beginner.observers
@@ -209,6 +209,11 @@ class VerbosityTests(TestCase):
         observer, seen = self.begin(6)
         self.emit(observer, "debug", "GET /tunnel\r\naccess-token: the-token\r\n")
         self.assertEqual(seen[0]["value"], "GET /tunnel\r\naccess-token: ***ACCESS_TOKEN_REMOVED***\r\n")
+
+    def test_trace_redacts_the_client_token(self):
+        observer, seen = self.begin(6)
+        self.emit(observer, "debug", "client-token: the-client-token-0123456789abcdef0123\r\n")
+        self.assertEqual(seen[0]["value"], "client-token: ***CLIENT_TOKEN_REMOVED***\r\n")
 
 
 class NvxTests(TestCase):

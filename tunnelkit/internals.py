@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from tunnelkit.errors import TunnelkitError
 
@@ -27,11 +27,16 @@ __all__ = [
     "missing_internals",
     "parse_endpoint_description",
     "PAHO_SOCKET_HOOK",
+    "SSL_ENDPOINT_OPTIONS",
 ]
 
 #: The name of the paho-mqtt 2.x method that makes a new connection's socket; tunnelkit's MQTT client
 #: overrides it to hand paho a socket-like object over a Twisted transport (see L{tunnelkit.mqtt}).
 PAHO_SOCKET_HOOK = "_create_socket"
+
+#: Where Twisted's C{ssl:} server endpoint keeps the TLS options it builds from its description; the
+#: service narrows their context to AEAD suites (L{tunnelkit.service.tap.restrict_listener_tls}).
+SSL_ENDPOINT_OPTIONS = "_sslContextFactory"
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class Internal:
     attribute: str
     purpose: str
     required: bool = True
+    #: For a name set on instances only: returns whether a freshly made instance has it.
+    instance_check: Optional[Callable[[], bool]] = None
 
     @property
     def name(self) -> str:
@@ -53,11 +60,23 @@ class Internal:
             value: Any = importlib.import_module(self.module)
         except ImportError:
             return False
+        if self.instance_check is not None:
+            try:
+                return self.instance_check()
+            except Exception:
+                return False
         for part in self.attribute.split("."):
             if not hasattr(value, part):
                 return False
             value = getattr(value, part)
         return True
+
+
+def _ssl_endpoint_keeps_its_options() -> bool:
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+    from twisted.internet.testing import MemoryReactor
+
+    return hasattr(SSL4ServerEndpoint(MemoryReactor(), 0, object()), SSL_ENDPOINT_OPTIONS)
 
 
 INTERNALS: Tuple[Internal, ...] = (
@@ -67,6 +86,19 @@ INTERNALS: Tuple[Internal, ...] = (
         "checking the syntax of endpoint strings in options and tap.yml without building the endpoint "
         "(serverFromString would already read certificate files) and reading host/port of an MQTT "
         "tls: endpoint",
+    ),
+    Internal(
+        "twisted.internet.endpoints",
+        f"SSL4ServerEndpoint.{SSL_ENDPOINT_OPTIONS}",
+        "holding the service's ssl: listeners to TLS 1.2+ with AEAD suites (an endpoint string cannot "
+        "say so)",
+        instance_check=_ssl_endpoint_keeps_its_options,
+    ),
+    Internal(
+        "twisted.web.http",
+        "_GenericHTTPChannelProtocol",
+        "wrapping the service's own HTTP channel (handshake deadlines, 431 for oversize lines) as "
+        "twisted.web.server.Site expects",
     ),
     Internal(
         "paho.mqtt.client",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import struct
 import uuid
 from dataclasses import dataclass, field
@@ -627,6 +628,35 @@ def connect_client(
         context = ssl.optionsForClientTLS(host, trustRoot=ssl.Certificate.loadPEM(ca_pem))
     connectWS(factory, context)
     return factory.connected
+
+
+def http_attempt(
+    port: int, request: bytes, source: str = "127.0.0.1", keep: bool = False, timeout: float = 10.0
+) -> Tuple[int, bytes, Optional[socket.socket]]:
+    """
+    Send C{request} to 127.0.0.1:C{port} from the loopback address C{source} and read the answer's
+    head: its status (0 if none came), the head, and the socket if C{keep} (else it is closed).
+    """
+    s = socket.socket()
+    try:
+        s.settimeout(timeout)
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        s.sendall(request)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            head += chunk
+    except OSError:
+        s.close()
+        return 0, b"", None
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") and head.count(b" ") >= 2 else 0
+    if keep:
+        return status, head, s
+    s.close()
+    return status, head, None
 
 
 def free_port() -> int:

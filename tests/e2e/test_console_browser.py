@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Any, Tuple
+from typing import Tuple
 
 from twisted.trial.unittest import TestCase
 
@@ -108,13 +108,16 @@ class ManualSetupTests(TestCase):
         h.start_destination(destination_token, f"SSH1={sshd.port}")
         source = h.start_source(source_token, "SSH1=0")
         port = source.port_of("SSH1")
+        browser.wait(lambda d: cell(browser, tunnel_id, "source") == "CONNECTED"
+                     and cell(browser, tunnel_id, "destination") == "CONNECTED", what="CONNECTED in the hub")
         out = sshd.run("echo through-the-console-tunnel", port=port)
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual(out.stdout.strip(), b"through-the-console-tunnel")
-        browser.wait(lambda d: cell(browser, tunnel_id, "source") == "CONNECTED"
-                     and cell(browser, tunnel_id, "destination") == "CONNECTED", what="CONNECTED in the hub")
         self.assertEqual(browser.execute_script("return window.tunnelkitNoReload;"), 1)  # no reload happened
         browser.shot("hub-connected")
+        browser.set_window_size(390, 844)  # a phone
+        browser.shot("hub-phone")
+        browser.set_window_size(1280, 900)
 
         # Rotate from the tunnel page: new tokens shown, the old source refused.
         browser.css(f'a[href="/console/tunnel/{tunnel_id}"]').click()
@@ -166,6 +169,9 @@ class ManualSetupTests(TestCase):
         browser.wait(lambda d: d.current_url.endswith("/console/"), what="the hub")
         self.assertIn("No tunnels", browser.text("table.tunnels"))
         self.assertEqual(browser.csp_violations(), [])
+        log = service.process.log()
+        for token in (source_token, destination_token, new_source):
+            self.assertNotIn(token, log)  # never logged
 
         # Another account's user sees none of it.
         other = start_browser(self, service.ca_pem, os.path.join(shots, "other"))

@@ -7,6 +7,7 @@ cookie attributes, and the Content-Security-Policy header on every page.
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import ssl
 from typing import Dict, Optional, Tuple
@@ -138,6 +139,17 @@ class SecurityTests(TestCase):
         status, headers, _ = user.request("POST", "/console/create", {**form, "csrf": csrf})
         self.assertEqual((status, headers["location"]), (303, "/console/tokens"))
         self.assertIn("csrf test", user.request("GET", "/console/")[2])
+        # The token page's download: a POST (never a URL with the token), then gone after Done.
+        page = user.request("GET", "/console/tokens")[2]
+        token = re.search(r'id="token-source" data-token>([^<]+)<', page).group(1)
+        self.assertEqual(user.request("POST", "/console/tokens/download", {"which": "source"})[0], 403)
+        status, headers, body = user.request("POST", "/console/tokens/download", {"which": "source", "csrf": csrf})
+        self.assertEqual((status, body.strip()), (200, token))
+        self.assertIn("attachment", headers["content-disposition"])
+        self.assertEqual(user.request("POST", "/console/tokens/done", {"csrf": csrf})[0], 303)
+        self.assertEqual(user.request("POST", "/console/tokens/download", {"which": "source", "csrf": csrf})[0], 404)
+        self.assertNotIn(token, user.request("GET", "/console/tokens")[2])
+        self.assertNotIn(token, self.service.process.log())  # never logged
         # Sign-in itself needs its double-submit token.
         fresh = self.client()
         status, _, _ = fresh.request("POST", "/console/signin",
@@ -161,6 +173,25 @@ class SecurityTests(TestCase):
         self.assertEqual(bob.sign_in("other", "bob")[0], 429)  # same address: slowed as well
         self.assertIn("failed sign-in", self.service.process.log())
         self.assertNotIn("wrong-again", self.service.process.log())  # passwords never logged
+
+    def test_missing_terminal_assets_are_named(self) -> None:
+        empty = self.mktemp()
+        os.makedirs(empty)
+        self.service.process.terminate()
+        self.service = self.h.start_service(tls=True, name="service-no-assets", state_dir=self.service.state_dir,
+                                            extra=["--console-assets", empty])
+        user = self.client()
+        user.sign_in()
+        user.request("POST", "/console/create", {"csrf": user.csrf(), "lifetime": "5", "services": "SSH1"})
+        tunnel_id = re.search(r'data-tunnel="([^"]+)"', user.request("GET", "/console/")[2]).group(1)
+        status, _, page = user.request("GET", f"/console/tunnel/{tunnel_id}/terminal")
+        self.assertEqual(status, 409)
+        self.assertIn("terminal&#39;s code is not installed", page)
+        self.assertIn("npm ci --prefix tunnelkit/service/console/vendor", page)
+        self.assertNotIn("assets/xterm.js", page)
+        status, _, text = user.request("GET", "/console/assets/xterm.js")
+        self.assertEqual(status, 404)
+        self.assertIn("@xterm/xterm", text)
 
     def test_csp_on_every_page(self) -> None:
         user = self.client()

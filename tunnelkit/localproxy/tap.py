@@ -394,25 +394,30 @@ def build_session(options: Options, reactor: Any, clock: Any = None) -> LocalPro
 class _RedactingObserver:
     """Replaces secrets in every string field of a log event (autobahn's trace lines hold the request)."""
 
-    def __init__(self, observer: Any, secrets: Sequence[str]) -> None:
+    def __init__(self, observer: Any, secrets: Sequence[str], client_tokens: Sequence[str] = ()) -> None:
         self._observer = observer
-        self._secrets = [s for s in secrets if s]
+        self._secrets = [(s, "***ACCESS_TOKEN_REMOVED***") for s in secrets if s] + [
+            (s, "***CLIENT_TOKEN_REMOVED***") for s in client_tokens if s
+        ]
 
     def __call__(self, event: Dict[str, Any]) -> None:
         cleaned = dict(event)
         for key, value in event.items():
             if isinstance(value, str):
-                for secret in self._secrets:
+                for secret, replacement in self._secrets:
                     if secret in value:
-                        value = value.replace(secret, "***ACCESS_TOKEN_REMOVED***")
+                        value = value.replace(secret, replacement)
                 cleaned[key] = value
         self._observer(cleaned)
 
 
-def filter_process_logs(verbosity: int, secrets: Sequence[str] = ()) -> None:
+def filter_process_logs(
+    verbosity: int, secrets: Sequence[str] = (), client_tokens: Sequence[str] = ()
+) -> None:
     """
     Apply C{-v} to every log line of the process: 0 nothing, 1 critical, 2 error, 3 warning,
-    4 info (default), 5 debug, 6+ also autobahn's own debug (trace) lines.
+    4 info (default), 5 debug, 6+ also autobahn's own debug (trace) lines, where the access tokens
+    C{secrets} and the C{client_tokens} (both in the upgrade request) are masked.
 
     twistd starts logging after makeService, through L{globalLogBeginner}: each observer it hands over
     is wrapped in a level filter.
@@ -441,7 +446,7 @@ def filter_process_logs(verbosity: int, secrets: Sequence[str] = ()) -> None:
     def filtered_begin(observers: Any, *args: Any, **kwargs: Any) -> Any:
         wrapped = [FilteringLogObserver(o, predicates) for o in observers]
         if verbosity >= 6:
-            wrapped = [_RedactingObserver(o, secrets) for o in wrapped]
+            wrapped = [_RedactingObserver(o, secrets, client_tokens) for o in wrapped]
         return begin(wrapped, *args, **kwargs)
 
     globalLogBeginner.beginLoggingTo = filtered_begin  # type: ignore[method-assign]
@@ -504,7 +509,7 @@ def makeService(options: Options) -> IService:
             "the proxy: {proxy}",
             proxy=str(options.service_endpoint.web_proxy),
         )
-    filter_process_logs(options["verbose"], [options["access-token"]])
+    filter_process_logs(options["verbose"], [options["access-token"]], [options["client-token"]])
     if options.mapping:
         log.info("Use port mapping:")
         for service_id, endpoint in options.mapping.items():

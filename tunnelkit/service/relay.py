@@ -22,15 +22,24 @@ retries those every 2.5 s and gives up at once on a 4xx).
   400   no-subprotocol          no offered C{Sec-WebSocket-Protocol} is one of
                                 C{aws.iot.securetunneling-1.0/2.0/3.0} (or the browser sample's
                                 alias C{aws.iot.securedtunneling-1.0})
-  429   rate-limited            more than C{--handshakes-per-second} handshakes for one tunnel
-                                (counted by the token's routing key before the token is spent)
+  429   too-many-failures       the client's address spent its C{--failed-handshakes-per-address}
+                                budget (checked first, before anything else: it blocks only itself)
+  429   rate-limited            more than C{--handshakes-per-second} accepted handshakes for the
+                                token's tunnel (checked once the token is found valid, before it is
+                                spent; only valid tokens spend this budget)
+  429   too-many-websockets     the tunnel's account has C{--max-websockets-per-account} open
+                                (checked likewise before the token is spent: the client retries
+                                with the same token)
   4xx   (store's reason)        the store refused the token: 401 unknown, used (the AWS text),
                                 rotated, client-token mismatch (the AWS text); 403 mode mismatch,
                                 client token in use; 410 tunnel closed or expired
-  429   too-many-websockets     the tunnel's account has C{--max-websockets-per-account} open
-                                (checked after the token is claimed: a client token lets the
-                                client retry with the same token)
+  429   tunnel-failures-limited instead of the store's 4xx when the token's routing key had more than
+                                C{--failed-handshakes-per-key} failures just now (a valid token is
+                                never refused by this: it is checked before the count applies)
   500   internal-error          the store failed (logged); the client should retry
+
+Every failure (a 4xx from these checks) is counted against the client's address, and a token
+failure against the token's routing key too (see L{HandshakeLimiter}).
   ====  ======================  ==================================================================
 
 Malformed WebSocket requests (no C{Upgrade}, bad key or version, not C{GET}) get autobahn's own 4xx
@@ -53,6 +62,12 @@ C{tunnelkit_dropped_frames_total{reason="peer_absent"}}).
 
 When a peer goes away (or is replaced), the other side gets a STREAM_RESET for each stream the
 source had started and not reset, so it closes the local connections at once.
+
+Liveness: every C{--ping-interval} seconds each peer that sent nothing since the last check gets a
+ping (AWS's proxies answer pings); one silent for C{--peer-timeout} seconds is taken for gone (a
+peer that vanished without a FIN): its connection is reset, its side recorded DISCONNECTED, and the
+other side gets the STREAM_RESETs above.  A peer the relay is not reading (backpressure) counts as
+alive.
 
 tunnelkit's extensions
 ======================

@@ -184,9 +184,16 @@ def restrict_listener_tls(endpoint: Any) -> None:
     endpoint string cannot say so: the context its options built (and reuse for every connection)
     is changed in place.
     """
-    options = getattr(endpoint, "_sslContextFactory", None)
-    if options is not None:
-        restrict_context(options.getContext())
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    from tunnelkit.internals import SSL_ENDPOINT_OPTIONS, MissingInternals
+
+    if not isinstance(endpoint, SSL4ServerEndpoint):
+        return  # tcp:, unix: ... carry no TLS of their own
+    options = getattr(endpoint, SSL_ENDPOINT_OPTIONS, None)
+    if options is None:  # checked at start (tunnelkit.internals): never serve TLS unrestricted
+        raise MissingInternals(f"Twisted's ssl: endpoint no longer has {SSL_ENDPOINT_OPTIONS}")
+    restrict_context(options.getContext())
 
 
 class _Listener(Service):

@@ -14,12 +14,13 @@ page of an account.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from tunnelkit.service.console.web import iso_time
 from tunnelkit.service.store import IControlStore, Tunnel
 
 log = Logger()
@@ -29,13 +30,6 @@ KEEPALIVE = 15.0
 PAGE = 1000
 
 State = Tuple[str, str, str, float]  # status, source, destination, last_updated_at
-
-
-def iso_time(t: float) -> str:
-    """C{2026-12-02T08:40:12Z}: the machine-readable form the pages use."""
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def all_tunnels(store: IControlStore, account_id: str) -> Iterator[Tunnel]:
@@ -87,7 +81,7 @@ class StateWatcher:
         self._subscribers: Dict[str, List[_Subscriber]] = {}
         self._known: Dict[str, Dict[str, State]] = {}
         self._loop: Optional[LoopingCall] = None
-        self._since_keepalive = 0.0
+        self._last_keepalive = clock.seconds()
 
     def subscriber_count(self) -> int:
         return sum(len(s) for s in self._subscribers.values())
@@ -134,9 +128,9 @@ class StateWatcher:
                     self._finish(subscriber.request)
 
     @staticmethod
-    def _finish(request: Any) -> None:
+    def _finish(request: Any, event: bytes = b"signedout") -> None:
         if not request.finished and not getattr(request, "_disconnected", False):
-            request.write(b"event: signedout\ndata: {}\n\n")
+            request.write(b"event: " + event + b"\ndata: {}\n\n")
             request.finish()
 
     def _read(self, account_id: str) -> Dict[str, State]:
@@ -144,10 +138,10 @@ class StateWatcher:
 
     def tick(self) -> None:
         """Read the states once and send the changes."""
-        self._since_keepalive += self.interval
-        keepalive = self._since_keepalive >= KEEPALIVE
+        now = self._clock.seconds()
+        keepalive = now - self._last_keepalive >= KEEPALIVE
         if keepalive:
-            self._since_keepalive = 0.0
+            self._last_keepalive = now
         for account_id, subscribers in list(self._subscribers.items()):
             try:
                 current = self._read(account_id)
@@ -175,4 +169,4 @@ class StateWatcher:
         """Close every stream (the service stops)."""
         for subscribers in list(self._subscribers.values()):
             for subscriber in list(subscribers):
-                self._finish(subscriber.request)
+                self._finish(subscriber.request, b"stopping")

@@ -31,7 +31,7 @@ from tunnelkit.service.console.sessions import (
     SignInLimiter,
 )
 from tunnelkit.service.console.users import DUMMY_HASH, IConsoleUsers, password_matches
-from tunnelkit.service.operations import ApiError, ControlPlane
+from tunnelkit.service.operations import ApiError, ControlPlane, tunnel_arn
 from tunnelkit.service.store import CLOSED, OPEN, Account, IControlStore, NoSuchAccount, Tunnel
 
 log = Logger()
@@ -257,11 +257,7 @@ class ConsolePages(Resource):
                    user: str = "") -> bytes:
         token = web.cookie(request, web.SIGNIN_COOKIE) or web.new_signin_token()
         web.set_cookie(request, web.SIGNIN_COOKIE, token, 3600)
-        if web.field(request, "signedout") and error is None:
-            error = None
-            flash = ["You have signed out."]
-        else:
-            flash = []
+        flash = ["You have signed out."] if web.field(request, "signedout") and error is None else []
         return self._page(request, "signin.html", status, None, csrf=token, error=error, account=account, user=user,
                           flash=flash)
 
@@ -517,8 +513,6 @@ class ConsolePages(Resource):
         )
 
     def _arn(self, account: Account, tunnel_id: str) -> str:
-        from tunnelkit.service.operations import tunnel_arn
-
         return tunnel_arn(self.control.region, account.account_id, tunnel_id)
 
     def _tunnel_action(self, request: Request, session: Session, account: Account, tunnel_id: str,

@@ -43,7 +43,6 @@ import secrets
 import struct
 from http.cookies import SimpleCookie
 from typing import Any, Callable, Dict, List, Optional, Tuple
-from urllib.parse import urlparse
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -66,7 +65,7 @@ from tunnelkit.protocol.session import (
     WriteLocal,
 )
 from tunnelkit.service.console.sessions import COOKIE_NAME, Session
-from tunnelkit.service.store import CONNECTED, OPEN
+from tunnelkit.service.store import CONNECTED, OPEN, NoSuchAccount
 from tunnelkit.transport.tls import client_tls_options
 from tunnelkit.transport.websocket import TunnelWebSocketFactory, WebSocketEnded, tunnel_url
 
@@ -351,10 +350,18 @@ class BrowserTerminal(WebSocketServerProtocol):
             pass
         morsel = jar.get(COOKIE_NAME)
         session = terminals.console.sessions.get(morsel.value if morsel else None)
+        if session is not None and not terminals.console.users.still_valid(
+            session.account_id, session.user_name, session.created_at
+        ):
+            terminals.console.sessions.end(session)
+            session = None
         if session is None:
             raise ConnectionDeny(401, "Not signed in: sign in to the console again")
         tunnel_id = (request.params.get("tunnel") or [""])[0]
-        account = terminals.console.store.get_account(session.account_id)
+        try:
+            account = terminals.console.store.get_account(session.account_id)
+        except NoSuchAccount:
+            raise ConnectionDeny(401, "Your account no longer exists") from None
         tunnel = terminals.console.store.get_tunnel(account.account_id, tunnel_id)
         if tunnel is None:
             raise ConnectionDeny(404, f"Tunnel {tunnel_id[:128]} does not exist")

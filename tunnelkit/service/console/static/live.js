@@ -15,7 +15,7 @@
   }
   function setCell(container, field, node) {
     var cell = container.querySelector('[data-field="' + field + '"]');
-    if (cell) { cell.replaceChildren(node); }
+    if (cell && cell.textContent !== node.textContent) { cell.replaceChildren(node); }
   }
   var note = document.getElementById("live-note");
   function tell(text) {
@@ -26,13 +26,12 @@
   var single = scope.tagName === "DL";
   var prefix = document.querySelector('link[rel="stylesheet"]').getAttribute("href").replace(/static\/console\.css$/, "");
   var url = single ? prefix + "tunnel/" + encodeURIComponent(scope.getAttribute("data-tunnel")) + "/events" : prefix + "events";
+  var rows = new Map();
+  document.querySelectorAll("[data-tunnel]").forEach(function (el) { rows.set(el.getAttribute("data-tunnel"), el); });
   var source = new EventSource(url);
   source.addEventListener("tunnel", function (event) {
     var data = JSON.parse(event.data);
-    var row = null;
-    document.querySelectorAll("[data-tunnel]").forEach(function (el) {
-      if (el.getAttribute("data-tunnel") === data.id) { row = el; }
-    });
+    var row = rows.get(data.id);
     if (!row) {
       if (!single) { tell("New tunnels were opened: reload the page to see them."); }
       return;
@@ -44,11 +43,10 @@
   });
   source.addEventListener("gone", function (event) {
     var data = JSON.parse(event.data);
-    document.querySelectorAll("[data-tunnel]").forEach(function (el) {
-      if (el.getAttribute("data-tunnel") === data.id) {
-        if (single) { tell("This tunnel was deleted."); } else { el.remove(); }
-      }
-    });
+    var el = rows.get(data.id);
+    if (el) {
+      if (single) { tell("This tunnel was deleted."); } else { el.remove(); rows.delete(data.id); }
+    }
   });
   source.addEventListener("signedout", function () {
     source.close();
