@@ -116,9 +116,17 @@ class FuzzedSource:
             return
         if self.client is not None:
             self.closes.append(self.client.closed.result)
-        self.client = blockingCallFromThread(
-            reactor, connect_client, self.port, "source", self.token, client_token=CLIENT_TOKEN
-        )
+        for attempt in range(20):
+            try:
+                self.client = blockingCallFromThread(
+                    reactor, connect_client, self.port, "source", self.token, client_token=CLIENT_TOKEN
+                )
+                break
+            except ConnectionError as e:
+                # the relay allows a few handshakes per second per tunnel (429): back off, as a client does
+                if "429" not in str(e) or attempt == 19:
+                    raise
+                time.sleep(0.5)
         self.client.on_data = self._on_data
 
     def _on_data(self, message: Message) -> None:
