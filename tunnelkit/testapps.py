@@ -19,9 +19,11 @@ L{ConnectionResetError}.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import socket
 import sys
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -241,6 +243,12 @@ class StalledReader:
                     return
             except OSError:
                 return
+
+    def queued(self) -> int:
+        """Bytes that arrived and wait unread in this connection's receive buffer."""
+        count = bytearray(4)
+        fcntl.ioctl(self.conn.fileno(), termios.FIONREAD, count)
+        return int.from_bytes(count, sys.byteorder)
 
     def drain(self) -> Tuple[int, bool]:
         """Stop trickling, read to the end: (bytes received in all, whether they are the pattern)."""

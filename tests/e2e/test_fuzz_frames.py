@@ -26,7 +26,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.e2e.harness import Harness
+from tests.e2e.harness import Harness, wait_until
 from tests.e2e.test_tunnel_independence import start_apps
 from tunnelkit.protocol.framing import encode_message
 from tunnelkit.protocol.message_pb2 import Message
@@ -139,9 +139,7 @@ class FuzzedSource:
         if client is None:
             return
         reactor.callFromThread(client.transport.loseConnection)
-        deadline = time.monotonic() + 10
-        while not client.closed.called and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: client.closed.called, 10, "the dropped WebSocket to close", interval=0.02)
 
     def send(self, payloads: List[bytes], raw: bool) -> None:
         """

@@ -16,12 +16,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from typing import Dict, Tuple
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.e2e.harness import SSHD, Harness, Process, free_port
+from tests.e2e.harness import SSHD, Harness, Process, free_port, wait_until
 from tests.e2e.test_tunnel_independence import MB, require_flow_control, start_apps
 from tunnelkit.testapps import StalledReader, echo_round_trips, pattern_digest, push, sink
 
@@ -187,7 +186,8 @@ class CppDestinationHeadOfLineTests(TestCase):
         h, source, destination, ports = cpp_destination_tunnel(self, {"BULK": apps, "OTHER": apps})
         stalled = StalledReader(ports["BULK"], self.STALLED, seed=31)
         self.addCleanup(stalled.close)
-        time.sleep(2)  # the stalled connection's bytes fill the buffers on their way
+        # The stall is in place once the pushed bytes came all the way through and wait unread.
+        wait_until(lambda: stalled.queued() >= 8192, 30, "the stalled connection's first bytes")
         for port in (ports["BULK"], ports["OTHER"]):
             exact_transfers(self, port, 8, seed=port)
         self.assertEqual(stalled.drain(), (self.STALLED, True))
