@@ -583,6 +583,66 @@ class FlowControlTests(TestCase):
         self.assertEqual(data.payload, b"still talking")
 
 
+class ReadinessLogTests(TestCase):
+    """
+    "The tunnel is ready" only once the far side is there (issue 15 item 11): SERVICE_IDS says this
+    side is in the tunnel; the far peer's ANNOUNCE (which tunnelkit's relay passes only once both
+    sides announced) says the other side is; an empty ANNOUNCE says it left.
+    """
+
+    def start(self, extensions):
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        self.lines = []
+
+        def observe(event):
+            self.lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        reactor = MemoryReactorClock()
+        side = SourceSide({"SSH1": 0}, "127.0.0.1", reactor)
+        self.proxy = LocalProxySession(side, ServiceEndpoint("127.0.0.1", 1, secure=False), "token", "c" * 36, reactor, reactor)
+        websocket = FakeWebSocket()
+        websocket.extensions = extensions
+        self.proxy.websocket_opened(websocket)
+        self.proxy.messages_received([service_ids("SSH1")])
+
+    def said(self, text):
+        return [line for line in self.lines if text in line]
+
+    def test_ready_when_the_destination_announces(self):
+        self.start(OFFERED)
+        self.assertEqual(
+            self.said("Connected to the tunnel"),
+            ["Connected to the tunnel: its services are SSH1; waiting for the destination to connect"],
+        )
+        self.assertEqual(self.said("The tunnel is ready"), [])
+        self.proxy.messages_received([parse_message(announcement_frame(1000)[2:])])
+        self.assertEqual(
+            self.said("The tunnel is ready"),
+            ["The tunnel is ready: the destination is connected (flow control and half-close); its services are SSH1"],
+        )
+        self.proxy.messages_received([Message(type=ANNOUNCE, ignorable=True)])  # the relay: it left
+        self.assertEqual(
+            self.said("left the tunnel"),
+            ["The destination left the tunnel (the service says so); waiting for it to connect again"],
+        )
+        self.proxy.messages_received([parse_message(announcement_frame(1000)[2:])])
+        self.assertEqual(len(self.said("The tunnel is ready")), 2)
+
+    def test_a_service_that_does_not_say(self):
+        self.start("")
+        self.assertEqual(
+            self.said("Connected to the tunnel"),
+            [
+                "Connected to the tunnel: its services are SSH1; this service does not say whether the "
+                "destination is connected: data flows once it is"
+            ],
+        )
+        self.assertEqual(self.said("The tunnel is ready"), [])
+
+
 class PacingTests(TestCase):
     def test_paces_toward_a_peer_without_flow_control(self):
         reactor = MemoryReactorClock()
