@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Dict, List, Optional, Tuple
 
+import txaio
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.protocol import Protocol
@@ -180,6 +181,10 @@ class TwoNodes(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000)
+        txaio.use_twisted()  # autobahn's timers on the test's clock
+        old = txaio.config.loop
+        txaio.config.loop = self.clock
+        self.addCleanup(setattr, txaio.config, "loop", old)
         self.store = MemoryTunnelStore()
         self.directory = MemoryDirectory(self.clock)
         self.nodes: Dict[str, Node] = {}
