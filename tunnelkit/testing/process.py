@@ -1,14 +1,23 @@
 # -*- test-case-name: tests.e2e.test_localproxy_tunnel -*-
 """
-Real processes for end-to-end tests and benchmarks: tunnelkit processes, a real sshd, tunnels opened
-through the API.  (The in-memory tunnel, for tests that need no process, is L{tunnelkit.testing.memory}.)
+Real processes on 127.0.0.1 for end-to-end tests and benchmarks (which must not import C{tests/}).
 
-Everything here is synchronous and blocking (subprocesses, files, sockets): call it straight from
-a trial test method, or from a thread (C{deferToThread}) in a test that runs the reactor.  Every
-process and temporary directory is registered for cleanup on the L{Harness}'s test case (or, with
-no test case, removed by L{Harness.cleanup}, which a benchmark calls in a C{finally}), so it is
-killed and removed even when the test fails.  A wait that times out raises C{AssertionError}
-with the tail of the process's log.
+Synchronous and blocking: call it from a trial test method, a thread, or a script.  Every child runs in
+its own directory under one temporary root with its output in C{<dir>/<name>.log}; L{Processes.cleanup}
+stops them all and removes the root (register it as a cleanup, or call it in a C{finally}).
+
+    procs = Processes("tunnelkit-bench-")
+    node = procs.twistd("node1", ["--mode", "service", "--listen", "tcp:0:interface=127.0.0.1", ...])
+    port = int(node.wait_for_log(r"API listening on http://127\\.0\\.0\\.1:(\\d+)/").group(1))
+    node.kill()        # kill -9
+    node.restart()     # the same command line again, appending to the same log
+
+A server that cannot bind port 0 and report its port (HAProxy) gets a socket bound and listening here
+(L{listening_socket}) and inherits it (C{pass_fds}; HAProxy's C{bind fd@N}): no window in which another
+process could take the port.
+
+For tunnelkit's own processes, L{Harness} (built on L{Processes}) registers L{Processes.cleanup} on a
+trial test case (or on nothing: the caller calls it) and knows the service, the API and the proxies:
 
     h = Harness(self)                          # self: the trial TestCase
     service = h.start_service(tls=True)        # twistd tunnelkit --mode service on an ephemeral port
@@ -21,26 +30,19 @@ with the tail of the process's log.
     h.close_tunnel(tunnel)
     src.wait_exit(10)                          # 0
 
-Processes run as C{python -c 'twisted.scripts.twistd.run()' -n --pidfile= tunnelkit --mode ...}
-in their own directory with their log in C{<dir>/<name>.log}; tokens go through the environment.
-
-Also here:
-  - C{h.kill_service()} / C{h.restart_service()}: kill -9, then the same port and state directory;
-    L{Process.restart} runs any process's command line again (the service's comes back on its port);
-  - C{h.api()}: a botocore C{iotsecuretunneling} client with the service's generated credentials;
-  - C{h.start_echo()}: a TCP echo server, returns its port; C{h.start_apps()}: the
-    L{tunnelkit.testapps} server, returns its port;
-  - C{h.start_old_format_peer(token, "V1"|"V2", target_port)}: a destination that speaks only the
-    V1 or V2 message format (exits 3 on anything newer), to test C{-y V1|V2} sources;
-  - C{h.spawn(name, argv)} / C{h.twistd(name, args, env)}: any other process, cleaned up likewise;
-  - L{Process.wait_for_log}, L{Process.wait_exit}, L{Proxy.port_of}, L{wait_until}, L{free_port},
-    L{exchange} (send bytes to a local port, read the answer), L{rss_mb};
-  - L{ServiceProcess}: the service on a TLS and a plain port with a boto3 client, without a harness.
+Tokens go through the environment.  Also on L{Harness}: C{kill_service()} / C{restart_service()}
+(kill -9, then the same port and state directory; C{service.process.restart()} also comes back on
+its port), C{api()} (botocore with the service's generated credentials), C{start_echo()},
+C{start_apps()} (the L{tunnelkit.testapps} server), C{start_old_format_peer(token, "V1"|"V2", port)}
+(a destination that speaks only the V1 or V2 message format and exits 3 on anything newer).  And:
+L{free_port}, L{exchange} (send bytes to a local port, read the answer), L{rss_mb}, and
+L{ServiceProcess} (the service on a TLS and a plain port with a boto3 client, without a harness).
+The in-memory tunnel, for tests that need no process, is L{tunnelkit.testing.memory}.
 """
+
 
 from __future__ import annotations
 
-import configparser
 import os
 import re
 import shutil
@@ -52,21 +54,53 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-#: The checkout this module belongs to: put first on the processes' PYTHONPATH, so they run this
-#: checkout's code whatever is installed (a worktree, a plain install).
+#: This checkout (put first on the children's PYTHONPATH, so a worktree's code is the one that runs).
 REPOSITORY_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 SCP = shutil.which("scp") or "/usr/bin/scp"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
-#: Seconds any single wait may take before the test fails.
+
+#: Seconds a single wait may take by default.
 DEFAULT_TIMEOUT = 30.0
 #: The environment variable naming AWS's C++ localproxy binary.
 LOCALPROXY_VARIABLE = "TUNNELKIT_AWS_LOCALPROXY"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll C{predicate} until it returns something true (returned); C{AssertionError} naming C{what} on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def listening_socket(host: str = "127.0.0.1", backlog: int = 1024) -> socket.socket:
+    """A TCP socket bound to an ephemeral port of C{host} and listening, inheritable (for C{pass_fds})."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, 0))
+    s.listen(backlog)
+    s.set_inheritable(True)
+    return s
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on C{host}:C{port} now."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def free_port() -> int:
@@ -111,104 +145,143 @@ def exchange(port: int, payload: bytes, expected: Optional[int] = None, timeout:
     return bytes(received)
 
 
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll C{predicate} until it returns something true; fail with C{what} after C{timeout} s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+class Child:
+    """One process with its output in a log file; L{restart} runs the same command line again."""
 
-
-class Process:
-    """
-    A subprocess with its output in a log file.
-
-    @ivar mark: where the current run's output begins in the log (L{restart} appends to it).
-    @ivar starts: how many times it was started.
-    """
-
-    def __init__(self, name: str, argv: Sequence[str], cwd: str, env: Dict[str, str]) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.cwd = cwd
-        self.env = env
+    def __init__(self, name: str, argv: Sequence[str], cwd: str, env: Dict[str, str],
+                 pass_fds: Sequence[int] = ()) -> None:
+        self.name, self.argv, self.cwd, self.env = name, list(argv), cwd, env
+        self.pass_fds = tuple(pass_fds)
         self.log_path = os.path.join(cwd, f"{name}.log")
-        self.starts = 0
+        self.popen: Optional[subprocess.Popen] = None
+        self.mark = 0
         self.restart()
 
     def restart(self) -> None:
-        """Start (again) with the same command line, appending to the same log."""
+        """Start (again), appending to the same log; C{mark} is the log offset where this run begins."""
         self.mark = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
-                self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, pass_fds=self.pass_fds,
             )
-        self.starts += 1
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        assert self.popen is not None
+        return int(self.popen.pid)
 
-    def log(self) -> str:
-        """The whole log so far."""
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log(self, start: int = 0) -> str:
+        """The log from character C{start}."""
         with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
+            return f.read().decode("utf-8", "replace")[start:]
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
     def wait_for_log(self, pattern: str, timeout: float = DEFAULT_TIMEOUT, start: Optional[int] = None) -> "re.Match[str]":
         """
-        Wait until the log (from character C{start}, default: where this run began) matches the
-        regular expression C{pattern} (C{^} and C{$} match at every line).
+        Wait until the log (from C{start}, default: where the current run began) matches C{pattern}
+        (C{^} and C{$} match at every line).
 
-        @raise AssertionError: on timeout, or if the process exits first (with the log's tail).
+        @raise AssertionError: on timeout or when the process exits first, with the log's tail.
         """
         regex = re.compile(pattern, re.M)
-        start = self.mark if start is None else start
+        begin = self.mark if start is None else start
         deadline = time.monotonic() + timeout
         while True:
-            match = regex.search(self.log(), start)
+            match = regex.search(self.log(), begin)
             if match:
                 return match
-            if self.popen.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited with {self.popen.returncode} before logging {pattern!r}:\n{self.tail()}"
-                )
+            if not self.running():
+                code = self.popen.returncode if self.popen else None
+                raise AssertionError(f"{self.name} exited with {code} before logging {pattern!r}:\n{self.tail()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.name} did not log {pattern!r} within {timeout:g} s:\n{self.tail()}")
             time.sleep(0.05)
 
     def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
         """Wait for the process to end; its exit status."""
+        assert self.popen is not None
         try:
-            return self.popen.wait(timeout)
+            return int(self.popen.wait(timeout))
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{self.name} still running after {timeout:g} s:\n{self.tail()}") from None
 
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
     def terminate(self, timeout: float = 10.0) -> Optional[int]:
         """SIGTERM, then SIGKILL if it lingers; the exit status."""
-        if self.popen.poll() is None:
+        if self.popen is not None and self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(timeout)
-        return self.popen.returncode
+        return self.popen.returncode if self.popen is not None else None
 
     def kill(self) -> None:
         """SIGKILL (kill -9) and reap."""
-        if self.popen.poll() is None:
+        if self.popen is not None and self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(10)
+
+
+class Processes:
+    """Children under one temporary root; L{cleanup} stops them (last started first) and removes it."""
+
+    def __init__(self, prefix: str = "tunnelkit-procs-") -> None:
+        self.root = tempfile.mkdtemp(prefix=prefix)
+        self.children: List[Child] = []
+        self._sockets: List[socket.socket] = []
+
+    def directory(self, name: str) -> str:
+        path = os.path.join(self.root, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def environment(self, cwd: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        """The environment of a child: this one without tunnel tokens or web proxies, this checkout first."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_") and k.lower() != "https_proxy"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPOSITORY_TOP, env.get("PYTHONPATH", "")) if p)
+        env["XDG_STATE_HOME"] = os.path.join(cwd, "state-home")  # kept client tokens stay in its directory
+        env.update(extra or {})
+        return env
+
+    def spawn(self, name: str, argv: Sequence[str], env: Optional[Dict[str, str]] = None,
+              cwd: Optional[str] = None, pass_fds: Sequence[int] = ()) -> Child:
+        """Start C{argv} in C{cwd} (default: its own directory C{<root>/<name>})."""
+        directory = cwd or self.directory(name)
+        child = Child(name, argv, directory, self.environment(directory, env), pass_fds)
+        self.children.append(child)
+        return child
+
+    def twistd(self, name: str, args: Sequence[str], env: Optional[Dict[str, str]] = None,
+               cwd: Optional[str] = None) -> Child:
+        """C{twistd -n --pidfile= tunnelkit ARGS}."""
+        return self.spawn(name, [*TWISTD, "-n", "--pidfile=", "tunnelkit", *args], env, cwd)
+
+    def listening_socket(self, host: str = "127.0.0.1") -> socket.socket:
+        """L{listening_socket}, closed at L{cleanup}."""
+        s = listening_socket(host)
+        self._sockets.append(s)
+        return s
+
+    def cleanup(self) -> None:
+        for child in reversed(self.children):
+            try:
+                child.terminate(5)
+            except Exception:
+                child.kill()
+        for s in self._sockets:
+            s.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+#: A tunnelkit end-to-end test's process.
+Process = Child
 
 
 @dataclass
@@ -242,7 +315,7 @@ class Tunnel:
     destination_token: str
 
 
-class Proxy(Process):
+class Proxy(Child):
     """A local proxy process (source or destination)."""
 
     def port_of(self, service_id: str, timeout: float = DEFAULT_TIMEOUT) -> int:
@@ -314,41 +387,37 @@ def _current_user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
+
 class Harness:
     """
-    Starts processes for one test (or one benchmark) and cleans up after it.
+    Starts tunnelkit's processes for one test (or one benchmark) and cleans up after it.
 
     @param testcase: the trial TestCase (L{cleanup} is registered on it), or anything with an
         C{addCleanup} method; L{None}: the caller calls L{cleanup} itself.
+    @ivar procs: the L{Processes} that runs them (L{processes}: the children, in start order).
     """
 
     def __init__(self, testcase: Any = None, prefix: str = "tunnelkit-e2e-") -> None:
         self.testcase = testcase
-        self.root = tempfile.mkdtemp(prefix=prefix)
-        self.processes: List[Process] = []
+        self.procs = Processes(prefix)
+        self.root = self.procs.root
         self.service: Optional[Service] = None
         if testcase is not None:
             testcase.addCleanup(self.cleanup)
 
+    @property
+    def processes(self) -> List[Child]:
+        return self.procs.children
+
     def directory(self, name: str) -> str:
-        path = os.path.join(self.root, name)
-        os.makedirs(path, exist_ok=True)
-        return path
+        return self.procs.directory(name)
 
     def spawn(self, name: str, argv: Sequence[str], cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-              process_class: type = Process) -> Any:
-        """Start C{argv} (registered for cleanup); its log is C{<cwd>/<name>.log}."""
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_") and k.lower() != "https_proxy"}
-        # The processes run this checkout's code, whatever is installed (a worktree, a plain install).
-        environment["PYTHONPATH"] = os.pathsep.join(
-            p for p in (REPOSITORY_TOP, environment.get("PYTHONPATH", "")) if p
-        )
+              process_class: type = Child) -> Any:
+        """Start C{argv} (registered for cleanup) as a C{process_class}; its log is C{<cwd>/<name>.log}."""
         directory = cwd or self.directory(name)
-        # Kept client tokens (tunnelkit.localproxy.client_token) stay in the process's own directory.
-        environment["XDG_STATE_HOME"] = os.path.join(directory, "state-home")
-        environment.update(env or {})
-        process = process_class(name, argv, directory, environment)
-        self.processes.append(process)
+        process = process_class(name, argv, directory, self.procs.environment(directory, env))
+        self.procs.children.append(process)
         return process
 
     def twistd(self, name: str, args: Sequence[str], env: Optional[Dict[str, str]] = None,
@@ -487,12 +556,7 @@ class Harness:
     # --- cleanup ---
 
     def cleanup(self) -> None:
-        for process in reversed(self.processes):
-            try:
-                process.terminate(5)
-            except Exception:
-                process.kill()
-        shutil.rmtree(self.root, ignore_errors=True)
+        self.procs.cleanup()
 
 
 # --- the service without a harness ---------------------------------------------------------------
