@@ -22,3 +22,6 @@ from tunnelkit.testing.process import (  # noqa: F401
     run_old_format_peer,
     wait_until,
 )
+
+__all__ = [
+]

@@ -43,6 +43,7 @@ The in-memory tunnel, for tests that need no process, is L{tunnelkit.testing.mem
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
 import shutil
