@@ -112,6 +112,15 @@ class CoerceTests(unittest.TestCase):
         for bad in ("bogus:1", "tcp:abc", "tcp:70000", "ssl"):
             self.assertRaises(ValueError, server_endpoint, bad)
 
+    def test_proxy_protocol_endpoints(self):
+        """haproxy: (PROXY protocol) wraps plain server listeners; the header precedes TLS, so not ssl:."""
+        self.assertEqual(server_endpoint("haproxy:tcp:8080:interface=10.0.0.1"), "haproxy:tcp:8080:interface=10.0.0.1")
+        for bad in ("haproxy:ssl:8443", "haproxy:tcp:abc", "haproxy:bogus:1", "haproxy"):
+            self.assertRaises(ValueError, server_endpoint, bad)
+        e = self.assertRaises(ValueError, server_endpoint, "haproxy:ssl:8443")
+        self.assertIn("let HAProxy terminate TLS", str(e))
+        self.assertRaises(ValueError, client_endpoint, "haproxy:tcp:host=a:port=1")
+
     def test_client_endpoints(self):
         for good in ("tcp:host=127.0.0.1:port=1883", "tcp:127.0.0.1:1883", "tls:localhost:8883"):
             self.assertEqual(client_endpoint(good), good)

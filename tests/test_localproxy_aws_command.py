@@ -77,6 +77,10 @@ class TranslateTests(TestCase):
         self.assertIn("--access-token-file", args)
         self.assertIn("--client-token-file", args)
 
+    def test_pace_passes_through(self):
+        args, _ = translate("-s", "1", "-r", "r", "--pace", "50000000")
+        self.assertEqual(args[args.index("--pace") + 1], "50000000")
+
 
 class MainTests(TestCase):
     def test_help_version_export(self):

@@ -8,6 +8,7 @@ import re
 
 from twisted.trial.unittest import TestCase
 
+from tunnelkit.protocol import tokens as token_shapes
 from tunnelkit.service import tokens
 from tunnelkit.service.interfaces import TokenRejected
 
@@ -31,10 +32,10 @@ class FormatTests(TestCase):
 
     def test_sendable(self) -> None:
         """What a client may put in its access-token header: 1-4096 characters, no control characters."""
-        self.assertTrue(tokens.sendable_access_token(tokens.new_access_token("tunnel-1")))
-        self.assertTrue(tokens.sendable_access_token("AQGAAXiV" * 512))
+        self.assertTrue(token_shapes.sendable_access_token(tokens.new_access_token("tunnel-1")))
+        self.assertTrue(token_shapes.sendable_access_token("AQGAAXiV" * 512))
         for bad in ("", "x" * 4097, "tok\n", "tok\r\nX-Injected: 1", "\x7f"):
-            self.assertFalse(tokens.sendable_access_token(bad), bad)
+            self.assertFalse(token_shapes.sendable_access_token(bad), bad)
 
     def test_routing(self) -> None:
         """Every token of a tunnel has the same routing part; it does not reveal the tunnel id."""
@@ -107,7 +108,7 @@ class ClaimTests(TestCase):
     def test_client_token_format(self) -> None:
         for bad in ("short", "x" * 129, "a" * 31 + "_", "é" * 32):
             self.assertRejected("bad-client-token", 400, state(), "source", bad, 1.0)
-        self.assertTrue(re.match(tokens.CLIENT_TOKEN_RE, "2da438cf-9a30-4148-b236-c338182f243c"))
+        self.assertTrue(re.match(token_shapes.CLIENT_TOKEN_RE, "2da438cf-9a30-4148-b236-c338182f243c"))
 
     def test_client_token_in_use(self) -> None:
         self.assertRejected("client-token-in-use", 403, state(), "source", CLIENT, 1.0, client_token_taken=True)

@@ -55,13 +55,23 @@ fi
 
 # The web console's terminal (service installs): xterm.js and its fit add-on from npm, the versions
 # tunnelkit/service/console/vendor/package-lock.json names; installed before pip, which copies them.
+# Optional: without npm (an offline host, say) the service installs and runs, and the console's
+# terminal page says the packages are missing; --console-assets DIR can point to them later.
 if [ "$spec" != "." ]; then
-  command -v npm >/dev/null || apt_install npm
-  npm ci --prefix tunnelkit/service/console/vendor --no-audit --no-fund >/dev/null \
-    || { echo "tools/install.sh: npm ci --prefix tunnelkit/service/console/vendor failed" >&2; exit 1; }
+  if ! command -v npm >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt_install npm
+  fi
+  if ! command -v npm >/dev/null; then
+    echo "tools/install.sh: warning: npm is not installed: the web console's terminal (SSH in the browser) will be unavailable; install npm and run this again" >&2
+  elif ! npm ci --prefix tunnelkit/service/console/vendor --no-audit --no-fund >/dev/null; then
+    echo "tools/install.sh: warning: npm ci --prefix tunnelkit/service/console/vendor failed: the web console's terminal will be unavailable; run this again when the npm registry is reachable" >&2
+  fi
 fi
 
-# shellcheck disable=SC2086  # $spec is "-e .[...]" for --dev
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check $spec \
+case "$spec" in
+  "-e "*) pip_args=(-e "${spec#-e }") ;;
+  *) pip_args=("$spec") ;;
+esac
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "${pip_args[@]}" \
   || { echo "tools/install.sh: pip install $spec into $VENV failed" >&2; exit 1; }
 echo "tools/install.sh: tunnelkit is installed in $VENV: run $VENV/bin/twistd, $VENV/bin/tunnelkit (or . $VENV/bin/activate)"

@@ -40,7 +40,7 @@ from tunnelkit.errors import TunnelkitError
 from tunnelkit.localproxy.endpoint import region_host
 from tunnelkit.mqtt import IMQTTClient
 from tunnelkit.protocol.notification import REGION_RE, SERVICE_RE, TUNNEL_ID_RE, notify_topic
-from tunnelkit.service.tokens import MAX_ACCESS_TOKEN_LENGTH, sendable_access_token
+from tunnelkit.protocol.tokens import MAX_ACCESS_TOKEN_LENGTH, sendable_access_token
 
 __all__ = [
     "Agent",

@@ -314,10 +314,22 @@ def _check_endpoint(description: str, kind_of: str) -> str:
     except Exception as e:
         raise ValueError(f"bad {kind_of} endpoint {description!r}: {e}") from None
     kind = (args[0] if args else "").lower()
+    if kind == "haproxy" and kind_of == "server":
+        # Twisted's PROXY-protocol wrapper (behind HAProxy's send-proxy-v2): the client's address is the
+        # one the PROXY header names.  The header comes before any TLS, so it wraps plain listeners only.
+        inner = description.split(":", 1)[1] if ":" in description else ""
+        if inner.split(":", 1)[0].lower() in ("ssl", "tls"):
+            raise ValueError(
+                f"bad server endpoint {description!r}: the PROXY header precedes TLS, so haproxy: wraps "
+                "plain listeners only (haproxy:tcp:8080:interface=...); let HAProxy terminate TLS"
+            )
+        _check_endpoint(inner, kind_of)
+        return description
     known = {"tcp", "tcp6", "ssl", "unix", "tls", "systemd"}
     if kind not in known:
         raise ValueError(
-            f"bad {kind_of} endpoint {description!r}: unknown type {kind!r} (use one of {', '.join(sorted(known))})"
+            f"bad {kind_of} endpoint {description!r}: unknown type {kind!r} (use one of "
+            f"{', '.join(sorted(known | ({'haproxy'} if kind_of == 'server' else set())))})"
         )
     if kind in ("tcp", "tcp6", "ssl", "tls"):
         port = kwargs.get("port", args[1] if len(args) > 1 and kind_of == "server" else None)

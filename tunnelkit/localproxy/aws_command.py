@@ -51,7 +51,8 @@ DEFAULT_SETTINGS = {
 
 #: Long options whose value passes to tunnelkit's local proxy as it is.
 _PASSED = ("access-token", "client-token", "proxy-endpoint", "region", "source-listen-port", "destination-app",
-           "local-bind-address", "capath", "config-dir", "verbose", "access-token-file", "client-token-file")
+           "local-bind-address", "capath", "config-dir", "verbose", "access-token-file", "client-token-file",
+           "pace")
 _MODES = {"src": "source", "source": "source", "dst": "destination", "destination": "destination"}
 
 
@@ -74,6 +75,8 @@ def _parser() -> _Parser:
     add("--access-token-file", help="tunnelkit: a file holding the access token")
     add("-i", "--client-token", help="the client token (AWSIOT_TUNNEL_CLIENT_TOKEN)")
     add("--client-token-file", help="tunnelkit: keep the client token in this file (0600)")
+    add("--pace", help="tunnelkit: bytes per second per connection toward a peer without flow control "
+        "(AWS's localproxy as the far end); 0: off")
     add("-e", "--proxy-endpoint", help="the tunnel service, HOST[:PORT] (AWSIOT_TUNNEL_ENDPOINT)")
     add("-r", "--region", help="an AWS region (AWSIOT_TUNNEL_REGION)")
     add("-s", "--source-listen-port", help="source: PORT or SERVICE=PORT[,...]")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from tunnelkit.errors import ConfigError
-from tunnelkit.service.tokens import CLIENT_TOKEN_RE
+from tunnelkit.protocol.tokens import CLIENT_TOKEN_RE
 
 __all__ = ["KEEP_SECONDS", "KeptClientToken", "default_directory", "keep_client_token"]
 

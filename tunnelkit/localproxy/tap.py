@@ -48,7 +48,7 @@ from tunnelkit.localproxy.mapping import (
 )
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
 from tunnelkit.localproxy.source import SourceSide
-from tunnelkit.service.tokens import CLIENT_TOKEN_RE, MAX_ACCESS_TOKEN_LENGTH, sendable_access_token
+from tunnelkit.protocol.tokens import CLIENT_TOKEN_RE, MAX_ACCESS_TOKEN_LENGTH, sendable_access_token
 from tunnelkit.transport.httpproxy import proxy_from_environment
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 from tunnelkit.transport.tls import NO_VERIFY_WARNING

@@ -134,6 +134,7 @@ from tunnelkit.protocol.flowcontrol import (
     WITHDRAWAL_FRAME,
 )
 from tunnelkit.protocol.rules import PeerRules
+from tunnelkit.protocol.tokens import CLIENT_TOKEN_RE
 from tunnelkit.service.audit import NO_AUDIT
 from tunnelkit.service.interfaces import (
     DESTINATION,
@@ -182,7 +183,6 @@ MAX_REQUEST_SIZE = 4096
 TOKEN_HEADER = "access-token"
 TOKEN_COOKIE = "awsiot-tunnel-token"
 CLIENT_TOKEN_HEADER = "client-token"
-CLIENT_TOKEN_RE = re.compile(r"\A[a-zA-Z0-9-]{32,128}\Z")
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001

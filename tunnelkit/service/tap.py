@@ -42,6 +42,7 @@ from tunnelkit.service.audit import AuditedApi, AuditOptions, build_audit_trail
 from tunnelkit.service.dataplane import DataPlaneOptions, metrics_site, mount_data_plane
 from tunnelkit.service.cluster import ClusterOptions, build_cluster, cluster_enabled
 from tunnelkit.service.console import ConsoleOptions, build_console, mount_console
+from tunnelkit.service.health import HealthResource
 
 log = Logger()
 
@@ -333,6 +334,8 @@ class TunnelService(MultiService):
         if self.audit is not None:
             api = AuditedApi(api, self.audit, self.store)
         root.putChild(b"", api)
+        self.health = HealthResource()  # GET /healthz for load balancers (deploy/haproxy.cfg)
+        root.putChild(b"healthz", self.health)
         self.console = None
         if not options.get("no-console"):  # the web console under /console/ (GET / redirects there)
             self.console = build_console(self, options, clock, reactor)
@@ -354,6 +357,8 @@ class TunnelService(MultiService):
             )
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        # Stopped first (after the listeners were added): /healthz answers 503 from the moment we stop.
+        _OnStop(lambda: setattr(self.health, "stopping", True)).setServiceParent(self)
         self.metrics_listener: Optional[_Listener] = None
         if options.get("metrics-listen"):
             self.metrics_listener = _Listener(

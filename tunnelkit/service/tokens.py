@@ -42,6 +42,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Optional
 
+from tunnelkit.protocol.tokens import CLIENT_TOKEN_RE
 from tunnelkit.service.interfaces import DESTINATION, SOURCE, TokenRejected
 
 ROUTING_LENGTH = 16
@@ -50,13 +51,6 @@ SECRET_LENGTH = 43
 TOKEN_LENGTH = ROUTING_LENGTH + 1 + SECRET_LENGTH
 
 _TOKEN_RE = re.compile(r"\A[A-Za-z0-9_-]{%d}\.[A-Za-z0-9_-]{%d}\Z" % (ROUTING_LENGTH, SECRET_LENGTH))
-
-#: The longest access token a client sends (AWS's and tunnelkit's tokens are far shorter).
-MAX_ACCESS_TOKEN_LENGTH = 4096
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-
-#: The client-token rule of the handshake (reference section 1.2).
-CLIENT_TOKEN_RE = re.compile(r"\A[a-zA-Z0-9-]{32,128}\Z")
 
 #: The texts AWS documents for these two rejections (reference section 1.12).
 TOKEN_USED_TEXT = (
@@ -80,14 +74,6 @@ STATUS_BY_REASON = {
     "tunnel-closed": 410,
     "tunnel-expired": 410,
 }
-
-
-def sendable_access_token(token: str) -> bool:
-    """
-    Whether a client may send C{token} as its C{access-token} header: 1 to L{MAX_ACCESS_TOKEN_LENGTH}
-    characters, no control characters.  Only the shape: the service decides whether it is valid.
-    """
-    return 0 < len(token) <= MAX_ACCESS_TOKEN_LENGTH and not _CONTROL_RE.search(token)
 
 
 def _b64(data: bytes) -> str:

@@ -689,14 +689,15 @@ def commands_for(pending: PendingTokens, endpoint: str, region: str) -> Dict[str
         commands["source"] = [
             f"AWSIOT_TUNNEL_ACCESS_TOKEN=$(cat {source_file}) twistd -n tunnelkit --mode source "
             f"-e {endpoint} -c ca.pem -s {source_map}",
-            f"SSL_CERT_FILE=ca.pem localproxy -r {region} -e {endpoint} -s {aws_source} -t \"$(cat {source_file})\"",
+            f"AWSIOT_TUNNEL_ACCESS_TOKEN=$(cat {source_file}) SSL_CERT_FILE=ca.pem localproxy -r {region} "
+            f"-e {endpoint} -s {aws_source}",
         ]
     if "destination" in pending.tokens:
         commands["destination"] = [
             f"AWSIOT_TUNNEL_ACCESS_TOKEN=$(cat {destination_file}) twistd -n tunnelkit --mode destination "
             f"-e {endpoint} -c ca.pem -d {destination_map}",
-            f"SSL_CERT_FILE=ca.pem localproxy -r {region} -e {endpoint} -d {aws_destination} "
-            f"-t \"$(cat {destination_file})\"",
+            f"AWSIOT_TUNNEL_ACCESS_TOKEN=$(cat {destination_file}) SSL_CERT_FILE=ca.pem localproxy "
+            f"-r {region} -e {endpoint} -d {aws_destination}",
         ]
     return commands
 
