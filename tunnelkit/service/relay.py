@@ -154,7 +154,8 @@ from tunnelkit.service.metrics import (
     IRelayMetrics,
     RelayMetrics,
 )
-from tunnelkit.transport.websocket import FRAME_NOT_PLAIN, binary_frame_header, masked_frame
+from tunnelkit.transport.fastpath import FastWebSocket, set_buffer_size, transport_buffered
+from tunnelkit.transport.websocket import masked_frame
 
 __all__ = [
     "SUBPROTOCOLS",
@@ -609,6 +610,19 @@ class TunnelLink:
         return frames
 
 
+class _NoPlacement:
+    """The relay's C{placement} hook when the service is a single node: nothing to record."""
+
+    def peer_attached(self, peer: Any) -> None:
+        pass
+
+    def peer_detached(self, peer: Any) -> None:
+        pass
+
+
+NO_PLACEMENT = _NoPlacement()
+
+
 @implementer(ITunnelEvents)
 class Relay:
     """
@@ -639,6 +653,9 @@ class Relay:
         self._liveness: Optional[LoopingCall] = None
         #: The audit trail's hooks (L{tunnelkit.service.audit}); the service sets its trail here.
         self.audit: Any = NO_AUDIT
+        #: Told of each peer that attaches and detaches (a cluster node records where peers are:
+        #: L{tunnelkit.service.cluster.node.ClusterNode}); nothing on a single node.
+        self.placement: Any = NO_PLACEMENT
 
     # --- admission ---
 
@@ -750,6 +767,7 @@ class Relay:
                 peer.pause_reading("backpressure")
         self._set_state(link.tunnel_id, side, True)
         self.audit.peer_connected(peer)
+        self.placement.peer_attached(peer)
         log.info(
             "The {side} of tunnel {tunnel_id} connected on channel {channel_id} ({subprotocol})",
             side=side,
@@ -813,6 +831,7 @@ class Relay:
             return
         peer.detached = True
         self.audit.peer_disconnected(peer)
+        self.placement.peer_detached(peer)
         side = peer.side
         self.metrics.peer_connected(side, -1)
         count_now = self._websockets_per_account.get(link.account_id, 1) - 1
@@ -968,43 +987,13 @@ def _ws_header(size: int) -> bytes:
     return struct.pack("!BBQ", 0x82, 127, size)
 
 
-def _transport_buffered(transport: Any) -> int:
-    """Bytes waiting in a transport: the TLS layer's (if any) and the TCP transport's under it."""
-    from twisted.protocols.policies import ProtocolWrapper
-
-    total = 0
-    while isinstance(transport, ProtocolWrapper):  # TLS: not yet encrypted, or aggregated
-        total += sum(len(b) for b in getattr(transport, "_appSendBuffer", ()) or ())
-        pending = getattr(getattr(transport, "_aggregator", None), "_buffer", None)
-        if pending:
-            total += sum(len(b) for b in pending)
-        transport = transport.transport
-    buffer = getattr(transport, "dataBuffer", None)
-    if isinstance(buffer, (bytes, bytearray, memoryview)):
-        total += len(buffer) + getattr(transport, "_tempDataLen", 0)
-    return total
-
-
-def _set_buffer_size(transport: Any, size: int) -> None:
-    """
-    Make the TCP transport under C{transport} (TLS or not) pause its producer at C{size} bytes.
-    (Twisted also reads at most that many bytes at once from the socket.)
-    """
-    for _ in range(3):
-        inner = getattr(transport, "__dict__", {}).get("transport")
-        if inner is None:
-            break
-        transport = inner
-    if "bufferSize" in dir(type(transport)):
-        transport.bufferSize = size
-
-
-class PeerProtocol(WebSocketServerProtocol):
+class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
     """
     One tunnel client's WebSocket, service side.
 
-    Its factory (L{build_factory}) carries the C{relay} (a L{Relay}).  The hot path
-    (L{processData}, L{onMessage}) unmasks each whole binary message, decodes its tunnel frames,
+    Its factory (L{build_factory}) carries the C{relay} (a L{Relay}).  The hot path (the shared
+    fast path L{FastWebSocket}, then L{fast_message}, L{onMessage}) unmasks each whole binary
+    message, decodes its tunnel frames,
     checks them, and hands the raw frame bytes to the other peer's outbox; the outbox is flushed as
     WebSocket messages at the end of each read.
     """
@@ -1032,10 +1021,7 @@ class PeerProtocol(WebSocketServerProtocol):
         self._direction = ""
         self._producer_registered = False
         self._abort_call: Optional[IDelayedCall] = None
-        self._pieces: List[Any] = []  # the start of a frame that is still arriving
-        self._awaiting = 0  # bytes still missing from it
-        self._awaiting_size = 0  # its payload size
-        self._awaiting_mask = b""  # and its mask
+        self._pieces: List[Any] = []  # the start of a frame that is still arriving (the fast path's)
         self._framed: Optional[bytes] = None  # the message onMessage has, as a frame to send on
         self.announcement: Optional[bytes] = None  # the peer's ANNOUNCE frame (tunnelkit extensions)
         self.told = False  # whether this peer was sent its current partner's announcement
@@ -1125,7 +1111,7 @@ class PeerProtocol(WebSocketServerProtocol):
     # --- life cycle ---
 
     def onOpen(self) -> None:
-        _set_buffer_size(self.transport, self.factory.relay.limits.relay_buffer)
+        set_buffer_size(self.transport, self.factory.relay.limits.relay_buffer)
         self.sink = _SinkWatcher(self)
         self.transport.registerProducer(self.sink, True)
         self._producer_registered = True
@@ -1241,95 +1227,28 @@ class PeerProtocol(WebSocketServerProtocol):
 
     # --- the hot path ---
 
+    masked_in = True  # the fast path (L{FastWebSocket}): clients mask their frames
+
     def dataReceived(self, data: bytes) -> None:
         self.heard = True  # alive (see Relay._check_liveness)
-        # autobahn's own dataReceived formats a debug message on every call; skip it.
-        if self._awaiting:
-            # The rest of a frame whose size is known: collect the pieces; once it is whole,
-            # unmask it straight from them (one copy) and go on with what follows it.
-            self._pieces.append(data)
-            self._awaiting -= len(data)
-            if self._awaiting > 0:
-                return
-            extra = -self._awaiting
-            self._awaiting = 0
-            pieces = self._pieces
-            self._pieces = []
-            if extra:
-                pieces[-1] = memoryview(data)[: len(data) - extra]
-            self._take_message(self._awaiting_mask, pieces, self._awaiting_size)
-            data = data[len(data) - extra :] if extra else b""
-        if data:
-            self._dataReceived(data)
+        super().dataReceived(data)
         target = self._flush_target
         if target is not None:
             self._flush_target = None
             target.flush_outbox()
 
-    def processData(self) -> bool:
-        """
-        Take the frames in the input buffer.  The common case, whole unfragmented masked binary
-        messages, is unmasked and handed to L{onMessage} here, walking the buffer by offset (it is
-        cut once, not once per frame); any other frame (control frames, fragments, anything
-        malformed or too large) goes through autobahn's general parser, which enforces the
-        WebSocket rules on it.
-        """
-        if self.current_frame is not None or self.inside_message or self.state != self.STATE_OPEN:
-            return bool(super().processData())
-        data = self.data
-        size = len(data)
-        offset = 0
-        view = memoryview(data)
-        general = False  # the next frame is for autobahn's parser
-        while self.state == self.STATE_OPEN:
-            start, length = binary_frame_header(data, offset, masked=True)
-            if start < 0:
-                general = start == FRAME_NOT_PLAIN
-                break
-            end = start + length
-            if end > size:
-                # Wait for the rest of this frame (at most 131090 bytes) without re-copying the
-                # buffer on each read: see dataReceived.
-                self._pieces = [view[start:]]
-                self._awaiting = end - size
-                self._awaiting_size = length
-                self._awaiting_mask = data[start - 4 : start]
-                self.data = b""
-                return False
-            offset = end
-            self._take_message(data[start - 4 : start], (view[start:end],), length)
-        if offset:
-            self.data = data[offset:]
-        if general and self.state == self.STATE_OPEN:
-            return bool(super().processData())
-        return offset < size and self.state != self.STATE_OPEN
-
-    def _take_message(self, mask: bytes, parts: Sequence[Any], size: int) -> None:
-        """A whole masked binary message in C{parts}: unmask it and hand it to L{onMessage}."""
+    def fast_message(self, mask: Optional[bytes], parts: Sequence[Any], size: int) -> None:
+        """A whole masked binary message in C{parts}: unmask it (one copy) and hand it to L{onMessage}."""
         if not size:
             self.onMessage(b"", True)
             return
+        assert mask is not None
         frame, payload = _unmasked_frame(mask, parts, size)
         self._framed = frame
         try:
             self.onMessage(payload, True)
         finally:
             self._framed = None
-
-    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
-        # autobahn's sendData formats a debug message on every call; only the plain case is here.
-        if sync or chopsize or self.send_queue:
-            super().sendData(data, sync, chopsize)
-        else:
-            self.transport.write(data)
-
-    def onMessageEnd(self) -> None:
-        # autobahn's version also fires an observable "message" event (Deferreds per message);
-        # nothing here observes it.
-        if not self.failedByMe:
-            data = self.message_data
-            self.onMessage(data[0] if len(data) == 1 else b"".join(data), self.message_is_binary)
-        self.message_data = None
 
     def onPing(self, payload: bytes) -> None:
         self._charge(len(payload) + 2)
@@ -1508,7 +1427,7 @@ class PeerProtocol(WebSocketServerProtocol):
         message = getattr(self, "message_data", None)
         if message:
             total += sum(len(part) for part in message)
-        return total + _transport_buffered(self.transport)
+        return total + transport_buffered(self.transport)
 
 
 def exchange_announcements(one: PeerProtocol, other: PeerProtocol) -> None:
