@@ -336,6 +336,7 @@ class BrowserTerminal(WebSocketServerProtocol):
         self._finished = False
         self._waiting: Any = None
         self._connecting = False  # a "connect" message is being handled
+        self._known_key: Any = None  # the host key remembered for the thing, read before SSH starts
 
     # --- the handshake: signed in, same origin ---
 
@@ -355,7 +356,7 @@ class BrowserTerminal(WebSocketServerProtocol):
             pass
         morsel = jar.get(COOKIE_NAME)
         session = terminals.console.sessions.get(morsel.value if morsel else None)
-        if session is not None and not terminals.console.users.still_valid(
+        if session is not None and not await terminals.console.users.still_valid(
             session.account_id, session.user_name, session.created_at
         ):
             terminals.console.sessions.end(session)
@@ -509,6 +510,11 @@ class BrowserTerminal(WebSocketServerProtocol):
             self.finish("The tunnel was closed: the terminal has ended.")
             return
         if tunnel.destination.status == CONNECTED:
+            # Read before SSH starts: Conch's key exchange wants the host key checked at once.
+            if self.thing is not None:
+                self._known_key = await terminals.console.users.get_host_key(self.account.account_id, self.thing)
+                if self._finished:
+                    return
             self.status(f"Connected through the tunnel to {self.thing or 'the destination'}; opening SSH...")
             self._start_ssh()
             return
@@ -545,10 +551,12 @@ class BrowserTerminal(WebSocketServerProtocol):
         if self.thing is None:
             self._send(type="hostkey", status="unremembered", key_type=key_type, fingerprint=fingerprint)
             return defer.succeed(True)
-        known = users.get_host_key(self.account.account_id, self.thing)
+        known = self._known_key  # read before SSH started (_check_destination)
         if known is None:
-            users.remember_host_key(self.account.account_id, self.thing, key_type, fingerprint,
-                                    self.factory.terminals.clock.seconds())
+            d = users.remember_host_key(self.account.account_id, self.thing, key_type, fingerprint,
+                                        self.factory.terminals.clock.seconds())
+            d.addErrback(lambda f: log.failure("Console: could not remember the host key of {thing}", f,
+                                               thing=self.thing))
             self._send(type="hostkey", status="new", key_type=key_type, fingerprint=fingerprint)
             return defer.succeed(True)
         if known.fingerprint == fingerprint:
