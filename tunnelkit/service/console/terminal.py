@@ -11,7 +11,12 @@ The path of the bytes, with the protocol and transport layers every other source
         <-wss-> the service's own data plane (/tunnel) <-> the relay <-> the destination (agent) <-> sshd
 
 Connecting to the service's own listener, rather than pairing with the relay in memory, keeps the relay
-untouched and makes the console's source a peer like any other (its state, limits, audit, rotation).
+untouched and makes the console's source a peer like any other (its state, limits, audit, rotation); and
+with several service nodes the tunnel's destination may be held by another node: the cluster forwards a
+WebSocket upgrade to that node, which a pairing in memory with this node's relay would bypass.  The
+listener is reached at its bound address (a wildcard one through loopback) or unix path, and its TLS is
+checked against the listener's own certificate, pinned (L{pinned_client_tls}): so a certificate from
+another CA, or naming other hosts, works as well as the generated one.
 Nothing from L{tunnelkit.localproxy} is used.
 
 Where the source token comes from: quick setup keeps the one OpenTunnel returned
@@ -50,7 +55,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.conch.ssh import channel, common, connection, keys, transport, userauth
 from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -67,7 +72,7 @@ from tunnelkit.protocol.session import (
 )
 from tunnelkit.service.console.sessions import COOKIE_NAME, Session
 from tunnelkit.service.store import CONNECTED, OPEN, NoSuchAccount
-from tunnelkit.transport.tls import client_tls_options
+from tunnelkit.transport.tls import pinned_client_tls
 from tunnelkit.transport.websocket import TunnelWebSocketFactory, WebSocketEnded, tunnel_url
 
 log = Logger()
@@ -608,17 +613,15 @@ class Terminals:
     """
     The console's browser terminals.
 
-    @param data_plane: returns (secure, port) of the service's own listener once it listens.
-    @param ca_path: the service's CA certificate (to check its own certificate).
+    @param data_plane: returns the service's own listener (L{tunnelkit.service.tap.DataPlaneAddress}:
+        its bound address and its TLS certificate) once it listens, or None.
     """
 
-    def __init__(self, console: Any, reactor: Any, clock: IReactorTime,
-                 data_plane: Callable[[], Optional[Tuple[bool, int]]], ca_path: Optional[str]) -> None:
+    def __init__(self, console: Any, reactor: Any, clock: IReactorTime, data_plane: Callable[[], Optional[Any]]) -> None:
         self.console = console
         self.reactor = reactor
         self.clock = clock
         self._data_plane = data_plane
-        self._ca_path = ca_path
         self._held: Dict[str, Tuple[str, str, str]] = {}  # tunnel id -> (account id, token, client token)
         self._open: List[BrowserTerminal] = []
 
@@ -662,15 +665,11 @@ class Terminals:
         return held[1], held[2]
 
     def connect_source(self, source: TunnelSource, token: str, client_token: str) -> None:
-        address = self._data_plane()
-        if address is None:
+        target = self._data_plane()
+        if target is None:
             raise TerminalError("The service is not listening yet: try again in a moment.")
-        secure, port = address
-        url = tunnel_url(secure, "127.0.0.1", port, "source")
+        endpoint, url = self._endpoint(target)
         factory = TunnelWebSocketFactory(url, token, client_token, source, self.clock, reactor=self.reactor)
-        endpoint: Any = endpoints.TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=30)
-        if secure:
-            endpoint = endpoints.wrapClientTLS(client_tls_options("127.0.0.1", self._ca_path), endpoint)
         d = endpoint.connect(factory)
         source.connector = d
 
@@ -682,6 +681,27 @@ class Terminals:
             source.connector = None
 
         d.addCallbacks(connected, failed)
+
+    def _endpoint(self, target: Any) -> Tuple[Any, str]:
+        """
+        The client endpoint and URL of the service's own listener C{target} (a L{DataPlaneAddress}):
+        its bound address (a wildcard one through loopback) or unix path, and, for TLS, its own
+        certificate pinned (whatever CA signed it and whatever names it carries).
+        """
+        address = target.address
+        if isinstance(address, UNIXAddress):
+            endpoint: Any = endpoints.UNIXClientEndpoint(self.reactor, address.name, timeout=30)
+            url = tunnel_url(target.secure, "localhost", 80 if not target.secure else 443, "source")
+        else:
+            v6 = isinstance(address, IPv6Address)
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(address.host, address.host)
+            endpoint = (endpoints.TCP6ClientEndpoint if v6 else endpoints.TCP4ClientEndpoint)(
+                self.reactor, host, address.port, timeout=30
+            )
+            url = tunnel_url(target.secure, host, address.port, "source")
+        if target.certificate is not None:
+            endpoint = endpoints.wrapClientTLS(pinned_client_tls(target.certificate), endpoint)
+        return endpoint, url
 
     # --- bookkeeping ---
 
