@@ -63,8 +63,12 @@ from zope.interface import implementer
 
 from tunnelkit.protocol.session import (
     CloseLocal,
+    ConnectTarget,
     Fatal,
+    HalfCloseLocal,
     LocalConnectionRefused,
+    PauseLocal,
+    ResumeLocal,
     SendFrames,
     SourceSession,
     StartListening,
@@ -72,6 +76,7 @@ from tunnelkit.protocol.session import (
 )
 from tunnelkit.service.console.sessions import COOKIE_NAME, Session
 from tunnelkit.service.store import CONNECTED, OPEN, NoSuchAccount
+from tunnelkit.transport.actions import ActionDispatcher
 from tunnelkit.transport.tls import pinned_client_tls
 from tunnelkit.transport.websocket import TunnelWebSocketFactory, WebSocketEnded, tunnel_url
 
@@ -131,15 +136,19 @@ class TunnelSource:
     @param on_ready: called once the tunnel's service ids arrived (the connection may start).
     @param on_data: bytes from the device.
     @param on_end: called once with a message when the connection or the WebSocket ends.
+    @param on_pause: called with True when the far peer grants no more credit (stop sending), False
+        when it does again (flow control; not negotiated by the console today).
     """
 
     def __init__(self, service_id: str, on_ready: Callable[[], None], on_data: Callable[[bytes], None],
-                 on_end: Callable[[str], None]) -> None:
+                 on_end: Callable[[str], None], on_pause: Callable[[bool], None] = lambda paused: None) -> None:
         self.service_id = service_id
         self.session = SourceSession([service_id])
         self._on_ready = on_ready
         self._on_data = on_data
         self._on_end = on_end
+        self._on_pause = on_pause
+        self._dispatch = ActionDispatcher(self._action_handlers())
         self.websocket: Any = None
         self.connection_id: Optional[int] = None
         self.connector: Any = None
@@ -189,23 +198,60 @@ class TunnelSource:
             self.connector.cancel()
 
     def _perform(self, actions: List[Any]) -> None:
-        for action in actions:
-            if isinstance(action, SendFrames):
-                if self.websocket is not None:
-                    self.websocket.send_frames(action.data, action.boundary)
-            elif isinstance(action, StartListening):
-                self._on_ready()
-            elif isinstance(action, WriteLocal):
-                if action.connection_id == self.connection_id:
-                    self._on_data(bytes(action.data))
-            elif isinstance(action, CloseLocal):
-                if action.connection_id == self.connection_id:
-                    self.connection_id = None
-                    self._end(f"The device closed the connection ({action.reason}).")
-            elif isinstance(action, Fatal):
-                self._end(f"The tunnel cannot be used: {action.message}")
+        self._dispatch(actions)
         if self.websocket is not None:
             self.websocket.flush()
+
+    def _action_handlers(self) -> Dict[type, Callable[[Any], None]]:
+        """
+        Every action of the session (L{ActionDispatcher} refuses a table that lacks one).  The console
+        announces no extensions, so the relay sends it no flow-control or half-close messages; should
+        the session return those actions anyway, they are carried out: a pause stops reading the
+        browser's keystrokes, a half-close from the device ends the SSH session.
+        """
+        def mine(action: Any) -> bool:
+            return bool(action.connection_id == self.connection_id and self.connection_id is not None)
+
+        def send_frames(action: SendFrames) -> None:
+            if self.websocket is not None:
+                self.websocket.send_frames(action.data, action.boundary)
+
+        def write_local(action: WriteLocal) -> None:
+            if mine(action):
+                self._on_data(bytes(action.data))
+
+        def close_local(action: CloseLocal) -> None:
+            if mine(action):
+                self.connection_id = None
+                self._end(f"The device closed the connection ({action.reason}).")
+
+        def half_close_local(action: HalfCloseLocal) -> None:
+            if mine(action):  # SSH needs both directions: the device's last byte ends the session
+                self.connection_id = None
+                self._end("The device closed the connection (it sent its last byte).")
+
+        def pause_local(action: PauseLocal) -> None:
+            if mine(action):
+                self._on_pause(True)
+
+        def resume_local(action: ResumeLocal) -> None:
+            if mine(action):
+                self._on_pause(False)
+
+        def connect_target(action: ConnectTarget) -> None:  # a destination's action: never at a source
+            self._end(f"The tunnel cannot be used: the console's source was asked to connect {action.service_id}.")
+
+        return {
+            SendFrames: send_frames,
+            StartListening: lambda action: self._on_ready(),
+            ConnectTarget: connect_target,
+            WriteLocal: write_local,
+            CloseLocal: close_local,
+            PauseLocal: pause_local,
+            ResumeLocal: resume_local,
+            HalfCloseLocal: half_close_local,
+            Fatal: lambda action: self._end(f"The tunnel cannot be used: {action.message}"),
+        }
 
     def _end(self, message: str) -> None:
         if self._reported:
@@ -489,7 +535,8 @@ class BrowserTerminal(WebSocketServerProtocol):
             return
         if self._finished:
             return  # the browser went away meanwhile
-        self.source = TunnelSource(self.service_id, self._tunnel_ready, self._from_device, self.finish)
+        self.source = TunnelSource(self.service_id, self._tunnel_ready, self._from_device, self.finish,
+                                   self._pause_keystrokes)
         try:
             terminals.connect_source(self.source, token, client_token)
         except TerminalError as e:
@@ -539,6 +586,11 @@ class BrowserTerminal(WebSocketServerProtocol):
                 pass
         self.ssh = _ClientTransport(self)
         self.ssh.makeConnection(_TunnelConnection(self.source))
+
+    def _pause_keystrokes(self, paused: bool) -> None:
+        """The tunnel takes no more bytes toward the device for now: stop (or go on) reading the browser."""
+        if self.transport is not None:
+            (self.transport.pauseProducing if paused else self.transport.resumeProducing)()
 
     def _from_device(self, data: bytes) -> None:
         if self.ssh is not None:
