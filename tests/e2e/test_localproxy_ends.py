@@ -10,7 +10,7 @@ import sys
 
 from twisted.trial.unittest import TestCase
 
-from tests.e2e.harness import Harness, free_port, wait_until
+from tests.e2e.harness import Harness, wait_until
 
 #: A server that sends C{total} bytes to each connection, then closes it.
 FIREHOSE = r"""
@@ -28,7 +28,7 @@ def serve(conn):
     conn.close()
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(8)
-print("firehose ready", flush=True)
+print("firehose ready on", s.getsockname()[1], flush=True)
 while True:
     conn, _ = s.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
@@ -54,9 +54,8 @@ class HonestEndTests(TestCase):
 
     def tunnel_with_firehose(self, h: Harness, total: int) -> tuple:
         h.start_service(tls=False)
-        port = free_port()
-        firehose = h.spawn("firehose", [sys.executable, "-c", FIREHOSE, str(port), str(total)])
-        firehose.wait_for_log("firehose ready")
+        firehose = h.spawn("firehose", [sys.executable, "-c", FIREHOSE, "0", str(total)])  # binds a free port
+        port = int(firehose.wait_for_log(r"firehose ready on (\d+)").group(1))
         tunnel = h.open_tunnel(["BULK"])
         destination = h.start_destination(tunnel.destination_token, f"BULK={port}")
         source = h.start_source(tunnel.source_token, "BULK=0")

@@ -44,7 +44,9 @@ The in-memory tunnel, for tests that need no process, is L{tunnelkit.testing.mem
 from __future__ import annotations
 
 import configparser
+import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -55,7 +57,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 #: This checkout (put first on the children's PYTHONPATH, so a worktree's code is the one that runs).
 REPOSITORY_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,6 +111,46 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: Where L{unassigned_port} picks: below the kernel's ephemeral range (C{net.ipv4.ip_local_port_range},
+#: 32768-60999 by default), which port 0 and outgoing connections draw from.
+UNASSIGNED_PORTS = (20000, 32768)
+
+
+def unassigned_port() -> int:
+    """
+    A random port for a server that must be told its port (sshd, mosquitto): outside the ephemeral
+    range, so no server binding port 0 and no outgoing connection can take it between this call and
+    the server's bind.  Only another caller of this function may pick the same one, and then the server
+    that binds second fails with "address in use": start it with L{start_on_told_port}, which tries
+    another port then.  (L{free_port} has no such guarantee: another test may bind port 0 and get it.)
+    """
+    low, high = UNASSIGNED_PORTS
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = min(high, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        pass
+    return random.randrange(low, high)
+
+
+def start_on_told_port(start: Callable[[int], Child], listening: str, taken: str = r"[Aa]ddress already in use",
+                       attempts: int = 10, timeout: float = DEFAULT_TIMEOUT) -> Tuple[Child, int]:
+    """
+    Start a server that cannot bind port 0 and report it: C{start(port)} on an L{unassigned_port}
+    until its log matches C{listening} (a pattern, C{{port}} replaced by the port) rather than C{taken}.
+
+    @return: the server and its port.
+    """
+    for _ in range(attempts):
+        port = unassigned_port()
+        child = start(port)
+        match = child.wait_for_log(f"(?P<listening>{listening.format(port=port)})|(?P<taken>{taken})", timeout)
+        if match.group("listening"):
+            return child, port
+        child.kill()
+    raise AssertionError(f"{attempts} ports were taken in a row: {taken!r} each time")
 
 
 def rss_mb(pid: int) -> float:
@@ -332,7 +374,6 @@ class Sshd:
 
     def __init__(self, harness: "Harness") -> None:
         self.dir = harness.directory("sshd")
-        self.port = free_port()
         self.user = _current_user()
         host_key = os.path.join(self.dir, "host_ed25519")
         self.key = os.path.join(self.dir, "user_ed25519")
@@ -343,13 +384,18 @@ class Sshd:
         config = os.path.join(self.dir, "sshd_config")
         with open(config, "w") as f:
             f.write(
-                f"ListenAddress 127.0.0.1\nPort {self.port}\nHostKey {host_key}\n"
+                f"ListenAddress 127.0.0.1\nHostKey {host_key}\n"
                 f"AuthorizedKeysFile {self.dir}/authorized_keys\nPidFile none\nUsePAM no\nStrictModes no\n"
                 "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
                 "Subsystem sftp internal-sftp\nLogLevel INFO\n"
             )
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        self.process = harness.spawn("sshd", [SSHD, "-D", "-e", "-f", config], self.dir)
+        # sshd cannot listen on port 0 and say which port it got: it is told one (-p)
+        self.process, self.port = start_on_told_port(
+            lambda port: harness.spawn("sshd", [SSHD, "-D", "-e", "-f", config, "-p", str(port)], self.dir),
+            r"Server listening on 127\.0\.0\.1 port {port}\.",
+            r"Address already in use|Cannot bind any address",
+        )
         wait_until(self._banner, DEFAULT_TIMEOUT, f"sshd on port {self.port}")
 
     def _banner(self) -> bool:
@@ -532,8 +578,7 @@ class Harness:
         )
 
     def start_echo(self, name: str = "echo") -> int:
-        """A TCP echo server (a subprocess) on 127.0.0.1; its port."""
-        port = free_port()
+        """A TCP echo server (a subprocess) on 127.0.0.1, on a port it bound itself; its port."""
         script = (
             "import sys\n"
             "from twisted.internet import reactor, protocol\n"
@@ -541,13 +586,12 @@ class Harness:
             "    def dataReceived(self, data):\n"
             "        self.transport.write(data)\n"
             "f = protocol.Factory.forProtocol(Echo)\n"
-            f"reactor.listenTCP({port}, f, interface='127.0.0.1')\n"
-            "print('echo listening', flush=True)\n"
+            "port = reactor.listenTCP(0, f, interface='127.0.0.1')\n"
+            "print('echo listening on', port.getHost().port, flush=True)\n"
             "reactor.run()\n"
         )
         process = self.spawn(name, [sys.executable, "-c", script])
-        process.wait_for_log("echo listening")
-        return port
+        return int(process.wait_for_log(r"echo listening on (\d+)").group(1))
 
     def start_apps(self, name: str = "apps") -> int:
         """The L{tunnelkit.testapps} server (sink, echo, ...) on 127.0.0.1; its port."""
@@ -562,44 +606,72 @@ class Harness:
 
 # --- the service without a harness ---------------------------------------------------------------
 
+def _logged_urls(log: str) -> Dict[str, List[str]]:
+    """From a JSON event log: C{url} fields of the events whose format begins with each known text."""
+    found: Dict[str, List[str]] = {}
+    for line in log.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        text = str(event.get("log_format", ""))
+        for start in ("API listening on", "Metrics (Prometheus) on"):
+            if text.startswith(start) and "url" in event:
+                found.setdefault(start, []).append(str(event["url"]))
+    return found
+
+
+def _url_port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
 class ServiceProcess:
     """
     C{tunnelkit --mode service} in a child process (C{python -m twisted}), on two ephemeral loopback
-    ports: C{tls_port} (wss/https) and C{tcp_port} (ws/http), with its state in a temporary
+    ports it binds itself and logs: C{tls_port} (wss/https) and C{tcp_port} (ws/http) (and
+    C{metrics_port} with C{--metrics-listen tcp:0:...}), with its state in a temporary
     directory.  C{api} is a boto3 C{iotsecuretunneling} client for it (the generated credentials,
     verified against the generated CA, whose PEM is C{ca}).  Always call L{stop}.
     """
 
     def __init__(self, extra_args: Sequence[str] = (), timeout: float = 30.0) -> None:
         self.state_dir = tempfile.mkdtemp(prefix="tunnelkit-service-")
-        self.tls_port = free_port()
-        self.tcp_port = free_port()
+        self.log_path = os.path.join(self.state_dir, "service.log")
         args = [
             sys.executable, "-m", "twisted",
-            "--log-file", os.path.join(self.state_dir, "service.log"),
+            "--log-file", self.log_path,
             "tunnelkit", "--mode", "service", "--state-dir", self.state_dir,
-            "--listen", f"ssl:{self.tls_port}:interface=127.0.0.1",
-            "--listen", f"tcp:{self.tcp_port}:interface=127.0.0.1",
+            "--listen", "ssl:0:interface=127.0.0.1",
+            "--listen", "tcp:0:interface=127.0.0.1",
             *extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.ca_path = os.path.join(self.state_dir, "ca.pem")
         credentials_path = os.path.join(self.state_dir, "credentials")
+        metrics = "--metrics-listen" in extra_args or any(a.startswith("--metrics-listen=") for a in extra_args)
+        #: The port of C{--metrics-listen} (if given), as the service bound and logged it.
+        self.metrics_port: Optional[int] = None
         deadline = time.monotonic() + timeout
         try:
             while True:
                 if self.process.poll() is not None:
                     error = self.process.stderr.read().decode()  # type: ignore[union-attr]
                     raise RuntimeError(f"the service exited at start: {error}")
-                try:
-                    for port in (self.tls_port, self.tcp_port):
-                        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    if os.path.exists(credentials_path):
-                        break
-                except OSError:
-                    pass
+                log = ""
+                if os.path.exists(self.log_path):
+                    with open(self.log_path, "rb") as f:
+                        log = f.read().decode("utf-8", "replace")
+                # the ports it bound (port 0 above), from its log (twist's: one JSON event a line)
+                urls = _logged_urls(log)
+                tls = [u for u in urls.get("API listening on", []) if u.startswith("https://")]
+                tcp = [u for u in urls.get("API listening on", []) if u.startswith("http://")]
+                scraped = urls.get("Metrics (Prometheus) on", [])
+                if tls and tcp and (scraped or not metrics) and os.path.exists(credentials_path):
+                    self.tls_port, self.tcp_port = _url_port(tls[0]), _url_port(tcp[0])
+                    self.metrics_port = _url_port(scraped[0]) if scraped else None
+                    break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the service did not start in {timeout} s")
+                    raise RuntimeError(f"the service did not start in {timeout} s:\n{log[-2000:]}")
                 time.sleep(0.05)
         except BaseException:
             self.process.kill()
