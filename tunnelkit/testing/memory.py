@@ -228,7 +228,7 @@ class _Listener:
 class MemoryNetwork(MemoryReactorClock):
     """
     A L{MemoryReactorClock} whose C{listenTCP} and C{connectTCP} meet: a connection to a port
-    something listens on is accepted at the next L{pump}, over iosim transports; to any other port
+    something listens on is accepted at the next L{flush}, over iosim transports; to any other port
     it is refused.  Port 0 takes the next free port from L{EPHEMERAL_PORTS} up.
     """
 
@@ -288,7 +288,7 @@ class MemoryNetwork(MemoryReactorClock):
         server.makeConnection(server_transport)
         client.makeConnection(client_transport)
 
-    def pump(self, limit: int = 100000) -> None:
+    def flush(self, limit: int = 100000) -> None:
         """Run what is due now and move bytes until nothing moves any more."""
         for _ in range(limit):
             self.advance(0)
@@ -301,18 +301,18 @@ class MemoryNetwork(MemoryReactorClock):
                 return
         raise AssertionError(f"the in-memory network still moves bytes after {limit} rounds")
 
-    def run(self, seconds: float, step: float = 0.1) -> None:
-        """Let C{seconds} pass in steps of C{step}, pumping after each."""
-        self.pump()
+    def let_pass(self, seconds: float, step: float = 0.1) -> None:
+        """Let C{seconds} pass in steps of C{step}, flushing after each."""
+        self.flush()
         end = self.seconds() + seconds
         while self.seconds() + step <= end + 1e-9:
             self.advance(step)
-            self.pump()
+            self.flush()
 
     # --- applications ---
 
     def connect_app(self, port: int, host: str = "127.0.0.1") -> "App":
-        """An application's connection to C{port} (connected at the next L{pump})."""
+        """An application's connection to C{port} (connected at the next L{flush})."""
         app = App()
         factory = _AppClientFactory(app)
         self.connectTCP(host, port, factory)
@@ -356,15 +356,21 @@ class App(Protocol):
     def connectionMade(self) -> None:
         self.connected_ = True
 
+    @property
+    def link(self) -> _Transport:
+        """This end's in-memory transport."""
+        assert isinstance(self.transport, _Transport), "not connected over a MemoryNetwork"
+        return self.transport
+
     def dataReceived(self, data: bytes) -> None:
         self.received += data
         if self.echo:
-            self.transport.write(data)
+            self.link.write(data)
 
     def readConnectionLost(self) -> None:
         self.eof = True
         if self.echo:
-            self.transport.loseWriteConnection()
+            self.link.loseWriteConnection()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -383,28 +389,29 @@ class App(Protocol):
         return self.lost is not None
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        self.link.write(data)
 
     def shutdown_write(self) -> None:
         """Half-close: the last byte was written (FIN)."""
-        self.transport.loseWriteConnection()
+        self.link.loseWriteConnection()
 
     def close(self) -> None:
-        self.transport.loseConnection()
+        self.link.loseConnection()
 
     def reset(self) -> None:
-        self.transport.abortConnection()
+        self.link.abortConnection()
 
     def pause_reading(self) -> None:
         """Stop reading: what the peer sends waits in its send buffer."""
-        self.transport.pauseProducing()
+        self.link.pauseProducing()
 
     def resume_reading(self) -> None:
-        self.transport.resumeProducing()
+        self.link.resumeProducing()
 
     def read_some(self, size: int) -> int:
         """While not reading (L{pause_reading}): read at most C{size} bytes that wait; how many."""
-        peer = self.transport.peer
+        peer = self.link.peer
+        assert peer is not None
         data = b"".join(peer.stream)
         taken, rest = data[:size], data[size:]
         peer.stream = [rest] if rest else []
@@ -487,12 +494,12 @@ class MemoryTunnel:
         return token
 
     def pump(self) -> None:
-        """Run what is due and move the bytes (L{MemoryNetwork.pump})."""
-        self.network.pump()
+        """Run what is due and move the bytes (L{MemoryNetwork.flush})."""
+        self.network.flush()
 
     def run(self, seconds: float, step: float = 0.1) -> None:
-        """Let C{seconds} pass on the clock (L{MemoryNetwork.run})."""
-        self.network.run(seconds, step)
+        """Let C{seconds} pass on the clock (L{MemoryNetwork.let_pass})."""
+        self.network.let_pass(seconds, step)
 
     def _start(self, side: Any, token: str, client_token: Optional[str],
                retry_policy: Optional[Callable[[int], float]], pace: float) -> LocalProxySession:

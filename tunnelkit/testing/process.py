@@ -785,17 +785,19 @@ def run_old_format_peer(url: str, message_format: str, target_port: int, token: 
             if m.serviceId and not v2:
                 fail(f"received a service id: {m}")
             service = m.serviceId
+            state: Optional[List[Any]]
             if m.type == Message.STREAM_START:
                 old = self.streams.pop(service, None)
                 if old is not None and old[1] is not None:
                     old[1].transport.loseConnection()
-                state = self.streams[service] = [m.streamId, None, []]
+                started: List[Any] = [m.streamId, None, []]
+                self.streams[service] = started
                 print(f"peer stream start {service or '-'} {m.streamId}", flush=True)
 
                 def connected(local: Any) -> None:
-                    if self.streams.get(service) is state:
-                        state[1] = local
-                        for data in state[2]:
+                    if self.streams.get(service) is started:
+                        started[1] = local
+                        for data in started[2]:
                             local.transport.write(data)
                     else:
                         local.transport.loseConnection()
