@@ -276,3 +276,45 @@ class _RecordingProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+class OldFormatTests(TestCase):
+    """A source run with C{-y V1} / C{-y V2} against a destination that speaks only that format
+    (L{tunnelkit.testing.memory.old_format_peer}, written from the V1/V2 guides only)."""
+
+    def test_v1_destination(self) -> None:
+        tunnel = MemoryTunnel(self, ["SSH"])
+        tunnel.network.serve_echo(ECHO[1])
+        peer = tunnel.start_old_format_peer("V1", ECHO[1])
+        tunnel.pump()
+        self.assertIn("peer connected (V1)", peer.said)
+        source = tunnel.start_source({"": 0}, client_type="V1")
+        tunnel.pump()
+        for n in range(3):  # one connection at a time, each its own stream
+            app = tunnel.connect(source, "SSH")
+            app.write(payload(n, 300 * 1024))
+            tunnel.pump()
+            self.assertEqual(bytes(app.received), payload(n, 300 * 1024))
+            app.close()
+            tunnel.pump()
+        self.assertIn("peer stream start - 3", peer.said)
+        self.assertEqual(peer.errors, [])
+
+    def test_v2_destination(self) -> None:
+        tunnel = MemoryTunnel(self, ["WEB1", "WEB2"])
+        tunnel.network.serve_echo(ECHO[1])
+        peer = tunnel.start_old_format_peer("V2", ECHO[1])
+        tunnel.pump()
+        source = tunnel.start_source({"WEB1": 0, "WEB2": 0}, client_type="V2")
+        tunnel.pump()
+        for n in range(2):  # one connection per service at a time, both services at once
+            apps = [tunnel.connect(source, service) for service in ("WEB1", "WEB2")]
+            for i, app in enumerate(apps):
+                app.write(payload(10 * n + i, 256 * 1024))
+            tunnel.pump()
+            for i, app in enumerate(apps):
+                self.assertEqual(bytes(app.received), payload(10 * n + i, 256 * 1024))
+                app.close()
+            tunnel.pump()
+        self.assertIn("peer stream start WEB2 2", peer.said)
+        self.assertEqual(peer.errors, [])

@@ -19,7 +19,6 @@ from tunnelkit.testing.process import (  # noqa: F401
     Tunnel,
     exchange,
     free_port,
-    run_old_format_peer,
     wait_until,
 )
 

@@ -443,6 +443,14 @@ class _AppClientFactory(ClientFactory):
         pass
 
 
+class OldFormatPeer:
+    """What an old-format peer (L{MemoryTunnel.start_old_format_peer}) said, and its errors."""
+
+    def __init__(self) -> None:
+        self.said: List[str] = []
+        self.errors: List[str] = []
+
+
 class MemoryServiceEndpoint(ServiceEndpoint):
     """C{ws://HOST:PORT} on the L{MemoryNetwork} (the real endpoint, less the name resolution)."""
 
@@ -526,6 +534,18 @@ class MemoryTunnel:
         side = DestinationSide(mapping, self.network, self.network, **side_options)
         return self._start(side, token or self.opened.destination_token, client_token, retry_policy, pace)
 
+    def start_old_format_peer(self, message_format: str, target_port: int, token: Optional[str] = None) -> "OldFormatPeer":
+        """
+        A destination that speaks only the V1 or V2 message format (L{old_format_peer}), to the
+        target C{target_port} of the network.
+        """
+        peer = OldFormatPeer()
+        url = f"ws://127.0.0.1:{SERVICE_PORT}/tunnel?local-proxy-mode=destination"
+        factory = old_format_peer(self.network, url, message_format, target_port,
+                                  token or self.opened.destination_token, peer.errors.append, peer.said.append)
+        self.network.connectTCP("127.0.0.1", SERVICE_PORT, factory)
+        return peer
+
     def port_of(self, source: LocalProxySession, service_id: str) -> int:
         """The port C{source} listens on for C{service_id}."""
         return int(source.side.ports[service_id])
@@ -548,3 +568,104 @@ class MemoryTunnel:
             self.pump()
         finally:
             self._loop.__exit__(None, None, None)
+
+
+def old_format_peer(reactor: Any, url: str, message_format: str, target_port: int, token: str,
+                    fail: Callable[[str], None], say: Callable[[str], None],
+                    closed: Callable[[], None] = lambda: None) -> Any:
+    """
+    A destination written from the V1/V2 protocol guides only (no connection ids, one TCP connection
+    per stream to 127.0.0.1:C{target_port}), like AWS IoT Device Client (V1) or localproxy 2.x (V2):
+    the WebSocket client factory for C{url}.  It calls C{fail} if the source sends it anything its
+    format does not have (a connection id, CONNECTION_START/RESET, or for V1 a service id), so a test
+    sees the source really speaks that format; C{say} with what it does.
+    """
+    from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+
+    from tunnelkit.protocol.framing import FrameDecoder, Message, encode_message, parse_message
+
+    v2 = message_format == "V2"
+    subprotocol = "aws.iot.securetunneling-2.0" if v2 else "aws.iot.securetunneling-1.0"
+
+    class Local(Protocol):
+        def __init__(self, peer: Any, stream_id: int, service_id: str) -> None:
+            self.peer, self.stream_id, self.service_id = peer, stream_id, service_id
+
+        def dataReceived(self, data: bytes) -> None:
+            for i in range(0, len(data), 63 * 1024):
+                self.peer.send(Message(type=Message.DATA, streamId=self.stream_id, payload=data[i : i + 63 * 1024],
+                                       serviceId=self.service_id))
+
+        def connectionLost(self, reason: Any = None) -> None:
+            state = self.peer.streams.get(self.service_id)
+            if state is not None and state[0] == self.stream_id and state[1] is self:
+                del self.peer.streams[self.service_id]
+                self.peer.send(Message(type=Message.STREAM_RESET, streamId=self.stream_id, serviceId=self.service_id))
+
+    class Peer(WebSocketClientProtocol):
+        def onOpen(self) -> None:
+            self.decoder = FrameDecoder()
+            self.streams: Dict[str, Any] = {}  # service id -> [stream id, Local or None, pending bytes]
+            say(f"peer connected ({message_format})")
+
+        def send(self, message: Any) -> None:
+            if not v2:
+                message.ClearField("serviceId")
+            self.sendMessage(encode_message(message), isBinary=True)
+
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
+            for body in self.decoder.feed(payload):
+                self.handle(parse_message(body))
+
+        def handle(self, m: Any) -> None:
+            if m.type == Message.SERVICE_IDS:
+                say(f"peer service ids {list(m.availableServiceIds)}")
+                return
+            if m.type in (Message.CONNECTION_START, Message.CONNECTION_RESET) or m.connectionId:
+                fail(f"received a V3 message: {m}")
+            if m.serviceId and not v2:
+                fail(f"received a service id: {m}")
+            service = m.serviceId
+            state: Optional[List[Any]]
+            if m.type == Message.STREAM_START:
+                old = self.streams.pop(service, None)
+                if old is not None and old[1] is not None:
+                    old[1].transport.loseConnection()
+                started: List[Any] = [m.streamId, None, []]
+                self.streams[service] = started
+                say(f"peer stream start {service or '-'} {m.streamId}")
+
+                def connected(local: Any) -> None:
+                    if self.streams.get(service) is started:
+                        started[1] = local
+                        for data in started[2]:
+                            local.transport.write(data)
+                    else:
+                        local.transport.loseConnection()
+
+                endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", target_port)
+                endpoint.connect(Factory.forProtocol(lambda: Local(self, m.streamId, service))).addCallback(connected)
+            elif m.type == Message.DATA:
+                state = self.streams.get(service)
+                if state is None or state[0] != m.streamId:
+                    return
+                if state[1] is None:
+                    state[2].append(m.payload)
+                else:
+                    state[1].transport.write(m.payload)
+            elif m.type == Message.STREAM_RESET:
+                state = self.streams.get(service)
+                if state is not None and state[0] == m.streamId:
+                    del self.streams[service]
+                    if state[1] is not None:
+                        state[1].transport.loseConnection()
+
+        def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+            say(f"peer closed {code} {reason}")
+            closed()
+
+    factory = WebSocketClientFactory(url, protocols=[subprotocol], headers={"access-token": token}, reactor=reactor)
+    factory.protocol = Peer
+    return factory

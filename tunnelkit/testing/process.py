@@ -33,8 +33,7 @@ trial test case (or on nothing: the caller calls it) and knows the service, the 
 Tokens go through the environment.  Also on L{Harness}: C{kill_service()} / C{restart_service()}
 (kill -9, then the same port and state directory; C{service.process.restart()} also comes back on
 its port), C{api()} (botocore with the service's generated credentials), C{start_echo()},
-C{start_apps()} (the L{tunnelkit.testapps} server), C{start_old_format_peer(token, "V1"|"V2", port)}
-(a destination that speaks only the V1 or V2 message format and exits 3 on anything newer).  And:
+C{start_apps()} (the L{tunnelkit.testapps} server).  And:
 L{free_port}, L{exchange} (send bytes to a local port, read the answer), L{rss_mb}, and
 L{ServiceProcess} (the service on a TLS and a plain port with a boto3 client, without a harness).
 The in-memory tunnel, for tests that need no process, is L{tunnelkit.testing.memory}.
@@ -566,17 +565,6 @@ class Harness:
     def start_sshd(self) -> Sshd:
         return Sshd(self)
 
-    def start_old_format_peer(self, token: str, message_format: str, target_port: int) -> Process:
-        """A V1- or V2-only destination test peer (see L{run_old_format_peer}) on the ws:// service."""
-        assert self.service is not None and not self.service.secure
-        url = f"ws://127.0.0.1:{self.service.port}/tunnel?local-proxy-mode=destination"
-        return self.spawn(
-            f"peer-{message_format}",
-            [sys.executable, "-m", "tunnelkit.testing.process", "peer", "--url", url, "--format", message_format,
-             "--target", str(target_port)],
-            env={"AWSIOT_TUNNEL_ACCESS_TOKEN": token, "PYTHONPATH": REPOSITORY_TOP},
-        )
-
     def start_echo(self, name: str = "echo") -> int:
         """A TCP echo server (a subprocess) on 127.0.0.1, on a port it bound itself; its port."""
         script = (
@@ -718,125 +706,3 @@ class ServiceProcess:
         if self.process.stderr is not None:
             self.process.stderr.close()
         shutil.rmtree(self.state_dir, True)
-
-
-# --- a destination test peer that speaks only the V1 or V2 message format -------------------------
-
-PEER_USAGE = "python -m tunnelkit.testing.process peer --url WS_URL --format V1|V2 --target PORT  (token: $AWSIOT_TUNNEL_ACCESS_TOKEN)"
-
-
-def run_old_format_peer(url: str, message_format: str, target_port: int, token: str) -> None:
-    """
-    A destination written from the V1/V2 protocol guides only (no connection ids, one TCP connection
-    per stream), like AWS IoT Device Client (V1) or localproxy 2.x (V2).  It exits with status 3 if
-    the source sends it anything its format does not have (a connection id, CONNECTION_START/RESET,
-    or for V1 a service id), so a test sees the source really speaks that format.
-    """
-    from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import TCP4ClientEndpoint
-    from twisted.internet.protocol import Factory, Protocol
-
-    from tunnelkit.protocol.framing import FrameDecoder, Message, encode_message, parse_message
-
-    v2 = message_format == "V2"
-    subprotocol = "aws.iot.securetunneling-2.0" if v2 else "aws.iot.securetunneling-1.0"
-
-    def fail(text: str) -> None:
-        print(f"peer error: {text}", flush=True)
-        os._exit(3)
-
-    class Local(Protocol):
-        def __init__(self, peer: Any, stream_id: int, service_id: str) -> None:
-            self.peer, self.stream_id, self.service_id = peer, stream_id, service_id
-
-        def dataReceived(self, data: bytes) -> None:
-            for i in range(0, len(data), 63 * 1024):
-                self.peer.send(Message(type=Message.DATA, streamId=self.stream_id, payload=data[i : i + 63 * 1024],
-                                       serviceId=self.service_id))
-
-        def connectionLost(self, reason: Any = None) -> None:
-            state = self.peer.streams.get(self.service_id)
-            if state is not None and state[0] == self.stream_id and state[1] is self:
-                del self.peer.streams[self.service_id]
-                self.peer.send(Message(type=Message.STREAM_RESET, streamId=self.stream_id, serviceId=self.service_id))
-
-    class Peer(WebSocketClientProtocol):
-        def onOpen(self) -> None:
-            self.decoder = FrameDecoder()
-            self.streams: Dict[str, Any] = {}  # service id -> [stream id, Local or None, pending bytes]
-            print(f"peer connected ({message_format})", flush=True)
-
-        def send(self, message: Any) -> None:
-            if not v2:
-                message.ClearField("serviceId")
-            self.sendMessage(encode_message(message), isBinary=True)
-
-        def onMessage(self, payload: bytes, isBinary: bool) -> None:
-            for body in self.decoder.feed(payload):
-                self.handle(parse_message(body))
-
-        def handle(self, m: Any) -> None:
-            if m.type == Message.SERVICE_IDS:
-                print(f"peer service ids {list(m.availableServiceIds)}", flush=True)
-                return
-            if m.type in (Message.CONNECTION_START, Message.CONNECTION_RESET) or m.connectionId:
-                fail(f"received a V3 message: {m}")
-            if m.serviceId and not v2:
-                fail(f"received a service id: {m}")
-            service = m.serviceId
-            state: Optional[List[Any]]
-            if m.type == Message.STREAM_START:
-                old = self.streams.pop(service, None)
-                if old is not None and old[1] is not None:
-                    old[1].transport.loseConnection()
-                started: List[Any] = [m.streamId, None, []]
-                self.streams[service] = started
-                print(f"peer stream start {service or '-'} {m.streamId}", flush=True)
-
-                def connected(local: Any) -> None:
-                    if self.streams.get(service) is started:
-                        started[1] = local
-                        for data in started[2]:
-                            local.transport.write(data)
-                    else:
-                        local.transport.loseConnection()
-
-                endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", target_port)
-                endpoint.connect(Factory.forProtocol(lambda: Local(self, m.streamId, service))).addCallback(connected)
-            elif m.type == Message.DATA:
-                state = self.streams.get(service)
-                if state is None or state[0] != m.streamId:
-                    return
-                if state[1] is None:
-                    state[2].append(m.payload)
-                else:
-                    state[1].transport.write(m.payload)
-            elif m.type == Message.STREAM_RESET:
-                state = self.streams.get(service)
-                if state is not None and state[0] == m.streamId:
-                    del self.streams[service]
-                    if state[1] is not None:
-                        state[1].transport.loseConnection()
-
-        def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
-            print(f"peer closed {code} {reason}", flush=True)
-            if reactor.running:
-                reactor.stop()
-
-    factory = WebSocketClientFactory(url, protocols=[subprotocol], headers={"access-token": token})
-    factory.protocol = Peer
-    connectWS(factory)
-    reactor.run()
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(usage=PEER_USAGE)
-    parser.add_argument("command", choices=["peer"])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--format", choices=["V1", "V2"], required=True)
-    parser.add_argument("--target", type=int, required=True)
-    arguments = parser.parse_args()
-    run_old_format_peer(arguments.url, arguments.format, arguments.target, os.environ["AWSIOT_TUNNEL_ACCESS_TOKEN"])
