@@ -26,7 +26,7 @@ from typing import List, Optional
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IAcceptableCiphers, IOpenSSLClientConnectionCreator
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # the interface trustRoot= accepts
 from zope.interface import implementer
 
@@ -48,7 +48,7 @@ MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!PSK:!SRP"
 
 
-def _acceptable_ciphers() -> object:
+def _acceptable_ciphers() -> IAcceptableCiphers:
     return ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
 
 
@@ -79,7 +79,7 @@ class _OpenSSLLocations:
         context.load_verify_locations(self.cafile, self.capath)
 
 
-def _trust_root(capath: Optional[str]) -> object:
+def _trust_root(capath: Optional[str]) -> IOpenSSLTrustRoot:
     if capath is None:
         return ssl.platformTrust()
     if os.path.isdir(capath):
