@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web import resource, server, vhost
 
-from tunnelkit.testing.process import unassigned_port
+from tunnelkit.testing.process import Processes, start_sshd
 
 FTP_USER, FTP_PASSWORD = "tunnel", "kit-secret"
 
@@ -139,36 +139,12 @@ class SSHServer:
         shutil.copy(self.key_path + ".pub", authorized)
         os.chmod(authorized, 0o600)
         os.makedirs("/run/sshd", exist_ok=True)
-        config = os.path.join(self.dir, "sshd_config")
-        with open(config, "w") as f:
-            f.write(
-                f"ListenAddress 127.0.0.1\nHostKey {self.host_key}\n"
-                f"AuthorizedKeysFile {authorized}\nPasswordAuthentication no\n"
-                "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-                "UsePAM no\nStrictModes no\nPidFile none\nLogLevel INFO\n"
-            )
-        self.log_path = os.path.join(self.dir, "sshd.log")
-        # sshd cannot listen on port 0 and say which port it got: told one outside the ephemeral
-        # range (unassigned_port), it tries another if that one is taken
-        for _ in range(10):
-            self.port = unassigned_port()
-            with open(self.log_path, "wb") as log:
-                self.process = subprocess.Popen(
-                    [sshd, "-D", "-e", "-f", config, "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=log
-                )
-            test.addCleanup(_stop, self.process)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                with open(self.log_path, "rb") as f:
-                    log_text = f.read()
-                if b"Server listening on 127.0.0.1 port %d." % self.port in log_text:
-                    return
-                if b"Cannot bind any address" in log_text or self.process.poll() is not None:
-                    break
-                time.sleep(0.05)
-            if b"Address already in use" not in log_text:
-                break
-        raise RuntimeError(f"sshd did not start: {log_text[-2000:]!r}")
+        procs = Processes("tunnelkit-sshd-")
+        test.addCleanup(procs.cleanup)
+        self.process, self.port = start_sshd(
+            lambda argv: procs.spawn("sshd", [sshd, *argv[1:]], cwd=self.dir), self.dir, self.host_key, authorized
+        )
+        self.log_path = self.process.log_path
 
     def ssh_command(self, port: int, command: str) -> List[str]:
         """An ssh client command line running C{command} through 127.0.0.1:C{port}."""

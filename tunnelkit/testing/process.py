@@ -380,20 +380,9 @@ class Sshd:
             subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", path], check=True)
         shutil.copy(self.key + ".pub", os.path.join(self.dir, "authorized_keys"))
         os.chmod(os.path.join(self.dir, "authorized_keys"), 0o600)
-        config = os.path.join(self.dir, "sshd_config")
-        with open(config, "w") as f:
-            f.write(
-                f"ListenAddress 127.0.0.1\nHostKey {host_key}\n"
-                f"AuthorizedKeysFile {self.dir}/authorized_keys\nPidFile none\nUsePAM no\nStrictModes no\n"
-                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-                "Subsystem sftp internal-sftp\nLogLevel INFO\n"
-            )
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        # sshd cannot listen on port 0 and say which port it got: it is told one (-p)
-        self.process, self.port = start_on_told_port(
-            lambda port: harness.spawn("sshd", [SSHD, "-D", "-e", "-f", config, "-p", str(port)], self.dir),
-            r"Server listening on 127\.0\.0\.1 port {port}\.",
-            r"Address already in use|Cannot bind any address",
+        self.process, self.port = start_sshd(
+            lambda argv: harness.spawn("sshd", argv, self.dir), self.dir, host_key,
+            os.path.join(self.dir, "authorized_keys"), "Subsystem sftp internal-sftp\n",
         )
         wait_until(self._banner, DEFAULT_TIMEOUT, f"sshd on port {self.port}")
 
@@ -425,6 +414,28 @@ class Sshd:
             [SCP, *self.ssh_options(port), "-q", "-P", str(port), local, f"{self.user}@127.0.0.1:{remote}"],
             capture_output=True, timeout=timeout,
         )
+
+
+def start_sshd(spawn: Callable[[List[str]], Child], directory: str, host_key: str, authorized_keys: str,
+               extra_config: str = "") -> Tuple[Child, int]:
+    """
+    OpenSSH's sshd on 127.0.0.1 (public keys in C{authorized_keys} only), with its configuration in
+    C{directory}; C{spawn(argv)} starts it.  sshd cannot listen on port 0 and say which port it got:
+    it is told one (C{-p}) by L{start_on_told_port}.  The process and its port.
+    """
+    config = os.path.join(directory, "sshd_config")
+    with open(config, "w") as f:
+        f.write(
+            f"ListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {authorized_keys}\n"
+            "PidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nLogLevel INFO\n" + extra_config
+        )
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    return start_on_told_port(
+        lambda port: spawn([SSHD, "-D", "-e", "-f", config, "-p", str(port)]),
+        r"Server listening on 127\.0\.0\.1 port {port}\.",
+        r"Address already in use|Cannot bind any address",
+    )
 
 
 def _current_user() -> str:
