@@ -15,7 +15,7 @@ is printed as a ratio against the baseline measured in the same invocation: one 
     on node A.
 
 Each front end of deploy/haproxy.cfg is measured: C{tls} (TLS terminated in HAProxy, PROXY v2 to the
-nodes) and C{passthrough} (TCP mode; the nodes forward peers that reached the wrong node).  Load is made
+nodes), C{tls-reencrypt} (the variant the file describes: TLS again from HAProxy to the nodes) and C{passthrough} (TCP mode; the nodes forward peers that reached the wrong node).  Load is made
 by worker processes (this script with C{--worker}), so the orchestrating process measures only.  Each
 figure is the median of C{--repeat} runs; C{uptime} is printed before and after.
 
@@ -194,8 +194,9 @@ def worker_send(port: str, ca: str, count: str, *tokens: str) -> None:
         source.registerProducer(pump, True)
         pump.resumeProducing()
         yield pump.done
-        source.sendClose()  # after what is queued: the relay forwards it all first
-        yield source.closed
+        # Stay connected: closing now could cut what HAProxy or the node still buffer; the
+        # orchestrator ends this process once the receiver has counted everything.
+        yield defer.Deferred()
 
     task.react(lambda _r: defer.gatherResults([one(t) for t in tokens]))
 
@@ -324,6 +325,12 @@ class Setup:
         self.deployment = Deployment(procs, nodes=nodes, store=store, extra=LIMITS_OFF)
         assert self.deployment.haproxy is not None
         self.deployment.haproxy.wait_servers(timeout=60)
+        from tunnelkit.testing.haproxy import HAProxy
+
+        # The variant deploy/haproxy.cfg describes: TLS terminated, then re-encrypted to the nodes.
+        self.reencrypt = HAProxy(procs, [node.backend for node in self.deployment.nodes], self.deployment.certificate,
+                                 name="haproxy-reencrypt", reencrypt=True)
+        self.reencrypt.wait_servers(timeout=60)
         import configparser
 
         credentials = configparser.ConfigParser()
@@ -337,7 +344,7 @@ class Setup:
         haproxy = self.deployment.haproxy
         assert haproxy is not None
         return {"direct": self.deployment.nodes[0].tls_port, "tls": haproxy.tls_port,
-                "passthrough": haproxy.passthrough_port}[front]
+                "tls-reencrypt": self.reencrypt.tls_port, "passthrough": haproxy.passthrough_port}[front]
 
     def tunnels(self, count: int) -> List[Any]:
         return [self.deployment.open_tunnel(["SSH1"], api=self.api) for _ in range(count)]
@@ -377,12 +384,13 @@ class Setup:
         if line.strip() != "ready":
             raise SystemExit(f"the receiving worker said {line!r}")
         sender = _worker("send", port, self.deployment.ca_cert, count, *[t.source_token for t in chosen])
-        out, _ = receiver.communicate(timeout=300)
         try:
-            sender.wait(30)
-        except subprocess.TimeoutExpired:
-            sender.kill()
-            sender.wait()
+            out, _ = receiver.communicate(timeout=300)
+        finally:
+            sender.terminate()
+            sender.wait(10)
+            if receiver.poll() is None:
+                receiver.kill()
         words = out.split()
         if len(words) < 4 or words[0] != "moved":
             raise SystemExit(f"the receiving worker said {out!r}")
@@ -429,7 +437,7 @@ def run(options: argparse.Namespace) -> None:
                 if postgres is not None:
                     store = postgres.create_database()
                 setup = Setup(procs, count, store)
-                fronts = (["direct"] if count == 1 else []) + ["tls", "passthrough"]
+                fronts = (["direct"] if count == 1 else []) + ["tls", "tls-reencrypt", "passthrough"]
                 for front in fronts:
                     label = f"{count} node{'s' if count > 1 else ''} {front}"
                     figures = [
@@ -483,6 +491,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 s rates, 64 MB, 1 run")
     options = parser.parse_args()
     options.nodes = [int(n) for n in options.nodes.split(",")]
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # kill PID: the processes started are stopped too
     if options.quick:
         options.seconds, options.megabytes, options.repeat, options.round_trips = 1.0, 64, 1, 100
     run(options)

@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Mapping, NoReturn, Optional
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -34,12 +34,14 @@ from tunnelkit.service.interfaces import ITunnelEvents
 from tunnelkit.service.notify import NotifyOptions, build_notifier
 from tunnelkit.service.operations import ControlPlane, Limits
 from tunnelkit.service.store import StoreError
-from tunnelkit.service.store_sqlite import open_store
+from tunnelkit.service.dbrunner import Blocking
+from tunnelkit.service.stores import check_store, describe_store, open_configured_store
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 from tunnelkit.transport.tls import restrict_context
 
 from tunnelkit.service.audit import AuditedApi, AuditOptions, build_audit_trail
 from tunnelkit.service.dataplane import DataPlaneOptions, metrics_site, mount_data_plane
+from tunnelkit.service.cluster import ClusterOptions, build_cluster, cluster_enabled
 from tunnelkit.service.console import ConsoleOptions, build_console, mount_console
 from tunnelkit.service.health import HealthResource
 
@@ -84,7 +86,7 @@ def duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
-class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions, ConsoleOptions):  # type: ignore[misc,valid-type]
+class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions, ConsoleOptions, ClusterOptions):  # type: ignore[misc,valid-type]
     """The options of C{--mode service}."""
 
     synopsis = "Usage: twistd -n tunnelkit --mode service [options]"
@@ -98,6 +100,15 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
     repeatable = {"listen": server_endpoint, "hostname": hostname}
     optParameters = [
         ["state-dir", None, DEFAULT_STATE_DIR, "Directory of the database, TLS material and credentials."],
+        [
+            "store",
+            None,
+            None,
+            "Database of tunnels, tokens and accounts: sqlite:PATH (default: tunnelkit.sqlite3 in "
+            "--state-dir) or postgresql://USER:PASSWORD@HOST:PORT/DATABASE, shared by several service "
+            "nodes (PGPASSWORD or ~/.pgpass keep the password off the command line).",
+            check_store,
+        ],
         ["region", None, DEFAULT_REGION, "Region of this service (SigV4 scope, ARNs, notifications).", region],
         [
             "account-id",
@@ -163,6 +174,7 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        self.check_cluster_options()
 
 
 def _has_certificate(description: str) -> bool:
@@ -271,27 +283,53 @@ class TunnelService(MultiService):
     C{certificates}, C{credentials_path}, C{account} (the default account).
     """
 
-    def __init__(self, options: Mapping[str, Any], reactor: Any, clock: Optional[IReactorTime] = None) -> None:
+    def __init__(
+        self,
+        options: Mapping[str, Any],
+        reactor: Any,
+        clock: Optional[IReactorTime] = None,
+        cluster_backends: Optional[Any] = None,
+    ) -> None:
         super().__init__()
         clock = clock if clock is not None else reactor
         self.state_dir = os.path.abspath(options["state-dir"])
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.certificates = ensure_certificates(self.state_dir, options.get("hostname") or ())
-        self.store = open_store(self.state_dir)
-        self.credentials_path = os.path.join(self.state_dir, CREDENTIALS_FILE)
-        self.account, created = ensure_initial_credentials(
-            self.store, self.state_dir, options.get("account-id"), clock.seconds()
-        )
+        spec = options.get("store")
+        clustered = cluster_enabled(options)
+        # Start-up work runs synchronously, before the reactor: migrations, the default account, reset.
+        boot = open_configured_store(spec, self.state_dir)
+        try:
+            self.credentials_path = os.path.join(self.state_dir, CREDENTIALS_FILE)
+            self.account, created = ensure_initial_credentials(
+                boot, self.state_dir, options.get("account-id"), clock.seconds()
+            )
+            reset = 0
+            if not clustered:  # a node of a cluster resets only its own peers (tunnelkit.service.cluster.node)
+                reset = Blocking(boot).reset_connection_states(clock.seconds())
+        except BaseException:
+            boot.close()
+            raise
+        if reset:
+            log.info("Marked {count} peer connection(s) DISCONNECTED after the restart", count=reset)
+        if IReactorThreads.providedBy(reactor):
+            boot.close()  # the service's store runs its queries on threads, off the reactor
+            self.store = open_configured_store(spec, self.state_dir, reactor)
+        else:
+            self.store = boot  # a test's memory reactor: synchronous
+        log.info("State in {store}", store=describe_store(spec, self.state_dir))
         self.region = options["region"]
         # Stopped last (services stop in reverse order): the data plane records disconnections first.
         _OnStop(self.store.close).setServiceParent(self)
-        reset = self.store.reset_connection_states(clock.seconds())
-        if reset:
-            log.info("Marked {count} peer connection(s) DISCONNECTED after the restart", count=reset)
         notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor)
         root = build_root(Resource())
         relay = mount_data_plane(root, self.store, clock, options)
         events: ITunnelEvents = relay
+        #: This node's cluster parts (None: a single node, the default).
+        self.cluster = None
+        if clustered:
+            self.cluster = build_cluster(options, reactor, clock, relay, self.store, cluster_backends)
+            events = self.cluster.events
         self.audit = build_audit_trail(options, self.state_dir, clock)
         if self.audit is not None:
             relay.audit = self.audit
@@ -311,7 +349,10 @@ class TunnelService(MultiService):
             limits,
             closed_retention=options.get("closed-retention", DEFAULT_CLOSED_RETENTION),
         )
-        self.control.lifecycle.setServiceParent(self)
+        if self.cluster is not None:
+            self.cluster.take_lifecycle(self.control.lifecycle)  # one node of the cluster runs it
+        else:
+            self.control.lifecycle.setServiceParent(self)
         api: Resource = ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds))
         if self.audit is not None:
             api = AuditedApi(api, self.audit, self.store)
@@ -328,6 +369,9 @@ class TunnelService(MultiService):
             head_timeout=float(options.get("handshake-timeout") or HEAD_TIMEOUT),
             max_pending_per_address=options.get("max-pending-per-address", MAX_PENDING_PER_ADDRESS) or None,
         )
+        if self.cluster is not None:
+            self.cluster.serve(self.site, root)
+            self.cluster.setServiceParent(self)
         self.listeners: List[_Listener] = []
         for description in options["listen"]:
             self._check_names(description, options.get("hostname") or ())
