@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, NoReturn, Optional
 
 from twisted.application.service import IService, MultiService, Service
@@ -209,6 +210,31 @@ def restrict_listener_tls(endpoint: Any) -> None:
     restrict_context(options.getContext())
 
 
+def listener_certificate(endpoint: Any) -> Optional[bytes]:
+    """The certificate (DER) an C{ssl:} endpoint presents, or None for an endpoint without TLS."""
+    from OpenSSL import SSL, crypto
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    from tunnelkit.internals import SSL_ENDPOINT_OPTIONS
+
+    if not isinstance(endpoint, SSL4ServerEndpoint):
+        return None
+    certificate = SSL.Connection(getattr(endpoint, SSL_ENDPOINT_OPTIONS).getContext(), None).get_certificate()
+    return crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate) if certificate is not None else None
+
+
+@dataclass(frozen=True)
+class DataPlaneAddress:
+    """Where the service's own data plane listens: its bound address and, for TLS, its certificate (DER)."""
+
+    address: Any  # IPv4Address, IPv6Address or UNIXAddress (getHost of the listening port)
+    certificate: Optional[bytes]  # None: no TLS
+
+    @property
+    def secure(self) -> bool:
+        return self.certificate is not None
+
+
 class _Listener(Service):
     """Listens on one endpoint; a failure to listen at start-up is a clear error."""
 
@@ -229,11 +255,14 @@ class _Listener(Service):
         self._on_listening = on_listening
         self.port: Optional[IListeningPort] = None
         self.listening: Optional[Deferred] = None
+        #: The certificate (DER) an C{ssl:} listener presents (the console pins it), else None.
+        self.certificate: Optional[bytes] = None
 
     def startService(self) -> None:
         super().startService()
         endpoint = endpoints.serverFromString(self._reactor, self._description)
         restrict_listener_tls(endpoint)
+        self.certificate = listener_certificate(endpoint)
         self.listening = endpoint.listen(self._factory)
         failed: List[Failure] = []
         self.listening.addCallbacks(self._listening, failed.append)
@@ -414,12 +443,15 @@ class TunnelService(MultiService):
             )
         self._announced = False
 
-    def data_plane_address(self) -> Optional[Any]:
-        """(secure, port) of the first listener once it listens (the console connects to it), or None."""
+    def data_plane_address(self) -> Optional[DataPlaneAddress]:
+        """
+        The first listener that listens and takes plain connections (not C{haproxy:}, which wants a
+        PROXY header), or None: the console's terminals connect to it as a source, so that with several
+        nodes the cluster forwards them to the node holding the tunnel as any other client.
+        """
         for listener in self.listeners:
-            if listener.port is not None:
-                secure = listener.shown.split(":", 1)[0].lower() == "ssl"
-                return secure, listener.port.getHost().port
+            if listener.port is not None and not listener.shown.lower().startswith("haproxy:"):
+                return DataPlaneAddress(listener.port.getHost(), listener.certificate)
         return None
 
     def _check_names(self, description: str, hostnames: Any) -> None:

@@ -163,7 +163,7 @@ def build_console(service: Any, options: Any, clock: IReactorTime, reactor: Any)
     users = open_console_database(service.state_dir)
 
     def terminals(console: Console) -> Terminals:
-        return Terminals(console, reactor, clock, service.data_plane_address, service.certificates.ca_cert)
+        return Terminals(console, reactor, clock, service.data_plane_address)
 
     console = Console(
         service.control, service.store, users, clock, assets_dir=options.get("console-assets"),
