@@ -150,7 +150,7 @@ class _PinnedClientTLS:
         ).getContext()
         self._context.set_verify(SSL.VERIFY_PEER, self._verify)
 
-    def _verify(self, connection: SSL.Connection, certificate: object, errno: int, depth: int, ok: int) -> bool:
+    def _verify(self, connection: SSL.Connection, certificate: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         if depth != 0:
             return True  # whatever signed it: the leaf itself is compared below
         return bool(crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate) == self._pinned)
