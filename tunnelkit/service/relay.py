@@ -5,42 +5,21 @@ tunnel's source and destination.
 
 Handshake (reference sections 1.2 and 1.3)
 ==========================================
-Checked in this order; the first failure answers the upgrade with the status below, a C{channel-id}
-header and a one-line C{text/plain} body (the AWS texts where AWS documents one).  4xx means the
-client must change something; only the service's own failures are 5xx (the reference local proxy
-retries those every 2.5 s and gives up at once on a 4xx).
-
-  ====  ======================  ==================================================================
-  431   request-too-large       the request line and headers exceed 4096 bytes
-  400   bad-path                the path is not exactly C{/tunnel}
-  400   bad-mode                C{local-proxy-mode} missing, repeated, or not source|destination
-  401   missing-token           neither an C{access-token} header nor an C{awsiot-tunnel-token}
-                                cookie (or an empty one)
-  400   duplicate-token         more than one token value (two headers, two cookies, header and
-                                cookie, or one header holding a comma-separated list)
-  400   bad-client-token        C{client-token} repeated, or not C{[a-zA-Z0-9-]{32,128}}
-  400   no-subprotocol          no offered C{Sec-WebSocket-Protocol} is one of
-                                C{aws.iot.securetunneling-1.0/2.0/3.0} (or the browser sample's
-                                alias C{aws.iot.securedtunneling-1.0})
-  429   too-many-failures       the client's address spent its C{--failed-handshakes-per-address}
-                                budget (checked first, before anything else: it blocks only itself)
-  429   rate-limited            more than C{--handshakes-per-second} accepted handshakes for the
-                                token's tunnel (checked once the token is found valid, before it is
-                                spent; only valid tokens spend this budget)
-  429   too-many-websockets     the tunnel's account has C{--max-websockets-per-account} open
-                                (checked likewise before the token is spent: the client retries
-                                with the same token)
-  4xx   (store's reason)        the store refused the token: 401 unknown, used (the AWS text),
-                                rotated, client-token mismatch (the AWS text); 403 mode mismatch,
-                                client token in use; 410 tunnel closed or expired
-  429   tunnel-failures-limited instead of the store's 4xx when the token's routing key had more than
-                                C{--failed-handshakes-per-key} failures just now (a valid token is
-                                never refused by this: it is checked before the count applies)
-  500   internal-error          the store failed (logged); the client should retry
+The first failed check answers the upgrade with its status, a C{channel-id} header and a one-line
+C{text/plain} body (the AWS texts where AWS documents one).  4xx means the client must change
+something; only the service's own failures are 5xx (the reference local proxy retries those every
+2.5 s and gives up at once on a 4xx).  Each check raises L{HandshakeRejected} with its status,
+reason and text where it is made: the code is the table.  The checks, in the order of
+L{PeerProtocol.onConnect}: L{HandshakeLimiter.check_address} (429: the address spent its failure
+budget; first, so that it blocks only itself), L{check_handshake} (431/400/401: the request
+itself), then L{Relay.admit}: the store's verdict on the token (its reasons' statuses are
+L{tunnelkit.service.tokens.STATUS_BY_REASON}), with L{HandshakeLimiter.check_tunnel} and
+L{Relay._may_join} (429s checked once the token is found valid and before it is spent, so the
+client retries with the same token), a 429 instead of the store's 4xx when the token's routing key
+failed too often just now, and 500 when the store failed.
 
 Every failure (a 4xx from these checks) is counted against the client's address, and a token
 failure against the token's routing key too (see L{HandshakeLimiter}).
-  ====  ======================  ==================================================================
 
 Malformed WebSocket requests (no C{Upgrade}, bad key or version, not C{GET}) get autobahn's own 4xx
 answer, with the same kind of text body.
@@ -82,15 +61,10 @@ they never see an extension message.
 
 Close codes the service sends
 =============================
-  ====  ==========================================  ===========================================
-  1000  C{Tunnel closed}                            CloseTunnel
-  1000  C{Tunnel expired}                           the tunnel's lifetime ended
-  1008  C{Access token rotated}                     RotateTunnelAccessToken for this side
-  1008  C{Connection replaced by a new peer}        a new connection for the same side
-  1008  C{Protocol violation (<rule>): <detail>}    a frame broke a rule of reference section 1.7
-  1001  C{Service shutting down}                    L{Relay.shutdown} (the service is stopping)
-  1009  (autobahn)                                  a WebSocket frame or message over 131076 bytes
-  ====  ==========================================  ===========================================
+C{CLOSE_NORMAL} with C{REASON_CLOSED} or C{REASON_EXPIRED}, C{CLOSE_POLICY} with C{REASON_ROTATED},
+C{REASON_REPLACED} or a protocol violation's text, C{CLOSE_GOING_AWAY} at L{Relay.shutdown} (the
+constants below; L{Relay._close_peer} and L{Relay.token_rotated} choose them), and autobahn's 1009
+for a WebSocket frame or message over 131076 bytes.
 
 Flow control
 ============
@@ -266,7 +240,7 @@ def check_handshake(
     @param path: the request path, without the query.
     @param params: the query parameters, each with all its values.
     @param offered_protocols: the C{Sec-WebSocket-Protocol} values, in the client's order.
-    @raise HandshakeRejected: with the status, reason and text listed in the module docstring.
+    @raise HandshakeRejected: with the status, reason and text of the first check that fails.
     """
     size, headers = _header_values(raw_request)
     if size > MAX_REQUEST_SIZE:

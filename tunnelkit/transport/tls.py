@@ -26,7 +26,7 @@ from typing import List, Optional
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IAcceptableCiphers, IOpenSSLClientConnectionCreator
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # the interface trustRoot= accepts
 from zope.interface import implementer
 
@@ -49,7 +49,7 @@ MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!PSK:!SRP"
 
 
-def _acceptable_ciphers() -> object:
+def _acceptable_ciphers() -> IAcceptableCiphers:
     return ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
 
 
@@ -80,7 +80,7 @@ class _OpenSSLLocations:
         context.load_verify_locations(self.cafile, self.capath)
 
 
-def _trust_root(capath: Optional[str]) -> object:
+def _trust_root(capath: Optional[str]) -> IOpenSSLTrustRoot:
     if capath is None:
         return ssl.platformTrust()
     if os.path.isdir(capath):
@@ -150,7 +150,7 @@ class _PinnedClientTLS:
         ).getContext()
         self._context.set_verify(SSL.VERIFY_PEER, self._verify)
 
-    def _verify(self, connection: SSL.Connection, certificate: object, errno: int, depth: int, ok: int) -> bool:
+    def _verify(self, connection: SSL.Connection, certificate: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         if depth != 0:
             return True  # whatever signed it: the leaf itself is compared below
         return bool(crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate) == self._pinned)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_web,tests.e2e.test_console_browser -*-
+# -*- test-case-name: tests.test_console_users,tests.e2e.test_console_browser -*-
 """
 The tunnels hub: a web console for operators, served by the service's own site under C{/console/}
 (C{GET /} redirects there), beside the API and the data plane.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_web,tests.e2e.test_console_browser -*-
+# -*- test-case-name: tests.test_console_users,tests.e2e.test_console_browser -*-
 """
 The console's pages: sign-in, the tunnels hub, create (manual setup) and the one-time token page, the
 tunnel page, quick setup and the terminal page.
