@@ -115,8 +115,10 @@ class DataPlaneOptions:
             "failed-handshakes-per-address",
             None,
             10.0,
-            "Failed WebSocket handshakes per second one client address may make (burst of twice as "
-            "many); beyond them its attempts get 429 before their token is looked at (0: no limit).",
+            "Failed WebSocket handshakes per second one client address (IPv6: one /64) may make "
+            "(burst of twice as many); beyond them its attempts get 429 before their token is looked "
+            "at (0: no limit). Clients behind one NAT address, or a reverse proxy that is not a "
+            "haproxy: listener, share it: there use 0 (--failed-handshakes-per-key still stops floods).",
             _number("failed-handshakes-per-address", 0),
         ],
         [

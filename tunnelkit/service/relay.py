@@ -103,6 +103,7 @@ refills.  So a fast source and a slow destination leave at most a few hundred KB
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -461,13 +462,33 @@ class _BucketTable:
         return len(self._buckets)
 
 
+def address_budget_key(host: str) -> str:
+    """
+    The key of a client address's failure budget: an IPv4 address as it is, an IPv6 address by its
+    /64 (one site's network: a host can take any address in it, so one budget per address would
+    be none), anything else (a unix socket's empty host) as it is.
+    """
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d on a dual-stack listener: the IPv4 client
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+
 class HandshakeLimiter:
     """
     Who may try a WebSocket handshake now, on an injected clock (no I/O).
 
     Three budgets, so that failed attempts never cost a valid token its connection:
-      - failures per client address: an address that spent it gets 429 before its token is even
-        looked at (it blocks only itself);
+      - failures per client address (IPv6: per /64, L{address_budget_key}): an address that spent
+        it gets 429 before its token is even looked at.  It blocks only that address: behind NAT,
+        CGNAT or a reverse proxy that does not send the PROXY protocol, that is everyone behind it
+        (use C{haproxy:} listeners, or C{--failed-handshakes-per-address 0} and rely on the next
+        budget);
       - failures per routing key (the token's non-secret prefix, shared by a tunnel's tokens): only
         failures are counted, and only after the token was checked, so a valid token always passes;
         past the budget a failing attempt gets 429 instead of its 4xx;
@@ -488,7 +509,7 @@ class HandshakeLimiter:
 
     def check_address(self, address: str) -> None:
         """@raise HandshakeRejected: 429 if C{address} spent its failure budget."""
-        bucket = self._per_address.get(address)
+        bucket = self._per_address.get(address_budget_key(address))
         if bucket is not None and not bucket.holds():
             raise HandshakeRejected(
                 429,
@@ -517,7 +538,7 @@ class HandshakeLimiter:
         A handshake from C{address} (presenting routing key C{key}, if any) failed.  Returns
         whether C{key} had spent its failure budget already (the attempt is then answered 429).
         """
-        bucket = self._per_address.get(address)
+        bucket = self._per_address.get(address_budget_key(address))
         if bucket is not None:
             bucket.take(1.0)
         if key is None:

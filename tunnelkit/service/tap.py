@@ -133,8 +133,10 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
             "max-pending-per-address",
             None,
             MAX_PENDING_PER_ADDRESS,
-            "Connections one client address may hold that are not WebSocket peers yet; more are "
-            "reset at once (0: no limit).",
+            "Connections one client address may hold that have not sent a complete request head yet "
+            "(idle keep-alive connections do not count); more are reset at once and logged (0: no "
+            "limit). Clients behind one NAT address or a reverse proxy share it (haproxy: listeners "
+            "count the PROXY header's client).",
             int,
         ],
         [
@@ -331,8 +333,10 @@ class TunnelService(MultiService):
         self.listeners: List[_Listener] = []
         for description in options["listen"]:
             self._check_names(description, options.get("hostname") or ())
+            # A haproxy: listener's client address is the one its PROXY header names (see ServiceSite.proxied).
+            factory = self.site.proxied() if description.split(":", 1)[0].lower() == "haproxy" else self.site
             listener = _Listener(
-                reactor, listen_description(description, self.certificates), description, self.site, self._announce
+                reactor, listen_description(description, self.certificates), description, factory, self._announce
             )
             listener.setServiceParent(self)
             self.listeners.append(listener)
