@@ -129,6 +129,7 @@ from tunnelkit.protocol.framing import (
 from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.protocol.flowcontrol import (
     ANNOUNCE,
+    EOF,
     EXTENSION_TYPES,
     EXTENSIONS_HEADER,
     OFFERED,
@@ -201,6 +202,7 @@ _OTHER_SIDE = {SOURCE: DESTINATION, DESTINATION: SOURCE}
 _FLOOD_REASONS = frozenset({"too-many-failures", "tunnel-failures-limited"})
 _DIRECTION = {SOURCE: SOURCE_TO_DESTINATION, DESTINATION: DESTINATION_TO_SOURCE}
 
+_DATA = Message.DATA
 _STREAM_START = Message.STREAM_START
 _CONNECTION_START = Message.CONNECTION_START
 _STREAM_RESET = Message.STREAM_RESET
@@ -606,6 +608,8 @@ class TunnelLink:
             )
         self.expiry_call: Optional[IDelayedCall] = None
         self.service_ids_frame = b""
+        #: The audit trail's ledger of this tunnel's connections (L{tunnelkit.service.audit}); None: off.
+        self.ledger: Any = None
         self.set_services(grant.services)
 
     def set_services(self, services: Sequence[str]) -> None:
@@ -1326,7 +1330,9 @@ class PeerProtocol(WebSocketServerProtocol):
         rules = self.rules
         assert rules is not None
         link = self.link
-        partner = link.peers.get(_OTHER_SIDE[self.side])
+        ledger = link.ledger  # the audit trail's, or None
+        side = self.side
+        partner = link.peers.get(_OTHER_SIDE[side])
         cuts: List[int] = []  # indexes of frames after which a WebSocket message must end
         skip: List[int] = []  # extension frames not forwarded
         announced = False
@@ -1343,7 +1349,10 @@ class PeerProtocol(WebSocketServerProtocol):
                 return
             size += len(body) + 2
             kind = message.type
-            if kind in _START_TYPES:
+            if kind == _DATA:
+                if ledger is not None:
+                    ledger.data(side, message, len(body))
+            elif kind in _START_TYPES:
                 cuts.append(index)
                 service_id = message.serviceId
                 if partner is not None:
@@ -1351,12 +1360,21 @@ class PeerProtocol(WebSocketServerProtocol):
                         link.active_streams[service_id] = message.streamId
                     if partner.rules is not None:
                         partner.rules.note_stream_started(service_id)
+                    if ledger is not None:
+                        ledger.started(side, message)
                 else:
                     self._refuse_start(message)
+                    if ledger is not None:
+                        ledger.refused(message, "the destination is not connected")
+            elif kind == _CONNECTION_RESET:
+                if ledger is not None:
+                    ledger.reset(side, message)
             elif kind == _STREAM_RESET:
                 service_id = message.serviceId
                 if link.active_streams.get(service_id) == message.streamId:
                     del link.active_streams[service_id]
+                if ledger is not None:
+                    ledger.stream_reset(side, message)
             elif kind in EXTENSION_TYPES:
                 # Announcements are exchanged by the relay; the others go only between peers that
                 # were both told of each other's announcement.
@@ -1367,6 +1385,8 @@ class PeerProtocol(WebSocketServerProtocol):
                         announced = True
                 elif not self.told or partner is None or not partner.told:
                     skip.append(index)
+                elif kind == EOF and ledger is not None:
+                    ledger.eof(side, message)  # forwarded: the partner learns this side is done
         if skip:
             metrics = self.factory.relay.metrics
             dropped = len(skip) - (1 if announced else 0)
