@@ -116,10 +116,10 @@ class Faults:
             child.restart()
             try:
                 if name == "service":
-                    child.wait_for_log(r"API listening on")
+                    child.wait_for_log(r"API listening on", 60)
                 else:
-                    child.wait_for_log(r"Successfully established websocket connection")
-            except RuntimeError as e:
+                    child.wait_for_log(r"Successfully established websocket connection", 60)
+            except AssertionError as e:
                 self.failures.append(f"{name} did not come back: {e}")
                 return
             self.kills.append((killed, time.monotonic(), name))
@@ -140,8 +140,8 @@ def main() -> int:
     procs = Processes()
     try:
         apps = procs.start_apps()
-        service = procs.start_service()
-        tokens = procs.open_tunnel(["BULK"])
+        service = procs.start_service_process()
+        tokens = procs.tokens(["BULK"])
         destination = procs.start_proxy("destination", tokens["destination"], f"BULK={apps}")
         port = free_port()  # fixed, so a restarted source listens where the applications connect
         source = procs.start_proxy("source", tokens["source"], f"BULK={port}")

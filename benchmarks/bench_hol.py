@@ -38,8 +38,8 @@ MB = 1 << 20
 def build(procs: Processes, peer: str) -> Tuple[Dict[str, Child], int, int]:
     """Service, tunnel (BULK, OTHER), destination and source; (processes, BULK port, OTHER port)."""
     apps = procs.start_apps()
-    service = procs.start_service(tls=peer != "tunnelkit")
-    tokens = procs.open_tunnel(["BULK", "OTHER"])
+    service = procs.start_service_process(tls=peer != "tunnelkit")
+    tokens = procs.tokens(["BULK", "OTHER"])
     if peer == "cpp-destination":
         destination = procs.start_cpp_proxy("dst", tokens["destination"], f"BULK=127.0.0.1:{apps},OTHER=127.0.0.1:{apps}")
     else:

@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from tests.e2e.harness import SSH, Harness, Process, Sshd, free_port, wait_until  # noqa: E402
+from tunnelkit.testing.process import SSH, Harness, Process, Sshd, free_port, wait_until  # noqa: E402
 from tunnelkit.testing import upgrade_request  # noqa: E402
 from machine import busy_before, load_note  # noqa: E402 - benchmarks/machine.py (the script's own directory)
 

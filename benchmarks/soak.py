@@ -42,7 +42,7 @@ sys.path.insert(0, TOP)
 sys.path.insert(0, os.path.join(TOP, "benchmarks"))
 from bench_tunnel import rss_kib  # noqa: E402 - benchmarks/bench_tunnel.py
 from machine import busy_before, load_note  # noqa: E402 - benchmarks/machine.py
-from tests.e2e.harness import REPOSITORY_TOP, TWISTD, Process  # noqa: E402
+from tunnelkit.testing.process import REPOSITORY_TOP, TWISTD, Process  # noqa: E402
 from tunnelkit.testing import free_port  # noqa: E402
 
 

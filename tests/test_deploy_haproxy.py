@@ -30,6 +30,14 @@ class RenderTests(unittest.TestCase):
         self.assertIn("send-proxy-v2", servers[0])
         self.assertIn("check-ssl", servers[4])
 
+    def test_reencrypting_variant(self) -> None:
+        """The variant the file describes: TLS to the nodes' ssl: port, verified, instead of a PROXY header."""
+        rendered = render_config([Backend("a", 1001, 2001)], reencrypt_ca="/x/ca.pem")
+        servers = [line.split() for line in rendered.splitlines() if line.strip().startswith("server ")]
+        self.assertEqual([s[2] for s in servers], ["127.0.0.1:2001"] * 3)
+        self.assertEqual(servers[0][3:], ["ssl", "verify", "required", "ca-file", "/x/ca.pem"])
+        self.assertFalse([s for s in servers if "send-proxy-v2" in s])
+
 
 class ShippedFileTests(unittest.TestCase):
     skip = None if os.access(HAPROXY, os.X_OK) else "haproxy is not installed (apt-get install haproxy)"
@@ -46,6 +54,11 @@ class ShippedFileTests(unittest.TestCase):
         result = self.check(DEPLOY_CONFIG, env)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertNotIn("WARNING", result.stdout + result.stderr)
+        variant = os.path.join(directory, "reencrypt.cfg")
+        with open(variant, "w") as f:
+            f.write(render_config([Backend("a", 1001, 2001)], reencrypt_ca=certificate.ca_cert))
+        result = self.check(variant, env)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         # And it can fail: without the certificate HAProxy refuses to start.
         env["TUNNELKIT_HAPROXY_CERT"] = os.path.join(directory, "missing.pem")
         self.assertNotEqual(self.check(DEPLOY_CONFIG, env).returncode, 0)

@@ -11,8 +11,8 @@ frames) and parses what the service answers, so relay tests are deterministic an
 
 For end-to-end tests and benchmarks on the real reactor: L{TunnelTestClient} (an autobahn client that
 hashes the DATA it receives per connection and sends flow-controlled DATA streams), L{connect_client}
-(C{ws://} or C{wss://} with a CA), and L{ServiceProcess} (C{tunnelkit --mode service} in a child
-process with a boto3 API client); L{free_port} for servers that must be told their port.
+(C{ws://} or C{wss://} with a CA).  Real processes (L{ServiceProcess}, L{free_port}, the end-to-end
+L{Harness<tunnelkit.testing.process.Harness>}) are in L{tunnelkit.testing.process}.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.service.interfaces import DESTINATION, SOURCE, ITunnelStore, PeerGrant
 from tunnelkit.service.metrics import ITunnelCounts
 from tunnelkit.service.tokens import TokenState, check_claim, client_token_hash, new_access_token, token_hash
+from tunnelkit.testing.process import ServiceProcess, free_port
 
 __all__ = [
     "MemoryTunnelStore",
@@ -657,110 +658,3 @@ def http_attempt(
         return status, head, s
     s.close()
     return status, head, None
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on at this moment on 127.0.0.1 (for servers told a port up front)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServiceProcess:
-    """
-    C{tunnelkit --mode service} in a child process (C{python -m twisted}), on two ephemeral loopback
-    ports: C{tls_port} (wss/https) and C{tcp_port} (ws/http), with its state in a temporary
-    directory.  C{api} is a boto3 C{iotsecuretunneling} client for it (the generated credentials,
-    verified against the generated CA, whose PEM is C{ca}).  Always call L{stop}.
-    """
-
-    def __init__(self, extra_args: Sequence[str] = (), timeout: float = 30.0) -> None:
-        import shutil
-        import socket
-        import subprocess
-        import sys
-        import tempfile
-        import time
-
-        self.state_dir = tempfile.mkdtemp(prefix="tunnelkit-service-")
-        self.tls_port = free_port()
-        self.tcp_port = free_port()
-        args = [
-            sys.executable, "-m", "twisted",
-            "--log-file", os.path.join(self.state_dir, "service.log"),
-            "tunnelkit", "--mode", "service", "--state-dir", self.state_dir,
-            "--listen", f"ssl:{self.tls_port}:interface=127.0.0.1",
-            "--listen", f"tcp:{self.tcp_port}:interface=127.0.0.1",
-            *extra_args,
-        ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.ca_path = os.path.join(self.state_dir, "ca.pem")
-        credentials_path = os.path.join(self.state_dir, "credentials")
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                if self.process.poll() is not None:
-                    error = self.process.stderr.read().decode()  # type: ignore[union-attr]
-                    raise RuntimeError(f"the service exited at start: {error}")
-                try:
-                    for port in (self.tls_port, self.tcp_port):
-                        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    if os.path.exists(credentials_path):
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the service did not start in {timeout} s")
-                time.sleep(0.05)
-        except BaseException:
-            self.process.kill()
-            self.process.wait()
-            shutil.rmtree(self.state_dir, True)
-            raise
-        with open(self.ca_path, "rb") as f:
-            self.ca = f.read()
-        import configparser
-
-        import boto3
-
-        credentials = configparser.ConfigParser()
-        credentials.read(credentials_path)
-        section = credentials[credentials.sections()[0]]
-        session = boto3.session.Session(
-            aws_access_key_id=section["aws_access_key_id"],
-            aws_secret_access_key=section["aws_secret_access_key"],
-            region_name="us-east-1",
-        )
-        self.api = session.client(
-            "iotsecuretunneling",
-            endpoint_url=f"https://127.0.0.1:{self.tls_port}",
-            verify=self.ca_path,
-        )
-
-    @property
-    def pid(self) -> int:
-        """The service's process id."""
-        return int(self.process.pid)
-
-    def open_tunnel(self, services: Sequence[str] = ("SSH",), **kwargs: Any) -> Dict[str, Any]:
-        """OpenTunnel through the API (C{services} empty: no destinationConfig)."""
-        if services:
-            kwargs["destinationConfig"] = {"services": list(services)}
-        return dict(self.api.open_tunnel(**kwargs))
-
-    def stop(self) -> None:
-        """Stop the service and remove its state."""
-        import shutil
-        import subprocess
-
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        shutil.rmtree(self.state_dir, True)

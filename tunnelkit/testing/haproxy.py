@@ -78,10 +78,13 @@ def shared_certificate(directory: str) -> Certificate:
     return Certificate(made.ca_cert, made.server_cert, made.server_key, pem)
 
 
-def render_config(backends: Sequence[Backend], source: str = DEPLOY_CONFIG) -> str:
+def render_config(backends: Sequence[Backend], source: str = DEPLOY_CONFIG, reencrypt_ca: Optional[str] = None) -> str:
     """
     The shipped configuration with each backend's run of C{server} lines replaced by one line per node of
     C{backends} (same options; port 8080 becomes the node's plain port, 8443 its TLS port).
+
+    @param reencrypt_ca: the variant the file describes, TLS re-encrypted from HAProxy to the nodes'
+        C{ssl:} listeners (verified against this CA) instead of plain HTTP with a PROXY header.
     """
     with open(source) as f:
         lines = f.read().splitlines()
@@ -99,8 +102,14 @@ def render_config(backends: Sequence[Backend], source: str = DEPLOY_CONFIG) -> s
             index += 1  # the template's run of server lines, replaced as a whole
         if int(port) not in (PLAIN_PORT, TLS_PORT):
             raise ValueError(f"{source}: a server line names port {port}, expected {PLAIN_PORT} or {TLS_PORT}")
+        plain = int(port) == PLAIN_PORT
+        if plain and reencrypt_ca is not None:
+            if "send-proxy-v2 check-send-proxy" not in options:
+                raise ValueError(f"{source}: cannot make the re-encrypting variant of {lines[index - 1]!r}")
+            options = options.replace("send-proxy-v2 check-send-proxy", f"ssl verify required ca-file {reencrypt_ca}")
+            plain = False
         for backend in backends:
-            node_port = backend.plain_port if int(port) == PLAIN_PORT else backend.tls_port
+            node_port = backend.plain_port if plain else backend.tls_port
             out.append(f"{indent}server {backend.name} {backend.host}:{node_port}{options}")
         replaced += 1
     if replaced == 0:
@@ -115,13 +124,13 @@ class HAProxy:
     """
 
     def __init__(self, procs: Processes, backends: Sequence[Backend], certificate: Certificate,
-                 name: str = "haproxy", source: str = DEPLOY_CONFIG) -> None:
+                 name: str = "haproxy", source: str = DEPLOY_CONFIG, reencrypt: bool = False) -> None:
         self.procs = procs
         self.backends = list(backends)
         self.directory = procs.directory(name)
         self.config_path = os.path.join(self.directory, "haproxy.cfg")
         with open(self.config_path, "w") as f:
-            f.write(render_config(backends, source))
+            f.write(render_config(backends, source, certificate.ca_cert if reencrypt else None))
         self.stats_path = os.path.join(self.directory, "admin.sock")
         tls = procs.listening_socket()
         passthrough = procs.listening_socket()
