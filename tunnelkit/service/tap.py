@@ -24,7 +24,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from tunnelkit.config import ModeOptions, positive_int, server_endpoint
+from tunnelkit.config import ModeOptions, duration, number, positive_int, server_endpoint
 from tunnelkit.errors import ConfigError
 from tunnelkit.protocol.notification import REGION_RE
 from tunnelkit.service.api import HEAD_TIMEOUT, MAX_PENDING_PER_ADDRESS, ApiResource, ServiceSite, build_root
@@ -52,8 +52,6 @@ DEFAULT_MAX_OPEN_TUNNELS = 1000
 DEFAULT_CLOSED_RETENTION = 3 * 3600.0
 
 _HOSTNAME_RE = re.compile(r"\A(?=.{1,253}\Z)([A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
-_DURATION_RE = re.compile(r"\A([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)?\Z")
-_UNIT_SECONDS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def region(text: str) -> str:
@@ -74,14 +72,6 @@ def hostname(text: str) -> str:
     if not _HOSTNAME_RE.match(text):
         raise ValueError(f"not a DNS name or IP address: {text!r}")
     return text.lower()
-
-
-def duration(text: str) -> float:
-    """Coerce: seconds, or a number with a unit: C{90}, C{90s}, C{30m}, C{3h}, C{1d}."""
-    match = _DURATION_RE.match(text.strip())
-    if not match:
-        raise ValueError(f"expected a duration such as 10800, 180m or 3h, got {text!r}")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions, ConsoleOptions):  # type: ignore[misc,valid-type]
@@ -126,8 +116,9 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
             None,
             HEAD_TIMEOUT,
             "Seconds a new connection has for its TLS handshake and its request line and headers "
-            "(and each later request for its head) before it is reset.",
-            duration,
+            "(and each later request for its head) before it is reset (more than 0: it cannot be "
+            "turned off; give a longer time instead).",
+            number(0, duration=True, above=True),
         ],
         [
             "max-pending-per-address",
@@ -137,7 +128,7 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
             "(idle keep-alive connections do not count); more are reset at once and logged (0: no "
             "limit). Clients behind one NAT address or a reverse proxy share it (haproxy: listeners "
             "count the PROXY header's client).",
-            int,
+            number(0, whole=True),
         ],
         [
             "closed-retention",
@@ -165,6 +156,12 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        ping, timeout = self["ping-interval"], self["peer-timeout"]
+        if timeout <= ping:
+            raise usage.UsageError(
+                f"--peer-timeout ({timeout:g}) must be longer than --ping-interval ({ping:g}): a silent peer "
+                "is pinged first, and taken for gone only if it stays silent until the timeout"
+            )
 
 
 def _has_certificate(description: str) -> bool:
@@ -327,7 +324,7 @@ class TunnelService(MultiService):
         self.site = ServiceSite(
             root,
             reactor=reactor,
-            head_timeout=float(options.get("handshake-timeout") or HEAD_TIMEOUT),
+            head_timeout=float(options.get("handshake-timeout", HEAD_TIMEOUT)),
             max_pending_per_address=options.get("max-pending-per-address", MAX_PENDING_PER_ADDRESS) or None,
         )
         self.listeners: List[_Listener] = []
