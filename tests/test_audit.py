@@ -9,7 +9,7 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from tests.test_relay import CLIENT_TOKEN, ServiceTestCase, data, start
+from tests.test_relay import ServiceTestCase, data, start
 from tunnelkit.protocol.flowcontrol import announcement_frame, eof_frame, window_update_frame
 from tunnelkit.protocol.framing import Message
 from tunnelkit.protocol.rules import PeerRules, payload_size

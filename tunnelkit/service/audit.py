@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from tunnelkit.config import number
+from tunnelkit.config import number as _number
 from tunnelkit.protocol.framing import Message
 from tunnelkit.protocol.rules import payload_size
 
@@ -82,7 +82,7 @@ class AuditOptions:
         ["audit-log-size", None, DEFAULT_ROTATE_SIZE,
          f"Bytes after which the trail is rotated to FILE.1 ... FILE.{KEEP_ROTATED} (the oldest dropped; "
          "0: never rotated).",
-         number(0, whole=True)],
+         _number(0, whole=True)],
     ]
 
 
