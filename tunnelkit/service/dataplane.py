@@ -160,6 +160,10 @@ class TunnelResource(WebSocketResource):
     before autobahn takes the connection over (the relay registers its own producer there).
     """
 
+    #: On a node of a cluster, decides before the token is spent whether the upgrade is served here or
+    #: forwarded to the node holding its tunnel (L{tunnelkit.service.cluster.forward.ForwardingGate}).
+    gate: Any = None
+
     def render(self, request: Any) -> Any:
         transport = request.channel.transport
         if transport is not None and getattr(transport, "producer", True) is not None:
@@ -169,6 +173,8 @@ class TunnelResource(WebSocketResource):
                 transport.unregisterProducer()
             except RuntimeError:
                 pass
+        if self.gate is not None:
+            return self.gate.render(request, super().render)
         return super().render(request)
 
 

@@ -632,6 +632,19 @@ class TunnelLink:
         return frames
 
 
+class _NoPlacement:
+    """The relay's C{placement} hook when the service is a single node: nothing to record."""
+
+    def peer_attached(self, peer: Any) -> None:
+        pass
+
+    def peer_detached(self, peer: Any) -> None:
+        pass
+
+
+NO_PLACEMENT = _NoPlacement()
+
+
 @implementer(ITunnelEvents)
 class Relay:
     """
@@ -659,6 +672,9 @@ class Relay:
         self._liveness: Optional[LoopingCall] = None
         #: The audit trail's hooks (L{tunnelkit.service.audit}); the service sets its trail here.
         self.audit: Any = NO_AUDIT
+        #: Told of each peer that attaches and detaches (a cluster node records where peers are:
+        #: L{tunnelkit.service.cluster.node.ClusterNode}); nothing on a single node.
+        self.placement: Any = NO_PLACEMENT
 
     # --- admission ---
 
@@ -770,6 +786,7 @@ class Relay:
                 peer.pause_reading("backpressure")
         self._set_state(link.tunnel_id, side, True)
         self.audit.peer_connected(peer)
+        self.placement.peer_attached(peer)
         log.info(
             "The {side} of tunnel {tunnel_id} connected on channel {channel_id} ({subprotocol})",
             side=side,
@@ -833,6 +850,7 @@ class Relay:
             return
         peer.detached = True
         self.audit.peer_disconnected(peer)
+        self.placement.peer_detached(peer)
         side = peer.side
         self.metrics.peer_connected(side, -1)
         count_now = self._websockets_per_account.get(link.account_id, 1) - 1

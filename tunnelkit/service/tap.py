@@ -40,6 +40,7 @@ from tunnelkit.transport.tls import restrict_context
 
 from tunnelkit.service.audit import AuditedApi, AuditOptions, build_audit_trail
 from tunnelkit.service.dataplane import DataPlaneOptions, metrics_site, mount_data_plane
+from tunnelkit.service.cluster import ClusterOptions, build_cluster, cluster_enabled
 from tunnelkit.service.console import ConsoleOptions, build_console, mount_console
 from tunnelkit.service.health import HealthResource
 
@@ -74,7 +75,7 @@ def hostname(text: str) -> str:
     return text.lower()
 
 
-class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions, ConsoleOptions):  # type: ignore[misc,valid-type]
+class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions, ConsoleOptions, ClusterOptions):  # type: ignore[misc,valid-type]
     """The options of C{--mode service}."""
 
     synopsis = "Usage: twistd -n tunnelkit --mode service [options]"
@@ -162,6 +163,7 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
                 f"--peer-timeout ({timeout:g}) must be longer than --ping-interval ({ping:g}): a silent peer "
                 "is pinged first, and taken for gone only if it stays silent until the timeout"
             )
+        self.check_cluster_options()
 
 
 def _has_certificate(description: str) -> bool:
@@ -270,7 +272,13 @@ class TunnelService(MultiService):
     C{certificates}, C{credentials_path}, C{account} (the default account).
     """
 
-    def __init__(self, options: Mapping[str, Any], reactor: Any, clock: Optional[IReactorTime] = None) -> None:
+    def __init__(
+        self,
+        options: Mapping[str, Any],
+        reactor: Any,
+        clock: Optional[IReactorTime] = None,
+        cluster_backends: Optional[Any] = None,
+    ) -> None:
         super().__init__()
         clock = clock if clock is not None else reactor
         self.state_dir = os.path.abspath(options["state-dir"])
@@ -284,13 +292,20 @@ class TunnelService(MultiService):
         self.region = options["region"]
         # Stopped last (services stop in reverse order): the data plane records disconnections first.
         _OnStop(self.store.close).setServiceParent(self)
-        reset = self.store.reset_connection_states(clock.seconds())
-        if reset:
-            log.info("Marked {count} peer connection(s) DISCONNECTED after the restart", count=reset)
+        clustered = cluster_enabled(options)
+        if not clustered:  # a node of a cluster resets only its own peers (tunnelkit.service.cluster.node)
+            reset = self.store.reset_connection_states(clock.seconds())
+            if reset:
+                log.info("Marked {count} peer connection(s) DISCONNECTED after the restart", count=reset)
         notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor)
         root = build_root(Resource())
         relay = mount_data_plane(root, self.store, clock, options)
         events: ITunnelEvents = relay
+        #: This node's cluster parts (None: a single node, the default).
+        self.cluster = None
+        if clustered:
+            self.cluster = build_cluster(options, reactor, clock, relay, self.store, cluster_backends)
+            events = self.cluster.events
         self.audit = build_audit_trail(options, self.state_dir, clock)
         if self.audit is not None:
             relay.audit = self.audit
@@ -310,7 +325,10 @@ class TunnelService(MultiService):
             limits,
             closed_retention=options.get("closed-retention", DEFAULT_CLOSED_RETENTION),
         )
-        self.control.lifecycle.setServiceParent(self)
+        if self.cluster is not None:
+            self.cluster.take_lifecycle(self.control.lifecycle)  # one node of the cluster runs it
+        else:
+            self.control.lifecycle.setServiceParent(self)
         api: Resource = ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds))
         if self.audit is not None:
             api = AuditedApi(api, self.audit, self.store)
@@ -327,6 +345,9 @@ class TunnelService(MultiService):
             head_timeout=float(options.get("handshake-timeout", HEAD_TIMEOUT)),
             max_pending_per_address=options.get("max-pending-per-address", MAX_PENDING_PER_ADDRESS) or None,
         )
+        if self.cluster is not None:
+            self.cluster.serve(self.site, root)
+            self.cluster.setServiceParent(self)
         self.listeners: List[_Listener] = []
         for description in options["listen"]:
             self._check_names(description, options.get("hostname") or ())
