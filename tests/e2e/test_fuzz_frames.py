@@ -192,9 +192,11 @@ class FuzzTests(TestCase):
         fuzzed = h.open_tunnel(["ECHO", "OTHER"])
         destination = h.start_destination(fuzzed.destination_token, f"ECHO={apps},OTHER={apps}")
         other = h.open_tunnel(["ECHO"])
-        h.start_destination(other.destination_token, f"ECHO={apps}", name="other-destination")
+        other_destination = h.start_destination(other.destination_token, f"ECHO={apps}", name="other-destination")
         other_port = h.start_source(other.source_token, "ECHO=0", name="other-source").port_of("ECHO")
         destination.wait_for_log("The tunnel is ready")
+        # The relay refuses a stream while the destination is away: the other tunnel's must be connected.
+        other_destination.wait_for_log("The tunnel is ready")
         source = FuzzedSource(service.port, fuzzed.source_token)
         self.assertEqual(source.probe(), b"probe %d" % source.probe_id, destination.tail())
 
