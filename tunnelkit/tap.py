@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -136,21 +136,26 @@ class Options(usage.Options):
         try:
             module = load_mode(mode)
             self.mode = mode
-            self.modeOptions = module.Options()
+            mode_options = module.Options()
             if mode in ("source", "destination"):
-                self.modeOptions.mode = mode  # one Options class serves both; it sets its "mode" key
-            self.modeOptions.parseOptions(args)
+                mode_options.mode = mode  # one Options class serves both; it sets its "mode" key
+            self.modeOptions = mode_options
+            mode_options.parseOptions(args)
         except (usage.UsageError, ConfigError) as e:
             _fail(mode if mode in MODES else None, str(e))  # an unknown mode has no help of its own
         default_process_files(getattr(self, "parent", None), mode)
         try:
-            check_internals(warn=lambda message: sys.stderr.write(f"tunnelkit: warning: {message}\n"))
+            check_internals(warn=_warn)
         except MissingInternals as e:
             sys.stderr.write(f"tunnelkit: error: {e}\n")
             sys.exit(1)
 
 
-def _fail(mode: Optional[str], message: str) -> None:
+def _warn(message: str) -> None:
+    sys.stderr.write(f"tunnelkit: warning: {message}\n")
+
+
+def _fail(mode: Optional[str], message: str) -> NoReturn:
     hint = f"twistd tunnelkit --mode {mode} --help" if mode else "twistd tunnelkit --help"
     sys.stderr.write(f"tunnelkit: error: {message} (see '{hint}')\n")
     sys.exit(1)

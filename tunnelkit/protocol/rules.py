@@ -23,7 +23,7 @@ id too (they count as service id C{""}): a DATA frame before any stream was star
 
 from __future__ import annotations
 
-from typing import FrozenSet, Iterable, Optional, Set
+from typing import Any, FrozenSet, Iterable, Optional, Set, cast
 
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -315,7 +315,7 @@ class PeerRules:
         """No field unknown to the schema, none the negotiated version lacks."""
         unknown = UnknownFieldSet(message)
         if len(unknown):
-            numbers = sorted({field.field_number for field in unknown})
+            numbers = sorted({field.field_number for field in cast(Iterable[Any], unknown)})
             raise ProtocolViolation(
                 RULE_UNKNOWN_FIELD,
                 f"{_type_name(message_type)} has field(s) {', '.join(map(str, numbers))}, which "
