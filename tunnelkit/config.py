@@ -407,7 +407,7 @@ def number(
             raise ValueError(f"{expected}, got {text!r}")
         return value
 
-    coerce.coerceDoc = ""  # type: ignore[attr-defined]  (the help text says the range itself)
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]  # the help text says the range itself
     return coerce
 
 
