@@ -153,6 +153,21 @@ class FindModeTests(unittest.TestCase):
         self.assertIsNone(find_mode(["--config", path]))
         self.assertIsNone(find_mode([]))
 
+    def test_config_file_read_once(self):
+        """The plugin's options read --config's file once: for the mode and for the mode's options."""
+        from tunnelkit import config, tap
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("service:\n  state-dir: /tmp/tunnelkit-test-state\n")
+        reads = []
+        read = config._read_document
+        self.patch(config, "_read_document", lambda p: reads.append(p) or read(p))
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        self.assertEqual((options.mode, options.modeOptions["state-dir"]), ("service", "/tmp/tunnelkit-test-state"))
+        self.assertEqual(reads, [path])
+
 
 class ModeFlagTests(unittest.TestCase):
     def test_mode_mismatch(self):

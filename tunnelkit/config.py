@@ -51,15 +51,36 @@ def normalize_key(key: str) -> str:
     return key.replace("_", "-")
 
 
-def load_config_file(path: str, mode: str) -> Dict[str, Any]:
+class ConfigFiles:
     """
-    Read C{path} and return the mapping of the section for C{mode} (empty if the file has none).
+    The configuration files one command line names, each read and parsed once (finding the mode,
+    then the mode's options, then perhaps an error message all look at the same document).
+    """
 
-    @raise ConfigError: if the file is unreadable, is not YAML, or is not shaped as sections of modes.
-    """
+    def __init__(self) -> None:
+        self._documents: Dict[str, Any] = {}
+
+    def document(self, path: str) -> Any:
+        """
+        The YAML document in C{path}.
+
+        @raise ConfigError: if the file is unreadable or is not YAML (every time it is asked for).
+        """
+        if path not in self._documents:
+            try:
+                self._documents[path] = _read_document(path)
+            except ConfigError as e:
+                self._documents[path] = e
+        document = self._documents[path]
+        if isinstance(document, ConfigError):
+            raise document
+        return document
+
+
+def _read_document(path: str) -> Any:
     try:
         with open(path, "rb") as f:
-            document = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from None
     except yaml.YAMLError as e:
@@ -67,6 +88,16 @@ def load_config_file(path: str, mode: str) -> Dict[str, Any]:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
+def load_config_file(path: str, mode: str, files: Optional[ConfigFiles] = None) -> Dict[str, Any]:
+    """
+    Read C{path} (through C{files}, if given) and return the mapping of the section for C{mode}
+    (empty if the file has none).
+
+    @raise ConfigError: if the file is unreadable, is not YAML, or is not shaped as sections of modes.
+    """
+    document = (files or ConfigFiles()).document(path)
     if document is None:
         return {}
     if not isinstance(document, dict):
@@ -131,6 +162,8 @@ class ModeOptions(usage.Options):
             self[name] = []
         #: The long names (normalized) of the options the command line gives; set by parseOptions.
         self.from_command_line: Set[str] = set()
+        #: Where C{--config}'s file is read (once); the plugin's Options shares its own.
+        self.config_files = ConfigFiles()
 
     # --- the options every mode has ---
 
@@ -184,7 +217,7 @@ class ModeOptions(usage.Options):
         return table
 
     def _apply_config(self, path: str) -> None:
-        section = load_config_file(path, self.mode)
+        section = load_config_file(path, self.mode, self.config_files)
         table = self._option_table()
         for raw_key, value in section.items():
             key = normalize_key(str(raw_key))
@@ -272,7 +305,9 @@ def _find_option_value(args: Sequence[str], name: str) -> Optional[str]:
     return None
 
 
-def find_mode(args: Sequence[str], environ: Mapping[str, str] = os.environ) -> Optional[str]:
+def find_mode(
+    args: Sequence[str], environ: Mapping[str, str] = os.environ, files: Optional[ConfigFiles] = None
+) -> Optional[str]:
     """The mode named by C{--mode}, or the C{mode} key of C{--config}'s file, if any."""
     mode = _find_option_value(args, "--mode")
     if mode is not None:
@@ -280,9 +315,8 @@ def find_mode(args: Sequence[str], environ: Mapping[str, str] = os.environ) -> O
     path = _find_option_value(args, "--config")
     if path is not None:
         try:
-            with open(path, "rb") as f:
-                document = yaml.safe_load(f)
-        except (OSError, yaml.YAMLError):
+            document = (files or ConfigFiles()).document(path)
+        except ConfigError:
             return None  # reported properly once a mode's Options reads the file
         if isinstance(document, dict):
             sections = [key for key in document if key in MODES]
@@ -291,7 +325,7 @@ def find_mode(args: Sequence[str], environ: Mapping[str, str] = os.environ) -> O
     return None
 
 
-def missing_mode_message(args: Sequence[str]) -> str:
+def missing_mode_message(args: Sequence[str], files: Optional[ConfigFiles] = None) -> str:
     """
     Why L{find_mode} found no mode in C{args}: the C{--config} file's problem if it has one (unreadable,
     not YAML, ...), else which C{--mode} to give.
@@ -300,9 +334,9 @@ def missing_mode_message(args: Sequence[str]) -> str:
     path = _find_option_value(args, "--config")
     if path is None:
         return f"no mode given: {choose}"
-    load_config_file(path, "service")  # raises ConfigError naming the file's problem, if any
-    with open(path, "rb") as f:
-        sections = sorted(key for key in (yaml.safe_load(f) or {}) if key in MODES)
+    files = files or ConfigFiles()
+    load_config_file(path, "service", files)  # raises ConfigError naming the file's problem, if any
+    sections = sorted(key for key in (files.document(path) or {}) if key in MODES)
     if sections:
         return f"no mode given and {path} has several sections ({', '.join(sections)}): {choose}"
     return f"no mode given and {path} has no mode section: {choose}"

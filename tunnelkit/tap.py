@@ -16,7 +16,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 import tunnelkit
-from tunnelkit.config import MODES, find_mode, missing_mode_message
+from tunnelkit.config import MODES, ConfigFiles, find_mode, missing_mode_message
 from tunnelkit.errors import ConfigError
 from tunnelkit.internals import MissingInternals, check_internals
 
@@ -120,7 +120,8 @@ class Options(usage.Options):
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         args = list(sys.argv[1:] if options is None else options)
-        mode = find_mode(args)
+        files = ConfigFiles()  # --config's file, read once for the mode, its options and any error
+        mode = find_mode(args, files=files)
         if mode is None:
             if any(a in ("-h", "--help") for a in args):
                 print(_GENERAL_HELP)
@@ -129,7 +130,7 @@ class Options(usage.Options):
                 print(f"tunnelkit {tunnelkit.__version__}")
                 sys.exit(0)
             try:
-                message = missing_mode_message(args)
+                message = missing_mode_message(args, files)
             except ConfigError as e:
                 message = str(e)
             _fail(None, message)
@@ -137,6 +138,7 @@ class Options(usage.Options):
             module = load_mode(mode)
             self.mode = mode
             mode_options = module.Options()
+            mode_options.config_files = files
             if mode in ("source", "destination"):
                 mode_options.mode = mode  # one Options class serves both; it sets its "mode" key
             self.modeOptions = mode_options

@@ -28,8 +28,8 @@ client token, so a later terminal reconnects with the same token.  Tokens stay i
 Credentials (password, private key) come in the WebSocket's first message, are used for that SSH
 session only, and are dropped once it is authenticated; they are never stored or logged.
 
-Host keys: the fingerprint (SHA256, as OpenSSH shows it) is shown; the first one seen for a thing is
-remembered (L{IConsoleUsers.remember_host_key}); a different one later stops the connection with a
+Host keys: the fingerprint (SHA256, as OpenSSH shows it) is shown; the first one seen for a thing (for a
+tunnel without a thing: for that tunnel, L{host_key_name}) is remembered (L{IConsoleUsers.remember_host_key}); a different one later stops the connection with a
 clear warning (the tunnel page can forget the remembered key).
 
 Browser protocol: binary messages are terminal bytes both ways; text messages are JSON: from the page
@@ -75,6 +75,7 @@ from tunnelkit.protocol.session import (
     WriteLocal,
 )
 from tunnelkit.service.console.sessions import COOKIE_NAME, Session
+from tunnelkit.service.console.users import host_key_name
 from tunnelkit.service.store import CONNECTED, OPEN, NoSuchAccount
 from tunnelkit.transport.actions import ActionDispatcher
 from tunnelkit.transport.tls import pinned_client_tls
@@ -599,24 +600,23 @@ class BrowserTerminal(WebSocketServerProtocol):
     def check_host_key(self, blob: bytes) -> Any:
         key_type, fingerprint = host_key_fingerprint(blob)
         users = self.factory.terminals.console.users
-        if self.thing is None:
-            self._send(type="hostkey", status="unremembered", key_type=key_type, fingerprint=fingerprint)
-            return defer.succeed(True)
-        known = users.get_host_key(self.account.account_id, self.thing)
+        name = host_key_name(self.thing, self.tunnel_id)  # per thing, or per tunnel if it has none
+        scope = "thing" if self.thing else "tunnel"
+        known = users.get_host_key(self.account.account_id, name)
         if known is None:
-            users.remember_host_key(self.account.account_id, self.thing, key_type, fingerprint,
+            users.remember_host_key(self.account.account_id, name, key_type, fingerprint,
                                     self.factory.terminals.clock.seconds())
-            self._send(type="hostkey", status="new", key_type=key_type, fingerprint=fingerprint)
+            self._send(type="hostkey", status="new", scope=scope, key_type=key_type, fingerprint=fingerprint)
             return defer.succeed(True)
         if known.fingerprint == fingerprint:
             self._send(type="hostkey", status="known", key_type=key_type, fingerprint=fingerprint)
             return defer.succeed(True)
         self._send(type="hostkey", status="changed", key_type=key_type, fingerprint=fingerprint,
                    expected=known.fingerprint, expected_type=known.key_type)
-        log.warn("Console: host key of thing {thing} changed ({expected} -> {fingerprint}): connection refused",
-                 thing=self.thing, expected=known.fingerprint, fingerprint=fingerprint)
+        log.warn("Console: host key of {name} changed ({expected} -> {fingerprint}): connection refused",
+                 name=name, expected=known.fingerprint, fingerprint=fingerprint)
         self.finish(
-            f"WARNING: the host key of {self.thing} has changed (it was {known.key_type} {known.fingerprint}, now "
+            f"WARNING: the host key of {self.thing or 'the device of tunnel ' + self.tunnel_id} has changed (it was {known.key_type} {known.fingerprint}, now "
             f"{key_type} {fingerprint}). Someone may be impersonating the device, or its key was replaced. "
             "The connection was stopped. If you know the key changed, forget the remembered key on the tunnel's page."
         )
