@@ -16,7 +16,9 @@ line win over the file.  Every error names the file, the key and what is wrong.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -387,12 +389,64 @@ def client_endpoint(description: str) -> str:
     return _check_endpoint(description, "client")
 
 
-def positive_int(text: str) -> int:
-    """Coerce: a whole number greater than zero."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number >= 1, got {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"expected a whole number >= 1, got {text!r}")
-    return value
+_DURATION_RE = re.compile(r"\A([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)?\Z")
+_UNIT_SECONDS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def number(
+    low: float = 0,
+    high: Optional[float] = None,
+    *,
+    whole: bool = False,
+    duration: bool = False,
+    above: bool = False,
+    zero_means: str = "",
+) -> Callable[[str], Any]:
+    """
+    The coerce function of a numeric option: every numeric option of every mode uses one, so
+    each bad value gets the same kind of message, saying what is expected and what was given (the
+    option's name is put in front by L{ModeOptions}, or the file and key by the C{tap.yml} loader).
+
+    @param low: the smallest value allowed (or, with C{above}, the value it must be more than).
+    @param high: the largest value allowed (None: no bound).
+    @param whole: a whole number (an C{int}); otherwise a C{float}.
+    @param duration: seconds, or a number with a unit: C{90}, C{90s}, C{30m}, C{3h}, C{1d}.
+    @param zero_means: 0 is allowed too, though below C{low}, and means this (e.g. C{"off"}).
+    """
+    kind = "a whole number" if whole else "a duration" if duration else "a number"
+    if high is not None:
+        bound = f"from {low:g} to {high:g}"
+    else:
+        bound = f"of more than {low:g}" if above else f"of at least {low:g}"
+    example = " (seconds, or with a unit: 90s, 30m, 3h, 1d)" if duration else ""
+    expected = f"expected {f'0 ({zero_means}) or ' if zero_means else ''}{kind} {bound}{example}"
+
+    def coerce(text: str) -> Any:
+        value: float
+        try:
+            if whole:
+                value = int(str(text).strip())
+            elif duration:
+                match = _DURATION_RE.match(str(text).strip())
+                if not match:
+                    raise ValueError(text)
+                value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            else:
+                value = float(text)
+        except ValueError:
+            raise ValueError(f"{expected}, got {text!r}") from None
+        if value == 0 and zero_means:
+            return value
+        if not math.isfinite(value) or value < low or (above and value == low) or (high is not None and value > high):
+            raise ValueError(f"{expected}, got {text!r}")
+        return value
+
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]  # the help text says the range itself
+    return coerce
+
+
+#: Coerce: a whole number greater than zero.
+positive_int = number(1, whole=True)
+
+#: Coerce: seconds, or a number with a unit (C{90}, C{90s}, C{30m}, C{3h}, C{1d}), 0 or more.
+duration = number(0, duration=True)

@@ -77,6 +77,7 @@ refills.  So a fast source and a slow destination leave at most a few hundred KB
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -104,6 +105,7 @@ from tunnelkit.protocol.framing import (
 from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.protocol.flowcontrol import (
     ANNOUNCE,
+    EOF,
     EXTENSION_TYPES,
     EXTENSIONS_HEADER,
     OFFERED,
@@ -179,6 +181,7 @@ _OTHER_SIDE = {SOURCE: DESTINATION, DESTINATION: SOURCE}
 _FLOOD_REASONS = frozenset({"too-many-failures", "tunnel-failures-limited"})
 _DIRECTION = {SOURCE: SOURCE_TO_DESTINATION, DESTINATION: DESTINATION_TO_SOURCE}
 
+_DATA = Message.DATA
 _STREAM_START = Message.STREAM_START
 _CONNECTION_START = Message.CONNECTION_START
 _STREAM_RESET = Message.STREAM_RESET
@@ -440,13 +443,33 @@ class _BucketTable:
         return len(self._buckets)
 
 
+def address_budget_key(host: str) -> str:
+    """
+    The key of a client address's failure budget: an IPv4 address as it is, an IPv6 address by its
+    /64 (one site's network: a host can take any address in it, so one budget per address would
+    be none), anything else (a unix socket's empty host) as it is.
+    """
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d on a dual-stack listener: the IPv4 client
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+
 class HandshakeLimiter:
     """
     Who may try a WebSocket handshake now, on an injected clock (no I/O).
 
     Three budgets, so that failed attempts never cost a valid token its connection:
-      - failures per client address: an address that spent it gets 429 before its token is even
-        looked at (it blocks only itself);
+      - failures per client address (IPv6: per /64, L{address_budget_key}): an address that spent
+        it gets 429 before its token is even looked at.  It blocks only that address: behind NAT,
+        CGNAT or a reverse proxy that does not send the PROXY protocol, that is everyone behind it
+        (use C{haproxy:} listeners, or C{--failed-handshakes-per-address 0} and rely on the next
+        budget);
       - failures per routing key (the token's non-secret prefix, shared by a tunnel's tokens): only
         failures are counted, and only after the token was checked, so a valid token always passes;
         past the budget a failing attempt gets 429 instead of its 4xx;
@@ -467,7 +490,7 @@ class HandshakeLimiter:
 
     def check_address(self, address: str) -> None:
         """@raise HandshakeRejected: 429 if C{address} spent its failure budget."""
-        bucket = self._per_address.get(address)
+        bucket = self._per_address.get(address_budget_key(address))
         if bucket is not None and not bucket.holds():
             raise HandshakeRejected(
                 429,
@@ -496,7 +519,7 @@ class HandshakeLimiter:
         A handshake from C{address} (presenting routing key C{key}, if any) failed.  Returns
         whether C{key} had spent its failure budget already (the attempt is then answered 429).
         """
-        bucket = self._per_address.get(address)
+        bucket = self._per_address.get(address_budget_key(address))
         if bucket is not None:
             bucket.take(1.0)
         if key is None:
@@ -564,6 +587,8 @@ class TunnelLink:
             )
         self.expiry_call: Optional[IDelayedCall] = None
         self.service_ids_frame = b""
+        #: The audit trail's ledger of this tunnel's connections (L{tunnelkit.service.audit}); None: off.
+        self.ledger: Any = None
         self.set_services(grant.services)
 
     def set_services(self, services: Sequence[str]) -> None:
@@ -1249,7 +1274,9 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
         rules = self.rules
         assert rules is not None
         link = self.link
-        partner = link.peers.get(_OTHER_SIDE[self.side])
+        ledger = link.ledger  # the audit trail's, or None
+        side = self.side
+        partner = link.peers.get(_OTHER_SIDE[side])
         cuts: List[int] = []  # indexes of frames after which a WebSocket message must end
         skip: List[int] = []  # extension frames not forwarded
         announced = False
@@ -1266,7 +1293,10 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
                 return
             size += len(body) + 2
             kind = message.type
-            if kind in _START_TYPES:
+            if kind == _DATA:
+                if ledger is not None:
+                    ledger.data(side, message, len(body))
+            elif kind in _START_TYPES:
                 cuts.append(index)
                 service_id = message.serviceId
                 if partner is not None:
@@ -1274,12 +1304,21 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
                         link.active_streams[service_id] = message.streamId
                     if partner.rules is not None:
                         partner.rules.note_stream_started(service_id)
+                    if ledger is not None:
+                        ledger.started(side, message)
                 else:
                     self._refuse_start(message)
+                    if ledger is not None:
+                        ledger.refused(message, "the destination is not connected")
+            elif kind == _CONNECTION_RESET:
+                if ledger is not None:
+                    ledger.reset(side, message)
             elif kind == _STREAM_RESET:
                 service_id = message.serviceId
                 if link.active_streams.get(service_id) == message.streamId:
                     del link.active_streams[service_id]
+                if ledger is not None:
+                    ledger.stream_reset(side, message)
             elif kind in EXTENSION_TYPES:
                 # Announcements are exchanged by the relay; the others go only between peers that
                 # were both told of each other's announcement.
@@ -1290,6 +1329,8 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
                         announced = True
                 elif not self.told or partner is None or not partner.told:
                     skip.append(index)
+                elif kind == EOF and ledger is not None:
+                    ledger.eof(side, message)  # forwarded: the partner learns this side is done
         if skip:
             metrics = self.factory.relay.metrics
             dropped = len(skip) - (1 if announced else 0)

@@ -25,7 +25,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from tunnelkit.config import ModeOptions, positive_int, server_endpoint
+from tunnelkit.config import ModeOptions, duration, number, positive_int, server_endpoint
 from tunnelkit.errors import ConfigError
 from tunnelkit.protocol.notification import REGION_RE
 from tunnelkit.service.api import HEAD_TIMEOUT, MAX_PENDING_PER_ADDRESS, ApiResource, ServiceSite, build_root
@@ -55,8 +55,6 @@ DEFAULT_MAX_OPEN_TUNNELS = 1000
 DEFAULT_CLOSED_RETENTION = 3 * 3600.0
 
 _HOSTNAME_RE = re.compile(r"\A(?=.{1,253}\Z)([A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
-_DURATION_RE = re.compile(r"\A([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)?\Z")
-_UNIT_SECONDS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def region(text: str) -> str:
@@ -77,14 +75,6 @@ def hostname(text: str) -> str:
     if not _HOSTNAME_RE.match(text):
         raise ValueError(f"not a DNS name or IP address: {text!r}")
     return text.lower()
-
-
-def duration(text: str) -> float:
-    """Coerce: seconds, or a number with a unit: C{90}, C{90s}, C{30m}, C{3h}, C{1d}."""
-    match = _DURATION_RE.match(text.strip())
-    if not match:
-        raise ValueError(f"expected a duration such as 10800, 180m or 3h, got {text!r}")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions, ConsoleOptions, ClusterOptions):  # type: ignore[misc,valid-type]
@@ -138,16 +128,19 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
             None,
             HEAD_TIMEOUT,
             "Seconds a new connection has for its TLS handshake and its request line and headers "
-            "(and each later request for its head) before it is reset.",
-            duration,
+            "(and each later request for its head) before it is reset (more than 0: it cannot be "
+            "turned off; give a longer time instead).",
+            number(0, duration=True, above=True),
         ],
         [
             "max-pending-per-address",
             None,
             MAX_PENDING_PER_ADDRESS,
-            "Connections one client address may hold that are not WebSocket peers yet; more are "
-            "reset at once (0: no limit).",
-            int,
+            "Connections one client address may hold that have not sent a complete request head yet "
+            "(idle keep-alive connections do not count); more are reset at once and logged (0: no "
+            "limit). Clients behind one NAT address or a reverse proxy share it (haproxy: listeners "
+            "count the PROXY header's client).",
+            number(0, whole=True),
         ],
         [
             "closed-retention",
@@ -175,6 +168,12 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        ping, timeout = self["ping-interval"], self["peer-timeout"]
+        if timeout <= ping:
+            raise usage.UsageError(
+                f"--peer-timeout ({timeout:g}) must be longer than --ping-interval ({ping:g}): a silent peer "
+                "is pinged first, and taken for gone only if it stays silent until the timeout"
+            )
         self.check_cluster_options()
 
 
@@ -398,7 +397,7 @@ class TunnelService(MultiService):
         self.site = ServiceSite(
             root,
             reactor=reactor,
-            head_timeout=float(options.get("handshake-timeout") or HEAD_TIMEOUT),
+            head_timeout=float(options.get("handshake-timeout", HEAD_TIMEOUT)),
             max_pending_per_address=options.get("max-pending-per-address", MAX_PENDING_PER_ADDRESS) or None,
         )
         if self.cluster is not None:
@@ -407,8 +406,10 @@ class TunnelService(MultiService):
         self.listeners: List[_Listener] = []
         for description in options["listen"]:
             self._check_names(description, options.get("hostname") or ())
+            # A haproxy: listener's client address is the one its PROXY header names (see ServiceSite.proxied).
+            factory = self.site.proxied() if description.split(":", 1)[0].lower() == "haproxy" else self.site
             listener = _Listener(
-                reactor, listen_description(description, self.certificates), description, self.site, self._announce
+                reactor, listen_description(description, self.certificates), description, factory, self._announce
             )
             listener.setServiceParent(self)
             self.listeners.append(listener)
