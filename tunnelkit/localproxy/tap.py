@@ -404,7 +404,10 @@ def filter_process_logs(
     C{secrets} and the C{client_tokens} (both in the upgrade request) are masked.
 
     twistd starts logging after makeService, through L{globalLogBeginner}: each observer it hands over
-    is wrapped in a level filter.
+    is wrapped in a level filter.  (Twisted's own hooks take no options from a plugin: twistd's
+    C{--logger} names a factory called without arguments, and L{twisted.application.app.AppLogger}
+    looks for an C{ILogObserver} component only on an application a C{.tac} file builds, while a
+    plugin's makeService never sees the application.  Hence this wrapper, installed once per process.)
     """
     from twisted.logger import (
         FilteringLogObserver,
@@ -440,7 +443,12 @@ _exit_status: List[int] = []
 
 
 def _exit_process(end: SessionEnd, reactor: Any) -> None:
-    """Stop the reactor; make twistd exit with C{end.status}."""
+    """
+    Stop the reactor; make twistd exit with C{end.status}.  twistd has no way for a service to set
+    the exit status (Twisted issue #11335, open since 2004: "sys.exit(2) after reactor.run() ...
+    doesn't help for twistd based apps"; L{twisted.internet.task.react} is the supported way, outside
+    twistd): the first non-zero status is kept and the process exits with it once twistd is done.
+    """
     if end.status != 0 and not _exit_status:
         _exit_status.append(end.status)
 
