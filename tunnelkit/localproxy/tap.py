@@ -256,13 +256,14 @@ class Options(TunnelClientOptions):
         if mode == "source":
             given = parse_source_mapping(source) if source else None
             from_files = {sid: parse_source_mapping(f"{sid}={ep}", f"--config-dir {sid}")[sid] for sid, ep in from_dir.items()}
-            self.mapping = merge_config_dir(given, from_files)  # empty: listen for every service, any port
+            #: service id -> listen port (source) or target (destination)
+            self.mapping: Dict[str, Any] = merge_config_dir(given, from_files)  # empty: every service, any port
             self.bind_address = _resolve_bind(bind or "localhost")
         else:
             default_host = bind or "127.0.0.1"
             given_targets = parse_destination_mapping(destination, default_host) if destination else None
-            from_files = {sid: parse_destination_endpoint(ep, default_host) for sid, ep in from_dir.items()}
-            self.mapping = merge_config_dir(given_targets, from_files)
+            targets_from_files = {sid: parse_destination_endpoint(ep, default_host) for sid, ep in from_dir.items()}
+            self.mapping = merge_config_dir(given_targets, targets_from_files)
             if not self.mapping:
                 raise ConfigError(
                     "Must specify one of --destination-app/-d or --config-dir with the service mapping"
@@ -420,7 +421,7 @@ def filter_process_logs(
     if verbosity >= 6:
         import txaio
 
-        txaio.set_global_log_level("debug")
+        txaio.set_global_log_level("debug")  # type: ignore[attr-defined]  # bound by txaio.use_twisted()
     if verbosity == 0:
         predicates: List[Any] = [lambda event: PredicateResult.no]
     else:
@@ -431,7 +432,7 @@ def filter_process_logs(
     begin = globalLogBeginner.beginLoggingTo
 
     def filtered_begin(observers: Any, *args: Any, **kwargs: Any) -> Any:
-        wrapped = [FilteringLogObserver(o, predicates) for o in observers]
+        wrapped: List[Any] = [FilteringLogObserver(o, predicates) for o in observers]
         if verbosity >= 6:
             wrapped = [_RedactingObserver(o, secrets, client_tokens) for o in wrapped]
         return begin(wrapped, *args, **kwargs)
