@@ -444,7 +444,10 @@ class LocalProxySession(MultiService):
             )
 
     def local_buffer_full(self, connection: LocalConnection) -> None:
-        if not self.session.flow_controlled(connection.service_id, connection.connection_id):
+        session = self.session
+        if session.flow_controlled(connection.service_id, connection.connection_id):
+            session.local_behind(connection.service_id, connection.connection_id)
+        else:
             self.websocket_read_throttle.legacy_full(connection.key)
 
     def local_buffer_drained(self, connection: LocalConnection) -> None:
