@@ -109,13 +109,15 @@ import secrets
 import struct
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnelkit.errors import FramingError, ProtocolViolation
@@ -644,6 +646,9 @@ class Relay:
         self.metrics: IRelayMetrics = metrics if metrics is not None else RelayMetrics()
         self.links: Dict[str, TunnelLink] = {}
         self._websockets_per_account: Dict[str, int] = {}
+        #: Connection states to record, and the sides being written (L{_set_state}).
+        self._latest_state: Dict[Tuple[str, str], Tuple[bool, float]] = {}
+        self._writing_state: Set[Tuple[str, str]] = set()
         self.limiter = HandshakeLimiter(self.limits, clock)
         self._liveness: Optional[LoopingCall] = None
         #: The audit trail's hooks (L{tunnelkit.service.audit}); the service sets its trail here.
@@ -654,7 +659,7 @@ class Relay:
 
     # --- admission ---
 
-    def admit(self, request: HandshakeRequest, address: str = "") -> PeerGrant:
+    async def admit(self, request: HandshakeRequest, address: str = "") -> PeerGrant:
         """
         Decide whether a checked handshake from client C{address} may connect: the failure budgets
         (L{HandshakeLimiter}), then the store's token rules, with the tunnel's rate and the account's
@@ -664,7 +669,7 @@ class Relay:
         """
         self.limiter.check_address(address)
         try:
-            grant = self.store.claim_peer(
+            grant: PeerGrant = await self.store.claim_peer(
                 request.access_token,
                 request.mode,
                 request.client_token,
@@ -863,15 +868,38 @@ class Relay:
                 self._stop_liveness()
 
     def _set_state(self, tunnel_id: str, side: str, connected: bool) -> None:
-        try:
-            self.store.set_connection_state(tunnel_id, side, connected, self.clock.seconds())
-        except Exception:
+        """
+        Record a side's state.  One write per side at a time, in order: a state set while one is
+        being written follows it (only the latest), so a quick connect-disconnect never ends CONNECTED
+        whatever the store's threads do.
+        """
+        key = (tunnel_id, side)
+        self._latest_state[key] = (connected, self.clock.seconds())
+        if key not in self._writing_state:
+            self._write_state(key)
+
+    def _write_state(self, key: Tuple[str, str]) -> None:
+        tunnel_id, side = key
+        connected, now = self._latest_state.pop(key)
+        self._writing_state.add(key)
+        d = maybeDeferred(self.store.set_connection_state, tunnel_id, side, connected, now)
+
+        def failed(failure: Failure) -> None:
             log.failure(
                 "Could not record the {side} of tunnel {tunnel_id} as {state}",
+                failure,
                 side=side,
                 tunnel_id=tunnel_id,
                 state="CONNECTED" if connected else "DISCONNECTED",
             )
+
+        def written(_: Any) -> None:
+            self._writing_state.discard(key)
+            if key in self._latest_state:
+                self._write_state(key)
+
+        d.addErrback(failed)
+        d.addBoth(written)
 
     def websockets_of(self, account_id: str) -> int:
         """How many WebSockets of C{account_id} are open here."""
@@ -973,6 +1001,7 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.channel_id = ""
+        self._checking = False  # onConnect's token check is under way
         self.grant: Optional[PeerGrant] = None
         self.side = ""
         self.subprotocol = ""
@@ -1002,7 +1031,25 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
 
     # --- handshake ---
 
-    def onConnect(self, request: Any) -> Tuple[str, Dict[str, str]]:
+    def processHandshake(self) -> None:
+        # While the store checks the token (asynchronously), bytes that arrive wait in self.data:
+        # autobahn would otherwise parse the request again and claim the token a second time.
+        if self._checking:
+            return
+        super().processHandshake()
+
+    def onConnect(self, request: Any) -> "Deferred[Tuple[str, Dict[str, str]]]":
+        self._checking = True
+        d = Deferred.fromCoroutine(self._connect(request))
+
+        def checked(result: Any) -> Any:
+            self._checking = False
+            return result
+
+        d.addBoth(checked)
+        return d
+
+    async def _connect(self, request: Any) -> Tuple[str, Dict[str, str]]:
         relay = self.factory.relay
         self.channel_id = new_channel_id(relay.clock.seconds())
         address = str(getattr(self.transport.getPeer(), "host", ""))
@@ -1015,7 +1062,7 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
             except HandshakeRejected:
                 relay.limiter.failed(address, None)
                 raise
-            grant = relay.admit(checked, address)
+            grant = await relay.admit(checked, address)
         except HandshakeRejected as e:
             relay.metrics.handshake_rejected(e.reason)
             # Refusals by a failure budget come in floods: counted in the metrics, logged at debug.
