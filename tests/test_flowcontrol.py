@@ -142,20 +142,6 @@ class ConnectionFlowTests(SynchronousTestCase):
         self.assertEqual(sum(flow.delivered(1000) for _ in range(8)), 8000)  # at its maximum: no more
         self.assertEqual(flow.window, 4000)
 
-    def test_grown_window_shrinks_back_when_the_reader_falls_behind(self) -> None:
-        flow = ConnectionFlow(credit=0, window=1000, max_window=4000)
-        self.assertTrue(flow.received(1000))
-        self.assertEqual(sum(flow.delivered(250) for _ in range(4)), 2000)  # grown to 2000
-        self.assertTrue(flow.received(2000))  # all of it on the way
-        flow.reader_behind()
-        self.assertEqual(flow.window, 1000)
-        # the next 1000 bytes delivered pay back what was granted beyond the initial window
-        self.assertEqual([flow.delivered(500), flow.delivered(500)], [0, 0])
-        self.assertEqual(flow.delivered(250), 250)
-        self.assertEqual(flow.allowed, 250)
-        outstanding = 2000 - 1250 + flow.allowed  # sent but not delivered, plus what may still come
-        self.assertEqual(outstanding, 1000)
-
     def test_window_of_a_slow_reader_stays(self) -> None:
         flow = ConnectionFlow(credit=0, window=1000, max_window=4000)
         self.assertTrue(flow.received(1000))

@@ -175,10 +175,7 @@ class ConnectionFlow:
     window without its socket's buffer filling up (L{reader_behind} was not called meanwhile): then
     the round trip of the grants, not the reader, limits the connection, and a small window costs
     bulk throughput (measured: see the README).  A slow or stalled reader fills its buffer long
-    before a window's worth, so its connection keeps the initial window.  When the buffer of a
-    connection with a grown window fills, the window shrinks back to the initial one: the bytes
-    delivered next are not granted back until no more than that is outstanding (what was granted
-    stays granted, so a connection never holds more than C{max_window}).
+    before a window's worth, so its connection keeps the initial window and what it can hold.
 
     @param credit: the initial send credit (what the peer granted at the start).
     @param window: the receive window this side granted the peer.
@@ -189,8 +186,6 @@ class ConnectionFlow:
         "credit",
         "window",
         "max_window",
-        "_initial",
-        "_debt",
         "_kept_up",
         "_allowed",
         "_to_grant",
@@ -204,8 +199,6 @@ class ConnectionFlow:
         self.credit = credit
         self.window = window
         self.max_window = max(window, max_window)
-        self._initial = window
-        self._debt = 0  # bytes granted beyond the current window (after a shrink): not granted back
         self._kept_up = 0  # bytes delivered since the local socket's buffer last filled up
         self._allowed = window  # bytes the peer may still send
         self._to_grant = 0  # bytes delivered locally, not granted back yet
@@ -249,12 +242,6 @@ class ConnectionFlow:
 
         @return: how many bytes to grant back now (0: not yet).
         """
-        if self._debt:
-            paid = size if size <= self._debt else self._debt
-            self._debt -= paid
-            size -= paid
-            if not size:
-                return 0
         waiting = self._to_grant + size
         if waiting < self._threshold:
             self._to_grant = waiting
@@ -275,10 +262,6 @@ class ConnectionFlow:
     def reader_behind(self) -> None:
         """The local socket's buffer filled up: the application reads slower than data comes."""
         self._kept_up = 0
-        if self.window > self._initial:
-            self._debt += self.window - self._initial
-            self.window = self._initial
-            self._threshold = max(1, self._initial // 4)
 
     # half-close
 
