@@ -11,7 +11,6 @@ from typing import List, Sequence
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunnelkit.protocol.flowcontrol import (
-    GROWN_WINDOW,
     ANNOUNCE,
     EOF,
     MAX_WINDOW,
@@ -127,31 +126,6 @@ class ConnectionFlowTests(SynchronousTestCase):
         self.assertTrue(flow.received(300))
         self.assertFalse(flow.received(1))
 
-    def test_window_grows_while_the_reader_keeps_up(self) -> None:
-        flow = ConnectionFlow(credit=0, window=1000, max_window=4000)
-        self.assertTrue(flow.received(1000))
-        self.assertEqual([flow.delivered(250) for _ in range(3)], [250, 250, 250])
-        # a whole window taken by the local socket without its buffer filling: doubled, on top
-        self.assertEqual(flow.delivered(250), 250 + 1000)
-        self.assertEqual((flow.window, flow.allowed), (2000, 2000))
-        self.assertTrue(flow.received(2000))
-        self.assertFalse(flow.received(1))
-        self.assertEqual([flow.delivered(500) for _ in range(4)], [500, 500, 500, 500 + 2000])
-        self.assertEqual((flow.window, flow.allowed), (4000, 4000))
-        self.assertTrue(flow.received(4000))
-        self.assertEqual(sum(flow.delivered(1000) for _ in range(8)), 8000)  # at its maximum: no more
-        self.assertEqual(flow.window, 4000)
-
-    def test_window_of_a_slow_reader_stays(self) -> None:
-        flow = ConnectionFlow(credit=0, window=1000, max_window=4000)
-        self.assertTrue(flow.received(1000))
-        self.assertEqual([flow.delivered(250) for _ in range(3)], [250, 250, 250])
-        flow.reader_behind()  # the local socket's buffer filled up
-        self.assertEqual([flow.delivered(250) for _ in range(3)], [250, 250, 250])
-        self.assertEqual((flow.window, flow.allowed), (1000, 1500))
-        self.assertEqual(flow.delivered(250), 250 + 1000)  # a whole window since: grown after all
-        self.assertEqual(ConnectionFlow(0, 1000).max_window, 1000)  # by default it never grows
-
     def test_half_close(self) -> None:
         flow = ConnectionFlow(0, 10)
         self.assertFalse(flow.ended)
@@ -261,20 +235,6 @@ class CreditTests(SessionFlowTestCase):
         (rest,) = sent(actions)
         self.assertEqual(rest.payload, b"a" * 500)
         self.assertEqual(others(actions), [ResumeLocal("SSH", 1)])
-
-    def test_window_grows_for_a_reader_that_keeps_up_only(self) -> None:
-        source, destination = self.peers()
-        self.start(source, destination)
-        self.assertEqual(destination.max_window, GROWN_WINDOW)
-        destination.receive(Message(type=DATA, streamId=1, serviceId="SSH", connectionId=1, payload=b"d" * self.WINDOW))
-        grants = [sent(destination.local_delivered("SSH", 1, 250)) for _ in range(2)]
-        destination.local_behind("SSH", 1)  # its socket's buffer filled up on the way
-        grants += [sent(destination.local_delivered("SSH", 1, 250)) for _ in range(2)]
-        self.assertEqual([window_increment(m.payload) for batch in grants for m in batch], [250] * 4)
-        destination.receive(Message(type=DATA, streamId=1, serviceId="SSH", connectionId=1, payload=b"d" * self.WINDOW))
-        grants = [sent(destination.local_delivered("SSH", 1, 250)) for _ in range(2)]  # a window since it filled
-        self.assertEqual([window_increment(m.payload) for batch in grants for m in batch], [250, 250 + self.WINDOW])
-        destination.local_behind("SSH", 99)  # an unknown connection: nothing
 
     def test_partial_grant_keeps_the_rest(self) -> None:
         source, destination = self.peers()

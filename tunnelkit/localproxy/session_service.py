@@ -444,10 +444,7 @@ class LocalProxySession(MultiService):
             )
 
     def local_buffer_full(self, connection: LocalConnection) -> None:
-        session = self.session
-        if session.flow_controlled(connection.service_id, connection.connection_id):
-            session.local_behind(connection.service_id, connection.connection_id)
-        else:
+        if not self.session.flow_controlled(connection.service_id, connection.connection_id):
             self.websocket_read_throttle.legacy_full(connection.key)
 
     def local_buffer_drained(self, connection: LocalConnection) -> None:

@@ -51,7 +51,6 @@ __all__ = [
     "HALF_CLOSE",
     "OFFERED",
     "DEFAULT_WINDOW",
-    "GROWN_WINDOW",
     "MAX_WINDOW",
     "Extensions",
     "parse_announcement",
@@ -77,10 +76,8 @@ HALF_CLOSE = "half-close/1"
 #: The header's value, and the features a connection needs from both peers to use them.
 OFFERED = f"{FLOW_CONTROL} {HALF_CLOSE}"
 
-#: Bytes a receiver lets a sender have in flight per connection at first (measured: see the README).
+#: Bytes a receiver lets a sender have in flight per connection (measured: see the README).
 DEFAULT_WINDOW = 2 << 20
-#: How far a receiver grows a connection's window while its application keeps up (L{ConnectionFlow}).
-GROWN_WINDOW = 16 << 20
 #: The largest window or credit (HTTP/2's limit too).
 MAX_WINDOW = 2**31 - 1
 #: The longest announcement payload read (longer ones are cut: a peer's bytes are bounded).
@@ -171,22 +168,13 @@ class ConnectionFlow:
     says when to grant it back: once a quarter of the window is waiting, so that a bulk transfer
     costs one small WINDOW_UPDATE per quarter window.
 
-    The window grows (doubles, up to C{max_window}) each time the local application took a whole
-    window without its socket's buffer filling up (L{reader_behind} was not called meanwhile): then
-    the round trip of the grants, not the reader, limits the connection, and a small window costs
-    bulk throughput (measured: see the README).  A slow or stalled reader fills its buffer long
-    before a window's worth, so its connection keeps the initial window and what it can hold.
-
     @param credit: the initial send credit (what the peer granted at the start).
     @param window: the receive window this side granted the peer.
-    @param max_window: how far that window may grow (C{window}: never).
     """
 
     __slots__ = (
         "credit",
         "window",
-        "max_window",
-        "_kept_up",
         "_allowed",
         "_to_grant",
         "_threshold",
@@ -195,11 +183,9 @@ class ConnectionFlow:
         "eof_pending",
     )
 
-    def __init__(self, credit: int, window: int, max_window: int = 0) -> None:
+    def __init__(self, credit: int, window: int) -> None:
         self.credit = credit
         self.window = window
-        self.max_window = max(window, max_window)
-        self._kept_up = 0  # bytes delivered since the local socket's buffer last filled up
         self._allowed = window  # bytes the peer may still send
         self._to_grant = 0  # bytes delivered locally, not granted back yet
         self._threshold = max(1, window // 4)
@@ -247,21 +233,8 @@ class ConnectionFlow:
             self._to_grant = waiting
             return 0
         self._to_grant = 0
-        kept_up = self._kept_up + waiting
-        window = self.window
-        if kept_up >= window and window < self.max_window:
-            growth = min(window, self.max_window - window)  # granted on top: the peer may send more
-            self.window = window = window + growth
-            self._threshold = window // 4
-            waiting += growth
-            kept_up = 0
-        self._kept_up = kept_up
         self._allowed += waiting
         return waiting
-
-    def reader_behind(self) -> None:
-        """The local socket's buffer filled up: the application reads slower than data comes."""
-        self._kept_up = 0
 
     # half-close
 

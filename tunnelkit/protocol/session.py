@@ -89,7 +89,6 @@ from tunnelkit.protocol.flowcontrol import (
     ANNOUNCE,
     DEFAULT_WINDOW,
     EOF,
-    GROWN_WINDOW,
     EXTENSION_TYPES,
     FLOW_CONTROL,
     HALF_CLOSE,
@@ -444,13 +443,12 @@ class _Session(ABC):
     _services: Dict[str, "_Service"]
     _default: Optional["_Service"]
 
-    def __init__(self, window: int = DEFAULT_WINDOW, max_window: int = GROWN_WINDOW) -> None:
+    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
         self._decoder = FrameDecoder()
         self._ready = False  # SERVICE_IDS seen on this WebSocket
         self._services = {}
         self._default = None
-        self.window = window  # the receive window this side grants per connection at first
-        self.max_window = max(window, max_window)  # ... and how far it grows while the reader keeps up
+        self.window = window  # the receive window this side grants per connection
         self._offered = False  # the service said it passes tunnelkit's extensions on
         self._peer: Optional[Extensions] = None  # what the far peer announced, if usable
         self._far_connected = False  # the far peer's announcement came (and was not withdrawn)
@@ -686,14 +684,6 @@ class _Session(ABC):
             ),
         ]
 
-    def local_behind(self, service_id: str, connection_id: int) -> None:
-        """That local socket's buffer filled up: its application reads slower than data comes (its
-        window does not grow: see L{ConnectionFlow})."""
-        service = self._services.get(service_id)
-        connection = service.connections.get(connection_id) if service is not None else None
-        if connection is not None and connection.flow is not None:
-            connection.flow.reader_behind()
-
     def local_delivered(self, service_id: str, connection_id: int, size: int) -> List[Action]:
         """
         C{size} bytes of DATA (as received, before any adapter filter) were accepted by that local
@@ -863,9 +853,8 @@ class SourceSession(_Session):
         client_type: str = "V3",
         max_connections: int = 128,
         window: int = DEFAULT_WINDOW,
-        max_window: int = GROWN_WINDOW,
     ) -> None:
-        super().__init__(window, max_window)
+        super().__init__(window)
         if client_type not in CLIENT_TYPES:
             raise ConfigError(
                 f"destination client type must be one of {', '.join(CLIENT_TYPES)}, not {client_type!r}"
@@ -952,7 +941,7 @@ class SourceSession(_Session):
         for service in self._services.values():
             for connection_id, connection in service.connections.items():
                 if connection.flow is None and not connection.received:
-                    connection.flow = ConnectionFlow(self._peer.window, self.window, self.max_window)
+                    connection.flow = ConnectionFlow(self._peer.window, self.window)
                     actions.append(
                         SendFrames(window_update_frame(service.stream_id, service.wire_service_id, connection_id, self.window))
                     )
@@ -1053,7 +1042,7 @@ class SourceSession(_Session):
         if self._peer is not None and self._v3:
             # Both peers announced: the destination's window is this connection's first credit;
             # the WINDOW_UPDATE right after the start grants ours and tells the destination.
-            flow = ConnectionFlow(self._peer.window, self.window, self.max_window)
+            flow = ConnectionFlow(self._peer.window, self.window)
             actions.append(SendFrames(window_update_frame(stream_id, wire_service_id, connection_id, self.window)))
         service.connections[connection_id] = _Connection(
             DataFrameEncoder(stream_id, wire_service_id, wire_connection_id), wire_connection_id, True, flow
@@ -1100,10 +1089,8 @@ class DestinationSession(_Session):
     @param service_ids: the configured mapping's keys (C{""} = a bare V1 target).
     """
 
-    def __init__(
-        self, service_ids: Sequence[str], window: int = DEFAULT_WINDOW, max_window: int = GROWN_WINDOW
-    ) -> None:
-        super().__init__(window, max_window)
+    def __init__(self, service_ids: Sequence[str], window: int = DEFAULT_WINDOW) -> None:
+        super().__init__(window)
         self._configured = _check_mapping_keys(service_ids)
         self._buffered = 0
 
@@ -1291,7 +1278,7 @@ class DestinationSession(_Session):
         """
         if not connection.wire_connection_id:
             return None
-        return ConnectionFlow(max(0, increment - connection.sent), self.window, self.max_window)
+        return ConnectionFlow(max(0, increment - connection.sent), self.window)
 
     def local_connected(self, service_id: str, connection_id: int) -> List[Action]:
         """The target connection is open: release what arrived meanwhile."""
