@@ -23,7 +23,7 @@ id too (they count as service id C{""}): a DATA frame before any stream was star
 
 from __future__ import annotations
 
-from typing import FrozenSet, Iterable, Optional, Set
+from typing import Any, FrozenSet, Iterable, Optional, Set, cast
 
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -47,6 +47,7 @@ __all__ = [
     "RULE_SERVICE_ID_MIXING",
     "RULE_MISSING_SERVICE_ID",
     "RULE_DATA_BEFORE_STREAM_START",
+    "payload_size",
 ]
 
 #: The subprotocols a client may offer, and the protocol version each one means.
@@ -123,6 +124,51 @@ def _check_payload_size(message: Message, message_type: int) -> None:
             f"{_type_name(message_type)} carries {payload_size} payload bytes, more than the "
             f"{MAX_PAYLOAD_SIZE}-byte limit",
         )
+
+
+def _varint_size(value: int) -> int:
+    """Bytes of C{value} as a protobuf varint (a negative int32 takes 10)."""
+    if value < 128:
+        return 1 if value >= 0 else 10
+    if value < 16384:
+        return 2
+    if value < 2097152:
+        return 3
+    return 4 if value < 268435456 else 5
+
+
+def payload_size(message: Message, size: int) -> int:
+    """
+    The length of the payload of C{message}, whose protobuf body is C{size} bytes, computed from the
+    other fields a tunnel message carries (type, stream id, ignorable, service id, connection id):
+    reading C{message.payload} would copy the payload (upb), this does not, and costs less than
+    that copy.  Exact for a body as protobuf libraries encode it (each field once, shortest
+    varints: every client's frames); for a body encoded otherwise (or carrying
+    C{availableServiceIds}, which no client puts in a DATA frame) it can only come out larger than
+    the payload really is, and never below 0.
+    """
+    message_type = message.type
+    rest = size - (2 if 0 < message_type < 128 else 1 + _varint_size(message_type) if message_type else 0)
+    stream_id = message.streamId
+    if stream_id:
+        rest -= 2 if 0 < stream_id < 128 else 1 + _varint_size(stream_id)
+    service_id = message.serviceId
+    if service_id:
+        length = len(service_id) if service_id.isascii() else len(service_id.encode("utf-8"))
+        rest -= 2 + length if length < 128 else 1 + _varint_size(length) + length
+    connection_id = message.connectionId
+    if connection_id:
+        rest -= 2 if connection_id < 128 else 1 + _varint_size(connection_id)
+    if message.ignorable:
+        rest -= 2
+    # What is left is the payload field: a tag byte, the length as a varint, the bytes.
+    if rest < 130:
+        return rest - 2 if rest > 2 else 0
+    if rest < 16387:
+        return rest - 3
+    if rest < 2097156:
+        return rest - 4
+    return rest - 5
 
 
 class PeerRules:
@@ -270,7 +316,7 @@ class PeerRules:
         """No field unknown to the schema, none the negotiated version lacks."""
         unknown = UnknownFieldSet(message)
         if len(unknown):
-            numbers = sorted({field.field_number for field in unknown})
+            numbers = sorted({field.field_number for field in cast(Iterable[Any], unknown)})
             raise ProtocolViolation(
                 RULE_UNKNOWN_FIELD,
                 f"{_type_name(message_type)} has field(s) {', '.join(map(str, numbers))}, which "
