@@ -552,6 +552,8 @@ class BrowserTerminal(WebSocketServerProtocol):
 
     def _tunnel_ready(self) -> None:
         """In the tunnel: wait for its destination, told by L{destination_changed}, polled as a fallback."""
+        if self._deadline is not None or self.ssh is not None or self._finished:
+            return  # waiting already
         clock = self.factory.terminals.clock
         self._deadline = clock.callLater(DESTINATION_WAIT, self._destination_late)
         self.status(f"Waiting for {self.thing or 'the destination'} to connect to the tunnel (its agent gets the "
