@@ -317,7 +317,10 @@ class BuildNotifierTests(SynchronousTestCase):
         self.assertTrue(any("notifications are off" in e.get("log_format", "") for e in logged))
 
     def test_on(self) -> None:
-        """With --mqtt: the client and notifier join the parent; the queue file is in the state dir."""
+        """
+        With --mqtt: the client and notifier join the parent (and the queue's closer); the queue file
+        is in the state dir, and closed when the parent stops.
+        """
         reactor = MemoryReactorClock()
         state = self.mktemp()
         parent = MultiService()
@@ -325,12 +328,12 @@ class BuildNotifierTests(SynchronousTestCase):
             self.options(mqtt="tcp:host=127.0.0.1:port=1883"), state, reactor, parent, reactor=reactor
         )
         self.assertIsInstance(notifier, MQTTNotifier)
-        self.assertEqual(len(list(parent)), 2)
+        self.assertEqual(len(list(parent)), 3)
         self.assertTrue(os.path.exists(os.path.join(state, DATABASE_NAME)))
         parent.startService()
         self.assertEqual(reactor.tcpClients[0][:2], ("127.0.0.1", 1883))
         parent.stopService()
-        notifier.queue.close()
+        self.assertRaises(RuntimeError, Blocking(notifier.queue).pending)  # closed with the service
 
     def test_bad_options(self) -> None:
         self.assertRaises(

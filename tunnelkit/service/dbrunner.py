@@ -98,6 +98,10 @@ class ThreadedRunner:
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name=f"tunnelkit-{name}")
         self._pool.start()
         self._closed = False
+        # A safety net: its threads would keep the process alive if an owner forgot to close it.
+        trigger = getattr(reactor, "addSystemEventTrigger", None)
+        if trigger is not None:
+            trigger("during", "shutdown", self.close)
 
     def _call(self, fn: Callable[..., Any], args: Any) -> Any:
         connection = getattr(self._local, "connection", None)

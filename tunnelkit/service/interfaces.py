@@ -120,7 +120,7 @@ class INotifier(Interface):
 
     def notify_destination(
         tunnel_id: str, thing_name: str, access_token: str, services: Tuple[str, ...], region: str
-    ) -> None:
+    ) -> "Optional[Deferred[None]]":
         """
         Queue the notification for C{thing_name}: a Deferred that fires once it is queued durably
         (or None if queued already); delivery is asynchronous.

@@ -269,8 +269,7 @@ class MQTTNotifier(Service):
             if self.running:
                 self._publish(item)
 
-        d.addCallback(queued)
-        return d  # the control plane waits for it: a notification it accepted is on disk
+        return d.addCallback(queued)  # the control plane waits for it: a notification it accepted is on disk
 
     def tunnel_closed(self, tunnel_id: str) -> None:
         """Forget the tunnel's undelivered notification, if any (withdrawn if not yet sent)."""
@@ -353,6 +352,17 @@ class MQTTNotifier(Service):
         )
 
 
+class _CloseOnStop(Service):
+    """Closes the notifier's own queue (its thread) when the service stops."""
+
+    def __init__(self, queue: INotificationQueue) -> None:
+        self._queue = queue
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self._queue.close()
+
+
 def build_notifier(
     options: Mapping[str, Any],
     state_dir: str,
@@ -387,6 +397,8 @@ def build_notifier(
         queue = SQLiteNotificationQueue(os.path.join(state_dir, DATABASE_NAME), reactor=threads)
     client = client_from_settings(reactor, settings, clock)
     notifier = MQTTNotifier(queue, client, clock)
+    if shared is None:
+        _CloseOnStop(queue).setServiceParent(parent)  # stopped after the notifier (reverse order)
     client.setServiceParent(parent)
     notifier.setServiceParent(parent)
     log.info("Notifications go to the MQTT broker {endpoint}", endpoint=settings.endpoint)
