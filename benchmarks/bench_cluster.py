@@ -220,11 +220,15 @@ def worker_receive(port: str, ca: str, count: str, *tokens: str) -> None:
             d: defer.Deferred = defer.Deferred()
             state = {"count": 0}
 
-            def on_message(payload: bytes, is_binary: bool, state: Dict[str, int] = state, d: defer.Deferred = d) -> None:
+            client.bytes_counted = 0
+
+            def on_message(payload: bytes, is_binary: bool, state: Dict[str, int] = state, d: defer.Deferred = d,
+                           client: Any = client) -> None:
                 if payload[2:4] != b"\x08\x01":  # not bulk DATA
                     return
                 marks.setdefault("first", time.perf_counter())
                 state["count"] += len(payload)
+                client.bytes_counted = state["count"]
                 if state["count"] >= expected and not d.called:
                     marks["last"] = time.perf_counter()
                     d.callback(None)
@@ -232,7 +236,24 @@ def worker_receive(port: str, ca: str, count: str, *tokens: str) -> None:
             client.onMessage = on_message
             done.append(d)
         print("ready", flush=True)
-        yield defer.gatherResults(done)
+        everything = defer.gatherResults(done)
+        progress = {"seen": -1}
+
+        def check() -> None:  # no byte for 15 s: the tunnel does not carry (peers that never met)
+            total = sum(c.bytes_counted for c in clients)
+            if total == progress["seen"] and not everything.called:
+                print(f"stalled {total} of {expected * len(clients)}", flush=True)
+                everything.cancel()
+            progress["seen"] = total
+
+        watch = task.LoopingCall(check)
+        watch.start(15, now=False)
+        try:
+            yield everything
+        except defer.CancelledError:
+            return
+        finally:
+            watch.stop()
         for client in clients:
             client.transport.loseConnection()
         print(f"moved {expected * len(clients) - len(_bulk_message())} in {marks['last'] - marks['first']:.6f}", flush=True)
@@ -392,6 +413,9 @@ class Setup:
             if receiver.poll() is None:
                 receiver.kill()
         words = out.split()
+        if words[:1] == ["stalled"]:
+            print(f"    (relaying through {front} stalled: {out.strip()})")
+            return float("nan")
         if len(words) < 4 or words[0] != "moved":
             raise SystemExit(f"the receiving worker said {out!r}")
         return int(words[1]) / MB / float(words[3])
@@ -409,7 +433,11 @@ class Setup:
 
 
 def median_of(repeat: int, measure: Callable[[], float]) -> Tuple[float, List[float]]:
-    values = [measure() for _ in range(repeat)]
+    values: List[float] = []
+    for _ in range(repeat):
+        values.append(measure())
+        if values[-1] != values[-1]:  # NaN: not available here, no point in repeating
+            return values[-1], values
     return statistics.median(values), values
 
 
