@@ -232,7 +232,7 @@ class ApiCommandTests(TestCase):
             self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         with open(source) as f:
             token = f.read().strip()
-        grant = self.service.store.claim_peer(token, "source", None, self.service.control.clock.seconds())
+        grant = yield self.service.store.claim_peer(token, "source", None, self.service.control.clock.seconds())
         self.assertEqual(grant.tunnel_id, opened["tunnelId"])
         status, out, err = yield self.cli(
             "rotate-tunnel-access-token", "--tunnel-id", opened["tunnelId"], "--client-mode", "SOURCE",
@@ -246,7 +246,7 @@ class ApiCommandTests(TestCase):
     def test_list_pages(self) -> Any:
         """list-tunnels prints one page, as the AWS CLI does (no paginator exists for it)."""
 
-        key_id, secret = self.key()
+        key_id, secret = yield self.key()
 
         def open_many() -> None:
             api = boto3_client(self.service, aws_access_key_id=key_id, aws_secret_access_key=secret)
@@ -265,9 +265,10 @@ class ApiCommandTests(TestCase):
         self.assertEqual(len(json.loads(out)["tunnelSummaries"]), 2)
         self.assertIn("nextToken", json.loads(out))
 
-    def key(self) -> Tuple[str, str]:
-        key = self.service.store.list_access_keys()[0]
-        return key.access_key_id, key.secret_access_key
+    def key(self) -> "Deferred[Tuple[str, str]]":
+        return self.service.store.list_access_keys().addCallback(  # type: ignore[no-any-return]
+            lambda keys: (keys[0].access_key_id, keys[0].secret_access_key)
+        )
 
     @inlineCallbacks
     def test_errors(self) -> Any:
@@ -307,7 +308,7 @@ class ApiCommandTests(TestCase):
     @inlineCallbacks
     def test_revoked_key(self) -> Any:
         """After 'admin revoke-key' the running service refuses that key at once (403)."""
-        key_id, _ = self.key()
+        key_id, _ = yield self.key()
         status, out, err = yield deferToThread(run, "admin", "revoke-key", key_id, "--state-dir", self.service.state_dir)
         self.assertEqual(status, 0, err)
         status, out, err = yield self.cli("list-tunnels")

@@ -62,7 +62,7 @@ def cpp_source_tunnel(test: TestCase, services: Dict[str, int]) -> Tuple[Harness
                              "cpp-source")
     for port in ports.values():
         source.wait_for_log(rf"Listening for new connection on port {port}")
-    destination.wait_for_log("The tunnel is ready")
+    destination.wait_for_log("Connected to the tunnel")  # a C++ source announces nothing
     return h, source, destination, ports
 
 

@@ -43,6 +43,7 @@ from tunnelkit.protocol.session import (
     PauseLocal,
     ResumeLocal,
     SendFrames,
+    SourceSession,
     StartListening,
     WriteLocal,
 )
@@ -251,17 +252,54 @@ class LocalProxySession(MultiService):
     def messages_received(self, messages: List[Message]) -> None:
         session = self.session
         was_ready = session.ready
+        was_there = session.far_peer_connected
         receive = session.receive
         perform = self.perform
         for message in messages:
             perform(receive(message), flush=False)
         self.side.after_messages()
-        if not was_ready and session.ready and self.end is None:
-            self.log.info(
-                "The tunnel is ready: its services are {services}",
-                services=", ".join(sid or "(none)" for sid in session.services) or "(none)",
-            )
+        if self.end is not None:
+            return
+        if not was_ready and session.ready:
+            self._log_connected()
             self.side.tunnel_ready()
+        there = session.far_peer_connected
+        if there and not was_there:
+            self.log.info(
+                "The tunnel is ready: the {far} is connected ({extensions}); its services are {services}",
+                far=self._far_side,
+                extensions="flow control and half-close"
+                if session.peer_extensions is not None
+                else "it announces neither flow control nor half-close",
+                services=self._services_text(),
+            )
+        elif was_there and there is False:
+            self.log.info(
+                "The {far} left the tunnel (the service says so); waiting for it to connect again",
+                far=self._far_side,
+            )
+
+    @property
+    def _far_side(self) -> str:
+        return "destination" if isinstance(self.session, SourceSession) else "source"
+
+    def _services_text(self) -> str:
+        return ", ".join(sid or "(none)" for sid in self.session.services) or "(none)"
+
+    def _log_connected(self) -> None:
+        """SERVICE_IDS came: this side is in the tunnel; the far side may not be (yet)."""
+        if self.session.far_peer_connected is None:
+            waiting = (
+                f"this service does not say whether the {self._far_side} is connected: "
+                "data flows once it is"
+            )
+        else:
+            waiting = f"waiting for the {self._far_side} to connect"
+        self.log.info(
+            "Connected to the tunnel: its services are {services}; {waiting}",
+            services=self._services_text(),
+            waiting=waiting,
+        )
 
     def websocket_ended(self, websocket: TunnelWebSocketProtocol, ended: WebSocketEnded) -> None:
         if websocket is self.websocket or self.websocket is None:

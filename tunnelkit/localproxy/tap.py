@@ -91,7 +91,7 @@ class TunnelClientOptions(NvxOptions, ModeOptions):
     optFlags = [
         ["no-ssl-host-verify", "k", "Do not check the tunnel service's TLS certificate or host name (DANGEROUS)."],
         ["no-probe", None, "Destination: do not probe each target's protocol (SSH banner, RFB greeting, ...) "
-         "when the tunnel is ready."],
+         "when connected to the tunnel."],
     ]
 
     optParameters = [

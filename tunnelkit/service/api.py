@@ -23,8 +23,10 @@ import json
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.http import _GenericHTTPChannelProtocol  # the channel wrapper Site's protocol must be
 from twisted.web.pages import errorPage
@@ -320,7 +322,11 @@ class ApiResource(Resource):
             b"'aws iotsecuretunneling ... --endpoint-url'. WebSocket peers connect to /tunnel.\n"
         )
 
-    def render_POST(self, request: server.Request) -> bytes:
+    def answer(self, request: server.Request) -> "Deferred[bytes]":
+        """
+        The response body of the call C{request} makes (its status and headers set on it); never
+        fails (an error is its AWS error body).  L{render_POST} writes it; the audit trail reads it first.
+        """
         request_id = str(uuid.uuid4())
         request.setHeader(b"x-amzn-requestid", request_id.encode())
         request.setHeader(b"content-type", CONTENT_TYPE)
@@ -328,17 +334,29 @@ class ApiResource(Resource):
             operation = self._operation(request)  # for the log; checked again once the caller is known
         except ApiError:
             operation = "?"
-        try:
-            body = request.content.read() if request.content is not None else b""
-            headers: List[Tuple[str, List[str]]] = [
-                (name.decode("latin-1"), [v.decode("latin-1") for v in values])
-                for name, values in request.requestHeaders.getAllRawHeaders()
-            ]
-            caller = self._verifier.authenticate("POST", request.uri.decode("latin-1"), headers, body)
-            operation = self._operation(request)
-            params = self._decode(body)
-            result = self._control.call(operation, caller.account, params)
-        except ApiError as e:
+        body = request.content.read() if request.content is not None else b""
+        d = Deferred.fromCoroutine(self._answer(request, body))
+        d.addErrback(self._failed, request, operation, request_id)
+        return d
+
+    def render_POST(self, request: server.Request) -> Any:
+        self.answer(request).addCallback(self.write_answer, request)
+        return server.NOT_DONE_YET
+
+    async def _answer(self, request: server.Request, body: bytes) -> bytes:
+        headers: List[Tuple[str, List[str]]] = [
+            (name.decode("latin-1"), [v.decode("latin-1") for v in values])
+            for name, values in request.requestHeaders.getAllRawHeaders()
+        ]
+        caller = await self._verifier.authenticate("POST", request.uri.decode("latin-1"), headers, body)
+        operation = self._operation(request)
+        params = self._decode(body)
+        result = await self._control.call(operation, caller.account, params)
+        return json.dumps(result).encode("utf-8")
+
+    def _failed(self, failure: Failure, request: server.Request, operation: str, request_id: str) -> bytes:
+        if failure.check(ApiError):
+            e = failure.value
             log.info(
                 "API {operation} refused: {error_type}: {message}",
                 operation=operation,
@@ -346,12 +364,21 @@ class ApiResource(Resource):
                 message=bounded(e.message),
             )
             return self._error(request, e.status, e.error_type, e.message)
-        except Exception:
-            log.failure("API {operation} failed (request id {request_id})", operation=operation, request_id=request_id)
-            return self._error(
-                request, 500, "InternalFailure", f"The service failed to process the request (request id {request_id})"
-            )
-        return json.dumps(result).encode("utf-8")
+        log.failure(
+            "API {operation} failed (request id {request_id})", failure, operation=operation, request_id=request_id
+        )
+        return self._error(
+            request, 500, "InternalFailure", f"The service failed to process the request (request id {request_id})"
+        )
+
+    @staticmethod
+    def write_answer(data: bytes, request: server.Request) -> None:
+        """Write L{answer}'s body and finish C{request} (unless the client went away)."""
+        if request.finished or getattr(request, "_disconnected", False):
+            return  # the client went away meanwhile
+        request.setHeader(b"content-length", str(len(data)).encode())
+        request.write(data)
+        request.finish()
 
     @staticmethod
     def _operation(request: server.Request) -> str:

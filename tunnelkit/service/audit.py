@@ -29,6 +29,7 @@ import re
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import server
@@ -253,15 +254,20 @@ class AuditedApi(Resource):
     def render_GET(self, request: server.Request) -> bytes:
         return self._api.render_GET(request)
 
-    def render_POST(self, request: server.Request) -> bytes:
-        answer = self._api.render_POST(request)
+    def render_POST(self, request: server.Request) -> Any:
+        d = self._api.answer(request)
+        d.addCallback(lambda answer: Deferred.fromCoroutine(self._record_answer(answer, request)))
+        d.addCallback(self._api.write_answer, request)
+        return server.NOT_DONE_YET
+
+    async def _record_answer(self, answer: bytes, request: server.Request) -> bytes:
         try:
-            self._record(request, answer)
+            await self._record(request, answer)
         except Exception:
             log.failure("Could not write the audit record of an API call")
         return answer
 
-    def _record(self, request: server.Request, answer: bytes) -> None:
+    async def _record(self, request: server.Request, answer: bytes) -> None:
         status = request.code
         target = (request.requestHeaders.getRawHeaders(b"x-amz-target") or [b""])[0].decode("latin-1")
         operation = target[len(_TARGET_PREFIX):] if target.startswith(_TARGET_PREFIX) else target or "?"
@@ -270,7 +276,7 @@ class AuditedApi(Resource):
         key_id = match.group(1) if match else None
         account = None
         if key_id is not None:
-            key = self._store.get_access_key(key_id)
+            key = await self._store.get_access_key(key_id)
             account = getattr(key, "account_id", None)
         outcome = "ok"
         if status != 200:

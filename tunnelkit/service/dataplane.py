@@ -23,10 +23,11 @@ itself as the connection's producer, so that the relay can register its own.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -34,6 +35,8 @@ from tunnelkit.service.interfaces import ITunnelEvents, ITunnelStore
 from tunnelkit.service.metrics import ITunnelCounts, RelayMetrics, metrics_resource
 from tunnelkit.service.relay import Relay, RelayLimits, build_factory
 from tunnelkit.transport.websocket import tune_allocator
+
+log = Logger()
 
 __all__ = [
     "DataPlaneOptions",
@@ -209,10 +212,31 @@ class TunnelResource(WebSocketResource):
 
 
 def tunnel_counter(store: Any) -> Optional[Callable[[], Mapping[str, int]]]:
-    """How C{/metrics} counts tunnels by status: the store's L{ITunnelCounts}, if it provides it."""
-    if ITunnelCounts.providedBy(store):
-        return store.count_tunnels_by_status  # type: ignore[no-any-return]
-    return None
+    """
+    How C{/metrics} counts tunnels by status: the store's L{ITunnelCounts}, if it provides it.  The
+    counts are read by C{counts.refresh()} (a Deferred: the metrics page calls it before each scrape)
+    and the collector reports the last ones read.
+    """
+    if not ITunnelCounts.providedBy(store):
+        return None
+    last: Dict[str, int] = {}
+
+    def refresh() -> Any:
+        d = store.count_tunnels_by_status()
+
+        def got(result: Mapping[str, int]) -> None:
+            last.clear()
+            last.update(result)
+
+        d.addCallback(got)
+        d.addErrback(lambda f: log.failure("Counting tunnels for /metrics failed", f))
+        return d
+
+    def counts() -> Mapping[str, int]:
+        return dict(last)
+
+    counts.refresh = refresh  # type: ignore[attr-defined]
+    return counts
 
 
 def mount_data_plane(

@@ -109,13 +109,15 @@ import secrets
 import struct
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnelkit.errors import FramingError, ProtocolViolation
@@ -152,7 +154,8 @@ from tunnelkit.service.metrics import (
     IRelayMetrics,
     RelayMetrics,
 )
-from tunnelkit.transport.websocket import FRAME_NOT_PLAIN, binary_frame_header, masked_frame
+from tunnelkit.transport.fastpath import FastWebSocket, set_buffer_size, transport_buffered
+from tunnelkit.transport.websocket import masked_frame
 
 __all__ = [
     "SUBPROTOCOLS",
@@ -643,6 +646,9 @@ class Relay:
         self.metrics: IRelayMetrics = metrics if metrics is not None else RelayMetrics()
         self.links: Dict[str, TunnelLink] = {}
         self._websockets_per_account: Dict[str, int] = {}
+        #: Connection states to record, and the sides being written (L{_set_state}).
+        self._latest_state: Dict[Tuple[str, str], Tuple[bool, float]] = {}
+        self._writing_state: Set[Tuple[str, str]] = set()
         self.limiter = HandshakeLimiter(self.limits, clock)
         self._liveness: Optional[LoopingCall] = None
         #: The audit trail's hooks (L{tunnelkit.service.audit}); the service sets its trail here.
@@ -653,7 +659,7 @@ class Relay:
 
     # --- admission ---
 
-    def admit(self, request: HandshakeRequest, address: str = "") -> PeerGrant:
+    async def admit(self, request: HandshakeRequest, address: str = "") -> PeerGrant:
         """
         Decide whether a checked handshake from client C{address} may connect: the failure budgets
         (L{HandshakeLimiter}), then the store's token rules, with the tunnel's rate and the account's
@@ -663,7 +669,7 @@ class Relay:
         """
         self.limiter.check_address(address)
         try:
-            grant = self.store.claim_peer(
+            grant: PeerGrant = await self.store.claim_peer(
                 request.access_token,
                 request.mode,
                 request.client_token,
@@ -862,15 +868,38 @@ class Relay:
                 self._stop_liveness()
 
     def _set_state(self, tunnel_id: str, side: str, connected: bool) -> None:
-        try:
-            self.store.set_connection_state(tunnel_id, side, connected, self.clock.seconds())
-        except Exception:
+        """
+        Record a side's state.  One write per side at a time, in order: a state set while one is
+        being written follows it (only the latest), so a quick connect-disconnect never ends CONNECTED
+        whatever the store's threads do.
+        """
+        key = (tunnel_id, side)
+        self._latest_state[key] = (connected, self.clock.seconds())
+        if key not in self._writing_state:
+            self._write_state(key)
+
+    def _write_state(self, key: Tuple[str, str]) -> None:
+        tunnel_id, side = key
+        connected, now = self._latest_state.pop(key)
+        self._writing_state.add(key)
+        d = maybeDeferred(self.store.set_connection_state, tunnel_id, side, connected, now)
+
+        def failed(failure: Failure) -> None:
             log.failure(
                 "Could not record the {side} of tunnel {tunnel_id} as {state}",
+                failure,
                 side=side,
                 tunnel_id=tunnel_id,
                 state="CONNECTED" if connected else "DISCONNECTED",
             )
+
+        def written(_: Any) -> None:
+            self._writing_state.discard(key)
+            if key in self._latest_state:
+                self._write_state(key)
+
+        d.addErrback(failed)
+        d.addBoth(written)
 
     def websockets_of(self, account_id: str) -> int:
         """How many WebSockets of C{account_id} are open here."""
@@ -958,43 +987,13 @@ def _ws_header(size: int) -> bytes:
     return struct.pack("!BBQ", 0x82, 127, size)
 
 
-def _transport_buffered(transport: Any) -> int:
-    """Bytes waiting in a transport: the TLS layer's (if any) and the TCP transport's under it."""
-    from twisted.protocols.policies import ProtocolWrapper
-
-    total = 0
-    while isinstance(transport, ProtocolWrapper):  # TLS: not yet encrypted, or aggregated
-        total += sum(len(b) for b in getattr(transport, "_appSendBuffer", ()) or ())
-        pending = getattr(getattr(transport, "_aggregator", None), "_buffer", None)
-        if pending:
-            total += sum(len(b) for b in pending)
-        transport = transport.transport
-    buffer = getattr(transport, "dataBuffer", None)
-    if isinstance(buffer, (bytes, bytearray, memoryview)):
-        total += len(buffer) + getattr(transport, "_tempDataLen", 0)
-    return total
-
-
-def _set_buffer_size(transport: Any, size: int) -> None:
-    """
-    Make the TCP transport under C{transport} (TLS or not) pause its producer at C{size} bytes.
-    (Twisted also reads at most that many bytes at once from the socket.)
-    """
-    for _ in range(3):
-        inner = getattr(transport, "__dict__", {}).get("transport")
-        if inner is None:
-            break
-        transport = inner
-    if "bufferSize" in dir(type(transport)):
-        transport.bufferSize = size
-
-
-class PeerProtocol(WebSocketServerProtocol):
+class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
     """
     One tunnel client's WebSocket, service side.
 
-    Its factory (L{build_factory}) carries the C{relay} (a L{Relay}).  The hot path
-    (L{processData}, L{onMessage}) unmasks each whole binary message, decodes its tunnel frames,
+    Its factory (L{build_factory}) carries the C{relay} (a L{Relay}).  The hot path (the shared
+    fast path L{FastWebSocket}, then L{fast_message}, L{onMessage}) unmasks each whole binary
+    message, decodes its tunnel frames,
     checks them, and hands the raw frame bytes to the other peer's outbox; the outbox is flushed as
     WebSocket messages at the end of each read.
     """
@@ -1002,6 +1001,7 @@ class PeerProtocol(WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.channel_id = ""
+        self._checking = False  # onConnect's token check is under way
         self.grant: Optional[PeerGrant] = None
         self.side = ""
         self.subprotocol = ""
@@ -1021,10 +1021,7 @@ class PeerProtocol(WebSocketServerProtocol):
         self._direction = ""
         self._producer_registered = False
         self._abort_call: Optional[IDelayedCall] = None
-        self._pieces: List[Any] = []  # the start of a frame that is still arriving
-        self._awaiting = 0  # bytes still missing from it
-        self._awaiting_size = 0  # its payload size
-        self._awaiting_mask = b""  # and its mask
+        self._pieces: List[Any] = []  # the start of a frame that is still arriving (the fast path's)
         self._framed: Optional[bytes] = None  # the message onMessage has, as a frame to send on
         self.announcement: Optional[bytes] = None  # the peer's ANNOUNCE frame (tunnelkit extensions)
         self.told = False  # whether this peer was sent its current partner's announcement
@@ -1034,7 +1031,25 @@ class PeerProtocol(WebSocketServerProtocol):
 
     # --- handshake ---
 
-    def onConnect(self, request: Any) -> Tuple[str, Dict[str, str]]:
+    def processHandshake(self) -> None:
+        # While the store checks the token (asynchronously), bytes that arrive wait in self.data:
+        # autobahn would otherwise parse the request again and claim the token a second time.
+        if self._checking:
+            return
+        super().processHandshake()
+
+    def onConnect(self, request: Any) -> "Deferred[Tuple[str, Dict[str, str]]]":
+        self._checking = True
+        d = Deferred.fromCoroutine(self._connect(request))
+
+        def checked(result: Any) -> Any:
+            self._checking = False
+            return result
+
+        d.addBoth(checked)
+        return d
+
+    async def _connect(self, request: Any) -> Tuple[str, Dict[str, str]]:
         relay = self.factory.relay
         self.channel_id = new_channel_id(relay.clock.seconds())
         address = str(getattr(self.transport.getPeer(), "host", ""))
@@ -1047,7 +1062,7 @@ class PeerProtocol(WebSocketServerProtocol):
             except HandshakeRejected:
                 relay.limiter.failed(address, None)
                 raise
-            grant = relay.admit(checked, address)
+            grant = await relay.admit(checked, address)
         except HandshakeRejected as e:
             relay.metrics.handshake_rejected(e.reason)
             # Refusals by a failure budget come in floods: counted in the metrics, logged at debug.
@@ -1096,7 +1111,7 @@ class PeerProtocol(WebSocketServerProtocol):
     # --- life cycle ---
 
     def onOpen(self) -> None:
-        _set_buffer_size(self.transport, self.factory.relay.limits.relay_buffer)
+        set_buffer_size(self.transport, self.factory.relay.limits.relay_buffer)
         self.sink = _SinkWatcher(self)
         self.transport.registerProducer(self.sink, True)
         self._producer_registered = True
@@ -1212,95 +1227,28 @@ class PeerProtocol(WebSocketServerProtocol):
 
     # --- the hot path ---
 
+    masked_in = True  # the fast path (L{FastWebSocket}): clients mask their frames
+
     def dataReceived(self, data: bytes) -> None:
         self.heard = True  # alive (see Relay._check_liveness)
-        # autobahn's own dataReceived formats a debug message on every call; skip it.
-        if self._awaiting:
-            # The rest of a frame whose size is known: collect the pieces; once it is whole,
-            # unmask it straight from them (one copy) and go on with what follows it.
-            self._pieces.append(data)
-            self._awaiting -= len(data)
-            if self._awaiting > 0:
-                return
-            extra = -self._awaiting
-            self._awaiting = 0
-            pieces = self._pieces
-            self._pieces = []
-            if extra:
-                pieces[-1] = memoryview(data)[: len(data) - extra]
-            self._take_message(self._awaiting_mask, pieces, self._awaiting_size)
-            data = data[len(data) - extra :] if extra else b""
-        if data:
-            self._dataReceived(data)
+        super().dataReceived(data)
         target = self._flush_target
         if target is not None:
             self._flush_target = None
             target.flush_outbox()
 
-    def processData(self) -> bool:
-        """
-        Take the frames in the input buffer.  The common case, whole unfragmented masked binary
-        messages, is unmasked and handed to L{onMessage} here, walking the buffer by offset (it is
-        cut once, not once per frame); any other frame (control frames, fragments, anything
-        malformed or too large) goes through autobahn's general parser, which enforces the
-        WebSocket rules on it.
-        """
-        if self.current_frame is not None or self.inside_message or self.state != self.STATE_OPEN:
-            return bool(super().processData())
-        data = self.data
-        size = len(data)
-        offset = 0
-        view = memoryview(data)
-        general = False  # the next frame is for autobahn's parser
-        while self.state == self.STATE_OPEN:
-            start, length = binary_frame_header(data, offset, masked=True)
-            if start < 0:
-                general = start == FRAME_NOT_PLAIN
-                break
-            end = start + length
-            if end > size:
-                # Wait for the rest of this frame (at most 131090 bytes) without re-copying the
-                # buffer on each read: see dataReceived.
-                self._pieces = [view[start:]]
-                self._awaiting = end - size
-                self._awaiting_size = length
-                self._awaiting_mask = data[start - 4 : start]
-                self.data = b""
-                return False
-            offset = end
-            self._take_message(data[start - 4 : start], (view[start:end],), length)
-        if offset:
-            self.data = data[offset:]
-        if general and self.state == self.STATE_OPEN:
-            return bool(super().processData())
-        return offset < size and self.state != self.STATE_OPEN
-
-    def _take_message(self, mask: bytes, parts: Sequence[Any], size: int) -> None:
-        """A whole masked binary message in C{parts}: unmask it and hand it to L{onMessage}."""
+    def fast_message(self, mask: Optional[bytes], parts: Sequence[Any], size: int) -> None:
+        """A whole masked binary message in C{parts}: unmask it (one copy) and hand it to L{onMessage}."""
         if not size:
             self.onMessage(b"", True)
             return
+        assert mask is not None
         frame, payload = _unmasked_frame(mask, parts, size)
         self._framed = frame
         try:
             self.onMessage(payload, True)
         finally:
             self._framed = None
-
-    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
-        # autobahn's sendData formats a debug message on every call; only the plain case is here.
-        if sync or chopsize or self.send_queue:
-            super().sendData(data, sync, chopsize)
-        else:
-            self.transport.write(data)
-
-    def onMessageEnd(self) -> None:
-        # autobahn's version also fires an observable "message" event (Deferreds per message);
-        # nothing here observes it.
-        if not self.failedByMe:
-            data = self.message_data
-            self.onMessage(data[0] if len(data) == 1 else b"".join(data), self.message_is_binary)
-        self.message_data = None
 
     def onPing(self, payload: bytes) -> None:
         self._charge(len(payload) + 2)
@@ -1479,7 +1427,7 @@ class PeerProtocol(WebSocketServerProtocol):
         message = getattr(self, "message_data", None)
         if message:
             total += sum(len(part) for part in message)
-        return total + _transport_buffered(self.transport)
+        return total + transport_buffered(self.transport)
 
 
 def exchange_announcements(one: PeerProtocol, other: PeerProtocol) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Mapping, NoReturn, Optional
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -34,7 +34,8 @@ from tunnelkit.service.interfaces import ITunnelEvents
 from tunnelkit.service.notify import NotifyOptions, build_notifier
 from tunnelkit.service.operations import ControlPlane, Limits
 from tunnelkit.service.store import StoreError
-from tunnelkit.service.store_sqlite import open_store
+from tunnelkit.service.dbrunner import Blocking
+from tunnelkit.service.stores import check_store, describe_store, open_configured_store
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 from tunnelkit.transport.tls import restrict_context
 
@@ -99,6 +100,15 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
     repeatable = {"listen": server_endpoint, "hostname": hostname}
     optParameters = [
         ["state-dir", None, DEFAULT_STATE_DIR, "Directory of the database, TLS material and credentials."],
+        [
+            "store",
+            None,
+            None,
+            "Database of tunnels, tokens and accounts: sqlite:PATH (default: tunnelkit.sqlite3 in "
+            "--state-dir) or postgresql://USER:PASSWORD@HOST:PORT/DATABASE, shared by several service "
+            "nodes (PGPASSWORD or ~/.pgpass keep the password off the command line).",
+            check_store,
+        ],
         ["region", None, DEFAULT_REGION, "Region of this service (SigV4 scope, ARNs, notifications).", region],
         [
             "account-id",
@@ -285,19 +295,32 @@ class TunnelService(MultiService):
         self.state_dir = os.path.abspath(options["state-dir"])
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.certificates = ensure_certificates(self.state_dir, options.get("hostname") or ())
-        self.store = open_store(self.state_dir)
-        self.credentials_path = os.path.join(self.state_dir, CREDENTIALS_FILE)
-        self.account, created = ensure_initial_credentials(
-            self.store, self.state_dir, options.get("account-id"), clock.seconds()
-        )
+        spec = options.get("store")
+        clustered = cluster_enabled(options)
+        # Start-up work runs synchronously, before the reactor: migrations, the default account, reset.
+        boot = open_configured_store(spec, self.state_dir)
+        try:
+            self.credentials_path = os.path.join(self.state_dir, CREDENTIALS_FILE)
+            self.account, created = ensure_initial_credentials(
+                boot, self.state_dir, options.get("account-id"), clock.seconds()
+            )
+            reset = 0
+            if not clustered:  # a node of a cluster resets only its own peers (tunnelkit.service.cluster.node)
+                reset = Blocking(boot).reset_connection_states(clock.seconds())
+        except BaseException:
+            boot.close()
+            raise
+        if reset:
+            log.info("Marked {count} peer connection(s) DISCONNECTED after the restart", count=reset)
+        if IReactorThreads.providedBy(reactor):
+            boot.close()  # the service's store runs its queries on threads, off the reactor
+            self.store = open_configured_store(spec, self.state_dir, reactor)
+        else:
+            self.store = boot  # a test's memory reactor: synchronous
+        log.info("State in {store}", store=describe_store(spec, self.state_dir))
         self.region = options["region"]
         # Stopped last (services stop in reverse order): the data plane records disconnections first.
         _OnStop(self.store.close).setServiceParent(self)
-        clustered = cluster_enabled(options)
-        if not clustered:  # a node of a cluster resets only its own peers (tunnelkit.service.cluster.node)
-            reset = self.store.reset_connection_states(clock.seconds())
-            if reset:
-                log.info("Marked {count} peer connection(s) DISCONNECTED after the restart", count=reset)
         notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor)
         root = build_root(Resource())
         relay = mount_data_plane(root, self.store, clock, options)

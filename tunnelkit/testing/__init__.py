@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
@@ -142,12 +142,12 @@ class MemoryTunnelStore:
         """(connected, lastUpdatedAt) of a side; (False, 0.0) before any change."""
         return self._tunnels[tunnel_id].connected.get(side, (False, 0.0))
 
-    def count_tunnels_by_status(self) -> Mapping[str, int]:
-        """The number of tunnels per status (C{OPEN}, C{CLOSED}), as the metrics read it."""
+    def count_tunnels_by_status(self) -> "Deferred[Mapping[str, int]]":
+        """The number of tunnels per status (C{OPEN}, C{CLOSED}), as the metrics read it (fired)."""
         counts = {"OPEN": 0, "CLOSED": 0}
         for tunnel in self._tunnels.values():
             counts[tunnel.status] += 1
-        return counts
+        return succeed(counts)
 
     # --- ITunnelStore ---
 
@@ -158,6 +158,17 @@ class MemoryTunnelStore:
         client_token: Optional[str],
         now: float,
         admit: Optional[Callable[[PeerGrant], None]] = None,
+    ) -> "Deferred[PeerGrant]":
+        """See L{ITunnelStore.claim_peer}: the Deferred has fired on return."""
+        return maybeDeferred(self._claim_peer, access_token, mode, client_token, now, admit)
+
+    def _claim_peer(
+        self,
+        access_token: str,
+        mode: str,
+        client_token: Optional[str],
+        now: float,
+        admit: Optional[Callable[[PeerGrant], None]],
     ) -> PeerGrant:
         digest = token_hash(access_token)
         record = self._tokens.get(digest)
@@ -199,11 +210,12 @@ class MemoryTunnelStore:
             record.bound_client_token_hash = claim.bind
         return grant
 
-    def set_connection_state(self, tunnel_id: str, side: str, connected: bool, now: float) -> None:
+    def set_connection_state(self, tunnel_id: str, side: str, connected: bool, now: float) -> "Deferred[None]":
         self.state_changes.append((tunnel_id, side, connected, now))
         tunnel = self._tunnels.get(tunnel_id)
         if tunnel is not None:
             tunnel.connected[side] = (connected, now)
+        return succeed(None)
 
 
 class ServiceHarness:

@@ -49,6 +49,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.conch.ssh import channel, common, connection, keys, transport, userauth
 from twisted.internet import defer, endpoints
+from twisted.internet.defer import Deferred
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.logger import Logger
@@ -334,10 +335,14 @@ class BrowserTerminal(WebSocketServerProtocol):
         self.shell: Optional[_Shell] = None
         self._finished = False
         self._waiting: Any = None
+        self._connecting = False  # a "connect" message is being handled
 
     # --- the handshake: signed in, same origin ---
 
-    def onConnect(self, request: Any) -> None:
+    def onConnect(self, request: Any) -> Deferred:
+        return Deferred.fromCoroutine(self._check(request))
+
+    async def _check(self, request: Any) -> None:
         terminals = self.factory.terminals
         origin = request.headers.get("origin", "")
         host = request.headers.get("host", "")
@@ -359,10 +364,10 @@ class BrowserTerminal(WebSocketServerProtocol):
             raise ConnectionDeny(401, "Not signed in: sign in to the console again")
         tunnel_id = (request.params.get("tunnel") or [""])[0]
         try:
-            account = terminals.console.store.get_account(session.account_id)
+            account = await terminals.console.store.get_account(session.account_id)
         except NoSuchAccount:
             raise ConnectionDeny(401, "Your account no longer exists") from None
-        tunnel = terminals.console.store.get_tunnel(account.account_id, tunnel_id)
+        tunnel = await terminals.console.store.get_tunnel(account.account_id, tunnel_id)
         if tunnel is None:
             raise ConnectionDeny(404, f"Tunnel {tunnel_id[:128]} does not exist")
         self.session, self.account, self.tunnel_id, self.thing = session, account, tunnel_id, tunnel.thing_name
@@ -397,8 +402,14 @@ class BrowserTerminal(WebSocketServerProtocol):
             self.size = _size(message, self.size)
             if self.shell is not None:
                 self.shell.resize(*self.size)
-        elif kind == "connect" and self.source is None and not self._finished:
-            self._connect(message)
+        elif kind == "connect" and self.source is None and not self._finished and not self._connecting:
+            self._connecting = True
+            d = Deferred.fromCoroutine(self._connect(message))
+            d.addErrback(self._failed, "Console terminal: connecting failed")
+
+    def _failed(self, failure: Failure, what: str) -> None:
+        log.failure(what, failure)
+        self.finish("The console failed; try again.")
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         self.credentials = {}
@@ -443,7 +454,7 @@ class BrowserTerminal(WebSocketServerProtocol):
 
     # --- connecting ---
 
-    def _connect(self, message: Dict[str, Any]) -> None:
+    async def _connect(self, message: Dict[str, Any]) -> None:
         terminals = self.factory.terminals
         assert self.session is not None
         if not self.session.csrf_ok(message.get("csrf") if isinstance(message.get("csrf"), str) else None):
@@ -467,10 +478,12 @@ class BrowserTerminal(WebSocketServerProtocol):
             self.finish("This tunnel has no SSH service (a service id starting with SSH).")
             return
         try:
-            token, client_token = terminals.source_token(self.session, self.account, self.tunnel_id, self.peer)
+            token, client_token = await terminals.source_token(self.session, self.account, self.tunnel_id, self.peer)
         except TerminalError as e:
             self.finish(str(e))
             return
+        if self._finished:
+            return  # the browser went away meanwhile
         self.source = TunnelSource(self.service_id, self._tunnel_ready, self._from_device, self.finish)
         try:
             terminals.connect_source(self.source, token, client_token)
@@ -484,8 +497,14 @@ class BrowserTerminal(WebSocketServerProtocol):
 
     def _wait_for_destination(self, waited: float) -> None:
         self._waiting = None
+        d = Deferred.fromCoroutine(self._check_destination(waited))
+        d.addErrback(self._failed, "Console terminal: reading the tunnel's state failed")
+
+    async def _check_destination(self, waited: float) -> None:
         terminals = self.factory.terminals
-        tunnel = terminals.console.store.get_tunnel(self.account.account_id, self.tunnel_id)
+        tunnel = await terminals.console.store.get_tunnel(self.account.account_id, self.tunnel_id)
+        if self._finished:
+            return
         if tunnel is None or tunnel.status != OPEN:
             self.finish("The tunnel was closed: the terminal has ended.")
             return
@@ -625,7 +644,7 @@ class Terminals:
         """The tunnel's source token was rotated (by the console's user): the held one is void."""
         self._held.pop(tunnel_id, None)
 
-    def source_token(self, session: Session, account: Any, tunnel_id: str, client: str) -> Tuple[str, str]:
+    async def source_token(self, session: Session, account: Any, tunnel_id: str, client: str) -> Tuple[str, str]:
         """The token (and client token) the console connects with: held, or a new one (rotation)."""
         held = self._held.get(tunnel_id)
         if held is not None and held[0] == account.account_id:
@@ -633,7 +652,7 @@ class Terminals:
         from tunnelkit.service.operations import ApiError
 
         try:
-            answer = self.console.pages.run_operation(
+            answer = await self.console.pages.run_operation(
                 client, session, account, "RotateTunnelAccessToken", {"tunnelId": tunnel_id, "clientMode": "SOURCE"}
             )
         except ApiError as e:
