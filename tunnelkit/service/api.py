@@ -285,6 +285,12 @@ class ServiceSite(server.Site):
         self.pending: Dict[str, int] = {}
         self.refused_pending = 0
 
+    def log(self, request: Any) -> None:
+        """The access log, without the load balancer's health checks (GET /healthz every second)."""
+        if request.path == b"/healthz" and request.code == 200:
+            return
+        super().log(request)
+
     def buildProtocol(self, addr: Any) -> Any:
         limit = self.max_pending_per_address
         host = str(getattr(addr, "host", ""))
