@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
+from tunnelkit.config import ModeOptions
 from tunnelkit.service.dataplane import (
     DataPlaneOptions,
     limits_from_options,
@@ -21,8 +22,10 @@ from tunnelkit.service.relay import RelayLimits
 from tunnelkit.testing import MemoryTunnelStore, RawPeer, ServiceHarness
 
 
-class Options(DataPlaneOptions, usage.Options):
-    pass
+class Options(DataPlaneOptions, ModeOptions):
+    """The data plane's options in a mode's Options, as the service has them."""
+
+    mode = "service"
 
 
 def parse(*args: str) -> Options:

@@ -11,7 +11,7 @@ import sys
 
 from twisted.trial.unittest import TestCase
 
-from tests.e2e.harness import Harness, free_port, wait_until
+from tests.e2e.harness import Harness, wait_until
 
 #: A server that sends C{total} bytes to each connection, then closes it.
 FIREHOSE = r"""
@@ -29,7 +29,7 @@ def serve(conn):
     conn.close()
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(8)
-print("firehose ready", flush=True)
+print("firehose ready on", s.getsockname()[1], flush=True)
 while True:
     conn, _ = s.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
@@ -55,7 +55,7 @@ def serve(conn):
     conn.close()
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(8)
-print("sink ready", flush=True)
+print("sink ready on", s.getsockname()[1], flush=True)
 while True:
     conn, _ = s.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
@@ -81,10 +81,9 @@ class HonestEndTests(TestCase):
 
     def tunnel_with_firehose(self, h: Harness, total: int, server: str = FIREHOSE) -> tuple:
         h.start_service(tls=False)
-        port = free_port()
         name = "firehose" if server is FIREHOSE else "sink"
-        self.server = h.spawn(name, [sys.executable, "-c", server, str(port), str(total)])
-        self.server.wait_for_log(f"{name} ready")
+        self.server = h.spawn(name, [sys.executable, "-c", server, "0", str(total)])  # binds a free port
+        port = int(self.server.wait_for_log(rf"{name} ready on (\d+)").group(1))
         tunnel = h.open_tunnel(["BULK"])
         destination = h.start_destination(tunnel.destination_token, f"BULK={port}")
         source = h.start_source(tunnel.source_token, "BULK=0")

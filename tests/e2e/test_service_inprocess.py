@@ -224,7 +224,7 @@ class WebSocketTimeoutTests(TestCase):
     @inlineCallbacks
     def test_upgraded_connection_outlives_http_timeout(self) -> Any:
         from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-        from twisted.internet.task import deferLater
+        from twisted.internet.protocol import Factory, Protocol
 
         if tap.mount_data_plane is None:
             raise SkipTest("the data plane is not built")
@@ -263,7 +263,16 @@ class WebSocketTimeoutTests(TestCase):
         endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, options)
         client = yield endpoint.connect(factory)
         yield connected
-        yield deferLater(reactor, 1.5, lambda: None)
+        # A plain HTTPS connection opened after the WebSocket, idle: once the site's timeout has closed
+        # it, the WebSocket's would have fired too, had it applied to an upgraded connection.
+        idle_closed: Deferred = Deferred()
+
+        class Idle(Protocol):
+            def connectionLost(self, reason: Any = None) -> None:
+                idle_closed.callback(None)
+
+        yield SSL4ClientEndpoint(reactor, "127.0.0.1", port, options).connect(Factory.forProtocol(Idle))
+        yield idle_closed
         self.assertEqual([e for e in events if e.startswith("close")], [])
         self.assertEqual((yield service.store.get_tunnel(account.account_id, opened["tunnelId"])).source.status, "CONNECTED")
         closed: Deferred = Deferred()

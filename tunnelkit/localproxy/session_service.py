@@ -47,6 +47,7 @@ from tunnelkit.protocol.session import (
     StartListening,
     WriteLocal,
 )
+from tunnelkit.transport.actions import ActionDispatcher
 from tunnelkit.transport.flow import LocalReadThrottle, WebSocketReadThrottle
 from tunnelkit.transport.websocket import (
     ITunnelWebSocketHandler,
@@ -205,6 +206,7 @@ class LocalProxySession(MultiService):
         )
         self.client_service.setServiceParent(self)
         side.attach(self)
+        self._dispatch = ActionDispatcher(self._action_handlers())
 
     # --- service ---
 
@@ -364,43 +366,48 @@ class LocalProxySession(MultiService):
     # --- actions of the state machine ---
 
     def perform(self, actions: List[Any], flush: bool = True) -> None:
-        """Carry out the state machine's actions, in order."""
+        """Carry out the state machine's actions, in order (L{ActionDispatcher}: every type handled)."""
         websocket = self.websocket
-        for action in actions:
-            kind = type(action)
-            if kind is SendFrames:
-                if websocket is not None:
-                    websocket.send_frames(action.data, action.boundary)
-            elif kind is WriteLocal:
-                connection = self.connections.get((action.service_id, action.connection_id))
-                if connection is not None:
-                    connection.write(action.data)
-            elif kind is CloseLocal:
-                key = (action.service_id, action.connection_id)
-                connection = self.connections.get(key)
-                if connection is not None:
-                    connection.close(action.reason, action.abort)
-                else:
-                    self.side.cancel(key, action.reason)
-            elif kind is PauseLocal or kind is ResumeLocal or kind is HalfCloseLocal:
-                connection = self.connections.get((action.service_id, action.connection_id))
-                if connection is not None:
-                    if kind is PauseLocal:
-                        connection.pause_reading("credit")
-                    elif kind is ResumeLocal:
-                        connection.resume_reading("credit")
-                    else:
-                        connection.half_close()
-            elif kind is StartListening:
-                self.side.start_listening(action)
-            elif kind is ConnectTarget:
-                self.side.connect(action)
-            elif kind is Fatal:
-                self.finish(1, action.message)
-            else:  # pragma: no cover - the session only returns the kinds above
-                raise TypeError(f"unknown action {action!r}")
+        self._dispatch(actions)
         if flush and websocket is not None:
             websocket.flush()
+
+    def _action_handlers(self) -> Dict[type, Callable[[Any], None]]:
+        side = self.side
+        return {
+            SendFrames: self._send_frames,
+            WriteLocal: self._write_local,
+            CloseLocal: self._close_local,
+            PauseLocal: lambda a: self._on_connection(a, "pause_reading", "credit"),
+            ResumeLocal: lambda a: self._on_connection(a, "resume_reading", "credit"),
+            HalfCloseLocal: lambda a: self._on_connection(a, "half_close"),
+            StartListening: lambda a: side.start_listening(a),
+            ConnectTarget: lambda a: side.connect(a),
+            Fatal: lambda a: self.finish(1, a.message),
+        }
+
+    def _send_frames(self, action: SendFrames) -> None:
+        websocket = self.websocket
+        if websocket is not None:
+            websocket.send_frames(action.data, action.boundary)
+
+    def _write_local(self, action: WriteLocal) -> None:
+        connection = self.connections.get((action.service_id, action.connection_id))
+        if connection is not None:
+            connection.write(action.data)
+
+    def _close_local(self, action: CloseLocal) -> None:
+        key = (action.service_id, action.connection_id)
+        connection = self.connections.get(key)
+        if connection is not None:
+            connection.close(action.reason, action.abort)
+        else:
+            self.side.cancel(key, action.reason)
+
+    def _on_connection(self, action: Any, method: str, *args: Any) -> None:
+        connection = self.connections.get((action.service_id, action.connection_id))
+        if connection is not None:
+            getattr(connection, method)(*args)
 
     # --- local connections (called by LocalConnection and the sides) ---
 

@@ -5,42 +5,21 @@ tunnel's source and destination.
 
 Handshake (reference sections 1.2 and 1.3)
 ==========================================
-Checked in this order; the first failure answers the upgrade with the status below, a C{channel-id}
-header and a one-line C{text/plain} body (the AWS texts where AWS documents one).  4xx means the
-client must change something; only the service's own failures are 5xx (the reference local proxy
-retries those every 2.5 s and gives up at once on a 4xx).
-
-  ====  ======================  ==================================================================
-  431   request-too-large       the request line and headers exceed 4096 bytes
-  400   bad-path                the path is not exactly C{/tunnel}
-  400   bad-mode                C{local-proxy-mode} missing, repeated, or not source|destination
-  401   missing-token           neither an C{access-token} header nor an C{awsiot-tunnel-token}
-                                cookie (or an empty one)
-  400   duplicate-token         more than one token value (two headers, two cookies, header and
-                                cookie, or one header holding a comma-separated list)
-  400   bad-client-token        C{client-token} repeated, or not C{[a-zA-Z0-9-]{32,128}}
-  400   no-subprotocol          no offered C{Sec-WebSocket-Protocol} is one of
-                                C{aws.iot.securetunneling-1.0/2.0/3.0} (or the browser sample's
-                                alias C{aws.iot.securedtunneling-1.0})
-  429   too-many-failures       the client's address spent its C{--failed-handshakes-per-address}
-                                budget (checked first, before anything else: it blocks only itself)
-  429   rate-limited            more than C{--handshakes-per-second} accepted handshakes for the
-                                token's tunnel (checked once the token is found valid, before it is
-                                spent; only valid tokens spend this budget)
-  429   too-many-websockets     the tunnel's account has C{--max-websockets-per-account} open
-                                (checked likewise before the token is spent: the client retries
-                                with the same token)
-  4xx   (store's reason)        the store refused the token: 401 unknown, used (the AWS text),
-                                rotated, client-token mismatch (the AWS text); 403 mode mismatch,
-                                client token in use; 410 tunnel closed or expired
-  429   tunnel-failures-limited instead of the store's 4xx when the token's routing key had more than
-                                C{--failed-handshakes-per-key} failures just now (a valid token is
-                                never refused by this: it is checked before the count applies)
-  500   internal-error          the store failed (logged); the client should retry
+The first failed check answers the upgrade with its status, a C{channel-id} header and a one-line
+C{text/plain} body (the AWS texts where AWS documents one).  4xx means the client must change
+something; only the service's own failures are 5xx (the reference local proxy retries those every
+2.5 s and gives up at once on a 4xx).  Each check raises L{HandshakeRejected} with its status,
+reason and text where it is made: the code is the table.  The checks, in the order of
+L{PeerProtocol.onConnect}: L{HandshakeLimiter.check_address} (429: the address spent its failure
+budget; first, so that it blocks only itself), L{check_handshake} (431/400/401: the request
+itself), then L{Relay.admit}: the store's verdict on the token (its reasons' statuses are
+L{tunnelkit.service.tokens.STATUS_BY_REASON}), with L{HandshakeLimiter.check_tunnel} and
+L{Relay._may_join} (429s checked once the token is found valid and before it is spent, so the
+client retries with the same token), a 429 instead of the store's 4xx when the token's routing key
+failed too often just now, and 500 when the store failed.
 
 Every failure (a 4xx from these checks) is counted against the client's address, and a token
 failure against the token's routing key too (see L{HandshakeLimiter}).
-  ====  ======================  ==================================================================
 
 Malformed WebSocket requests (no C{Upgrade}, bad key or version, not C{GET}) get autobahn's own 4xx
 answer, with the same kind of text body.
@@ -82,15 +61,10 @@ they never see an extension message.
 
 Close codes the service sends
 =============================
-  ====  ==========================================  ===========================================
-  1000  C{Tunnel closed}                            CloseTunnel
-  1000  C{Tunnel expired}                           the tunnel's lifetime ended
-  1008  C{Access token rotated}                     RotateTunnelAccessToken for this side
-  1008  C{Connection replaced by a new peer}        a new connection for the same side
-  1008  C{Protocol violation (<rule>): <detail>}    a frame broke a rule of reference section 1.7
-  1001  C{Service shutting down}                    L{Relay.shutdown} (the service is stopping)
-  1009  (autobahn)                                  a WebSocket frame or message over 131076 bytes
-  ====  ==========================================  ===========================================
+C{CLOSE_NORMAL} with C{REASON_CLOSED} or C{REASON_EXPIRED}, C{CLOSE_POLICY} with C{REASON_ROTATED},
+C{REASON_REPLACED} or a protocol violation's text, C{CLOSE_GOING_AWAY} at L{Relay.shutdown} (the
+constants below; L{Relay._close_peer} and L{Relay.token_rotated} choose them), and autobahn's 1009
+for a WebSocket frame or message over 131076 bytes.
 
 Flow control
 ============
@@ -103,6 +77,7 @@ refills.  So a fast source and a slow destination leave at most a few hundred KB
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -130,6 +105,7 @@ from tunnelkit.protocol.framing import (
 from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.protocol.flowcontrol import (
     ANNOUNCE,
+    EOF,
     EXTENSION_TYPES,
     EXTENSIONS_HEADER,
     OFFERED,
@@ -203,6 +179,7 @@ _OTHER_SIDE = {SOURCE: DESTINATION, DESTINATION: SOURCE}
 _FLOOD_REASONS = frozenset({"too-many-failures", "tunnel-failures-limited"})
 _DIRECTION = {SOURCE: SOURCE_TO_DESTINATION, DESTINATION: DESTINATION_TO_SOURCE}
 
+_DATA = Message.DATA
 _STREAM_START = Message.STREAM_START
 _CONNECTION_START = Message.CONNECTION_START
 _STREAM_RESET = Message.STREAM_RESET
@@ -266,7 +243,7 @@ def check_handshake(
     @param path: the request path, without the query.
     @param params: the query parameters, each with all its values.
     @param offered_protocols: the C{Sec-WebSocket-Protocol} values, in the client's order.
-    @raise HandshakeRejected: with the status, reason and text listed in the module docstring.
+    @raise HandshakeRejected: with the status, reason and text of the first check that fails.
     """
     size, headers = _header_values(raw_request)
     if size > MAX_REQUEST_SIZE:
@@ -464,13 +441,33 @@ class _BucketTable:
         return len(self._buckets)
 
 
+def address_budget_key(host: str) -> str:
+    """
+    The key of a client address's failure budget: an IPv4 address as it is, an IPv6 address by its
+    /64 (one site's network: a host can take any address in it, so one budget per address would
+    be none), anything else (a unix socket's empty host) as it is.
+    """
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d on a dual-stack listener: the IPv4 client
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+
 class HandshakeLimiter:
     """
     Who may try a WebSocket handshake now, on an injected clock (no I/O).
 
     Three budgets, so that failed attempts never cost a valid token its connection:
-      - failures per client address: an address that spent it gets 429 before its token is even
-        looked at (it blocks only itself);
+      - failures per client address (IPv6: per /64, L{address_budget_key}): an address that spent
+        it gets 429 before its token is even looked at.  It blocks only that address: behind NAT,
+        CGNAT or a reverse proxy that does not send the PROXY protocol, that is everyone behind it
+        (use C{haproxy:} listeners, or C{--failed-handshakes-per-address 0} and rely on the next
+        budget);
       - failures per routing key (the token's non-secret prefix, shared by a tunnel's tokens): only
         failures are counted, and only after the token was checked, so a valid token always passes;
         past the budget a failing attempt gets 429 instead of its 4xx;
@@ -491,7 +488,7 @@ class HandshakeLimiter:
 
     def check_address(self, address: str) -> None:
         """@raise HandshakeRejected: 429 if C{address} spent its failure budget."""
-        bucket = self._per_address.get(address)
+        bucket = self._per_address.get(address_budget_key(address))
         if bucket is not None and not bucket.holds():
             raise HandshakeRejected(
                 429,
@@ -520,7 +517,7 @@ class HandshakeLimiter:
         A handshake from C{address} (presenting routing key C{key}, if any) failed.  Returns
         whether C{key} had spent its failure budget already (the attempt is then answered 429).
         """
-        bucket = self._per_address.get(address)
+        bucket = self._per_address.get(address_budget_key(address))
         if bucket is not None:
             bucket.take(1.0)
         if key is None:
@@ -588,6 +585,8 @@ class TunnelLink:
             )
         self.expiry_call: Optional[IDelayedCall] = None
         self.service_ids_frame = b""
+        #: The audit trail's ledger of this tunnel's connections (L{tunnelkit.service.audit}); None: off.
+        self.ledger: Any = None
         self.set_services(grant.services)
 
     def set_services(self, services: Sequence[str]) -> None:
@@ -1271,7 +1270,9 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
         rules = self.rules
         assert rules is not None
         link = self.link
-        partner = link.peers.get(_OTHER_SIDE[self.side])
+        ledger = link.ledger  # the audit trail's, or None
+        side = self.side
+        partner = link.peers.get(_OTHER_SIDE[side])
         cuts: List[int] = []  # indexes of frames after which a WebSocket message must end
         skip: List[int] = []  # extension frames not forwarded
         announced = False
@@ -1288,7 +1289,10 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
                 return
             size += len(body) + 2
             kind = message.type
-            if kind in _START_TYPES:
+            if kind == _DATA:
+                if ledger is not None:
+                    ledger.data(side, message, len(body))
+            elif kind in _START_TYPES:
                 cuts.append(index)
                 service_id = message.serviceId
                 if partner is not None:
@@ -1296,12 +1300,21 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
                         link.active_streams[service_id] = message.streamId
                     if partner.rules is not None:
                         partner.rules.note_stream_started(service_id)
+                    if ledger is not None:
+                        ledger.started(side, message)
                 else:
                     self._refuse_start(message)
+                    if ledger is not None:
+                        ledger.refused(message, "the destination is not connected")
+            elif kind == _CONNECTION_RESET:
+                if ledger is not None:
+                    ledger.reset(side, message)
             elif kind == _STREAM_RESET:
                 service_id = message.serviceId
                 if link.active_streams.get(service_id) == message.streamId:
                     del link.active_streams[service_id]
+                if ledger is not None:
+                    ledger.stream_reset(side, message)
             elif kind in EXTENSION_TYPES:
                 # Announcements are exchanged by the relay; the others go only between peers that
                 # were both told of each other's announcement.
@@ -1312,6 +1325,8 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
                         announced = True
                 elif not self.told or partner is None or not partner.told:
                     skip.append(index)
+                elif kind == EOF and ledger is not None:
+                    ledger.eof(side, message)  # forwarded: the partner learns this side is done
         if skip:
             metrics = self.factory.relay.metrics
             dropped = len(skip) - (1 if announced else 0)

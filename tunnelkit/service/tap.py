@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, NoReturn, Optional
 
 from twisted.application.service import IService, MultiService, Service
@@ -24,7 +25,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from tunnelkit.config import ModeOptions, positive_int, server_endpoint
+from tunnelkit.config import ModeOptions, duration, number, positive_int, server_endpoint
 from tunnelkit.errors import ConfigError
 from tunnelkit.protocol.notification import REGION_RE
 from tunnelkit.service.api import HEAD_TIMEOUT, MAX_PENDING_PER_ADDRESS, ApiResource, ServiceSite, build_root
@@ -54,8 +55,6 @@ DEFAULT_MAX_OPEN_TUNNELS = 1000
 DEFAULT_CLOSED_RETENTION = 3 * 3600.0
 
 _HOSTNAME_RE = re.compile(r"\A(?=.{1,253}\Z)([A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
-_DURATION_RE = re.compile(r"\A([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)?\Z")
-_UNIT_SECONDS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def region(text: str) -> str:
@@ -76,14 +75,6 @@ def hostname(text: str) -> str:
     if not _HOSTNAME_RE.match(text):
         raise ValueError(f"not a DNS name or IP address: {text!r}")
     return text.lower()
-
-
-def duration(text: str) -> float:
-    """Coerce: seconds, or a number with a unit: C{90}, C{90s}, C{30m}, C{3h}, C{1d}."""
-    match = _DURATION_RE.match(text.strip())
-    if not match:
-        raise ValueError(f"expected a duration such as 10800, 180m or 3h, got {text!r}")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions, ConsoleOptions, ClusterOptions):  # type: ignore[misc,valid-type]
@@ -137,16 +128,19 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
             None,
             HEAD_TIMEOUT,
             "Seconds a new connection has for its TLS handshake and its request line and headers "
-            "(and each later request for its head) before it is reset.",
-            duration,
+            "(and each later request for its head) before it is reset (more than 0: it cannot be "
+            "turned off; give a longer time instead).",
+            number(0, duration=True, above=True),
         ],
         [
             "max-pending-per-address",
             None,
             MAX_PENDING_PER_ADDRESS,
-            "Connections one client address may hold that are not WebSocket peers yet; more are "
-            "reset at once (0: no limit).",
-            int,
+            "Connections one client address may hold that have not sent a complete request head yet "
+            "(idle keep-alive connections do not count); more are reset at once and logged (0: no "
+            "limit). Clients behind one NAT address or a reverse proxy share it (haproxy: listeners "
+            "count the PROXY header's client).",
+            number(0, whole=True),
         ],
         [
             "closed-retention",
@@ -174,6 +168,12 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        ping, timeout = self["ping-interval"], self["peer-timeout"]
+        if timeout <= ping:
+            raise usage.UsageError(
+                f"--peer-timeout ({timeout:g}) must be longer than --ping-interval ({ping:g}): a silent peer "
+                "is pinged first, and taken for gone only if it stays silent until the timeout"
+            )
         self.check_cluster_options()
 
 
@@ -209,6 +209,31 @@ def restrict_listener_tls(endpoint: Any) -> None:
     restrict_context(options.getContext())
 
 
+def listener_certificate(endpoint: Any) -> Optional[bytes]:
+    """The certificate (DER) an C{ssl:} endpoint presents, or None for an endpoint without TLS."""
+    from OpenSSL import SSL, crypto
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    from tunnelkit.internals import SSL_ENDPOINT_OPTIONS
+
+    if not isinstance(endpoint, SSL4ServerEndpoint):
+        return None
+    certificate = SSL.Connection(getattr(endpoint, SSL_ENDPOINT_OPTIONS).getContext(), None).get_certificate()
+    return crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate) if certificate is not None else None
+
+
+@dataclass(frozen=True)
+class DataPlaneAddress:
+    """Where the service's own data plane listens: its bound address and, for TLS, its certificate (DER)."""
+
+    address: Any  # IPv4Address, IPv6Address or UNIXAddress (getHost of the listening port)
+    certificate: Optional[bytes]  # None: no TLS
+
+    @property
+    def secure(self) -> bool:
+        return self.certificate is not None
+
+
 class _Listener(Service):
     """Listens on one endpoint; a failure to listen at start-up is a clear error."""
 
@@ -229,11 +254,14 @@ class _Listener(Service):
         self._on_listening = on_listening
         self.port: Optional[IListeningPort] = None
         self.listening: Optional[Deferred] = None
+        #: The certificate (DER) an C{ssl:} listener presents (the console pins it), else None.
+        self.certificate: Optional[bytes] = None
 
     def startService(self) -> None:
         super().startService()
         endpoint = endpoints.serverFromString(self._reactor, self._description)
         restrict_listener_tls(endpoint)
+        self.certificate = listener_certificate(endpoint)
         self.listening = endpoint.listen(self._factory)
         failed: List[Failure] = []
         self.listening.addCallbacks(self._listening, failed.append)
@@ -366,7 +394,7 @@ class TunnelService(MultiService):
         self.site = ServiceSite(
             root,
             reactor=reactor,
-            head_timeout=float(options.get("handshake-timeout") or HEAD_TIMEOUT),
+            head_timeout=float(options.get("handshake-timeout", HEAD_TIMEOUT)),
             max_pending_per_address=options.get("max-pending-per-address", MAX_PENDING_PER_ADDRESS) or None,
         )
         if self.cluster is not None:
@@ -375,8 +403,10 @@ class TunnelService(MultiService):
         self.listeners: List[_Listener] = []
         for description in options["listen"]:
             self._check_names(description, options.get("hostname") or ())
+            # A haproxy: listener's client address is the one its PROXY header names (see ServiceSite.proxied).
+            factory = self.site.proxied() if description.split(":", 1)[0].lower() == "haproxy" else self.site
             listener = _Listener(
-                reactor, listen_description(description, self.certificates), description, self.site, self._announce
+                reactor, listen_description(description, self.certificates), description, factory, self._announce
             )
             listener.setServiceParent(self)
             self.listeners.append(listener)
@@ -414,12 +444,15 @@ class TunnelService(MultiService):
             )
         self._announced = False
 
-    def data_plane_address(self) -> Optional[Any]:
-        """(secure, port) of the first listener once it listens (the console connects to it), or None."""
+    def data_plane_address(self) -> Optional[DataPlaneAddress]:
+        """
+        The first listener that listens and takes plain connections (not C{haproxy:}, which wants a
+        PROXY header), or None: the console's terminals connect to it as a source, so that with several
+        nodes the cluster forwards them to the node holding the tunnel as any other client.
+        """
         for listener in self.listeners:
-            if listener.port is not None:
-                secure = listener.shown.split(":", 1)[0].lower() == "ssl"
-                return secure, listener.port.getHost().port
+            if listener.port is not None and not listener.shown.lower().startswith("haproxy:"):
+                return DataPlaneAddress(listener.port.getHost(), listener.certificate)
         return None
 
     def _check_names(self, description: str, hostnames: Any) -> None:

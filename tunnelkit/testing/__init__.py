@@ -23,7 +23,7 @@ import socket
 import struct
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
@@ -301,10 +301,11 @@ class RawPeer:
     """One raw WebSocket connection to a site."""
 
     def __init__(self, site: object, request: bytes, port: int = 40000, host: str = "127.0.0.1") -> None:
-        self.transport = StringTransport(
+        # Any: autobahn sets (and this sets) C{protocol} on it, as on a real transport
+        self.transport: Any = cast(Any, StringTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 8443),
             peerAddress=IPv4Address("TCP", host, port),
-        )
+        ))
         self.channel = site.buildProtocol(self.transport.getPeer())  # type: ignore[attr-defined]
         self.transport.protocol = self.channel  # as a real transport has; autobahn replaces it
         self.channel.makeConnection(self.transport)
@@ -443,7 +444,7 @@ class TunnelTestClient(WebSocketClientProtocol):
         import time
 
         self.close_frame_at = time.monotonic()
-        return super().onCloseFrame(code, reasonRaw)
+        return super().onCloseFrame(code, reasonRaw)  # type: ignore[arg-type]  # None: a close without a code
 
     def onOpen(self) -> None:
         self.opened.callback(self)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_web,tests.e2e.test_console_browser -*-
+# -*- test-case-name: tests.test_console_users,tests.e2e.test_console_browser -*-
 """
 The console's pages: sign-in, the tunnels hub, create (manual setup) and the one-time token page, the
 tunnel page, quick setup and the terminal page.
@@ -28,12 +28,13 @@ from tunnelkit.service.console import web
 from tunnelkit.service.console.live import StateWatcher, all_tunnels
 from tunnelkit.service.console.sessions import (
     COOKIE_NAME,
+    PasswordChecks,
     PendingTokens,
     Session,
     SessionManager,
     SignInLimiter,
 )
-from tunnelkit.service.console.users import DUMMY_HASH, IConsoleUsers, password_matches
+from tunnelkit.service.console.users import DUMMY_HASH, IConsoleUsers, host_key_name, password_matches
 from tunnelkit.service.operations import ApiError, ControlPlane, tunnel_arn
 from tunnelkit.service.store import CLOSED, OPEN, Account, IControlStore, NoSuchAccount, Tunnel
 
@@ -123,6 +124,8 @@ class ConsolePages(Resource):
         self._verify = verify_password or _verify_in_thread
         self._env = web.template_environment()
         self._checking: set = set()
+        #: Password checks running (at most 2: 429 beyond).
+        self.password_checks = PasswordChecks()
 
     # --- rendering ---
 
@@ -315,8 +318,16 @@ class ConsolePages(Resource):
         except NoSuchAccount:
             account = None
         digest = self.users.password_hash(account.account_id, user) if account is not None else None
+        started = self.password_checks.start(lambda: self._verify(digest or DUMMY_HASH, password))
+        if started is None:
+            request.setHeader(b"retry-after", b"1")
+            log.info("Console: sign-in for {user} refused ({running} password checks running)", user=key[:200],
+                     running=self.password_checks.running)
+            return self.get_signin(
+                request, "The console is busy checking other sign-ins: try again in a second.", 429, account_text, user
+            )
         self._checking.add(key)
-        d = self._verify(digest or DUMMY_HASH, password)
+        d = started
 
         def checked(ok: bool) -> None:
             self._checking.discard(key)
@@ -532,10 +543,11 @@ class ConsolePages(Resource):
         config = tunnel.get("destinationConfig") or {}
         thing = config.get("thingName")
         ssh_services = [s for s in config.get("services", []) if is_ssh_service(s)]
-        host_key = self.users.get_host_key(account.account_id, thing) if thing else None
+        key_name = host_key_name(thing, tunnel_id)
+        host_key = self.users.get_host_key(account.account_id, key_name)
         return self._page(
             request, "tunnel.html", status, session, error=error, t=tunnel, thing=thing,
-            services=config.get("services", []), ssh_services=ssh_services, host_key=host_key,
+            services=config.get("services", []), ssh_services=ssh_services, host_key=host_key, key_name=key_name,
             terminal_available=self.terminal is not None,
         )
 
@@ -632,7 +644,8 @@ class ConsolePages(Resource):
     def post_forget_host_key(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
         thing = web.field(request, "thing")
         if self.users.forget_host_key(account.account_id, thing):
-            session.flash.append(f"The host key remembered for {thing} was forgotten: the next connection remembers "
+            whom = "this tunnel" if thing == host_key_name(None, tunnel_id) else thing
+            session.flash.append(f"The host key remembered for {whom} was forgotten: the next connection remembers "
                                  "the key it sees.")
         return web.redirect(request, self.prefix + "tunnel/" + tunnel_id)
 
@@ -687,7 +700,7 @@ class ConsolePages(Resource):
             request, "terminal.html", 200 if problem is None else 409, session, style_nonce=nonce, t=tunnel,
             thing=config.get("thingName"), service=ssh_services[0] if ssh_services else "", problem=problem,
             held=self.terminal.holds_source(tunnel_id) if self.terminal is not None else False,
-            host_key=self.users.get_host_key(account.account_id, config["thingName"]) if config.get("thingName") else None,
+            host_key=self.users.get_host_key(account.account_id, host_key_name(config.get("thingName"), tunnel_id)),
         )
 
 
