@@ -71,8 +71,8 @@ class Node:
             "--mode", "service", "--state-dir", self.state_dir,
             "--listen", f"haproxy:tcp:{plain_port}:interface=127.0.0.1",
             "--listen", self.certificate.listen(tls_port),
-            # Behind HAProxy every connection comes from its address: the edge limits per client instead.
-            "--max-pending-per-address", "0",
+            # Through the pass-through front end every client has HAProxy's address (deploy/haproxy.cfg).
+            "--max-pending-per-address", "0", "--failed-handshakes-per-address", "0",
             *self._store_args, *self._extra,
         ]  # fmt: skip
 
