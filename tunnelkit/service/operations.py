@@ -31,8 +31,9 @@ from twisted.logger import Logger
 from tunnelkit.errors import TunnelkitError
 from tunnelkit.protocol.notification import THING_NAME_RE, TUNNEL_ID_RE
 from tunnelkit.service import tokens
-from tunnelkit.service.interfaces import DESTINATION, SOURCE, INotifier, ITunnelEvents
+from tunnelkit.service.interfaces import DESTINATION, SOURCE, INotifier, ITunnelEvents, ITunnelStateObserver
 from tunnelkit.service.lifecycle import TunnelLifecycle
+from tunnelkit.service.statechanges import StateChanges
 from tunnelkit.service.store import Account, IControlStore, NewTunnel, Tunnel
 
 log = Logger()
@@ -307,6 +308,8 @@ class ControlPlane:
         self.limits = limits
         self._new_token = new_token
         self.lifecycle = TunnelLifecycle(store, clock, self._tunnel_ended, closed_retention)
+        #: Told when a tunnel is opened, closed, deleted or expires here (the service shares the relay's).
+        self.state_changes: ITunnelStateObserver = StateChanges()
 
     def call(self, operation: str, account: Account, body: Mapping[str, Any]) -> "Deferred[Dict[str, Any]]":
         """Run C{operation} (one of L{OPERATIONS}) for C{account}: a Deferred of the response (or ApiError)."""
@@ -316,7 +319,12 @@ class ControlPlane:
                 raise ApiError("UnknownOperationException", f"Unknown operation {operation!r}")
             await self.lifecycle.expire_due()
             method = getattr(self, "op_" + operation)
-            return await method(account, body)  # type: ignore[no-any-return]
+            answer: Dict[str, Any] = await method(account, body)
+            if operation == "OpenTunnel":
+                self.state_changes.tunnel_changed(account.account_id, answer["tunnelId"])
+            elif operation == "CloseTunnel":
+                self.state_changes.tunnel_changed(account.account_id, self._tunnel_id(body))
+            return answer
 
         return Deferred.fromCoroutine(run())
 
@@ -328,6 +336,7 @@ class ControlPlane:
             self.events.tunnel_closed(tunnel_id, reason)
         if self.notifier is not None:
             self.notifier.tunnel_closed(tunnel_id)
+        self.state_changes.tunnel_changed(None, tunnel_id)  # expiry included
 
     def _arn(self, account: Account, tunnel_id: str) -> str:
         return tunnel_arn(self.region, account.account_id, tunnel_id)

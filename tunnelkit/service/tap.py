@@ -377,6 +377,9 @@ class TunnelService(MultiService):
             limits,
             closed_retention=options.get("closed-retention", DEFAULT_CLOSED_RETENTION),
         )
+        #: This node's tunnel state changes (connections, open, close, expiry): the console listens.
+        self.state_changes = relay.state_changes
+        self.control.state_changes = self.state_changes
         if self.cluster is not None:
             self.cluster.take_lifecycle(self.control.lifecycle)  # one node of the cluster runs it
         else:
