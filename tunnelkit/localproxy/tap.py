@@ -386,8 +386,12 @@ class _RedactingObserver:
         ]
 
     def __call__(self, event: Dict[str, Any]) -> None:
+        from tunnelkit.transport.fastpath import LazyText
+
         cleaned = dict(event)
         for key, value in event.items():
+            if isinstance(value, LazyText):  # autobahn's configuration, formatted now that it is written
+                value = str(value)
             if isinstance(value, str):
                 for secret, replacement in self._secrets:
                     if secret in value:

@@ -121,7 +121,10 @@ class INotifier(Interface):
     def notify_destination(
         tunnel_id: str, thing_name: str, access_token: str, services: Tuple[str, ...], region: str
     ) -> None:
-        """Queue the notification for C{thing_name} (returns at once; delivery is asynchronous)."""
+        """
+        Queue the notification for C{thing_name}: a Deferred that fires once it is queued durably
+        (or None if queued already); delivery is asynchronous.
+        """
 
     def tunnel_closed(tunnel_id: str) -> None:
         """Drop any undelivered notification of C{tunnel_id}."""

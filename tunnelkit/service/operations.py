@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -405,7 +405,7 @@ class ControlPlane:
             services=",".join(services or ()) or "none",
         )
         if thing_name is not None and services is not None:
-            self._notify(tunnel_id, thing_name, destination_token, services)
+            await self._notify(tunnel_id, thing_name, destination_token, services)
         return {
             "tunnelId": tunnel_id,
             "tunnelArn": self._arn(account, tunnel_id),
@@ -413,7 +413,7 @@ class ControlPlane:
             "destinationAccessToken": destination_token,
         }
 
-    def _notify(self, tunnel_id: str, thing_name: str, token: str, services: Tuple[str, ...]) -> None:
+    async def _notify(self, tunnel_id: str, thing_name: str, token: str, services: Tuple[str, ...]) -> None:
         if self.notifier is None:
             log.warn(
                 "Tunnel {tunnel_id}: thing {thing_name} not notified: notifications are off (no --mqtt)",
@@ -421,7 +421,8 @@ class ControlPlane:
                 thing_name=thing_name,
             )
             return
-        self.notifier.notify_destination(tunnel_id, thing_name, token, services, self.region)
+        # Waited for: the response goes out once the notification is queued durably.
+        await maybeDeferred(self.notifier.notify_destination, tunnel_id, thing_name, token, services, self.region)
 
     def _tunnel_id(self, body: Mapping[str, Any]) -> str:
         tunnel_id = _string(body, "tunnelId", "tunnelId", required=True)
@@ -576,7 +577,7 @@ class ControlPlane:
         if DESTINATION in new_tokens:
             response["destinationAccessToken"] = new_tokens[DESTINATION]
             if thing is not None:
-                self._notify(tunnel_id, thing, new_tokens[DESTINATION], tunnel.services or ())
+                await self._notify(tunnel_id, thing, new_tokens[DESTINATION], tunnel.services or ())
         return response
 
     @staticmethod

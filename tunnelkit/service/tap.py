@@ -349,7 +349,9 @@ class TunnelService(MultiService):
         self.region = options["region"]
         # Stopped last (services stop in reverse order): the data plane records disconnections first.
         _OnStop(self.store.close).setServiceParent(self)
-        notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor)
+        threaded = reactor if IReactorThreads.providedBy(reactor) else None
+        shared = self.store.notification_queue() if hasattr(self.store, "notification_queue") else None
+        notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor, shared=shared, threads=threaded)
         root = build_root(Resource())
         relay = mount_data_plane(root, self.store, clock, options)
         events: ITunnelEvents = relay

@@ -168,9 +168,12 @@ def build_console(service: Any, options: Any, clock: IReactorTime, reactor: Any)
     from twisted.application.service import Service
 
     from tunnelkit.service.console.terminal import Terminals
-    from tunnelkit.service.console.users import open_console_database
+    from twisted.internet.interfaces import IReactorThreads
 
-    users = open_console_database(service.state_dir)
+    from tunnelkit.service.console.users import open_console_users
+
+    threads = reactor if IReactorThreads.providedBy(reactor) else None
+    users = open_console_users(service.store, service.state_dir, threads)
 
     def terminals(console: Console) -> Terminals:
         return Terminals(console, reactor, clock, service.data_plane_address)

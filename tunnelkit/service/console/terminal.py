@@ -394,6 +394,7 @@ class BrowserTerminal(WebSocketServerProtocol):
         self._checking = False  # the tunnel's state is being read
         self._check_again = False  # it changed again meanwhile
         self._connecting = False  # a "connect" message is being handled
+        self._known_key: Any = None  # the host key remembered for the thing, read before SSH starts
 
     # --- the handshake: signed in, same origin ---
 
@@ -413,7 +414,7 @@ class BrowserTerminal(WebSocketServerProtocol):
             pass
         morsel = jar.get(COOKIE_NAME)
         session = terminals.console.sessions.get(morsel.value if morsel else None)
-        if session is not None and not terminals.console.users.still_valid(
+        if session is not None and not await terminals.console.users.still_valid(
             session.account_id, session.user_name, session.created_at
         ):
             terminals.console.sessions.end(session)
@@ -551,6 +552,8 @@ class BrowserTerminal(WebSocketServerProtocol):
 
     def _tunnel_ready(self) -> None:
         """In the tunnel: wait for its destination, told by L{destination_changed}, polled as a fallback."""
+        if self._deadline is not None or self.ssh is not None or self._finished:
+            return  # waiting already
         clock = self.factory.terminals.clock
         self._deadline = clock.callLater(DESTINATION_WAIT, self._destination_late)
         self.status(f"Waiting for {self.thing or 'the destination'} to connect to the tunnel (its agent gets the "
@@ -592,6 +595,12 @@ class BrowserTerminal(WebSocketServerProtocol):
             return
         if tunnel.destination.status == CONNECTED:
             self._stop_waiting()
+            # Read before SSH starts: Conch's key exchange wants the host key checked at once.
+            self._known_key = await terminals.console.users.get_host_key(
+                self.account.account_id, host_key_name(self.thing, self.tunnel_id)
+            )
+            if self._finished:
+                return
             self.status(f"Connected through the tunnel to {self.thing or 'the destination'}; opening SSH...")
             self._start_ssh()
 
@@ -634,10 +643,11 @@ class BrowserTerminal(WebSocketServerProtocol):
         users = self.factory.terminals.console.users
         name = host_key_name(self.thing, self.tunnel_id)  # per thing, or per tunnel if it has none
         scope = "thing" if self.thing else "tunnel"
-        known = users.get_host_key(self.account.account_id, name)
+        known = self._known_key  # read before SSH started (_check_destination)
         if known is None:
-            users.remember_host_key(self.account.account_id, name, key_type, fingerprint,
-                                    self.factory.terminals.clock.seconds())
+            d = users.remember_host_key(self.account.account_id, name, key_type, fingerprint,
+                                        self.factory.terminals.clock.seconds())
+            d.addErrback(lambda f: log.failure("Console: could not remember the host key of {name}", f, name=name))
             self._send(type="hostkey", status="new", scope=scope, key_type=key_type, fingerprint=fingerprint)
             return defer.succeed(True)
         if known.fingerprint == fingerprint:
