@@ -22,7 +22,7 @@ from typing import Any, List, Mapping, Optional, Sequence
 
 from twisted.application.service import MultiService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from tunnelkit.config import server_endpoint
@@ -198,6 +198,10 @@ class Cluster(MultiService):
         self.gate = ForwardingGate(node, directory, secret, reactor, self.node_timeout)
         self.events = ClusterEvents(self.node_id, relay, carrier)
         self.node = ClusterNode(node, directory, store, clock, heartbeat, self.node_timeout)
+        self.store = store
+        reconnected = getattr(carrier, "on_reconnect", None)
+        if reconnected is not None:
+            reconnected.append(self.resync)
         relay.placement = self.node
         self.factory: Optional[ClusterListenerFactory] = None
         self.clock = clock
@@ -238,10 +242,39 @@ class Cluster(MultiService):
         self.node.node = node
         log.info("Cluster node {node_id}: forwarded peers on {address}", node_id=self.node_id, address=address)
         self.node.startService()
+        start = getattr(self.carrier, "start", None)
+        if start is not None:  # PostgreSQL LISTEN (retries by itself until the database answers)
+            start()
+
+    def resync(self) -> Deferred:
+        """
+        After the event carrier was lost a while: close this node's WebSockets of tunnels the store
+        says are closed (their CloseTunnel or expiry may have been missed).
+        """
+        relay = self.events.local
+        checks = []
+        for tunnel_id, link in list(getattr(relay, "links", {}).items()):
+            d = maybeDeferred(self.store.get_tunnel, link.account_id, tunnel_id)
+
+            def check(tunnel: Any, tunnel_id: str = tunnel_id) -> None:
+                if tunnel is None or tunnel.status != "OPEN":
+                    log.info("Tunnel {tunnel_id} closed while the cluster events were cut: closing its connections",
+                             tunnel_id=tunnel_id)
+                    relay.tunnel_closed(tunnel_id, "closed")
+            d.addCallback(check)
+            d.addErrback(lambda f: log.failure("Could not check a tunnel after the cluster events came back", f))
+            checks.append(d)
+        return gatherResults(checks)
 
     def stopService(self) -> Deferred:
         super().stopService()
+        stop = getattr(self.carrier, "stop", None)
+        if stop is not None:
+            stop()
         d = self.node.stopService() if self.node.running else succeed(None)
+        runner = getattr(self.directory, "runner", None)
+        if runner is not None:
+            d.addBoth(lambda _: runner.close())
         port, self.port = self.port, None
         if port is not None:
             d.addBoth(lambda _: port.stopListening())

@@ -85,6 +85,8 @@ class ClusterNode(Service):
         )
 
     def peer_detached(self, peer: Any) -> None:
+        if not self.running:
+            return  # stopping: leaving the directory removes every row of this node
         link = peer.link
         self.directory.peer_detached(
             routing_key_for_tunnel(link.tunnel_id), peer.side, self.node.node_id, peer.channel_id
