@@ -33,6 +33,7 @@ from zope.interface import Interface, implementer
 
 __all__ = [
     "PLACEMENT_GRACE",
+    "IDLE_PLACEMENT",
     "NodeInfo",
     "PeerRow",
     "INodeDirectory",
@@ -43,6 +44,8 @@ __all__ = [
 #: Seconds a fresh placement holds even though its node holds no peer yet (its handshake may take up
 #: to the front door's 10 s head deadline plus the token check).
 PLACEMENT_GRACE = 15.0
+#: Seconds after which the placement of a tunnel no node holds a peer of is forgotten (at a reap).
+IDLE_PLACEMENT = 3600.0
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,11 @@ class MemoryDirectory:
             del self.peers[(row.routing_key, row.side)]
         for node_id in dead:
             del self.node_seen[node_id]
+        now = self.clock.seconds()
+        held = {key for key, _ in self.peers}
+        for key, (node_id, placed_at) in list(self.placements.items()):
+            if node_id in dead or (key not in held and now - placed_at > IDLE_PLACEMENT):
+                del self.placements[key]
         return succeed(rows)
 
     def acquire_lease(self, name: str, node_id: str, ttl: float) -> Deferred:

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tunnelkit.errors import ConfigError
-from tunnelkit.service.cluster.directory import INodeDirectory, NodeInfo, PeerRow, placement_winner
+from tunnelkit.service.cluster.directory import IDLE_PLACEMENT, INodeDirectory, NodeInfo, PeerRow, placement_winner
 from tunnelkit.service.cluster.events import IEventCarrier, TunnelEvent, decode_event, encode_event
 
 __all__ = ["PostgresDirectory", "PostgresCarrier", "backends_for_store", "CHANNEL"]
@@ -146,6 +146,13 @@ class PostgresDirectory:
             dead = f"SELECT n.node_id FROM cluster_nodes n WHERE NOT ({_LIVE})"
             rows = _execute(c, f"DELETE FROM cluster_peers WHERE node_id IN ({dead})" + self._RETURNING, (timeout,))
             _execute(c, f"DELETE FROM cluster_placements WHERE node_id IN ({dead})", (timeout,))
+            # Placements of tunnels no node has held for a long time (closed, or idle) are forgotten.
+            _execute(
+                c,
+                "DELETE FROM cluster_placements p WHERE p.placed_at < clock_timestamp() - make_interval(secs => %s) "
+                "AND NOT EXISTS (SELECT 1 FROM cluster_peers q WHERE q.routing_key = p.routing_key)",
+                (IDLE_PLACEMENT,),
+            )
             _execute(
                 c,
                 f"DELETE FROM cluster_nodes m WHERE m.node_id IN ({dead}) AND NOT EXISTS "
