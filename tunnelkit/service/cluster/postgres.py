@@ -207,7 +207,10 @@ class PostgresCarrier:
 
     def publish(self, event: TunnelEvent) -> Deferred:
         payload = encode_event(event)
-        return self.runner.run(lambda c: _execute(c, "SELECT pg_notify(%s, %s)", (self.channel, payload)))  # type: ignore[no-any-return]
+        # One channel per schema: clusters in other schemas of the database hear nothing of this one.
+        return self.runner.run(lambda c: _execute(  # type: ignore[no-any-return]
+            c, "SELECT pg_notify(%s || '.' || current_schema(), %s)", (self.channel, payload)
+        ))
 
     def subscribe(self, receiver: Callable[[TunnelEvent], None]) -> None:
         self._receivers.append(receiver)
@@ -229,7 +232,9 @@ class PostgresCarrier:
     def _open(self) -> Deferred:
         def listen() -> Any:
             connection = self._connect()
-            connection.execute(f"LISTEN {self.channel}")
+            (schema,), = _execute(connection, "SELECT current_schema()")
+            name = f"{self.channel}.{schema}".replace('"', '""')
+            connection.execute(f'LISTEN "{name}"')
             return connection
 
         d = deferToThread(listen)
