@@ -18,27 +18,13 @@ from twisted.trial.unittest import TestCase
 
 from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.testing import connect_client, tunnel_frame
-from tunnelkit.testing.cluster import ClusterNodes
+from tunnelkit.testing.cluster import ClusterNodes, connect_retrying
 from tunnelkit.testing.postgres import shared_server, skip_reason
 from tunnelkit.testing.process import Processes
 
 
 def _later(seconds: float) -> defer.Deferred:
     return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def connect_retrying(port: int, mode: str, token: str, client_token: str, within: float) -> Any:
-    """Connect as a reconnecting local proxy does (every 0.1 s here), until C{within} seconds passed."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            client = yield connect_client(port, mode, token, client_token=client_token).addTimeout(2, reactor)
-            return client
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            yield _later(0.1)
 
 
 @defer.inlineCallbacks

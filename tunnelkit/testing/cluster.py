@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from tunnelkit.testing.process import DEFAULT_TIMEOUT, Child, Processes
 
-__all__ = ["ClusterNode", "ClusterNodes"]
+__all__ = ["ClusterNode", "ClusterNodes", "connect_retrying"]
 
 _API = r"API listening on http://127\.0\.0\.1:(\d+)/"
 _CLUSTER = r"Cluster node \S+: forwarded peers on 127\.0\.0\.1:(\d+)"
@@ -106,3 +106,29 @@ class ClusterNodes:
         return tunnel["sourceConnectionState"]["status"], tunnel["destinationConnectionState"]["status"]
 
 
+
+
+def connect_retrying(port: int, mode: str, token: str, client_token: str, within: float, every: float = 0.1) -> Any:
+    """
+    A Deferred: connect a L{tunnelkit.testing.TunnelTestClient} as a reconnecting local proxy does
+    (every C{every} s), until C{within} seconds have passed (then its last failure).
+    """
+    import time
+
+    from twisted.internet import defer, reactor, task
+
+    from tunnelkit.testing import connect_client
+
+    @defer.inlineCallbacks
+    def attempt() -> Any:
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                client = yield connect_client(port, mode, token, client_token=client_token).addTimeout(2, reactor)
+                return client
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                yield task.deferLater(reactor, every, lambda: None)
+
+    return attempt()
