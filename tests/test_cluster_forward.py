@@ -311,3 +311,33 @@ class TwoNodes(TestCase):
         self.clock.advance(10.0)
         self.assertTrue(server.transport.disconnecting or server.transport.disconnected)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LaterDirectory(MemoryDirectory):
+    """The in-memory directory answering placements a moment later, as a database does."""
+
+    def place(self, routing_key: str, node_id: str, timeout: float) -> Any:
+        from twisted.internet.defer import Deferred
+
+        answer = super().place(routing_key, node_id, timeout)
+        later: Deferred = Deferred()
+        self.clock.callLater(0.001, lambda: answer.chainDeferred(later))
+        return later
+
+
+class TwoNodesLaterDirectory(TwoNodes):
+    """The same, with answers that come after the request was handed back to twisted.web."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        directory = LaterDirectory(self.clock)
+        directory.node_seen = self.directory.node_seen
+        self.directory = directory
+        for node in (self.a, self.b):
+            node.gate.directory = directory
+            node.node.directory = directory
+
+    def pump(self) -> None:
+        for _ in range(20):
+            super().pump()
+            self.clock.advance(0.001)

@@ -54,12 +54,14 @@ class TwoServiceNodes(TestCase):
     def port(self, service: tap.TunnelService) -> int:
         return int(service.listeners[0].port.getHost().port)  # type: ignore[union-attr]
 
-    def open_tunnel(self, service: tap.TunnelService) -> Dict[str, Any]:
-        return service.control.call("OpenTunnel", service.account, {"destinationConfig": {"services": ["SSH"]}})
+    def open_tunnel(self, service: tap.TunnelService) -> Any:
+        return defer.maybeDeferred(
+            service.control.call, "OpenTunnel", service.account, {"destinationConfig": {"services": ["SSH"]}}
+        )
 
     @defer.inlineCallbacks
     def test_forwarded_destination_bytes_flow_and_close_anywhere(self) -> Any:
-        tunnel = self.open_tunnel(self.a)
+        tunnel = yield self.open_tunnel(self.a)
         source = yield _deadline(connect_client(self.port(self.a), "source", tunnel["sourceAccessToken"]), 10)
         destination = yield _deadline(connect_client(self.port(self.b), "destination", tunnel["destinationAccessToken"]), 10)
         self.assertEqual((self.a.cluster.gate.forwarded, self.b.cluster.gate.forwarded), (0, 1))
@@ -79,15 +81,15 @@ class TwoServiceNodes(TestCase):
         yield _deadline(to_source, 30)
         self.assertEqual(source.digests[1].hexdigest(), sent[1])
         # CloseTunnel through node B (which holds nothing of it): both peers on node A close.
-        self.b.control.call("CloseTunnel", self.b.account, {"tunnelId": tunnel["tunnelId"]})
+        yield defer.maybeDeferred(self.b.control.call, "CloseTunnel", self.b.account, {"tunnelId": tunnel["tunnelId"]})
         closed: List[Any] = yield _deadline(defer.gatherResults([source.closed, destination.closed]), 5)
         self.assertEqual([code for _, code, _ in closed], [1000, 1000])
 
     @defer.inlineCallbacks
     def test_both_on_one_node_not_forwarded(self) -> Any:
-        tunnel = self.open_tunnel(self.b)
+        tunnel = yield self.open_tunnel(self.b)
         source = yield _deadline(connect_client(self.port(self.b), "source", tunnel["sourceAccessToken"]), 10)
         destination = yield _deadline(connect_client(self.port(self.b), "destination", tunnel["destinationAccessToken"]), 10)
         self.assertEqual((self.a.cluster.gate.forwarded, self.b.cluster.gate.forwarded), (0, 0))
-        self.a.control.call("CloseTunnel", self.a.account, {"tunnelId": tunnel["tunnelId"]})
+        yield defer.maybeDeferred(self.a.control.call, "CloseTunnel", self.a.account, {"tunnelId": tunnel["tunnelId"]})
         yield _deadline(defer.gatherResults([source.closed, destination.closed]), 5)

@@ -153,10 +153,15 @@ class ForwardingGate:
         decision = self.directory.place(key, self.node.node_id, self.node_timeout)
         decision.addTimeout(self.lookup_timeout, self.reactor)
         outcome: list = []
-        decision.addBoth(outcome.append)
+
+        def keep(result: Any) -> None:
+            outcome.append(result)
+
+        decision.addBoth(keep)
         if outcome:  # decided at once (an in-memory directory)
             return self._decided(outcome[0], request, local, synchronous=True)
-        decision.addCallback(lambda result: self._decided(result, request, local, synchronous=False))
+        outcome.append(None)  # from now on the answer comes later
+        decision.addCallback(lambda _: self._decided(outcome[-1], request, local, synchronous=False))
         return NOT_DONE_YET
 
     def _log_failure(self, failure: Failure) -> None:
