@@ -12,8 +12,9 @@ last two must be 0.  A killed process is started again with the same command lin
 seconds (nothing else is done: the others must reconnect by themselves), and after the run a few
 transfers must all be exact ("recovered").  The same workload without faults first gives the
 baseline rate; the counts are also split by which process was killed while each transfer ran.
-A kill -9 of the source itself lets the kernel close the application's sockets, with a FIN when
-nothing is unread: those outcomes are shown on their own line.  Exits 1 if a target is missed.
+A kill -9 of the source itself lets the kernel close the application's sockets: the local proxies
+keep SO_LINGER {1, 0} on them until they end honestly, so that close is a reset too (those outcomes
+are shown on their own line).  Exits 1 if a target is missed.
 --short: 60 transfers, 4 at a time, one kill of each (the CI run, tests/e2e/test_faults_short.py).
 """
 

@@ -50,6 +50,7 @@ from tunnelkit.adapters import (
     IActiveStreamFilter,
     IDestinationContext,
     IFilterOutput,
+    IHoldingStreamFilter,
     IServiceAdapter,
     IServiceAdapterFactory,
     ISourceContext,
@@ -502,12 +503,14 @@ def releases_data(code: int) -> bool:
     return code < 200 or code >= 400 or code in (226, 250)
 
 
-@implementer(IActiveStreamFilter)
+@implementer(IHoldingStreamFilter)
 class FTPDataFilter:
     """
     The destination side of a passive data connection: holds what the server sends on it until the
     control connection has passed the transfer's reply (C{150}, C{125}, an error, or C{226}) into the
-    tunnel, then passes everything untouched.
+    tunnel, then passes everything untouched.  The server's end of the data connection (a short
+    listing is often all sent and closed before the reply passes) is held with it and goes right
+    after the held bytes: were it to go first, the client would see an empty listing.
 
     Why: the client reads the data connection only after it has seen that reply.  Were data to
     overtake the reply in the tunnel, the client's data socket would fill up, the source would stop
@@ -522,6 +525,7 @@ class FTPDataFilter:
         self.holding = True
         self._held: List[bytes] = []
         self._held_size = 0
+        self._send_end: Any = None  # the local end of stream, held behind the held bytes
         self._timer = control.context.reactor.callLater(HOLD_TIME, self.release)
 
     def attach(self, output: IFilterOutput) -> None:
@@ -543,13 +547,22 @@ class FTPDataFilter:
     def inbound(self, data: bytes) -> bytes:
         return data
 
+    def outbound_ended(self, send_end: Any) -> bool:
+        if not self.holding:
+            return True
+        self._send_end = send_end
+        return False
+
     def release(self) -> None:
-        """Stop holding; send what is held."""
+        """Stop holding; send what is held, then the end of stream if it came meanwhile."""
         if not self.holding:
             return
         held = self._take()
         if held and self.output is not None:
             self.output.send_outbound(held)
+        send_end, self._send_end = self._send_end, None
+        if send_end is not None:
+            send_end()
 
     def _take(self) -> bytes:
         self.holding = False

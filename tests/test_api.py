@@ -677,6 +677,112 @@ class TimeoutTests(ServiceTestCase):
         held[0][0].connectionLost(None)
         self.assertFalse(connect("127.0.0.9")[1].disconnected)
 
+    def test_only_connections_sending_a_head_are_pending(self) -> None:
+        """
+        Review 1: idle keep-alive connections (and event streams being answered) are not pending: with
+        a limit of 3, a 4th connection after three finished requests is served; three connections
+        still sending their head do get a 4th one reset.
+        """
+        from twisted.internet.address import IPv4Address
+
+        self.service.site.max_pending_per_address = 3
+
+        def connect(host: str = "127.0.0.9") -> Any:
+            address = IPv4Address("TCP", host, 40000)
+            protocol = self.service.site.buildProtocol(address)
+            transport = StringTransport(peerAddress=address)
+            protocol.makeConnection(transport)
+            return protocol, transport
+
+        kept = [connect() for _ in range(3)]
+        for protocol, transport in kept:
+            protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertIn(b" 405 ", transport.value())
+        self.assertEqual(self.service.site.pending, {})
+        fourth = connect()
+        self.assertFalse(fourth[1].disconnected)
+        fourth[0].dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b" 405 ", fourth[1].value())
+        # A kept-alive connection starting its next request is pending again until that head is complete.
+        kept[0][0].dataReceived(b"GET / HT")
+        self.assertEqual(self.service.site.pending, {"127.0.0.9": 1})
+        kept[0][0].dataReceived(b"TP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(self.service.site.pending, {})
+        slow = [connect() for _ in range(3)]
+        for protocol, _ in slow:
+            protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.assertEqual(self.service.site.pending, {"127.0.0.9": 3})
+        self.assertTrue(connect()[1].disconnected)
+        for protocol, transport in kept + [fourth] + slow:
+            protocol.connectionLost(None)
+        self.assertEqual(self.service.site.pending, {})
+
+    def test_pending_resets_are_logged_per_address(self) -> None:
+        """A reset by the pending limit is a warning naming the address, one line a minute per address."""
+        from twisted.internet.address import IPv4Address
+        from twisted.logger import capturedLogs
+
+        from tunnelkit.service.api import PENDING_RESET_LOG_INTERVAL
+
+        self.service.site.max_pending_per_address = 1
+
+        def connect(host: str) -> Any:
+            address = IPv4Address("TCP", host, 40000)
+            protocol = self.service.site.buildProtocol(address)
+            transport = StringTransport(peerAddress=address)
+            protocol.makeConnection(transport)
+            return transport
+
+        connect("192.0.2.1"), connect("192.0.2.2")
+        with capturedLogs() as events:
+            for _ in range(5):
+                self.assertTrue(connect("192.0.2.1").disconnected)
+            self.assertTrue(connect("192.0.2.2").disconnected)
+            self.clock.advance(PENDING_RESET_LOG_INTERVAL)
+            self.assertTrue(connect("192.0.2.1").disconnected)
+        lines = [e for e in events if "max-pending-per-address" in e.get("log_format", "")]
+        self.assertEqual([(e["address"], e["log_level"].name) for e in lines],
+                         [("192.0.2.1", "warn"), ("192.0.2.2", "warn"), ("192.0.2.1", "warn")])
+        self.assertIn("4 more reset since the last such line", lines[2]["since"])
+        self.assertEqual(self.service.site.refused_pending, 7)
+
+    def test_proxy_protocol_client_address(self) -> None:
+        """
+        Behind a haproxy: listener the pending count is the PROXY header's client's, not HAProxy's:
+        a burst of connections from HAProxy is not reset, one client over its limit is.
+        """
+        from twisted.internet import endpoints
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactor
+
+        reactor = MemoryReactor()
+        endpoints.serverFromString(reactor, "haproxy:tcp:0").listen(self.service.site.proxied())
+        factory = reactor.tcpServers[0][1]
+        self.service.site.max_pending_per_address = 3
+        haproxy = IPv4Address("TCP", "10.0.0.2", 50000)
+
+        def connect() -> Any:
+            protocol = factory.buildProtocol(haproxy)
+            transport = StringTransport(peerAddress=haproxy)
+            protocol.makeConnection(transport)
+            return protocol, transport
+
+        burst = [connect() for _ in range(10)]  # accepted before any of them sent its PROXY header
+        self.assertFalse(any(transport.disconnected for _, transport in burst))
+        for number, (protocol, transport) in enumerate(burst):
+            client = f"203.0.113.{1 + number // 3}"
+            protocol.dataReceived(f"PROXY TCP4 {client} 10.0.0.1 4000{number} 8443\r\nGET / HT".encode())
+        self.assertEqual(self.service.site.pending, {"203.0.113.1": 3, "203.0.113.2": 3, "203.0.113.3": 3,
+                                                     "203.0.113.4": 1})
+        self.assertEqual([transport.disconnected for _, transport in burst], [False] * 10)
+        protocol, transport = connect()
+        protocol.dataReceived(b"PROXY TCP4 203.0.113.1 10.0.0.1 41000 8443\r\nGET / HTTP/1.1\r\n")
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(transport.value(), b"")
+        for protocol, _ in burst + [(protocol, transport)]:
+            protocol.connectionLost(None)
+        self.assertEqual(self.service.site.pending, {})
+
     def test_taken_over_connection_exempt(self) -> None:
         """A connection a resource took over (a WebSocket upgrade) is not timed out by HTTP."""
         from twisted.web.resource import Resource

@@ -33,6 +33,7 @@ from tunnelkit.service.auth import SigV4Verifier, create_access_key, ensure_init
 from tunnelkit.service.interfaces import INotifier, ITunnelEvents
 from tunnelkit.service.operations import ControlPlane, Limits
 from tunnelkit.service.store import AccessKey, Account
+from tunnelkit.service.dbrunner import Blocking, resolved
 from tunnelkit.service.store_sqlite import open_store
 from twisted.web.resource import Resource
 
@@ -106,17 +107,19 @@ class InMemoryService:
     ) -> None:
         self.state_dir = state_dir
         self.clock = clock
-        self.store = open_store(state_dir)
-        self.account, self.key = ensure_initial_credentials(self.store, state_dir, None, clock.seconds())
+        self.real_store = open_store(state_dir)
+        #: The store, read synchronously by the tests (its runner is synchronous).
+        self.store: Any = Blocking(self.real_store)
+        self.account, self.key = ensure_initial_credentials(self.real_store, state_dir, None, clock.seconds())
         if self.key is None:
             self.key = [k for k in self.store.list_access_keys() if k.revoked_at is None][0]
         self.events = RecordingEvents()
         self.notifier = RecordingNotifier()
         self.control = ControlPlane(
-            self.store, clock, REGION, self.events, self.notifier, limits, closed_retention=closed_retention
+            self.real_store, clock, REGION, self.events, self.notifier, limits, closed_retention=closed_retention
         )
         self.root = build_root(Resource())
-        self.root.putChild(b"", ApiResource(self.control, SigV4Verifier(self.store, REGION, clock.seconds)))
+        self.root.putChild(b"", ApiResource(self.control, SigV4Verifier(self.real_store, REGION, clock.seconds)))
         self.site = ServiceSite(self.root, reactor=clock)
         if start:
             self.control.lifecycle.startService()
@@ -128,7 +131,7 @@ class InMemoryService:
 
     def new_account(self, name: str) -> Tuple[Account, AccessKey]:
         account = self.store.create_account(name, str(100000000000 + len(self.store.list_accounts())), self.clock.seconds())
-        return account, create_access_key(self.store, account, self.clock.seconds())
+        return account, resolved(create_access_key(self.real_store, account, self.clock.seconds()))
 
     def exchange(self, raw: bytes) -> Tuple[int, Dict[str, str], bytes, StringTransport]:
         """Send raw request bytes to the site; return the response and the transport."""

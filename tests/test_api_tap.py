@@ -62,6 +62,28 @@ class OptionsTests(TestCase):
             error = self.assertRaises(usage.UsageError, self.parse, *args)
             self.assertIn(text, str(error), args)
 
+    def test_peer_timeout_longer_than_ping_interval(self) -> None:
+        """Review 7: a peer timeout not longer than the ping interval would drop quiet peers unpinged."""
+        error = self.assertRaises(usage.UsageError, self.parse, "--ping-interval", "20", "--peer-timeout", "5")
+        self.assertIn("--peer-timeout (5) must be longer than --ping-interval (20)", str(error))
+        self.assertRaises(usage.UsageError, self.parse, "--ping-interval", "60")  # the default timeout is 60
+        options = self.parse("--ping-interval", "5", "--peer-timeout", "6")
+        self.assertEqual((options["ping-interval"], options["peer-timeout"]), (5.0, 6.0))
+
+    def test_front_door_numbers(self) -> None:
+        """Review 7: negative and non-numeric limits are usage errors; a handshake timeout of 0 is refused."""
+        for args, text in (
+            (("--max-pending-per-address", "-5"), "--max-pending-per-address: expected a whole number of at least 0"),
+            (("--max-pending-per-address", "x"), "--max-pending-per-address: expected a whole number of at least 0"),
+            (("--handshake-timeout", "0"), "--handshake-timeout: expected a duration of more than 0"),
+            (("--audit-log-size", "-1"), "--audit-log-size: expected a whole number"),
+        ):
+            error = self.assertRaises(usage.UsageError, self.parse, *args)
+            self.assertIn(text, str(error), args)
+        options = self.parse("--max-pending-per-address", "0", "--handshake-timeout", "2.5")
+        self.assertEqual((options["max-pending-per-address"], options["handshake-timeout"]), (0, 2.5))
+        self.assertIn("cannot be turned off", " ".join(str(tap.Options()).split()))
+
     def test_durations(self) -> None:
         self.assertEqual(tap.duration("90"), 90.0)
         self.assertEqual(tap.duration("90s"), 90.0)

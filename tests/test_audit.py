@@ -1,4 +1,7 @@
-"""Tests of L{tunnelkit.service.audit}: connection accounting from the relay's messages (injected clock)."""
+"""
+Tests of L{tunnelkit.service.audit}: connection accounting from the messages the real relay carries
+(L{tunnelkit.testing.ServiceHarness}, autobahn over in-memory transports, an injected clock).
+"""
 
 import json
 import os
@@ -6,100 +9,137 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from tests.test_relay import ServiceTestCase, data, start
+from tunnelkit.protocol.flowcontrol import announcement_frame, eof_frame, window_update_frame
 from tunnelkit.protocol.framing import Message
-from tunnelkit.service.audit import AccountingRules, AuditTrail, build_audit_trail, read_records
+from tunnelkit.protocol.rules import PeerRules, payload_size
+from tunnelkit.service.audit import AuditTrail, build_audit_trail, read_records
+from tunnelkit.testing import tunnel_frame
 
 
-class Rules:
-    """Stands for the relay's PeerRules: records what it checked."""
-
-    def __init__(self):
-        self.checked = []
-        self.services = frozenset({"SSH1"})
-
-    def check(self, message, size):
-        if message.type == Message.SESSION_RESET:
-            raise ValueError("a client never sends SESSION_RESET")
-        self.checked.append(message.type)
+def control(kind, stream=1, service="SSH", connection=1):
+    return tunnel_frame(type=kind, streamId=stream, serviceId=service, connectionId=connection)
 
 
-class Peer:
-    def __init__(self, side, tunnel_id="t-1"):
-        self.side = side
-        self.channel_id = f"channel-{side}"
-        self.rules = Rules()
-        self.replaced = False
-        self.link = type("Link", (), {"tunnel_id": tunnel_id})()
-        self.transport = None
-
-
-class AccountingTests(TestCase):
+class AccountingTests(ServiceTestCase):
     def setUp(self):
-        self.clock = Clock()
+        super().setUp()
         self.path = self.mktemp()
         self.trail = AuditTrail(self.path, self.clock)
-        self.source, self.destination = Peer("source"), Peer("destination")
-        self.inner = self.source.rules
-        self.trail.peer_connected(self.source)
-        self.trail.peer_connected(self.destination)
+        self.addCleanup(self.trail.close)
+        self.relay.audit = self.trail
 
     def records(self, kind=None):
         with open(self.path) as f:
             return [r for r in read_records(f) if kind is None or r["kind"] == kind]
 
-    def send(self, peer, kind, connection_id=1, payload=b"", stream_id=1):
-        peer.rules.check(Message(type=kind, serviceId="SSH1", streamId=stream_id, connectionId=connection_id,
-                                 payload=payload), len(payload))
+    def ended(self):
+        return [(r["connection_id"], r["ended"]) for r in self.records("connection")]
+
+    def announced_pair(self):
+        tunnel, source, destination = self.pair()
+        source.send(announcement_frame(1 << 20))
+        destination.send(announcement_frame(1 << 20))
+        source.take_frames(), destination.take_frames()
+        return source, destination
 
     def test_connections_bytes_and_endings(self):
-        self.send(self.source, Message.STREAM_START)
-        self.send(self.source, Message.DATA, payload=b"a" * 10)
-        self.send(self.destination, Message.DATA, payload=b"b" * 7)
-        self.send(self.source, Message.CONNECTION_START, connection_id=2)
+        tunnel, source, destination = self.pair()
+        source.send(start() + data(b"a" * 10))
+        destination.send(data(b"b" * 7))
+        source.send(control(Message.CONNECTION_START, connection=2))
         self.clock.advance(2.5)
-        self.send(self.destination, Message.CONNECTION_RESET)
-        self.send(self.source, Message.DATA, connection_id=2, payload=b"c" * 3)
-        self.send(self.source, Message.STREAM_RESET)
+        destination.send(control(Message.CONNECTION_RESET))
+        source.send(data(b"c" * 64512, connection=2))
+        source.send(control(Message.STREAM_RESET))
         first, second = self.records("connection")
         self.assertEqual((first["connection_id"], first["bytes_source_to_destination"],
                           first["bytes_destination_to_source"], first["duration_s"], first["ended"]),
                          (1, 10, 7, 2.5, "reset by destination"))
         self.assertEqual((second["connection_id"], second["bytes_source_to_destination"], second["ended"]),
-                         (2, 3, "stream reset by source"))
-        self.assertEqual(self.inner.checked[0], Message.STREAM_START)  # the relay's rules still check
+                         (2, 64512, "stream reset by source"))
+
+    def test_both_eofs_then_reset_is_a_normal_close(self):
+        """Review 2: a connection both applications ended (EOF each way, then the reset) is C{closed}."""
+        source, destination = self.announced_pair()
+        source.send(start() + window_update_frame(1, "SSH", 1, 1000) + data(b"request"))
+        source.send(control(Message.CONNECTION_START, connection=2))
+        source.send(control(Message.CONNECTION_START, connection=3))
+        source.send(eof_frame(1, "SSH", 1))
+        destination.send(data(b"answer", connection=1) + eof_frame(1, "SSH", 1))
+        source.send(control(Message.CONNECTION_RESET))
+        # Only one side's EOF: the reset that follows is a real one.
+        source.send(eof_frame(1, "SSH", 2))
+        destination.send(control(Message.CONNECTION_RESET, connection=2))
+        # Both EOFs, then the stream ends: closed too.
+        source.send(eof_frame(1, "SSH", 3))
+        destination.send(eof_frame(1, "SSH", 3))
+        destination.send(control(Message.STREAM_RESET))
+        self.assertEqual(self.ended(), [(1, "closed"), (2, "reset by destination"), (3, "closed")])
+        first = self.records("connection")[0]
+        self.assertEqual((first["bytes_source_to_destination"], first["bytes_destination_to_source"]), (7, 6))
+
+    def test_eofs_not_forwarded_do_not_make_a_close(self):
+        """EOFs between peers that did not both announce are dropped by the relay: the reset stays a reset."""
+        tunnel, source, destination = self.pair()
+        source.send(start() + eof_frame(1, "SSH", 1))
+        destination.send(eof_frame(1, "SSH", 1))
+        source.send(control(Message.CONNECTION_RESET))
+        self.assertEqual(self.ended(), [(1, "reset by source")])
 
     def test_a_new_stream_and_a_disconnect_end_the_old_ones(self):
-        self.send(self.source, Message.STREAM_START)
-        self.send(self.source, Message.STREAM_START, stream_id=2)
-        self.send(self.source, Message.CONNECTION_START, connection_id=2, stream_id=2)
-        self.trail.peer_disconnected(self.destination)
+        tunnel, source, destination = self.pair()
+        source.send(start())
+        source.send(start(stream=2))
+        source.send(control(Message.CONNECTION_START, stream=2, connection=2))
+        destination.lose()
         endings = [(r["stream_id"], r["connection_id"], r["ended"]) for r in self.records("connection")]
         self.assertEqual(endings, [(1, 1, "replaced by a new stream"), (2, 1, "destination disconnected"),
                                    (2, 2, "destination disconnected")])
         self.assertEqual(self.records("peer-disconnect")[0]["ended"], "connection lost")
+        # With no destination, a start is refused by the relay: recorded as such.
+        source.send(start(stream=3))
+        self.assertEqual(self.ended()[-1], (1, "refused: the destination is not connected"))
 
     def test_violations_are_not_counted(self):
-        self.assertRaises(ValueError, self.send, self.source, Message.SESSION_RESET)
+        tunnel, source, destination = self.pair()
+        source.send(control(Message.SESSION_RESET))
+        self.assertEqual(source.close_frame()[0], 1008)
         self.assertEqual(self.records("connection"), [])
 
-    def test_attributes_reach_the_wrapped_rules(self):
-        self.assertIsInstance(self.source.rules, AccountingRules)
-        self.source.rules.services = frozenset({"SSH2"})  # as the relay does after a rotation
-        self.assertEqual(self.inner.services, frozenset({"SSH2"}))
-        self.assertEqual(self.source.rules.services, frozenset({"SSH2"}))
+    def test_the_relay_keeps_its_own_rules(self):
+        """No wrapper around the peer's rules: the relay's updates (a rotation's services) reach them."""
+        tunnel, source, destination = self.pair()
+        self.assertIs(type(source.protocol.rules), PeerRules)
+        self.assertIsNotNone(source.protocol.link.ledger)
 
     def test_records_are_json_lines_with_a_time(self):
+        tunnel, source, destination = self.pair()
         self.trail.close()
         with open(self.path) as f:
             lines = f.read().splitlines()
         self.assertEqual([json.loads(line)["kind"] for line in lines], ["peer-connect", "peer-connect"])
-        self.assertEqual(json.loads(lines[0])["time"], "1970-01-01T00:00:00.000Z")
+        self.assertEqual(json.loads(lines[0])["time"], "2027-01-15T08:00:00.000Z")
         self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
 
     def test_read_records_filters_and_skips_bad_lines(self):
         lines = ['{"kind": "api", "tunnel_id": "a"}', "not json", '{"kind": "api", "tunnel_id": "b"}', "[1]"]
         self.assertEqual([r["tunnel_id"] for r in read_records(lines, "b")], ["b"])
         self.assertEqual(len(list(read_records(lines))), 2)
+
+
+class PayloadSizeTests(TestCase):
+    def test_payload_size_from_the_frame_size(self):
+        """payload_size equals len(payload) for every shape of DATA frame a client encodes."""
+        for size in (0, 1, 127, 128, 16383, 16384, 64512):
+            for service in ("", "SSH", "é" * 5):
+                for connection in (0, 1, 300):
+                    for stream in (1, 200, 2**31 - 1):
+                        message = Message(type=Message.DATA, streamId=stream, serviceId=service,
+                                          connectionId=connection, payload=b"p" * size)
+                        body = message.SerializeToString()
+                        parsed = Message.FromString(body)
+                        self.assertEqual(payload_size(parsed, len(body)), size, (size, service, connection, stream))
 
 
 class BuildTests(TestCase):

@@ -16,6 +16,7 @@ from twisted.logger import globalLogPublisher
 
 from tests.test_api_helpers import REGION, ServiceTestCase
 from tunnelkit.service import auth
+from tunnelkit.service.dbrunner import Blocking
 from tunnelkit.service.store_sqlite import open_store
 
 TARGET = "IoTSecuredTunneling.ListTunnels"
@@ -186,19 +187,20 @@ class CredentialsTests(ServiceTestCase):
 
     def test_not_twice(self) -> None:
         """A later start with a usable key creates none."""
-        store = open_store(self.state_dir)
-        self.addCleanup(store.close)
-        account, created = auth.ensure_initial_credentials(store, self.state_dir, None, 0)
+        real = open_store(self.state_dir)
+        self.addCleanup(real.close)
+        store = Blocking(real)
+        account, created = auth.ensure_initial_credentials(real, self.state_dir, None, 0)
         self.assertIsNone(created)
         self.assertEqual(account, self.service.account)
         self.assertEqual(len(store.list_access_keys()), 1)
 
     def test_after_all_revoked(self) -> None:
         """When every key is revoked, the next start creates a new one (the operator is not locked out)."""
-        store = open_store(self.state_dir)
-        self.addCleanup(store.close)
-        store.revoke_access_key(self.service.key.access_key_id, 0)
-        _, created = auth.ensure_initial_credentials(store, self.state_dir, None, 0)
+        real = open_store(self.state_dir)
+        self.addCleanup(real.close)
+        Blocking(real).revoke_access_key(self.service.key.access_key_id, 0)
+        _, created = auth.ensure_initial_credentials(real, self.state_dir, None, 0)
         self.assertIsNotNone(created)
         parser = configparser.RawConfigParser()
         parser.read(os.path.join(self.state_dir, "credentials"))

@@ -2,6 +2,8 @@
 Tests for L{tunnelkit.config}: tap.yml loading, validation and merging under the command line.
 """
 
+import os
+
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -151,6 +153,21 @@ class FindModeTests(unittest.TestCase):
         self.assertIsNone(find_mode(["--config", path]))
         self.assertIsNone(find_mode([]))
 
+    def test_config_file_read_once(self):
+        """The plugin's options read --config's file once: for the mode and for the mode's options."""
+        from tunnelkit import config, tap
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("service:\n  state-dir: /tmp/tunnelkit-test-state\n")
+        reads = []
+        read = config._read_document
+        self.patch(config, "_read_document", lambda p: reads.append(p) or read(p))
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        self.assertEqual((options.mode, options.modeOptions["state-dir"]), ("service", "/tmp/tunnelkit-test-state"))
+        self.assertEqual(reads, [path])
+
 
 class ModeFlagTests(unittest.TestCase):
     def test_mode_mismatch(self):
@@ -201,3 +218,72 @@ class MappingValueTests(unittest.TestCase):
     def test_mode_alias(self):
         self.assertEqual(find_mode(["--mode", "src"]), "source")
         self.assertEqual(find_mode(["--mode", "dst"]), "destination")
+
+
+class NumericOptionTests(unittest.TestCase):
+    """Review 7: every numeric option of every mode refuses a bad value in one clear line naming it."""
+
+    def numeric_options(self, options_class):
+        seen = {}
+        for cls in options_class.__mro__:
+            for param in getattr(cls, "optParameters", None) or []:
+                default = param[2]
+                if isinstance(default, (int, float)) and not isinstance(default, bool):
+                    seen.setdefault(param[0], param)
+        return seen
+
+    def test_bad_numbers_are_usage_errors_naming_the_option(self):
+        from tunnelkit.agent_tap import Options as AgentOptions
+        from tunnelkit.localproxy.tap import Options as ProxyOptions
+        from tunnelkit.service.tap import Options as ServiceOptions
+
+        checked = []
+        for options_class, mode in ((ServiceOptions, "service"), (ProxyOptions, "source"), (AgentOptions, "agent")):
+            names = self.numeric_options(options_class)
+            self.assertGreater(len(names), 1, options_class)
+            for name in names:
+                if name == "verbose":
+                    continue  # -v has levels of its own (4 = info ...), checked in its mode's tests
+                for bad in ("x", "-5", "nan", "1e999"):
+                    options = options_class()
+                    options.mode = mode
+                    with self.assertRaises(usage.UsageError, msg=(mode, name, bad)) as caught:
+                        options.parseOptions(["--mode", mode, f"--{name}", bad])
+                    text = str(caught.exception)
+                    self.assertTrue(text.startswith(f"--{name}: expected "), (mode, name, bad, text))
+                    self.assertIn(repr(bad), text)
+                    self.assertNotIn("invalid literal", text)
+                checked.append(name)
+        for name in ("max-pending-per-address", "handshake-timeout", "audit-log-size", "ping-interval",
+                     "max-connections", "connect-retry-delay", "pace", "max-sessions"):
+            self.assertIn(name, checked)
+
+    def test_number(self):
+        from tunnelkit.config import number
+
+        self.assertEqual(number(0, whole=True)("0"), 0)
+        self.assertEqual(number(1, 32, whole=True)("32"), 32)
+        self.assertEqual(number(0, duration=True, above=True)("1.5m"), 90.0)
+        self.assertEqual(number(5, zero_means="off")("0"), 0)
+        for coerce, bad, message in (
+            (number(1, 32, whole=True), "33", "expected a whole number from 1 to 32, got '33'"),
+            (number(0, whole=True), "2.5", "expected a whole number of at least 0, got '2.5'"),
+            (number(0, duration=True, above=True), "0", "expected a duration of more than 0"),
+            (number(5, zero_means="off"), "3", "expected 0 (off) or a number of at least 5, got '3'"),
+        ):
+            with self.assertRaises(ValueError) as caught:
+                coerce(bad)
+            self.assertIn(message, str(caught.exception))
+
+    def test_tap_yml_values_checked_the_same_way(self):
+        import tempfile
+
+        from tunnelkit.service.tap import Options as ServiceOptions
+
+        with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as f:
+            f.write("service:\n  max-pending-per-address: -5\n")
+        self.addCleanup(os.unlink, f.name)
+        with self.assertRaises(ConfigError) as caught:
+            ServiceOptions().parseOptions(["--mode", "service", "--config", f.name])
+        self.assertIn("service.max-pending-per-address: expected a whole number of at least 0, got '-5'",
+                      str(caught.exception))

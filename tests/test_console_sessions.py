@@ -8,7 +8,15 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from tunnelkit.service.console.sessions import TOKENS_KEPT, PendingTokens, SessionManager, SignInLimiter
+from twisted.internet.defer import Deferred, fail
+
+from tunnelkit.service.console.sessions import (
+    TOKENS_KEPT,
+    PasswordChecks,
+    PendingTokens,
+    SessionManager,
+    SignInLimiter,
+)
 
 
 class SessionTests(TestCase):
@@ -150,3 +158,34 @@ class SignInLimiterTests(TestCase):
             limiter.failed(f"user{i}", f"addr{i}")
             self.clock.advance(1)
         self.assertLessEqual(len(limiter._failures), 11)
+
+
+class PasswordChecksTests(TestCase):
+    """At most 2 password checks at once (Argon2: 64 MiB and a thread each)."""
+
+    def test_bound(self) -> None:
+        checks = PasswordChecks()
+        pending = [Deferred(), Deferred()]
+        started = [checks.start(lambda d=d: d) for d in pending]
+        self.assertTrue(all(s is not None for s in started))
+        self.assertIsNone(checks.start(lambda: self.fail("not run beyond the bound")))
+        pending[0].callback(True)
+        self.assertEqual(self.successResultOf(started[0]), True)
+        third: Deferred = Deferred()
+        self.assertIs(checks.start(lambda: third), third)
+        self.assertIsNone(checks.start(Deferred))
+        pending[1].errback(ValueError("bad hash"))
+        self.failureResultOf(started[1], ValueError)
+        third.callback(False)
+        self.assertEqual(checks.running, 0)
+
+    def test_raising_check_frees_its_place(self) -> None:
+        checks = PasswordChecks(limit=1)
+
+        def broken() -> Deferred:
+            raise RuntimeError("no thread")
+
+        self.assertRaises(RuntimeError, checks.start, broken)
+        self.assertEqual(checks.running, 0)
+        self.failureResultOf(checks.start(lambda: fail(KeyError("x"))), KeyError)
+        self.assertEqual(checks.running, 0)

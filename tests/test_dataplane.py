@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
+from tunnelkit.config import ModeOptions
 from tunnelkit.service.dataplane import (
     DataPlaneOptions,
     limits_from_options,
@@ -21,8 +22,10 @@ from tunnelkit.service.relay import RelayLimits
 from tunnelkit.testing import MemoryTunnelStore, RawPeer, ServiceHarness
 
 
-class Options(DataPlaneOptions, usage.Options):
-    pass
+class Options(DataPlaneOptions, ModeOptions):
+    """The data plane's options in a mode's Options, as the service has them."""
+
+    mode = "service"
 
 
 def parse(*args: str) -> Options:
@@ -79,13 +82,20 @@ class TunnelCounterTests(SynchronousTestCase):
     def test_sources(self) -> None:
         store = MemoryTunnelStore()
         store.open_tunnel((), now=0.0)
-        self.assertEqual(tunnel_counter(store)(), {"OPEN": 1, "CLOSED": 0})  # type: ignore[misc]
+        counts = tunnel_counter(store)
+        assert counts is not None
+        self.assertEqual(counts(), {})  # nothing read yet
+        self.successResultOf(counts.refresh())  # type: ignore[attr-defined]
+        self.assertEqual(counts(), {"OPEN": 1, "CLOSED": 0})
 
         from tunnelkit.service.store_sqlite import open_store
 
         sqlite_store = open_store(self.mktemp())
         self.addCleanup(sqlite_store.close)
-        self.assertEqual(tunnel_counter(sqlite_store)(), {"OPEN": 0, "CLOSED": 0})  # type: ignore[misc]
+        counts = tunnel_counter(sqlite_store)
+        assert counts is not None
+        self.successResultOf(counts.refresh())  # type: ignore[attr-defined]
+        self.assertEqual(counts(), {"OPEN": 0, "CLOSED": 0})
         self.assertIsNone(tunnel_counter(object()))
 
 

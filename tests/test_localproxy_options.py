@@ -122,7 +122,7 @@ class OptionsTests(TestCase):
             (["-t", TOKEN, "-e", "a.test", "-d", "1", "-y", "V1"], "destination", "source option"),
             (["-t", TOKEN, "-e", "a.test", "-s", "1", "-i", "short"], "source", "client-token"),
             (["-t", TOKEN, "-e", "a.test", "-s", "1", "-v", "300"], "source", "0-255"),
-            (["-t", TOKEN, "-e", "a.test", "-s", "1", "--max-connections", "0"], "source", ">= 1"),
+            (["-t", TOKEN, "-e", "a.test", "-s", "1", "--max-connections", "0"], "source", "at least 1"),
             (["-t", TOKEN, "-e", "a.test", "-s", "1", "-c", "/nonexistent/ca.pem"], "source", "capath"),
             (["-t", TOKEN, "-e", "http://a.test", "-s", "1"], "source", "proxy-endpoint"),
             (["-t", TOKEN, "-e", "a.test", "-s", "1", "--adapter", "SSH1=nonesuch"], "source", "unknown adapter"),

@@ -391,6 +391,83 @@ class DestinationTests(TestCase):
         self.assertIn(reset.type, (Message.STREAM_RESET, Message.CONNECTION_RESET))
 
 
+class FTPDataOrderingTests(TestCase):
+    """
+    The destination of an FTP service: a short listing the server sends and closes on its data
+    connection before the transfer's reply passed the control connection (the order the two
+    sockets are read in is up to the reactor).  The data filter holds the listing until the reply
+    has passed; the end of the data connection must wait behind it, or the client gets an empty
+    listing and a clean end of stream (the rare empty second LIST of the FTP end-to-end tests).
+    """
+
+    def setUp(self):
+        from services.ftp import DATA_CONNECTION_BIT
+
+        self.reactor = MemoryReactorClock()
+        self.side = DestinationSide({"FTP1": ("127.0.0.1", 2121)}, self.reactor, self.reactor, probe_targets=False)
+        self.proxy, self.websocket = make_proxy(self.side, self.reactor)
+        self.proxy.messages_received([service_ids("FTP1")])
+        self.proxy.messages_received([Message(type=Message.STREAM_START, streamId=1, serviceId="FTP1", connectionId=1)])
+        self.control, _ = self.complete()
+        self.control.dataReceived(b"227 Entering Passive Mode (127,0,0,1,0,99)\r\n")
+        ((reply,),) = self.websocket.decoded()
+        self.assertEqual(reply.payload, b"227 Entering Passive Mode via tunnelkit ticket 1\r\n")
+        self.data_id = DATA_CONNECTION_BIT | 1
+        self.proxy.messages_received(
+            [Message(type=Message.CONNECTION_START, streamId=1, serviceId="FTP1", connectionId=self.data_id)]
+        )
+        self.assertEqual(self.reactor.tcpClients[-1][:2], ("127.0.0.1", 99))
+        self.data, self.data_transport = self.complete()
+
+    def complete(self):
+        protocol = self.reactor.tcpClients[-1][2].buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def frames(self):
+        self.websocket.flush()
+        return [(m.connectionId, m.type, m.payload) for batch in self.websocket.decoded() for m in batch]
+
+    def test_end_of_data_waits_behind_the_held_listing(self):
+        self.data.dataReceived(b"-rw-r--r-- 1 ftp ftp 10 a.txt\r\n")
+        self.data.readConnectionLost()  # the server closed the data connection: before the 150 passed
+        self.assertEqual(self.frames(), [])  # neither the listing nor its end overtakes the reply
+        self.control.dataReceived(b"150 Here comes the directory listing.\r\n226 Directory send OK.\r\n")
+        self.reactor.advance(0)
+        frames = self.frames()
+        self.assertEqual(
+            frames[:2],
+            [
+                (1, Message.DATA, b"150 Here comes the directory listing.\r\n226 Directory send OK.\r\n"),
+                (self.data_id, Message.DATA, b"-rw-r--r-- 1 ftp ftp 10 a.txt\r\n"),
+            ],
+        )
+        self.assertEqual([f[:2] for f in frames[2:]], [(self.data_id, Message.CONNECTION_RESET)])  # its end, last
+        self.assertTrue(self.data_transport.disconnecting)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_end_of_data_waits_for_the_hold_time(self):
+        self.data.dataReceived(b"listing\r\n")
+        self.data.readConnectionLost()
+        from services.ftp import HOLD_TIME
+
+        self.reactor.advance(HOLD_TIME)
+        self.assertEqual(
+            [f[:2] for f in self.frames()], [(self.data_id, Message.DATA), (self.data_id, Message.CONNECTION_RESET)]
+        )
+
+    def test_end_after_the_reply_goes_at_once(self):
+        self.control.dataReceived(b"150 Here comes the directory listing.\r\n")
+        self.reactor.advance(0)
+        self.data.dataReceived(b"listing\r\n")
+        self.data.readConnectionLost()
+        self.assertEqual(
+            [f[:2] for f in self.frames()],
+            [(1, Message.DATA), (self.data_id, Message.DATA), (self.data_id, Message.CONNECTION_RESET)],
+        )
+
+
 class DataListenerTests(TestCase):
     def test_closes_after_accept_or_timeout(self):
         reactor = MemoryReactorClock()
@@ -504,6 +581,66 @@ class FlowControlTests(TestCase):
         self.connection.dataReceived(b"still talking")
         ((data,),) = self.websocket.decoded()
         self.assertEqual(data.payload, b"still talking")
+
+
+class ReadinessLogTests(TestCase):
+    """
+    "The tunnel is ready" only once the far side is there (issue 15 item 11): SERVICE_IDS says this
+    side is in the tunnel; the far peer's ANNOUNCE (which tunnelkit's relay passes only once both
+    sides announced) says the other side is; an empty ANNOUNCE says it left.
+    """
+
+    def start(self, extensions):
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        self.lines = []
+
+        def observe(event):
+            self.lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        reactor = MemoryReactorClock()
+        side = SourceSide({"SSH1": 0}, "127.0.0.1", reactor)
+        self.proxy = LocalProxySession(side, ServiceEndpoint("127.0.0.1", 1, secure=False), "token", "c" * 36, reactor, reactor)
+        websocket = FakeWebSocket()
+        websocket.extensions = extensions
+        self.proxy.websocket_opened(websocket)
+        self.proxy.messages_received([service_ids("SSH1")])
+
+    def said(self, text):
+        return [line for line in self.lines if text in line]
+
+    def test_ready_when_the_destination_announces(self):
+        self.start(OFFERED)
+        self.assertEqual(
+            self.said("Connected to the tunnel"),
+            ["Connected to the tunnel: its services are SSH1; waiting for the destination to connect"],
+        )
+        self.assertEqual(self.said("The tunnel is ready"), [])
+        self.proxy.messages_received([parse_message(announcement_frame(1000)[2:])])
+        self.assertEqual(
+            self.said("The tunnel is ready"),
+            ["The tunnel is ready: the destination is connected (flow control and half-close); its services are SSH1"],
+        )
+        self.proxy.messages_received([Message(type=ANNOUNCE, ignorable=True)])  # the relay: it left
+        self.assertEqual(
+            self.said("left the tunnel"),
+            ["The destination left the tunnel (the service says so); waiting for it to connect again"],
+        )
+        self.proxy.messages_received([parse_message(announcement_frame(1000)[2:])])
+        self.assertEqual(len(self.said("The tunnel is ready")), 2)
+
+    def test_a_service_that_does_not_say(self):
+        self.start("")
+        self.assertEqual(
+            self.said("Connected to the tunnel"),
+            [
+                "Connected to the tunnel: its services are SSH1; this service does not say whether the "
+                "destination is connected: data flows once it is"
+            ],
+        )
+        self.assertEqual(self.said("The tunnel is ready"), [])
 
 
 class PacingTests(TestCase):

@@ -823,6 +823,45 @@ class LimitTests(ServiceTestCase):
         self.clock.advance(1.0)
         self.assertEqual(self.connect("source", self.harness.open_tunnel().source_token).status, 101)
 
+    def test_failures_per_ipv6_network(self) -> None:
+        """An IPv6 client's failure budget is its /64's: it cannot dodge it by changing addresses."""
+        statuses = [
+            RawPeer(self.harness.site, upgrade_request(None, "x"), 45000, host=f"2001:db8:0:1::{n:x}").status
+            for n in range(1, 31)
+        ]
+        self.assertEqual((statuses[0], statuses[-1]), (400, 429))
+        tunnel = self.harness.open_tunnel()
+        other_network = RawPeer(self.harness.site, upgrade_request("source", tunnel.source_token), 45000,
+                                host="2001:db8:0:2::1")
+        self.assertEqual(other_network.status, 101)
+
+    def test_failures_counted_per_proxy_protocol_client(self) -> None:
+        """
+        Behind a haproxy: listener the failure budget is the client's (the PROXY header's address):
+        one client spending it does not get a valid client behind the same HAProxy refused.
+        """
+        from twisted.internet import endpoints
+        from twisted.internet.testing import MemoryReactor
+
+        from tunnelkit.service.api import ServiceSite
+
+        reactor = MemoryReactor()
+        endpoints.serverFromString(reactor, "haproxy:tcp:0").listen(
+            ServiceSite(self.harness.root, reactor=self.clock).proxied()
+        )
+        factory = reactor.tcpServers[0][1]
+
+        def through_haproxy(client: str, request: bytes) -> RawPeer:
+            header = f"PROXY TCP4 {client} 10.0.0.1 40000 8443\r\n".encode()
+            return RawPeer(factory, header + request, 50000, host="10.0.0.2")  # HAProxy's own address
+
+        statuses = [through_haproxy("203.0.113.5", upgrade_request(None, "x")).status for _ in range(30)]
+        self.assertEqual((statuses[0], statuses[-1]), (400, 429))
+        tunnel = self.harness.open_tunnel(["SSH"])
+        valid = through_haproxy("198.51.100.7", upgrade_request("source", tunnel.source_token))
+        self.assertEqual(valid.status, 101)
+        self.assertEqual(valid.protocol.getPeer().host, "198.51.100.7")  # the PROXY wrapper, as the relay sees it
+
     def test_websockets_per_account(self) -> None:
         one = self.harness.open_tunnel()
         two = self.harness.open_tunnel()

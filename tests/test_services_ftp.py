@@ -39,6 +39,7 @@ from tunnelkit.adapters import (
     IActiveStreamFilter,
     IDestinationContext,
     IFilterOutput,
+    IHoldingStreamFilter,
     IServiceAdapter,
     ISourceContext,
     IStreamFilter,
@@ -464,7 +465,7 @@ class DataOrderingTests(SynchronousTestCase):
         self.assertEqual(self.adapter.destination_target(self.ctx, data_id), ("127.0.0.1", 99))
         self.data = self.adapter.destination_filter(self.ctx, data_id)
         self.assertIsInstance(self.data, FTPDataFilter)
-        verifyObject(IActiveStreamFilter, self.data)
+        verifyObject(IHoldingStreamFilter, self.data)
         self.output = Output()
         self.data.attach(self.output)
 
@@ -505,6 +506,17 @@ class DataOrderingTests(SynchronousTestCase):
         self.data.connection_lost()
         self.assertEqual(self.output.outbound, [b"listing\r\n"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_end_of_stream_is_held_behind_the_bytes(self) -> None:
+        ends: List[str] = []
+        self.data.outbound(b"listing\r\n")
+        self.assertFalse(self.data.outbound_ended(lambda: ends.append(repr(self.output.outbound))))
+        self.control.outbound(b"150 Here comes the directory listing\r\n")
+        self.assertEqual(ends, [])
+        self.clock.advance(0)
+        self.assertEqual(ends, [repr([b"listing\r\n"])])  # the end, right after the held bytes
+        self.assertTrue(self.data.outbound_ended(lambda: ends.append("again")))  # nothing held: at once
+        self.assertEqual(len(ends), 1)
 
     def test_end_of_control_connection_releases(self) -> None:
         self.data.outbound(b"x")

@@ -30,6 +30,7 @@ from tunnelkit.service.store import (
     NoSuchAccount,
     NoSuchKey,
 )
+from tunnelkit.service.dbrunner import Blocking
 from tunnelkit.service.store_sqlite import DATABASE_NAME, SQLiteStore, open_store
 
 ACCOUNT = "111111111111"
@@ -42,8 +43,9 @@ class StoreTestCase(TestCase):
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="tunnelkit-store-")
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.store = self.make_store(self.dir)
-        self.addCleanup(self.store.close)
+        self.real_store = self.make_store(self.dir)
+        self.addCleanup(self.real_store.close)
+        self.store: Any = Blocking(self.real_store)
         self.store.create_account("default", ACCOUNT, 0)
         self.store.create_account("other", OTHER, 0)
 
@@ -75,8 +77,8 @@ class StoreTestCase(TestCase):
 
 class InterfaceTests(StoreTestCase):
     def test_provides(self) -> None:
-        self.assertTrue(verifyObject(IControlStore, self.store))
-        self.assertTrue(verifyObject(ITunnelStore, self.store))
+        self.assertTrue(verifyObject(IControlStore, self.real_store))
+        self.assertTrue(verifyObject(ITunnelStore, self.real_store))
 
 
 class SQLiteOnlyTests(StoreTestCase):
@@ -134,7 +136,7 @@ class SchemaTests(TestCase):
         return data
 
     def test_client_token_kept_hashed(self) -> None:
-        store = SQLiteStore(self.path)
+        store = Blocking(SQLiteStore(self.path))
         self.addCleanup(store.close)
         store.create_account("default", ACCOUNT, 0)
         source = tokens.new_access_token("t1")
@@ -150,7 +152,7 @@ class SchemaTests(TestCase):
 
     def test_upgrade_from_version_1(self) -> None:
         """A version-1 database opens with its tunnels, and its bound client tokens still work."""
-        store = SQLiteStore(self.path)
+        store = Blocking(SQLiteStore(self.path))
         store.create_account("default", ACCOUNT, 0)
         source, destination = tokens.new_access_token("t1"), tokens.new_access_token("t1")
         store.create_tunnel(
@@ -171,7 +173,7 @@ class SchemaTests(TestCase):
         db.execute("PRAGMA user_version=1")
         db.close()
 
-        upgraded = SQLiteStore(self.path)
+        upgraded = Blocking(SQLiteStore(self.path))
         self.addCleanup(upgraded.close)
         self.assertEqual(upgraded._db.execute("PRAGMA user_version").fetchone()[0], 2)
         tunnel = upgraded.get_tunnel(ACCOUNT, "t1")
@@ -400,7 +402,7 @@ class DurabilityTests(StoreTestCase):
         """Everything committed is there for a second connection (another process, or after a restart)."""
         source, _ = self.open()
         self.store.claim_peer(source, SOURCE, CLIENT_A, 1001.0)
-        other = SQLiteStore(os.path.join(self.dir, DATABASE_NAME))
+        other = Blocking(SQLiteStore(os.path.join(self.dir, DATABASE_NAME)))
         self.addCleanup(other.close)
         self.assertEqual(other.get_tunnel(ACCOUNT, "t1"), self.store.get_tunnel(ACCOUNT, "t1"))
         self.assertRaises(TokenRejected, other.claim_peer, source, SOURCE, CLIENT_B, 1002.0)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run tunnelkit's whole test suite on a fresh Debian machine (run as root for apt-get,
-# or with the Debian packages below already installed).  Ends with "N passed, N failed".
+# or with the Debian packages below already installed).  Type-checks (mypy), then runs the tests;
+# ends with "N passed, N failed" (a failed type check counts as one failed test).
 # It installs tunnelkit editable, with the test tools, into the checkout's .venv (tools/install.sh).
 set -u
 cd "$(dirname "$0")/.."
@@ -29,12 +30,17 @@ VENV=$(cd "${TUNNELKIT_VENV:-.venv}" && pwd)
 export PATH="$VENV/bin:$PATH"
 unset PYTHONHOME
 
+# The type check (mypy.ini: mypy with the mypy-zope plugin) before the tests; a failure fails the run.
+echo "Type check: mypy (mypy.ini)"
+"$VENV/bin/python" -m mypy --config-file mypy.ini
+mypy_status=$?
+
 log=$(mktemp)
 "$VENV/bin/python" -m twisted.trial --jobs 2 --temp-directory "${TMPDIR:-/tmp}/tunnelkit-trial-$$" tests 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-"$VENV/bin/python" tools/trial_summary.py "$log"
+"$VENV/bin/python" tools/trial_summary.py "$log" $([ "$mypy_status" = 0 ] || echo --type-check-failed)
 summary_status=$?
 rm -f "$log"
 rm -rf "${TMPDIR:-/tmp}/tunnelkit-trial-$$"
-[ "$status" = 0 ] && [ "$summary_status" = 0 ] && exit 0
+[ "$status" = 0 ] && [ "$summary_status" = 0 ] && [ "$mypy_status" = 0 ] && exit 0
 exit 1

@@ -114,6 +114,21 @@ class IActiveStreamFilter(IStreamFilter):
         """Called once by the local proxy right after the filter is built, before any data."""
 
 
+class IHoldingStreamFilter(IActiveStreamFilter):
+    """
+    An active filter that may hold outbound bytes (the FTP data filter holds a transfer's bytes
+    until its reply has passed): the local application's end of stream must then wait behind them,
+    or it would reach the far application first and the held bytes would be dropped after it.
+    """
+
+    def outbound_ended(send_end: Any) -> bool:
+        """
+        The local application shut down its write side (or closed).  Return True when nothing is
+        held: the end goes into the tunnel now.  Return False to hold it: the filter then calls
+        C{send_end()} (no arguments) once, right after it sent what it holds.
+        """
+
+
 class ISourceContext(Interface):
     """What the source-side local proxy offers an adapter for one service."""
 
@@ -650,6 +665,7 @@ __all__: List[str] = [
     "IStreamFilter",
     "IFilterOutput",
     "IActiveStreamFilter",
+    "IHoldingStreamFilter",
     "ISourceContext",
     "IDestinationContext",
     "IServiceAdapter",

@@ -23,6 +23,7 @@ Operator commands work directly on the state directory's database (the service m
     tunnelkit admin revoke-key KEYID
     tunnelkit admin list-keys
     tunnelkit admin list-accounts
+    tunnelkit admin migrate        (apply pending schema migrations; every admin command takes --store)
     tunnelkit admin create-user|reset-password|delete-user ACCOUNT NAME   (console users; password from stdin)
     tunnelkit admin list-users [ACCOUNT]
 
@@ -233,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     admin_commands.required = True
     state = argparse.ArgumentParser(add_help=False)
     state.add_argument("--state-dir", help=f"the service's state directory (default {DEFAULT_STATE_DIR})")
+    state.add_argument(
+        "--store",
+        help="the service's database, as its --store: sqlite:PATH (default: tunnelkit.sqlite3 in --state-dir) "
+        "or postgresql://USER:PASSWORD@HOST:PORT/DATABASE ($TUNNELKIT_STORE)",
+    )
     a = admin_commands.add_parser("create-account", parents=[state], help="Create an account.")
     a.add_argument("name")
     a.add_argument("--account-id", help="12 digits (default: random)")
@@ -244,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("key_id", metavar="KEYID")
     admin_commands.add_parser("list-keys", parents=[state], help="List access keys (without secrets).")
     admin_commands.add_parser("list-accounts", parents=[state], help="List accounts.")
+    admin_commands.add_parser(
+        "migrate", parents=[state], help="Apply the database's pending schema migrations (the service does at start)."
+    )
     _add_console_user_commands(admin_commands, state)
     cli_operator.add_commands(commands, command)
     return parser
@@ -516,16 +525,28 @@ def call_api(client: Any, command: str, request: Dict[str, Any]) -> Dict[str, An
 def run_admin_command(args: argparse.Namespace, out: TextIO, now: Callable[[], float] = time.time) -> int:
     """Run one operator command on the state directory's database."""
     from tunnelkit.service import auth
+    from tunnelkit.service.dbrunner import Blocking, resolved
     from tunnelkit.service.store import StoreError
-    from tunnelkit.service.store_sqlite import DATABASE_NAME, open_store
+    from tunnelkit.service.stores import check_store, describe_store, is_postgres, open_configured_store
 
     state_dir = _state_dir(args)
-    if not os.path.isdir(state_dir):
+    spec = getattr(args, "store", None) or os.environ.get("TUNNELKIT_STORE") or None
+    if spec is not None:
+        try:
+            check_store(spec)
+        except ValueError as e:
+            raise CliError(f"--store: {e}", 2) from None
+    if not os.path.isdir(state_dir) and not is_postgres(spec):
         raise CliError(
             f"no state directory {state_dir}: start the service with it once "
             f"(twistd -n tunnelkit --mode service --state-dir {state_dir}) or pass --state-dir"
         )
-    store = open_store(state_dir)
+    shown = describe_store(spec, state_dir)
+    try:
+        real = open_configured_store(spec, state_dir)  # synchronous: the commands run before any reactor
+    except StoreError as e:
+        raise CliError(str(e) if is_postgres(spec) else f"{shown}: {e}") from None
+    store = Blocking(real)
     try:
         result: Dict[str, Any]
         if args.admin_command == "create-account":
@@ -539,7 +560,7 @@ def run_admin_command(args: argparse.Namespace, out: TextIO, now: Callable[[], f
             result = {"Account": _account_json(account)}
         elif args.admin_command == "create-key":
             account = store.get_account(args.account)
-            key = auth.create_access_key(store, account, now())
+            key = resolved(auth.create_access_key(real, account, now()))
             if args.credentials_file:
                 auth.write_credentials_file(args.credentials_file, key, args.profile)
             result = {
@@ -571,6 +592,13 @@ def run_admin_command(args: argparse.Namespace, out: TextIO, now: Callable[[], f
             }
         elif args.admin_command == "list-accounts":
             result = {"Accounts": [_account_json(a) for a in store.list_accounts()]}
+        elif args.admin_command == "migrate":
+            applied = [{"Version": v, "Description": d} for v, d in real.applied]
+            result = {
+                "Store": shown,
+                "Applied": applied,
+                "Message": f"applied {len(applied)} migration(s)" if applied else "the schema is up to date: nothing to apply",
+            }
         elif args.admin_command in CONSOLE_USER_COMMANDS:
             from tunnelkit.service.console.admin import run_user_command
 
@@ -578,9 +606,9 @@ def run_admin_command(args: argparse.Namespace, out: TextIO, now: Callable[[], f
         else:  # pragma: no cover - argparse only allows the commands above
             raise CliError(f"unknown admin command {args.admin_command}", 2)
     except StoreError as e:
-        raise CliError(f"{os.path.join(state_dir, DATABASE_NAME)}: {e}") from None
+        raise CliError(f"{shown}: {e}") from None
     finally:
-        store.close()
+        real.close()
     out.write(json.dumps(result, indent=4) + "\n")
     return 0
 

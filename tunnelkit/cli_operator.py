@@ -222,12 +222,14 @@ def _run_reactor(args: argparse.Namespace, client: Any, tunnel_id: str, token: s
     from twisted.internet import reactor, threads
     from twisted.internet.defer import Deferred
     from twisted.internet.protocol import ProcessProtocol
-    from twisted.logger import LogLevel, formatEvent, globalLogBeginner
+    from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogBeginner
+    from zope.interface import provider
 
     from tunnelkit.thing_session import SourceUntilReady, ssh_command
 
     shown = LogLevel.info if args.verbose else LogLevel.warn
 
+    @provider(ILogObserver)
     def to_stderr(event: Dict[str, Any]) -> None:
         if event.get("log_level", LogLevel.info) >= shown:
             err.write(f"tunnelkit: {formatEvent(event)}\n")

@@ -16,7 +16,9 @@ line win over the file.  Every error names the file, the key and what is wrong.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -49,15 +51,36 @@ def normalize_key(key: str) -> str:
     return key.replace("_", "-")
 
 
-def load_config_file(path: str, mode: str) -> Dict[str, Any]:
+class ConfigFiles:
     """
-    Read C{path} and return the mapping of the section for C{mode} (empty if the file has none).
+    The configuration files one command line names, each read and parsed once (finding the mode,
+    then the mode's options, then perhaps an error message all look at the same document).
+    """
 
-    @raise ConfigError: if the file is unreadable, is not YAML, or is not shaped as sections of modes.
-    """
+    def __init__(self) -> None:
+        self._documents: Dict[str, Any] = {}
+
+    def document(self, path: str) -> Any:
+        """
+        The YAML document in C{path}.
+
+        @raise ConfigError: if the file is unreadable or is not YAML (every time it is asked for).
+        """
+        if path not in self._documents:
+            try:
+                self._documents[path] = _read_document(path)
+            except ConfigError as e:
+                self._documents[path] = e
+        document = self._documents[path]
+        if isinstance(document, ConfigError):
+            raise document
+        return document
+
+
+def _read_document(path: str) -> Any:
     try:
         with open(path, "rb") as f:
-            document = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from None
     except yaml.YAMLError as e:
@@ -65,6 +88,16 @@ def load_config_file(path: str, mode: str) -> Dict[str, Any]:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
+def load_config_file(path: str, mode: str, files: Optional[ConfigFiles] = None) -> Dict[str, Any]:
+    """
+    Read C{path} (through C{files}, if given) and return the mapping of the section for C{mode}
+    (empty if the file has none).
+
+    @raise ConfigError: if the file is unreadable, is not YAML, or is not shaped as sections of modes.
+    """
+    document = (files or ConfigFiles()).document(path)
     if document is None:
         return {}
     if not isinstance(document, dict):
@@ -129,6 +162,8 @@ class ModeOptions(usage.Options):
             self[name] = []
         #: The long names (normalized) of the options the command line gives; set by parseOptions.
         self.from_command_line: Set[str] = set()
+        #: Where C{--config}'s file is read (once); the plugin's Options shares its own.
+        self.config_files = ConfigFiles()
 
     # --- the options every mode has ---
 
@@ -182,7 +217,7 @@ class ModeOptions(usage.Options):
         return table
 
     def _apply_config(self, path: str) -> None:
-        section = load_config_file(path, self.mode)
+        section = load_config_file(path, self.mode, self.config_files)
         table = self._option_table()
         for raw_key, value in section.items():
             key = normalize_key(str(raw_key))
@@ -270,7 +305,9 @@ def _find_option_value(args: Sequence[str], name: str) -> Optional[str]:
     return None
 
 
-def find_mode(args: Sequence[str], environ: Mapping[str, str] = os.environ) -> Optional[str]:
+def find_mode(
+    args: Sequence[str], environ: Mapping[str, str] = os.environ, files: Optional[ConfigFiles] = None
+) -> Optional[str]:
     """The mode named by C{--mode}, or the C{mode} key of C{--config}'s file, if any."""
     mode = _find_option_value(args, "--mode")
     if mode is not None:
@@ -278,9 +315,8 @@ def find_mode(args: Sequence[str], environ: Mapping[str, str] = os.environ) -> O
     path = _find_option_value(args, "--config")
     if path is not None:
         try:
-            with open(path, "rb") as f:
-                document = yaml.safe_load(f)
-        except (OSError, yaml.YAMLError):
+            document = (files or ConfigFiles()).document(path)
+        except ConfigError:
             return None  # reported properly once a mode's Options reads the file
         if isinstance(document, dict):
             sections = [key for key in document if key in MODES]
@@ -289,7 +325,7 @@ def find_mode(args: Sequence[str], environ: Mapping[str, str] = os.environ) -> O
     return None
 
 
-def missing_mode_message(args: Sequence[str]) -> str:
+def missing_mode_message(args: Sequence[str], files: Optional[ConfigFiles] = None) -> str:
     """
     Why L{find_mode} found no mode in C{args}: the C{--config} file's problem if it has one (unreadable,
     not YAML, ...), else which C{--mode} to give.
@@ -298,9 +334,9 @@ def missing_mode_message(args: Sequence[str]) -> str:
     path = _find_option_value(args, "--config")
     if path is None:
         return f"no mode given: {choose}"
-    load_config_file(path, "service")  # raises ConfigError naming the file's problem, if any
-    with open(path, "rb") as f:
-        sections = sorted(key for key in (yaml.safe_load(f) or {}) if key in MODES)
+    files = files or ConfigFiles()
+    load_config_file(path, "service", files)  # raises ConfigError naming the file's problem, if any
+    sections = sorted(key for key in (files.document(path) or {}) if key in MODES)
     if sections:
         return f"no mode given and {path} has several sections ({', '.join(sections)}): {choose}"
     return f"no mode given and {path} has no mode section: {choose}"
@@ -353,12 +389,64 @@ def client_endpoint(description: str) -> str:
     return _check_endpoint(description, "client")
 
 
-def positive_int(text: str) -> int:
-    """Coerce: a whole number greater than zero."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number >= 1, got {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"expected a whole number >= 1, got {text!r}")
-    return value
+_DURATION_RE = re.compile(r"\A([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)?\Z")
+_UNIT_SECONDS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def number(
+    low: float = 0,
+    high: Optional[float] = None,
+    *,
+    whole: bool = False,
+    duration: bool = False,
+    above: bool = False,
+    zero_means: str = "",
+) -> Callable[[str], Any]:
+    """
+    The coerce function of a numeric option: every numeric option of every mode uses one, so
+    each bad value gets the same kind of message, saying what is expected and what was given (the
+    option's name is put in front by L{ModeOptions}, or the file and key by the C{tap.yml} loader).
+
+    @param low: the smallest value allowed (or, with C{above}, the value it must be more than).
+    @param high: the largest value allowed (None: no bound).
+    @param whole: a whole number (an C{int}); otherwise a C{float}.
+    @param duration: seconds, or a number with a unit: C{90}, C{90s}, C{30m}, C{3h}, C{1d}.
+    @param zero_means: 0 is allowed too, though below C{low}, and means this (e.g. C{"off"}).
+    """
+    kind = "a whole number" if whole else "a duration" if duration else "a number"
+    if high is not None:
+        bound = f"from {low:g} to {high:g}"
+    else:
+        bound = f"of more than {low:g}" if above else f"of at least {low:g}"
+    example = " (seconds, or with a unit: 90s, 30m, 3h, 1d)" if duration else ""
+    expected = f"expected {f'0 ({zero_means}) or ' if zero_means else ''}{kind} {bound}{example}"
+
+    def coerce(text: str) -> Any:
+        value: float
+        try:
+            if whole:
+                value = int(str(text).strip())
+            elif duration:
+                match = _DURATION_RE.match(str(text).strip())
+                if not match:
+                    raise ValueError(text)
+                value = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            else:
+                value = float(text)
+        except ValueError:
+            raise ValueError(f"{expected}, got {text!r}") from None
+        if value == 0 and zero_means:
+            return value
+        if not math.isfinite(value) or value < low or (above and value == low) or (high is not None and value > high):
+            raise ValueError(f"{expected}, got {text!r}")
+        return value
+
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]  # the help text says the range itself
+    return coerce
+
+
+#: Coerce: a whole number greater than zero.
+positive_int = number(1, whole=True)
+
+#: Coerce: seconds, or a number with a unit (C{90}, C{90s}, C{30m}, C{3h}, C{1d}), 0 or more.
+duration = number(0, duration=True)

@@ -72,6 +72,12 @@ class Internal:
         return True
 
 
+def _websocket_fast_path_can_run() -> bool:
+    from tunnelkit.transport import fastpath
+
+    return not fastpath.missing()
+
+
 def _ssl_endpoint_keeps_its_options() -> bool:
     from twisted.internet.endpoints import SSL4ServerEndpoint
     from twisted.internet.testing import MemoryReactor
@@ -99,6 +105,14 @@ INTERNALS: Tuple[Internal, ...] = (
         "_GenericHTTPChannelProtocol",
         "wrapping the service's own HTTP channel (handshake deadlines, 431 for oversize lines) as "
         "twisted.web.server.Site expects",
+    ),
+    Internal(
+        "autobahn.websocket.protocol",
+        "WebSocketProtocol's frame and send state (tunnelkit.transport.fastpath.AUTOBAHN_ATTRIBUTES)",
+        "the WebSocket fast path of the relay and the local proxy (whole binary frames read by offset, "
+        "no per-call debug formatting; it turns itself off and autobahn's own code runs, slower)",
+        required=False,
+        instance_check=_websocket_fast_path_can_run,
     ),
     Internal(
         "paho.mqtt.client",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -185,7 +185,7 @@ def build_endpoint(reactor: Any, settings: MQTTSettings) -> IStreamClientEndpoin
     from tunnelkit.transport.tls import pem_certificates
 
     args, kwargs = parse_endpoint_description(settings.endpoint)
-    host = kwargs.get("host", args[1] if len(args) > 1 else None)
+    host = cast(str, kwargs.get("host", args[1] if len(args) > 1 else None))
     port = int(kwargs.get("port", args[2] if len(args) > 2 else 8883))
     try:
         with open(settings.ca_file, "rb") as f:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 from twisted.application.service import IService
 from twisted.python import usage
 
 import tunnelkit
-from tunnelkit.config import MODES, find_mode, missing_mode_message
+from tunnelkit.config import MODES, ConfigFiles, find_mode, missing_mode_message
 from tunnelkit.errors import ConfigError
 from tunnelkit.internals import MissingInternals, check_internals
 
@@ -120,7 +120,8 @@ class Options(usage.Options):
 
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         args = list(sys.argv[1:] if options is None else options)
-        mode = find_mode(args)
+        files = ConfigFiles()  # --config's file, read once for the mode, its options and any error
+        mode = find_mode(args, files=files)
         if mode is None:
             if any(a in ("-h", "--help") for a in args):
                 print(_GENERAL_HELP)
@@ -129,28 +130,34 @@ class Options(usage.Options):
                 print(f"tunnelkit {tunnelkit.__version__}")
                 sys.exit(0)
             try:
-                message = missing_mode_message(args)
+                message = missing_mode_message(args, files)
             except ConfigError as e:
                 message = str(e)
             _fail(None, message)
         try:
             module = load_mode(mode)
             self.mode = mode
-            self.modeOptions = module.Options()
+            mode_options = module.Options()
+            mode_options.config_files = files
             if mode in ("source", "destination"):
-                self.modeOptions.mode = mode  # one Options class serves both; it sets its "mode" key
-            self.modeOptions.parseOptions(args)
+                mode_options.mode = mode  # one Options class serves both; it sets its "mode" key
+            self.modeOptions = mode_options
+            mode_options.parseOptions(args)
         except (usage.UsageError, ConfigError) as e:
             _fail(mode if mode in MODES else None, str(e))  # an unknown mode has no help of its own
         default_process_files(getattr(self, "parent", None), mode)
         try:
-            check_internals(warn=lambda message: sys.stderr.write(f"tunnelkit: warning: {message}\n"))
+            check_internals(warn=_warn)
         except MissingInternals as e:
             sys.stderr.write(f"tunnelkit: error: {e}\n")
             sys.exit(1)
 
 
-def _fail(mode: Optional[str], message: str) -> None:
+def _warn(message: str) -> None:
+    sys.stderr.write(f"tunnelkit: warning: {message}\n")
+
+
+def _fail(mode: Optional[str], message: str) -> NoReturn:
     hint = f"twistd tunnelkit --mode {mode} --help" if mode else "twistd tunnelkit --help"
     sys.stderr.write(f"tunnelkit: error: {message} (see '{hint}')\n")
     sys.exit(1)

@@ -3,7 +3,7 @@ The end-to-end tests' process helpers: they live in L{tunnelkit.testing.process}
 benchmarks); this module names them for the tests that import them from here.
 """
 
-from tunnelkit.testing.process import (  # noqa: F401
+from tunnelkit.testing.process import (
     DEFAULT_TIMEOUT,
     REPOSITORY_TOP,
     SCP,
@@ -19,9 +19,24 @@ from tunnelkit.testing.process import (  # noqa: F401
     Tunnel,
     exchange,
     free_port,
-    run_old_format_peer,
     wait_until,
 )
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "REPOSITORY_TOP",
+    "SCP",
+    "SSH",
+    "SSH_KEYGEN",
+    "SSHD",
+    "TWISTD",
+    "Harness",
+    "Process",
+    "Proxy",
+    "Service",
+    "Sshd",
+    "Tunnel",
+    "exchange",
+    "free_port",
+    "wait_until",
 ]

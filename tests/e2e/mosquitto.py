@@ -1,5 +1,7 @@
 """
-A real mosquitto broker for end-to-end tests: on a free loopback port, with a generated
+A real mosquitto broker for end-to-end tests: on a loopback port outside the ephemeral range
+(L{tunnelkit.testing.process.unassigned_port}: mosquitto cannot bind port 0 and say which port it got;
+another port is tried if that one is taken at the first start), with a generated
 configuration in a temporary directory, started and stopped by the test (and restartable on the
 same port, to play a broker outage; persistence is on by default, as on a deployed broker).
 
@@ -24,11 +26,16 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from tunnelkit.testing import free_port
+from tunnelkit.testing.process import unassigned_port
 
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
 START_TIMEOUT = 10.0
+#: What mosquitto logs once every listener is bound, and when a port is taken.
+RUNNING = b" running"
+TAKEN = b"Address already in use"
+#: First starts tried on other ports when the port is taken.
+ATTEMPTS = 10
 
 
 class _BrokerProcess(ProcessProtocol):
@@ -74,7 +81,8 @@ class Mosquitto:
         if MOSQUITTO is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self._reactor = reactor
-        self.port = free_port()
+        self.port = unassigned_port()
+        self._attempts = ATTEMPTS  # until the first start succeeds: then the port stays
         self.directory = tempfile.mkdtemp(prefix="tunnelkit-mosquitto-")
         self.users = dict(users or {})
         self.persistence = persistence
@@ -126,7 +134,7 @@ class Mosquitto:
     def start(self) -> defer.Deferred:
         """Start the broker; fires once it listens (fails after START_TIMEOUT seconds)."""
         assert self._process is None, "already running"
-        process = _BrokerProcess(b"Opening ipv4 listen socket on port")
+        process = _BrokerProcess(RUNNING)
         self._process = process
         self._transport = self._reactor.spawnProcess(
             process, MOSQUITTO, [MOSQUITTO, "-c", self.config], env={"PATH": os.environ.get("PATH", "")}
@@ -138,11 +146,17 @@ class Mosquitto:
         def started(result):
             if timeout.active():
                 timeout.cancel()
+            self._attempts = 0
             return result
 
         def failed(reason):
             if timeout.active():
                 timeout.cancel()
+            if TAKEN in process.output and self._attempts > 1:
+                self._attempts -= 1
+                self.port = unassigned_port()
+                self._write_config()
+                return self.stop().addCallback(lambda _: self.start())
             return self.stop().addCallback(lambda _: reason)
 
         return process.ready.addCallbacks(started, failed)
@@ -213,7 +227,17 @@ class HarnessMosquitto(Mosquitto):
             with open(log_path, "rb") as f:
                 before = len(f.read().decode("utf-8", "replace"))
         self.process = self._harness.spawn("mosquitto", [MOSQUITTO, "-c", self.config], cwd=self.directory)
-        self.process.wait_for_log(r"Opening ipv4 listen socket on port", timeout, start=before)
+        match = self.process.wait_for_log(rf"{RUNNING.decode()}|{TAKEN.decode()}", timeout, start=before)
+        if match.group(0) == TAKEN.decode() and self._attempts > 1:
+            self._attempts -= 1
+            self.process.kill()
+            self.port = unassigned_port()
+            self._write_config()
+            self.process = None
+            return self.start(timeout)
+        if match.group(0) == TAKEN.decode():
+            raise AssertionError(f"mosquitto: port {self.port} is taken:\n{self.process.tail()}")
+        self._attempts = 0
 
     def stop(self) -> None:  # type: ignore[override]
         """Stop the broker (SIGTERM: it saves its sessions)."""
@@ -225,4 +249,4 @@ class HarnessMosquitto(Mosquitto):
         return self.process.log() if self.process is not None else ""
 
 
-__all__ = ["Mosquitto", "HarnessMosquitto", "free_port"]
+__all__ = ["Mosquitto", "HarnessMosquitto"]

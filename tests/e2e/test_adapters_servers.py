@@ -22,6 +22,8 @@ from twisted.internet import defer
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web import resource, server, vhost
 
+from tunnelkit.testing.process import Processes, start_sshd
+
 FTP_USER, FTP_PASSWORD = "tunnel", "kit-secret"
 
 _FTP_SERVER = r"""
@@ -42,11 +44,13 @@ server.serve_forever()
 """
 
 
-def free_port() -> int:
-    """An ephemeral port free right now on 127.0.0.1 (for servers that cannot bind port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def closed_port(test: TestCase) -> int:
+    """A port of 127.0.0.1 that refuses connections until the test ends: bound, never listening, so
+    that no other test can start a server on it meanwhile."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    test.addCleanup(s.close)
+    return s.getsockname()[1]
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -135,31 +139,12 @@ class SSHServer:
         shutil.copy(self.key_path + ".pub", authorized)
         os.chmod(authorized, 0o600)
         os.makedirs("/run/sshd", exist_ok=True)
-        self.port = free_port()
-        config = os.path.join(self.dir, "sshd_config")
-        with open(config, "w") as f:
-            f.write(
-                f"ListenAddress 127.0.0.1:{self.port}\nHostKey {self.host_key}\n"
-                f"AuthorizedKeysFile {authorized}\nPasswordAuthentication no\n"
-                "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-                "UsePAM no\nStrictModes no\nPidFile none\nLogLevel INFO\n"
-            )
-        self.log_path = os.path.join(self.dir, "sshd.log")
-        self.process = subprocess.Popen(
-            [sshd, "-D", "-e", "-f", config], stdout=subprocess.DEVNULL, stderr=open(self.log_path, "wb")
+        procs = Processes("tunnelkit-sshd-")
+        test.addCleanup(procs.cleanup)
+        self.process, self.port = start_sshd(
+            lambda argv: procs.spawn("sshd", [sshd, *argv[1:]], cwd=self.dir), self.dir, self.host_key, authorized
         )
-        test.addCleanup(_stop, self.process)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.05)
-        with open(self.log_path, "rb") as f:
-            raise RuntimeError(f"sshd did not start: {f.read()[-2000:]!r}")
+        self.log_path = self.process.log_path
 
     def ssh_command(self, port: int, command: str) -> List[str]:
         """An ssh client command line running C{command} through 127.0.0.1:C{port}."""
@@ -191,23 +176,25 @@ class VNCServer:
             display = r.readline().strip().decode()
         if not display.isdigit():
             raise RuntimeError("Xvfb did not report its display")
-        self.port = free_port()
         self.log_path = os.path.abspath(test.mktemp() + "-x11vnc.log")
-        self.process = subprocess.Popen(
-            ["x11vnc", "-display", f":{display}", "-rfbport", str(self.port), "-localhost", "-nopw",
-             "-forever", "-shared", "-quiet", "-noxdamage", "-o", self.log_path],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        # x11vnc takes the first free port from 5900 up (-autoport) and says which (PORT=N)
+        out_path = self.log_path + ".out"
+        with open(out_path, "wb") as out:
+            self.process = subprocess.Popen(
+                ["x11vnc", "-display", f":{display}", "-autoport", "5900", "-localhost", "-nopw",
+                 "-forever", "-shared", "-quiet", "-noxdamage", "-o", self.log_path],
+                stdout=out, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         test.addCleanup(_stop, self.process)
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+        while time.monotonic() < deadline and self.process.poll() is None:
+            with open(out_path, "rb") as f:
+                ports = [line[5:] for line in f.read().splitlines() if line.startswith(b"PORT=")]
+            if ports:
+                self.port = int(ports[0])
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
                     if s.recv(12).startswith(b"RFB "):
                         return
-            except OSError:
-                pass
-            if self.process.poll() is not None:
                 break
             time.sleep(0.1)
         raise RuntimeError(f"x11vnc did not start (see {self.log_path})")
@@ -261,7 +248,7 @@ def wait_for(reactor: Any, condition: Any, timeout: float = 10.0, interval: floa
 __all__ = [
     "FTP_USER",
     "FTP_PASSWORD",
-    "free_port",
+    "closed_port",
     "start_ftp_server",
     "start_vhost_site",
     "SSHServer",
@@ -319,5 +306,5 @@ class ProbeRealServersTests(TestCase):
         port = start_vhost_site(self, self.reactor, [])
         with self.assertRaises(ProbeFailed):
             yield self.probe("SSH1", port, 1)
-        ok = yield probe_and_log(resolve_adapter("VNC1"), self.reactor, "VNC1", ("127.0.0.1", free_port()), 5)
+        ok = yield probe_and_log(resolve_adapter("VNC1"), self.reactor, "VNC1", ("127.0.0.1", closed_port(self)), 5)
         self.assertFalse(ok)

@@ -128,7 +128,15 @@ class AgentOverMosquittoTests(TestCase):
         self.assertNotIn("token-1", repr(self.logged))
 
     def subscribed(self) -> bool:
-        return any(e.get("log_format", "").startswith("Subscribed to") for e in self.logged)
+        return self.subscriptions() > 0
+
+    def subscriptions(self) -> int:
+        """How many times an MQTT client subscribed (the agent, after each connection)."""
+        return sum(1 for e in self.logged if e.get("log_format", "").startswith("Subscribed to"))
+
+    def failed_attempts(self) -> int:
+        """How many connection attempts to the broker failed."""
+        return sum(1 for e in self.logged if e.get("log_format", "").startswith("Could not connect to"))
 
     async def test_broker_down_at_open(self) -> None:
         """
@@ -141,9 +149,10 @@ class AgentOverMosquittoTests(TestCase):
         notifier = self.start_notifier(broker)
         await self.notifier_top.services[0].when_connected()
         await broker.stop()
+        failures = self.failed_attempts()
         notifier.notify_destination("tun-1", "t1", "token-1", ("SSH",), "us-east-1")
         self.assertEqual(len(notifier.queue.pending()), 1)
-        await task.deferLater(reactor, 0.5)
+        await wait_for(lambda: self.failed_attempts() > failures, "an attempt to reach the stopped broker")
         self.assertEqual(starter.sessions, [])
         await broker.start()
         [session] = await wait_for(lambda: starter.sessions, "the session after the broker restart")
@@ -159,9 +168,10 @@ class AgentOverMosquittoTests(TestCase):
         notifier = self.start_notifier(broker)
         notifier.notify_destination("tun-1", "t1", "token-1", ("SSH",), "us-east-1")
         await self.notifier_top.stopService()
+        subscriptions = self.subscriptions()
         await broker.start()
-        await task.deferLater(reactor, 0.3)
-        self.assertEqual(starter.sessions, [])
+        await wait_for(lambda: self.subscriptions() > subscriptions, "the agent back on the restarted broker")
+        self.assertEqual(starter.sessions, [])  # the stopped service delivered nothing
         restarted = self.start_notifier(broker)
         [session] = await wait_for(lambda: starter.sessions, "the session from the restarted service")
         self.assertEqual(session.notification.tunnel_id, "tun-1")

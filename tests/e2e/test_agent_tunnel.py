@@ -74,7 +74,7 @@ class AgentTunnelTests(TestCase):
         """Wait for the agent to start tunnel C{tunnel_id}'s session and connect; where its log is now."""
         mark = self.agent_logs(rf"Started a destination session for {tunnel_id}", after)
         mark = self.agent_logs(r"Successfully established websocket connection", mark)
-        return self.agent_logs(r"The tunnel is ready", mark)
+        return self.agent_logs(r"Connected to the tunnel", mark)
 
     def ssh_works(self, port: int, word: str) -> None:
         result = self.sshd.run(f"echo {word}", port=port)

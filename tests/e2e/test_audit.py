@@ -5,8 +5,11 @@ and disconnects and TCP connections with their bytes, read back with C{tunnelkit
 
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
+import time
 
 from twisted.trial.unittest import TestCase
 
@@ -30,13 +33,26 @@ class AuditTrailTests(TestCase):
         destination.wait_for_log("The tunnel is ready")
         self.assertEqual(exchange(port, b"x" * 5000), b"x" * 5000)
         self.assertEqual(exchange(port, b"y" * 123), b"y" * 123)
+        # A connection the application resets (RST, not FIN): recorded as the reset it is.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"z" * 77)
+            received = b""
+            while len(received) < 77:
+                received += s.recv(1024)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        trail = os.path.join(service.state_dir, "audit.jsonl")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the relay records each end as its reset passes
+            with open(trail, encoding="utf-8") as f:
+                if sum('"kind":"connection"' in line for line in f) == 3:
+                    break
+            time.sleep(0.05)
         h.api().describe_tunnel(tunnelId=tunnel.tunnel_id)
         h.close_tunnel(tunnel)
         self.assertEqual(source.wait_exit(30), 0)
         self.assertEqual(destination.wait_exit(30), 0)
         service.process.terminate()
 
-        trail = os.path.join(service.state_dir, "audit.jsonl")
         with open(trail, encoding="utf-8") as f:
             text = f.read()
         for secret in (tunnel.source_token, tunnel.destination_token):
@@ -56,12 +72,12 @@ class AuditTrailTests(TestCase):
         connects = [r for r in records if r["kind"] == "peer-connect"]
         self.assertEqual(sorted(r["side"] for r in connects), ["destination", "source"])
         connections = [r for r in records if r["kind"] == "connection"]
-        self.assertEqual(len(connections), 2, records)
-        self.assertEqual(sorted((c["bytes_source_to_destination"], c["bytes_destination_to_source"])
-                                for c in connections), [(123, 123), (5000, 5000)])
+        self.assertEqual(len(connections), 3, records)
+        self.assertEqual(sorted((c["bytes_source_to_destination"], c["bytes_destination_to_source"], c["ended"])
+                                for c in connections),
+                         [(77, 77, "reset by source"), (123, 123, "closed"), (5000, 5000, "closed")])
         for connection in connections:
             self.assertEqual(connection["service"], "ECHO")
-            self.assertIn("reset by", connection["ended"])
         disconnects = [r for r in records if r["kind"] == "peer-disconnect"]
         self.assertEqual(len(disconnects), 2)
         self.assertLess(kinds.index("peer-connect"), kinds.index("connection"))

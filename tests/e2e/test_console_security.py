@@ -10,7 +10,8 @@ import http.client
 import os
 import re
 import ssl
-from typing import Dict, Optional, Tuple
+import threading
+from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlencode
 
 from twisted.trial.unittest import TestCase
@@ -173,6 +174,37 @@ class SecurityTests(TestCase):
         self.assertEqual(bob.sign_in("other", "bob")[0], 429)  # same address: slowed as well
         self.assertIn("failed sign-in", self.service.process.log())
         self.assertNotIn("wrong-again", self.service.process.log())  # passwords never logged
+
+    def test_password_checks_are_bounded(self) -> None:
+        """
+        A flood of sign-ins with varied user names: at most 2 Argon2 checks at once (review 13), the
+        others are refused at once with 429 and Retry-After, not queued on the service's threads.
+        """
+        clients = [self.client() for _ in range(8)]
+        tokens = []
+        for c in clients:
+            c.request("GET", "/console/signin")
+            tokens.append(c.cookies["__Host-tunnelkit-signin"])
+        barrier = threading.Barrier(len(clients))
+        answers: List[Answer] = [None] * len(clients)  # type: ignore[list-item]
+
+        def post(i: int) -> None:
+            barrier.wait()
+            answers[i] = clients[i].request("POST", "/console/signin", {
+                "csrf": tokens[i], "account": "default", "user": f"flood-{i}", "password": "wrong password"})
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(clients))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        busy = [a for a in answers if a[0] == 429]
+        self.assertTrue(busy, [a[0] for a in answers])
+        for status, headers, text in busy:
+            self.assertEqual(headers.get("retry-after"), "1")
+            self.assertIn("busy checking other sign-ins", text)
+        self.assertTrue(all(a[0] in (401, 429) for a in answers), [a[0] for a in answers])
+        self.assertGreaterEqual(sum(1 for a in answers if a[0] == 401), 2)
 
     def test_missing_terminal_assets_are_named(self) -> None:
         empty = self.mktemp()

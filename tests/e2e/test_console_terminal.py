@@ -168,3 +168,34 @@ class QuickSetupTests(TestCase):
         self.assertIn("SHA256:somebody-else", browser.text("main"))
         browser.shot("tunnel-hostkey")
         print("screenshots:", *browser.shots, sep="\n  ")
+
+    def test_tunnel_without_thing(self) -> None:
+        """A tunnel without a thing: its device's host key is remembered for that tunnel (review 13)."""
+        browser = self.browser
+        opened = self.h.api().open_tunnel(destinationConfig={"services": ["SSH"]})
+        tunnel_id = opened["tunnelId"]
+        self.h.start_destination(opened["destinationAccessToken"], f"SSH=127.0.0.1:{self.sshd.port}")
+        terminal = f"{self.service.api_url}/console/tunnel/{tunnel_id}/terminal"
+        browser.get(terminal)
+        self.assertIn("remembered for this tunnel only", browser.text("main"))
+        self.log_in(browser)
+        wait_screen(browser, r"[$#] \s*$", 60)
+        self.assertEqual(browser.css("#ssh-fingerprint").get_attribute("data-fingerprint"), self.host_fingerprint())
+        self.assertIn("remembered for this tunnel only", browser.text("#ssh-fingerprint"))
+        browser.shot("terminal-no-thing")
+        browser.get(f"{self.service.api_url}/console/tunnel/{tunnel_id}")
+        self.assertIn(self.host_fingerprint(), browser.text("main"))
+        self.assertIn("remembered for this tunnel only", browser.text("main"))
+
+        # The next connection checks it: a changed key is refused.
+        database = sqlite3.connect(os.path.join(self.service.state_dir, "tunnelkit.sqlite3"))
+        database.execute("UPDATE console_host_keys SET fingerprint = 'SHA256:somebody-else' WHERE thing_name = ?",
+                         (f"tunnel/{tunnel_id}",))
+        self.assertEqual(database.total_changes, 1)
+        database.commit()
+        database.close()
+        browser.get(terminal)
+        self.log_in(browser)
+        browser.wait(lambda d: "has changed" in browser.text("#ssh-status"), what="the host key warning")
+        self.assertIn("SHA256:somebody-else", browser.text("#ssh-hostkey"))
+        browser.shot("terminal-no-thing-changed")

@@ -193,8 +193,10 @@ class FuzzTests(TestCase):
         destination = h.start_destination(fuzzed.destination_token, f"ECHO={apps},OTHER={apps}")
         other = h.open_tunnel(["ECHO"])
         h.start_destination(other.destination_token, f"ECHO={apps}", name="other-destination")
-        other_port = h.start_source(other.source_token, "ECHO=0", name="other-source").port_of("ECHO")
-        destination.wait_for_log("The tunnel is ready")
+        other_source = h.start_source(other.source_token, "ECHO=0", name="other-source")
+        other_port = other_source.port_of("ECHO")
+        other_source.wait_for_log("The tunnel is ready")  # its destination is connected too
+        destination.wait_for_log("Connected to the tunnel")  # the fuzzing source announces nothing
         source = FuzzedSource(service.port, fuzzed.source_token)
         self.assertEqual(source.probe(), b"probe %d" % source.probe_id, destination.tail())
 

@@ -20,9 +20,10 @@ from typing import Dict, Tuple
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.e2e.harness import SSHD, Harness, Process, free_port, wait_until
+from tests.e2e.harness import SSHD, Harness, Process, wait_until
 from tests.e2e.test_tunnel_independence import MB, require_flow_control, start_apps
 from tunnelkit.testapps import StalledReader, echo_round_trips, pattern_digest, push, sink
+from tunnelkit.testing.process import unassigned_port
 
 #: The environment variable naming the C++ localproxy binary.
 LOCALPROXY_VARIABLE = "TUNNELKIT_AWS_LOCALPROXY"
@@ -57,12 +58,13 @@ def cpp_source_tunnel(test: TestCase, services: Dict[str, int]) -> Tuple[Harness
     h.start_service(tls=True)
     tunnel = h.open_tunnel(list(services))
     destination = h.start_destination(tunnel.destination_token, ",".join(f"{s}={p}" for s, p in services.items()))
-    ports = {service: free_port() for service in services}
+    # AWS's localproxy cannot listen on port 0 and say which port it got: ports outside the ephemeral range
+    ports = {service: unassigned_port() for service in services}
     source = start_cpp_proxy(h, binary, "src", tunnel.source_token, ",".join(f"{s}={p}" for s, p in ports.items()),
                              "cpp-source")
     for port in ports.values():
         source.wait_for_log(rf"Listening for new connection on port {port}")
-    destination.wait_for_log("The tunnel is ready")
+    destination.wait_for_log("Connected to the tunnel")  # a C++ source announces nothing
     return h, source, destination, ports
 
 

@@ -5,27 +5,35 @@ through an HTTP CONNECT proxy with Basic authentication (HTTPS_PROXY).
 """
 
 import hashlib
+import re
 import socket
 import sys
-import time
 
 from twisted.trial.unittest import TestCase
 
-from tests.e2e.harness import Harness, free_port
+from tests.e2e.harness import Harness, wait_until
 
 FIREHOSE = r"""
-import hashlib, socket, sys, threading
+import hashlib, select, socket, sys, threading
 total = int(sys.argv[2])
 def serve(conn):
+    # Non-blocking, so that it can say how far it got each time the tunnel stops taking bytes.
     block = hashlib.sha256(b"firehose").digest() * 2048   # 64 KiB
-    sent = 0
+    conn.setblocking(False)
+    sent = offset = 0
     while sent < total:
-        conn.sendall(block)
-        sent += len(block)
+        try:
+            n = conn.send(block[offset:])
+        except BlockingIOError:
+            print("firehose blocked at", sent, flush=True)
+            select.select([], [conn], [])
+            continue
+        sent += n
+        offset = (offset + n) % len(block)
     conn.close()
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(8)
-print("firehose ready", flush=True)
+print("firehose ready on", s.getsockname()[1], flush=True)
 while True:
     conn, _ = s.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
@@ -46,9 +54,9 @@ class SlowReaderTests(TestCase):
     def test_stalled_reader_bounds_memory(self):
         h = Harness(self)
         h.start_service(tls=False)
-        port, total = free_port(), 128 * 1024 * 1024
-        firehose = h.spawn("firehose", [sys.executable, "-c", FIREHOSE, str(port), str(total)])
-        firehose.wait_for_log("firehose ready")
+        total = 128 * 1024 * 1024
+        firehose = h.spawn("firehose", [sys.executable, "-c", FIREHOSE, "0", str(total)])  # binds a free port
+        port = int(firehose.wait_for_log(r"firehose ready on (\d+)").group(1))
         tunnel = h.open_tunnel(["BULK", "ECHO"])
         echo = h.start_echo()
         destination = h.start_destination(tunnel.destination_token, f"BULK={port},ECHO={echo}")
@@ -60,7 +68,16 @@ class SlowReaderTests(TestCase):
 
         reader = socket.create_connection(("127.0.0.1", bulk_port))
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        time.sleep(3)  # the firehose pushes 128 MB; nobody reads
+        # the firehose pushes 128 MB, nobody reads: wait until it is blocked at the same byte twice
+        # half a second apart (every buffer on the way is as full as it gets)
+        seen = []
+
+        def stuck() -> bool:
+            blocked = re.findall(r"firehose blocked at (\d+)", firehose.log())
+            seen.append(blocked[-1] if blocked else None)
+            return len(seen) > 1 and seen[-1] is not None and seen[-1] == seen[-2]
+
+        wait_until(stuck, 60, "the firehose to stay blocked", interval=0.5)
         stalled = {name: rss_mb(p.pid) for name, p in processes.items()}
         for name in processes:
             self.assertLess(stalled[name] - idle[name], 24, f"{name}: {idle[name]:.1f} -> {stalled[name]:.1f} MB")
@@ -120,8 +137,8 @@ class Connect(protocol.Protocol):
         connectProtocol(TCP4ClientEndpoint(reactor, host.decode(), int(port)), Pipe(self))
     def connectionLost(self, reason):
         if self.peer is not None: self.peer.transport.loseConnection()
-reactor.listenTCP(int(sys.argv[1]), protocol.Factory.forProtocol(Connect), interface="127.0.0.1")
-print("proxy ready", flush=True)
+port = reactor.listenTCP(int(sys.argv[1]), protocol.Factory.forProtocol(Connect), interface="127.0.0.1")
+print("proxy ready on", port.getHost().port, flush=True)
 reactor.run()
 """
 
@@ -133,9 +150,8 @@ class WebProxyTests(TestCase):
         h = Harness(self)
         h.start_service(tls=True)
         echo = h.start_echo()
-        proxy_port = free_port()
-        proxy = h.spawn("connect-proxy", [sys.executable, "-c", CONNECT_PROXY, str(proxy_port), "alice:s3cret"])
-        proxy.wait_for_log("proxy ready")
+        proxy = h.spawn("connect-proxy", [sys.executable, "-c", CONNECT_PROXY, "0", "alice:s3cret"])
+        proxy_port = int(proxy.wait_for_log(r"proxy ready on (\d+)").group(1))
         tunnel = h.open_tunnel(["ECHO"])
         h.start_destination(tunnel.destination_token, f"ECHO={echo}")
 

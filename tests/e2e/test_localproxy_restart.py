@@ -63,7 +63,7 @@ class RestartTests(TestCase):
         self.assertIn("Wrong configurations detected", wrong.log())
         fixed = self.command("destination", self.tunnel.destination_token, "destination-fixed", f"SSH1={echo}")
         fixed.wait_for_log("Using the client token kept in")
-        fixed.wait_for_log("The tunnel is ready")
+        fixed.wait_for_log("Connected to the tunnel: its services are SSH1; waiting for the source to connect")
         source = self.h.start_source(self.tunnel.source_token, "SSH1=0")
         port = source.port_of("SSH1")
         source.wait_for_log("The tunnel is ready")

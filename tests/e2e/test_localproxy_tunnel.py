@@ -1,7 +1,8 @@
 """
 End-to-end: the tunnelkit service, a source and a destination local proxy as real processes on
 loopback, carrying real ssh/scp to a real sshd and many parallel echo connections; kill -9 and
-restart of the service; CloseTunnel ending both proxies with status 0.
+restart of the service; CloseTunnel ending both proxies with status 0.  (Refusals, rotation,
+replacement and reconnection without a process: tests/test_memory_tunnel.py.)
 """
 
 import hashlib
@@ -116,24 +117,3 @@ class ManyConnectionsTests(TestCase):
         self.assertEqual(source.wait_exit(20), 0, source.tail())
         self.assertEqual(destination.wait_exit(20), 0, destination.tail())
         self.assertIn("Web socket close received. Code: 1000", source.log())
-
-
-class RefusalTests(TestCase):
-    """A used token (4xx) and a mapping that does not match the tunnel both stop with status 1."""
-
-    timeout = 120
-
-    def test_refusals(self):
-        h = Harness(self)
-        h.start_service(tls=False)
-        tunnel = h.open_tunnel(["SSH1"])
-        wrong = h.start_destination(tunnel.destination_token, "OTHER=22")
-        self.assertEqual(wrong.wait_exit(20), 1)
-        self.assertIn("Wrong configurations detected in local proxy", wrong.log())
-
-        first = h.start_source(tunnel.source_token, "SSH1=0")
-        first.port_of("SSH1")
-        first.terminate()
-        second = h.start_source(tunnel.source_token, "SSH1=0", name="second-source")
-        self.assertEqual(second.wait_exit(20), 1)
-        self.assertIn("Proxy server rejected web socket upgrade request", second.log())

@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from tunnelkit.protocol.message_pb2 import Message
-from tunnelkit.testing import ServiceProcess, connect_client, free_port, tunnel_frame
+from tunnelkit.testing import ServiceProcess, connect_client, tunnel_frame
 
 MB = 1024 * 1024
 
@@ -20,9 +20,9 @@ class ServiceProcessTests(TestCase):
     timeout = 90
 
     def setUp(self) -> None:
-        self.metrics_port = free_port()
-        self.service = ServiceProcess(["--metrics-listen", f"tcp:{self.metrics_port}:interface=127.0.0.1"])
+        self.service = ServiceProcess(["--metrics-listen", "tcp:0:interface=127.0.0.1"])
         self.addCleanup(self.service.stop)
+        self.metrics_port = self.service.metrics_port
 
     @defer.inlineCallbacks
     def test_relay_and_close_through_the_api(self) -> Any:

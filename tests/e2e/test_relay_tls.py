@@ -98,10 +98,12 @@ class ServiceFixture(TestCase):
         yield defer.DeferredList(waits)
         yield self.wait_until(lambda: not self.relay.links)
 
-    def api(self, operation: str, **body: Any) -> Dict[str, Any]:
+    def api(self, operation: str, **body: Any) -> "defer.Deferred[Dict[str, Any]]":
         return self.service.control.call(operation, self.service.account, body)
 
-    def open_tunnel(self, services: Tuple[str, ...] = ("SSH",), minutes: Optional[int] = None) -> Dict[str, Any]:
+    def open_tunnel(
+        self, services: Tuple[str, ...] = ("SSH",), minutes: Optional[int] = None
+    ) -> "defer.Deferred[Dict[str, Any]]":
         body: Dict[str, Any] = {"destinationConfig": {"services": list(services)}}
         if minutes is not None:
             body["timeoutConfig"] = {"maxLifetimeTimeoutMinutes": minutes}
@@ -115,7 +117,7 @@ class ServiceFixture(TestCase):
 
     @defer.inlineCallbacks
     def pair(self, services: Tuple[str, ...] = ("SSH",), client_tokens: bool = False) -> Any:
-        tunnel = self.open_tunnel(services)
+        tunnel = yield self.open_tunnel(services)
         source = yield self.connect(
             "source", tunnel["sourceAccessToken"], CLIENT_TOKEN if client_tokens else None
         )
@@ -164,13 +166,13 @@ class HandshakeTests(ServiceFixture):
                 list(client.messages[0].availableServiceIds), ["SSH1", "HTTP1"]
             )
             self.assertEqual(len(client.channel_id.split("-")), 5)
-        described = self.api("DescribeTunnel", tunnelId=tunnel["tunnelId"])["tunnel"]
+        described = (yield self.api("DescribeTunnel", tunnelId=tunnel["tunnelId"]))["tunnel"]
         self.assertEqual(described["sourceConnectionState"]["status"], "CONNECTED")
         self.assertEqual(described["destinationConnectionState"]["status"], "CONNECTED")
 
     @defer.inlineCallbacks
     def test_rejections(self) -> Any:
-        tunnel = self.open_tunnel()
+        tunnel = yield self.open_tunnel()
         token = tunnel["sourceAccessToken"]
         cases = [
             (upgrade_request("source", None), 401, "Missing access token"),
@@ -290,27 +292,27 @@ class PeerTests(ServiceFixture):
             tunnel_frame(type=Message.DATA, streamId=6, serviceId="SSH", connectionId=1, payload=b"hi")
         )
         yield destination.expect({1: 2})
-        described = self.api("DescribeTunnel", tunnelId=tunnel["tunnelId"])["tunnel"]
+        described = (yield self.api("DescribeTunnel", tunnelId=tunnel["tunnelId"]))["tunnel"]
         self.assertEqual(described["sourceConnectionState"]["status"], "CONNECTED")
 
     @defer.inlineCallbacks
     def test_close_tunnel(self) -> Any:
         tunnel, source, destination = yield self.pair()
         started = time.monotonic()
-        self.api("CloseTunnel", tunnelId=tunnel["tunnelId"])
+        yield self.api("CloseTunnel", tunnelId=tunnel["tunnelId"])
         results = yield defer.gatherResults([source.closed, destination.closed])
         self.assertLess(source.close_frame_at - started, 1.0)
         self.assertLess(destination.close_frame_at - started, 1.0)
         for was_clean, code, reason in results:
             self.assertEqual((code, reason), (1000, "Tunnel closed"))
-        described = self.api("DescribeTunnel", tunnelId=tunnel["tunnelId"])["tunnel"]
+        described = (yield self.api("DescribeTunnel", tunnelId=tunnel["tunnelId"]))["tunnel"]
         self.assertEqual(described["sourceConnectionState"]["status"], "DISCONNECTED")
 
     @defer.inlineCallbacks
     def test_rotation(self) -> Any:
         tunnel, source, destination = yield self.pair()
         started = time.monotonic()
-        rotated = self.api("RotateTunnelAccessToken", tunnelId=tunnel["tunnelId"], clientMode="SOURCE")
+        rotated = yield self.api("RotateTunnelAccessToken", tunnelId=tunnel["tunnelId"], clientMode="SOURCE")
         was_clean, code, reason = yield source.closed
         self.assertLess(source.close_frame_at - started, 1.0)
         self.assertEqual((code, reason), (1008, "Access token rotated"))
@@ -320,7 +322,7 @@ class PeerTests(ServiceFixture):
 
     @defer.inlineCallbacks
     def test_expiry(self) -> Any:
-        tunnel = self.open_tunnel(minutes=1)
+        tunnel = yield self.open_tunnel(minutes=1)
         self.clock.offset = 59.5  # the tunnel's minute is nearly over
         source = yield self.connect("source", tunnel["sourceAccessToken"])
         started = time.monotonic()

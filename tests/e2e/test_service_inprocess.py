@@ -103,7 +103,7 @@ class InProcessHTTPSTests(TestCase):
     @inlineCallbacks
     def test_wrong_secret(self) -> Any:
         """A wrong secret over real HTTPS: 403 InvalidSignatureException, nothing created."""
-        key = self.service.store.list_access_keys()[0]
+        key = (yield self.service.store.list_access_keys())[0]
 
         def call() -> Any:
             bad = self.client(aws_access_key_id=key.access_key_id, aws_secret_access_key="wrong" * 8)
@@ -118,7 +118,7 @@ class InProcessHTTPSTests(TestCase):
         response = yield deferToThread(call)
         self.assertEqual(response["ResponseMetadata"]["HTTPStatusCode"], 403)
         self.assertEqual(response["Error"]["Code"], "InvalidSignatureException")
-        self.assertEqual(self.service.store.count_open_tunnels(self.service.account.account_id), 0)
+        self.assertEqual((yield self.service.store.count_open_tunnels(self.service.account.account_id)), 0)
 
     @inlineCallbacks
     def test_large_body_refused_early(self) -> Any:
@@ -224,14 +224,14 @@ class WebSocketTimeoutTests(TestCase):
     @inlineCallbacks
     def test_upgraded_connection_outlives_http_timeout(self) -> Any:
         from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-        from twisted.internet.task import deferLater
+        from twisted.internet.protocol import Factory, Protocol
 
         if tap.mount_data_plane is None:
             raise SkipTest("the data plane is not built")
         service = yield start_service(self)
         service.site.timeOut = 0.5
         account = service.account
-        opened = service.control.call("OpenTunnel", account, {})
+        opened = yield service.control.call("OpenTunnel", account, {})
         port = service.listeners[0].port.getHost().port
         events: List[str] = []
         connected: Deferred = Deferred()
@@ -263,9 +263,18 @@ class WebSocketTimeoutTests(TestCase):
         endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, options)
         client = yield endpoint.connect(factory)
         yield connected
-        yield deferLater(reactor, 1.5, lambda: None)
+        # A plain HTTPS connection opened after the WebSocket, idle: once the site's timeout has closed
+        # it, the WebSocket's would have fired too, had it applied to an upgraded connection.
+        idle_closed: Deferred = Deferred()
+
+        class Idle(Protocol):
+            def connectionLost(self, reason: Any = None) -> None:
+                idle_closed.callback(None)
+
+        yield SSL4ClientEndpoint(reactor, "127.0.0.1", port, options).connect(Factory.forProtocol(Idle))
+        yield idle_closed
         self.assertEqual([e for e in events if e.startswith("close")], [])
-        self.assertEqual(service.store.get_tunnel(account.account_id, opened["tunnelId"]).source.status, "CONNECTED")
+        self.assertEqual((yield service.store.get_tunnel(account.account_id, opened["tunnelId"])).source.status, "CONNECTED")
         closed: Deferred = Deferred()
         client.onClose = lambda *args: closed.callback(None)
         client.sendClose()

@@ -67,7 +67,7 @@ class NotifyTests(TestCase):
         subscriber = yield deferToThread(Subscriber, port, "RemoteDeviceA")
         self.addCleanup(subscriber.stop)
         yield deferToThread(subscriber.wait_subscribed)
-        key = service.store.list_access_keys()[0]
+        key = (yield service.store.list_access_keys())[0]
         credentials = dict(aws_access_key_id=key.access_key_id, aws_secret_access_key=key.secret_access_key)
 
         def open_tunnel() -> Dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, List
 from twisted.trial.unittest import TestCase
 
 from tests.e2e import test_agent_tunnel as agent_tunnel
-from tests.e2e.harness import exchange, free_port
+from tests.e2e.harness import exchange
 
 THING = agent_tunnel.THING
 CLI = [sys.executable, "-m", "tunnelkit.cli"]
@@ -51,9 +51,8 @@ class ThingCommandTests(TestCase):
         self.assertEqual(failing.returncode, 7, failing.stderr)
 
     def test_connect_until_interrupted(self) -> None:
-        port = free_port()
-        connect = self.h.spawn("connect", [*CLI, "connect", *self.api, THING, "ECHO", "--local-port", str(port)])
-        connect.wait_for_log(rf"t1 ECHO is at 127\.0\.0\.1:{port}; Ctrl-C closes the tunnel", 60)
+        connect = self.h.spawn("connect", [*CLI, "connect", *self.api, THING, "ECHO", "--local-port", "0"])
+        port = int(connect.wait_for_log(r"t1 ECHO is at 127\.0\.0\.1:(\d+); Ctrl-C closes the tunnel", 60).group(1))
         self.assertEqual(exchange(port, b"hello, thing"), b"hello, thing")
         self.assertEqual(self.tunnel_states(), ["OPEN"])
         connect.popen.send_signal(signal.SIGINT)

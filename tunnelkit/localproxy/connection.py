@@ -19,6 +19,8 @@ and takes part in flow control (L{tunnelkit.transport.flow}, L{tunnelkit.protoco
 
 from __future__ import annotations
 
+import socket
+import struct
 from typing import Any, Tuple
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -27,10 +29,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunnelkit.adapters import IActiveStreamFilter, IFilterOutput, StreamFilterError
+from tunnelkit.adapters import IActiveStreamFilter, IFilterOutput, IHoldingStreamFilter, StreamFilterError
 from tunnelkit.protocol.framing import MAX_PAYLOAD_SIZE
 
-__all__ = ["LocalConnection", "READ_SIZE", "ConnectionKey", "reset_connection", "Refused"]
+__all__ = ["LocalConnection", "READ_SIZE", "ConnectionKey", "reset_connection", "reset_if_killed", "Refused"]
 
 #: Bytes read from a local socket at once: two full DATA payloads, one WebSocket message.
 READ_SIZE = 2 * MAX_PAYLOAD_SIZE
@@ -49,6 +51,30 @@ def reset_connection(transport: Any) -> None:
         abort()
     else:
         transport.loseConnection()
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_OFF = struct.pack("ii", 0, 0)
+
+
+def reset_if_killed(transport: Any, on: bool) -> None:
+    """
+    C{on=True}: set C{SO_LINGER} to C{{1, 0}} on a TCP connection's socket, so that if this process
+    dies (C{kill -9}, a crash) the kernel's close of the socket sends a reset and the application
+    sees ECONNRESET, not a clean end of stream after a prefix.  C{on=False}: back to the ordinary
+    close (a FIN after every buffered byte), just before an honest close: with C{{1, 0}} left on, a
+    close would drop what the kernel still holds for the application.  (Other transports: nothing.)
+    """
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return
+    try:
+        handle = get_handle()
+        if getattr(handle, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+            return
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET if on else _LINGER_OFF)
+    except (OSError, AttributeError):
+        pass  # already closed: nothing to change
 
 
 class Refused(Protocol):
@@ -117,6 +143,8 @@ class LocalConnection(Protocol):
             transport.bufferSize = READ_SIZE  # the recv size, and the send-buffer limit before pausing
         peer = transport.getPeer()
         self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+        # Until it ends honestly, this connection ends with a reset even if this process is killed.
+        reset_if_killed(transport, True)
         transport.registerProducer(_SendBuffer(self), True)
         self.proxy.local_read_throttle.add(self)
         self.proxy.local_opened(self)
@@ -154,8 +182,24 @@ class LocalConnection(Protocol):
             self.proxy.local_buffer_drained(self)
 
     def readConnectionLost(self) -> None:
-        """The local application shut down its write side (or closed)."""
+        """
+        The local application shut down its write side (or closed).  A filter that holds outbound
+        bytes (L{IHoldingStreamFilter}) may hold this end too, until it sent them: the end never
+        overtakes the bytes before it.
+        """
+        stream_filter = self.filter
+        if (
+            stream_filter is not None
+            and IHoldingStreamFilter.providedBy(stream_filter)
+            and not stream_filter.outbound_ended(self._send_end)
+        ):
+            return
         self.proxy.local_eof(self)
+
+    def _send_end(self) -> None:
+        """The filter sent what it held: now the local end of stream goes into the tunnel."""
+        if not self.closing and self.transport is not None:
+            self.proxy.local_eof(self)
 
     def writeConnectionLost(self) -> None:
         """Our write side is shut down (after L{half_close})."""
@@ -245,6 +289,7 @@ class LocalConnection(Protocol):
         if abort:
             reset_connection(self.transport)
         else:
+            reset_if_killed(self.transport, False)  # an honest end: every buffered byte, then a FIN
             self.transport.loseConnection()
 
     def _cancel_pacing(self) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
 
@@ -94,7 +94,7 @@ def _items(text: str, option: str) -> List[Tuple[str, str]]:
     return pairs
 
 
-def _merge(pairs: List[Tuple[str, object]], option: str) -> Dict[str, object]:
+def _merge(pairs: Sequence[Tuple[str, object]], option: str) -> Dict[str, object]:
     mapping: Dict[str, object] = {}
     for service_id, endpoint in pairs:
         if service_id in mapping:

@@ -43,9 +43,11 @@ from tunnelkit.protocol.session import (
     PauseLocal,
     ResumeLocal,
     SendFrames,
+    SourceSession,
     StartListening,
     WriteLocal,
 )
+from tunnelkit.transport.actions import ActionDispatcher
 from tunnelkit.transport.flow import LocalReadThrottle, WebSocketReadThrottle
 from tunnelkit.transport.websocket import (
     ITunnelWebSocketHandler,
@@ -204,6 +206,7 @@ class LocalProxySession(MultiService):
         )
         self.client_service.setServiceParent(self)
         side.attach(self)
+        self._dispatch = ActionDispatcher(self._action_handlers())
 
     # --- service ---
 
@@ -251,17 +254,54 @@ class LocalProxySession(MultiService):
     def messages_received(self, messages: List[Message]) -> None:
         session = self.session
         was_ready = session.ready
+        was_there = session.far_peer_connected
         receive = session.receive
         perform = self.perform
         for message in messages:
             perform(receive(message), flush=False)
         self.side.after_messages()
-        if not was_ready and session.ready and self.end is None:
-            self.log.info(
-                "The tunnel is ready: its services are {services}",
-                services=", ".join(sid or "(none)" for sid in session.services) or "(none)",
-            )
+        if self.end is not None:
+            return
+        if not was_ready and session.ready:
+            self._log_connected()
             self.side.tunnel_ready()
+        there = session.far_peer_connected
+        if there and not was_there:
+            self.log.info(
+                "The tunnel is ready: the {far} is connected ({extensions}); its services are {services}",
+                far=self._far_side,
+                extensions="flow control and half-close"
+                if session.peer_extensions is not None
+                else "it announces neither flow control nor half-close",
+                services=self._services_text(),
+            )
+        elif was_there and there is False:
+            self.log.info(
+                "The {far} left the tunnel (the service says so); waiting for it to connect again",
+                far=self._far_side,
+            )
+
+    @property
+    def _far_side(self) -> str:
+        return "destination" if isinstance(self.session, SourceSession) else "source"
+
+    def _services_text(self) -> str:
+        return ", ".join(sid or "(none)" for sid in self.session.services) or "(none)"
+
+    def _log_connected(self) -> None:
+        """SERVICE_IDS came: this side is in the tunnel; the far side may not be (yet)."""
+        if self.session.far_peer_connected is None:
+            waiting = (
+                f"this service does not say whether the {self._far_side} is connected: "
+                "data flows once it is"
+            )
+        else:
+            waiting = f"waiting for the {self._far_side} to connect"
+        self.log.info(
+            "Connected to the tunnel: its services are {services}; {waiting}",
+            services=self._services_text(),
+            waiting=waiting,
+        )
 
     def websocket_ended(self, websocket: TunnelWebSocketProtocol, ended: WebSocketEnded) -> None:
         if websocket is self.websocket or self.websocket is None:
@@ -326,43 +366,48 @@ class LocalProxySession(MultiService):
     # --- actions of the state machine ---
 
     def perform(self, actions: List[Any], flush: bool = True) -> None:
-        """Carry out the state machine's actions, in order."""
+        """Carry out the state machine's actions, in order (L{ActionDispatcher}: every type handled)."""
         websocket = self.websocket
-        for action in actions:
-            kind = type(action)
-            if kind is SendFrames:
-                if websocket is not None:
-                    websocket.send_frames(action.data, action.boundary)
-            elif kind is WriteLocal:
-                connection = self.connections.get((action.service_id, action.connection_id))
-                if connection is not None:
-                    connection.write(action.data)
-            elif kind is CloseLocal:
-                key = (action.service_id, action.connection_id)
-                connection = self.connections.get(key)
-                if connection is not None:
-                    connection.close(action.reason, action.abort)
-                else:
-                    self.side.cancel(key, action.reason)
-            elif kind is PauseLocal or kind is ResumeLocal or kind is HalfCloseLocal:
-                connection = self.connections.get((action.service_id, action.connection_id))
-                if connection is not None:
-                    if kind is PauseLocal:
-                        connection.pause_reading("credit")
-                    elif kind is ResumeLocal:
-                        connection.resume_reading("credit")
-                    else:
-                        connection.half_close()
-            elif kind is StartListening:
-                self.side.start_listening(action)
-            elif kind is ConnectTarget:
-                self.side.connect(action)
-            elif kind is Fatal:
-                self.finish(1, action.message)
-            else:  # pragma: no cover - the session only returns the kinds above
-                raise TypeError(f"unknown action {action!r}")
+        self._dispatch(actions)
         if flush and websocket is not None:
             websocket.flush()
+
+    def _action_handlers(self) -> Dict[type, Callable[[Any], None]]:
+        side = self.side
+        return {
+            SendFrames: self._send_frames,
+            WriteLocal: self._write_local,
+            CloseLocal: self._close_local,
+            PauseLocal: lambda a: self._on_connection(a, "pause_reading", "credit"),
+            ResumeLocal: lambda a: self._on_connection(a, "resume_reading", "credit"),
+            HalfCloseLocal: lambda a: self._on_connection(a, "half_close"),
+            StartListening: lambda a: side.start_listening(a),
+            ConnectTarget: lambda a: side.connect(a),
+            Fatal: lambda a: self.finish(1, a.message),
+        }
+
+    def _send_frames(self, action: SendFrames) -> None:
+        websocket = self.websocket
+        if websocket is not None:
+            websocket.send_frames(action.data, action.boundary)
+
+    def _write_local(self, action: WriteLocal) -> None:
+        connection = self.connections.get((action.service_id, action.connection_id))
+        if connection is not None:
+            connection.write(action.data)
+
+    def _close_local(self, action: CloseLocal) -> None:
+        key = (action.service_id, action.connection_id)
+        connection = self.connections.get(key)
+        if connection is not None:
+            connection.close(action.reason, action.abort)
+        else:
+            self.side.cancel(key, action.reason)
+
+    def _on_connection(self, action: Any, method: str, *args: Any) -> None:
+        connection = self.connections.get((action.service_id, action.connection_id))
+        if connection is not None:
+            getattr(connection, method)(*args)
 
     # --- local connections (called by LocalConnection and the sides) ---
 

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 import tunnelkit
 from tunnelkit.adapters import available_adapters, parse_adapter_overrides, resolve_adapter
-from tunnelkit.config import ModeOptions, positive_int
+from tunnelkit.config import ModeOptions, number, positive_int
 from tunnelkit.errors import ConfigError
 from tunnelkit.localproxy.client_token import KeptClientToken, keep_client_token
 from tunnelkit.localproxy.destination import DestinationSide
@@ -65,22 +65,6 @@ def _verbosity(text: str) -> int:
     return int(text)
 
 
-def _count(text: str) -> int:
-    if not text.lstrip("-").isdigit() or int(text) < 0:
-        raise ValueError(f"expected a whole number >= 0, got {text!r}")
-    return int(text)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 <= value <= 3600:
-        raise ValueError(f"expected 0-3600 seconds, got {text!r}")
-    return value
-
-
 class TunnelClientOptions(NvxOptions, ModeOptions):
     """
     Options of every mode that connects to the tunnel service's data plane (the local proxy's
@@ -91,7 +75,7 @@ class TunnelClientOptions(NvxOptions, ModeOptions):
     optFlags = [
         ["no-ssl-host-verify", "k", "Do not check the tunnel service's TLS certificate or host name (DANGEROUS)."],
         ["no-probe", None, "Destination: do not probe each target's protocol (SSH banner, RFB greeting, ...) "
-         "when the tunnel is ready."],
+         "when connected to the tunnel."],
     ]
 
     optParameters = [
@@ -171,11 +155,11 @@ class Options(TunnelClientOptions):
         ["config-dir", None, None, "A directory of files of SERVICE=ENDPOINT lines."],
         ["verbose", "v", 4, "Log detail 0-255: 4 = info, 5 = debug, 6+ = trace.", _verbosity],
         ["max-connections", None, 128, "Source: the most simultaneous connections per service.", positive_int],
-        ["connect-retries", None, 5, "Destination: retries of a refused target before the reset.", _count],
-        ["connect-retry-delay", None, 2.5, "Destination: seconds between those retries.", _seconds],
+        ["connect-retries", None, 5, "Destination: retries of a refused target before the reset.", number(0, whole=True)],
+        ["connect-retry-delay", None, 2.5, "Destination: seconds between those retries (0-3600).", number(0, 3600)],
         ["pace", None, 0, "Bytes per second each connection may send when the far peer has no per-connection "
          "flow control (AWS's localproxy, whose destination dies when data comes faster than its target "
-         "reads it); 0: no pacing.", _count],
+         "reads it); 0: no pacing.", number(0, whole=True)],
     ]
 
     repeatable = {"adapter": str, "adapters": str, "adapter-option": str}

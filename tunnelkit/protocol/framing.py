@@ -9,7 +9,7 @@ several frames or a piece of one, split anywhere (also inside the length prefix)
 from __future__ import annotations
 
 import struct
-from typing import List, Union
+from typing import List, Union, cast
 
 from tunnelkit.errors import FramingError
 from tunnelkit.protocol.message_pb2 import Message
@@ -68,7 +68,7 @@ def parse_message(body: Buffer) -> Message:
     """
     message = Message()
     try:
-        message.ParseFromString(body)
+        message.ParseFromString(cast(bytes, body))  # any bytes-like object: no copy
     except Exception as e:  # protobuf raises DecodeError, or others for garbage
         raise FramingError(f"could not parse a tunnel frame of {len(body)} bytes: {e}") from None
     return message

@@ -23,7 +23,7 @@ id too (they count as service id C{""}): a DATA frame before any stream was star
 
 from __future__ import annotations
 
-from typing import FrozenSet, Iterable, Optional, Set
+from typing import Any, FrozenSet, Iterable, Optional, Set, cast
 
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -47,6 +47,7 @@ __all__ = [
     "RULE_SERVICE_ID_MIXING",
     "RULE_MISSING_SERVICE_ID",
     "RULE_DATA_BEFORE_STREAM_START",
+    "payload_size",
 ]
 
 #: The subprotocols a client may offer, and the protocol version each one means.
@@ -123,6 +124,50 @@ def _check_payload_size(message: Message, message_type: int) -> None:
             f"{_type_name(message_type)} carries {payload_size} payload bytes, more than the "
             f"{MAX_PAYLOAD_SIZE}-byte limit",
         )
+
+
+def _varint_size(value: int) -> int:
+    """Bytes of C{value} as a protobuf varint (a negative int32 takes 10)."""
+    if value < 0:
+        return 10
+    return (max(value.bit_length(), 1) + 6) // 7
+
+
+def payload_size(message: Message, size: int) -> int:
+    """
+    The length of the payload of C{message}, whose protobuf body is C{size} bytes, computed from its
+    other fields: reading C{message.payload} would copy the payload (upb), this does not.  Exact
+    for a body as protobuf libraries encode it (each field once, shortest varints, the
+    L{tunnelkit.protocol.framing} frames of every client); a body encoded otherwise can only
+    make it larger than the payload really is, and never below 0.
+    """
+    rest = size
+    message_type = message.type
+    if message_type:
+        rest -= 1 + _varint_size(message_type)
+    stream_id = message.streamId
+    if stream_id:
+        rest -= 1 + _varint_size(stream_id)
+    if message.ignorable:
+        rest -= 2
+    service_id = message.serviceId
+    if service_id:
+        length = len(service_id) if service_id.isascii() else len(service_id.encode("utf-8"))
+        rest -= 1 + _varint_size(length) + length
+    connection_id = message.connectionId
+    if connection_id:
+        rest -= 1 + _varint_size(connection_id)
+    for available in message.availableServiceIds:
+        length = len(available.encode("utf-8"))
+        rest -= 1 + _varint_size(length) + length
+    if rest <= 0:
+        return 0
+    # What is left is the payload field: a tag byte, the length as a varint, the bytes.
+    for length_bytes in (1, 2, 3, 4, 5):
+        payload = rest - 1 - length_bytes
+        if payload >= 0 and _varint_size(payload) == length_bytes:
+            return payload
+    return max(rest - 2, 0)
 
 
 class PeerRules:
@@ -270,7 +315,7 @@ class PeerRules:
         """No field unknown to the schema, none the negotiated version lacks."""
         unknown = UnknownFieldSet(message)
         if len(unknown):
-            numbers = sorted({field.field_number for field in unknown})
+            numbers = sorted({field.field_number for field in cast(Iterable[Any], unknown)})
             raise ProtocolViolation(
                 RULE_UNKNOWN_FIELD,
                 f"{_type_name(message_type)} has field(s) {', '.join(map(str, numbers))}, which "

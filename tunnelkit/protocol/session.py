@@ -451,6 +451,20 @@ class _Session(ABC):
         self.window = window  # the receive window this side grants per connection
         self._offered = False  # the service said it passes tunnelkit's extensions on
         self._peer: Optional[Extensions] = None  # what the far peer announced, if usable
+        self._far_connected = False  # the far peer's announcement came (and was not withdrawn)
+
+    @property
+    def far_peer_connected(self) -> Optional[bool]:
+        """
+        Whether the tunnel's other side is connected, as far as this side can know: None when the
+        service does not pass tunnelkit's extensions (AWS's, an older one: it never says), else
+        whether the far peer's ANNOUNCE came through the relay and was not withdrawn since (the
+        relay sends an empty one when the other side goes away).  A far peer that does not speak
+        the extensions (AWS's clients) never announces: False then means "not known to be there".
+        """
+        if not (self._offered and self._ready):
+            return None
+        return self._far_connected
 
     @property
     def peer_extensions(self) -> Optional[Extensions]:
@@ -512,12 +526,14 @@ class _Session(ABC):
         offered = extensions.split()
         self._offered = FLOW_CONTROL in offered and HALF_CLOSE in offered
         self._peer = None
+        self._far_connected = False
         return actions
 
     def websocket_lost(self) -> List[Action]:
         """The WebSocket is gone: every local connection is reset, every stream forgotten."""
         self._ready = False
         self._peer = None
+        self._far_connected = False
         return self._close_all("the tunnel's WebSocket connection was lost")
 
     def _ready_now(self, actions: List[Action], was_ready: bool) -> List[Action]:
@@ -535,11 +551,8 @@ class _Session(ABC):
         kind = message.type
         if kind == ANNOUNCE:
             extensions = parse_announcement(message.payload)
+            self._far_connected = extensions is not None  # an empty one: the other side went away
             self._peer = extensions if extensions is not None and extensions.usable else None
-            log.info(
-                "The tunnel's far peer {does} flow control and half-close",
-                does="announced" if self._peer is not None else "does not announce",
-            )
             return self._upgrade_connections() if self._peer is not None else []
         service = self._lookup(message.serviceId)
         connection_id = message.connectionId

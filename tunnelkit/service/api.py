@@ -23,8 +23,9 @@ import json
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
-from twisted.internet.protocol import Protocol
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.http import _GenericHTTPChannelProtocol  # the channel wrapper Site's protocol must be
 from twisted.web.pages import errorPage
@@ -132,26 +133,49 @@ class FrontDoorChannel(http.HTTPChannel):
         before TLS is through) and the request line and headers must arrive within it, however
         slowly the bytes trickle in (the idle timeout restarts on each byte, this does not);
         past it the connection is reset;
-      - it counts as pending for its client address until it is upgraded or closed (see
-        L{ServiceSite.max_pending_per_address});
+      - while that deadline runs (it has not sent a complete request head yet), it counts as
+        pending for its client address (see L{ServiceSite.max_pending_per_address}); an idle
+        keep-alive connection, a console event stream or a request being answered does not
+        count (the idle timeout is theirs);
       - a request line or header line over L{MAX_HEAD_LINE} bytes, or a head over it in all, is
         answered C{431} at once, whatever its size.
+
+    @ivar address_from_proxy_header: the connection came through a C{haproxy:} listener: its
+        client's address is the one the PROXY header names, known only when the first bytes after
+        that header arrive, so it is counted (and checked against the limit) only then.
     """
 
     MAX_LENGTH = MAX_HEAD_LINE
     totalHeadersSize = MAX_HEAD_LINE
+    address_from_proxy_header = False
     _pending_host: Optional[str] = None
     _head_deadline: Any = None
+    _heard = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        site = self.factory
-        peer = self.transport.getPeer()
-        host = str(getattr(peer, "host", ""))
-        if isinstance(site, ServiceSite):
-            site.pending[host] = site.pending.get(host, 0) + 1
-            self._pending_host = host
         self._arm_head_deadline()
+        if not self.address_from_proxy_header:
+            self._count_pending(refuse=True)
+
+    def _client_host(self) -> str:
+        return str(getattr(self.transport.getPeer(), "host", ""))
+
+    def _count_pending(self, refuse: bool) -> bool:
+        """
+        Count this connection as pending for its client address; if C{refuse} and the address has
+        its limit already, reset it instead and return False.
+        """
+        site = self.factory
+        if not isinstance(site, ServiceSite) or self._pending_host is not None:
+            return True
+        host = self._client_host()
+        if refuse and not site.admit_pending(host):
+            self.transport.abortConnection()
+            return False
+        site.pending[host] = site.pending.get(host, 0) + 1
+        self._pending_host = host
+        return True
 
     def _arm_head_deadline(self) -> None:
         timeout = getattr(self.factory, "head_timeout", HEAD_TIMEOUT)
@@ -162,6 +186,7 @@ class FrontDoorChannel(http.HTTPChannel):
         if self._head_deadline is not None and self._head_deadline.active():
             self._head_deadline.cancel()
         self._head_deadline = None
+        self._release()
 
     def _head_too_slow(self) -> None:
         self._head_deadline = None
@@ -175,8 +200,16 @@ class FrontDoorChannel(http.HTTPChannel):
             transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._head_deadline is None and self.line_mode and not self._handlingRequest:
-            self._arm_head_deadline()  # the first bytes of a later request on this connection
+        if not self._heard:
+            self._heard = True
+            # Behind a haproxy: listener, the PROXY header is through: the client is known now.
+            if self.address_from_proxy_header and not self._count_pending(refuse=True):
+                return
+        elif self._head_deadline is None and self.line_mode and not self._handlingRequest:
+            # The first bytes of a later request on this connection: pending again until its head is
+            # complete (counted, never refused: the client did nothing wrong by keeping it alive).
+            self._arm_head_deadline()
+            self._count_pending(refuse=False)
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -204,9 +237,8 @@ class FrontDoorChannel(http.HTTPChannel):
         super().allHeadersReceived()
 
     def upgraded(self) -> None:
-        """The connection became a WebSocket peer: no longer pending."""
+        """The connection became a WebSocket peer: no longer pending (nor timed by the head deadline)."""
         self._cancel_head_deadline()
-        self._release()
 
     def _release(self) -> None:
         host, self._pending_host = self._pending_host, None
@@ -221,19 +253,14 @@ class FrontDoorChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self._cancel_head_deadline()
-        self._release()
         super().connectionLost(reason)
 
 
-class _Refused(Protocol):
-    """A connection over its address's pending limit: reset at once."""
-
-    def connectionMade(self) -> None:
-        self.transport.abortConnection()
-
-
 def _front_door_protocol(factory: Any) -> Any:
-    return _GenericHTTPChannelProtocol(FrontDoorChannel())
+    channel = FrontDoorChannel()
+    protocol = _GenericHTTPChannelProtocol(channel)
+    protocol.front_door = channel  # type: ignore[attr-defined]
+    return protocol
 
 
 def access_log_line(timestamp: str, request: Any) -> str:
@@ -256,12 +283,22 @@ def access_log_line(timestamp: str, request: Any) -> str:
     )
 
 
+#: Seconds between two log lines about one address's connections reset by the pending limit.
+PENDING_RESET_LOG_INTERVAL = 60.0
+
+
 class ServiceSite(server.Site):
     """
     The service's HTTP site: the API and the data plane share it; request bodies are bounded, and
     idle HTTP connections close after L{IDLE_TIMEOUT} seconds (WebSocket connections are exempt once
-    upgraded).  Every connection is a L{FrontDoorChannel} (head deadline, 431, pending count); one
-    over C{max_pending_per_address} is reset at once.  Access-log lines show at most L{bounded}'s share of what the client sent.
+    upgraded).  Every connection is a L{FrontDoorChannel} (head deadline, 431, pending count).  A new
+    connection from an address that has C{max_pending_per_address} connections still sending
+    their request head is reset at once, and logged (a warning, at most one line per address every
+    L{PENDING_RESET_LOG_INTERVAL} seconds, with how many were reset since the last one).
+    Access-log lines show at most L{bounded}'s share of what the client sent.
+
+    A C{haproxy:} listener gets L{proxied} as its factory: its connections' client address is the
+    one the PROXY header names, not HAProxy's.
     """
 
     requestFactory = BoundedRequest
@@ -279,25 +316,64 @@ class ServiceSite(server.Site):
         super().__init__(resource, timeout=timeout, reactor=reactor, logFormatter=access_log_line)
         self.head_timeout = head_timeout
         self.max_pending_per_address = max_pending_per_address
-        #: client address -> connections not upgraded to WebSocket (nor closed) yet.
+        #: client address -> its connections that have not sent a complete request head yet.
         self.pending: Dict[str, int] = {}
         self.refused_pending = 0
+        #: client address -> [time of its last log line, resets not logged since].
+        self._reset_logged: Dict[str, List[float]] = {}
+
+    def admit_pending(self, host: str) -> bool:
+        """Whether one more pending connection from C{host} is allowed; a refusal is counted and logged."""
+        limit = self.max_pending_per_address
+        if not limit or self.pending.get(host, 0) < limit:
+            return True
+        self.refused_pending += 1
+        now = self.reactor.seconds()
+        logged = self._reset_logged.get(host)
+        if logged is not None and now - logged[0] < PENDING_RESET_LOG_INTERVAL:
+            logged[1] += 1
+            return False
+        if len(self._reset_logged) >= 1024:
+            self._reset_logged.clear()
+        self._reset_logged[host] = [now, 0]
+        log.warn(
+            "Reset a connection from {address}: it has {limit} connections still sending their request "
+            "head (--max-pending-per-address {limit}){since}",
+            address=host or "a unix socket",
+            limit=limit,
+            since=f"; {int(logged[1])} more reset since the last such line" if logged is not None and logged[1] else "",
+        )
+        return False
+
+    def proxied(self) -> "ProxyProtocolFactory":
+        """This site as the factory of a C{haproxy:} (PROXY protocol) listener."""
+        return ProxyProtocolFactory(self)
+
+
+class ProxyProtocolFactory:
+    """
+    A L{ServiceSite} as a C{haproxy:} listener's factory.  Twisted's PROXY-protocol wrapper builds
+    each connection's protocol with HAProxy's address, before the header names the client; this
+    marks the channel so that it counts (and limits) the connection under the client's address once
+    the header is through.
+    """
+
+    def __init__(self, site: ServiceSite) -> None:
+        self.site = site
+
+    def doStart(self) -> None:
+        self.site.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+
+    def logPrefix(self) -> str:
+        return self.site.logPrefix()
 
     def buildProtocol(self, addr: Any) -> Any:
-        limit = self.max_pending_per_address
-        host = str(getattr(addr, "host", ""))
-        if limit and self.pending.get(host, 0) >= limit:
-            self.refused_pending += 1
-            if self.refused_pending % 1000 == 1:
-                log.info(
-                    "Reset a connection from {address}: it has {limit} connections waiting for a "
-                    "request or an upgrade already (--max-pending-per-address); {count} reset so far",
-                    address=host,
-                    limit=limit,
-                    count=self.refused_pending,
-                )
-            return _Refused()
-        return super().buildProtocol(addr)
+        protocol = self.site.buildProtocol(addr)
+        protocol.front_door.address_from_proxy_header = True
+        return protocol
 
 
 class ApiResource(Resource):
@@ -320,7 +396,11 @@ class ApiResource(Resource):
             b"'aws iotsecuretunneling ... --endpoint-url'. WebSocket peers connect to /tunnel.\n"
         )
 
-    def render_POST(self, request: server.Request) -> bytes:
+    def answer(self, request: server.Request) -> "Deferred[bytes]":
+        """
+        The response body of the call C{request} makes (its status and headers set on it); never
+        fails (an error is its AWS error body).  L{render_POST} writes it; the audit trail reads it first.
+        """
         request_id = str(uuid.uuid4())
         request.setHeader(b"x-amzn-requestid", request_id.encode())
         request.setHeader(b"content-type", CONTENT_TYPE)
@@ -328,17 +408,29 @@ class ApiResource(Resource):
             operation = self._operation(request)  # for the log; checked again once the caller is known
         except ApiError:
             operation = "?"
-        try:
-            body = request.content.read() if request.content is not None else b""
-            headers: List[Tuple[str, List[str]]] = [
-                (name.decode("latin-1"), [v.decode("latin-1") for v in values])
-                for name, values in request.requestHeaders.getAllRawHeaders()
-            ]
-            caller = self._verifier.authenticate("POST", request.uri.decode("latin-1"), headers, body)
-            operation = self._operation(request)
-            params = self._decode(body)
-            result = self._control.call(operation, caller.account, params)
-        except ApiError as e:
+        body = request.content.read() if request.content is not None else b""
+        d = Deferred.fromCoroutine(self._answer(request, body))
+        d.addErrback(self._failed, request, operation, request_id)
+        return d
+
+    def render_POST(self, request: server.Request) -> Any:
+        self.answer(request).addCallback(self.write_answer, request)
+        return server.NOT_DONE_YET
+
+    async def _answer(self, request: server.Request, body: bytes) -> bytes:
+        headers: List[Tuple[str, List[str]]] = [
+            (name.decode("latin-1"), [v.decode("latin-1") for v in values])
+            for name, values in request.requestHeaders.getAllRawHeaders()
+        ]
+        caller = await self._verifier.authenticate("POST", request.uri.decode("latin-1"), headers, body)
+        operation = self._operation(request)
+        params = self._decode(body)
+        result = await self._control.call(operation, caller.account, params)
+        return json.dumps(result).encode("utf-8")
+
+    def _failed(self, failure: Failure, request: server.Request, operation: str, request_id: str) -> bytes:
+        if failure.check(ApiError):
+            e = failure.value
             log.info(
                 "API {operation} refused: {error_type}: {message}",
                 operation=operation,
@@ -346,12 +438,21 @@ class ApiResource(Resource):
                 message=bounded(e.message),
             )
             return self._error(request, e.status, e.error_type, e.message)
-        except Exception:
-            log.failure("API {operation} failed (request id {request_id})", operation=operation, request_id=request_id)
-            return self._error(
-                request, 500, "InternalFailure", f"The service failed to process the request (request id {request_id})"
-            )
-        return json.dumps(result).encode("utf-8")
+        log.failure(
+            "API {operation} failed (request id {request_id})", failure, operation=operation, request_id=request_id
+        )
+        return self._error(
+            request, 500, "InternalFailure", f"The service failed to process the request (request id {request_id})"
+        )
+
+    @staticmethod
+    def write_answer(data: bytes, request: server.Request) -> None:
+        """Write L{answer}'s body and finish C{request} (unless the client went away)."""
+        if request.finished or getattr(request, "_disconnected", False):
+            return  # the client went away meanwhile
+        request.setHeader(b"content-length", str(len(data)).encode())
+        request.write(data)
+        request.finish()
 
     @staticmethod
     def _operation(request: server.Request) -> str:

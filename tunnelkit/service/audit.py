@@ -15,10 +15,14 @@ Records (every one has C{time}, ISO 8601 UTC with milliseconds, and C{kind}):
     C{service}, C{stream_id}, C{connection_id}, C{bytes_source_to_destination},
     C{bytes_destination_to_source}, C{duration_s}, C{ended} (C{reset by source},
     C{reset by destination}, C{stream reset by ...}, C{replaced by a new stream},
-    C{source disconnected}, ...).
+    C{source disconnected}, C{refused: the destination is not connected}, ...).  C{closed} is a
+    normal end: with tunnelkit's half-close extension both sides sent their EOF (type 1003) before
+    the reset that ends the connection; a reset without them is the C{reset by ...} it is.
 
-Connections are seen by wrapping each peer's protocol rules (L{AccountingRules}), which the relay
-already applies to every message: no cost when the trail is off.
+The relay tells each tunnel's L{TunnelLedger} (C{link.ledger}, set when a peer connects) about the
+messages that start, carry, half-close and end connections, in the per-kind branch it runs anyway;
+a DATA frame's bytes come from the frame's size (L{tunnelkit.protocol.rules.payload_size}), never
+from reading its payload.  With the trail off there is no ledger, and no cost.
 """
 
 from __future__ import annotations
@@ -29,23 +33,30 @@ import re
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from tunnelkit.config import number as _number
 from tunnelkit.protocol.framing import Message
+from tunnelkit.protocol.rules import payload_size
 
-__all__ = ["AuditOptions", "AuditTrail", "AuditedApi", "NO_AUDIT", "build_audit_trail", "read_records", "trail_files"]
+__all__ = [
+    "AuditOptions",
+    "AuditTrail",
+    "AuditedApi",
+    "NO_AUDIT",
+    "TunnelLedger",
+    "build_audit_trail",
+    "read_records",
+    "trail_files",
+]
 
 log = Logger()
 
-_DATA = Message.DATA
 _STREAM_START = Message.STREAM_START
-_STREAM_RESET = Message.STREAM_RESET
-_CONNECTION_START = Message.CONNECTION_START
-_CONNECTION_RESET = Message.CONNECTION_RESET
-_OTHER = {"source": "destination", "destination": "source"}
 _KEY_ID_RE = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
 _TUNNEL_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 _TARGET_PREFIX = "IoTSecuredTunneling."
@@ -70,8 +81,9 @@ class AuditOptions:
         ["audit-log", None, None,
          "The audit trail, JSON lines (default <state-dir>/audit.jsonl; \"\" turns it off)."],
         ["audit-log-size", None, DEFAULT_ROTATE_SIZE,
-         f"Bytes after which the trail is rotated to FILE.1 ... FILE.{KEEP_ROTATED} (the oldest dropped).",
-         int],
+         f"Bytes after which the trail is rotated to FILE.1 ... FILE.{KEEP_ROTATED} (the oldest dropped; "
+         "0: never rotated).",
+         _number(0, whole=True)],
     ]
 
 
@@ -103,12 +115,13 @@ class AuditTrail:
         self._clock = clock
         self.rotate_size = rotate_size
         self._file = self._open()
-        #: tunnel id -> (service, stream id, connection id) -> the open connection's counts.
-        self._connections: Dict[str, Dict[Tuple[str, int, int], List[float]]] = {}
+        #: tunnel id -> the ledger of that tunnel's open connections (while it has any, or a peer).
+        self._ledgers: Dict[str, TunnelLedger] = {}
 
     def close(self) -> None:
-        for tunnel_id in list(self._connections):
-            self._end_all(tunnel_id, lambda key: True, "the service stopped")
+        for ledger in list(self._ledgers.values()):
+            ledger.end_all(lambda key: True, "the service stopped")
+        self._ledgers.clear()
         self._file.close()
 
     def _open(self) -> Any:
@@ -143,80 +156,114 @@ class AuditTrail:
         link = peer.link
         self.record("peer-connect", tunnel_id=link.tunnel_id, side=peer.side, channel_id=peer.channel_id,
                     client=_client(peer))
-        peer.rules = AccountingRules(peer.rules, self, link.tunnel_id, peer.side)
+        ledger = getattr(link, "ledger", None)
+        if ledger is None:
+            ledger = self._ledgers.get(link.tunnel_id) or TunnelLedger(self, link.tunnel_id)
+            link.ledger = ledger
+        self._ledgers[link.tunnel_id] = ledger
 
     def peer_disconnected(self, peer: Any) -> None:
         link = peer.link
         ended = _peer_ending(peer)
         self.record("peer-disconnect", tunnel_id=link.tunnel_id, side=peer.side, channel_id=peer.channel_id,
                     client=_client(peer), ended=ended)
-        if not peer.replaced:
-            self._end_all(link.tunnel_id, lambda key: True, f"{peer.side} disconnected")
+        ledger = self._ledgers.get(link.tunnel_id)
+        if ledger is not None and not peer.replaced:
+            ledger.end_all(lambda key: True, f"{peer.side} disconnected")
+            self._ledgers.pop(link.tunnel_id, None)
 
-    # --- connections (called by AccountingRules) ---
 
-    def _started(self, tunnel_id: str, key: Tuple[str, int, int], replaces_stream: bool) -> None:
-        if replaces_stream:
-            service = key[0]
-            self._end_all(tunnel_id, lambda k: k[0] == service, "replaced by a new stream")
-        self._connections.setdefault(tunnel_id, {})[key] = [self._clock.seconds(), 0, 0]
+#: A connection's key in a ledger: (service id, stream id, connection id).
+_Key = Tuple[str, int, int]
 
-    def _data(self, tunnel_id: str, key: Tuple[str, int, int], side: str, size: int) -> None:
-        counts = self._connections.get(tunnel_id, {}).get(key)
+#: Bits of L{_Open.eofs}: which side sent its EOF.
+_EOF_BIT = {"source": 1, "destination": 2}
+_BOTH_EOFS = 3
+
+
+class _Open:
+    """One open connection's counts."""
+
+    __slots__ = ("started", "to_destination", "to_source", "eofs")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.to_destination = 0
+        self.to_source = 0
+        self.eofs = 0
+
+
+class TunnelLedger:
+    """
+    The open connections of one tunnel, for its C{connection} records.  The relay calls it from
+    its per-message branch (only when the trail is on): L{started}, L{data}, L{eof}, L{reset},
+    L{stream_reset}, L{refused}, each with the side that sent the message.
+    """
+
+    __slots__ = ("_trail", "tunnel_id", "_open")
+
+    def __init__(self, trail: AuditTrail, tunnel_id: str) -> None:
+        self._trail = trail
+        self.tunnel_id = tunnel_id
+        self._open: Dict[_Key, _Open] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def started(self, side: str, message: Message) -> None:
+        """A STREAM_START (which ends the service's older stream) or a CONNECTION_START."""
+        service = message.serviceId
+        if message.type == _STREAM_START:
+            self.end_all(lambda k: k[0] == service, "replaced by a new stream")
+        self._open[(service, message.streamId, message.connectionId or 1)] = _Open(self._trail._clock.seconds())
+
+    def data(self, side: str, message: Message, size: int) -> None:
+        """A DATA frame of C{size} bytes (its protobuf body): its payload is counted without being read."""
+        counts = self._open.get((message.serviceId, message.streamId, message.connectionId or 1))
         if counts is not None:
-            counts[1 if side == "source" else 2] += size
+            if side == "source":
+                counts.to_destination += payload_size(message, size)
+            else:
+                counts.to_source += payload_size(message, size)
 
-    def _end(self, tunnel_id: str, key: Tuple[str, int, int], ended: str) -> None:
-        counts = self._connections.get(tunnel_id, {}).pop(key, None)
+    def eof(self, side: str, message: Message) -> None:
+        """An EOF (half-close extension) that was forwarded: C{side} will send no more on it."""
+        counts = self._open.get((message.serviceId, message.streamId, message.connectionId or 1))
+        if counts is not None:
+            counts.eofs |= _EOF_BIT[side]
+
+    def reset(self, side: str, message: Message) -> None:
+        """A CONNECTION_RESET from C{side}: C{closed} after both EOFs, else C{reset by side}."""
+        key = (message.serviceId, message.streamId, message.connectionId or 1)
+        counts = self._open.get(key)
+        if counts is not None:
+            self._end(key, "closed" if counts.eofs == _BOTH_EOFS else f"reset by {side}")
+
+    def stream_reset(self, side: str, message: Message) -> None:
+        """A STREAM_RESET from C{side}: ends each connection of that stream."""
+        service, stream = message.serviceId, message.streamId
+        for key in [k for k in self._open if k[0] == service and k[1] == stream]:
+            self._end(key, "closed" if self._open[key].eofs == _BOTH_EOFS else f"stream reset by {side}")
+
+    def refused(self, message: Message, why: str) -> None:
+        """A start the relay answered with a reset itself (C{why}): recorded as a connection of no bytes."""
+        self.started("source", message)
+        self._end((message.serviceId, message.streamId, message.connectionId or 1), f"refused: {why}")
+
+    def end_all(self, which: Any, ended: str) -> None:
+        for key in [k for k in self._open if which(k)]:
+            self._end(key, ended)
+
+    def _end(self, key: _Key, ended: str) -> None:
+        counts = self._open.pop(key, None)
         if counts is None:
             return
-        self.record(
-            "connection", tunnel_id=tunnel_id, service=key[0], stream_id=key[1], connection_id=key[2],
-            bytes_source_to_destination=int(counts[1]), bytes_destination_to_source=int(counts[2]),
-            duration_s=round(self._clock.seconds() - counts[0], 3), ended=ended,
+        trail = self._trail
+        trail.record(
+            "connection", tunnel_id=self.tunnel_id, service=key[0], stream_id=key[1], connection_id=key[2],
+            bytes_source_to_destination=counts.to_destination, bytes_destination_to_source=counts.to_source,
+            duration_s=round(trail._clock.seconds() - counts.started, 3), ended=ended,
         )
-
-    def _end_all(self, tunnel_id: str, which: Any, ended: str) -> None:
-        for key in [k for k in self._connections.get(tunnel_id, {}) if which(k)]:
-            self._end(tunnel_id, key, ended)
-        if not self._connections.get(tunnel_id):
-            self._connections.pop(tunnel_id, None)
-
-
-class AccountingRules:
-    """
-    A peer's protocol rules (L{tunnelkit.protocol.rules.PeerRules}) that also tell the trail about
-    the connections its messages start, carry and end.  Everything else is the wrapped rules'.
-    """
-
-    def __init__(self, rules: Any, trail: AuditTrail, tunnel_id: str, side: str) -> None:
-        object.__setattr__(self, "_rules", rules)
-        object.__setattr__(self, "_trail", trail)
-        object.__setattr__(self, "_tunnel_id", tunnel_id)
-        object.__setattr__(self, "_side", side)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._rules, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._rules, name, value)  # e.g. the relay updating the services after a rotation
-
-    def check(self, message: Any, size: int) -> None:
-        self._rules.check(message, size)
-        kind = message.type
-        trail, tunnel_id = self._trail, self._tunnel_id
-        if kind == _DATA:
-            trail._data(tunnel_id, (message.serviceId, message.streamId, message.connectionId or 1), self._side,
-                        len(message.payload))
-        elif kind == _CONNECTION_START or kind == _STREAM_START:
-            trail._started(tunnel_id, (message.serviceId, message.streamId, message.connectionId or 1),
-                           kind == _STREAM_START)
-        elif kind == _CONNECTION_RESET:
-            trail._end(tunnel_id, (message.serviceId, message.streamId, message.connectionId or 1),
-                       f"reset by {self._side}")
-        elif kind == _STREAM_RESET:
-            service, stream = message.serviceId, message.streamId
-            trail._end_all(tunnel_id, lambda k: k[0] == service and k[1] == stream, f"stream reset by {self._side}")
 
 
 def _client(peer: Any) -> str:
@@ -253,15 +300,20 @@ class AuditedApi(Resource):
     def render_GET(self, request: server.Request) -> bytes:
         return self._api.render_GET(request)
 
-    def render_POST(self, request: server.Request) -> bytes:
-        answer = self._api.render_POST(request)
+    def render_POST(self, request: server.Request) -> Any:
+        d = self._api.answer(request)
+        d.addCallback(lambda answer: Deferred.fromCoroutine(self._record_answer(answer, request)))
+        d.addCallback(self._api.write_answer, request)
+        return server.NOT_DONE_YET
+
+    async def _record_answer(self, answer: bytes, request: server.Request) -> bytes:
         try:
-            self._record(request, answer)
+            await self._record(request, answer)
         except Exception:
             log.failure("Could not write the audit record of an API call")
         return answer
 
-    def _record(self, request: server.Request, answer: bytes) -> None:
+    async def _record(self, request: server.Request, answer: bytes) -> None:
         status = request.code
         target = (request.requestHeaders.getRawHeaders(b"x-amz-target") or [b""])[0].decode("latin-1")
         operation = target[len(_TARGET_PREFIX):] if target.startswith(_TARGET_PREFIX) else target or "?"
@@ -270,7 +322,7 @@ class AuditedApi(Resource):
         key_id = match.group(1) if match else None
         account = None
         if key_id is not None:
-            key = self._store.get_access_key(key_id)
+            key = await self._store.get_access_key(key_id)
             account = getattr(key, "account_id", None)
         outcome = "ok"
         if status != 200:

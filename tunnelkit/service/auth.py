@@ -39,10 +39,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from tunnelkit.service.operations import ApiError
 from tunnelkit.service.statefiles import write_atomically
+from tunnelkit.service.dbrunner import Blocking, resolved
 from tunnelkit.service.store import AccessKey, Account, IControlStore, NoSuchAccount
 
 SIGNING_NAME = "IoTSecuredTunneling"
@@ -105,11 +107,12 @@ def check_account_id(text: str) -> str:
     return text
 
 
-def create_access_key(store: IControlStore, account: Account, now: float) -> AccessKey:
-    """Create, store and return a new key of C{account}."""
+def create_access_key(store: IControlStore, account: Account, now: float) -> "Deferred[AccessKey]":
+    """Create and store a new key of C{account}; a Deferred of it once stored."""
     key = AccessKey(new_access_key_id(), account.account_id, new_secret_access_key(), now)
-    store.add_access_key(key)
-    return key
+    d = store.add_access_key(key)
+    d.addCallback(lambda _: key)
+    return d  # type: ignore[no-any-return]
 
 
 def write_credentials_file(path: str, key: AccessKey, profile: str = "default") -> None:
@@ -136,10 +139,14 @@ def ensure_initial_credentials(
     Make sure the service can be used: the C{default} account exists (with C{account_id}, or a random
     id), and if no account has any unrevoked key, create one for it and write C{<state_dir>/credentials}.
 
+    Synchronous, for the service's start-up before the reactor runs: C{store} is on a
+    L{SynchronousRunner} (L{tunnelkit.service.dbrunner}).
+
     @return: the default account, and the key created now (None if keys existed already).
     """
+    blocking = Blocking(store)
     try:
-        account = store.get_account(DEFAULT_ACCOUNT_NAME)
+        account = blocking.get_account(DEFAULT_ACCOUNT_NAME)
         if account_id is not None and account.account_id != account_id:
             log.warn(
                 "--account-id {wanted} ignored: account {name!r} was created with id {account_id}; "
@@ -149,10 +156,10 @@ def ensure_initial_credentials(
                 account_id=account.account_id,
             )
     except NoSuchAccount:
-        account = store.create_account(DEFAULT_ACCOUNT_NAME, account_id or new_account_id(), now)
-    if any(key.revoked_at is None for key in store.list_access_keys()):
+        account = blocking.create_account(DEFAULT_ACCOUNT_NAME, account_id or new_account_id(), now)
+    if any(key.revoked_at is None for key in blocking.list_access_keys()):
         return account, None
-    key = create_access_key(store, account, now)
+    key = resolved(create_access_key(store, account, now))
     write_credentials_file(os.path.join(state_dir, CREDENTIALS_FILE), key)
     return account, key
 
@@ -217,7 +224,7 @@ class SigV4Verifier:
         self._region = region
         self._now = now
 
-    def authenticate(
+    async def authenticate(
         self,
         method: str,
         raw_path: str,
@@ -225,7 +232,7 @@ class SigV4Verifier:
         body: bytes,
     ) -> Caller:
         """
-        Check the request's signature.
+        Check the request's signature (a coroutine: the key is looked up in the store).
 
         @param raw_path: the request target as received (path and query, still percent-encoded).
         @param headers: (name, values) pairs as received.
@@ -317,7 +324,7 @@ class SigV4Verifier:
                 "The security token included in the request is invalid (this service issues no session tokens)",
             )
 
-        key = self._store.get_access_key(key_id)
+        key = await self._store.get_access_key(key_id)
         if key is None or key.revoked_at is not None:
             raise AuthError("UnrecognizedClientException", "The security token included in the request is invalid.")
 
@@ -352,5 +359,5 @@ class SigV4Verifier:
                 "The request signature we calculated does not match the signature you provided. "
                 "Check your AWS Secret Access Key and signing method.",
             )
-        account = self._store.get_account(key.account_id)
+        account = await self._store.get_account(key.account_id)
         return Caller(account=account, access_key_id=key.access_key_id)

@@ -23,17 +23,21 @@ itself as the connection's producer, so that the relay can register its own.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from tunnelkit.config import number
 from tunnelkit.service.interfaces import ITunnelEvents, ITunnelStore
 from tunnelkit.service.metrics import ITunnelCounts, RelayMetrics, metrics_resource
 from tunnelkit.service.relay import Relay, RelayLimits, build_factory
 from tunnelkit.transport.websocket import tune_allocator
+
+log = Logger()
 
 __all__ = [
     "DataPlaneOptions",
@@ -49,39 +53,6 @@ __all__ = [
 MAX_SERVICES_LIMIT = 32
 
 
-def _count(name: str, low: int, high: Optional[int] = None) -> Any:
-    def coerce(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"--{name} takes a whole number, not {text!r}") from None
-        if value < low or (high is not None and value > high):
-            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
-            raise ValueError(f"--{name} must be {bound}, not {value}")
-        return value
-
-    coerce.coerceDoc = ""  # type: ignore[attr-defined]
-    return coerce
-
-
-def _number(name: str, low: float, zero_means: str = "") -> Any:
-    def coerce(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"--{name} takes a number, not {text!r}") from None
-        if value < low and not (zero_means and value == 0):
-            extra = f"0 ({zero_means}) or " if zero_means else ""
-            raise ValueError(f"--{name} must be {extra}at least {low:g}, not {text}")
-        return value
-
-    coerce.coerceDoc = ""  # type: ignore[attr-defined]
-    return coerce
-
-
-_rate = _number("handshakes-per-second", 0)
-
-
 class DataPlaneOptions:
     """
     Mixin for the service's C{usage.Options}: the data plane's limits.  Values are read back with
@@ -95,29 +66,31 @@ class DataPlaneOptions:
             None,
             3,
             f"Most services (destinationConfig.services) a tunnel may have, 1-{MAX_SERVICES_LIMIT}.",
-            _count("max-services-per-tunnel", 1, MAX_SERVICES_LIMIT),
+            number(1, MAX_SERVICES_LIMIT, whole=True),
         ],
         [
             "tunnel-bandwidth",
             None,
             0,
             "Bytes per second each tunnel may relay, both directions together (0: unlimited).",
-            _count("tunnel-bandwidth", 0),
+            number(0, whole=True),
         ],
         [
             "handshakes-per-second",
             None,
             10.0,
             "WebSocket handshakes per second allowed per tunnel, beyond which they get 429 (0: no limit).",
-            _rate,
+            number(0),
         ],
         [
             "failed-handshakes-per-address",
             None,
             10.0,
-            "Failed WebSocket handshakes per second one client address may make (burst of twice as "
-            "many); beyond them its attempts get 429 before their token is looked at (0: no limit).",
-            _number("failed-handshakes-per-address", 0),
+            "Failed WebSocket handshakes per second one client address (IPv6: one /64) may make "
+            "(burst of twice as many); beyond them its attempts get 429 before their token is looked "
+            "at (0: no limit). Clients behind one NAT address, or a reverse proxy that is not a "
+            "haproxy: listener, share it: there use 0 (--failed-handshakes-per-key still stops floods).",
+            number(0),
         ],
         [
             "failed-handshakes-per-key",
@@ -125,29 +98,29 @@ class DataPlaneOptions:
             10.0,
             "Failed handshakes per second counted per tunnel (token routing key), burst of twice as "
             "many; beyond them failing attempts get 429. A valid token is never refused by it (0: no limit).",
-            _number("failed-handshakes-per-key", 0),
+            number(0),
         ],
         [
             "ping-interval",
             None,
             20.0,
             "Seconds a connected peer may be silent before the service pings it (min 1).",
-            _number("ping-interval", 1),
+            number(1),
         ],
         [
             "peer-timeout",
             None,
             60.0,
             "Seconds of silence (no frame, no pong) after which a peer is taken for gone: reset, "
-            "recorded DISCONNECTED, the other side sent STREAM_RESET (min 2).",
-            _number("peer-timeout", 2),
+            "recorded DISCONNECTED, the other side sent STREAM_RESET (min 2; longer than --ping-interval).",
+            number(2),
         ],
         [
             "max-websockets-per-account",
             None,
             2000,
             "Open tunnel WebSockets allowed per account (0: unlimited).",
-            _count("max-websockets-per-account", 0),
+            number(0, whole=True),
         ],
         [
             "relay-buffer",
@@ -156,7 +129,7 @@ class DataPlaneOptions:
             "Bytes the relay buffers toward one peer before it stops reading the other; also the "
             "largest socket read (min 65536; above 131072 each read costs the process a fresh "
             "memory mapping, about 70 us).",
-            _count("relay-buffer", 65536),
+            number(65536, whole=True),
         ],
     ]
 
@@ -209,10 +182,31 @@ class TunnelResource(WebSocketResource):
 
 
 def tunnel_counter(store: Any) -> Optional[Callable[[], Mapping[str, int]]]:
-    """How C{/metrics} counts tunnels by status: the store's L{ITunnelCounts}, if it provides it."""
-    if ITunnelCounts.providedBy(store):
-        return store.count_tunnels_by_status  # type: ignore[no-any-return]
-    return None
+    """
+    How C{/metrics} counts tunnels by status: the store's L{ITunnelCounts}, if it provides it.  The
+    counts are read by C{counts.refresh()} (a Deferred: the metrics page calls it before each scrape)
+    and the collector reports the last ones read.
+    """
+    if not ITunnelCounts.providedBy(store):
+        return None
+    last: Dict[str, int] = {}
+
+    def refresh() -> Any:
+        d = store.count_tunnels_by_status()
+
+        def got(result: Mapping[str, int]) -> None:
+            last.clear()
+            last.update(result)
+
+        d.addCallback(got)
+        d.addErrback(lambda f: log.failure("Counting tunnels for /metrics failed", f))
+        return d
+
+    def counts() -> Mapping[str, int]:
+        return dict(last)
+
+    counts.refresh = refresh  # type: ignore[attr-defined]
+    return counts
 
 
 def mount_data_plane(

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
+from twisted.internet.defer import Deferred
+
 from zope.interface import Interface
 
 from tunnelkit.errors import TunnelkitError
@@ -64,21 +66,24 @@ class ITunnelStore(Interface):
         client_token: Optional[str],
         now: float,
         admit: Optional[Callable[[PeerGrant], None]] = None,
-    ) -> PeerGrant:
+    ) -> "Deferred[PeerGrant]":
         """
-        Check and consume C{access_token} for a handshake in C{mode} (C{source}|C{destination}).
+        Check and consume C{access_token} for a handshake in C{mode} (C{source}|C{destination}):
+        a Deferred of the grant.
 
         Single use: a token without a client token connects once; with a client token, it binds to
-        that client token and may reconnect with the same one only.  Durable before it returns.
+        that client token and may reconnect with the same one only.  Durable before the Deferred
+        fires.  Atomic across store instances sharing one database (several service nodes): of
+        claims racing for one unused token, exactly one wins.
 
-        @param admit: called with the grant once the token is found valid, before it is spent; if
-            it raises (a L{HandshakeRejected}), nothing is recorded and the exception propagates, so
-            the token can still be used.
-        @raise TokenRejected: with the status, reason and text for the client.
+        @param admit: called (on the reactor thread) with the grant once the token is found valid,
+            before it is spent; if it raises (a L{HandshakeRejected}), nothing is recorded and the
+            Deferred fails with that exception, so the token can still be used.
+        @raise TokenRejected: (as the Deferred's failure) with the status, reason and text for the client.
         """
 
-    def set_connection_state(tunnel_id: str, side: str, connected: bool, now: float) -> None:
-        """Record a side's CONNECTED/DISCONNECTED state and its lastUpdatedAt."""
+    def set_connection_state(tunnel_id: str, side: str, connected: bool, now: float) -> "Deferred[None]":
+        """Record a side's CONNECTED/DISCONNECTED state and its lastUpdatedAt (a Deferred of None)."""
 
 
 class ITunnelEvents(Interface):

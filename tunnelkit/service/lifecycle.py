@@ -11,12 +11,14 @@ L{IReactorTime}, and nothing stays scheduled after L{TunnelLifecycle.stopService
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from tunnelkit.service.store import IControlStore
 
@@ -47,15 +49,27 @@ class TunnelLifecycle(Service):
         self.closed_retention = closed_retention
         self._timers: Dict[str, IDelayedCall] = {}
         self._purger: Optional[LoopingCall] = None
+        #: Fires once the timers are armed at start (for tests).
+        self.armed: Any = None
 
     def startService(self) -> None:
         super().startService()
-        self.expire_due()
-        for tunnel_id, expires_at in self._store.open_deadlines():
-            self.schedule(tunnel_id, expires_at)
+        self.armed = Deferred.fromCoroutine(self._arm())
         self._purger = LoopingCall(self.purge)
         self._purger.clock = self._clock
         self._purger.start(min(PURGE_INTERVAL, max(self.closed_retention, 1.0)), now=True)
+
+    async def _arm(self) -> None:
+        """Close what expired while the service was down, then arm a timer per OPEN tunnel."""
+        try:
+            await self.expire_due()
+            if not self.running:
+                return
+            for tunnel_id, expires_at in await self._store.open_deadlines():
+                self.schedule(tunnel_id, expires_at)
+        except Exception:
+            if self.running:  # else the service stopped meanwhile (its store closed): nothing to arm
+                log.failure("Arming the tunnel expiry timers from the store failed")
 
     def stopService(self) -> None:
         super().stopService()
@@ -89,9 +103,14 @@ class TunnelLifecycle(Service):
         self._timers.pop(tunnel_id, None)
         self.expire_due()
 
-    def expire_due(self) -> List[str]:
-        """Close every OPEN tunnel whose lifetime has ended; return their ids."""
-        expired = self._store.expire_due(self._clock.seconds())
+    def expire_due(self) -> "Deferred[List[str]]":
+        """Close every OPEN tunnel whose lifetime has ended; a Deferred of their ids (empty on a store error)."""
+        d = self._store.expire_due(self._clock.seconds())
+        d.addCallback(self._expired)
+        d.addErrback(self._failed, "Closing the expired tunnels failed", [])
+        return d
+
+    def _expired(self, expired: List[str]) -> List[str]:
         for tunnel_id in expired:
             self.cancel(tunnel_id)
             try:
@@ -100,9 +119,20 @@ class TunnelLifecycle(Service):
                 log.failure("Telling others that tunnel {tunnel_id} expired failed", tunnel_id=tunnel_id)
         return expired
 
-    def purge(self) -> int:
-        """Delete CLOSED tunnels older than the retention period; return how many."""
-        purged = self._store.purge_closed(self._clock.seconds() - self.closed_retention)
+    def purge(self) -> "Deferred[int]":
+        """Delete CLOSED tunnels older than the retention period; a Deferred of how many."""
+        d = self._store.purge_closed(self._clock.seconds() - self.closed_retention)
+        d.addCallback(self._purged)
+        d.addErrback(self._failed, "Purging the closed tunnels failed", 0)
+        return d
+
+    @staticmethod
+    def _purged(purged: int) -> int:
         if purged:
             log.info("Purged {count} closed tunnel(s) past their retention", count=purged)
         return purged
+
+    def _failed(self, failure: Failure, what: str, value: Any) -> Any:
+        if self.running:  # else the service is stopping and its store closed: nothing lost
+            log.failure(what, failure)
+        return value

@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from zope.interface import Interface, implementer
 
 __all__ = ["ITunnelCounts", "IRelayMetrics", "RelayMetrics", "metrics_resource"]
@@ -42,8 +43,8 @@ DESTINATION_TO_SOURCE = "destination_to_source"
 class ITunnelCounts(Interface):
     """A store that can count tunnels by status (for the C{tunnelkit_tunnels} gauge)."""
 
-    def count_tunnels_by_status() -> Mapping[str, int]:
-        """C{{"OPEN": n, "CLOSED": m}} over every account."""
+    def count_tunnels_by_status() -> Any:
+        """A Deferred of C{{"OPEN": n, "CLOSED": m}} over every account."""
 
 
 class IRelayMetrics(Interface):
@@ -139,6 +140,8 @@ class RelayMetrics:
         tunnel_counts: Optional[Callable[[], Mapping[str, int]]] = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        #: Called (if the counts have it) before each scrape: a Deferred that fires once they are current.
+        self.refresh: Optional[Callable[[], Any]] = getattr(tunnel_counts, "refresh", None)
         r = self.registry
         if tunnel_counts is not None:
             r.register(_TunnelStatusCollector(tunnel_counts))
@@ -221,15 +224,27 @@ class MetricsPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, refresh: Optional[Callable[[], Any]] = None) -> None:
         super().__init__()
         self._registry = registry
+        self._refresh = refresh
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Any) -> Any:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(self._registry)
+        if self._refresh is None:
+            return generate_latest(self._registry)
+        # Read what the store counts first (off the reactor thread), then render.
+        d = self._refresh()
+
+        def render(_: Any) -> None:
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.write(generate_latest(self._registry))
+                request.finish()
+
+        d.addBoth(render)
+        return NOT_DONE_YET
 
 
 def metrics_resource(metrics: RelayMetrics) -> Resource:
     """A twisted.web resource serving C{metrics} in the Prometheus text format."""
-    return MetricsPage(metrics.registry)
+    return MetricsPage(metrics.registry, metrics.refresh)

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -307,13 +308,17 @@ class ControlPlane:
         self._new_token = new_token
         self.lifecycle = TunnelLifecycle(store, clock, self._tunnel_ended, closed_retention)
 
-    def call(self, operation: str, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
-        """Run C{operation} (one of L{OPERATIONS}) for C{account}."""
-        if operation not in self.OPERATIONS:
-            raise ApiError("UnknownOperationException", f"Unknown operation {operation!r}")
-        self.lifecycle.expire_due()
-        method = getattr(self, "op_" + operation)
-        return method(account, body)
+    def call(self, operation: str, account: Account, body: Mapping[str, Any]) -> "Deferred[Dict[str, Any]]":
+        """Run C{operation} (one of L{OPERATIONS}) for C{account}: a Deferred of the response (or ApiError)."""
+
+        async def run() -> Dict[str, Any]:
+            if operation not in self.OPERATIONS:
+                raise ApiError("UnknownOperationException", f"Unknown operation {operation!r}")
+            await self.lifecycle.expire_due()
+            method = getattr(self, "op_" + operation)
+            return await method(account, body)  # type: ignore[no-any-return]
+
+        return Deferred.fromCoroutine(run())
 
     # --- effects ---
 
@@ -342,7 +347,7 @@ class ControlPlane:
 
     # --- operations ---
 
-    def op_OpenTunnel(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
+    async def op_OpenTunnel(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
         description = _string(body, "description", "description")
         if description is not None:
             check_description(description)
@@ -361,7 +366,7 @@ class ControlPlane:
         source_token = self._new_token(tunnel_id)
         destination_token = self._new_token(tunnel_id)
         now = self.clock.seconds()
-        created = self.store.create_tunnel(
+        created = await self.store.create_tunnel(
             NewTunnel(
                 tunnel_id=tunnel_id,
                 account_id=account.account_id,
@@ -414,9 +419,9 @@ class ControlPlane:
         assert tunnel_id is not None
         return check_tunnel_id(tunnel_id)
 
-    def op_DescribeTunnel(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
+    async def op_DescribeTunnel(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
         tunnel_id = self._tunnel_id(body)
-        tunnel = self.store.get_tunnel(account.account_id, tunnel_id)
+        tunnel = await self.store.get_tunnel(account.account_id, tunnel_id)
         if tunnel is None:
             raise not_found(tunnel_id)
         return {"tunnel": self._describe(account, tunnel)}
@@ -449,7 +454,7 @@ class ControlPlane:
         described["lastUpdatedAt"] = _time(tunnel.last_updated_at)
         return described
 
-    def op_ListTunnels(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
+    async def op_ListTunnels(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
         thing_name = _string(body, "thingName", "thingName")
         if thing_name is not None:
             check_name(thing_name, "thingName")
@@ -467,7 +472,7 @@ class ControlPlane:
         if next_token is not None:
             _pattern("nextToken", next_token, _NEXT_TOKEN_RE, "[a-zA-Z0-9_=-]{1,4096}")
             after = _decode_cursor(next_token)
-        tunnels, cursor = self.store.list_tunnels(account.account_id, thing_name, limit, after)
+        tunnels, cursor = await self.store.list_tunnels(account.account_id, thing_name, limit, after)
         summaries = []
         for tunnel in tunnels:
             summary: Dict[str, Any] = {
@@ -485,7 +490,7 @@ class ControlPlane:
             response["nextToken"] = _encode_cursor(cursor)
         return response
 
-    def op_CloseTunnel(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
+    async def op_CloseTunnel(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
         tunnel_id = self._tunnel_id(body)
         delete = body.get("delete", False)
         if delete is None:
@@ -493,18 +498,18 @@ class ControlPlane:
         if not isinstance(delete, bool):
             raise serialization_error("delete", "true or false", delete)
         now = self.clock.seconds()
-        was_open = self.store.close_tunnel(account.account_id, tunnel_id, now)
+        was_open = await self.store.close_tunnel(account.account_id, tunnel_id, now)
         if was_open is None:
             raise not_found(tunnel_id)
         if was_open:
             self.lifecycle.cancel(tunnel_id)
             self._tunnel_ended(tunnel_id, "closed")
         if delete:
-            self.store.delete_tunnel(account.account_id, tunnel_id)
+            await self.store.delete_tunnel(account.account_id, tunnel_id)
             log.info("Deleted tunnel {tunnel_id}", tunnel_id=tunnel_id)
         return {}
 
-    def op_RotateTunnelAccessToken(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
+    async def op_RotateTunnelAccessToken(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
         tunnel_id = self._tunnel_id(body)
         mode = _string(body, "clientMode", "clientMode", required=True)
         assert mode is not None
@@ -521,7 +526,7 @@ class ControlPlane:
                 )
             delivery = check_destination_config(body["destinationConfig"], self.limits.max_services_per_tunnel)
         sides = {"SOURCE": (SOURCE,), "DESTINATION": (DESTINATION,), "ALL": (SOURCE, DESTINATION)}[mode]
-        current = self.store.get_tunnel(account.account_id, tunnel_id)
+        current = await self.store.get_tunnel(account.account_id, tunnel_id)
         if current is None:
             raise not_found(tunnel_id)
         if current.status != "OPEN":
@@ -537,7 +542,7 @@ class ControlPlane:
             recorded = (delivery[0] if delivery[0] is not None else current.thing_name, services)
         new_tokens = {side: self._new_token(tunnel_id) for side in sides}
         now = self.clock.seconds()
-        tunnel = self.store.rotate_tokens(
+        tunnel = await self.store.rotate_tokens(
             account.account_id,
             tunnel_id,
             [(side, tokens.token_hash(token)) for side, token in new_tokens.items()],
@@ -586,16 +591,16 @@ class ControlPlane:
             f"new tunnel with services={given}",
         )
 
-    def op_TagResource(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
+    async def op_TagResource(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
         tunnel_id = self._resolve_arn(account, body)
         if body.get("tags") is None:
             raise validation_error("tags", "null", "Member must not be null")
         tags = check_tags(body["tags"])
-        if not self.store.tag_tunnel(account.account_id, tunnel_id, tags, self.clock.seconds()):
+        if not await self.store.tag_tunnel(account.account_id, tunnel_id, tags, self.clock.seconds()):
             raise not_found(tunnel_id)
         return {}
 
-    def op_UntagResource(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
+    async def op_UntagResource(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
         tunnel_id = self._resolve_arn(account, body)
         keys = body.get("tagKeys")
         if keys is None:
@@ -610,13 +615,13 @@ class ControlPlane:
             if not isinstance(key, str):
                 raise serialization_error(where, "a string", key)
             checked.append(_check_tag_text(where, key, 1, 128))
-        if not self.store.untag_tunnel(account.account_id, tunnel_id, checked, self.clock.seconds()):
+        if not await self.store.untag_tunnel(account.account_id, tunnel_id, checked, self.clock.seconds()):
             raise not_found(tunnel_id)
         return {}
 
-    def op_ListTagsForResource(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
+    async def op_ListTagsForResource(self, account: Account, body: Mapping[str, Any]) -> Dict[str, Any]:
         tunnel_id = self._resolve_arn(account, body)
-        tunnel = self.store.get_tunnel(account.account_id, tunnel_id)
+        tunnel = await self.store.get_tunnel(account.account_id, tunnel_id)
         if tunnel is None:
             raise not_found(tunnel_id)
         return {"tags": [{"key": k, "value": v} for k, v in tunnel.tags]}

@@ -5,42 +5,21 @@ tunnel's source and destination.
 
 Handshake (reference sections 1.2 and 1.3)
 ==========================================
-Checked in this order; the first failure answers the upgrade with the status below, a C{channel-id}
-header and a one-line C{text/plain} body (the AWS texts where AWS documents one).  4xx means the
-client must change something; only the service's own failures are 5xx (the reference local proxy
-retries those every 2.5 s and gives up at once on a 4xx).
-
-  ====  ======================  ==================================================================
-  431   request-too-large       the request line and headers exceed 4096 bytes
-  400   bad-path                the path is not exactly C{/tunnel}
-  400   bad-mode                C{local-proxy-mode} missing, repeated, or not source|destination
-  401   missing-token           neither an C{access-token} header nor an C{awsiot-tunnel-token}
-                                cookie (or an empty one)
-  400   duplicate-token         more than one token value (two headers, two cookies, header and
-                                cookie, or one header holding a comma-separated list)
-  400   bad-client-token        C{client-token} repeated, or not C{[a-zA-Z0-9-]{32,128}}
-  400   no-subprotocol          no offered C{Sec-WebSocket-Protocol} is one of
-                                C{aws.iot.securetunneling-1.0/2.0/3.0} (or the browser sample's
-                                alias C{aws.iot.securedtunneling-1.0})
-  429   too-many-failures       the client's address spent its C{--failed-handshakes-per-address}
-                                budget (checked first, before anything else: it blocks only itself)
-  429   rate-limited            more than C{--handshakes-per-second} accepted handshakes for the
-                                token's tunnel (checked once the token is found valid, before it is
-                                spent; only valid tokens spend this budget)
-  429   too-many-websockets     the tunnel's account has C{--max-websockets-per-account} open
-                                (checked likewise before the token is spent: the client retries
-                                with the same token)
-  4xx   (store's reason)        the store refused the token: 401 unknown, used (the AWS text),
-                                rotated, client-token mismatch (the AWS text); 403 mode mismatch,
-                                client token in use; 410 tunnel closed or expired
-  429   tunnel-failures-limited instead of the store's 4xx when the token's routing key had more than
-                                C{--failed-handshakes-per-key} failures just now (a valid token is
-                                never refused by this: it is checked before the count applies)
-  500   internal-error          the store failed (logged); the client should retry
+The first failed check answers the upgrade with its status, a C{channel-id} header and a one-line
+C{text/plain} body (the AWS texts where AWS documents one).  4xx means the client must change
+something; only the service's own failures are 5xx (the reference local proxy retries those every
+2.5 s and gives up at once on a 4xx).  Each check raises L{HandshakeRejected} with its status,
+reason and text where it is made: the code is the table.  The checks, in the order of
+L{PeerProtocol.onConnect}: L{HandshakeLimiter.check_address} (429: the address spent its failure
+budget; first, so that it blocks only itself), L{check_handshake} (431/400/401: the request
+itself), then L{Relay.admit}: the store's verdict on the token (its reasons' statuses are
+L{tunnelkit.service.tokens.STATUS_BY_REASON}), with L{HandshakeLimiter.check_tunnel} and
+L{Relay._may_join} (429s checked once the token is found valid and before it is spent, so the
+client retries with the same token), a 429 instead of the store's 4xx when the token's routing key
+failed too often just now, and 500 when the store failed.
 
 Every failure (a 4xx from these checks) is counted against the client's address, and a token
 failure against the token's routing key too (see L{HandshakeLimiter}).
-  ====  ======================  ==================================================================
 
 Malformed WebSocket requests (no C{Upgrade}, bad key or version, not C{GET}) get autobahn's own 4xx
 answer, with the same kind of text body.
@@ -82,15 +61,10 @@ they never see an extension message.
 
 Close codes the service sends
 =============================
-  ====  ==========================================  ===========================================
-  1000  C{Tunnel closed}                            CloseTunnel
-  1000  C{Tunnel expired}                           the tunnel's lifetime ended
-  1008  C{Access token rotated}                     RotateTunnelAccessToken for this side
-  1008  C{Connection replaced by a new peer}        a new connection for the same side
-  1008  C{Protocol violation (<rule>): <detail>}    a frame broke a rule of reference section 1.7
-  1001  C{Service shutting down}                    L{Relay.shutdown} (the service is stopping)
-  1009  (autobahn)                                  a WebSocket frame or message over 131076 bytes
-  ====  ==========================================  ===========================================
+C{CLOSE_NORMAL} with C{REASON_CLOSED} or C{REASON_EXPIRED}, C{CLOSE_POLICY} with C{REASON_ROTATED},
+C{REASON_REPLACED} or a protocol violation's text, C{CLOSE_GOING_AWAY} at L{Relay.shutdown} (the
+constants below; L{Relay._close_peer} and L{Relay.token_rotated} choose them), and autobahn's 1009
+for a WebSocket frame or message over 131076 bytes.
 
 Flow control
 ============
@@ -103,19 +77,22 @@ refills.  So a fast source and a slow destination leave at most a few hundred KB
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
 import struct
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnelkit.errors import FramingError, ProtocolViolation
@@ -128,6 +105,7 @@ from tunnelkit.protocol.framing import (
 from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.protocol.flowcontrol import (
     ANNOUNCE,
+    EOF,
     EXTENSION_TYPES,
     EXTENSIONS_HEADER,
     OFFERED,
@@ -152,7 +130,8 @@ from tunnelkit.service.metrics import (
     IRelayMetrics,
     RelayMetrics,
 )
-from tunnelkit.transport.websocket import FRAME_NOT_PLAIN, binary_frame_header, masked_frame
+from tunnelkit.transport.fastpath import FastWebSocket, set_buffer_size, transport_buffered
+from tunnelkit.transport.websocket import masked_frame
 
 __all__ = [
     "SUBPROTOCOLS",
@@ -200,6 +179,7 @@ _OTHER_SIDE = {SOURCE: DESTINATION, DESTINATION: SOURCE}
 _FLOOD_REASONS = frozenset({"too-many-failures", "tunnel-failures-limited"})
 _DIRECTION = {SOURCE: SOURCE_TO_DESTINATION, DESTINATION: DESTINATION_TO_SOURCE}
 
+_DATA = Message.DATA
 _STREAM_START = Message.STREAM_START
 _CONNECTION_START = Message.CONNECTION_START
 _STREAM_RESET = Message.STREAM_RESET
@@ -263,7 +243,7 @@ def check_handshake(
     @param path: the request path, without the query.
     @param params: the query parameters, each with all its values.
     @param offered_protocols: the C{Sec-WebSocket-Protocol} values, in the client's order.
-    @raise HandshakeRejected: with the status, reason and text listed in the module docstring.
+    @raise HandshakeRejected: with the status, reason and text of the first check that fails.
     """
     size, headers = _header_values(raw_request)
     if size > MAX_REQUEST_SIZE:
@@ -461,13 +441,33 @@ class _BucketTable:
         return len(self._buckets)
 
 
+def address_budget_key(host: str) -> str:
+    """
+    The key of a client address's failure budget: an IPv4 address as it is, an IPv6 address by its
+    /64 (one site's network: a host can take any address in it, so one budget per address would
+    be none), anything else (a unix socket's empty host) as it is.
+    """
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d on a dual-stack listener: the IPv4 client
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+
 class HandshakeLimiter:
     """
     Who may try a WebSocket handshake now, on an injected clock (no I/O).
 
     Three budgets, so that failed attempts never cost a valid token its connection:
-      - failures per client address: an address that spent it gets 429 before its token is even
-        looked at (it blocks only itself);
+      - failures per client address (IPv6: per /64, L{address_budget_key}): an address that spent
+        it gets 429 before its token is even looked at.  It blocks only that address: behind NAT,
+        CGNAT or a reverse proxy that does not send the PROXY protocol, that is everyone behind it
+        (use C{haproxy:} listeners, or C{--failed-handshakes-per-address 0} and rely on the next
+        budget);
       - failures per routing key (the token's non-secret prefix, shared by a tunnel's tokens): only
         failures are counted, and only after the token was checked, so a valid token always passes;
         past the budget a failing attempt gets 429 instead of its 4xx;
@@ -488,7 +488,7 @@ class HandshakeLimiter:
 
     def check_address(self, address: str) -> None:
         """@raise HandshakeRejected: 429 if C{address} spent its failure budget."""
-        bucket = self._per_address.get(address)
+        bucket = self._per_address.get(address_budget_key(address))
         if bucket is not None and not bucket.holds():
             raise HandshakeRejected(
                 429,
@@ -517,7 +517,7 @@ class HandshakeLimiter:
         A handshake from C{address} (presenting routing key C{key}, if any) failed.  Returns
         whether C{key} had spent its failure budget already (the attempt is then answered 429).
         """
-        bucket = self._per_address.get(address)
+        bucket = self._per_address.get(address_budget_key(address))
         if bucket is not None:
             bucket.take(1.0)
         if key is None:
@@ -585,6 +585,8 @@ class TunnelLink:
             )
         self.expiry_call: Optional[IDelayedCall] = None
         self.service_ids_frame = b""
+        #: The audit trail's ledger of this tunnel's connections (L{tunnelkit.service.audit}); None: off.
+        self.ledger: Any = None
         self.set_services(grant.services)
 
     def set_services(self, services: Sequence[str]) -> None:
@@ -643,6 +645,9 @@ class Relay:
         self.metrics: IRelayMetrics = metrics if metrics is not None else RelayMetrics()
         self.links: Dict[str, TunnelLink] = {}
         self._websockets_per_account: Dict[str, int] = {}
+        #: Connection states to record, and the sides being written (L{_set_state}).
+        self._latest_state: Dict[Tuple[str, str], Tuple[bool, float]] = {}
+        self._writing_state: Set[Tuple[str, str]] = set()
         self.limiter = HandshakeLimiter(self.limits, clock)
         self._liveness: Optional[LoopingCall] = None
         #: The audit trail's hooks (L{tunnelkit.service.audit}); the service sets its trail here.
@@ -653,7 +658,7 @@ class Relay:
 
     # --- admission ---
 
-    def admit(self, request: HandshakeRequest, address: str = "") -> PeerGrant:
+    async def admit(self, request: HandshakeRequest, address: str = "") -> PeerGrant:
         """
         Decide whether a checked handshake from client C{address} may connect: the failure budgets
         (L{HandshakeLimiter}), then the store's token rules, with the tunnel's rate and the account's
@@ -663,7 +668,7 @@ class Relay:
         """
         self.limiter.check_address(address)
         try:
-            grant = self.store.claim_peer(
+            grant: PeerGrant = await self.store.claim_peer(
                 request.access_token,
                 request.mode,
                 request.client_token,
@@ -862,15 +867,38 @@ class Relay:
                 self._stop_liveness()
 
     def _set_state(self, tunnel_id: str, side: str, connected: bool) -> None:
-        try:
-            self.store.set_connection_state(tunnel_id, side, connected, self.clock.seconds())
-        except Exception:
+        """
+        Record a side's state.  One write per side at a time, in order: a state set while one is
+        being written follows it (only the latest), so a quick connect-disconnect never ends CONNECTED
+        whatever the store's threads do.
+        """
+        key = (tunnel_id, side)
+        self._latest_state[key] = (connected, self.clock.seconds())
+        if key not in self._writing_state:
+            self._write_state(key)
+
+    def _write_state(self, key: Tuple[str, str]) -> None:
+        tunnel_id, side = key
+        connected, now = self._latest_state.pop(key)
+        self._writing_state.add(key)
+        d = maybeDeferred(self.store.set_connection_state, tunnel_id, side, connected, now)
+
+        def failed(failure: Failure) -> None:
             log.failure(
                 "Could not record the {side} of tunnel {tunnel_id} as {state}",
+                failure,
                 side=side,
                 tunnel_id=tunnel_id,
                 state="CONNECTED" if connected else "DISCONNECTED",
             )
+
+        def written(_: Any) -> None:
+            self._writing_state.discard(key)
+            if key in self._latest_state:
+                self._write_state(key)
+
+        d.addErrback(failed)
+        d.addBoth(written)
 
     def websockets_of(self, account_id: str) -> int:
         """How many WebSockets of C{account_id} are open here."""
@@ -958,43 +986,13 @@ def _ws_header(size: int) -> bytes:
     return struct.pack("!BBQ", 0x82, 127, size)
 
 
-def _transport_buffered(transport: Any) -> int:
-    """Bytes waiting in a transport: the TLS layer's (if any) and the TCP transport's under it."""
-    from twisted.protocols.policies import ProtocolWrapper
-
-    total = 0
-    while isinstance(transport, ProtocolWrapper):  # TLS: not yet encrypted, or aggregated
-        total += sum(len(b) for b in getattr(transport, "_appSendBuffer", ()) or ())
-        pending = getattr(getattr(transport, "_aggregator", None), "_buffer", None)
-        if pending:
-            total += sum(len(b) for b in pending)
-        transport = transport.transport
-    buffer = getattr(transport, "dataBuffer", None)
-    if isinstance(buffer, (bytes, bytearray, memoryview)):
-        total += len(buffer) + getattr(transport, "_tempDataLen", 0)
-    return total
-
-
-def _set_buffer_size(transport: Any, size: int) -> None:
-    """
-    Make the TCP transport under C{transport} (TLS or not) pause its producer at C{size} bytes.
-    (Twisted also reads at most that many bytes at once from the socket.)
-    """
-    for _ in range(3):
-        inner = getattr(transport, "__dict__", {}).get("transport")
-        if inner is None:
-            break
-        transport = inner
-    if "bufferSize" in dir(type(transport)):
-        transport.bufferSize = size
-
-
-class PeerProtocol(WebSocketServerProtocol):
+class PeerProtocol(FastWebSocket, WebSocketServerProtocol):
     """
     One tunnel client's WebSocket, service side.
 
-    Its factory (L{build_factory}) carries the C{relay} (a L{Relay}).  The hot path
-    (L{processData}, L{onMessage}) unmasks each whole binary message, decodes its tunnel frames,
+    Its factory (L{build_factory}) carries the C{relay} (a L{Relay}).  The hot path (the shared
+    fast path L{FastWebSocket}, then L{fast_message}, L{onMessage}) unmasks each whole binary
+    message, decodes its tunnel frames,
     checks them, and hands the raw frame bytes to the other peer's outbox; the outbox is flushed as
     WebSocket messages at the end of each read.
     """
@@ -1002,6 +1000,7 @@ class PeerProtocol(WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.channel_id = ""
+        self._checking = False  # onConnect's token check is under way
         self.grant: Optional[PeerGrant] = None
         self.side = ""
         self.subprotocol = ""
@@ -1021,10 +1020,7 @@ class PeerProtocol(WebSocketServerProtocol):
         self._direction = ""
         self._producer_registered = False
         self._abort_call: Optional[IDelayedCall] = None
-        self._pieces: List[Any] = []  # the start of a frame that is still arriving
-        self._awaiting = 0  # bytes still missing from it
-        self._awaiting_size = 0  # its payload size
-        self._awaiting_mask = b""  # and its mask
+        self._pieces: List[Any] = []  # the start of a frame that is still arriving (the fast path's)
         self._framed: Optional[bytes] = None  # the message onMessage has, as a frame to send on
         self.announcement: Optional[bytes] = None  # the peer's ANNOUNCE frame (tunnelkit extensions)
         self.told = False  # whether this peer was sent its current partner's announcement
@@ -1034,7 +1030,25 @@ class PeerProtocol(WebSocketServerProtocol):
 
     # --- handshake ---
 
-    def onConnect(self, request: Any) -> Tuple[str, Dict[str, str]]:
+    def processHandshake(self) -> None:
+        # While the store checks the token (asynchronously), bytes that arrive wait in self.data:
+        # autobahn would otherwise parse the request again and claim the token a second time.
+        if self._checking:
+            return
+        super().processHandshake()
+
+    def onConnect(self, request: Any) -> "Deferred[Tuple[str, Dict[str, str]]]":
+        self._checking = True
+        d = Deferred.fromCoroutine(self._connect(request))
+
+        def checked(result: Any) -> Any:
+            self._checking = False
+            return result
+
+        d.addBoth(checked)
+        return d
+
+    async def _connect(self, request: Any) -> Tuple[str, Dict[str, str]]:
         relay = self.factory.relay
         self.channel_id = new_channel_id(relay.clock.seconds())
         address = str(getattr(self.transport.getPeer(), "host", ""))
@@ -1047,7 +1061,7 @@ class PeerProtocol(WebSocketServerProtocol):
             except HandshakeRejected:
                 relay.limiter.failed(address, None)
                 raise
-            grant = relay.admit(checked, address)
+            grant = await relay.admit(checked, address)
         except HandshakeRejected as e:
             relay.metrics.handshake_rejected(e.reason)
             # Refusals by a failure budget come in floods: counted in the metrics, logged at debug.
@@ -1096,7 +1110,7 @@ class PeerProtocol(WebSocketServerProtocol):
     # --- life cycle ---
 
     def onOpen(self) -> None:
-        _set_buffer_size(self.transport, self.factory.relay.limits.relay_buffer)
+        set_buffer_size(self.transport, self.factory.relay.limits.relay_buffer)
         self.sink = _SinkWatcher(self)
         self.transport.registerProducer(self.sink, True)
         self._producer_registered = True
@@ -1212,95 +1226,28 @@ class PeerProtocol(WebSocketServerProtocol):
 
     # --- the hot path ---
 
+    masked_in = True  # the fast path (L{FastWebSocket}): clients mask their frames
+
     def dataReceived(self, data: bytes) -> None:
         self.heard = True  # alive (see Relay._check_liveness)
-        # autobahn's own dataReceived formats a debug message on every call; skip it.
-        if self._awaiting:
-            # The rest of a frame whose size is known: collect the pieces; once it is whole,
-            # unmask it straight from them (one copy) and go on with what follows it.
-            self._pieces.append(data)
-            self._awaiting -= len(data)
-            if self._awaiting > 0:
-                return
-            extra = -self._awaiting
-            self._awaiting = 0
-            pieces = self._pieces
-            self._pieces = []
-            if extra:
-                pieces[-1] = memoryview(data)[: len(data) - extra]
-            self._take_message(self._awaiting_mask, pieces, self._awaiting_size)
-            data = data[len(data) - extra :] if extra else b""
-        if data:
-            self._dataReceived(data)
+        super().dataReceived(data)
         target = self._flush_target
         if target is not None:
             self._flush_target = None
             target.flush_outbox()
 
-    def processData(self) -> bool:
-        """
-        Take the frames in the input buffer.  The common case, whole unfragmented masked binary
-        messages, is unmasked and handed to L{onMessage} here, walking the buffer by offset (it is
-        cut once, not once per frame); any other frame (control frames, fragments, anything
-        malformed or too large) goes through autobahn's general parser, which enforces the
-        WebSocket rules on it.
-        """
-        if self.current_frame is not None or self.inside_message or self.state != self.STATE_OPEN:
-            return bool(super().processData())
-        data = self.data
-        size = len(data)
-        offset = 0
-        view = memoryview(data)
-        general = False  # the next frame is for autobahn's parser
-        while self.state == self.STATE_OPEN:
-            start, length = binary_frame_header(data, offset, masked=True)
-            if start < 0:
-                general = start == FRAME_NOT_PLAIN
-                break
-            end = start + length
-            if end > size:
-                # Wait for the rest of this frame (at most 131090 bytes) without re-copying the
-                # buffer on each read: see dataReceived.
-                self._pieces = [view[start:]]
-                self._awaiting = end - size
-                self._awaiting_size = length
-                self._awaiting_mask = data[start - 4 : start]
-                self.data = b""
-                return False
-            offset = end
-            self._take_message(data[start - 4 : start], (view[start:end],), length)
-        if offset:
-            self.data = data[offset:]
-        if general and self.state == self.STATE_OPEN:
-            return bool(super().processData())
-        return offset < size and self.state != self.STATE_OPEN
-
-    def _take_message(self, mask: bytes, parts: Sequence[Any], size: int) -> None:
-        """A whole masked binary message in C{parts}: unmask it and hand it to L{onMessage}."""
+    def fast_message(self, mask: Optional[bytes], parts: Sequence[Any], size: int) -> None:
+        """A whole masked binary message in C{parts}: unmask it (one copy) and hand it to L{onMessage}."""
         if not size:
             self.onMessage(b"", True)
             return
+        assert mask is not None
         frame, payload = _unmasked_frame(mask, parts, size)
         self._framed = frame
         try:
             self.onMessage(payload, True)
         finally:
             self._framed = None
-
-    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
-        # autobahn's sendData formats a debug message on every call; only the plain case is here.
-        if sync or chopsize or self.send_queue:
-            super().sendData(data, sync, chopsize)
-        else:
-            self.transport.write(data)
-
-    def onMessageEnd(self) -> None:
-        # autobahn's version also fires an observable "message" event (Deferreds per message);
-        # nothing here observes it.
-        if not self.failedByMe:
-            data = self.message_data
-            self.onMessage(data[0] if len(data) == 1 else b"".join(data), self.message_is_binary)
-        self.message_data = None
 
     def onPing(self, payload: bytes) -> None:
         self._charge(len(payload) + 2)
@@ -1323,7 +1270,9 @@ class PeerProtocol(WebSocketServerProtocol):
         rules = self.rules
         assert rules is not None
         link = self.link
-        partner = link.peers.get(_OTHER_SIDE[self.side])
+        ledger = link.ledger  # the audit trail's, or None
+        side = self.side
+        partner = link.peers.get(_OTHER_SIDE[side])
         cuts: List[int] = []  # indexes of frames after which a WebSocket message must end
         skip: List[int] = []  # extension frames not forwarded
         announced = False
@@ -1340,7 +1289,10 @@ class PeerProtocol(WebSocketServerProtocol):
                 return
             size += len(body) + 2
             kind = message.type
-            if kind in _START_TYPES:
+            if kind == _DATA:
+                if ledger is not None:
+                    ledger.data(side, message, len(body))
+            elif kind in _START_TYPES:
                 cuts.append(index)
                 service_id = message.serviceId
                 if partner is not None:
@@ -1348,12 +1300,21 @@ class PeerProtocol(WebSocketServerProtocol):
                         link.active_streams[service_id] = message.streamId
                     if partner.rules is not None:
                         partner.rules.note_stream_started(service_id)
+                    if ledger is not None:
+                        ledger.started(side, message)
                 else:
                     self._refuse_start(message)
+                    if ledger is not None:
+                        ledger.refused(message, "the destination is not connected")
+            elif kind == _CONNECTION_RESET:
+                if ledger is not None:
+                    ledger.reset(side, message)
             elif kind == _STREAM_RESET:
                 service_id = message.serviceId
                 if link.active_streams.get(service_id) == message.streamId:
                     del link.active_streams[service_id]
+                if ledger is not None:
+                    ledger.stream_reset(side, message)
             elif kind in EXTENSION_TYPES:
                 # Announcements are exchanged by the relay; the others go only between peers that
                 # were both told of each other's announcement.
@@ -1364,6 +1325,8 @@ class PeerProtocol(WebSocketServerProtocol):
                         announced = True
                 elif not self.told or partner is None or not partner.told:
                     skip.append(index)
+                elif kind == EOF and ledger is not None:
+                    ledger.eof(side, message)  # forwarded: the partner learns this side is done
         if skip:
             metrics = self.factory.relay.metrics
             dropped = len(skip) - (1 if announced else 0)
@@ -1479,7 +1442,7 @@ class PeerProtocol(WebSocketServerProtocol):
         message = getattr(self, "message_data", None)
         if message:
             total += sum(len(part) for part in message)
-        return total + _transport_buffered(self.transport)
+        return total + transport_buffered(self.transport)
 
 
 def exchange_announcements(one: PeerProtocol, other: PeerProtocol) -> None:

@@ -3,11 +3,16 @@
 The control plane's store: tunnels, tokens, tags, accounts and access keys.
 
 L{IControlStore} extends the data plane's L{ITunnelStore}; the API code (L{tunnelkit.service.operations},
-L{tunnelkit.service.auth}) uses only this interface, so another database (PostgreSQL) is one more
-implementation of it.  L{tunnelkit.service.store_sqlite} is the default one.
+L{tunnelkit.service.auth}) uses only this interface.  L{tunnelkit.service.store_sqlite} is the default
+implementation, L{tunnelkit.service.store_postgres} the one several service nodes share; both are the
+queries of L{tunnelkit.service.store_sql}.  C{--store} chooses (L{tunnelkit.service.stores}).
 
-Every method is synchronous and durable when it returns.  Account isolation is part of the contract:
-every tunnel method takes the caller's account id and never sees another account's rows.
+Every method but C{close} returns a L{Deferred} of the result documented here (or fails with the
+exception documented), fired once the change is durable: no database call blocks the reactor
+(L{tunnelkit.service.dbrunner}).  On a L{SynchronousRunner} the Deferred has fired on return, and
+L{tunnelkit.service.dbrunner.Blocking} gives synchronous code (the admin commands, tests) the results.
+Account isolation is part of the contract: every tunnel method takes the caller's account id and never
+sees another account's rows.
 """
 
 from __future__ import annotations

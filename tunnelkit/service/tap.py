@@ -13,18 +13,19 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, NoReturn, Optional
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from tunnelkit.config import ModeOptions, positive_int, server_endpoint
+from tunnelkit.config import ModeOptions, duration, number, positive_int, server_endpoint
 from tunnelkit.errors import ConfigError
 from tunnelkit.protocol.notification import REGION_RE
 from tunnelkit.service.api import HEAD_TIMEOUT, MAX_PENDING_PER_ADDRESS, ApiResource, ServiceSite, build_root
@@ -34,7 +35,8 @@ from tunnelkit.service.interfaces import ITunnelEvents
 from tunnelkit.service.notify import NotifyOptions, build_notifier
 from tunnelkit.service.operations import ControlPlane, Limits
 from tunnelkit.service.store import StoreError
-from tunnelkit.service.store_sqlite import open_store
+from tunnelkit.service.dbrunner import Blocking
+from tunnelkit.service.stores import check_store, describe_store, open_configured_store
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
 from tunnelkit.transport.tls import restrict_context
 
@@ -53,8 +55,6 @@ DEFAULT_MAX_OPEN_TUNNELS = 1000
 DEFAULT_CLOSED_RETENTION = 3 * 3600.0
 
 _HOSTNAME_RE = re.compile(r"\A(?=.{1,253}\Z)([A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
-_DURATION_RE = re.compile(r"\A([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d)?\Z")
-_UNIT_SECONDS = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def region(text: str) -> str:
@@ -77,14 +77,6 @@ def hostname(text: str) -> str:
     return text.lower()
 
 
-def duration(text: str) -> float:
-    """Coerce: seconds, or a number with a unit: C{90}, C{90s}, C{30m}, C{3h}, C{1d}."""
-    match = _DURATION_RE.match(text.strip())
-    if not match:
-        raise ValueError(f"expected a duration such as 10800, 180m or 3h, got {text!r}")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-
-
 class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions, ConsoleOptions, ClusterOptions):  # type: ignore[misc,valid-type]
     """The options of C{--mode service}."""
 
@@ -99,6 +91,15 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
     repeatable = {"listen": server_endpoint, "hostname": hostname}
     optParameters = [
         ["state-dir", None, DEFAULT_STATE_DIR, "Directory of the database, TLS material and credentials."],
+        [
+            "store",
+            None,
+            None,
+            "Database of tunnels, tokens and accounts: sqlite:PATH (default: tunnelkit.sqlite3 in "
+            "--state-dir) or postgresql://USER:PASSWORD@HOST:PORT/DATABASE, shared by several service "
+            "nodes (PGPASSWORD or ~/.pgpass keep the password off the command line).",
+            check_store,
+        ],
         ["region", None, DEFAULT_REGION, "Region of this service (SigV4 scope, ARNs, notifications).", region],
         [
             "account-id",
@@ -127,16 +128,19 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
             None,
             HEAD_TIMEOUT,
             "Seconds a new connection has for its TLS handshake and its request line and headers "
-            "(and each later request for its head) before it is reset.",
-            duration,
+            "(and each later request for its head) before it is reset (more than 0: it cannot be "
+            "turned off; give a longer time instead).",
+            number(0, duration=True, above=True),
         ],
         [
             "max-pending-per-address",
             None,
             MAX_PENDING_PER_ADDRESS,
-            "Connections one client address may hold that are not WebSocket peers yet; more are "
-            "reset at once (0: no limit).",
-            int,
+            "Connections one client address may hold that have not sent a complete request head yet "
+            "(idle keep-alive connections do not count); more are reset at once and logged (0: no "
+            "limit). Clients behind one NAT address or a reverse proxy share it (haproxy: listeners "
+            "count the PROXY header's client).",
+            number(0, whole=True),
         ],
         [
             "closed-retention",
@@ -164,6 +168,12 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        ping, timeout = self["ping-interval"], self["peer-timeout"]
+        if timeout <= ping:
+            raise usage.UsageError(
+                f"--peer-timeout ({timeout:g}) must be longer than --ping-interval ({ping:g}): a silent peer "
+                "is pinged first, and taken for gone only if it stays silent until the timeout"
+            )
         self.check_cluster_options()
 
 
@@ -199,6 +209,31 @@ def restrict_listener_tls(endpoint: Any) -> None:
     restrict_context(options.getContext())
 
 
+def listener_certificate(endpoint: Any) -> Optional[bytes]:
+    """The certificate (DER) an C{ssl:} endpoint presents, or None for an endpoint without TLS."""
+    from OpenSSL import SSL, crypto
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+
+    from tunnelkit.internals import SSL_ENDPOINT_OPTIONS
+
+    if not isinstance(endpoint, SSL4ServerEndpoint):
+        return None
+    certificate = SSL.Connection(getattr(endpoint, SSL_ENDPOINT_OPTIONS).getContext(), None).get_certificate()
+    return crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate) if certificate is not None else None
+
+
+@dataclass(frozen=True)
+class DataPlaneAddress:
+    """Where the service's own data plane listens: its bound address and, for TLS, its certificate (DER)."""
+
+    address: Any  # IPv4Address, IPv6Address or UNIXAddress (getHost of the listening port)
+    certificate: Optional[bytes]  # None: no TLS
+
+    @property
+    def secure(self) -> bool:
+        return self.certificate is not None
+
+
 class _Listener(Service):
     """Listens on one endpoint; a failure to listen at start-up is a clear error."""
 
@@ -219,11 +254,14 @@ class _Listener(Service):
         self._on_listening = on_listening
         self.port: Optional[IListeningPort] = None
         self.listening: Optional[Deferred] = None
+        #: The certificate (DER) an C{ssl:} listener presents (the console pins it), else None.
+        self.certificate: Optional[bytes] = None
 
     def startService(self) -> None:
         super().startService()
         endpoint = endpoints.serverFromString(self._reactor, self._description)
         restrict_listener_tls(endpoint)
+        self.certificate = listener_certificate(endpoint)
         self.listening = endpoint.listen(self._factory)
         failed: List[Failure] = []
         self.listening.addCallbacks(self._listening, failed.append)
@@ -285,19 +323,32 @@ class TunnelService(MultiService):
         self.state_dir = os.path.abspath(options["state-dir"])
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.certificates = ensure_certificates(self.state_dir, options.get("hostname") or ())
-        self.store = open_store(self.state_dir)
-        self.credentials_path = os.path.join(self.state_dir, CREDENTIALS_FILE)
-        self.account, created = ensure_initial_credentials(
-            self.store, self.state_dir, options.get("account-id"), clock.seconds()
-        )
+        spec = options.get("store")
+        clustered = cluster_enabled(options)
+        # Start-up work runs synchronously, before the reactor: migrations, the default account, reset.
+        boot = open_configured_store(spec, self.state_dir)
+        try:
+            self.credentials_path = os.path.join(self.state_dir, CREDENTIALS_FILE)
+            self.account, created = ensure_initial_credentials(
+                boot, self.state_dir, options.get("account-id"), clock.seconds()
+            )
+            reset = 0
+            if not clustered:  # a node of a cluster resets only its own peers (tunnelkit.service.cluster.node)
+                reset = Blocking(boot).reset_connection_states(clock.seconds())
+        except BaseException:
+            boot.close()
+            raise
+        if reset:
+            log.info("Marked {count} peer connection(s) DISCONNECTED after the restart", count=reset)
+        if IReactorThreads.providedBy(reactor):
+            boot.close()  # the service's store runs its queries on threads, off the reactor
+            self.store = open_configured_store(spec, self.state_dir, reactor)
+        else:
+            self.store = boot  # a test's memory reactor: synchronous
+        log.info("State in {store}", store=describe_store(spec, self.state_dir))
         self.region = options["region"]
         # Stopped last (services stop in reverse order): the data plane records disconnections first.
         _OnStop(self.store.close).setServiceParent(self)
-        clustered = cluster_enabled(options)
-        if not clustered:  # a node of a cluster resets only its own peers (tunnelkit.service.cluster.node)
-            reset = self.store.reset_connection_states(clock.seconds())
-            if reset:
-                log.info("Marked {count} peer connection(s) DISCONNECTED after the restart", count=reset)
         notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor)
         root = build_root(Resource())
         relay = mount_data_plane(root, self.store, clock, options)
@@ -343,7 +394,7 @@ class TunnelService(MultiService):
         self.site = ServiceSite(
             root,
             reactor=reactor,
-            head_timeout=float(options.get("handshake-timeout") or HEAD_TIMEOUT),
+            head_timeout=float(options.get("handshake-timeout", HEAD_TIMEOUT)),
             max_pending_per_address=options.get("max-pending-per-address", MAX_PENDING_PER_ADDRESS) or None,
         )
         if self.cluster is not None:
@@ -352,8 +403,10 @@ class TunnelService(MultiService):
         self.listeners: List[_Listener] = []
         for description in options["listen"]:
             self._check_names(description, options.get("hostname") or ())
+            # A haproxy: listener's client address is the one its PROXY header names (see ServiceSite.proxied).
+            factory = self.site.proxied() if description.split(":", 1)[0].lower() == "haproxy" else self.site
             listener = _Listener(
-                reactor, listen_description(description, self.certificates), description, self.site, self._announce
+                reactor, listen_description(description, self.certificates), description, factory, self._announce
             )
             listener.setServiceParent(self)
             self.listeners.append(listener)
@@ -391,12 +444,15 @@ class TunnelService(MultiService):
             )
         self._announced = False
 
-    def data_plane_address(self) -> Optional[Any]:
-        """(secure, port) of the first listener once it listens (the console connects to it), or None."""
+    def data_plane_address(self) -> Optional[DataPlaneAddress]:
+        """
+        The first listener that listens and takes plain connections (not C{haproxy:}, which wants a
+        PROXY header), or None: the console's terminals connect to it as a source, so that with several
+        nodes the cluster forwards them to the node holding the tunnel as any other client.
+        """
         for listener in self.listeners:
-            if listener.port is not None:
-                secure = listener.shown.split(":", 1)[0].lower() == "ssl"
-                return secure, listener.port.getHost().port
+            if listener.port is not None and not listener.shown.lower().startswith("haproxy:"):
+                return DataPlaneAddress(listener.port.getHost(), listener.certificate)
         return None
 
     def _check_names(self, description: str, hostnames: Any) -> None:

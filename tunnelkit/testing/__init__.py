@@ -23,11 +23,11 @@ import socket
 import struct
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
@@ -142,12 +142,12 @@ class MemoryTunnelStore:
         """(connected, lastUpdatedAt) of a side; (False, 0.0) before any change."""
         return self._tunnels[tunnel_id].connected.get(side, (False, 0.0))
 
-    def count_tunnels_by_status(self) -> Mapping[str, int]:
-        """The number of tunnels per status (C{OPEN}, C{CLOSED}), as the metrics read it."""
+    def count_tunnels_by_status(self) -> "Deferred[Mapping[str, int]]":
+        """The number of tunnels per status (C{OPEN}, C{CLOSED}), as the metrics read it (fired)."""
         counts = {"OPEN": 0, "CLOSED": 0}
         for tunnel in self._tunnels.values():
             counts[tunnel.status] += 1
-        return counts
+        return succeed(counts)
 
     # --- ITunnelStore ---
 
@@ -158,6 +158,17 @@ class MemoryTunnelStore:
         client_token: Optional[str],
         now: float,
         admit: Optional[Callable[[PeerGrant], None]] = None,
+    ) -> "Deferred[PeerGrant]":
+        """See L{ITunnelStore.claim_peer}: the Deferred has fired on return."""
+        return maybeDeferred(self._claim_peer, access_token, mode, client_token, now, admit)
+
+    def _claim_peer(
+        self,
+        access_token: str,
+        mode: str,
+        client_token: Optional[str],
+        now: float,
+        admit: Optional[Callable[[PeerGrant], None]],
     ) -> PeerGrant:
         digest = token_hash(access_token)
         record = self._tokens.get(digest)
@@ -199,11 +210,12 @@ class MemoryTunnelStore:
             record.bound_client_token_hash = claim.bind
         return grant
 
-    def set_connection_state(self, tunnel_id: str, side: str, connected: bool, now: float) -> None:
+    def set_connection_state(self, tunnel_id: str, side: str, connected: bool, now: float) -> "Deferred[None]":
         self.state_changes.append((tunnel_id, side, connected, now))
         tunnel = self._tunnels.get(tunnel_id)
         if tunnel is not None:
             tunnel.connected[side] = (connected, now)
+        return succeed(None)
 
 
 class ServiceHarness:
@@ -289,10 +301,11 @@ class RawPeer:
     """One raw WebSocket connection to a site."""
 
     def __init__(self, site: object, request: bytes, port: int = 40000, host: str = "127.0.0.1") -> None:
-        self.transport = StringTransport(
+        # Any: autobahn sets (and this sets) C{protocol} on it, as on a real transport
+        self.transport: Any = cast(Any, StringTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 8443),
             peerAddress=IPv4Address("TCP", host, port),
-        )
+        ))
         self.channel = site.buildProtocol(self.transport.getPeer())  # type: ignore[attr-defined]
         self.transport.protocol = self.channel  # as a real transport has; autobahn replaces it
         self.channel.makeConnection(self.transport)
@@ -431,7 +444,7 @@ class TunnelTestClient(WebSocketClientProtocol):
         import time
 
         self.close_frame_at = time.monotonic()
-        return super().onCloseFrame(code, reasonRaw)
+        return super().onCloseFrame(code, reasonRaw)  # type: ignore[arg-type]  # None: a close without a code
 
     def onOpen(self) -> None:
         self.opened.callback(self)

@@ -33,8 +33,7 @@ trial test case (or on nothing: the caller calls it) and knows the service, the 
 Tokens go through the environment.  Also on L{Harness}: C{kill_service()} / C{restart_service()}
 (kill -9, then the same port and state directory; C{service.process.restart()} also comes back on
 its port), C{api()} (botocore with the service's generated credentials), C{start_echo()},
-C{start_apps()} (the L{tunnelkit.testapps} server), C{start_old_format_peer(token, "V1"|"V2", port)}
-(a destination that speaks only the V1 or V2 message format and exits 3 on anything newer).  And:
+C{start_apps()} (the L{tunnelkit.testapps} server).  And:
 L{free_port}, L{exchange} (send bytes to a local port, read the answer), L{rss_mb}, and
 L{ServiceProcess} (the service on a TLS and a plain port with a boto3 client, without a harness).
 The in-memory tunnel, for tests that need no process, is L{tunnelkit.testing.memory}.
@@ -44,7 +43,9 @@ The in-memory tunnel, for tests that need no process, is L{tunnelkit.testing.mem
 from __future__ import annotations
 
 import configparser
+import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -55,7 +56,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 #: This checkout (put first on the children's PYTHONPATH, so a worktree's code is the one that runs).
 REPOSITORY_TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,6 +110,46 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: Where L{unassigned_port} picks: below the kernel's ephemeral range (C{net.ipv4.ip_local_port_range},
+#: 32768-60999 by default), which port 0 and outgoing connections draw from.
+UNASSIGNED_PORTS = (20000, 32768)
+
+
+def unassigned_port() -> int:
+    """
+    A random port for a server that must be told its port (sshd, mosquitto): outside the ephemeral
+    range, so no server binding port 0 and no outgoing connection can take it between this call and
+    the server's bind.  Only another caller of this function may pick the same one, and then the server
+    that binds second fails with "address in use": start it with L{start_on_told_port}, which tries
+    another port then.  (L{free_port} has no such guarantee: another test may bind port 0 and get it.)
+    """
+    low, high = UNASSIGNED_PORTS
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = min(high, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        pass
+    return random.randrange(low, high)
+
+
+def start_on_told_port(start: Callable[[int], Child], listening: str, taken: str = r"[Aa]ddress already in use",
+                       attempts: int = 10, timeout: float = DEFAULT_TIMEOUT) -> Tuple[Child, int]:
+    """
+    Start a server that cannot bind port 0 and report it: C{start(port)} on an L{unassigned_port}
+    until its log matches C{listening} (a pattern, C{{port}} replaced by the port) rather than C{taken}.
+
+    @return: the server and its port.
+    """
+    for _ in range(attempts):
+        port = unassigned_port()
+        child = start(port)
+        match = child.wait_for_log(f"(?P<listening>{listening.format(port=port)})|(?P<taken>{taken})", timeout)
+        if match.group("listening"):
+            return child, port
+        child.kill()
+    raise AssertionError(f"{attempts} ports were taken in a row: {taken!r} each time")
 
 
 def rss_mb(pid: int) -> float:
@@ -332,7 +373,6 @@ class Sshd:
 
     def __init__(self, harness: "Harness") -> None:
         self.dir = harness.directory("sshd")
-        self.port = free_port()
         self.user = _current_user()
         host_key = os.path.join(self.dir, "host_ed25519")
         self.key = os.path.join(self.dir, "user_ed25519")
@@ -340,16 +380,10 @@ class Sshd:
             subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", path], check=True)
         shutil.copy(self.key + ".pub", os.path.join(self.dir, "authorized_keys"))
         os.chmod(os.path.join(self.dir, "authorized_keys"), 0o600)
-        config = os.path.join(self.dir, "sshd_config")
-        with open(config, "w") as f:
-            f.write(
-                f"ListenAddress 127.0.0.1\nPort {self.port}\nHostKey {host_key}\n"
-                f"AuthorizedKeysFile {self.dir}/authorized_keys\nPidFile none\nUsePAM no\nStrictModes no\n"
-                "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-                "Subsystem sftp internal-sftp\nLogLevel INFO\n"
-            )
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        self.process = harness.spawn("sshd", [SSHD, "-D", "-e", "-f", config], self.dir)
+        self.process, self.port = start_sshd(
+            lambda argv: harness.spawn("sshd", argv, self.dir), self.dir, host_key,
+            os.path.join(self.dir, "authorized_keys"), "Subsystem sftp internal-sftp\n",
+        )
         wait_until(self._banner, DEFAULT_TIMEOUT, f"sshd on port {self.port}")
 
     def _banner(self) -> bool:
@@ -380,6 +414,28 @@ class Sshd:
             [SCP, *self.ssh_options(port), "-q", "-P", str(port), local, f"{self.user}@127.0.0.1:{remote}"],
             capture_output=True, timeout=timeout,
         )
+
+
+def start_sshd(spawn: Callable[[List[str]], Child], directory: str, host_key: str, authorized_keys: str,
+               extra_config: str = "") -> Tuple[Child, int]:
+    """
+    OpenSSH's sshd on 127.0.0.1 (public keys in C{authorized_keys} only), with its configuration in
+    C{directory}; C{spawn(argv)} starts it.  sshd cannot listen on port 0 and say which port it got:
+    it is told one (C{-p}) by L{start_on_told_port}.  The process and its port.
+    """
+    config = os.path.join(directory, "sshd_config")
+    with open(config, "w") as f:
+        f.write(
+            f"ListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {authorized_keys}\n"
+            "PidFile none\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nLogLevel INFO\n" + extra_config
+        )
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    return start_on_told_port(
+        lambda port: spawn([SSHD, "-D", "-e", "-f", config, "-p", str(port)]),
+        r"Server listening on 127\.0\.0\.1 port {port}\.",
+        r"Address already in use|Cannot bind any address",
+    )
 
 
 def _current_user() -> str:
@@ -520,20 +576,8 @@ class Harness:
     def start_sshd(self) -> Sshd:
         return Sshd(self)
 
-    def start_old_format_peer(self, token: str, message_format: str, target_port: int) -> Process:
-        """A V1- or V2-only destination test peer (see L{run_old_format_peer}) on the ws:// service."""
-        assert self.service is not None and not self.service.secure
-        url = f"ws://127.0.0.1:{self.service.port}/tunnel?local-proxy-mode=destination"
-        return self.spawn(
-            f"peer-{message_format}",
-            [sys.executable, "-m", "tunnelkit.testing.process", "peer", "--url", url, "--format", message_format,
-             "--target", str(target_port)],
-            env={"AWSIOT_TUNNEL_ACCESS_TOKEN": token, "PYTHONPATH": REPOSITORY_TOP},
-        )
-
     def start_echo(self, name: str = "echo") -> int:
-        """A TCP echo server (a subprocess) on 127.0.0.1; its port."""
-        port = free_port()
+        """A TCP echo server (a subprocess) on 127.0.0.1, on a port it bound itself; its port."""
         script = (
             "import sys\n"
             "from twisted.internet import reactor, protocol\n"
@@ -541,13 +585,12 @@ class Harness:
             "    def dataReceived(self, data):\n"
             "        self.transport.write(data)\n"
             "f = protocol.Factory.forProtocol(Echo)\n"
-            f"reactor.listenTCP({port}, f, interface='127.0.0.1')\n"
-            "print('echo listening', flush=True)\n"
+            "port = reactor.listenTCP(0, f, interface='127.0.0.1')\n"
+            "print('echo listening on', port.getHost().port, flush=True)\n"
             "reactor.run()\n"
         )
         process = self.spawn(name, [sys.executable, "-c", script])
-        process.wait_for_log("echo listening")
-        return port
+        return int(process.wait_for_log(r"echo listening on (\d+)").group(1))
 
     def start_apps(self, name: str = "apps") -> int:
         """The L{tunnelkit.testapps} server (sink, echo, ...) on 127.0.0.1; its port."""
@@ -562,44 +605,72 @@ class Harness:
 
 # --- the service without a harness ---------------------------------------------------------------
 
+def _logged_urls(log: str) -> Dict[str, List[str]]:
+    """From a JSON event log: C{url} fields of the events whose format begins with each known text."""
+    found: Dict[str, List[str]] = {}
+    for line in log.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        text = str(event.get("log_format", ""))
+        for start in ("API listening on", "Metrics (Prometheus) on"):
+            if text.startswith(start) and "url" in event:
+                found.setdefault(start, []).append(str(event["url"]))
+    return found
+
+
+def _url_port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
 class ServiceProcess:
     """
     C{tunnelkit --mode service} in a child process (C{python -m twisted}), on two ephemeral loopback
-    ports: C{tls_port} (wss/https) and C{tcp_port} (ws/http), with its state in a temporary
+    ports it binds itself and logs: C{tls_port} (wss/https) and C{tcp_port} (ws/http) (and
+    C{metrics_port} with C{--metrics-listen tcp:0:...}), with its state in a temporary
     directory.  C{api} is a boto3 C{iotsecuretunneling} client for it (the generated credentials,
     verified against the generated CA, whose PEM is C{ca}).  Always call L{stop}.
     """
 
     def __init__(self, extra_args: Sequence[str] = (), timeout: float = 30.0) -> None:
         self.state_dir = tempfile.mkdtemp(prefix="tunnelkit-service-")
-        self.tls_port = free_port()
-        self.tcp_port = free_port()
+        self.log_path = os.path.join(self.state_dir, "service.log")
         args = [
             sys.executable, "-m", "twisted",
-            "--log-file", os.path.join(self.state_dir, "service.log"),
+            "--log-file", self.log_path,
             "tunnelkit", "--mode", "service", "--state-dir", self.state_dir,
-            "--listen", f"ssl:{self.tls_port}:interface=127.0.0.1",
-            "--listen", f"tcp:{self.tcp_port}:interface=127.0.0.1",
+            "--listen", "ssl:0:interface=127.0.0.1",
+            "--listen", "tcp:0:interface=127.0.0.1",
             *extra_args,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.ca_path = os.path.join(self.state_dir, "ca.pem")
         credentials_path = os.path.join(self.state_dir, "credentials")
+        metrics = "--metrics-listen" in extra_args or any(a.startswith("--metrics-listen=") for a in extra_args)
+        #: The port of C{--metrics-listen} (if given), as the service bound and logged it.
+        self.metrics_port: Optional[int] = None
         deadline = time.monotonic() + timeout
         try:
             while True:
                 if self.process.poll() is not None:
                     error = self.process.stderr.read().decode()  # type: ignore[union-attr]
                     raise RuntimeError(f"the service exited at start: {error}")
-                try:
-                    for port in (self.tls_port, self.tcp_port):
-                        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    if os.path.exists(credentials_path):
-                        break
-                except OSError:
-                    pass
+                log = ""
+                if os.path.exists(self.log_path):
+                    with open(self.log_path, "rb") as f:
+                        log = f.read().decode("utf-8", "replace")
+                # the ports it bound (port 0 above), from its log (twist's: one JSON event a line)
+                urls = _logged_urls(log)
+                tls = [u for u in urls.get("API listening on", []) if u.startswith("https://")]
+                tcp = [u for u in urls.get("API listening on", []) if u.startswith("http://")]
+                scraped = urls.get("Metrics (Prometheus) on", [])
+                if tls and tcp and (scraped or not metrics) and os.path.exists(credentials_path):
+                    self.tls_port, self.tcp_port = _url_port(tls[0]), _url_port(tcp[0])
+                    self.metrics_port = _url_port(scraped[0]) if scraped else None
+                    break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the service did not start in {timeout} s")
+                    raise RuntimeError(f"the service did not start in {timeout} s:\n{log[-2000:]}")
                 time.sleep(0.05)
         except BaseException:
             self.process.kill()
@@ -646,123 +717,3 @@ class ServiceProcess:
         if self.process.stderr is not None:
             self.process.stderr.close()
         shutil.rmtree(self.state_dir, True)
-
-
-# --- a destination test peer that speaks only the V1 or V2 message format -------------------------
-
-PEER_USAGE = "python -m tunnelkit.testing.process peer --url WS_URL --format V1|V2 --target PORT  (token: $AWSIOT_TUNNEL_ACCESS_TOKEN)"
-
-
-def run_old_format_peer(url: str, message_format: str, target_port: int, token: str) -> None:
-    """
-    A destination written from the V1/V2 protocol guides only (no connection ids, one TCP connection
-    per stream), like AWS IoT Device Client (V1) or localproxy 2.x (V2).  It exits with status 3 if
-    the source sends it anything its format does not have (a connection id, CONNECTION_START/RESET,
-    or for V1 a service id), so a test sees the source really speaks that format.
-    """
-    from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import TCP4ClientEndpoint
-    from twisted.internet.protocol import Factory, Protocol
-
-    from tunnelkit.protocol.framing import FrameDecoder, Message, encode_message, parse_message
-
-    v2 = message_format == "V2"
-    subprotocol = "aws.iot.securetunneling-2.0" if v2 else "aws.iot.securetunneling-1.0"
-
-    def fail(text: str) -> None:
-        print(f"peer error: {text}", flush=True)
-        os._exit(3)
-
-    class Local(Protocol):
-        def __init__(self, peer: Any, stream_id: int, service_id: str) -> None:
-            self.peer, self.stream_id, self.service_id = peer, stream_id, service_id
-
-        def dataReceived(self, data: bytes) -> None:
-            for i in range(0, len(data), 63 * 1024):
-                self.peer.send(Message(type=Message.DATA, streamId=self.stream_id, payload=data[i : i + 63 * 1024],
-                                       serviceId=self.service_id))
-
-        def connectionLost(self, reason: Any = None) -> None:
-            state = self.peer.streams.get(self.service_id)
-            if state is not None and state[0] == self.stream_id and state[1] is self:
-                del self.peer.streams[self.service_id]
-                self.peer.send(Message(type=Message.STREAM_RESET, streamId=self.stream_id, serviceId=self.service_id))
-
-    class Peer(WebSocketClientProtocol):
-        def onOpen(self) -> None:
-            self.decoder = FrameDecoder()
-            self.streams: Dict[str, Any] = {}  # service id -> [stream id, Local or None, pending bytes]
-            print(f"peer connected ({message_format})", flush=True)
-
-        def send(self, message: Any) -> None:
-            if not v2:
-                message.ClearField("serviceId")
-            self.sendMessage(encode_message(message), isBinary=True)
-
-        def onMessage(self, payload: bytes, isBinary: bool) -> None:
-            for body in self.decoder.feed(payload):
-                self.handle(parse_message(body))
-
-        def handle(self, m: Any) -> None:
-            if m.type == Message.SERVICE_IDS:
-                print(f"peer service ids {list(m.availableServiceIds)}", flush=True)
-                return
-            if m.type in (Message.CONNECTION_START, Message.CONNECTION_RESET) or m.connectionId:
-                fail(f"received a V3 message: {m}")
-            if m.serviceId and not v2:
-                fail(f"received a service id: {m}")
-            service = m.serviceId
-            if m.type == Message.STREAM_START:
-                old = self.streams.pop(service, None)
-                if old is not None and old[1] is not None:
-                    old[1].transport.loseConnection()
-                state = self.streams[service] = [m.streamId, None, []]
-                print(f"peer stream start {service or '-'} {m.streamId}", flush=True)
-
-                def connected(local: Any) -> None:
-                    if self.streams.get(service) is state:
-                        state[1] = local
-                        for data in state[2]:
-                            local.transport.write(data)
-                    else:
-                        local.transport.loseConnection()
-
-                endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", target_port)
-                endpoint.connect(Factory.forProtocol(lambda: Local(self, m.streamId, service))).addCallback(connected)
-            elif m.type == Message.DATA:
-                state = self.streams.get(service)
-                if state is None or state[0] != m.streamId:
-                    return
-                if state[1] is None:
-                    state[2].append(m.payload)
-                else:
-                    state[1].transport.write(m.payload)
-            elif m.type == Message.STREAM_RESET:
-                state = self.streams.get(service)
-                if state is not None and state[0] == m.streamId:
-                    del self.streams[service]
-                    if state[1] is not None:
-                        state[1].transport.loseConnection()
-
-        def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
-            print(f"peer closed {code} {reason}", flush=True)
-            if reactor.running:
-                reactor.stop()
-
-    factory = WebSocketClientFactory(url, protocols=[subprotocol], headers={"access-token": token})
-    factory.protocol = Peer
-    connectWS(factory)
-    reactor.run()
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(usage=PEER_USAGE)
-    parser.add_argument("command", choices=["peer"])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--format", choices=["V1", "V2"], required=True)
-    parser.add_argument("--target", type=int, required=True)
-    arguments = parser.parse_args()
-    run_old_format_peer(arguments.url, arguments.format, arguments.target, os.environ["AWSIOT_TUNNEL_ACCESS_TOKEN"])

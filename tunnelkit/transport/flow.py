@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_localproxy_session -*-
+# -*- test-case-name: tests.test_localproxy_session,tests.test_memory_tunnel -*-
 """
 Flow control between the local sockets and the tunnel's one WebSocket (see the README, "Flow control,
 half-close and how connections end").

@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IAcceptableCiphers, IOpenSSLClientConnectionCreator
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # the interface trustRoot= accepts
 from zope.interface import implementer
 
@@ -34,6 +34,7 @@ from tunnelkit.errors import ConfigError
 
 __all__ = [
     "client_tls_options",
+    "pinned_client_tls",
     "pem_certificates",
     "restrict_context",
     "NO_VERIFY_WARNING",
@@ -48,7 +49,7 @@ MINIMUM_TLS = ssl.TLSVersion.TLSv1_2
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!PSK:!SRP"
 
 
-def _acceptable_ciphers() -> object:
+def _acceptable_ciphers() -> IAcceptableCiphers:
     return ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS)
 
 
@@ -79,7 +80,7 @@ class _OpenSSLLocations:
         context.load_verify_locations(self.cafile, self.capath)
 
 
-def _trust_root(capath: Optional[str]) -> object:
+def _trust_root(capath: Optional[str]) -> IOpenSSLTrustRoot:
     if capath is None:
         return ssl.platformTrust()
     if os.path.isdir(capath):
@@ -133,6 +134,40 @@ class _UnverifiedClientTLS:
         if not (isIPAddress(self._hostname) or isIPv6Address(self._hostname)):
             connection.set_tlsext_host_name(self._hostname.encode("idna"))
         return connection
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _PinnedClientTLS:
+    """
+    TLS 1.2+ to a server known to present exactly one certificate (the service connecting to its own
+    listener): the leaf must be that certificate, byte for byte; chain and names are not looked at.
+    """
+
+    def __init__(self, certificate_der: bytes) -> None:
+        self._pinned = certificate_der
+        self._context = ssl.CertificateOptions(
+            verify=False, raiseMinimumTo=MINIMUM_TLS, acceptableCiphers=_acceptable_ciphers()
+        ).getContext()
+        self._context.set_verify(SSL.VERIFY_PEER, self._verify)
+
+    def _verify(self, connection: SSL.Connection, certificate: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        if depth != 0:
+            return True  # whatever signed it: the leaf itself is compared below
+        return bool(crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate) == self._pinned)
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        return connection
+
+
+def pinned_client_tls(certificate_der: bytes) -> IOpenSSLClientConnectionCreator:
+    """
+    The connection creator for a TLS connection to a server that must present exactly
+    C{certificate_der} (DER): used by the service to reach its own listener, whatever CA signed the
+    listener's certificate and whatever names it carries.
+    """
+    return _PinnedClientTLS(certificate_der)
 
 
 def client_tls_options(

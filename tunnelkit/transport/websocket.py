@@ -21,10 +21,10 @@ How a session ends, as L{WebSocketEnded.kind}:
   - C{"retry"}: anything else (5xx, no subprotocol in the 101, 1001/1011/1006, a lost
     connection, a handshake timeout): reconnect with backoff.
 
-The hot path skips autobahn's per-call debug formatting (performance.md: +10 %), builds each outgoing
-binary frame with one copy and one in-place XOR pass (L{masked_frame}; autobahn's own masker copies
-the payload four times), and reads whole unmasked binary frames from the service without autobahn's
-general frame parser.
+The hot path builds each outgoing binary frame with one copy and one in-place XOR pass
+(L{masked_frame}; autobahn's own masker copies the payload four times); reading whole unmasked
+binary frames from the service and skipping autobahn's per-call debug formatting is the fast path
+it shares with the relay (L{tunnelkit.transport.fastpath}).
 """
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ import tunnelkit
 from tunnelkit.errors import FramingError
 from tunnelkit.protocol.flowcontrol import EXTENSIONS_HEADER
 from tunnelkit.protocol.framing import MAX_WEBSOCKET_FRAME, FrameDecoder, Message, parse_message
+from tunnelkit.transport.fastpath import (  # noqa: F401 - binary_frame_header: also imported from here
+    FRAME_INCOMPLETE,
+    FRAME_NOT_PLAIN,
+    FastWebSocket,
+    binary_frame_header,
+)
 
 __all__ = [
     "SUBPROTOCOL",
@@ -72,51 +78,7 @@ HANDSHAKE_TIMEOUT = 30.0
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _SEND_STATE_GROUND = WebSocketProtocol.SEND_STATE_GROUND
-_unpack_u16 = struct.Struct("!H").unpack_from
-_unpack_u64 = struct.Struct("!Q").unpack_from
 
-#: L{binary_frame_header}: the bytes so far do not hold the whole header.
-FRAME_INCOMPLETE = -1
-#: L{binary_frame_header}: the frame is not a whole binary frame (autobahn's general parser takes it).
-FRAME_NOT_PLAIN = -2
-
-
-def binary_frame_header(data: bytes, offset: int, masked: bool) -> Tuple[int, int]:
-    """
-    Read the header of the WebSocket frame at C{offset} of C{data} for the fast paths of the local
-    proxy and the relay: a final binary frame (FIN + opcode 2) with a minimal length of at most
-    L{MAX_WEBSOCKET_FRAME}, masked as C{masked} says (frames to a server are masked).
-
-    @return: (where the payload starts, its length), or (L{FRAME_INCOMPLETE}, 0), or
-        (L{FRAME_NOT_PLAIN}, 0) for anything else (control frames, fragments, text, odd lengths).
-    """
-    size = len(data)
-    left = size - offset
-    if left < 2:
-        return FRAME_INCOMPLETE, 0
-    length = data[offset + 1]
-    if data[offset] != 0x82 or bool(length & 0x80) != masked:
-        return FRAME_NOT_PLAIN, 0
-    length &= 0x7F
-    header = 6 if masked else 2
-    if length == 126:
-        if left < 4:
-            return FRAME_INCOMPLETE, 0
-        (length,) = _unpack_u16(data, offset + 2)
-        if length < 126:  # not minimal: autobahn refuses it
-            return FRAME_NOT_PLAIN, 0
-        header += 2
-    elif length == 127:
-        if left < 10:
-            return FRAME_INCOMPLETE, 0
-        (length,) = _unpack_u64(data, offset + 2)
-        if length < 65536 or length > MAX_WEBSOCKET_FRAME:  # autobahn refuses it
-            return FRAME_NOT_PLAIN, 0
-        header += 8
-    start = offset + header
-    if start > size:  # the mask is still on its way
-        return FRAME_INCOMPLETE, 0
-    return start, length
 _log = Logger(namespace="tunnelkit.transport.websocket")
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -231,7 +193,7 @@ class ITunnelWebSocketHandler(Interface):
         """The WebSocket is gone (or never opened); C{ended} says whether retrying makes sense."""
 
 
-class TunnelWebSocketProtocol(WebSocketClientProtocol):
+class TunnelWebSocketProtocol(FastWebSocket, WebSocketClientProtocol):
     """One WebSocket session with the tunnel service.  Built by L{TunnelWebSocketFactory}."""
 
     # NB: autobahn's own (txaio, level-filtered) logger stays in C{self.log}: its debug lines hold the
@@ -243,8 +205,6 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
         self._decoder = FrameDecoder()
         self._pending: List[bytes] = []
         self._pending_size = 0
-        self._pieces: List[bytes] = []  # the start of an incoming frame that is still arriving
-        self._awaiting = 0  # bytes still missing from it
         self._ping_call: Any = None
         self._handshake_timer: Any = None
         self._rejected: Optional[WebSocketEnded] = None
@@ -388,60 +348,9 @@ class TunnelWebSocketProtocol(WebSocketClientProtocol):
         mask = os.urandom(4)
         self.transport.write(masked_frame(_client_frame_header(size) + mask, mask, pending))
 
-    # hot path: autobahn formats debug arguments eagerly in these two; skip that
-    def dataReceived(self, data: bytes) -> None:
-        if self._awaiting:
-            # The rest of a frame whose size is known: collect the pieces, join them once.
-            self._pieces.append(data)
-            self._awaiting -= len(data)
-            if self._awaiting > 0:
-                return
-            self._awaiting = 0
-            data = b"".join(self._pieces)
-            self._pieces = []
-        self._dataReceived(data)
-
-    def processData(self) -> bool:
-        """
-        Take the frames in the input buffer.  Whole unfragmented unmasked binary frames (what the
-        service sends) are handed to L{onMessage} as views of the buffer, walking it by offset; any
-        other frame (control frames, fragments, anything malformed or too large) goes through
-        autobahn's general parser, which enforces the WebSocket rules on it.
-        """
-        if self.current_frame is not None or self.inside_message or self.state != _STATE_OPEN:
-            return bool(super().processData())
-        data = self.data
-        size = len(data)
-        offset = 0
-        view = memoryview(data)
-        general = False  # the next frame is for autobahn's parser
-        while self.state == _STATE_OPEN:
-            start, length = binary_frame_header(data, offset, masked=False)
-            if start < 0:
-                general = start == FRAME_NOT_PLAIN
-                break
-            end = start + length
-            if end > size:
-                # Wait for the rest of this frame without re-copying the buffer on each read.
-                self._pieces = [data[offset:]]
-                self._awaiting = end - size
-                self.data = b""
-                return False
-            offset = end
-            self.onMessage(view[start:end], True)
-        if offset:
-            self.data = data[offset:]
-        if general and self.state == _STATE_OPEN:
-            return bool(super().processData())
-        return offset < size and self.state != _STATE_OPEN
-
-    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
-        if sync or chopsize or self.send_queue:
-            super().sendData(data, sync, chopsize)
-            return
-        self.transport.write(data)
-        if self.state == _STATE_OPEN:
-            self.trafficStats.outgoingOctetsWireLevel += len(data)
+    def fast_message(self, mask: Optional[bytes], parts: Sequence[Buffer], size: int) -> None:
+        """A whole unmasked binary message from the service (the fast path's L{FastWebSocket})."""
+        self.onMessage(parts[0] if len(parts) == 1 else b"".join(parts), True)
 
     # --- the end ---
 

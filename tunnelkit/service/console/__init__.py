@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_web,tests.e2e.test_console_browser -*-
+# -*- test-case-name: tests.test_console_users,tests.e2e.test_console_browser -*-
 """
 The tunnels hub: a web console for operators, served by the service's own site under C{/console/}
 (C{GET /} redirects there), beside the API and the data plane.
@@ -163,7 +163,7 @@ def build_console(service: Any, options: Any, clock: IReactorTime, reactor: Any)
     users = open_console_database(service.state_dir)
 
     def terminals(console: Console) -> Terminals:
-        return Terminals(console, reactor, clock, service.data_plane_address, service.certificates.ca_cert)
+        return Terminals(console, reactor, clock, service.data_plane_address)
 
     console = Console(
         service.control, service.store, users, clock, assets_dir=options.get("console-assets"),

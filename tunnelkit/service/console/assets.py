@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_web -*-
+# -*- test-case-name: tests.test_console_users -*-
 """
 The console's static files: its own (C{static/}: CSS and a little JavaScript) and the terminal's
 third-party browser code, xterm.js and its fit add-on.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -32,14 +33,15 @@ PAGE = 1000
 State = Tuple[str, str, str, float]  # status, source, destination, last_updated_at
 
 
-def all_tunnels(store: IControlStore, account_id: str) -> Iterator[Tunnel]:
-    """Every tunnel of the account, newest first (page by page)."""
+async def all_tunnels(store: IControlStore, account_id: str) -> List[Tunnel]:
+    """Every tunnel of the account, newest first (read page by page)."""
     after: Optional[int] = None
+    found: List[Tunnel] = []
     while True:
-        tunnels, after = store.list_tunnels(account_id, None, PAGE, after)
-        yield from tunnels
+        tunnels, after = await store.list_tunnels(account_id, None, PAGE, after)
+        found.extend(tunnels)
         if after is None:
-            return
+            return found
 
 
 def tunnel_state(tunnel: Tunnel) -> State:
@@ -95,18 +97,30 @@ class StateWatcher:
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
         subscriber = _Subscriber(request, session_id, tunnel_id)
-        if account_id not in self._known:
-            self._known[account_id] = self._read(account_id)
         request.write(b"retry: 2000\n\n")
-        for tid, state in self._known[account_id].items():
-            if tunnel_id is None or tid == tunnel_id:
-                request.write(state_event(tid, state))
         self._subscribers.setdefault(account_id, []).append(subscriber)
         request.notifyFinish().addBoth(lambda _: self._unsubscribe(account_id, subscriber))
         if self._loop is None:
             self._loop = LoopingCall(self.tick)
             self._loop.clock = self._clock
             self._loop.start(self.interval, now=False)
+        Deferred.fromCoroutine(self._send_current(account_id, subscriber))
+
+    async def _send_current(self, account_id: str, subscriber: _Subscriber) -> None:
+        """The current states, first thing on a new stream."""
+        if account_id not in self._known:
+            try:
+                known = await self._read(account_id)
+            except Exception:
+                log.failure("Console: cannot read the tunnel states of account {account_id}", account_id=account_id)
+                return
+            self._known.setdefault(account_id, known)
+        request = subscriber.request
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        for tid, state in self._known.get(account_id, {}).items():
+            if subscriber.tunnel_id is None or tid == subscriber.tunnel_id:
+                request.write(state_event(tid, state))
 
     def _unsubscribe(self, account_id: str, subscriber: _Subscriber) -> None:
         subscribers = self._subscribers.get(account_id, [])
@@ -133,21 +147,26 @@ class StateWatcher:
             request.write(b"event: " + event + b"\ndata: {}\n\n")
             request.finish()
 
-    def _read(self, account_id: str) -> Dict[str, State]:
-        return {t.tunnel_id: tunnel_state(t) for t in all_tunnels(self._store, account_id)}
+    async def _read(self, account_id: str) -> Dict[str, State]:
+        return {t.tunnel_id: tunnel_state(t) for t in await all_tunnels(self._store, account_id)}
 
-    def tick(self) -> None:
-        """Read the states once and send the changes."""
+    def tick(self) -> "Deferred[None]":
+        """Read the states once and send the changes (the next reading waits for this one)."""
+        return Deferred.fromCoroutine(self._tick())
+
+    async def _tick(self) -> None:
         now = self._clock.seconds()
         keepalive = now - self._last_keepalive >= KEEPALIVE
         if keepalive:
             self._last_keepalive = now
         for account_id, subscribers in list(self._subscribers.items()):
             try:
-                current = self._read(account_id)
+                current = await self._read(account_id)
             except Exception:
                 log.failure("Console: cannot read the tunnel states of account {account_id}", account_id=account_id)
                 continue
+            if account_id not in self._subscribers:
+                continue  # its last page went away meanwhile
             before = self._known.get(account_id, {})
             self._known[account_id] = current
             changed = [(tid, s) for tid, s in current.items() if before.get(tid) != s]

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_web,tests.e2e.test_console_browser -*-
+# -*- test-case-name: tests.test_console_users,tests.e2e.test_console_browser -*-
 """
 The console's pages: sign-in, the tunnels hub, create (manual setup) and the one-time token page, the
 tunnel page, quick setup and the terminal page.
@@ -12,11 +12,14 @@ goes to the store directly (the API's ListTunnels has no connection states).
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -25,12 +28,13 @@ from tunnelkit.service.console import web
 from tunnelkit.service.console.live import StateWatcher, all_tunnels
 from tunnelkit.service.console.sessions import (
     COOKIE_NAME,
+    PasswordChecks,
     PendingTokens,
     Session,
     SessionManager,
     SignInLimiter,
 )
-from tunnelkit.service.console.users import DUMMY_HASH, IConsoleUsers, password_matches
+from tunnelkit.service.console.users import DUMMY_HASH, IConsoleUsers, host_key_name, password_matches
 from tunnelkit.service.operations import ApiError, ControlPlane, tunnel_arn
 from tunnelkit.service.store import CLOSED, OPEN, Account, IControlStore, NoSuchAccount, Tunnel
 
@@ -120,6 +124,8 @@ class ConsolePages(Resource):
         self._verify = verify_password or _verify_in_thread
         self._env = web.template_environment()
         self._checking: set = set()
+        #: Password checks running (at most 2: 429 beyond).
+        self.password_checks = PasswordChecks()
 
     # --- rendering ---
 
@@ -144,18 +150,18 @@ class ConsolePages(Resource):
             back_label="Back to the tunnels hub" if session else "Sign in",
         )
 
-    def _call(self, request: Request, session: Session, account: Account, operation: str,
+    async def _call(self, request: Request, session: Session, account: Account, operation: str,
               body: Dict[str, Any]) -> Dict[str, Any]:
         address = request.getClientAddress()
         client = f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
-        return self.run_operation(client, session, account, operation, body)
+        return await self.run_operation(client, session, account, operation, body)
 
-    def run_operation(self, client: str, session: Session, account: Account, operation: str,
+    async def run_operation(self, client: str, session: Session, account: Account, operation: str,
                       body: Dict[str, Any]) -> Dict[str, Any]:
         """Run a control-plane operation as the API does, with an audit record naming the console user."""
         outcome, status = "ok", 200
         try:
-            return self.control.call(operation, account, body)
+            return await self.control.call(operation, account, body)
         except ApiError as e:
             outcome, status = e.error_type, e.status
             raise
@@ -173,6 +179,27 @@ class ConsolePages(Resource):
     # --- dispatch ---
 
     def render(self, request: Request) -> Any:
+        d = Deferred.fromCoroutine(self._render(request))
+        d.addCallbacks(self._rendered, self._render_failed, callbackArgs=(request,), errbackArgs=(request,))
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _rendered(body: Any, request: Request) -> None:
+        if body is NOT_DONE_YET or request.finished or getattr(request, "_disconnected", False):
+            return
+        request.write(body)
+        request.finish()
+
+    def _render_failed(self, failure: Failure, request: Request) -> None:
+        log.failure("Console: a page failed", failure)
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        request.setResponseCode(500)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.write(b"The console failed to build this page; try again.\n")
+        request.finish()
+
+    async def _render(self, request: Request) -> Any:
         path = request.path.decode("utf-8", "replace")
         if not path.startswith(self.prefix):
             return web.redirect(request, self.prefix)
@@ -186,7 +213,7 @@ class ConsolePages(Resource):
         try:
             if parts == ["signin"]:
                 if method == "POST":
-                    return self.post_signin(request)
+                    return await self.post_signin(request)
                 return self.get_signin(request)
             session = self.sessions.get(web.session_id(request))
             if session is not None and not self.users.still_valid(session.account_id, session.user_name,
@@ -211,8 +238,11 @@ class ConsolePages(Resource):
             handler, args = self._route(method, parts)
             if handler is None:
                 raise Refused(404, "Not found", "There is no such page in the console.")
-            account = self.store.get_account(session.account_id)
-            return handler(request, session, account, *args)
+            account = await self.store.get_account(session.account_id)
+            result = handler(request, session, account, *args)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
         except Refused as refused:
             return self._refused(request, refused, session)
         except NoSuchAccount:
@@ -261,7 +291,7 @@ class ConsolePages(Resource):
         return self._page(request, "signin.html", status, None, csrf=token, error=error, account=account, user=user,
                           flash=flash)
 
-    def post_signin(self, request: Request) -> Any:
+    async def post_signin(self, request: Request) -> Any:
         account_text = web.field(request, "account").strip()[:128]
         user = web.field(request, "user").strip()[:128]
         password = web.field(request, "password")[:1024]
@@ -284,12 +314,20 @@ class ConsolePages(Resource):
                 request, f"Too many failed sign-ins: wait {seconds} s and try again.", 429, account_text, user
             )
         try:
-            account: Optional[Account] = self.store.get_account(account_text) if account_text else None
+            account: Optional[Account] = (await self.store.get_account(account_text)) if account_text else None
         except NoSuchAccount:
             account = None
         digest = self.users.password_hash(account.account_id, user) if account is not None else None
+        started = self.password_checks.start(lambda: self._verify(digest or DUMMY_HASH, password))
+        if started is None:
+            request.setHeader(b"retry-after", b"1")
+            log.info("Console: sign-in for {user} refused ({running} password checks running)", user=key[:200],
+                     running=self.password_checks.running)
+            return self.get_signin(
+                request, "The console is busy checking other sign-ins: try again in a second.", 429, account_text, user
+            )
         self._checking.add(key)
-        d = self._verify(digest or DUMMY_HASH, password)
+        d = started
 
         def checked(ok: bool) -> None:
             self._checking.discard(key)
@@ -326,7 +364,7 @@ class ConsolePages(Resource):
 
     # --- the hub ---
 
-    def get_hub(self, request: Request, session: Session, account: Account) -> bytes:
+    async def get_hub(self, request: Request, session: Session, account: Account) -> bytes:
         status = web.field(request, "status").upper()
         thing = web.field(request, "thing").strip()
         sort = web.field(request, "sort") or "created"
@@ -335,7 +373,7 @@ class ConsolePages(Resource):
             sort = "created"
         if order not in ("asc", "desc"):
             order = "desc"
-        tunnels = list(all_tunnels(self.store, account.account_id))
+        tunnels = await all_tunnels(self.store, account.account_id)
         things = sorted({t.thing_name for t in tunnels if t.thing_name})
         if status in (OPEN, CLOSED):
             tunnels = [t for t in tunnels if t.status == status]
@@ -365,7 +403,7 @@ class ConsolePages(Resource):
         self.watcher.subscribe(account.account_id, session.session_id, request, tunnel_id)
         return NOT_DONE_YET
 
-    def post_bulk(self, request: Request, session: Session, account: Account) -> bytes:
+    async def post_bulk(self, request: Request, session: Session, account: Account) -> bytes:
         action = web.field(request, "action")
         ids = web.fields(request, "tunnel")
         if not ids:
@@ -383,7 +421,7 @@ class ConsolePages(Resource):
         done, errors = 0, []
         for tunnel_id in ids:
             try:
-                self._call(request, session, account, "CloseTunnel", {"tunnelId": tunnel_id, "delete": action == "delete"})
+                await self._call(request, session, account, "CloseTunnel", {"tunnelId": tunnel_id, "delete": action == "delete"})
                 done += 1
             except ApiError as e:
                 errors.append(e.message)
@@ -399,11 +437,11 @@ class ConsolePages(Resource):
         values = values or {"lifetime": "720"}
         return self._page(request, "create.html", status, session, nav="create", error=error, v=values)
 
-    def post_create(self, request: Request, session: Session, account: Account) -> bytes:
+    async def post_create(self, request: Request, session: Session, account: Account) -> bytes:
         values = {name: web.field(request, name) for name in ("description", "lifetime", "tags", "thing", "services")}
         try:
             body = self._tunnel_request(values)
-            answer = self._call(request, session, account, "OpenTunnel", body)
+            answer = await self._call(request, session, account, "OpenTunnel", body)
         except (ApiError, ValueError) as e:
             return self.get_create(request, session, account, _message(e), 400, values)
         return self._show_tokens(request, session, answer, body)
@@ -493,56 +531,57 @@ class ConsolePages(Resource):
 
     # --- the tunnel page ---
 
-    def _describe(self, account: Account, tunnel_id: str) -> Dict[str, Any]:
+    async def _describe(self, account: Account, tunnel_id: str) -> Dict[str, Any]:
         try:
-            return self.control.call("DescribeTunnel", account, {"tunnelId": tunnel_id})["tunnel"]
+            return (await self.control.call("DescribeTunnel", account, {"tunnelId": tunnel_id}))["tunnel"]
         except ApiError as e:
             raise Refused(e.status if e.status in (400, 404) else 400, "No such tunnel", e.message) from None
 
-    def get_tunnel(self, request: Request, session: Session, account: Account, tunnel_id: str,
+    async def get_tunnel(self, request: Request, session: Session, account: Account, tunnel_id: str,
                    error: Optional[str] = None, status: int = 200) -> bytes:
-        tunnel = self._describe(account, tunnel_id)
+        tunnel = await self._describe(account, tunnel_id)
         config = tunnel.get("destinationConfig") or {}
         thing = config.get("thingName")
         ssh_services = [s for s in config.get("services", []) if is_ssh_service(s)]
-        host_key = self.users.get_host_key(account.account_id, thing) if thing else None
+        key_name = host_key_name(thing, tunnel_id)
+        host_key = self.users.get_host_key(account.account_id, key_name)
         return self._page(
             request, "tunnel.html", status, session, error=error, t=tunnel, thing=thing,
-            services=config.get("services", []), ssh_services=ssh_services, host_key=host_key,
+            services=config.get("services", []), ssh_services=ssh_services, host_key=host_key, key_name=key_name,
             terminal_available=self.terminal is not None,
         )
 
     def _arn(self, account: Account, tunnel_id: str) -> str:
         return tunnel_arn(self.control.region, account.account_id, tunnel_id)
 
-    def _tunnel_action(self, request: Request, session: Session, account: Account, tunnel_id: str,
+    async def _tunnel_action(self, request: Request, session: Session, account: Account, tunnel_id: str,
                        operation: str, body: Dict[str, Any], done: str) -> bytes:
         try:
-            self._call(request, session, account, operation, body)
+            await self._call(request, session, account, operation, body)
         except ApiError as e:
-            return self.get_tunnel(request, session, account, tunnel_id, e.message, 400)
+            return await self.get_tunnel(request, session, account, tunnel_id, e.message, 400)
         session.flash.append(done)
         return web.redirect(request, self.prefix + "tunnel/" + tunnel_id)
 
-    def post_tags(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
+    async def post_tags(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
         key = web.field(request, "key").strip()
         value = web.field(request, "value").strip()
         body = {"resourceArn": self._arn(account, tunnel_id), "tags": [{"key": key, "value": value}]}
-        return self._tunnel_action(request, session, account, tunnel_id, "TagResource", body, f"Tag {key} saved.")
+        return await self._tunnel_action(request, session, account, tunnel_id, "TagResource", body, f"Tag {key} saved.")
 
-    def post_untag(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
+    async def post_untag(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
         key = web.field(request, "key")
         body = {"resourceArn": self._arn(account, tunnel_id), "tagKeys": [key]}
-        return self._tunnel_action(request, session, account, tunnel_id, "UntagResource", body, f"Tag {key} removed.")
+        return await self._tunnel_action(request, session, account, tunnel_id, "UntagResource", body, f"Tag {key} removed.")
 
-    def post_close(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
-        return self._tunnel_action(
+    async def post_close(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
+        return await self._tunnel_action(
             request, session, account, tunnel_id, "CloseTunnel", {"tunnelId": tunnel_id},
             "Tunnel closed: its peers were disconnected. It cannot be reopened, but it can be duplicated.",
         )
 
-    def get_delete(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
-        self._describe(account, tunnel_id)
+    async def get_delete(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
+        await self._describe(account, tunnel_id)
         return self._page(
             request, "confirm.html", session=session, heading="Delete this tunnel?",
             warning="Deleting is permanent: the tunnel is closed (its peers disconnected) and removed at once. "
@@ -551,36 +590,36 @@ class ConsolePages(Resource):
             back=self.prefix + f"tunnel/{tunnel_id}",
         )
 
-    def post_delete(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
+    async def post_delete(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
         if web.field(request, "confirm") != "yes":
-            return self.get_delete(request, session, account, tunnel_id)
+            return await self.get_delete(request, session, account, tunnel_id)
         try:
-            self._call(request, session, account, "CloseTunnel", {"tunnelId": tunnel_id, "delete": True})
+            await self._call(request, session, account, "CloseTunnel", {"tunnelId": tunnel_id, "delete": True})
         except ApiError as e:
-            return self.get_tunnel(request, session, account, tunnel_id, e.message, 400)
+            return await self.get_tunnel(request, session, account, tunnel_id, e.message, 400)
         session.flash.append(f"Tunnel {tunnel_id} deleted.")
         return web.redirect(request, self.prefix)
 
-    def post_rotate(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
+    async def post_rotate(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
         mode = web.field(request, "mode")
         if mode not in ("SOURCE", "DESTINATION", "ALL"):
-            return self.get_tunnel(request, session, account, tunnel_id, "Choose source, destination or both.", 400)
-        tunnel = self._describe(account, tunnel_id)
+            return await self.get_tunnel(request, session, account, tunnel_id, "Choose source, destination or both.", 400)
+        tunnel = await self._describe(account, tunnel_id)
         body: Dict[str, Any] = {"tunnelId": tunnel_id, "clientMode": mode}
         config = tunnel.get("destinationConfig") or {}
         if mode != "SOURCE" and config.get("thingName"):
             body["destinationConfig"] = {"thingName": config["thingName"], "services": config["services"]}
         try:
-            answer = self._call(request, session, account, "RotateTunnelAccessToken", body)
+            answer = await self._call(request, session, account, "RotateTunnelAccessToken", body)
         except ApiError as e:
-            return self.get_tunnel(request, session, account, tunnel_id, e.message, 400)
+            return await self.get_tunnel(request, session, account, tunnel_id, e.message, 400)
         if self.terminal is not None and mode != "DESTINATION":
             self.terminal.forget_source(tunnel_id)
         return self._show_tokens(request, session, answer, body, tunnel_id)
 
-    def get_duplicate(self, request: Request, session: Session, account: Account, tunnel_id: str,
+    async def get_duplicate(self, request: Request, session: Session, account: Account, tunnel_id: str,
                       error: Optional[str] = None, status: int = 200, values: Optional[Dict[str, str]] = None) -> bytes:
-        tunnel = self._describe(account, tunnel_id)
+        tunnel = await self._describe(account, tunnel_id)
         if values is None:
             config = tunnel.get("destinationConfig") or {}
             values = {
@@ -592,40 +631,41 @@ class ConsolePages(Resource):
             }
         return self._page(request, "duplicate.html", status, session, error=error, t=tunnel, v=values)
 
-    def post_duplicate(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
+    async def post_duplicate(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
         values = {name: web.field(request, name) for name in ("description", "lifetime", "tags", "thing", "services")}
         try:
             body = self._tunnel_request(values)
-            answer = self._call(request, session, account, "OpenTunnel", body)
+            answer = await self._call(request, session, account, "OpenTunnel", body)
         except (ApiError, ValueError) as e:
-            return self.get_duplicate(request, session, account, tunnel_id, _message(e), 400, values)
+            return await self.get_duplicate(request, session, account, tunnel_id, _message(e), 400, values)
         session.flash.append(f"Tunnel {answer['tunnelId']} opened as a copy of {tunnel_id}.")
         return self._show_tokens(request, session, answer, body)
 
     def post_forget_host_key(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
         thing = web.field(request, "thing")
         if self.users.forget_host_key(account.account_id, thing):
-            session.flash.append(f"The host key remembered for {thing} was forgotten: the next connection remembers "
+            whom = "this tunnel" if thing == host_key_name(None, tunnel_id) else thing
+            session.flash.append(f"The host key remembered for {whom} was forgotten: the next connection remembers "
                                  "the key it sees.")
         return web.redirect(request, self.prefix + "tunnel/" + tunnel_id)
 
     # --- quick setup and the terminal (see terminal.py) ---
 
-    def get_quick(self, request: Request, session: Session, account: Account, error: Optional[str] = None,
+    async def get_quick(self, request: Request, session: Session, account: Account, error: Optional[str] = None,
                   status: int = 200, values: Optional[Dict[str, str]] = None) -> bytes:
-        things = sorted({t.thing_name for t in all_tunnels(self.store, account.account_id) if t.thing_name})
+        things = sorted({t.thing_name for t in await all_tunnels(self.store, account.account_id) if t.thing_name})
         values = values or {"service": "SSH", "lifetime": "60"}
         return self._page(request, "quick.html", status, session, nav="quick", error=error, v=values, things=things,
                           terminal_available=self.terminal is not None)
 
-    def post_quick(self, request: Request, session: Session, account: Account) -> bytes:
+    async def post_quick(self, request: Request, session: Session, account: Account) -> bytes:
         values = {name: web.field(request, name) for name in ("thing", "service", "lifetime")}
         if self.terminal is None:
             raise Refused(501, "Not available", "SSH in the browser is not available on this service.")
         thing = values["thing"].strip()
         service = values["service"].strip()
         if not thing:
-            return self.get_quick(request, session, account, "Thing name: choose the device's thing.", 400, values)
+            return await self.get_quick(request, session, account, "Thing name: choose the device's thing.", 400, values)
         body: Dict[str, Any] = {
             "description": f"Quick setup: SSH to {thing}"[:2048],
             "destinationConfig": {"thingName": thing, "services": [service]},
@@ -633,17 +673,17 @@ class ConsolePages(Resource):
         try:
             if values["lifetime"].strip():
                 body["timeoutConfig"] = {"maxLifetimeTimeoutMinutes": int(values["lifetime"])}
-            answer = self._call(request, session, account, "OpenTunnel", body)
+            answer = await self._call(request, session, account, "OpenTunnel", body)
         except ValueError:
-            return self.get_quick(request, session, account, "Lifetime: a whole number of minutes from 1 to 720.", 400,
+            return await self.get_quick(request, session, account, "Lifetime: a whole number of minutes from 1 to 720.", 400,
                                   values)
         except ApiError as e:
-            return self.get_quick(request, session, account, e.message, 400, values)
+            return await self.get_quick(request, session, account, e.message, 400, values)
         self.terminal.hold_source(account.account_id, answer["tunnelId"], answer["sourceAccessToken"])
         return web.redirect(request, self.prefix + f"tunnel/{answer['tunnelId']}/terminal")
 
-    def get_terminal(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
-        tunnel = self._describe(account, tunnel_id)
+    async def get_terminal(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
+        tunnel = await self._describe(account, tunnel_id)
         config = tunnel.get("destinationConfig") or {}
         ssh_services = [s for s in config.get("services", []) if is_ssh_service(s)]
         problem = None
@@ -660,7 +700,7 @@ class ConsolePages(Resource):
             request, "terminal.html", 200 if problem is None else 409, session, style_nonce=nonce, t=tunnel,
             thing=config.get("thingName"), service=ssh_services[0] if ssh_services else "", problem=problem,
             held=self.terminal.holds_source(tunnel_id) if self.terminal is not None else False,
-            host_key=self.users.get_host_key(account.account_id, config["thingName"]) if config.get("thingName") else None,
+            host_key=self.users.get_host_key(account.account_id, host_key_name(config.get("thingName"), tunnel_id)),
         )
 
 

@@ -20,7 +20,10 @@ from __future__ import annotations
 import hmac
 import secrets
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 COOKIE_NAME = "__Host-tunnelkit-console"
 #: A session ends after this long without a request...
@@ -163,6 +166,39 @@ class SessionManager:
 class _Failures:
     count: int
     last: float
+
+
+#: How many password checks (Argon2id, 64 MiB and a thread each) may run at once.
+MAX_PASSWORD_CHECKS = 2
+
+
+class PasswordChecks:
+    """
+    At most C{limit} password checks at once: Argon2id takes 64 MiB and one of the reactor's threads for
+    each, so a flood of sign-ins (with varied names, which the per-user limit does not slow) must not hold
+    every thread and that much memory.  Beyond the limit the sign-in is refused at once (429).
+    """
+
+    def __init__(self, limit: int = MAX_PASSWORD_CHECKS) -> None:
+        self.limit = limit
+        self.running = 0
+
+    def start(self, check: Callable[[], "Deferred[bool]"]) -> "Optional[Deferred[bool]]":
+        """Run C{check} if a place is free (its Deferred, freeing the place when it fires), else None."""
+        if self.running >= self.limit:
+            return None
+        self.running += 1
+        try:
+            d = check()
+        except BaseException:
+            self.running -= 1
+            raise
+
+        def done(result: object) -> object:
+            self.running -= 1
+            return result
+
+        return d.addBoth(done)
 
 
 class SignInLimiter:

@@ -11,7 +11,12 @@ The path of the bytes, with the protocol and transport layers every other source
         <-wss-> the service's own data plane (/tunnel) <-> the relay <-> the destination (agent) <-> sshd
 
 Connecting to the service's own listener, rather than pairing with the relay in memory, keeps the relay
-untouched and makes the console's source a peer like any other (its state, limits, audit, rotation).
+untouched and makes the console's source a peer like any other (its state, limits, audit, rotation); and
+with several service nodes the tunnel's destination may be held by another node: the cluster forwards a
+WebSocket upgrade to that node, which a pairing in memory with this node's relay would bypass.  The
+listener is reached at its bound address (a wildcard one through loopback) or unix path, and its TLS is
+checked against the listener's own certificate, pinned (L{pinned_client_tls}): so a certificate from
+another CA, or naming other hosts, works as well as the generated one.
 Nothing from L{tunnelkit.localproxy} is used.
 
 Where the source token comes from: quick setup keeps the one OpenTunnel returned
@@ -23,8 +28,8 @@ client token, so a later terminal reconnects with the same token.  Tokens stay i
 Credentials (password, private key) come in the WebSocket's first message, are used for that SSH
 session only, and are dropped once it is authenticated; they are never stored or logged.
 
-Host keys: the fingerprint (SHA256, as OpenSSH shows it) is shown; the first one seen for a thing is
-remembered (L{IConsoleUsers.remember_host_key}); a different one later stops the connection with a
+Host keys: the fingerprint (SHA256, as OpenSSH shows it) is shown; the first one seen for a thing (for a
+tunnel without a thing: for that tunnel, L{host_key_name}) is remembered (L{IConsoleUsers.remember_host_key}); a different one later stops the connection with a
 clear warning (the tunnel page can forget the remembered key).
 
 Browser protocol: binary messages are terminal bytes both ways; text messages are JSON: from the page
@@ -49,7 +54,8 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.conch.ssh import channel, common, connection, keys, transport, userauth
 from twisted.internet import defer, endpoints
-from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IReactorTime, ITransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -57,16 +63,22 @@ from zope.interface import implementer
 
 from tunnelkit.protocol.session import (
     CloseLocal,
+    ConnectTarget,
     Fatal,
+    HalfCloseLocal,
     LocalConnectionRefused,
+    PauseLocal,
+    ResumeLocal,
     SendFrames,
     SourceSession,
     StartListening,
     WriteLocal,
 )
 from tunnelkit.service.console.sessions import COOKIE_NAME, Session
+from tunnelkit.service.console.users import host_key_name
 from tunnelkit.service.store import CONNECTED, OPEN, NoSuchAccount
-from tunnelkit.transport.tls import client_tls_options
+from tunnelkit.transport.actions import ActionDispatcher
+from tunnelkit.transport.tls import pinned_client_tls
 from tunnelkit.transport.websocket import TunnelWebSocketFactory, WebSocketEnded, tunnel_url
 
 log = Logger()
@@ -125,15 +137,19 @@ class TunnelSource:
     @param on_ready: called once the tunnel's service ids arrived (the connection may start).
     @param on_data: bytes from the device.
     @param on_end: called once with a message when the connection or the WebSocket ends.
+    @param on_pause: called with True when the far peer grants no more credit (stop sending), False
+        when it does again (flow control; not negotiated by the console today).
     """
 
     def __init__(self, service_id: str, on_ready: Callable[[], None], on_data: Callable[[bytes], None],
-                 on_end: Callable[[str], None]) -> None:
+                 on_end: Callable[[str], None], on_pause: Callable[[bool], None] = lambda paused: None) -> None:
         self.service_id = service_id
         self.session = SourceSession([service_id])
         self._on_ready = on_ready
         self._on_data = on_data
         self._on_end = on_end
+        self._on_pause = on_pause
+        self._dispatch = ActionDispatcher(self._action_handlers())
         self.websocket: Any = None
         self.connection_id: Optional[int] = None
         self.connector: Any = None
@@ -183,23 +199,60 @@ class TunnelSource:
             self.connector.cancel()
 
     def _perform(self, actions: List[Any]) -> None:
-        for action in actions:
-            if isinstance(action, SendFrames):
-                if self.websocket is not None:
-                    self.websocket.send_frames(action.data, action.boundary)
-            elif isinstance(action, StartListening):
-                self._on_ready()
-            elif isinstance(action, WriteLocal):
-                if action.connection_id == self.connection_id:
-                    self._on_data(bytes(action.data))
-            elif isinstance(action, CloseLocal):
-                if action.connection_id == self.connection_id:
-                    self.connection_id = None
-                    self._end(f"The device closed the connection ({action.reason}).")
-            elif isinstance(action, Fatal):
-                self._end(f"The tunnel cannot be used: {action.message}")
+        self._dispatch(actions)
         if self.websocket is not None:
             self.websocket.flush()
+
+    def _action_handlers(self) -> Dict[type, Callable[[Any], None]]:
+        """
+        Every action of the session (L{ActionDispatcher} refuses a table that lacks one).  The console
+        announces no extensions, so the relay sends it no flow-control or half-close messages; should
+        the session return those actions anyway, they are carried out: a pause stops reading the
+        browser's keystrokes, a half-close from the device ends the SSH session.
+        """
+        def mine(action: Any) -> bool:
+            return bool(action.connection_id == self.connection_id and self.connection_id is not None)
+
+        def send_frames(action: SendFrames) -> None:
+            if self.websocket is not None:
+                self.websocket.send_frames(action.data, action.boundary)
+
+        def write_local(action: WriteLocal) -> None:
+            if mine(action):
+                self._on_data(bytes(action.data))
+
+        def close_local(action: CloseLocal) -> None:
+            if mine(action):
+                self.connection_id = None
+                self._end(f"The device closed the connection ({action.reason}).")
+
+        def half_close_local(action: HalfCloseLocal) -> None:
+            if mine(action):  # SSH needs both directions: the device's last byte ends the session
+                self.connection_id = None
+                self._end("The device closed the connection (it sent its last byte).")
+
+        def pause_local(action: PauseLocal) -> None:
+            if mine(action):
+                self._on_pause(True)
+
+        def resume_local(action: ResumeLocal) -> None:
+            if mine(action):
+                self._on_pause(False)
+
+        def connect_target(action: ConnectTarget) -> None:  # a destination's action: never at a source
+            self._end(f"The tunnel cannot be used: the console's source was asked to connect {action.service_id}.")
+
+        return {
+            SendFrames: send_frames,
+            StartListening: lambda action: self._on_ready(),
+            ConnectTarget: connect_target,
+            WriteLocal: write_local,
+            CloseLocal: close_local,
+            PauseLocal: pause_local,
+            ResumeLocal: resume_local,
+            HalfCloseLocal: half_close_local,
+            Fatal: lambda action: self._end(f"The tunnel cannot be used: {action.message}"),
+        }
 
     def _end(self, message: str) -> None:
         if self._reported:
@@ -334,10 +387,14 @@ class BrowserTerminal(WebSocketServerProtocol):
         self.shell: Optional[_Shell] = None
         self._finished = False
         self._waiting: Any = None
+        self._connecting = False  # a "connect" message is being handled
 
     # --- the handshake: signed in, same origin ---
 
-    def onConnect(self, request: Any) -> None:
+    def onConnect(self, request: Any) -> Deferred:
+        return Deferred.fromCoroutine(self._check(request))
+
+    async def _check(self, request: Any) -> None:
         terminals = self.factory.terminals
         origin = request.headers.get("origin", "")
         host = request.headers.get("host", "")
@@ -359,10 +416,10 @@ class BrowserTerminal(WebSocketServerProtocol):
             raise ConnectionDeny(401, "Not signed in: sign in to the console again")
         tunnel_id = (request.params.get("tunnel") or [""])[0]
         try:
-            account = terminals.console.store.get_account(session.account_id)
+            account = await terminals.console.store.get_account(session.account_id)
         except NoSuchAccount:
             raise ConnectionDeny(401, "Your account no longer exists") from None
-        tunnel = terminals.console.store.get_tunnel(account.account_id, tunnel_id)
+        tunnel = await terminals.console.store.get_tunnel(account.account_id, tunnel_id)
         if tunnel is None:
             raise ConnectionDeny(404, f"Tunnel {tunnel_id[:128]} does not exist")
         self.session, self.account, self.tunnel_id, self.thing = session, account, tunnel_id, tunnel.thing_name
@@ -397,8 +454,14 @@ class BrowserTerminal(WebSocketServerProtocol):
             self.size = _size(message, self.size)
             if self.shell is not None:
                 self.shell.resize(*self.size)
-        elif kind == "connect" and self.source is None and not self._finished:
-            self._connect(message)
+        elif kind == "connect" and self.source is None and not self._finished and not self._connecting:
+            self._connecting = True
+            d = Deferred.fromCoroutine(self._connect(message))
+            d.addErrback(self._failed, "Console terminal: connecting failed")
+
+    def _failed(self, failure: Failure, what: str) -> None:
+        log.failure(what, failure)
+        self.finish("The console failed; try again.")
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         self.credentials = {}
@@ -443,7 +506,7 @@ class BrowserTerminal(WebSocketServerProtocol):
 
     # --- connecting ---
 
-    def _connect(self, message: Dict[str, Any]) -> None:
+    async def _connect(self, message: Dict[str, Any]) -> None:
         terminals = self.factory.terminals
         assert self.session is not None
         if not self.session.csrf_ok(message.get("csrf") if isinstance(message.get("csrf"), str) else None):
@@ -467,11 +530,14 @@ class BrowserTerminal(WebSocketServerProtocol):
             self.finish("This tunnel has no SSH service (a service id starting with SSH).")
             return
         try:
-            token, client_token = terminals.source_token(self.session, self.account, self.tunnel_id, self.peer)
+            token, client_token = await terminals.source_token(self.session, self.account, self.tunnel_id, self.peer)
         except TerminalError as e:
             self.finish(str(e))
             return
-        self.source = TunnelSource(self.service_id, self._tunnel_ready, self._from_device, self.finish)
+        if self._finished:
+            return  # the browser went away meanwhile
+        self.source = TunnelSource(self.service_id, self._tunnel_ready, self._from_device, self.finish,
+                                   self._pause_keystrokes)
         try:
             terminals.connect_source(self.source, token, client_token)
         except TerminalError as e:
@@ -484,8 +550,14 @@ class BrowserTerminal(WebSocketServerProtocol):
 
     def _wait_for_destination(self, waited: float) -> None:
         self._waiting = None
+        d = Deferred.fromCoroutine(self._check_destination(waited))
+        d.addErrback(self._failed, "Console terminal: reading the tunnel's state failed")
+
+    async def _check_destination(self, waited: float) -> None:
         terminals = self.factory.terminals
-        tunnel = terminals.console.store.get_tunnel(self.account.account_id, self.tunnel_id)
+        tunnel = await terminals.console.store.get_tunnel(self.account.account_id, self.tunnel_id)
+        if self._finished:
+            return
         if tunnel is None or tunnel.status != OPEN:
             self.finish("The tunnel was closed: the terminal has ended.")
             return
@@ -516,6 +588,11 @@ class BrowserTerminal(WebSocketServerProtocol):
         self.ssh = _ClientTransport(self)
         self.ssh.makeConnection(_TunnelConnection(self.source))
 
+    def _pause_keystrokes(self, paused: bool) -> None:
+        """The tunnel takes no more bytes toward the device for now: stop (or go on) reading the browser."""
+        if self.transport is not None:
+            (self.transport.pauseProducing if paused else self.transport.resumeProducing)()
+
     def _from_device(self, data: bytes) -> None:
         if self.ssh is not None:
             self.ssh.dataReceived(data)
@@ -523,24 +600,23 @@ class BrowserTerminal(WebSocketServerProtocol):
     def check_host_key(self, blob: bytes) -> Any:
         key_type, fingerprint = host_key_fingerprint(blob)
         users = self.factory.terminals.console.users
-        if self.thing is None:
-            self._send(type="hostkey", status="unremembered", key_type=key_type, fingerprint=fingerprint)
-            return defer.succeed(True)
-        known = users.get_host_key(self.account.account_id, self.thing)
+        name = host_key_name(self.thing, self.tunnel_id)  # per thing, or per tunnel if it has none
+        scope = "thing" if self.thing else "tunnel"
+        known = users.get_host_key(self.account.account_id, name)
         if known is None:
-            users.remember_host_key(self.account.account_id, self.thing, key_type, fingerprint,
+            users.remember_host_key(self.account.account_id, name, key_type, fingerprint,
                                     self.factory.terminals.clock.seconds())
-            self._send(type="hostkey", status="new", key_type=key_type, fingerprint=fingerprint)
+            self._send(type="hostkey", status="new", scope=scope, key_type=key_type, fingerprint=fingerprint)
             return defer.succeed(True)
         if known.fingerprint == fingerprint:
             self._send(type="hostkey", status="known", key_type=key_type, fingerprint=fingerprint)
             return defer.succeed(True)
         self._send(type="hostkey", status="changed", key_type=key_type, fingerprint=fingerprint,
                    expected=known.fingerprint, expected_type=known.key_type)
-        log.warn("Console: host key of thing {thing} changed ({expected} -> {fingerprint}): connection refused",
-                 thing=self.thing, expected=known.fingerprint, fingerprint=fingerprint)
+        log.warn("Console: host key of {name} changed ({expected} -> {fingerprint}): connection refused",
+                 name=name, expected=known.fingerprint, fingerprint=fingerprint)
         self.finish(
-            f"WARNING: the host key of {self.thing} has changed (it was {known.key_type} {known.fingerprint}, now "
+            f"WARNING: the host key of {self.thing or 'the device of tunnel ' + self.tunnel_id} has changed (it was {known.key_type} {known.fingerprint}, now "
             f"{key_type} {fingerprint}). Someone may be impersonating the device, or its key was replaced. "
             "The connection was stopped. If you know the key changed, forget the remembered key on the tunnel's page."
         )
@@ -589,17 +665,15 @@ class Terminals:
     """
     The console's browser terminals.
 
-    @param data_plane: returns (secure, port) of the service's own listener once it listens.
-    @param ca_path: the service's CA certificate (to check its own certificate).
+    @param data_plane: returns the service's own listener (L{tunnelkit.service.tap.DataPlaneAddress}:
+        its bound address and its TLS certificate) once it listens, or None.
     """
 
-    def __init__(self, console: Any, reactor: Any, clock: IReactorTime,
-                 data_plane: Callable[[], Optional[Tuple[bool, int]]], ca_path: Optional[str]) -> None:
+    def __init__(self, console: Any, reactor: Any, clock: IReactorTime, data_plane: Callable[[], Optional[Any]]) -> None:
         self.console = console
         self.reactor = reactor
         self.clock = clock
         self._data_plane = data_plane
-        self._ca_path = ca_path
         self._held: Dict[str, Tuple[str, str, str]] = {}  # tunnel id -> (account id, token, client token)
         self._open: List[BrowserTerminal] = []
 
@@ -625,7 +699,7 @@ class Terminals:
         """The tunnel's source token was rotated (by the console's user): the held one is void."""
         self._held.pop(tunnel_id, None)
 
-    def source_token(self, session: Session, account: Any, tunnel_id: str, client: str) -> Tuple[str, str]:
+    async def source_token(self, session: Session, account: Any, tunnel_id: str, client: str) -> Tuple[str, str]:
         """The token (and client token) the console connects with: held, or a new one (rotation)."""
         held = self._held.get(tunnel_id)
         if held is not None and held[0] == account.account_id:
@@ -633,7 +707,7 @@ class Terminals:
         from tunnelkit.service.operations import ApiError
 
         try:
-            answer = self.console.pages.run_operation(
+            answer = await self.console.pages.run_operation(
                 client, session, account, "RotateTunnelAccessToken", {"tunnelId": tunnel_id, "clientMode": "SOURCE"}
             )
         except ApiError as e:
@@ -643,15 +717,11 @@ class Terminals:
         return held[1], held[2]
 
     def connect_source(self, source: TunnelSource, token: str, client_token: str) -> None:
-        address = self._data_plane()
-        if address is None:
+        target = self._data_plane()
+        if target is None:
             raise TerminalError("The service is not listening yet: try again in a moment.")
-        secure, port = address
-        url = tunnel_url(secure, "127.0.0.1", port, "source")
+        endpoint, url = self._endpoint(target)
         factory = TunnelWebSocketFactory(url, token, client_token, source, self.clock, reactor=self.reactor)
-        endpoint: Any = endpoints.TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, timeout=30)
-        if secure:
-            endpoint = endpoints.wrapClientTLS(client_tls_options("127.0.0.1", self._ca_path), endpoint)
         d = endpoint.connect(factory)
         source.connector = d
 
@@ -663,6 +733,27 @@ class Terminals:
             source.connector = None
 
         d.addCallbacks(connected, failed)
+
+    def _endpoint(self, target: Any) -> Tuple[Any, str]:
+        """
+        The client endpoint and URL of the service's own listener C{target} (a L{DataPlaneAddress}):
+        its bound address (a wildcard one through loopback) or unix path, and, for TLS, its own
+        certificate pinned (whatever CA signed it and whatever names it carries).
+        """
+        address = target.address
+        if isinstance(address, UNIXAddress):
+            endpoint: Any = endpoints.UNIXClientEndpoint(self.reactor, address.name, timeout=30)
+            url = tunnel_url(target.secure, "localhost", 80 if not target.secure else 443, "source")
+        else:
+            v6 = isinstance(address, IPv6Address)
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(address.host, address.host)
+            endpoint = (endpoints.TCP6ClientEndpoint if v6 else endpoints.TCP4ClientEndpoint)(
+                self.reactor, host, address.port, timeout=30
+            )
+            url = tunnel_url(target.secure, host, address.port, "source")
+        if target.certificate is not None:
+            endpoint = endpoints.wrapClientTLS(pinned_client_tls(target.certificate), endpoint)
+        return endpoint, url
 
     # --- bookkeeping ---
 

@@ -158,6 +158,15 @@ class IConsoleUsers(Interface):
         """Forget the thing's host key; False if none was remembered."""
 
 
+def host_key_name(thing_name: Optional[str], tunnel_id: str) -> str:
+    """
+    Under what name a device's SSH host key is remembered: its thing's name, or for a tunnel without
+    a thing C{tunnel/<tunnel id>} (a thing name never holds a C{/}, so the two cannot meet): that key
+    is then remembered for that tunnel only.
+    """
+    return thing_name if thing_name else f"tunnel/{tunnel_id}"
+
+
 @implementer(IConsoleUsers)
 class ConsoleDatabase:
     """L{IConsoleUsers} in the service's SQLite file C{path}."""

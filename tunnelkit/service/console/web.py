@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_console_web -*-
+# -*- test-case-name: tests.test_console_users -*-
 """
 The console's HTTP plumbing: security headers, templates, forms, cookies, CSRF and sign-in checks.
 

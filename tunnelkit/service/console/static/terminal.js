@@ -83,8 +83,10 @@
             message.expected + ", now " + message.key_type + " " + message.fingerprint + ".";
           warning.hidden = false;
         } else {
-          var how = { "new": "first connection: remembered for this thing", "known": "matches the remembered key",
-                      "unremembered": "not remembered (the tunnel has no thing)" }[message.status] || message.status;
+          var how = { "new": message.scope === "tunnel" ?
+                        "first connection: remembered for this tunnel only (it has no thing)" :
+                        "first connection: remembered for this thing",
+                      "known": "matches the remembered key" }[message.status] || message.status;
           var shown = document.getElementById("ssh-fingerprint");
           shown.textContent = "Host key of the device: " + message.key_type + " " + message.fingerprint + " (" + how + ")";
           shown.setAttribute("data-fingerprint", message.fingerprint);

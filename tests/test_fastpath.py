@@ -1,0 +1,155 @@
+"""
+Tests for L{tunnelkit.transport.fastpath}: the WebSocket fast path the relay and the local proxy
+share, against autobahn's own parser on real protocols in memory, and its check at start.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Tuple
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from tunnelkit import internals
+from tunnelkit.transport import fastpath
+from tunnelkit.transport.websocket import masked_frame
+
+
+class _Server(fastpath.FastWebSocket, WebSocketServerProtocol):
+    masked_in = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast: List[bytes] = []
+        self.general: List[Tuple[bytes, bool]] = []
+
+    def fast_message(self, mask, parts, size):
+        payload = masked_frame(b"", mask, parts)
+        assert len(payload) == size
+        self.fast.append(payload)
+
+    def onMessage(self, payload, isBinary):
+        self.general.append((bytes(payload), isBinary))
+
+
+class _Client(fastpath.FastWebSocket, WebSocketClientProtocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast: List[bytes] = []
+        self.general: List[Tuple[bytes, bool]] = []
+
+    def fast_message(self, mask, parts, size):
+        assert mask is None
+        payload = b"".join(bytes(p) for p in parts)
+        assert len(payload) == size
+        self.fast.append(payload)
+
+    def onMessage(self, payload, isBinary):
+        self.general.append((bytes(payload), isBinary))
+
+
+def open_pair() -> Tuple[_Client, _Server]:
+    reactor = MemoryReactorClock()
+    pair = []
+    for factory_class, protocol_class in ((WebSocketClientFactory, _Client), (WebSocketServerFactory, _Server)):
+        factory = factory_class("ws://127.0.0.1:1/", reactor=reactor)
+        factory.setProtocolOptions(openHandshakeTimeout=0, autoPingInterval=0, autoFragmentSize=0)
+        protocol = protocol_class()
+        protocol.factory = factory
+        protocol.makeConnection(StringTransport())
+        pair.append(protocol)
+    client, server = pair
+    server.dataReceived(client.transport.value())
+    client.dataReceived(server.transport.value())
+    client.transport.clear()
+    server.transport.clear()
+    return client, server
+
+
+def frames(sender, messages) -> bytes:
+    """What C{sender} writes for C{messages} (bytes: binary; str: text; None: a ping), autobahn's framing."""
+    sender.transport.clear()
+    for message in messages:
+        if message is None:
+            sender.sendPing(b"p")
+        elif isinstance(message, str):
+            sender.sendMessage(message.encode(), isBinary=False)
+        else:
+            sender.sendMessage(message, isBinary=True)
+    data = sender.transport.value()
+    sender.transport.clear()
+    return data
+
+
+def feed(receiver, data: bytes, cuts: List[int]) -> None:
+    last = 0
+    for cut in sorted(set(c % (len(data) + 1) for c in cuts)) + [len(data)]:
+        if cut > last:
+            receiver.dataReceived(data[last:cut])
+            last = cut
+
+
+MESSAGES = st.lists(
+    st.one_of(st.binary(min_size=0, max_size=300), st.integers(1, 140000).map(lambda n: os.urandom(n)),
+              st.text(max_size=20), st.none()),
+    max_size=6,
+)
+
+
+class FastPathTests(SynchronousTestCase):
+    def tearDown(self) -> None:
+        fastpath.set_enabled(True)
+
+    def test_installed_autobahn_has_every_name(self) -> None:
+        self.assertEqual(fastpath.missing(), [])
+        self.assertTrue(fastpath.ENABLED)
+
+    def test_a_missing_name_is_reported_and_listed_in_internals(self) -> None:
+        self.patch(fastpath, "AUTOBAHN_ATTRIBUTES", fastpath.AUTOBAHN_ATTRIBUTES + (("instance", "no_such_state"),))
+        self.assertEqual(fastpath.missing(), ["autobahn.websocket.protocol.WebSocketProtocol.no_such_state"])
+        warnings: List[str] = []
+        internals.check_internals(internals.INTERNALS, warn=warnings.append)  # optional: no exception
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("the WebSocket fast path of the relay and the local proxy", warnings[0])
+
+    @settings(max_examples=60, deadline=None)
+    @given(MESSAGES, st.lists(st.integers(0, 1 << 20), max_size=8), st.booleans())
+    def test_same_messages_as_autobahn_any_split(self, messages, cuts, enabled) -> None:
+        """Both directions, split anywhere: binary messages by the fast path (when on), the rest by autobahn."""
+        fastpath.set_enabled(enabled)
+        binary = [m for m in messages if isinstance(m, bytes)]
+        texts = [(m.encode(), False) for m in messages if isinstance(m, str)]
+        client, server = open_pair()
+        for sender, receiver in ((client, server), (server, client)):
+            feed(receiver, frames(sender, messages), cuts)
+            if enabled:
+                self.assertEqual(receiver.fast, binary)
+                self.assertEqual(receiver.general, texts)
+            else:
+                self.assertEqual(receiver.fast, [])
+                self.assertEqual(receiver.general, [(m, True) if isinstance(m, bytes) else (m.encode(), False)
+                                                    for m in messages if m is not None])
+            self.assertEqual(receiver.state, receiver.STATE_OPEN)
+
+    def test_fragmented_message_goes_through_autobahn(self) -> None:
+        client, server = open_pair()
+        client.beginMessage(isBinary=True)
+        client.sendMessageFrame(b"first ")
+        client.sendMessageFrame(b"second")
+        client.endMessage()
+        server.dataReceived(client.transport.value())
+        self.assertEqual((server.fast, server.general), ([], [(b"first second", True)]))
+
+    def test_plain_send_writes_through(self) -> None:
+        client, server = open_pair()
+        server.sendData(b"raw")
+        self.assertEqual(server.transport.value(), b"raw")

@@ -1,0 +1,64 @@
+# -*- test-case-name: tests.test_actions -*-
+"""
+Carrying out a tunnel session's actions (L{tunnelkit.protocol.session}'s C{SendFrames}, C{WriteLocal},
+C{CloseLocal}, ...): one handler per action type, every type handled.
+
+Both tunnel sources and destinations that run a session use it: the local proxy
+(L{tunnelkit.localproxy.session_service}) and the service console's terminal source
+(L{tunnelkit.service.console.terminal}).  A session that gains an action type makes both fail at once
+(L{ActionDispatcher} refuses a table without it) instead of one of them dropping it silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+from tunnelkit.protocol.session import (
+    CloseLocal,
+    ConnectTarget,
+    Fatal,
+    HalfCloseLocal,
+    PauseLocal,
+    ResumeLocal,
+    SendFrames,
+    StartListening,
+    WriteLocal,
+)
+
+__all__ = ["ACTION_TYPES", "ActionDispatcher"]
+
+#: Every action type a session returns.
+ACTION_TYPES = (
+    SendFrames,
+    StartListening,
+    ConnectTarget,
+    WriteLocal,
+    CloseLocal,
+    PauseLocal,
+    ResumeLocal,
+    HalfCloseLocal,
+    Fatal,
+)
+
+
+class ActionDispatcher:
+    """
+    Calls, for each action, the handler of its type, in order.
+
+    @param handlers: action type -> handler (called with the action); every type of L{ACTION_TYPES}.
+    @raise TypeError: if a type has no handler, or a handler is given for something else.
+    """
+
+    __slots__ = ("_handlers",)
+
+    def __init__(self, handlers: Mapping[type, Callable[[Any], None]]) -> None:
+        missing = [t.__name__ for t in ACTION_TYPES if t not in handlers]
+        unknown = [getattr(t, "__name__", repr(t)) for t in handlers if t not in ACTION_TYPES]
+        if missing or unknown:
+            raise TypeError(f"action handlers: missing {missing or 'none'}, unknown {unknown or 'none'}")
+        self._handlers = dict(handlers)
+
+    def __call__(self, actions: Iterable[Any]) -> None:
+        handlers = self._handlers
+        for action in actions:
+            handlers[type(action)](action)

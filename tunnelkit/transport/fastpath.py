@@ -1,0 +1,332 @@
+# -*- test-case-name: tests.test_fastpath -*-
+"""
+The WebSocket fast path of the relay and of the local proxy: one implementation, mixed into both
+autobahn protocols (L{FastWebSocket}).
+
+What it does, for the common case of whole, unfragmented binary frames (all the tunnel's data):
+  - reads them straight from autobahn's input buffer, walking it by offset (cut once per read, not
+    once per frame), and collects the rest of a frame that is still arriving as pieces joined once,
+    instead of autobahn's general frame parser;
+  - skips autobahn's per-call debug formatting in C{dataReceived}/C{sendData} (performance.md:
+    +10 %) and the observable "message" event it fires per message (Deferreds nobody waits for).
+Any other frame (control frames, fragments, text, anything malformed or too large) goes through
+autobahn's general parser, which enforces the WebSocket rules on it.
+
+It needs autobahn's private state (listed in L{AUTOBAHN_ATTRIBUTES}): L{missing} checks, once, on
+fresh client and server protocols of the installed autobahn, that every name is there.  When one is
+not, the fast path turns itself off (L{ENABLED} is False: the methods hand every call to autobahn's
+own), and C{twistd tunnelkit} says so in one line at start (the entry of L{tunnelkit.internals}).
+The versions setup.cfg allows (and CI tests) have them all; C{tests.test_fastpath} checks it.
+
+Also here: the one place that reads Twisted's transport internals for the relay's buffer accounting
+(L{transport_buffered}) and sizing (L{set_buffer_size}); both degrade to "nothing known" when the
+names are gone.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+from tunnelkit.protocol.framing import MAX_WEBSOCKET_FRAME
+
+__all__ = [
+    "FRAME_INCOMPLETE",
+    "FRAME_NOT_PLAIN",
+    "binary_frame_header",
+    "AUTOBAHN_ATTRIBUTES",
+    "ENABLED",
+    "FastWebSocket",
+    "missing",
+    "set_enabled",
+    "transport_buffered",
+    "set_buffer_size",
+]
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+_unpack_u16 = struct.Struct("!H").unpack_from
+_unpack_u64 = struct.Struct("!Q").unpack_from
+
+#: L{binary_frame_header}: the bytes so far do not hold the whole header.
+FRAME_INCOMPLETE = -1
+#: L{binary_frame_header}: the frame is not a whole binary frame (autobahn's general parser takes it).
+FRAME_NOT_PLAIN = -2
+
+
+def binary_frame_header(data: Buffer, offset: int, masked: bool) -> Tuple[int, int]:
+    """
+    Read the header of the WebSocket frame at C{offset} of C{data}: a final binary frame (FIN +
+    opcode 2) with a minimal length of at most L{MAX_WEBSOCKET_FRAME}, masked as C{masked} says
+    (frames to a server are masked).
+
+    @return: (where the payload starts, its length), or (L{FRAME_INCOMPLETE}, 0), or
+        (L{FRAME_NOT_PLAIN}, 0) for anything else (control frames, fragments, text, odd lengths).
+    """
+    size = len(data)
+    left = size - offset
+    if left < 2:
+        return FRAME_INCOMPLETE, 0
+    length = data[offset + 1]
+    if data[offset] != 0x82 or bool(length & 0x80) != masked:
+        return FRAME_NOT_PLAIN, 0
+    length &= 0x7F
+    header = 6 if masked else 2
+    if length == 126:
+        if left < 4:
+            return FRAME_INCOMPLETE, 0
+        (length,) = _unpack_u16(data, offset + 2)
+        if length < 126:  # not minimal: autobahn refuses it
+            return FRAME_NOT_PLAIN, 0
+        header += 2
+    elif length == 127:
+        if left < 10:
+            return FRAME_INCOMPLETE, 0
+        (length,) = _unpack_u64(data, offset + 2)
+        if length < 65536 or length > MAX_WEBSOCKET_FRAME:  # autobahn refuses it
+            return FRAME_NOT_PLAIN, 0
+        header += 8
+    start = offset + header
+    if start > size:  # the mask is still on its way
+        return FRAME_INCOMPLETE, 0
+    return start, length
+
+#: autobahn's private names the fast path reads or calls: (where, name).  "class" names are looked up
+#: on WebSocketProtocol; "instance" names on freshly built client and server protocols.
+AUTOBAHN_ATTRIBUTES: Tuple[Tuple[str, str], ...] = (
+    ("class", "STATE_OPEN"),
+    ("class", "SEND_STATE_GROUND"),
+    ("class", "_dataReceived"),
+    ("class", "processData"),
+    ("class", "sendData"),
+    ("class", "onMessageEnd"),
+    ("class", "sendMessage"),
+    ("instance", "current_frame"),
+    ("instance", "inside_message"),
+    ("instance", "send_queue"),
+    ("instance", "send_state"),
+    ("instance", "message_data"),
+    ("instance", "message_is_binary"),
+    ("instance", "failedByMe"),
+    ("instance", "state"),
+    ("instance", "data"),
+)
+
+
+def _fresh_protocols() -> List[Any]:
+    """A client and a server protocol of the installed autobahn, open to each other in memory."""
+    from autobahn.twisted.websocket import (
+        WebSocketClientFactory,
+        WebSocketClientProtocol,
+        WebSocketServerFactory,
+        WebSocketServerProtocol,
+    )
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    reactor = MemoryReactorClock()
+    protocols = []
+    for factory_class, protocol_class, url in (
+        (WebSocketClientFactory, WebSocketClientProtocol, "ws://127.0.0.1:1/"),
+        (WebSocketServerFactory, WebSocketServerProtocol, "ws://127.0.0.1:1/"),
+    ):
+        factory = factory_class(url, reactor=reactor)
+        factory.setProtocolOptions(openHandshakeTimeout=0, autoPingInterval=0)
+        protocol = protocol_class()
+        protocol.factory = factory
+        protocol.makeConnection(StringTransport())
+        protocols.append(protocol)
+    client, server = protocols
+    # The opening handshake, in memory: the state the fast path reads exists once a session is open.
+    server.dataReceived(client.transport.value())
+    client.dataReceived(server.transport.value())
+    if client.state != client.STATE_OPEN or server.state != server.STATE_OPEN:
+        raise RuntimeError("the opening handshake did not complete")
+    for sender, receiver in ((client, server), (server, client)):  # a message each way, autobahn's parser
+        sender.transport.clear()
+        sender.sendMessage(b"check", isBinary=True)
+        receiver.dataReceived(sender.transport.value())
+    return protocols
+
+
+def missing() -> List[str]:
+    """The names of L{AUTOBAHN_ATTRIBUTES} the installed autobahn lacks (empty: the fast path can run)."""
+    try:
+        from autobahn.websocket.protocol import WebSocketProtocol
+
+        protocols = _fresh_protocols()
+    except Exception as e:  # an autobahn that cannot even build its protocols this way
+        return [f"autobahn's protocols ({type(e).__name__}: {e})"]
+    gone = []
+    for where, name in AUTOBAHN_ATTRIBUTES:
+        if where == "class":
+            present = hasattr(WebSocketProtocol, name)
+        else:
+            present = all(name in vars(protocol) or hasattr(type(protocol), name) for protocol in protocols)
+        if not present:
+            gone.append(f"autobahn.websocket.protocol.WebSocketProtocol.{name}")
+    for protocol in protocols:
+        protocol.transport.loseConnection()
+    return gone
+
+
+#: Whether the fast path runs (set once at import; see L{set_enabled}).
+ENABLED = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the fast path on or off (for tests, and at import when autobahn lacks a name)."""
+    global ENABLED
+    ENABLED = enabled
+
+
+class FastWebSocket:
+    """
+    Mixed into an autobahn Twisted WebSocket protocol, before it in the bases.  Subclasses set
+    L{masked_in} (a server receives masked frames) and implement L{fast_message}.
+    """
+
+    #: Whether the frames this side receives are masked (True for a server: the relay).
+    masked_in = False
+
+    _pieces: List[Buffer]
+    _awaiting = 0  # bytes still missing from a frame that is arriving
+    _awaiting_size = 0
+    _awaiting_mask: Optional[bytes] = None
+
+    # what autobahn's WebSocketProtocol provides (for the type checker)
+    data: bytes
+    state: int
+    current_frame: Any
+    inside_message: bool
+    send_queue: Any
+    transport: Any
+    failedByMe: bool
+    message_data: Any
+    message_is_binary: bool
+
+    def fast_message(self, mask: Optional[bytes], parts: Sequence[Buffer], size: int) -> None:
+        """
+        A whole binary message of C{size} bytes, in C{parts} (views into buffers that are not kept):
+        masked with C{mask} when L{masked_in}, else C{mask} is None.
+        """
+        raise NotImplementedError
+
+    def dataReceived(self, data: bytes) -> None:
+        if not ENABLED:
+            super().dataReceived(data)  # type: ignore[misc]
+            return
+        if self._awaiting:
+            # The rest of a frame whose size is known: collect the pieces; once it is whole, hand
+            # them over (one copy at most, by the receiver) and go on with what follows it.
+            self._pieces.append(data)
+            self._awaiting -= len(data)
+            if self._awaiting > 0:
+                return
+            extra = -self._awaiting
+            self._awaiting = 0
+            pieces = self._pieces
+            self._pieces = []
+            if extra:
+                pieces[-1] = memoryview(data)[: len(data) - extra]
+            self.fast_message(self._awaiting_mask, pieces, self._awaiting_size)
+            data = data[len(data) - extra :] if extra else b""
+        if data:
+            self._dataReceived(data)  # type: ignore[attr-defined]
+
+    def processData(self) -> bool:
+        """
+        Take the frames in autobahn's input buffer: whole plain binary frames here, by offset; any
+        other frame, and every frame while autobahn is inside a message, through autobahn's parser.
+        """
+        if not ENABLED or self.current_frame is not None or self.inside_message or self.state != self.STATE_OPEN:  # type: ignore[attr-defined]
+            return bool(super().processData())  # type: ignore[misc]
+        open_state = self.STATE_OPEN  # type: ignore[attr-defined]
+        masked = self.masked_in
+        data = self.data
+        size = len(data)
+        offset = 0
+        view = memoryview(data)
+        general = False  # the next frame is for autobahn's parser
+        while self.state == open_state:
+            start, length = binary_frame_header(data, offset, masked)
+            if start < 0:
+                general = start == FRAME_NOT_PLAIN
+                break
+            end = start + length
+            mask = data[start - 4 : start] if masked else None
+            if end > size:
+                # Wait for the rest of this frame (at most 131090 bytes) without re-copying the
+                # buffer on each read: see dataReceived.
+                self._pieces = [view[start:]]
+                self._awaiting = end - size
+                self._awaiting_size = length
+                self._awaiting_mask = mask
+                self.data = b""
+                return False
+            offset = end
+            self.fast_message(mask, (view[start:end],), length)
+        if offset:
+            self.data = data[offset:]
+        if general and self.state == open_state:
+            return bool(super().processData())  # type: ignore[misc]
+        return offset < size and self.state != open_state
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        # autobahn's sendData formats a debug message on every call; only the plain case is here.
+        if not ENABLED or sync or chopsize or self.send_queue:
+            super().sendData(data, sync, chopsize)  # type: ignore[misc]
+        else:
+            self.transport.write(data)
+
+    def onMessageEnd(self) -> None:
+        # autobahn's version also fires an observable "message" event (Deferreds per message);
+        # nothing here observes it.
+        if not ENABLED:
+            super().onMessageEnd()  # type: ignore[misc]
+            return
+        if not self.failedByMe:
+            parts = self.message_data
+            self.onMessage(parts[0] if len(parts) == 1 else b"".join(parts), self.message_is_binary)  # type: ignore[attr-defined]
+        self.message_data = None
+
+
+# --- Twisted's transport internals (the relay's buffer accounting) ---
+
+
+def transport_buffered(transport: Any) -> int:
+    """
+    Bytes waiting in a transport: the TLS layer's (if any: not yet encrypted, or aggregated) and
+    the TCP transport's under it.  Reads Twisted's private buffers; a name that is gone counts 0.
+    """
+    from twisted.protocols.policies import ProtocolWrapper
+
+    total = 0
+    while isinstance(transport, ProtocolWrapper):
+        total += sum(len(b) for b in getattr(transport, "_appSendBuffer", ()) or ())
+        pending = getattr(getattr(transport, "_aggregator", None), "_buffer", None)
+        if pending:
+            total += sum(len(b) for b in pending)
+        transport = transport.transport
+    buffer = getattr(transport, "dataBuffer", None)
+    if isinstance(buffer, (bytes, bytearray, memoryview)):
+        total += len(buffer) + getattr(transport, "_tempDataLen", 0)
+    return total
+
+
+def set_buffer_size(transport: Any, size: int) -> None:
+    """
+    Make the TCP transport under C{transport} (TLS or not) pause its producer at C{size} bytes.
+    (Twisted also reads at most that many bytes at once from the socket.)
+    """
+    for _ in range(3):
+        inner = getattr(transport, "__dict__", {}).get("transport")
+        if inner is None:
+            break
+        transport = inner
+    if "bufferSize" in dir(type(transport)):
+        transport.bufferSize = size
+
+
+_GONE = missing()
+if _GONE:  # pragma: no cover - only with an autobahn setup.cfg does not allow
+    set_enabled(False)
