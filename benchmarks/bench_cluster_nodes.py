@@ -12,7 +12,7 @@ C{--cluster-listen}) on one real PostgreSQL on this machine, peers reached direc
     sides DISCONNECTED and (2) both peers are back (client tokens, retrying every 0.1 s, on two
     surviving nodes), with C{--cluster-node-timeout 2 --cluster-heartbeat 0.5}.
 
-    python benchmarks/bench_cluster_nodes.py [--round-trips 2000] [--repeat 5]
+    python benchmarks/bench_cluster_nodes.py [--round-trips 2000] [--repeat 5] [--cluster-listen ssl|tcp]
 
 C{uptime} is printed before and after (2 shared cores: the nodes, PostgreSQL and this process).
 """
@@ -79,7 +79,9 @@ def measure(reactor: Any, options: argparse.Namespace) -> Any:
     procs = Processes("tunnelkit-bench-cluster-")
     try:
         dsn = server.create_database()
-        cluster = ClusterNodes(procs, dsn, ["a", "b", "c"], heartbeat=0.5, node_timeout=2.0)
+        cluster = ClusterNodes(procs, dsn, ["a", "b", "c"], heartbeat=0.5, node_timeout=2.0,
+                               cluster_tls=options.cluster_listen == "ssl")
+        print(f"cluster listeners: {options.cluster_listen}:")
         a, b, c = (cluster.nodes[n] for n in "abc")
         print("before:", uptime())
         same, forwarded = [], []
@@ -150,6 +152,8 @@ def main() -> None:
     parser.add_argument("--round-trips", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--losses", type=int, default=3)
+    parser.add_argument("--cluster-listen", choices=("ssl", "tcp"), default="ssl",
+                        help="the nodes' cluster listeners: TLS (recommended) or plain TCP")
     options = parser.parse_args()
     task.react(lambda reactor: measure(reactor, options))
 

@@ -169,3 +169,53 @@ class CarrierTests(_Base):
         while len(got) < 2 and time.monotonic() - started < 10:
             yield task.deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(got, [event, second])
+
+
+class NotificationQueueTests(_Base):
+    """The shared notification queue: each row retried by one node; a dead node's taken over once."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from tunnelkit.service.cluster.notifications import PostgresNotificationQueue
+        from tunnelkit.service.dbrunner import SynchronousRunner
+
+        db = _connect(self.dsn)
+        db.execute(schema.NOTIFICATIONS_SQL)
+        db.close()
+        self.queues = {}
+        for name in ("a", "b", "c"):
+            runner = SynchronousRunner(lambda: _connect(self.dsn))
+            self.addCleanup(runner.close)
+            self.queues[name] = PostgresNotificationQueue(runner, name, 5.0)
+
+    def call(self, d: defer.Deferred) -> Any:
+        return self.successResultOf(d)
+
+    def expire_claims(self, node_id: str) -> None:
+        db = _connect(self.dsn)
+        db.execute("UPDATE cluster_notifications SET claimed_until = clock_timestamp() - interval '1 second' "
+                   "WHERE claimed_by = %s", (node_id,))
+        db.close()
+
+    def test_interface(self) -> None:
+        from tunnelkit.service.notify import INotificationQueue
+
+        verifyObject(INotificationQueue, self.queues["a"])
+
+    def test_claims(self) -> None:
+        a, b, c = self.queues["a"], self.queues["b"], self.queues["c"]
+        first = self.call(a.put("t1", "thing1", b"token-1", 10.0))
+        second = self.call(a.put("t1", "thing1", b"token-2", 11.0))  # a rotation replaces it
+        self.assertGreater(second.seq, first.seq)
+        self.call(a.put("t2", "thing2", b"other", 12.0))
+        self.assertEqual([(i.tunnel_id, i.payload) for i in self.call(a.pending())], [("t1", b"token-2"), ("t2", b"other")])
+        self.assertEqual(self.call(b.pending()), [])  # not b's
+        self.assertEqual(self.call(b.claim_orphans()), [])  # a's claims are fresh
+        self.call(a.renew())
+        self.expire_claims("a")  # a died (no renewal)
+        taken = self.call(b.claim_orphans()) + self.call(c.claim_orphans())
+        self.assertEqual(sorted(i.tunnel_id for i in taken), ["t1", "t2"])  # each once, to one of them
+        self.assertEqual(self.call(a.pending()), [])  # a restarted finds nothing of its own any more
+        self.assertFalse(self.call(b.remove("t1", first.seq)))  # a replaced notification stays
+        self.assertTrue(self.call(b.remove("t1", second.seq)))  # delivered
+        self.assertTrue(self.call(c.remove("t2")))  # tunnel closed

@@ -27,6 +27,7 @@ def _deadline(d: defer.Deferred, seconds: float) -> defer.Deferred:
 
 class TwoServiceNodes(TestCase):
     timeout = 60
+    listen = "tcp"  # the cluster listener's endpoint type
 
     def setUp(self) -> Any:
         state = self.mktemp()
@@ -42,7 +43,7 @@ class TwoServiceNodes(TestCase):
             options.parseOptions([
                 "--mode", "service", "--state-dir", state, "--listen", "tcp:0:interface=127.0.0.1",
                 "--no-console", "--allow-slow-websocket", "--audit-log", "",
-                "--cluster-listen", "tcp:0:interface=127.0.0.1", "--node-id", name,
+                "--cluster-listen", f"{self.listen}:0:interface=127.0.0.1", "--node-id", name,
                 "--cluster-secret-file", secret, "--cluster-heartbeat", "0.2", "--cluster-node-timeout", "1",
             ])
             service = tap.TunnelService(options, reactor, cluster_backends=(self.directory, self.carrier))
@@ -93,3 +94,12 @@ class TwoServiceNodes(TestCase):
         self.assertEqual((self.a.cluster.gate.forwarded, self.b.cluster.gate.forwarded), (0, 0))
         yield defer.maybeDeferred(self.a.control.call, "CloseTunnel", self.a.account, {"tunnelId": tunnel["tunnelId"]})
         yield _deadline(defer.gatherResults([source.closed, destination.closed]), 5)
+
+
+class TwoServiceNodesTLS(TwoServiceNodes):
+    """The same with C{--cluster-listen ssl:...}: the nodes forward over TLS, the MAC bound to it."""
+
+    listen = "ssl"
+
+    def test_advertised_as_tls(self) -> None:
+        self.assertTrue(self.a.cluster.gate.node.address.startswith("tls:127.0.0.1:"))

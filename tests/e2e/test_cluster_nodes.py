@@ -14,6 +14,7 @@ import uuid
 from typing import Any, List
 
 from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
 from twisted.trial.unittest import TestCase
 
 from tunnelkit.protocol.message_pb2 import Message
@@ -111,3 +112,47 @@ class ClusterNodesTests(TestCase):
         yield defer.gatherResults([source.closed, destination.closed]).addTimeout(5, reactor)
         print(f"\n  node loss: DISCONNECTED recorded {noticed:.2f} s after kill -9, both peers back {back:.2f} s after; "
               f"CloseTunnel on another node closed both in {took * 1000:.0f} ms")
+
+
+class ClusterNotificationTests(TestCase):
+    """
+    A destination token queued on a node that is killed (the broker was down) is delivered by exactly
+    one survivor once the broker is back, and the killed node restarted does not publish it again.
+    """
+
+    skip = skip_reason()
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_notification_taken_over_once(self) -> Any:
+        from tests.e2e.mosquitto import MOSQUITTO, Mosquitto
+
+        if MOSQUITTO is None:
+            raise unittest.SkipTest("mosquitto is not installed")
+        broker = Mosquitto(reactor)
+        self.addCleanup(broker.cleanup)
+        yield broker.start()
+        server = shared_server()
+        dsn = server.create_database()
+        self.addCleanup(server.drop_database, dsn)
+        procs = Processes("tunnelkit-cluster-")
+        self.addCleanup(procs.cleanup)
+        cluster = ClusterNodes(procs, dsn, ["a", "b", "c"], heartbeat=0.5, node_timeout=2.0,
+                               extra=["--mqtt", broker.endpoint])
+        topic = "'$aws/things/thing1/tunnels/notify'"
+
+        def published() -> int:
+            return sum(1 for line in broker.output.splitlines() if "Received PUBLISH" in line and topic in line)
+
+        yield broker.stop()  # an outage: node a can only queue the token
+        answer = cluster.api("a").open_tunnel(destinationConfig={"thingName": "thing1", "services": ["SSH"]})
+        cluster.nodes["a"].child.wait_for_log("Queued the destination token of tunnel " + answer["tunnelId"])
+        cluster.nodes["a"].child.kill()
+        yield broker.start()
+        deadline = time.monotonic() + 60
+        while not published() and time.monotonic() < deadline:
+            yield _later(0.1)
+        self.assertEqual(published(), 1)
+        cluster.nodes["a"].restart()
+        yield _later(3.0)  # its heartbeats, its notifier's start and its MQTT connection
+        self.assertEqual(published(), 1, broker.output[-3000:])

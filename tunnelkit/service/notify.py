@@ -81,7 +81,11 @@ class INotificationQueue(Interface):
     """Durable storage of undelivered notifications, at most one per tunnel."""
 
     def put(tunnel_id: str, thing_name: str, payload: bytes, now: float) -> QueuedNotification:
-        """Store (durably, before returning) the tunnel's notification, replacing any older one."""
+        """
+        Store (durably, before returning) the tunnel's notification, replacing any older one.  Each
+        method may instead return a Deferred of its result (a queue in a shared database,
+        L{tunnelkit.service.cluster.notifications}).
+        """
 
     def remove(tunnel_id: str, seq: Optional[int] = None) -> bool:
         """
@@ -190,19 +194,44 @@ class MQTTNotifier(Service):
         topic = notify_topic(thing_name)
         payload = notification_payload(access_token, services, region, tunnel_id)
         item = self.queue.put(tunnel_id, thing_name, payload, self._wall_time())
+        if isinstance(item, Deferred):  # a shared queue (tunnelkit.service.cluster.notifications)
+            item.addCallback(self._queued, topic)
+            item.addErrback(lambda f: log.failure("Could not queue the notification of tunnel {tunnel_id}", f,
+                                                  tunnel_id=tunnel_id))
+        else:
+            self._queued(item, topic)
+
+    def _queued(self, item: QueuedNotification, topic: str) -> None:
         log.info(
             "Queued the destination token of tunnel {tunnel_id} for thing {thing_name} ({topic})",
-            tunnel_id=tunnel_id,
-            thing_name=thing_name,
+            tunnel_id=item.tunnel_id,
+            thing_name=item.thing_name,
             topic=topic,
         )
         if self.running:
             self._publish(item)
 
+    def adopt(self, items: List[QueuedNotification]) -> None:
+        """Publish C{items}, taken over from a node that died (the shared queue says this node has them now)."""
+        if items:
+            log.info("Took over {count} undelivered notification(s) of a node that stopped", count=len(items))
+        for item in items:
+            if self.running:
+                self._publish(item)
+
     def tunnel_closed(self, tunnel_id: str) -> None:
         """Forget the tunnel's undelivered notification, if any (withdrawn if not yet sent)."""
         self._withdraw(tunnel_id)
-        if self.queue.remove(tunnel_id):
+        removed = self.queue.remove(tunnel_id)
+        if isinstance(removed, Deferred):
+            removed.addCallback(self._dropped, tunnel_id)
+            removed.addErrback(lambda f: log.failure("Could not drop the notification of tunnel {tunnel_id}", f,
+                                                     tunnel_id=tunnel_id))
+        else:
+            self._dropped(removed, tunnel_id)
+
+    def _dropped(self, removed: bool, tunnel_id: str) -> None:
+        if removed:
             log.info("Dropped the undelivered notification of closed tunnel {tunnel_id}", tunnel_id=tunnel_id)
 
     # --- service ---
@@ -210,6 +239,13 @@ class MQTTNotifier(Service):
     def startService(self) -> None:
         super().startService()
         waiting = self.queue.pending()
+        if isinstance(waiting, Deferred):
+            waiting.addCallback(self._republish)
+            waiting.addErrback(lambda f: log.failure("Could not read the undelivered notifications", f))
+        else:
+            self._republish(waiting)
+
+    def _republish(self, waiting: List[QueuedNotification]) -> None:
         if waiting:
             log.info("{count} notification(s) waiting for delivery from before", count=len(waiting))
         for item in waiting:
@@ -235,7 +271,15 @@ class MQTTNotifier(Service):
         entry = self._in_flight.get(item.tunnel_id)
         if entry is not None and entry[0] == item.seq:
             del self._in_flight[item.tunnel_id]
-        if self.queue.remove(item.tunnel_id, item.seq):
+        removed = self.queue.remove(item.tunnel_id, item.seq)
+        if isinstance(removed, Deferred):
+            removed.addCallback(self._removed, item)
+            removed.addErrback(lambda f: log.failure("Could not remove a delivered notification", f))
+        else:
+            self._removed(removed, item)
+
+    def _removed(self, removed: bool, item: QueuedNotification) -> None:
+        if removed:
             log.info(
                 "Delivered the destination token of tunnel {tunnel_id} to thing {thing_name}",
                 tunnel_id=item.tunnel_id,
@@ -263,12 +307,14 @@ def build_notifier(
     clock: IReactorTime,
     parent: MultiService,
     reactor: Any = None,
+    queue: Optional[INotificationQueue] = None,
 ) -> Optional[MQTTNotifier]:
     """
     The service's notifier, from its parsed options (L{NotifyOptions}).
 
     @return: None (after logging that notifications are off) without C{--mqtt}; otherwise the
         notifier, its MQTT client and notifier services added to C{parent}.
+    @param queue: where notifications wait (default: C{notify.sqlite3} in C{state_dir}).
     @raise twisted.python.usage.UsageError: for bad MQTT options.
     """
     settings = mqtt_settings(options, default_client_id=f"tunnelkit-service-{os.getpid()}")
@@ -280,7 +326,8 @@ def build_notifier(
 
         reactor = global_reactor
     os.makedirs(state_dir, exist_ok=True)
-    queue = SQLiteNotificationQueue(os.path.join(state_dir, DATABASE_NAME))
+    if queue is None:  # one node: its own file (several nodes share theirs: tunnelkit.service.cluster)
+        queue = SQLiteNotificationQueue(os.path.join(state_dir, DATABASE_NAME))
     client = client_from_settings(reactor, settings, clock)
     notifier = MQTTNotifier(queue, client, clock)
     client.setServiceParent(parent)

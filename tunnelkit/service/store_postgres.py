@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 from zope.interface import implementer
 
+from tunnelkit.service.cluster import schema as cluster_schema
 from tunnelkit.service.dbrunner import IDatabaseRunner, SynchronousRunner, ThreadedRunner
 from tunnelkit.service.interfaces import ITunnelStore
 from tunnelkit.service.metrics import ITunnelCounts
@@ -107,6 +108,9 @@ CREATE INDEX tokens_by_client_token_hash ON tokens (client_token_hash) WHERE cli
 """,
     ),
 ]
+# Several nodes (issue 13): the cluster's directory and its shared notification queue.
+MIGRATIONS.append((2, cluster_schema.DESCRIPTION, cluster_schema.SQL))
+MIGRATIONS.append((3, cluster_schema.NOTIFICATIONS_DESCRIPTION, cluster_schema.NOTIFICATIONS_SQL))
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _URI_PASSWORD = re.compile(r"(://[^:/@?#]*):[^@/?#]*@")

@@ -43,6 +43,7 @@ from tunnelkit.transport.tls import restrict_context
 from tunnelkit.service.audit import AuditedApi, AuditOptions, build_audit_trail
 from tunnelkit.service.dataplane import DataPlaneOptions, metrics_site, mount_data_plane
 from tunnelkit.service.cluster import ClusterOptions, build_cluster, cluster_enabled
+from tunnelkit.service.cluster import cluster_backends as backends_on_store
 from tunnelkit.service.console import ConsoleOptions, build_console, mount_console
 from tunnelkit.service.health import HealthResource
 
@@ -349,14 +350,17 @@ class TunnelService(MultiService):
         self.region = options["region"]
         # Stopped last (services stop in reverse order): the data plane records disconnections first.
         _OnStop(self.store.close).setServiceParent(self)
-        notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor)
+        if clustered and cluster_backends is None:
+            cluster_backends = backends_on_store(options, self.store, reactor)
+        shared_queue = cluster_backends[2] if clustered and len(cluster_backends) > 2 else None
+        notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor, queue=shared_queue)
         root = build_root(Resource())
         relay = mount_data_plane(root, self.store, clock, options)
         events: ITunnelEvents = relay
         #: This node's cluster parts (None: a single node, the default).
         self.cluster = None
         if clustered:
-            self.cluster = build_cluster(options, reactor, clock, relay, self.store, cluster_backends)
+            self.cluster = build_cluster(options, reactor, clock, relay, self.store, cluster_backends, notifier)
             events = self.cluster.events
         self.audit = build_audit_trail(options, self.state_dir, clock)
         if self.audit is not None:
@@ -398,7 +402,7 @@ class TunnelService(MultiService):
             max_pending_per_address=options.get("max-pending-per-address", MAX_PENDING_PER_ADDRESS) or None,
         )
         if self.cluster is not None:
-            self.cluster.serve(self.site, root)
+            self.cluster.serve(self.site, root, self.certificates)
             self.cluster.setServiceParent(self)
         self.listeners: List[_Listener] = []
         for description in options["listen"]:

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.e2e.test_cluster_nodes -*-
 """
 Several tunnelkit service nodes as real processes on one PostgreSQL store, each a cluster node
-(C{--cluster-listen}) on 127.0.0.1 with ports it bound itself (read back from its log), for the
+(C{--cluster-listen ssl:...}, or C{tcp:} with C{cluster_tls=False}) on 127.0.0.1 with ports it bound itself (read back from its log), for the
 cluster's end-to-end test and benchmark.  Blocking, like L{tunnelkit.testing.process}.
 
     procs = Processes("tunnelkit-cluster-")
@@ -22,7 +22,7 @@ from tunnelkit.testing.process import DEFAULT_TIMEOUT, Child, Processes
 __all__ = ["ClusterNode", "ClusterNodes", "connect_retrying"]
 
 _API = r"API listening on http://127\.0\.0\.1:(\d+)/"
-_CLUSTER = r"Cluster node \S+: forwarded peers on 127\.0\.0\.1:(\d+)"
+_CLUSTER = r"Cluster node \S+: forwarded peers on (?:tls:)?127\.0\.0\.1:(\d+)"
 SECRET = "tunnelkit-e2e-cluster-secret-0123456789"
 
 
@@ -30,9 +30,10 @@ class ClusterNode:
     """One C{--mode service} node; C{port} (API and data plane, plain HTTP) and C{cluster_port}."""
 
     def __init__(self, procs: Processes, name: str, dsn: str, secret_file: str, state_dir: str,
-                 heartbeat: float, node_timeout: float, extra: Sequence[str] = ()) -> None:
+                 heartbeat: float, node_timeout: float, extra: Sequence[str] = (), cluster_tls: bool = True) -> None:
         self.name = name
         self.state_dir = state_dir
+        self.cluster_scheme = "ssl" if cluster_tls else "tcp"
         self.port = 0
         self.cluster_port = 0
         self.args = [
@@ -48,7 +49,7 @@ class ClusterNode:
 
     def _argv(self, port: int, cluster_port: int) -> list:
         return [*self.args, "--listen", f"tcp:{port}:interface=127.0.0.1",
-                "--cluster-listen", f"tcp:{cluster_port}:interface=127.0.0.1"]
+                "--cluster-listen", f"{self.cluster_scheme}:{cluster_port}:interface=127.0.0.1"]
 
     def _started(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.port = int(self.child.wait_for_log(_API, timeout).group(1))
@@ -64,7 +65,7 @@ class ClusterNodes:
     """The nodes (C{nodes[name]}), all on C{dsn}; the first one made the account and its key."""
 
     def __init__(self, procs: Processes, dsn: str, names: Sequence[str], heartbeat: float = 0.5,
-                 node_timeout: float = 2.0, extra: Sequence[str] = ()) -> None:
+                 node_timeout: float = 2.0, extra: Sequence[str] = (), cluster_tls: bool = True) -> None:
         self.procs = procs
         top = procs.directory("cluster")
         self.secret_file = os.path.join(top, "cluster-secret")
@@ -74,7 +75,8 @@ class ClusterNodes:
         self.credentials: Optional[Dict[str, str]] = None
         for name in names:
             state = os.path.join(top, f"state-{name}")
-            self.nodes[name] = ClusterNode(procs, name, dsn, self.secret_file, state, heartbeat, node_timeout, extra)
+            self.nodes[name] = ClusterNode(procs, name, dsn, self.secret_file, state, heartbeat, node_timeout, extra,
+                                           cluster_tls)
             path = os.path.join(state, "credentials")
             if self.credentials is None and os.path.exists(path):
                 parser = configparser.ConfigParser()

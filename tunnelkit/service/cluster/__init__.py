@@ -18,22 +18,22 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from tunnelkit.config import number, server_endpoint
+from tunnelkit.config import server_endpoint
 from tunnelkit.errors import ConfigError
 from tunnelkit.service.cluster.directory import INodeDirectory, NodeInfo
 from tunnelkit.service.cluster.events import ClusterEvents, IEventCarrier
-from tunnelkit.service.cluster.forward import ClusterListenerFactory, ForwardingGate
+from tunnelkit.service.cluster.forward import TLS_PREFIX, ClusterListenerFactory, ForwardingGate
 from tunnelkit.service.cluster.node import ClusterNode
 from tunnelkit.service.cluster.wire import ForwardRefused, load_secret
 
-__all__ = ["ClusterOptions", "Cluster", "cluster_enabled", "node_id", "advertise_address"]
+__all__ = ["ClusterOptions", "Cluster", "build_cluster", "cluster_backends", "cluster_enabled", "node_id", "advertise_address"]
 
 log = Logger()
 
@@ -56,6 +56,20 @@ def advertise_address(text: str) -> str:
     return text
 
 
+def _seconds(name: str, low: float) -> Any:
+    def coerce(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"--{name} takes a number of seconds, not {text!r}") from None
+        if value < low:
+            raise ValueError(f"--{name} must be at least {low:g}, not {text}")
+        return value
+
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]
+    return coerce
+
+
 def _endpoint(text: str) -> str:
     return server_endpoint(text)
 
@@ -72,8 +86,10 @@ class ClusterOptions:
             None,
             None,
             "Run as a node of a cluster: accept peers forwarded by the other nodes on this Twisted "
-            "endpoint, e.g. tcp:7443:interface=10.0.0.5 (reachable by the nodes only; needs "
-            "--cluster-secret-file and a shared --store postgresql://...). Default: off, one node.",
+            "endpoint, e.g. ssl:7443:interface=10.0.0.5 (TLS with the generated certificate: the "
+            "peers' bytes, tokens included, are encrypted between nodes) or tcp:... on a private "
+            "network; reachable by the nodes only; needs --cluster-secret-file and a shared --store "
+            "postgresql://... Default: off, one node.",
             _endpoint,
         ],
         [
@@ -103,7 +119,7 @@ class ClusterOptions:
             None,
             1.0,
             "Seconds between a node's heartbeats in the shared database.",
-            number(0.1),
+            _seconds("cluster-heartbeat", 0.1),
         ],
         [
             "cluster-node-timeout",
@@ -111,7 +127,7 @@ class ClusterOptions:
             5.0,
             "Seconds without a heartbeat after which a node is taken for dead: its peers are "
             "recorded DISCONNECTED and its tunnels move to the nodes their peers reach.",
-            number(0.5),
+            _seconds("cluster-node-timeout", 0.5),
         ],
     ]
 
@@ -168,7 +184,8 @@ class Cluster(MultiService):
         super().__init__()
         self.reactor = reactor
         self.listen = options["cluster-listen"]
-        self.node_id = options.get("node-id") or node_id(socket.gethostname().split(".")[0][:64] or "node")
+        self.listen_description = self.listen
+        self.node_id = options.get("node-id") or default_node_id()
         self.advertised = options.get("advertise")
         if secret is None:
             try:
@@ -193,10 +210,17 @@ class Cluster(MultiService):
         self.clock = clock
         self.port: Any = None
 
-    def serve(self, site: Any, root: Any) -> None:
-        """Serve forwarded peers into C{site}; put the gate on C{root}'s C{/tunnel}."""
+    def serve(self, site: Any, root: Any, certificates: Any = None) -> None:
+        """
+        Serve forwarded peers into C{site}; put the gate on C{root}'s C{/tunnel}.  An C{ssl:}
+        C{--cluster-listen} naming no certificate uses the node's generated one (C{certificates}).
+        """
         self.factory = ClusterListenerFactory(site, self.secret, self.clock)
         root.children[b"tunnel"].gate = self.gate
+        if certificates is not None:
+            from tunnelkit.service.tap import listen_description
+
+            self.listen_description = listen_description(self.listen, certificates)
 
     def take_lifecycle(self, lifecycle: Any) -> None:
         """Run C{lifecycle} (expiry, purge) only while this node holds the cluster's lease."""
@@ -205,7 +229,10 @@ class Cluster(MultiService):
     def startService(self) -> None:
         super().startService()
         assert self.factory is not None, "Cluster.serve first"
-        endpoint = endpoints.serverFromString(self.reactor, self.listen)
+        from tunnelkit.service.tap import restrict_listener_tls
+
+        endpoint = endpoints.serverFromString(self.reactor, self.listen_description)
+        restrict_listener_tls(endpoint)
         listening = endpoint.listen(self.factory)
         failed: List[Any] = []
         listening.addCallbacks(self._listening, failed.append)
@@ -223,6 +250,8 @@ class Cluster(MultiService):
                 f"--cluster-listen {self.listen} listens on every interface: give --advertise HOST:PORT, the "
                 "address the other nodes reach this node at"
             )
+        if self.listen.split(":", 1)[0].lower() == "ssl":
+            address = TLS_PREFIX + address  # the other nodes connect with TLS
         node = NodeInfo(self.node_id, address)
         self.gate.node = node
         self.node.node = node
@@ -268,17 +297,45 @@ class Cluster(MultiService):
 
 
 def build_cluster(
-    options: Mapping[str, Any], reactor: Any, clock: Any, relay: Any, store: Any, backends: Optional[Any] = None
+    options: Mapping[str, Any],
+    reactor: Any,
+    clock: Any,
+    relay: Any,
+    store: Any,
+    backends: Optional[Any] = None,
+    notifier: Any = None,
 ) -> Cluster:
     """
-    This node's L{Cluster}, on C{backends} (a directory and an event carrier) or, by default, on the
-    store's PostgreSQL database.
+    This node's L{Cluster}, on C{backends} (a directory, an event carrier and optionally a shared
+    notification queue) or, by default, on the store's PostgreSQL database (L{cluster_backends}).
 
     @raise ConfigError: the store is not a shared PostgreSQL one, or the secret is unusable.
     """
     if backends is None:
-        from tunnelkit.service.cluster.postgres import backends_for_store
+        backends = cluster_backends(options, store, reactor)
+    directory, carrier = backends[:2]
+    cluster = Cluster(options, reactor, clock, relay, store, directory, carrier)
+    if notifier is not None and len(backends) > 2 and backends[2] is not None:
+        cluster.node.notifications = (backends[2], notifier)
+    return cluster
 
-        backends = backends_for_store(store, reactor)
-    directory, carrier = backends
-    return Cluster(options, reactor, clock, relay, store, directory, carrier)
+
+def cluster_backends(options: Mapping[str, Any], store: Any, reactor: Any) -> Tuple[Any, ...]:
+    """
+    The directory, event carrier and shared notification queue on C{store}'s PostgreSQL database.
+
+    @raise ConfigError: the store is not a PostgreSQL one.
+    """
+    from tunnelkit.service.cluster.postgres import backends_for_store
+
+    directory, carrier = backends_for_store(store, reactor)
+    from tunnelkit.service.cluster.notifications import PostgresNotificationQueue
+
+    name = options.get("node-id") or default_node_id()
+    timeout = float(options.get("cluster-node-timeout") or 5.0)
+    return directory, carrier, PostgresNotificationQueue(directory.runner, name, timeout)
+
+
+def default_node_id() -> str:
+    """The node id when C{--node-id} is not given: the host name."""
+    return node_id(socket.gethostname().split(".")[0][:64] or "node")

@@ -99,7 +99,11 @@ class INodeDirectory(Interface):
         """Record that C{node} is alive now (registers it on first call)."""
 
     def leave(node_id: str) -> Deferred:
-        """C{node_id} stops cleanly: forget it, its placements and its peer rows."""
+        """
+        C{node_id} stops cleanly: it counts as dead at once (its placements and leases are free), and
+        its peer rows stay for the next reap of a live node, which records them DISCONNECTED (the
+        stopping node's own writes may not all land).
+        """
 
     def nodes(timeout: float) -> Deferred:
         """Fires with a list of (L{NodeInfo}, live) for every known node."""
@@ -162,11 +166,11 @@ class MemoryDirectory:
         return succeed(None)
 
     def leave(self, node_id: str) -> Deferred:
-        self.node_seen.pop(node_id, None)
+        seen = self.node_seen.get(node_id)
+        if seen is not None:
+            self.node_seen[node_id] = (seen[0], float("-inf"))
         for key in [k for k, (n, _) in self.placements.items() if n == node_id]:
             del self.placements[key]
-        for key in [k for k, row in self.peers.items() if row.node_id == node_id]:
-            del self.peers[key]
         for name in [k for k, (n, _) in self.leases.items() if n == node_id]:
             del self.leases[name]
         return succeed(None)

@@ -75,8 +75,9 @@ class PostgresDirectory:
 
     def leave(self, node_id: str) -> Deferred:
         def leave(c: Any) -> None:
-            for table in ("cluster_peers", "cluster_placements", "cluster_leases", "cluster_nodes"):
+            for table in ("cluster_placements", "cluster_leases"):
                 _execute(c, f"DELETE FROM {table} WHERE node_id = %s", (node_id,))
+            _execute(c, "UPDATE cluster_nodes SET heartbeat_at = '-infinity' WHERE node_id = %s", (node_id,))
         return self._tx(leave)
 
     def nodes(self, timeout: float) -> Deferred:
