@@ -26,7 +26,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -80,21 +80,21 @@ class QueuedNotification:
 class INotificationQueue(Interface):
     """Durable storage of undelivered notifications, at most one per tunnel."""
 
-    def put(tunnel_id: str, thing_name: str, payload: bytes, now: float) -> QueuedNotification:
+    def put(tunnel_id: str, thing_name: str, payload: bytes, now: float) -> Union[QueuedNotification, Deferred]:
         """
         Store (durably, before returning) the tunnel's notification, replacing any older one.  Each
         method may instead return a Deferred of its result (a queue in a shared database,
         L{tunnelkit.service.cluster.notifications}).
         """
 
-    def remove(tunnel_id: str, seq: Optional[int] = None) -> bool:
+    def remove(tunnel_id: str, seq: Optional[int] = None) -> Union[bool, Deferred]:
         """
         Drop the tunnel's notification; with C{seq}, only if it is still that one (not replaced).
 
         @return: whether a row was removed.
         """
 
-    def pending() -> List[QueuedNotification]:
+    def pending() -> Union[List[QueuedNotification], Deferred]:
         """Every notification still queued, oldest first."""
 
     def close() -> None:
