@@ -25,7 +25,7 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from tunnelkit.config import server_endpoint
+from tunnelkit.config import number, server_endpoint
 from tunnelkit.errors import ConfigError
 from tunnelkit.service.cluster.directory import INodeDirectory, NodeInfo
 from tunnelkit.service.cluster.events import ClusterEvents, IEventCarrier
@@ -54,20 +54,6 @@ def advertise_address(text: str) -> str:
     if not match or not 0 < int(match.group(2)) < 65536:
         raise ValueError(f"give HOST:PORT, e.g. 10.0.0.5:7443, got {text!r}")
     return text
-
-
-def _seconds(name: str, low: float) -> Any:
-    def coerce(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"--{name} takes a number of seconds, not {text!r}") from None
-        if value < low:
-            raise ValueError(f"--{name} must be at least {low:g}, not {text}")
-        return value
-
-    coerce.coerceDoc = ""  # type: ignore[attr-defined]
-    return coerce
 
 
 def _endpoint(text: str) -> str:
@@ -119,7 +105,7 @@ class ClusterOptions:
             None,
             1.0,
             "Seconds between a node's heartbeats in the shared database.",
-            _seconds("cluster-heartbeat", 0.1),
+            number(0.1),
         ],
         [
             "cluster-node-timeout",
@@ -127,7 +113,7 @@ class ClusterOptions:
             5.0,
             "Seconds without a heartbeat after which a node is taken for dead: its peers are "
             "recorded DISCONNECTED and its tunnels move to the nodes their peers reach.",
-            _seconds("cluster-node-timeout", 0.5),
+            number(0.5),
         ],
     ]
 
