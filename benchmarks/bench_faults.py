@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from machine import busy_before, load_note  # noqa: E402 - benchmarks/machine.py
 from tunnelprocs import Child, Processes  # noqa: E402 - benchmarks/tunnelprocs.py
 from tunnelkit.testapps import Outcome, classify  # noqa: E402
-from tunnelkit.testing import free_port  # noqa: E402
+from tunnelkit.testing.process import unassigned_port  # noqa: E402
 
 KINDS = ("exact", "reset", "refused", "short-clean-eof", "corrupted")
 
@@ -144,7 +144,7 @@ def main() -> int:
         service = procs.start_service_process()
         tokens = procs.tokens(["BULK"])
         destination = procs.start_proxy("destination", tokens["destination"], f"BULK={apps}")
-        port = free_port()  # fixed, so a restarted source listens where the applications connect
+        port = unassigned_port()  # fixed, so a restarted source listens where the applications connect
         source = procs.start_proxy("source", tokens["source"], f"BULK={port}")
         source.wait_for_log(rf"Listening for new connection on port {port}")
         print(f"bench_faults: {args.transfers} transfers, {args.concurrency} at a time, a kill every {args.every:g} s "

@@ -42,12 +42,7 @@ sys.path.insert(0, HERE)
 
 from benchmarks.machine import busy_before, load_note  # noqa: E402
 from tunnelkit.testing import http_attempt, upgrade_request  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tunnelkit.testing.process import unassigned_port  # noqa: E402
 
 
 class Service:
@@ -55,7 +50,7 @@ class Service:
 
     def __init__(self, top: str, extra: List[str] = ()) -> None:  # type: ignore[assignment]
         self.state = tempfile.mkdtemp(prefix="tk-bench-frontdoor-")
-        self.tcp_port, self.tls_port = free_port(), free_port()
+        self.tcp_port, self.tls_port = unassigned_port(), unassigned_port()
         env = dict(os.environ, PYTHONPATH=top)
         self.log = open(os.path.join(self.state, "service.log"), "wb")
         self.process = subprocess.Popen(

@@ -45,9 +45,9 @@ def build(procs: Processes, peer: str) -> Tuple[Dict[str, Child], int, int]:
     else:
         destination = procs.start_proxy("destination", tokens["destination"], f"BULK={apps},OTHER={apps}")
     if peer == "cpp-source":
-        from tunnelkit.testing import free_port
+        from tunnelkit.testing.process import unassigned_port
 
-        ports = free_port(), free_port()
+        ports = unassigned_port(), unassigned_port()
         source = procs.start_cpp_proxy("src", tokens["source"], f"BULK={ports[0]},OTHER={ports[1]}")
         for port in ports:
             source.wait_for_log(rf"Listening for new connection on port {port}")

@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.testing import ServiceProcess, TunnelTestClient, connect_client, tunnel_frame
+from tunnelkit.testing.process import unassigned_port
 from machine import busy_before, load_note  # benchmarks/machine.py (the script's own directory)
 
 MB = 1024 * 1024
@@ -62,12 +63,6 @@ class F(protocol.Factory):
 reactor.listenTCP(int(sys.argv[1]), F(), interface="127.0.0.1")
 reactor.run()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -315,7 +310,7 @@ class _Writer(protocol.Protocol):
 
 @defer.inlineCallbacks
 def direct_tcp(size: int, count: int) -> Any:
-    port = free_port()
+    port = unassigned_port()  # told to the server script
     sink = subprocess.Popen([sys.executable, "-c", SINK, str(port), str(size)])
     try:
         for _ in range(100):

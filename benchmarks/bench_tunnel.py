@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from tunnelkit.testing.process import SSH, Harness, Process, Sshd, free_port, wait_until  # noqa: E402
+from tunnelkit.testing.process import SSH, Harness, Process, Sshd, unassigned_port, wait_until  # noqa: E402
 from tunnelkit.testing import upgrade_request  # noqa: E402
 from machine import busy_before, load_note  # noqa: E402 - benchmarks/machine.py (the script's own directory)
 
@@ -331,7 +331,7 @@ def ssh_forward_path(cleanups: _Cleanups, sink: int, echo: int) -> Path:
     """``ssh -L`` to a fresh sshd, forwarding to the sink and the echo."""
     h = Harness(cleanups)
     sshd = h.start_sshd()
-    local_sink, local_echo = free_port(), free_port()
+    local_sink, local_echo = unassigned_port(), unassigned_port()
     client = _ssh(h, "ssh-L", sshd, ["-L", f"127.0.0.1:{local_sink}:127.0.0.1:{sink}",
                                      "-L", f"127.0.0.1:{local_echo}:127.0.0.1:{echo}"])
     wait_until(_listening(local_echo), 30, "ssh -L to listen")
@@ -347,11 +347,11 @@ def reverse_ssh_relay_path(cleanups: _Cleanups, sink: int, echo: int) -> Path:
     """
     h = Harness(cleanups)
     sshd = h.start_sshd()
-    relay_sink, relay_echo = free_port(), free_port()
+    relay_sink, relay_echo = unassigned_port(), unassigned_port()
     device = _ssh(h, "ssh-R", sshd, ["-R", f"127.0.0.1:{relay_sink}:127.0.0.1:{sink}",
                                      "-R", f"127.0.0.1:{relay_echo}:127.0.0.1:{echo}"])
     wait_until(_listening(relay_echo), 30, "the relay sshd to listen for ssh -R")
-    local_sink, local_echo = free_port(), free_port()
+    local_sink, local_echo = unassigned_port(), unassigned_port()
     operator = _ssh(h, "ssh-L-relay", sshd, ["-L", f"127.0.0.1:{local_sink}:127.0.0.1:{relay_sink}",
                                              "-L", f"127.0.0.1:{local_echo}:127.0.0.1:{relay_echo}"])
     wait_until(_listening(local_echo), 30, "ssh -L through the relay to listen")
@@ -605,7 +605,7 @@ def main() -> None:
     import autobahn.websocket
 
     try:
-        sink, echo = free_port(), free_port()
+        sink, echo = unassigned_port(), unassigned_port()
         servers = h.spawn("servers", [sys.executable, "-c", SERVER_SCRIPT, str(sink), str(echo)])
         servers.wait_for_log("servers ready")
         print(f"bench_tunnel: parts {','.join(args.parts)}; paths {','.join(args.paths)}; {args.megabytes} MiB per "

@@ -34,9 +34,10 @@ from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_tunnel import (  # noqa: E402 - the script's own directory
-    ROLES, SERVER_SCRIPT, Harness, _Cleanups, bulk, cpu_seconds, free_port, median_ratio, round_trips, tunnel_path,
+    ROLES, SERVER_SCRIPT, Harness, _Cleanups, bulk, cpu_seconds, median_ratio, round_trips, tunnel_path,
 )
 from machine import busy_before, load_note  # noqa: E402
+from tunnelkit.testing.process import unassigned_port  # noqa: E402
 
 VARIANTS = {"stock": "", "aes128": "aes128", "batched": "batched", "both": "aes128,batched"}
 
@@ -158,7 +159,7 @@ def main() -> None:
     rtt: Dict[str, tuple] = {}
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "TUNNELKIT_LEVERS")}
     try:
-        sink, echo = free_port(), free_port()
+        sink, echo = unassigned_port(), unassigned_port()
         h.spawn("servers", [sys.executable, "-c", SERVER_SCRIPT, str(sink), str(echo)]).wait_for_log("servers ready")
         print(f"lever_tls_loop: wss://, {args.megabytes} MiB per bulk run, 1 connection, {args.repeat} rounds")
         print(f"machine before: {load_note()}; {busy_before()}", flush=True)

@@ -30,7 +30,8 @@ from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_tunnel  # noqa: E402 - the script's own directory
-from bench_tunnel import ROLES, SERVER_SCRIPT, Harness, _Cleanups, bulk, cpu_seconds, free_port, tunnel_path  # noqa: E402
+from tunnelkit.testing.process import unassigned_port  # noqa: E402
+from bench_tunnel import ROLES, SERVER_SCRIPT, Harness, _Cleanups, bulk, cpu_seconds, tunnel_path  # noqa: E402
 from machine import busy_before, load_note  # noqa: E402
 
 #: Native libraries by layer, tested on the deepest native frame ("function (library)").
@@ -127,7 +128,7 @@ def main() -> None:
     cleanups = _Cleanups()
     h = Harness(cleanups)
     try:
-        sink, echo = free_port(), free_port()
+        sink, echo = unassigned_port(), unassigned_port()
         h.spawn("servers", [sys.executable, "-c", SERVER_SCRIPT, str(sink), str(echo)]).wait_for_log("servers ready")
         print(f"profile_tunnel: {args.scheme}://, {args.megabytes} MiB per bulk run, 1 connection")
         print(f"machine before: {load_note()}; {busy_before()}", flush=True)

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(TOP, "benchmarks"))
 from bench_tunnel import rss_kib  # noqa: E402 - benchmarks/bench_tunnel.py
 from machine import busy_before, load_note  # noqa: E402 - benchmarks/machine.py
 from tunnelkit.testing.process import REPOSITORY_TOP, TWISTD, Process  # noqa: E402
-from tunnelkit.testing import free_port  # noqa: E402
+from tunnelkit.testing.process import unassigned_port  # noqa: E402
 
 
 def open_fds(pid: int) -> int:
@@ -187,7 +187,7 @@ class Soak:
         """One short-lived tunnel: proxies, short connections, a killed and restarted source, close."""
         n = self.cycles
         tunnel = self.client.open_tunnel(destinationConfig={"thingName": "soak", "services": ["ECHO"]})
-        port = free_port()
+        port = unassigned_port()
         destination = self.proxy("destination", f"destination-{n}", tunnel["destinationAccessToken"],
                                  f"ECHO={self.echo_port}")
         source = self.proxy("source", f"source-{n}", tunnel["sourceAccessToken"], f"ECHO={port}")

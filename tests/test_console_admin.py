@@ -13,6 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.test_cli import run
 from tunnelkit.service.console.users import open_console_database
+from tunnelkit.service.dbrunner import Blocking
 from tunnelkit.service.store_sqlite import open_store
 
 
@@ -20,7 +21,7 @@ class UserCommandTests(TestCase):
     def setUp(self) -> None:
         self.state = os.path.abspath(self.mktemp())
         os.makedirs(self.state)
-        store = open_store(self.state)
+        store = Blocking(open_store(self.state))
         self.account = store.create_account("default", "123456789012", 1.0)
         store.close()
 
@@ -29,7 +30,7 @@ class UserCommandTests(TestCase):
         return run("admin", *args, "--state-dir", self.state)
 
     def check(self, name: str, password: str) -> bool:
-        db = open_console_database(self.state)
+        db = Blocking(open_console_database(self.state))
         try:
             return db.check_password("123456789012", name, password) is not None
         finally:

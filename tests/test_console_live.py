@@ -13,8 +13,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from tunnelkit.service.console.live import KEEPALIVE, StateWatcher
-from tunnelkit.service.interfaces import DESTINATION, SOURCE
+from zope.interface.verify import verifyObject
+
+from tunnelkit.service.console.live import FALLBACK, KEEPALIVE, StateWatcher
+from tunnelkit.service.interfaces import DESTINATION, SOURCE, ITunnelStateObserver
 from tunnelkit.service.store import NewTunnel
 from tunnelkit.service.store_sqlite import SQLiteStore
 
@@ -95,3 +97,56 @@ class WatcherTests(TestCase):
         other.processingFailed(Exception("the browser went away"))  # notifyFinish fires
         self.assertEqual(self.watcher.subscriber_count(), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])  # no reading while nobody listens
+
+
+class ToldTests(TestCase):
+    """Changes this node tells (L{StateWatcher.tunnel_changed}) are sent at once; the full reading is a 10 s fallback."""
+
+    def setUp(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.store = SQLiteStore(os.path.join(directory, "db"))
+        self.addCleanup(self.store.close)
+        self.store.create_account("default", ACCOUNT, 1.0)
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.watcher = StateWatcher(self.store, self.clock)  # the default interval
+        verifyObject(ITunnelStateObserver, self.watcher)
+        WatcherTests.open(self, "t1")  # type: ignore[arg-type]
+        self.page = DummyRequest([b"events"])
+        self.watcher.subscribe(ACCOUNT, "session-1", self.page)
+        self.mark = len(self.page.written)
+
+    open = WatcherTests.open
+
+    def sent(self) -> List[Tuple[str, dict]]:
+        found = events(self.page, self.mark)
+        self.mark = len(self.page.written)
+        return found
+
+    def test_told_change_sent_at_once(self) -> None:
+        self.store.set_connection_state("t1", DESTINATION, True, self.clock.seconds())
+        self.watcher.tunnel_changed(ACCOUNT, "t1")
+        self.assertEqual([(d["id"], d["destination"]) for _, d in self.sent()], [("t1", "CONNECTED")])
+        self.watcher.tunnel_changed(ACCOUNT, "t1")  # told again, nothing changed: nothing sent
+        self.watcher.tunnel_changed("210987654321", "t1")  # an account nobody watches
+        self.assertEqual(self.sent(), [])
+
+    def test_opened_closed_deleted(self) -> None:
+        self.open("t2")
+        self.watcher.tunnel_changed(ACCOUNT, "t2")
+        self.assertEqual([d["id"] for _, d in self.sent()], ["t2"])
+        self.store.close_tunnel(ACCOUNT, "t2", self.clock.seconds())
+        self.watcher.tunnel_changed(None, "t2")  # expiry: the teller does not know the account
+        self.assertEqual([(d["id"], d["status"]) for _, d in self.sent()], [("t2", "CLOSED")])
+        self.store.delete_tunnel(ACCOUNT, "t2")
+        self.watcher.tunnel_changed(ACCOUNT, "t2")
+        self.assertEqual(self.sent(), [("gone", {"id": "t2"})])
+
+    def test_untold_change_seen_by_the_fallback(self) -> None:
+        """A change made by another node: the next full reading (10 s), not every second."""
+        self.store.set_connection_state("t1", SOURCE, True, self.clock.seconds())
+        self.clock.advance(1)
+        self.assertEqual(self.sent(), [])
+        self.clock.advance(FALLBACK - 1)
+        self.assertEqual([(d["id"], d["source"]) for _, d in self.sent()], [("t1", "CONNECTED")])

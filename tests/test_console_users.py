@@ -5,12 +5,14 @@ Console users and remembered host keys in the service's database (L{tunnelkit.se
 from __future__ import annotations
 
 import os
+from typing import Any
 import sqlite3
 
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
 from tunnelkit.service.console import users
+from tunnelkit.service.dbrunner import Blocking
 from tunnelkit.service.store_sqlite import open_store
 
 
@@ -20,11 +22,11 @@ class UserTests(TestCase):
         os.makedirs(self.state)
         self.store = open_store(self.state)  # the control plane's tables in the same file
         self.addCleanup(self.store.close)
-        self.db = users.open_console_database(self.state)
+        self.db: Any = Blocking(users.open_console_database(self.state))
         self.addCleanup(self.db.close)
 
     def test_interface(self) -> None:
-        verifyObject(users.IConsoleUsers, self.db)
+        verifyObject(users.IConsoleUsers, self.db.store)
 
     def test_create_check_reset_delete(self) -> None:
         created = self.db.create_user("111111111111", "alice", "password-1", 10.0)
@@ -74,7 +76,7 @@ class UserTests(TestCase):
     def test_migration_is_versioned(self) -> None:
         self.assertEqual(self.db.schema_version, len(users.MIGRATIONS))
         self.db.create_user("1", "alice", "password-1", 1.0)
-        again = users.open_console_database(self.state)  # applies nothing twice, keeps the rows
+        again = Blocking(users.open_console_database(self.state))  # applies nothing twice, keeps the rows
         self.addCleanup(again.close)
         self.assertEqual(len(again.list_users()), 1)
         connection = sqlite3.connect(os.path.join(self.state, users.DATABASE_NAME))

@@ -153,3 +153,33 @@ class FastPathTests(SynchronousTestCase):
         client, server = open_pair()
         server.sendData(b"raw")
         self.assertEqual(server.transport.value(), b"raw")
+
+
+class LazyHandshakeLoggingTests(SynchronousTestCase):
+    """autobahn formats its configuration for a debug line on every connection: only when written now."""
+
+    def test_installed_in_autobahn(self) -> None:
+        import autobahn.websocket.protocol as protocol_module
+
+        self.assertTrue(fastpath.lazy_handshake_logging())
+        self.assertIs(protocol_module.pformat, fastpath._pformat_lazily_for_logs)
+
+    def test_a_list_is_formatted_when_written(self) -> None:
+        from pprint import pformat
+
+        from twisted.logger import formatEvent
+
+        value = [("autoPingInterval", 0, "WebSocketServerFactory")] * 30
+        lazy = fastpath._pformat_lazily_for_logs(value)
+        self.assertIsInstance(lazy, fastpath.LazyText)
+        self.assertEqual(str(lazy), pformat(value))
+        self.assertEqual(formatEvent({"log_format": "\n{attrs}", "attrs": lazy}), "\n" + pformat(value))
+        self.assertEqual(fastpath._pformat_lazily_for_logs({"a": 1}), pformat({"a": 1}))  # others: at once, a str
+
+    def test_autobahn_timings_still_print(self) -> None:
+        from autobahn.websocket.protocol import Timings
+
+        timings = Timings()
+        timings.track("x")
+        self.assertIsInstance(str(timings), str)
+        self.assertIn("x", str(timings))

@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import struct
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -23,6 +24,7 @@ from zope.interface.verify import verifyObject
 from tests.test_mqtt import CONNACK_OK, BrokerSide, puback
 from tunnelkit.mqtt import MQTT_OPTIONS, MQTTClient
 from tunnelkit.service.interfaces import INotifier
+from tunnelkit.service.dbrunner import Blocking
 from tunnelkit.service.notify import (
     DATABASE_NAME,
     INotificationQueue,
@@ -82,11 +84,11 @@ class QueueTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.path = os.path.join(self.mktemp() + "-dir", DATABASE_NAME)
         os.makedirs(os.path.dirname(self.path))
-        self.queue = SQLiteNotificationQueue(self.path)
+        self.queue: Any = Blocking(SQLiteNotificationQueue(self.path))
         self.addCleanup(lambda: self.queue.close())
 
     def test_interface(self) -> None:
-        verifyObject(INotificationQueue, self.queue)
+        verifyObject(INotificationQueue, self.queue.store)
 
     def test_settings(self) -> None:
         """WAL, synchronous=FULL, and a file only its owner can read."""
@@ -112,7 +114,7 @@ class QueueTests(SynchronousTestCase):
         """What was put is there after closing and opening the file again; seqs keep growing."""
         first = self.queue.put("tun-a", "t1", b"A1", 10.0)
         self.queue.close()
-        self.queue = SQLiteNotificationQueue(self.path)
+        self.queue = Blocking(SQLiteNotificationQueue(self.path))
         [again] = self.queue.pending()
         self.assertEqual((again.seq, again.tunnel_id, again.thing_name, again.payload), (first.seq, "tun-a", "t1", b"A1"))
         self.assertGreater(self.queue.put("tun-b", "t1", b"B", 11.0).seq, first.seq)
@@ -121,11 +123,14 @@ class QueueTests(SynchronousTestCase):
         """A database that cannot be written gives a NotificationError naming the file."""
         import sqlite3
 
+        from tunnelkit.service.store_sqlite import SQLiteConnection
+
         self.queue.close()
         # The queue over a read-only connection to its file (permissions do not stop root).
-        self.queue = SQLiteNotificationQueue.__new__(SQLiteNotificationQueue)
-        self.queue.path = self.path
-        self.queue._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        self.queue = Blocking(SQLiteNotificationQueue(self.path))
+        self.queue.store._db = sqlite3.connect(
+            f"file:{self.path}?mode=ro", uri=True, isolation_level=None, factory=SQLiteConnection
+        )
         e = self.assertRaises(NotificationError, self.queue.put, "tun-a", "t1", b"x", 1.0)
         self.assertIn(self.path, str(e))
 
@@ -156,11 +161,12 @@ class NotifierTests(SynchronousTestCase):
         self.build()
 
     def build(self) -> None:
-        self.queue = SQLiteNotificationQueue(os.path.join(self.directory, DATABASE_NAME))
+        self.real_queue = SQLiteNotificationQueue(os.path.join(self.directory, DATABASE_NAME))
+        self.queue: Any = Blocking(self.real_queue)
         self.client = MQTTClient(
             TCP4ClientEndpoint(self.reactor, "127.0.0.1", 1883), "svc", self.reactor, retry_policy=lambda n: 5.0
         )
-        self.notifier = MQTTNotifier(self.queue, self.client, self.reactor, wall_time=lambda: 1000.0)
+        self.notifier = MQTTNotifier(self.real_queue, self.client, self.reactor, wall_time=lambda: 1000.0)
         self.parent = MultiService()
         self.client.setServiceParent(self.parent)
         self.notifier.setServiceParent(self.parent)
@@ -280,7 +286,7 @@ class NotifierTests(SynchronousTestCase):
         self.notifier.notify_destination("tun-1", "t1", TOKEN, ("SSH",), "us-east-1")
         self.stop()
         self.assertEqual(self.reactor.getDelayedCalls(), [])
-        self.assertEqual(len(SQLiteNotificationQueue(os.path.join(self.directory, DATABASE_NAME)).pending()), 1)
+        self.assertEqual(len(Blocking(SQLiteNotificationQueue(os.path.join(self.directory, DATABASE_NAME))).pending()), 1)
 
     def test_bad_thing_name(self) -> None:
         """A thing name that would change the topic is refused before anything is stored."""

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 import txaio
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tunnelkit.protocol.flowcontrol import (
@@ -24,7 +25,7 @@ from tunnelkit.protocol.flowcontrol import (
     window_update_frame,
 )
 from tunnelkit.protocol.message_pb2 import Message
-from tunnelkit.service.interfaces import ITunnelEvents, ITunnelStore
+from tunnelkit.service.interfaces import SOURCE, ITunnelEvents, ITunnelStateObserver, ITunnelStore
 from tunnelkit.service.relay import (
     MAX_REQUEST_SIZE,
     HandshakeRejected,
@@ -902,3 +903,24 @@ class TokenBucketTests(SynchronousTestCase):
 
     def test_bad_parameters(self) -> None:
         self.assertRaises(ValueError, TokenBucket, 0, 1, Clock())
+
+
+class StateChangeTests(ServiceTestCase):
+    """The relay tells L{Relay.state_changes} of each connection state, once the store holds it (review 12)."""
+
+    def test_told_after_recording(self) -> None:
+        told = []
+
+        @implementer(ITunnelStateObserver)
+        class Observer:
+            def tunnel_changed(observer, account_id: Optional[str], tunnel_id: str) -> None:
+                told.append((account_id, tunnel_id, self.store.connection_state(tunnel_id, SOURCE)[0]))
+
+        verifyObject(ITunnelStateObserver, self.relay.state_changes)
+        self.relay.state_changes.add(Observer())  # type: ignore[attr-defined]
+        tunnel = self.harness.open_tunnel(["SSH"])
+        source = self.connect("source", tunnel.source_token)
+        self.assertEqual(source.status, 101)
+        self.assertEqual(told, [("123456789012", tunnel.tunnel_id, True)])
+        source.lose()
+        self.assertEqual(told[1:], [("123456789012", tunnel.tunnel_id, False)])

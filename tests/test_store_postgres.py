@@ -139,3 +139,185 @@ class RaceTests(TestCase):
                     self.assertEqual(value.value.reason, "token-used")
             winners.append(len(won))
         self.assertEqual(winners, [1] * rounds)
+
+
+class PostgresNotificationQueueTests(TestCase):
+    """The MQTT notification queue in the shared database (what every node's notifier uses)."""
+
+    skip = SKIP
+
+    def setUp(self) -> None:
+        self.dsn = fresh_database(self)
+        self.store = PostgresStore(self.dsn)
+        self.addCleanup(self.store.close)
+        self.queue: Any = Blocking(self.store.notification_queue())
+
+    def test_interface(self) -> None:
+        from zope.interface.verify import verifyObject
+
+        from tunnelkit.service.notify import INotificationQueue
+
+        verifyObject(INotificationQueue, self.queue.store)
+
+    def test_put_replace_remove(self) -> None:
+        a = self.queue.put("tun-a", "t1", b"A1\x00\xff", 10.0)
+        b = self.queue.put("tun-b", "t2", b"B1", 11.0)
+        a2 = self.queue.put("tun-a", "t1", b"A2", 12.0)
+        self.assertLess(a.seq, b.seq)
+        self.assertLess(b.seq, a2.seq)
+        self.assertEqual([(q.tunnel_id, q.payload) for q in self.queue.pending()], [("tun-b", b"B1"), ("tun-a", b"A2")])
+        self.assertFalse(self.queue.remove("tun-a", a.seq))
+        self.assertTrue(self.queue.remove("tun-a", a2.seq))
+        self.assertTrue(self.queue.remove("tun-b"))
+        self.assertFalse(self.queue.remove("tun-b"))
+        self.assertEqual(self.queue.pending(), [])
+
+    def test_shared_between_nodes(self) -> None:
+        """What one node queued, another (its own store instance) sees, bytes intact; seqs keep growing."""
+        first = self.queue.put("tun-a", "t1", b"\x00token\xff", 10.0)
+        other = PostgresStore(self.dsn)
+        self.addCleanup(other.close)
+        queue = Blocking(other.notification_queue())
+        [seen] = queue.pending()
+        self.assertEqual((seen.seq, seen.tunnel_id, seen.payload), (first.seq, "tun-a", b"\x00token\xff"))
+        self.assertGreater(queue.put("tun-b", "t1", b"B", 11.0).seq, first.seq)
+        queue.close()  # the store's runner: the store still works
+        self.assertEqual(len(Blocking(other).list_accounts()), 0)
+
+
+class PostgresConsoleUserTests(TestCase):
+    """The console's users and host keys in the shared database (a user made on one node signs in on any)."""
+
+    skip = SKIP
+
+    def setUp(self) -> None:
+        self.dsn = fresh_database(self)
+        self.store = PostgresStore(self.dsn)
+        self.addCleanup(self.store.close)
+        self.db: Any = Blocking(self.store.console_users())
+
+    def test_interface(self) -> None:
+        from zope.interface.verify import verifyObject
+
+        from tunnelkit.service.console.users import IConsoleUsers
+
+        verifyObject(IConsoleUsers, self.db.store)
+
+    def test_create_check_reset_delete(self) -> None:
+        from tunnelkit.service.console import users
+
+        created = self.db.create_user("111111111111", "alice", "password-1", 1764000000.25)
+        self.assertEqual(self.db.check_password("111111111111", "alice", "password-1"), created)
+        self.assertIsNone(self.db.check_password("111111111111", "alice", "password-2"))
+        self.assertRaises(users.UserExists, self.db.create_user, "111111111111", "alice", "password-9", 11.0)
+        self.db.set_password("111111111111", "alice", "password-4", 1764000013.5)
+        self.assertTrue(self.db.still_valid("111111111111", "alice", 1764000013.5))
+        self.assertFalse(self.db.still_valid("111111111111", "alice", 1764000013.25))  # full precision
+        other = PostgresStore(self.dsn)
+        self.addCleanup(other.close)
+        self.assertEqual([u.name for u in Blocking(other.console_users()).list_users(None)], ["alice"])
+        self.db.delete_user("111111111111", "alice")
+        self.assertRaises(users.NoSuchUser, self.db.delete_user, "111111111111", "alice")
+
+    def test_host_keys(self) -> None:
+        from tunnelkit.service.console import users
+
+        self.assertIsNone(self.db.get_host_key("1", "thing1"))
+        self.db.remember_host_key("1", "thing1", "ssh-ed25519", "SHA256:abc", 5.0)
+        self.assertEqual(self.db.get_host_key("1", "thing1"), users.HostKey("thing1", "ssh-ed25519", "SHA256:abc", 5.0))
+        self.db.remember_host_key("1", "thing1", "ssh-rsa", "SHA256:def", 6.0)
+        self.assertEqual(self.db.get_host_key("1", "thing1").fingerprint, "SHA256:def")
+        self.assertTrue(self.db.forget_host_key("1", "thing1"))
+        self.assertFalse(self.db.forget_host_key("1", "thing1"))
+
+
+class AdminCommandTests(TestCase):
+    """C{tunnelkit admin ... --store postgresql://...}: the CLI's operator commands on the shared database."""
+
+    skip = SKIP
+
+    def setUp(self) -> None:
+        self.dsn = fresh_database(self)
+        self.state = self.mktemp()  # never made: a PostgreSQL store needs no state directory
+
+    def admin(self, *argv: str) -> Any:
+        from tests.test_cli import run
+
+        return run("admin", *argv, "--store", self.dsn, "--state-dir", self.state)
+
+    def test_migrate_then_accounts(self) -> None:
+        import json
+
+        status, out, err = self.admin("migrate")
+        self.assertEqual(status, 0, err)
+        result = json.loads(out)
+        self.assertEqual([m["Version"] for m in result["Applied"]], [m[0] for m in MIGRATIONS])
+        self.assertIn("applied 3 migration(s)", result["Message"])
+        status, out, err = self.admin("migrate")
+        self.assertEqual(json.loads(out)["Applied"], [])
+        self.assertIn("nothing to apply", json.loads(out)["Message"])
+        status, out, err = self.admin("create-account", "acme", "--account-id", "123456789012")
+        self.assertEqual(status, 0, err)
+        status, out, err = self.admin("list-accounts")
+        self.assertEqual([a["Name"] for a in json.loads(out)["Accounts"]], ["acme"])
+
+    def test_unreachable_database(self) -> None:
+        """A DSN naming no server: status 1, one line naming what to fix, no password, no traceback."""
+        from tests.test_cli import run
+
+        status, out, err = run(
+            "admin", "list-accounts", "--store", "postgresql://op:hunter2-pw@/db?host=/nonexistent-tunnelkit"
+        )
+        self.assertEqual(status, 1)
+        self.assertEqual(out, "")
+        self.assertNotIn("hunter2-pw", err)
+        self.assertNotIn("Traceback", err)
+        self.assertIn("cannot connect to PostgreSQL", err)
+        self.assertIn("postgresql://op:***@/db", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+    def test_bad_store_option(self) -> None:
+        from tests.test_cli import run
+
+        status, out, err = run("admin", "list-accounts", "--store", "mysql://x")
+        self.assertEqual(status, 2)
+        self.assertIn("sqlite:PATH", err)
+
+
+class ServiceOnPostgresTests(TestCase):
+    """The service built with C{--store postgresql://...} keeps its state there (accounts, keys, queue, users)."""
+
+    skip = SKIP
+
+    def test_built_on_postgres(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from tunnelkit.service import tap
+
+        dsn = fresh_database(self)
+        options = tap.Options()
+        options.parseOptions(["--mode", "service", "--state-dir", self.mktemp(), "--store", dsn])
+        service = tap.TunnelService(options, MemoryReactorClock())  # built, never started
+        self.addCleanup(service.store.close)
+        self.assertIsInstance(service.store, PostgresStore)
+        check = Blocking(PostgresStore(dsn))
+        self.addCleanup(check.close)
+        self.assertEqual([a.name for a in check.list_accounts()], ["default"])
+        self.assertEqual(len(check.list_access_keys()), 1)
+
+    def test_unreachable_exits_with_one_line(self) -> None:
+        """twistd's makeService: a database it cannot reach ends it with status 1 and one line."""
+        import io
+        import sys
+
+        from tunnelkit.service import tap
+
+        options = tap.Options()
+        options.parseOptions(["--mode", "service", "--state-dir", self.mktemp(),
+                              "--store", "postgresql://op:pw-77x@/db?host=/nonexistent-tunnelkit"])
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        error = self.assertRaises(SystemExit, tap.makeService, options)
+        self.assertEqual(error.code, 1)
+        self.assertIn("cannot connect to PostgreSQL", err.getvalue())
+        self.assertNotIn("pw-77x", err.getvalue())

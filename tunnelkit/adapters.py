@@ -26,7 +26,7 @@ closes that one connection and logs the error.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union, cast
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import (
@@ -36,7 +36,7 @@ from twisted.internet.endpoints import (
     UNIXClientEndpoint,
 )
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
@@ -516,9 +516,15 @@ class _ProbeProtocol(protocol.Protocol):
         self.received = b""
         self.result: defer.Deferred = defer.Deferred()
 
+    @property
+    def _tcp(self) -> ITCPTransport:
+        """The connection to the target (while connected)."""
+        assert self.transport is not None
+        return cast(ITCPTransport, self.transport)
+
     def connectionMade(self) -> None:
         if self.greeting:
-            self.transport.write(self.greeting)
+            self._tcp.write(self.greeting)
         self._evaluate(False)
 
     def dataReceived(self, data: bytes) -> None:
@@ -546,7 +552,7 @@ class _ProbeProtocol(protocol.Protocol):
                 return
             self.result.callback(description)
         if not closed:
-            self.transport.loseConnection()
+            self._tcp.loseConnection()
 
 
 def probe_target(
@@ -586,7 +592,7 @@ def probe_target(
             raise ProbeFailed(f"{where}: {e}") from None
         finally:
             if proto.transport is not None and proto.connected:
-                proto.transport.abortConnection()
+                proto._tcp.abortConnection()
 
     d = run()
 

@@ -18,7 +18,6 @@ from tunnelkit.testing.process import (
     Sshd,
     Tunnel,
     exchange,
-    free_port,
     wait_until,
 )
 
@@ -37,6 +36,5 @@ __all__ = [
     "Sshd",
     "Tunnel",
     "exchange",
-    "free_port",
     "wait_until",
 ]

@@ -23,6 +23,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.e2e.mosquitto import MOSQUITTO, Mosquitto
 from tests.test_agent import RecordingStarter
+from tunnelkit.service.dbrunner import Blocking
 from tunnelkit.agent import DEFAULT_TARGETS, Agent, Notification
 from tunnelkit.mqtt import MQTTClient, MQTTSettings, build_endpoint
 from tunnelkit.service.certs import ensure_certificates
@@ -124,7 +125,7 @@ class AgentOverMosquittoTests(TestCase):
         self.assertEqual(session.notification, Notification("token-1", ("SSH", "HTTP"), "us-east-1", "tun-1"))
         self.assertEqual(session.endpoint, "data.tunneling.iot.us-east-1.amazonaws.com:443")
         self.assertEqual(session.targets, {"SSH": ("127.0.0.1", 22), "HTTP": ("127.0.0.1", 80)})
-        await wait_for(lambda: not notifier.queue.pending(), "the queue to empty")
+        await wait_for(lambda: not Blocking(notifier.queue).pending(), "the queue to empty")
         self.assertNotIn("token-1", repr(self.logged))
 
     def subscribed(self) -> bool:
@@ -151,13 +152,13 @@ class AgentOverMosquittoTests(TestCase):
         await broker.stop()
         failures = self.failed_attempts()
         notifier.notify_destination("tun-1", "t1", "token-1", ("SSH",), "us-east-1")
-        self.assertEqual(len(notifier.queue.pending()), 1)
+        self.assertEqual(len(Blocking(notifier.queue).pending()), 1)
         await wait_for(lambda: self.failed_attempts() > failures, "an attempt to reach the stopped broker")
         self.assertEqual(starter.sessions, [])
         await broker.start()
         [session] = await wait_for(lambda: starter.sessions, "the session after the broker restart")
         self.assertEqual(session.notification.access_token, "token-1")
-        await wait_for(lambda: not notifier.queue.pending(), "the queue to empty")
+        await wait_for(lambda: not Blocking(notifier.queue).pending(), "the queue to empty")
 
     async def test_service_restart(self) -> None:
         """Queued while the broker is down, the service restarts, and the new process delivers it."""
@@ -175,7 +176,7 @@ class AgentOverMosquittoTests(TestCase):
         restarted = self.start_notifier(broker)
         [session] = await wait_for(lambda: starter.sessions, "the session from the restarted service")
         self.assertEqual(session.notification.tunnel_id, "tun-1")
-        await wait_for(lambda: not restarted.queue.pending(), "the queue to empty")
+        await wait_for(lambda: not Blocking(restarted.queue).pending(), "the queue to empty")
 
     async def test_rotation_and_second_tunnel(self) -> None:
         """A rotated token replaces the tunnel's session; another tunnel runs alongside."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 from twisted.logger import Logger
 
@@ -208,9 +208,13 @@ def read_config_dir(path: str) -> Dict[str, str]:
     return found
 
 
+#: A mapping's endpoint: a listen port (source) or a target (destination).
+_Endpoint = TypeVar("_Endpoint")
+
+
 def merge_config_dir(
-    command_line: Optional[Dict[str, object]], from_dir: Dict[str, object]
-) -> Dict[str, object]:
+    command_line: Optional[Mapping[str, _Endpoint]], from_dir: Mapping[str, _Endpoint]
+) -> Dict[str, _Endpoint]:
     """Command-line items win; the directory adds the service ids the command line did not name."""
     merged = dict(from_dir)
     merged.update(command_line or {})

@@ -13,9 +13,10 @@ C{Listening for new connection on port N}.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, cast
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
@@ -32,6 +33,11 @@ __all__ = ["SourceSide", "SourceContext", "DATA_LISTENER_TIMEOUT"]
 
 #: Seconds an adapter's data listener waits for its one connection.
 DATA_LISTENER_TIMEOUT = 60.0
+
+
+def _port_of(listener: IListeningPort) -> int:
+    """The TCP port C{listener} is bound to (it listens on an IPv4 or IPv6 address: both have a port)."""
+    return cast(IPv4Address, listener.getHost()).port
 
 
 def _server_endpoint(reactor: Any, address: str, port: int) -> Any:
@@ -189,7 +195,7 @@ class SourceSide:
             d = _server_endpoint(self.reactor, self.bind_address, port).listen(factory)
 
         def listening(listener: IListeningPort) -> None:
-            bound = listener.getHost().port
+            bound = _port_of(listener)
             factory.port = bound
             self.listeners[service_id] = listener
             self.ports[service_id] = bound
@@ -237,7 +243,7 @@ class SourceSide:
 
             timeout.append(self.reactor.callLater(DATA_LISTENER_TIMEOUT, close))
             factory.on_accept = close
-            factory.port = listener.getHost().port
+            factory.port = _port_of(listener)
             return factory.port
 
         return d.addCallback(listening)

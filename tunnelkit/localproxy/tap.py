@@ -256,13 +256,14 @@ class Options(TunnelClientOptions):
         if mode == "source":
             given = parse_source_mapping(source) if source else None
             from_files = {sid: parse_source_mapping(f"{sid}={ep}", f"--config-dir {sid}")[sid] for sid, ep in from_dir.items()}
-            self.mapping = merge_config_dir(given, from_files)  # empty: listen for every service, any port
+            #: service id -> listen port (source) or target (destination)
+            self.mapping: Dict[str, Any] = merge_config_dir(given, from_files)  # empty: every service, any port
             self.bind_address = _resolve_bind(bind or "localhost")
         else:
             default_host = bind or "127.0.0.1"
             given_targets = parse_destination_mapping(destination, default_host) if destination else None
-            from_files = {sid: parse_destination_endpoint(ep, default_host) for sid, ep in from_dir.items()}
-            self.mapping = merge_config_dir(given_targets, from_files)
+            targets_from_files = {sid: parse_destination_endpoint(ep, default_host) for sid, ep in from_dir.items()}
+            self.mapping = merge_config_dir(given_targets, targets_from_files)
             if not self.mapping:
                 raise ConfigError(
                     "Must specify one of --destination-app/-d or --config-dir with the service mapping"
@@ -385,8 +386,12 @@ class _RedactingObserver:
         ]
 
     def __call__(self, event: Dict[str, Any]) -> None:
+        from tunnelkit.transport.fastpath import LazyText
+
         cleaned = dict(event)
         for key, value in event.items():
+            if isinstance(value, LazyText):  # autobahn's configuration, formatted now that it is written
+                value = str(value)
             if isinstance(value, str):
                 for secret, replacement in self._secrets:
                     if secret in value:
@@ -404,7 +409,10 @@ def filter_process_logs(
     C{secrets} and the C{client_tokens} (both in the upgrade request) are masked.
 
     twistd starts logging after makeService, through L{globalLogBeginner}: each observer it hands over
-    is wrapped in a level filter.
+    is wrapped in a level filter.  (Twisted's own hooks take no options from a plugin: twistd's
+    C{--logger} names a factory called without arguments, and L{twisted.application.app.AppLogger}
+    looks for an C{ILogObserver} component only on an application a C{.tac} file builds, while a
+    plugin's makeService never sees the application.  Hence this wrapper, installed once per process.)
     """
     from twisted.logger import (
         FilteringLogObserver,
@@ -417,7 +425,7 @@ def filter_process_logs(
     if verbosity >= 6:
         import txaio
 
-        txaio.set_global_log_level("debug")
+        txaio.set_global_log_level("debug")  # type: ignore[attr-defined]  # bound by txaio.use_twisted()
     if verbosity == 0:
         predicates: List[Any] = [lambda event: PredicateResult.no]
     else:
@@ -428,7 +436,7 @@ def filter_process_logs(
     begin = globalLogBeginner.beginLoggingTo
 
     def filtered_begin(observers: Any, *args: Any, **kwargs: Any) -> Any:
-        wrapped = [FilteringLogObserver(o, predicates) for o in observers]
+        wrapped: List[Any] = [FilteringLogObserver(o, predicates) for o in observers]
         if verbosity >= 6:
             wrapped = [_RedactingObserver(o, secrets, client_tokens) for o in wrapped]
         return begin(wrapped, *args, **kwargs)
@@ -440,7 +448,12 @@ _exit_status: List[int] = []
 
 
 def _exit_process(end: SessionEnd, reactor: Any) -> None:
-    """Stop the reactor; make twistd exit with C{end.status}."""
+    """
+    Stop the reactor; make twistd exit with C{end.status}.  twistd has no way for a service to set
+    the exit status (Twisted issue #11335, open since 2004: "sys.exit(2) after reactor.run() ...
+    doesn't help for twistd based apps"; L{twisted.internet.task.react} is the supported way, outside
+    twistd): the first non-zero status is kept and the process exits with it once twistd is done.
+    """
     if end.status != 0 and not _exit_status:
         _exit_status.append(end.status)
 

@@ -128,46 +128,47 @@ def _check_payload_size(message: Message, message_type: int) -> None:
 
 def _varint_size(value: int) -> int:
     """Bytes of C{value} as a protobuf varint (a negative int32 takes 10)."""
-    if value < 0:
-        return 10
-    return (max(value.bit_length(), 1) + 6) // 7
+    if value < 128:
+        return 1 if value >= 0 else 10
+    if value < 16384:
+        return 2
+    if value < 2097152:
+        return 3
+    return 4 if value < 268435456 else 5
 
 
 def payload_size(message: Message, size: int) -> int:
     """
-    The length of the payload of C{message}, whose protobuf body is C{size} bytes, computed from its
-    other fields: reading C{message.payload} would copy the payload (upb), this does not.  Exact
-    for a body as protobuf libraries encode it (each field once, shortest varints, the
-    L{tunnelkit.protocol.framing} frames of every client); a body encoded otherwise can only
-    make it larger than the payload really is, and never below 0.
+    The length of the payload of C{message}, whose protobuf body is C{size} bytes, computed from the
+    other fields a tunnel message carries (type, stream id, ignorable, service id, connection id):
+    reading C{message.payload} would copy the payload (upb), this does not, and costs less than
+    that copy.  Exact for a body as protobuf libraries encode it (each field once, shortest
+    varints: every client's frames); for a body encoded otherwise (or carrying
+    C{availableServiceIds}, which no client puts in a DATA frame) it can only come out larger than
+    the payload really is, and never below 0.
     """
-    rest = size
     message_type = message.type
-    if message_type:
-        rest -= 1 + _varint_size(message_type)
+    rest = size - (2 if 0 < message_type < 128 else 1 + _varint_size(message_type) if message_type else 0)
     stream_id = message.streamId
     if stream_id:
-        rest -= 1 + _varint_size(stream_id)
-    if message.ignorable:
-        rest -= 2
+        rest -= 2 if 0 < stream_id < 128 else 1 + _varint_size(stream_id)
     service_id = message.serviceId
     if service_id:
         length = len(service_id) if service_id.isascii() else len(service_id.encode("utf-8"))
-        rest -= 1 + _varint_size(length) + length
+        rest -= 2 + length if length < 128 else 1 + _varint_size(length) + length
     connection_id = message.connectionId
     if connection_id:
-        rest -= 1 + _varint_size(connection_id)
-    for available in message.availableServiceIds:
-        length = len(available.encode("utf-8"))
-        rest -= 1 + _varint_size(length) + length
-    if rest <= 0:
-        return 0
+        rest -= 2 if connection_id < 128 else 1 + _varint_size(connection_id)
+    if message.ignorable:
+        rest -= 2
     # What is left is the payload field: a tag byte, the length as a varint, the bytes.
-    for length_bytes in (1, 2, 3, 4, 5):
-        payload = rest - 1 - length_bytes
-        if payload >= 0 and _varint_size(payload) == length_bytes:
-            return payload
-    return max(rest - 2, 0)
+    if rest < 130:
+        return rest - 2 if rest > 2 else 0
+    if rest < 16387:
+        return rest - 3
+    if rest < 2097156:
+        return rest - 4
+    return rest - 5
 
 
 class PeerRules:

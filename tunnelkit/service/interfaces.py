@@ -99,6 +99,17 @@ class ITunnelEvents(Interface):
         """C{side}'s token was rotated: close that side's WebSocket (its old token is revoked)."""
 
 
+class ITunnelStateObserver(Interface):
+    """
+    Told when a tunnel's state changed on this node, once the store holds the change (the console's
+    live pages and terminals): a side connected or disconnected (the relay), the tunnel was opened,
+    closed, deleted or expired (the control plane).  Changes made by other nodes are not told here.
+    """
+
+    def tunnel_changed(account_id: Optional[str], tunnel_id: str) -> None:
+        """C{tunnel_id} (of C{account_id}, or None when the teller does not know it) changed: read it again."""
+
+
 class INotifier(Interface):
     """
     Delivers destination tokens to devices (MQTT C{$aws/things/<thing>/tunnels/notify}).
@@ -110,7 +121,10 @@ class INotifier(Interface):
     def notify_destination(
         tunnel_id: str, thing_name: str, access_token: str, services: Tuple[str, ...], region: str
     ) -> None:
-        """Queue the notification for C{thing_name} (returns at once; delivery is asynchronous)."""
+        """
+        Queue the notification for C{thing_name}: a Deferred that fires once it is queued durably
+        (or None if queued already); delivery is asynchronous.
+        """
 
     def tunnel_closed(tunnel_id: str) -> None:
         """Drop any undelivered notification of C{tunnel_id}."""

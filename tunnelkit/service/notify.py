@@ -26,7 +26,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -46,6 +46,7 @@ __all__ = [
     "MQTTNotifier",
     "INotificationQueue",
     "SQLiteNotificationQueue",
+    "SQLNotificationQueue",
     "QueuedNotification",
     "NotificationError",
     "notify_topic",
@@ -78,88 +79,151 @@ class QueuedNotification:
 
 
 class INotificationQueue(Interface):
-    """Durable storage of undelivered notifications, at most one per tunnel."""
+    """
+    Durable storage of undelivered notifications, at most one per tunnel.  Each method but C{close}
+    returns a Deferred (no database call on the reactor thread; see L{tunnelkit.service.dbrunner}).
+    """
 
-    def put(tunnel_id: str, thing_name: str, payload: bytes, now: float) -> Union[QueuedNotification, Deferred]:
-        """
-        Store (durably, before returning) the tunnel's notification, replacing any older one.  Each
-        method may instead return a Deferred of its result (a queue in a shared database,
-        L{tunnelkit.service.cluster.notifications}).
-        """
+    def put(tunnel_id: str, thing_name: str, payload: bytes, now: float) -> "Deferred[QueuedNotification]":
+        """Store (durably, before the Deferred fires) the tunnel's notification, replacing any older one."""
 
-    def remove(tunnel_id: str, seq: Optional[int] = None) -> Union[bool, Deferred]:
+    def remove(tunnel_id: str, seq: Optional[int] = None) -> "Deferred[bool]":
         """
         Drop the tunnel's notification; with C{seq}, only if it is still that one (not replaced).
 
-        @return: whether a row was removed.
+        @return: a Deferred of whether a row was removed.
         """
 
-    def pending() -> Union[List[QueuedNotification], Deferred]:
+    def pending() -> "Deferred[List[QueuedNotification]]":
         """Every notification still queued, oldest first."""
 
     def close() -> None:
         """Release the storage."""
 
 
+#: The queue's tables; C{BLOB} and C{REAL} are the SQLite spellings (PostgreSQL's migration has its own).
+_QUEUE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS notifications ("
+    " tunnel_id TEXT PRIMARY KEY,"
+    " seq INTEGER NOT NULL,"
+    " thing_name TEXT NOT NULL,"
+    " payload BLOB NOT NULL,"
+    " queued_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER)",
+    "INSERT INTO counter (id, seq) VALUES (0, 0) ON CONFLICT (id) DO NOTHING",
+)
+
+
 @implementer(INotificationQueue)
-class SQLiteNotificationQueue:
-    """L{INotificationQueue} in its own SQLite file (WAL, synchronous=FULL: durable at each put)."""
+class SQLNotificationQueue:
+    """
+    L{INotificationQueue} in SQL on a L{tunnelkit.service.dbrunner.IDatabaseRunner} whose connections
+    speak L{tunnelkit.service.store_sql.SQLConnection}: the SQLite file of L{SQLiteNotificationQueue},
+    or the PostgreSQL database several service nodes share (its tables are the store's migration 2).
+    """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        existed = os.path.exists(path)
-        if not existed:
-            # Tokens live here until delivered: owner-only from the first byte.
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        try:
-            self._db = sqlite3.connect(path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS notifications ("
-                " tunnel_id TEXT PRIMARY KEY,"
-                " seq INTEGER NOT NULL,"
-                " thing_name TEXT NOT NULL,"
-                " payload BLOB NOT NULL,"
-                " queued_at REAL NOT NULL)"
+    def __init__(self, runner: Any, where: str, owns_runner: bool = True) -> None:
+        self._runner = runner
+        self.where = where
+        self._owns_runner = owns_runner
+
+    def put(self, tunnel_id: str, thing_name: str, payload: bytes, now: float) -> "Deferred[QueuedNotification]":
+        d = self._runner.run(self._put, tunnel_id, thing_name, payload, now)
+        d.addErrback(self._put_failed, tunnel_id)
+        return d  # type: ignore[no-any-return]
+
+    def _put_failed(self, failure: Failure, tunnel_id: str) -> None:
+        if failure.check(NotificationError):
+            failure.raiseException()
+        raise NotificationError(
+            f"{self.where}: cannot store the notification of tunnel {tunnel_id}: {failure.value}"
+        ) from None
+
+    @staticmethod
+    def _put(db: Any, tunnel_id: str, thing_name: str, payload: bytes, now: float) -> QueuedNotification:
+        with db.transaction():
+            (seq,) = db.execute("UPDATE counter SET seq = seq + 1 WHERE id = 0 RETURNING seq", ()).fetchone()
+            db.execute(
+                "INSERT INTO notifications (tunnel_id, seq, thing_name, payload, queued_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (tunnel_id) DO UPDATE SET seq = excluded.seq, thing_name = excluded.thing_name, "
+                "payload = excluded.payload, queued_at = excluded.queued_at",
+                (tunnel_id, seq, thing_name, payload, now),
             )
-            self._db.execute("CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER)")
-            self._db.execute("INSERT OR IGNORE INTO counter (id, seq) VALUES (0, 0)")
-        except sqlite3.DatabaseError as e:
-            raise TunnelkitError(f"{path}: cannot use the notification queue database: {e}") from None
+        return QueuedNotification(int(seq), tunnel_id, thing_name, payload, now)
 
-    def put(self, tunnel_id: str, thing_name: str, payload: bytes, now: float) -> QueuedNotification:
-        try:
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("UPDATE counter SET seq = seq + 1 WHERE id = 0")
-                (seq,) = self._db.execute("SELECT seq FROM counter WHERE id = 0").fetchone()
-                self._db.execute(
-                    "INSERT OR REPLACE INTO notifications (tunnel_id, seq, thing_name, payload, queued_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (tunnel_id, seq, thing_name, payload, now),
-                )
-        except sqlite3.Error as e:
-            raise NotificationError(f"{self.path}: cannot store the notification of tunnel {tunnel_id}: {e}") from None
-        return QueuedNotification(seq, tunnel_id, thing_name, payload, now)
+    def remove(self, tunnel_id: str, seq: Optional[int] = None) -> "Deferred[bool]":
+        return self._runner.run(self._remove, tunnel_id, seq)  # type: ignore[no-any-return]
 
-    def remove(self, tunnel_id: str, seq: Optional[int] = None) -> bool:
-        if seq is None:
-            cursor = self._db.execute("DELETE FROM notifications WHERE tunnel_id = ?", (tunnel_id,))
-        else:
-            cursor = self._db.execute(
-                "DELETE FROM notifications WHERE tunnel_id = ? AND seq = ?", (tunnel_id, seq)
-            )
-        return cursor.rowcount > 0
+    @staticmethod
+    def _remove(db: Any, tunnel_id: str, seq: Optional[int]) -> bool:
+        with db.transaction():
+            if seq is None:
+                cursor = db.execute("DELETE FROM notifications WHERE tunnel_id = ?", (tunnel_id,))
+            else:
+                cursor = db.execute("DELETE FROM notifications WHERE tunnel_id = ? AND seq = ?", (tunnel_id, seq))
+            return bool(cursor.rowcount > 0)
 
-    def pending(self) -> List[QueuedNotification]:
-        rows = self._db.execute(
-            "SELECT seq, tunnel_id, thing_name, payload, queued_at FROM notifications ORDER BY seq"
+    def pending(self) -> "Deferred[List[QueuedNotification]]":
+        return self._runner.run(self._pending)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _pending(db: Any) -> List[QueuedNotification]:
+        rows = db.execute(
+            "SELECT seq, tunnel_id, thing_name, payload, queued_at FROM notifications ORDER BY seq", ()
         ).fetchall()
-        return [QueuedNotification(seq, t, thing, bytes(p), at) for seq, t, thing, p, at in rows]
+        return [QueuedNotification(int(seq), t, thing, bytes(p), at) for seq, t, thing, p, at in rows]
+
+    @property
+    def _db(self) -> Any:
+        """The connection of a queue on a synchronous runner (tests look at it)."""
+        return self._runner._connection
+
+    @_db.setter
+    def _db(self, connection: Any) -> None:
+        self._runner._connection = connection
 
     def close(self) -> None:
-        self._db.close()
+        if self._owns_runner:  # else the store's, closed with the store
+            self._runner.close()
+
+
+class SQLiteNotificationQueue(SQLNotificationQueue):
+    """
+    L{INotificationQueue} in its own SQLite file (WAL, synchronous=FULL: durable at each put), on a
+    synchronous runner, or on C{reactor}'s threads (one) when given.
+    """
+
+    def __init__(self, path: str, reactor: Any = None) -> None:
+        from tunnelkit.service.dbrunner import SynchronousRunner, ThreadedRunner
+        from tunnelkit.service.store_sqlite import SQLiteConnection
+
+        self.path = path
+        if not os.path.exists(path):
+            # Tokens live here until delivered: owner-only from the first byte.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+        def connect() -> Any:
+            try:
+                db = sqlite3.connect(path, isolation_level=None, factory=SQLiteConnection, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+            except sqlite3.DatabaseError as e:
+                raise TunnelkitError(f"{path}: cannot use the notification queue database: {e}") from None
+            return db
+
+        first = connect()
+        try:
+            for statement in _QUEUE_SCHEMA:
+                first.execute(statement)
+        except sqlite3.DatabaseError as e:
+            first.close()
+            raise TunnelkitError(f"{path}: cannot use the notification queue database: {e}") from None
+        if reactor is None:
+            runner: Any = SynchronousRunner(connect, first)
+        else:
+            first.close()
+            runner = ThreadedRunner(reactor, connect, threads=1, name="notify")
+        super().__init__(runner, path)
 
 
 @implementer(INotifier)
@@ -189,30 +253,30 @@ class MQTTNotifier(Service):
 
     def notify_destination(
         self, tunnel_id: str, thing_name: str, access_token: str, services: Tuple[str, ...], region: str
-    ) -> None:
-        """Queue durably, then publish (see L{INotifier.notify_destination})."""
+    ) -> "Deferred[None]":
+        """Queue durably, then publish (see L{INotifier.notify_destination}): fires once queued."""
         topic = notify_topic(thing_name)
         payload = notification_payload(access_token, services, region, tunnel_id)
-        item = self.queue.put(tunnel_id, thing_name, payload, self._wall_time())
-        if isinstance(item, Deferred):  # a shared queue (tunnelkit.service.cluster.notifications)
-            item.addCallback(self._queued, topic)
-            item.addErrback(lambda f: log.failure("Could not queue the notification of tunnel {tunnel_id}", f,
-                                                  tunnel_id=tunnel_id))
-        else:
-            self._queued(item, topic)
+        d = self.queue.put(tunnel_id, thing_name, payload, self._wall_time())
 
-    def _queued(self, item: QueuedNotification, topic: str) -> None:
-        log.info(
-            "Queued the destination token of tunnel {tunnel_id} for thing {thing_name} ({topic})",
-            tunnel_id=item.tunnel_id,
-            thing_name=item.thing_name,
-            topic=topic,
-        )
-        if self.running:
-            self._publish(item)
+        def queued(item: QueuedNotification) -> None:
+            log.info(
+                "Queued the destination token of tunnel {tunnel_id} for thing {thing_name} ({topic})",
+                tunnel_id=tunnel_id,
+                thing_name=thing_name,
+                topic=topic,
+            )
+            if self.running:
+                self._publish(item)
+
+        d.addCallback(queued)
+        return d  # the control plane waits for it: a notification it accepted is on disk
 
     def adopt(self, items: List[QueuedNotification]) -> None:
-        """Publish C{items}, taken over from a node that died (the shared queue says this node has them now)."""
+        """
+        Publish C{items}, taken over from a node that stopped (a cluster's shared queue says this node
+        has them now: L{tunnelkit.service.cluster.notifications}).
+        """
         if items:
             log.info("Took over {count} undelivered notification(s) of a node that stopped", count=len(items))
         for item in items:
@@ -222,34 +286,34 @@ class MQTTNotifier(Service):
     def tunnel_closed(self, tunnel_id: str) -> None:
         """Forget the tunnel's undelivered notification, if any (withdrawn if not yet sent)."""
         self._withdraw(tunnel_id)
-        removed = self.queue.remove(tunnel_id)
-        if isinstance(removed, Deferred):
-            removed.addCallback(self._dropped, tunnel_id)
-            removed.addErrback(lambda f: log.failure("Could not drop the notification of tunnel {tunnel_id}", f,
-                                                     tunnel_id=tunnel_id))
-        else:
-            self._dropped(removed, tunnel_id)
 
-    def _dropped(self, removed: bool, tunnel_id: str) -> None:
-        if removed:
-            log.info("Dropped the undelivered notification of closed tunnel {tunnel_id}", tunnel_id=tunnel_id)
+        def removed(done: bool) -> None:
+            if done:
+                log.info("Dropped the undelivered notification of closed tunnel {tunnel_id}", tunnel_id=tunnel_id)
+
+        d = self.queue.remove(tunnel_id)
+        d.addCallback(removed)
+        d.addErrback(self._queue_failed, "Dropping the notification of closed tunnel {tunnel_id} failed", tunnel_id)
 
     # --- service ---
 
     def startService(self) -> None:
         super().startService()
-        waiting = self.queue.pending()
-        if isinstance(waiting, Deferred):
-            waiting.addCallback(self._republish)
-            waiting.addErrback(lambda f: log.failure("Could not read the undelivered notifications", f))
-        else:
-            self._republish(waiting)
 
-    def _republish(self, waiting: List[QueuedNotification]) -> None:
-        if waiting:
-            log.info("{count} notification(s) waiting for delivery from before", count=len(waiting))
-        for item in waiting:
-            self._publish(item)
+        def publish(waiting: List[QueuedNotification]) -> None:
+            if waiting:
+                log.info("{count} notification(s) waiting for delivery from before", count=len(waiting))
+            for item in waiting:
+                if self.running and item.tunnel_id not in self._in_flight:
+                    self._publish(item)
+
+        d = self.queue.pending()
+        d.addCallback(publish)
+        d.addErrback(self._queue_failed, "Reading the queued notifications failed", "")
+
+    def _queue_failed(self, failure: Failure, what: str, tunnel_id: str) -> None:
+        if self.running:
+            log.failure(what, failure, tunnel_id=tunnel_id)
 
     def stopService(self) -> Any:
         for tunnel_id in list(self._in_flight):
@@ -271,22 +335,21 @@ class MQTTNotifier(Service):
         entry = self._in_flight.get(item.tunnel_id)
         if entry is not None and entry[0] == item.seq:
             del self._in_flight[item.tunnel_id]
-        removed = self.queue.remove(item.tunnel_id, item.seq)
-        if isinstance(removed, Deferred):
-            removed.addCallback(self._removed, item)
-            removed.addErrback(lambda f: log.failure("Could not remove a delivered notification", f))
-        else:
-            self._removed(removed, item)
 
-    def _removed(self, removed: bool, item: QueuedNotification) -> None:
-        if removed:
-            log.info(
-                "Delivered the destination token of tunnel {tunnel_id} to thing {thing_name}",
-                tunnel_id=item.tunnel_id,
-                thing_name=item.thing_name,
-            )
-        if self.delivered is not None:
-            self.delivered(item)
+        def removed(done: bool) -> None:
+            if done:
+                log.info(
+                    "Delivered the destination token of tunnel {tunnel_id} to thing {thing_name}",
+                    tunnel_id=item.tunnel_id,
+                    thing_name=item.thing_name,
+                )
+            if self.delivered is not None:
+                self.delivered(item)
+
+        d = self.queue.remove(item.tunnel_id, item.seq)
+        d.addCallback(removed)
+        d.addErrback(self._queue_failed, "Removing the delivered notification of tunnel {tunnel_id} failed",
+                     item.tunnel_id)
 
     def _failed(self, reason: Failure, item: QueuedNotification) -> None:
         entry = self._in_flight.get(item.tunnel_id)
@@ -307,14 +370,17 @@ def build_notifier(
     clock: IReactorTime,
     parent: MultiService,
     reactor: Any = None,
-    queue: Optional[INotificationQueue] = None,
+    shared: Optional[INotificationQueue] = None,
+    threads: Any = None,
 ) -> Optional[MQTTNotifier]:
     """
     The service's notifier, from its parsed options (L{NotifyOptions}).
 
+    @param shared: the queue in the store's database (PostgreSQL); None: C{notify.sqlite3} in
+        C{state_dir}, on C{threads}' thread pool (a reactor) if given, else synchronous.
+
     @return: None (after logging that notifications are off) without C{--mqtt}; otherwise the
         notifier, its MQTT client and notifier services added to C{parent}.
-    @param queue: where notifications wait (default: C{notify.sqlite3} in C{state_dir}).
     @raise twisted.python.usage.UsageError: for bad MQTT options.
     """
     settings = mqtt_settings(options, default_client_id=f"tunnelkit-service-{os.getpid()}")
@@ -325,9 +391,11 @@ def build_notifier(
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    os.makedirs(state_dir, exist_ok=True)
-    if queue is None:  # one node: its own file (several nodes share theirs: tunnelkit.service.cluster)
-        queue = SQLiteNotificationQueue(os.path.join(state_dir, DATABASE_NAME))
+    if shared is not None:
+        queue: INotificationQueue = shared  # the tables of the database several nodes share
+    else:
+        os.makedirs(state_dir, exist_ok=True)
+        queue = SQLiteNotificationQueue(os.path.join(state_dir, DATABASE_NAME), reactor=threads)
     client = client_from_settings(reactor, settings, clock)
     notifier = MQTTNotifier(queue, client, clock)
     client.setServiceParent(parent)

@@ -24,15 +24,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from tunnelkit.errors import TunnelkitError
 from tunnelkit.protocol.notification import THING_NAME_RE, TUNNEL_ID_RE
 from tunnelkit.service import tokens
-from tunnelkit.service.interfaces import DESTINATION, SOURCE, INotifier, ITunnelEvents
+from tunnelkit.service.interfaces import DESTINATION, SOURCE, INotifier, ITunnelEvents, ITunnelStateObserver
 from tunnelkit.service.lifecycle import TunnelLifecycle
+from tunnelkit.service.statechanges import StateChanges
 from tunnelkit.service.store import Account, IControlStore, NewTunnel, Tunnel
 
 log = Logger()
@@ -307,6 +308,8 @@ class ControlPlane:
         self.limits = limits
         self._new_token = new_token
         self.lifecycle = TunnelLifecycle(store, clock, self._tunnel_ended, closed_retention)
+        #: Told when a tunnel is opened, closed, deleted or expires here (the service shares the relay's).
+        self.state_changes: ITunnelStateObserver = StateChanges()
 
     def call(self, operation: str, account: Account, body: Mapping[str, Any]) -> "Deferred[Dict[str, Any]]":
         """Run C{operation} (one of L{OPERATIONS}) for C{account}: a Deferred of the response (or ApiError)."""
@@ -316,7 +319,12 @@ class ControlPlane:
                 raise ApiError("UnknownOperationException", f"Unknown operation {operation!r}")
             await self.lifecycle.expire_due()
             method = getattr(self, "op_" + operation)
-            return await method(account, body)  # type: ignore[no-any-return]
+            answer: Dict[str, Any] = await method(account, body)
+            if operation == "OpenTunnel":
+                self.state_changes.tunnel_changed(account.account_id, answer["tunnelId"])
+            elif operation == "CloseTunnel":
+                self.state_changes.tunnel_changed(account.account_id, self._tunnel_id(body))
+            return answer
 
         return Deferred.fromCoroutine(run())
 
@@ -328,6 +336,7 @@ class ControlPlane:
             self.events.tunnel_closed(tunnel_id, reason)
         if self.notifier is not None:
             self.notifier.tunnel_closed(tunnel_id)
+        self.state_changes.tunnel_changed(None, tunnel_id)  # expiry included
 
     def _arn(self, account: Account, tunnel_id: str) -> str:
         return tunnel_arn(self.region, account.account_id, tunnel_id)
@@ -396,7 +405,7 @@ class ControlPlane:
             services=",".join(services or ()) or "none",
         )
         if thing_name is not None and services is not None:
-            self._notify(tunnel_id, thing_name, destination_token, services)
+            await self._notify(tunnel_id, thing_name, destination_token, services)
         return {
             "tunnelId": tunnel_id,
             "tunnelArn": self._arn(account, tunnel_id),
@@ -404,7 +413,7 @@ class ControlPlane:
             "destinationAccessToken": destination_token,
         }
 
-    def _notify(self, tunnel_id: str, thing_name: str, token: str, services: Tuple[str, ...]) -> None:
+    async def _notify(self, tunnel_id: str, thing_name: str, token: str, services: Tuple[str, ...]) -> None:
         if self.notifier is None:
             log.warn(
                 "Tunnel {tunnel_id}: thing {thing_name} not notified: notifications are off (no --mqtt)",
@@ -412,7 +421,8 @@ class ControlPlane:
                 thing_name=thing_name,
             )
             return
-        self.notifier.notify_destination(tunnel_id, thing_name, token, services, self.region)
+        # Waited for: the response goes out once the notification is queued durably.
+        await maybeDeferred(self.notifier.notify_destination, tunnel_id, thing_name, token, services, self.region)
 
     def _tunnel_id(self, body: Mapping[str, Any]) -> str:
         tunnel_id = _string(body, "tunnelId", "tunnelId", required=True)
@@ -567,7 +577,7 @@ class ControlPlane:
         if DESTINATION in new_tokens:
             response["destinationAccessToken"] = new_tokens[DESTINATION]
             if thing is not None:
-                self._notify(tunnel_id, thing, new_tokens[DESTINATION], tunnel.services or ())
+                await self._notify(tunnel_id, thing, new_tokens[DESTINATION], tunnel.services or ())
         return response
 
     @staticmethod

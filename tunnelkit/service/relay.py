@@ -119,10 +119,12 @@ from tunnelkit.service.interfaces import (
     SOURCE,
     HandshakeRejected,
     ITunnelEvents,
+    ITunnelStateObserver,
     ITunnelStore,
     PeerGrant,
 )
 from tunnelkit.service.logbounds import bounded
+from tunnelkit.service.statechanges import StateChanges
 from tunnelkit.service.tokens import routing_key
 from tunnelkit.service.metrics import (
     DESTINATION_TO_SOURCE,
@@ -652,7 +654,7 @@ class Relay:
         self.links: Dict[str, TunnelLink] = {}
         self._websockets_per_account: Dict[str, int] = {}
         #: Connection states to record, and the sides being written (L{_set_state}).
-        self._latest_state: Dict[Tuple[str, str], Tuple[bool, float]] = {}
+        self._latest_state: Dict[Tuple[str, str], Tuple[bool, float, Optional[str]]] = {}
         self._writing_state: Set[Tuple[str, str]] = set()
         self.limiter = HandshakeLimiter(self.limits, clock)
         self._liveness: Optional[LoopingCall] = None
@@ -661,6 +663,8 @@ class Relay:
         #: Told of each peer that attaches and detaches (a cluster node records where peers are:
         #: L{tunnelkit.service.cluster.node.ClusterNode}); nothing on a single node.
         self.placement: Any = NO_PLACEMENT
+        #: Told once each connection state is recorded (L{ITunnelStateObserver}: the console's live pages).
+        self.state_changes: ITunnelStateObserver = StateChanges()
 
     # --- admission ---
 
@@ -771,7 +775,7 @@ class Relay:
             if other.sink is not None and other.sink.full:
                 peer.pause_reading("backpressure")
         self.placement.peer_attached(peer)  # before the state: see _write_state
-        self._set_state(link.tunnel_id, side, True)
+        self._set_state(link.tunnel_id, side, True, link.account_id)
         self.audit.peer_connected(peer)
         log.info(
             "The {side} of tunnel {tunnel_id} connected on channel {channel_id} ({subprotocol})",
@@ -856,7 +860,7 @@ class Relay:
             withdraw_announcement(other)
         link.active_streams.clear()
         if link.closed_reason != "shutdown":
-            self._set_state(link.tunnel_id, side, False)
+            self._set_state(link.tunnel_id, side, False, link.account_id)
         log.info(
             "The {side} of tunnel {tunnel_id} disconnected (channel {channel_id})",
             side=side,
@@ -872,20 +876,20 @@ class Relay:
             if not self.links:
                 self._stop_liveness()
 
-    def _set_state(self, tunnel_id: str, side: str, connected: bool) -> None:
+    def _set_state(self, tunnel_id: str, side: str, connected: bool, account_id: Optional[str] = None) -> None:
         """
         Record a side's state.  One write per side at a time, in order: a state set while one is
         being written follows it (only the latest), so a quick connect-disconnect never ends CONNECTED
-        whatever the store's threads do.
+        whatever the store's threads do.  L{state_changes} is told once each write is done.
         """
         key = (tunnel_id, side)
-        self._latest_state[key] = (connected, self.clock.seconds())
+        self._latest_state[key] = (connected, self.clock.seconds(), account_id)
         if key not in self._writing_state:
             self._write_state(key)
 
     def _write_state(self, key: Tuple[str, str]) -> None:
         tunnel_id, side = key
-        connected, now = self._latest_state.pop(key)
+        connected, now, account_id = self._latest_state.pop(key)
         self._writing_state.add(key)
         # A cluster node records where the peer is before its CONNECTED (and forgets it after its
         # DISCONNECTED): a node killed in between leaves a record its survivors clean up.
@@ -907,7 +911,7 @@ class Relay:
             if key in self._latest_state:
                 self._write_state(key)
 
-        d.addErrback(failed)
+        d.addCallbacks(lambda _: self.state_changes.tunnel_changed(account_id, tunnel_id), failed)
         d.addBoth(written)
 
     def websockets_of(self, account_id: str) -> int:
@@ -963,7 +967,7 @@ class Relay:
                 link.expiry_call.cancel()
             link.expiry_call = None
             for side, peer in list(link.peers.items()):
-                self._set_state(link.tunnel_id, side, False)
+                self._set_state(link.tunnel_id, side, False, link.account_id)
                 peer.close_by_service(CLOSE_GOING_AWAY, reason, "shutdown")
 
     # --- introspection ---

@@ -16,6 +16,10 @@ and each store call is one explicit transaction at READ COMMITTED.  What several
 
 Connection states are soft state (reset at start): their commits use C{synchronous_commit=off}.
 
+The MQTT notification queue (L{tunnelkit.service.notify}) and the console's users
+(L{tunnelkit.service.console.users}) live in this database too (L{PostgresStore.notification_queue},
+L{PostgresStore.console_users}), so every node sees them.
+
 Schema migrations are versioned in the table C{tunnelkit_schema_migrations} (version, description,
 applied_at) and applied at start, in one transaction under an advisory lock, so nodes starting at
 once apply each step once; C{tunnelkit admin migrate --store ...} applies them explicitly.
@@ -107,10 +111,48 @@ CREATE INDEX tokens_by_tunnel ON tokens (tunnel_id, side);
 CREATE INDEX tokens_by_client_token_hash ON tokens (client_token_hash) WHERE client_token_hash IS NOT NULL;
 """,
     ),
+    (
+        2,
+        "the MQTT notification queue: notifications, counter (tunnelkit.service.notify)",
+        """
+CREATE TABLE notifications (
+    tunnel_id TEXT PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    thing_name TEXT NOT NULL,
+    payload BYTEA NOT NULL,
+    queued_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE counter (id INTEGER PRIMARY KEY CHECK (id = 0), seq BIGINT);
+INSERT INTO counter (id, seq) VALUES (0, 0);
+""",
+    ),
+    (
+        3,
+        "the console's users and remembered SSH host keys: console_users, console_host_keys",
+        """
+CREATE TABLE console_users (
+    account_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    password_changed_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (account_id, name)
+);
+CREATE TABLE console_host_keys (
+    account_id TEXT NOT NULL,
+    thing_name TEXT NOT NULL,
+    key_type TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    first_seen_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (account_id, thing_name)
+);
+""",
+    ),
+    # Several nodes (issue 13): the cluster's directory, and the notification queue whose rows the
+    # nodes claim (tunnelkit.service.cluster.notifications; a single node keeps using notifications).
+    (4, cluster_schema.DESCRIPTION, cluster_schema.SQL),
+    (5, cluster_schema.NOTIFICATIONS_DESCRIPTION, cluster_schema.NOTIFICATIONS_SQL),
 ]
-# Several nodes (issue 13): the cluster's directory and its shared notification queue.
-MIGRATIONS.append((2, cluster_schema.DESCRIPTION, cluster_schema.SQL))
-MIGRATIONS.append((3, cluster_schema.NOTIFICATIONS_DESCRIPTION, cluster_schema.NOTIFICATIONS_SQL))
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _URI_PASSWORD = re.compile(r"(://[^:/@?#]*):[^@/?#]*@")
@@ -283,6 +325,18 @@ class PostgresStore(SQLStore):
     def connect(self) -> PostgresConnection:
         """A new connection to this store's database (autocommit); L{StoreError} if it fails."""
         return connect(self.dsn)
+
+    def notification_queue(self) -> Any:
+        """The MQTT notification queue in this database (on this store's runner), shared by every node."""
+        from tunnelkit.service.notify import SQLNotificationQueue
+
+        return SQLNotificationQueue(self._runner, self.shown, owns_runner=False)
+
+    def console_users(self) -> Any:
+        """The console's users and host keys in this database (on this store's runner), shared by every node."""
+        from tunnelkit.service.console.users import ConsoleDatabase
+
+        return ConsoleDatabase(self._runner, self.shown, owns_runner=False)
 
 
 def open_postgres(dsn: str, reactor: Any = None, threads: int = 4) -> PostgresStore:

@@ -350,10 +350,15 @@ class TunnelService(MultiService):
         self.region = options["region"]
         # Stopped last (services stop in reverse order): the data plane records disconnections first.
         _OnStop(self.store.close).setServiceParent(self)
-        if clustered and cluster_backends is None:
-            cluster_backends = backends_on_store(options, self.store, reactor)
-        shared_queue = cluster_backends[2] if clustered and len(cluster_backends) > 2 else None
-        notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor, queue=shared_queue)
+        threaded = reactor if IReactorThreads.providedBy(reactor) else None
+        shared = self.store.notification_queue() if hasattr(self.store, "notification_queue") else None
+        if clustered:
+            if cluster_backends is None:
+                cluster_backends = backends_on_store(options, self.store, reactor)
+            if len(cluster_backends) > 2 and cluster_backends[2] is not None:
+                # Nodes claim what they retry (tunnelkit.service.cluster.notifications).
+                shared = cluster_backends[2]
+        notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor, shared=shared, threads=threaded)
         root = build_root(Resource())
         relay = mount_data_plane(root, self.store, clock, options)
         events: ITunnelEvents = relay
@@ -381,6 +386,9 @@ class TunnelService(MultiService):
             limits,
             closed_retention=options.get("closed-retention", DEFAULT_CLOSED_RETENTION),
         )
+        #: This node's tunnel state changes (connections, open, close, expiry): the console listens.
+        self.state_changes = relay.state_changes
+        self.control.state_changes = self.state_changes
         if self.cluster is not None:
             self.cluster.take_lifecycle(self.control.lifecycle)  # one node of the cluster runs it
         else:

@@ -11,7 +11,7 @@ frames) and parses what the service answers, so relay tests are deterministic an
 
 For end-to-end tests and benchmarks on the real reactor: L{TunnelTestClient} (an autobahn client that
 hashes the DATA it receives per connection and sends flow-controlled DATA streams), L{connect_client}
-(C{ws://} or C{wss://} with a CA).  Real processes (L{ServiceProcess}, L{free_port}, the end-to-end
+(C{ws://} or C{wss://} with a CA).  Real processes (L{ServiceProcess}, the end-to-end
 L{Harness<tunnelkit.testing.process.Harness>}) are in L{tunnelkit.testing.process}.
 """
 
@@ -39,7 +39,7 @@ from tunnelkit.protocol.message_pb2 import Message
 from tunnelkit.service.interfaces import DESTINATION, SOURCE, ITunnelStore, PeerGrant
 from tunnelkit.service.metrics import ITunnelCounts
 from tunnelkit.service.tokens import TokenState, check_claim, client_token_hash, new_access_token, token_hash
-from tunnelkit.testing.process import ServiceProcess, free_port
+from tunnelkit.testing.process import ServiceProcess
 
 __all__ = [
     "MemoryTunnelStore",
@@ -52,7 +52,6 @@ __all__ = [
     "TunnelTestClient",
     "connect_client",
     "ServiceProcess",
-    "free_port",
 ]
 
 V3 = "aws.iot.securetunneling-3.0"

@@ -33,9 +33,10 @@ trial test case (or on nothing: the caller calls it) and knows the service, the 
 Tokens go through the environment.  Also on L{Harness}: C{kill_service()} / C{restart_service()}
 (kill -9, then the same port and state directory; C{service.process.restart()} also comes back on
 its port), C{api()} (botocore with the service's generated credentials), C{start_echo()},
-C{start_apps()} (the L{tunnelkit.testapps} server).  And:
-L{free_port}, L{exchange} (send bytes to a local port, read the answer), L{rss_mb}, and
-L{ServiceProcess} (the service on a TLS and a plain port with a boto3 client, without a harness).
+C{start_apps()} (the L{tunnelkit.testapps} server).  And: L{unassigned_port} and
+L{start_on_told_port} (for servers that cannot bind port 0 and report it), L{start_sshd}, L{exchange}
+(send bytes to a local port, read the answer), L{rss_mb}, and L{ServiceProcess} (the service on a TLS
+and a plain port with a boto3 client, without a harness).
 The in-memory tunnel, for tests that need no process, is L{tunnelkit.testing.memory}.
 """
 
@@ -105,13 +106,6 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on at this moment on 127.0.0.1 (for servers told a port up front)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 #: Where L{unassigned_port} picks: below the kernel's ephemeral range (C{net.ipv4.ip_local_port_range},
 #: 32768-60999 by default), which port 0 and outgoing connections draw from.
 UNASSIGNED_PORTS = (20000, 32768)
@@ -123,7 +117,8 @@ def unassigned_port() -> int:
     range, so no server binding port 0 and no outgoing connection can take it between this call and
     the server's bind.  Only another caller of this function may pick the same one, and then the server
     that binds second fails with "address in use": start it with L{start_on_told_port}, which tries
-    another port then.  (L{free_port} has no such guarantee: another test may bind port 0 and get it.)
+    another port then.  (A port bound and closed to learn a free one has no such guarantee: another
+    test may bind port 0 and get it before the server binds it.)
     """
     low, high = UNASSIGNED_PORTS
     try:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, cast
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -106,8 +106,14 @@ class _ConnectProtocol(Protocol):
         self._head = b""
         self._wrapped: Optional[IProtocol] = None
 
+    @property
+    def _tcp(self) -> ITCPTransport:
+        """The connection to the web proxy (TCP, or TLS over it): connected while this is called."""
+        assert self.transport is not None
+        return cast(ITCPTransport, self.transport)
+
     def connectionMade(self) -> None:
-        self.transport.write(self._request)
+        self._tcp.write(self._request)
 
     def dataReceived(self, data: bytes) -> None:
         if self._wrapped is not None:
@@ -135,14 +141,14 @@ class _ConnectProtocol(Protocol):
             self._fail(HTTPProxyError(f"HTTP CONNECT request failed with response code: {status_line}{hint}"))
             return
         if self._connected is None or self._connected.called:  # cancelled meanwhile
-            self.transport.abortConnection()
+            self._tcp.abortConnection()
             return
-        wrapped = self._factory.buildProtocol(self.transport.getPeer())
+        wrapped = self._factory.buildProtocol(self._tcp.getPeer())
         if wrapped is None:
             self._fail(HTTPProxyError("the protocol factory refused the connection"))
             return
         self._wrapped = wrapped
-        wrapped.makeConnection(self.transport)
+        wrapped.makeConnection(self._tcp)
         connected, self._connected = self._connected, None
         assert connected is not None
         connected.callback(wrapped)
@@ -151,11 +157,11 @@ class _ConnectProtocol(Protocol):
 
     def _fail(self, error: Exception) -> None:
         connected, self._connected = self._connected, None
-        self.transport.loseConnection()
+        self._tcp.loseConnection()
         if connected is not None and not connected.called:
             connected.errback(Failure(error))
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._wrapped is not None:
             self._wrapped.connectionLost(reason)
         elif self._connected is not None and not self._connected.called:
@@ -190,7 +196,7 @@ class HTTPConnectEndpoint:
         def cancel(d: Deferred) -> None:
             attempt.cancel()  # still reaching the proxy
             if to_proxy and to_proxy[0].transport is not None:
-                to_proxy[0].transport.abortConnection()  # waiting for the CONNECT answer
+                to_proxy[0]._tcp.abortConnection()  # waiting for the CONNECT answer
 
         connected: Deferred = Deferred(cancel)
         attempt = self._proxy_endpoint.connect(_ConnectFactory(self._request, protocolFactory, connected))

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from tunnelkit.service.console import web
 from tunnelkit.service.console.assets import AssetResource, StaticResource, find_assets
@@ -30,6 +31,7 @@ from tunnelkit.service.console.live import StateWatcher
 from tunnelkit.service.console.pages import ConsolePages
 from tunnelkit.service.console.sessions import SessionManager, SignInLimiter
 from tunnelkit.service.console.users import IConsoleUsers
+from tunnelkit.service.interfaces import ITunnelStateObserver
 from tunnelkit.service.operations import ControlPlane
 from tunnelkit.service.store import IControlStore
 
@@ -89,9 +91,11 @@ class _Front(Resource):
         return self._api.render(request)
 
 
+@implementer(ITunnelStateObserver)
 class Console:
     """
-    The console's parts (tests and tools reach them as attributes).
+    The console's parts (tests and tools reach them as attributes).  Told of this node's tunnel state
+    changes (L{tunnel_changed}) by the service.
 
     @param terminal_factory: builds the browser-SSH part from this console (None: no terminal).
     """
@@ -129,6 +133,12 @@ class Console:
         if self.terminal is not None:
             self.terminal.session_ended(session.session_id)
 
+    def tunnel_changed(self, account_id: Optional[str], tunnel_id: str) -> None:
+        """L{ITunnelStateObserver}: to the live pages and the terminals waiting for a destination."""
+        self.watcher.tunnel_changed(account_id, tunnel_id)
+        if self.terminal is not None:
+            self.terminal.tunnel_changed(account_id, tunnel_id)
+
     def stop(self) -> None:
         self.watcher.stop()
         if self.terminal is not None:
@@ -158,9 +168,12 @@ def build_console(service: Any, options: Any, clock: IReactorTime, reactor: Any)
     from twisted.application.service import Service
 
     from tunnelkit.service.console.terminal import Terminals
-    from tunnelkit.service.console.users import open_console_database
+    from twisted.internet.interfaces import IReactorThreads
 
-    users = open_console_database(service.state_dir)
+    from tunnelkit.service.console.users import open_console_users
+
+    threads = reactor if IReactorThreads.providedBy(reactor) else None
+    users = open_console_users(service.store, service.state_dir, threads)
 
     def terminals(console: Console) -> Terminals:
         return Terminals(console, reactor, clock, service.data_plane_address)
@@ -177,4 +190,5 @@ def build_console(service: Any, options: Any, clock: IReactorTime, reactor: Any)
             users.close()
 
     _Stop().setServiceParent(service)
+    service.state_changes.add(console)
     return console

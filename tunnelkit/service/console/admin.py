@@ -31,10 +31,15 @@ def run_user_command(
     args: argparse.Namespace, store: Any, state_dir: str, now: float, stdin: Optional[TextIO] = None
 ) -> Dict[str, Any]:
     """Run one console-user command; the JSON result to print. Raises StoreError subclasses."""
-    from tunnelkit.service.console.users import open_console_database
+    from tunnelkit.service.console.users import open_console_users
+    from tunnelkit.service.dbrunner import Blocking
 
     stdin = stdin if stdin is not None else sys.stdin
-    users = open_console_database(state_dir)
+    if not isinstance(store, Blocking):
+        store = Blocking(store)
+    real = store.store
+    database = open_console_users(real, state_dir)
+    users: Any = Blocking(database)
     try:
         if args.admin_command == "list-users":
             account_id = store.get_account(args.account).account_id if args.account else None
@@ -57,7 +62,7 @@ def run_user_command(
         return {"User": {"AccountId": user.account_id, "AccountName": account.name, "UserName": user.name,
                          "CreateDate": _iso(user.created_at), "PasswordChanged": _iso(user.password_changed_at)}}
     finally:
-        users.close()
+        database.close()
 
 
 def _iso(t: float) -> str:

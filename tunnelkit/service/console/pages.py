@@ -216,7 +216,7 @@ class ConsolePages(Resource):
                     return await self.post_signin(request)
                 return self.get_signin(request)
             session = self.sessions.get(web.session_id(request))
-            if session is not None and not self.users.still_valid(session.account_id, session.user_name,
+            if session is not None and not await self.users.still_valid(session.account_id, session.user_name,
                                                                   session.created_at):
                 self.sessions.end(session)  # the user was deleted, or its password reset, since sign-in
                 session = None
@@ -317,7 +317,7 @@ class ConsolePages(Resource):
             account: Optional[Account] = (await self.store.get_account(account_text)) if account_text else None
         except NoSuchAccount:
             account = None
-        digest = self.users.password_hash(account.account_id, user) if account is not None else None
+        digest = (await self.users.password_hash(account.account_id, user)) if account is not None else None
         started = self.password_checks.start(lambda: self._verify(digest or DUMMY_HASH, password))
         if started is None:
             request.setHeader(b"retry-after", b"1")
@@ -544,7 +544,7 @@ class ConsolePages(Resource):
         thing = config.get("thingName")
         ssh_services = [s for s in config.get("services", []) if is_ssh_service(s)]
         key_name = host_key_name(thing, tunnel_id)
-        host_key = self.users.get_host_key(account.account_id, key_name)
+        host_key = await self.users.get_host_key(account.account_id, key_name)
         return self._page(
             request, "tunnel.html", status, session, error=error, t=tunnel, thing=thing,
             services=config.get("services", []), ssh_services=ssh_services, host_key=host_key, key_name=key_name,
@@ -641,9 +641,9 @@ class ConsolePages(Resource):
         session.flash.append(f"Tunnel {answer['tunnelId']} opened as a copy of {tunnel_id}.")
         return self._show_tokens(request, session, answer, body)
 
-    def post_forget_host_key(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
+    async def post_forget_host_key(self, request: Request, session: Session, account: Account, tunnel_id: str) -> bytes:
         thing = web.field(request, "thing")
-        if self.users.forget_host_key(account.account_id, thing):
+        if await self.users.forget_host_key(account.account_id, thing):
             whom = "this tunnel" if thing == host_key_name(None, tunnel_id) else thing
             session.flash.append(f"The host key remembered for {whom} was forgotten: the next connection remembers "
                                  "the key it sees.")
@@ -700,7 +700,7 @@ class ConsolePages(Resource):
             request, "terminal.html", 200 if problem is None else 409, session, style_nonce=nonce, t=tunnel,
             thing=config.get("thingName"), service=ssh_services[0] if ssh_services else "", problem=problem,
             held=self.terminal.holds_source(tunnel_id) if self.terminal is not None else False,
-            host_key=self.users.get_host_key(account.account_id, host_key_name(config.get("thingName"), tunnel_id)),
+            host_key=await self.users.get_host_key(account.account_id, host_key_name(config.get("thingName"), tunnel_id)),
         )
 
 

@@ -85,6 +85,9 @@ log = Logger()
 
 #: How long a terminal waits for the tunnel's destination (the device's agent) to connect.
 DESTINATION_WAIT = 90.0
+#: Seconds between readings of the tunnel's state while waiting: this node's changes are told at once
+#: (L{Terminals.tunnel_changed}); this catches a destination that connected to another service node.
+DESTINATION_POLL = 10.0
 #: Terminal size limits accepted from the page.
 MAX_COLS, MAX_ROWS = 1000, 500
 #: The most bytes of credentials accepted in the first message.
@@ -386,8 +389,12 @@ class BrowserTerminal(WebSocketServerProtocol):
         self.ssh: Optional[_ClientTransport] = None
         self.shell: Optional[_Shell] = None
         self._finished = False
-        self._waiting: Any = None
+        self._waiting: Any = None  # the fallback poll of the destination's state
+        self._deadline: Any = None  # set while waiting for the destination (DESTINATION_WAIT)
+        self._checking = False  # the tunnel's state is being read
+        self._check_again = False  # it changed again meanwhile
         self._connecting = False  # a "connect" message is being handled
+        self._known_key: Any = None  # the host key remembered for the thing, read before SSH starts
 
     # --- the handshake: signed in, same origin ---
 
@@ -407,7 +414,7 @@ class BrowserTerminal(WebSocketServerProtocol):
             pass
         morsel = jar.get(COOKIE_NAME)
         session = terminals.console.sessions.get(morsel.value if morsel else None)
-        if session is not None and not terminals.console.users.still_valid(
+        if session is not None and not await terminals.console.users.still_valid(
             session.account_id, session.user_name, session.created_at
         ):
             terminals.console.sessions.end(session)
@@ -494,9 +501,7 @@ class BrowserTerminal(WebSocketServerProtocol):
             self.sendClose(code=1000)
 
     def _teardown(self) -> None:
-        if self._waiting is not None and self._waiting.active():
-            self._waiting.cancel()
-        self._waiting = None
+        self._stop_waiting()
         if self.ssh is not None:
             ssh, self.ssh = self.ssh, None
             if ssh.transport is not None and not ssh.transport.disconnecting:
@@ -546,33 +551,69 @@ class BrowserTerminal(WebSocketServerProtocol):
         self.status("Connecting to the tunnel...")
 
     def _tunnel_ready(self) -> None:
-        self._wait_for_destination(0.0)
+        """In the tunnel: wait for its destination, told by L{destination_changed}, polled as a fallback."""
+        if self._deadline is not None or self.ssh is not None or self._finished:
+            return  # waiting already
+        clock = self.factory.terminals.clock
+        self._deadline = clock.callLater(DESTINATION_WAIT, self._destination_late)
+        self.status(f"Waiting for {self.thing or 'the destination'} to connect to the tunnel (its agent gets the "
+                    "destination token over MQTT)...")
+        self.destination_changed()
 
-    def _wait_for_destination(self, waited: float) -> None:
+    def destination_changed(self) -> None:
+        """The tunnel's state changed (or the fallback poll is due): read it; one reading at a time."""
+        if self._finished or self.ssh is not None or self._deadline is None:
+            return  # not waiting
+        if self._checking:
+            self._check_again = True
+            return
+        if self._waiting is not None and self._waiting.active():
+            self._waiting.cancel()
         self._waiting = None
-        d = Deferred.fromCoroutine(self._check_destination(waited))
+        self._checking = True
+        d = Deferred.fromCoroutine(self._check_destination())
         d.addErrback(self._failed, "Console terminal: reading the tunnel's state failed")
 
-    async def _check_destination(self, waited: float) -> None:
+        def done(_: Any) -> None:
+            self._checking = False
+            if self._check_again:
+                self._check_again = False
+                self.destination_changed()
+            elif self._deadline is not None and not self._finished and self.ssh is None:
+                # Changes made by another service node are not told here: read again later.
+                self._waiting = self.factory.terminals.clock.callLater(DESTINATION_POLL, self.destination_changed)
+
+        d.addBoth(done)
+
+    async def _check_destination(self) -> None:
         terminals = self.factory.terminals
         tunnel = await terminals.console.store.get_tunnel(self.account.account_id, self.tunnel_id)
-        if self._finished:
+        if self._finished or self._deadline is None:
             return
         if tunnel is None or tunnel.status != OPEN:
             self.finish("The tunnel was closed: the terminal has ended.")
             return
         if tunnel.destination.status == CONNECTED:
+            self._stop_waiting()
+            # Read before SSH starts: Conch's key exchange wants the host key checked at once.
+            self._known_key = await terminals.console.users.get_host_key(
+                self.account.account_id, host_key_name(self.thing, self.tunnel_id)
+            )
+            if self._finished:
+                return
             self.status(f"Connected through the tunnel to {self.thing or 'the destination'}; opening SSH...")
             self._start_ssh()
-            return
-        if waited == 0.0:
-            self.status(f"Waiting for {self.thing or 'the destination'} to connect to the tunnel (its agent gets the "
-                        "destination token over MQTT)...")
-        if waited >= DESTINATION_WAIT:
-            self.finish(f"{self.thing or 'The destination'} did not connect to the tunnel within "
-                        f"{DESTINATION_WAIT:g} s: is its agent running and connected to the MQTT broker?")
-            return
-        self._waiting = terminals.clock.callLater(0.2, self._wait_for_destination, waited + 0.2)
+
+    def _destination_late(self) -> None:
+        self._deadline = None
+        self.finish(f"{self.thing or 'The destination'} did not connect to the tunnel within "
+                    f"{DESTINATION_WAIT:g} s: is its agent running and connected to the MQTT broker?")
+
+    def _stop_waiting(self) -> None:
+        for call in (self._waiting, self._deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self._waiting = self._deadline = None
 
     def _start_ssh(self) -> None:
         assert self.source is not None
@@ -602,10 +643,11 @@ class BrowserTerminal(WebSocketServerProtocol):
         users = self.factory.terminals.console.users
         name = host_key_name(self.thing, self.tunnel_id)  # per thing, or per tunnel if it has none
         scope = "thing" if self.thing else "tunnel"
-        known = users.get_host_key(self.account.account_id, name)
+        known = self._known_key  # read before SSH started (_check_destination)
         if known is None:
-            users.remember_host_key(self.account.account_id, name, key_type, fingerprint,
-                                    self.factory.terminals.clock.seconds())
+            d = users.remember_host_key(self.account.account_id, name, key_type, fingerprint,
+                                        self.factory.terminals.clock.seconds())
+            d.addErrback(lambda f: log.failure("Console: could not remember the host key of {name}", f, name=name))
             self._send(type="hostkey", status="new", scope=scope, key_type=key_type, fingerprint=fingerprint)
             return defer.succeed(True)
         if known.fingerprint == fingerprint:
@@ -756,6 +798,13 @@ class Terminals:
         return endpoint, url
 
     # --- bookkeeping ---
+
+    def tunnel_changed(self, account_id: Optional[str], tunnel_id: str) -> None:
+        """L{ITunnelStateObserver}: the terminals waiting for this tunnel's destination read it again."""
+        for terminal in list(self._open):
+            if terminal.tunnel_id == tunnel_id and (account_id is None or terminal.account is not None
+                                                    and terminal.account.account_id == account_id):
+                terminal.destination_changed()
 
     def opened(self, terminal: BrowserTerminal) -> None:
         self._open.append(terminal)
