@@ -220,11 +220,15 @@ def worker_receive(port: str, ca: str, count: str, *tokens: str) -> None:
             d: defer.Deferred = defer.Deferred()
             state = {"count": 0}
 
-            def on_message(payload: bytes, is_binary: bool, state: Dict[str, int] = state, d: defer.Deferred = d) -> None:
+            client.bytes_counted = 0
+
+            def on_message(payload: bytes, is_binary: bool, state: Dict[str, int] = state, d: defer.Deferred = d,
+                           client: Any = client) -> None:
                 if payload[2:4] != b"\x08\x01":  # not bulk DATA
                     return
                 marks.setdefault("first", time.perf_counter())
                 state["count"] += len(payload)
+                client.bytes_counted = state["count"]
                 if state["count"] >= expected and not d.called:
                     marks["last"] = time.perf_counter()
                     d.callback(None)
@@ -232,7 +236,24 @@ def worker_receive(port: str, ca: str, count: str, *tokens: str) -> None:
             client.onMessage = on_message
             done.append(d)
         print("ready", flush=True)
-        yield defer.gatherResults(done)
+        everything = defer.gatherResults(done, consumeErrors=True)
+        progress = {"seen": -1}
+
+        def check() -> None:  # no byte for 15 s: the tunnel does not carry (peers that never met)
+            total = sum(c.bytes_counted for c in clients)
+            if total == progress["seen"] and not everything.called:
+                print(f"stalled {total} of {expected * len(clients)}", flush=True)
+                everything.cancel()
+            progress["seen"] = total
+
+        watch = task.LoopingCall(check)
+        watch.start(15, now=False)
+        try:
+            yield everything
+        except (defer.CancelledError, defer.FirstError):
+            return
+        finally:
+            watch.stop()
         for client in clients:
             client.transport.loseConnection()
         print(f"moved {expected * len(clients) - len(_bulk_message())} in {marks['last'] - marks['first']:.6f}", flush=True)
@@ -312,6 +333,13 @@ def _counts(processes: Sequence[subprocess.Popen]) -> Tuple[int, int]:
     return ok, failed
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process C{pid} (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -338,6 +366,8 @@ class Setup:
         section = credentials[credentials.sections()[0]]
         self.key_id, self.secret = section["aws_access_key_id"], section["aws_secret_access_key"]
         self.api = self.deployment.api()
+        #: front end -> [(the nodes' CPU seconds per GB relayed, HAProxy's)], one per relay run.
+        self.cpu: Dict[str, List[Tuple[float, float]]] = {}
 
     def port(self, front: str) -> int:
         """The port clients use for C{front}: direct (node 1), tls or passthrough (HAProxy)."""
@@ -383,17 +413,29 @@ class Setup:
         line = receiver.stdout.readline()
         if line.strip() != "ready":
             raise SystemExit(f"the receiving worker said {line!r}")
+        haproxy = {"tls": self.deployment.haproxy, "passthrough": self.deployment.haproxy,
+                   "tls-reencrypt": self.reencrypt}.get(front)
+        pids = [node.child.pid for node in self.deployment.nodes]
+        nodes_before = sum(cpu_seconds(pid) for pid in pids)
+        haproxy_before = cpu_seconds(haproxy.process.pid) if haproxy else 0.0
         sender = _worker("send", port, self.deployment.ca_cert, count, *[t.source_token for t in chosen])
         try:
             out, _ = receiver.communicate(timeout=300)
+            nodes_cpu = sum(cpu_seconds(pid) for pid in pids) - nodes_before
+            haproxy_cpu = (cpu_seconds(haproxy.process.pid) - haproxy_before) if haproxy else 0.0
         finally:
             sender.terminate()
             sender.wait(10)
             if receiver.poll() is None:
                 receiver.kill()
         words = out.split()
+        if words[:1] == ["stalled"]:
+            print(f"    (relaying through {front} stalled: {out.strip()})")
+            return float("nan")
         if len(words) < 4 or words[0] != "moved":
             raise SystemExit(f"the receiving worker said {out!r}")
+        gigabytes = int(words[1]) / 1e9
+        self.cpu.setdefault(front, []).append((nodes_cpu / gigabytes, haproxy_cpu / gigabytes))
         return int(words[1]) / MB / float(words[3])
 
     def rtt(self, source_node: int, destination_node: int, count: int) -> Tuple[Optional[float], str]:
@@ -409,7 +451,11 @@ class Setup:
 
 
 def median_of(repeat: int, measure: Callable[[], float]) -> Tuple[float, List[float]]:
-    values = [measure() for _ in range(repeat)]
+    values: List[float] = []
+    for _ in range(repeat):
+        values.append(measure())
+        if values[-1] != values[-1]:  # NaN: not available here, no point in repeating
+            return values[-1], values
     return statistics.median(values), values
 
 
@@ -453,6 +499,12 @@ def run(options: argparse.Namespace) -> None:
                         rows.append((figure, label, value, ratio, runs))
                         print(f"  {figure:<16} {label:<22} {value:9.1f}  ({ratio:.2f}x 1 node direct)  runs "
                               + " ".join(f"{v:.1f}" for v in runs), flush=True)
+                        if figure == "relayed MB/s" and setup.cpu.get(front):
+                            node_cpu = statistics.median(c[0] for c in setup.cpu[front])
+                            haproxy_cpu = statistics.median(c[1] for c in setup.cpu[front])
+                            print(f"  {'CPU s per GB':<16} {label:<22} nodes {node_cpu:5.1f}, HAProxy {haproxy_cpu:5.1f}")
+                            rows.append(("nodes' CPU s/GB relayed", label, node_cpu, float("nan"), []))
+                            rows.append(("HAProxy CPU s/GB relayed", label, haproxy_cpu, float("nan"), []))
                 if count > 1:
                     same = statistics.median([v for v in (setup.rtt(0, 0, options.round_trips)[0] for _ in range(options.repeat)) if v is not None] or [float("nan")])
                     results = [setup.rtt(0, 1, options.round_trips) for _ in range(options.repeat)]

@@ -92,6 +92,14 @@ class WireTests(TestCase):
         data[-12] ^= 1  # a byte of the client's address
         self.assertRaises(ForwardRefused, Acceptor(SECRET, nonce).feed, bytes(data))
 
+    def test_mac_bound_to_the_tls_connection(self) -> None:
+        nonce, first = challenge()
+        data = answer(SECRET, first, "node-b", ADDRESSES, binding=b"x" * 32)
+        self.assertIsNotNone(Acceptor(SECRET, nonce, binding=b"x" * 32).feed(data))
+        # A man in the middle holds two TLS connections: their exporters differ.
+        self.assertRaises(ForwardRefused, Acceptor(SECRET, nonce, binding=b"y" * 32).feed, data)
+        self.assertRaises(ForwardRefused, Acceptor(SECRET, nonce).feed, data)
+
     def test_http_refused_at_once(self) -> None:
         nonce, _ = challenge()
         self.assertRaises(ForwardRefused, Acceptor(SECRET, nonce).feed, b"GET /tunnel HTTP/1.1\r\n")
@@ -148,6 +156,8 @@ class Node:
         self.gate = ForwardingGate(self.info, test.directory, secret, test.clock, 5.0, connect=test.connector)
         self.root.children[b"tunnel"].gate = self.gate
         self.node = ClusterNode(self.info, test.directory, test.store, test.clock)
+        self.node.startService()
+        test.addCleanup(lambda: self.node.running and self.node.stopService())
         self.relay.placement = self.node
         self.listener = ClusterListenerFactory(self.site, secret, test.clock)
         test.nodes[self.info.address] = self
@@ -192,6 +202,12 @@ class TwoNodes(TestCase):
         self.a = Node(self, "node-a")
         self.b = Node(self, "node-b")
         self.tunnel = self.store.open_tunnel(("SSH",), self.clock.seconds())
+
+    def silence(self, node: Node) -> None:
+        """The node stops its heartbeat (as when killed; its connections stay for the test to see)."""
+        assert node.node._loop is not None
+        node.node._loop.stop()
+        node.node._loop = None
 
     def connector(self, address: str) -> _Endpoint:
         return _Endpoint(self, address)
@@ -268,6 +284,7 @@ class TwoNodes(TestCase):
 
     def test_dead_holder_tunnel_moves(self) -> None:
         self.peer(self.a, "source", self.tunnel.source_token)
+        self.silence(self.a)
         self.clock.advance(6.0)  # node A's heartbeat is older than the node timeout (5 s)
         self.directory.heartbeat(self.b.info)
         destination = self.peer(self.b, "destination", self.tunnel.destination_token)
@@ -278,12 +295,14 @@ class TwoNodes(TestCase):
 
     def test_holder_with_a_wrong_secret_gets_503(self) -> None:
         self.nodes.clear()
+        self.silence(self.a)
         self.a = Node(self, "node-a", secret=b"a-different-secret-here")
         self.peer(self.a, "source", self.tunnel.source_token)
         destination = self.peer(self.b, "destination", self.tunnel.destination_token)
         self.assertEqual(destination.status(), 503)
         self.assertNotIn("destination", self.a.relay.links[self.tunnel.tunnel_id].peers)
         # The destination's token was not spent: it connects once node A is gone.
+        self.silence(self.a)
         self.clock.advance(6.0)
         self.directory.heartbeat(self.b.info)
         again = self.peer(self.b, "destination", self.tunnel.destination_token)
@@ -293,6 +312,32 @@ class TwoNodes(TestCase):
         client = self.peer(self.b, "source", "not-a-tunnelkit-token")
         self.assertEqual(client.status(), 401)
         self.assertEqual(self.b.gate.forwarded, 0)
+
+    def test_connected_recorded_only_after_the_directory_row(self) -> None:
+        # A node killed between the two writes must leave a row its survivors see (and reap).
+        from twisted.internet.defer import Deferred
+
+        pending: List[Any] = []
+        record = self.directory.peer_attached
+
+        def slow(row: Any) -> Deferred:
+            pending.append((row, Deferred()))
+            return pending[-1][1]
+
+        self.directory.peer_attached = slow  # type: ignore[method-assign]
+        source = self.peer(self.a, "source", self.tunnel.source_token)
+        self.assertEqual(source.status(), 101)
+        self.assertEqual(self.store.state_changes, [])
+        row, written = pending[0]
+        record(row)
+        written.callback(None)
+        self.assertEqual([(s, c) for (_, s, c, _) in self.store.state_changes], [("source", True)])
+        # Gone: DISCONNECTED first, then the row goes.
+        self.directory.peer_attached = record  # type: ignore[method-assign]
+        source.transport.loseConnection()
+        self.pump()
+        self.assertEqual([(s, c) for (_, s, c, _) in self.store.state_changes], [("source", True), ("source", False)])
+        self.assertEqual(self.directory.peers, {})
 
     def test_cluster_listener_refuses_http(self) -> None:
         server = self.a.listener.buildProtocol(IPv4Address("TCP", "10.9.9.9", 1))
@@ -310,4 +355,34 @@ class TwoNodes(TestCase):
         connect(server, FakeTransport(server, isServer=True), client, FakeTransport(client, isServer=False), greet=False)
         self.clock.advance(10.0)
         self.assertTrue(server.transport.disconnecting or server.transport.disconnected)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if "_too_slow" in repr(c.func)], [])
+
+
+class LaterDirectory(MemoryDirectory):
+    """The in-memory directory answering placements a moment later, as a database does."""
+
+    def place(self, routing_key: str, node_id: str, timeout: float) -> Any:
+        from twisted.internet.defer import Deferred
+
+        answer = super().place(routing_key, node_id, timeout)
+        later: Deferred = Deferred()
+        self.clock.callLater(0.001, lambda: answer.chainDeferred(later))
+        return later
+
+
+class TwoNodesLaterDirectory(TwoNodes):
+    """The same, with answers that come after the request was handed back to twisted.web."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        directory = LaterDirectory(self.clock)
+        directory.node_seen = self.directory.node_seen
+        self.directory = directory
+        for node in (self.a, self.b):
+            node.gate.directory = directory
+            node.node.directory = directory
+
+    def pump(self) -> None:
+        for _ in range(20):
+            super().pump()
+            self.clock.advance(0.001)

@@ -104,10 +104,15 @@ class NodeTests(TestCase):
         del b
 
     def test_clean_stop_leaves(self) -> None:
-        a = self.node("a")
+        a, b = self.node("a"), self.node("b")
         self.directory.peer_attached(PeerRow("rk", "source", self.tunnel.tunnel_id, "a", "ch"))
+        self.directory.place("rk", "a", 5.0)
         self.successResultOf(a.stopService())
-        self.assertEqual((self.directory.node_seen, self.directory.peers), ({}, {}))
+        self.assertEqual(self.successResultOf(self.directory.place("rk", "b", 5.0)).node_id, "b")  # free at once
+        self.clock.advance(1.0)  # b's next beat reaps a's peers
+        self.assertEqual([(s, c) for (_, s, c, _) in self.store.state_changes], [("source", False)])
+        self.assertEqual((list(self.directory.node_seen), self.directory.peers), (["b"], {}))
+        self.successResultOf(b.stopService())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 

@@ -20,6 +20,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunnelkit import internals
+from tunnelkit.protocol.framing import MAX_WEBSOCKET_FRAME
 from tunnelkit.transport import fastpath
 from tunnelkit.transport.websocket import masked_frame
 
@@ -100,6 +101,7 @@ def feed(receiver, data: bytes, cuts: List[int]) -> None:
 
 MESSAGES = st.lists(
     st.one_of(st.binary(min_size=0, max_size=300), st.integers(1, 140000).map(lambda n: os.urandom(n)),
+              st.sampled_from([MAX_WEBSOCKET_FRAME, MAX_WEBSOCKET_FRAME + 1]).map(lambda n: os.urandom(n)),
               st.text(max_size=20), st.none()),
     max_size=6,
 )
@@ -124,10 +126,14 @@ class FastPathTests(SynchronousTestCase):
     @settings(max_examples=60, deadline=None)
     @given(MESSAGES, st.lists(st.integers(0, 1 << 20), max_size=8), st.booleans())
     def test_same_messages_as_autobahn_any_split(self, messages, cuts, enabled) -> None:
-        """Both directions, split anywhere: binary messages by the fast path (when on), the rest by autobahn."""
+        """
+        Both directions, split anywhere: binary messages of at most MAX_WEBSOCKET_FRAME bytes by the
+        fast path (when on), the rest (text, larger binary messages) by autobahn, in order.
+        """
         fastpath.set_enabled(enabled)
-        binary = [m for m in messages if isinstance(m, bytes)]
-        texts = [(m.encode(), False) for m in messages if isinstance(m, str)]
+        binary = [m for m in messages if isinstance(m, bytes) and len(m) <= MAX_WEBSOCKET_FRAME]
+        texts = [(m.encode(), False) if isinstance(m, str) else (m, True) for m in messages
+                 if isinstance(m, str) or (isinstance(m, bytes) and len(m) > MAX_WEBSOCKET_FRAME)]
         client, server = open_pair()
         for sender, receiver in ((client, server), (server, client)):
             feed(receiver, frames(sender, messages), cuts)

@@ -26,3 +26,22 @@ class HealthTests(unittest.TestCase):
         request = self.render(resource)
         self.assertEqual(request.responseCode, 503)
         self.assertEqual(b"".join(request.written), b"stopping\n")
+
+
+class AccessLogTests(unittest.TestCase):
+    def test_health_checks_not_logged(self) -> None:
+        """The service's access log leaves out passing health checks, and only them."""
+        from twisted.web.resource import Resource
+
+        from tunnelkit.service.api import ServiceSite
+
+        site = ServiceSite(Resource())
+        logged = []
+        site._logFormatter = lambda timestamp, request: logged.append(request.path) or "line"
+        site.logFile = type("F", (), {"write": lambda self, line: None})()
+        for path, code in ((b"/healthz", 200), (b"/healthz", 503), (b"/", 200)):
+            request = DummyRequest([b""])
+            request.path, request.code = path, code
+            request.sentLength = 0
+            site.log(request)
+        self.assertEqual(logged, [b"/healthz", b"/"])

@@ -345,6 +345,12 @@ class ServiceSite(server.Site):
         )
         return False
 
+    def log(self, request: Any) -> None:
+        """The access log, without the load balancer's health checks (GET /healthz every second)."""
+        if request.path == b"/healthz" and request.code == 200:
+            return
+        super().log(request)
+
     def proxied(self) -> "ProxyProtocolFactory":
         """This site as the factory of a C{haproxy:} (PROXY protocol) listener."""
         return ProxyProtocolFactory(self)

@@ -271,6 +271,17 @@ class MQTTNotifier(Service):
 
         return d.addCallback(queued)  # the control plane waits for it: a notification it accepted is on disk
 
+    def adopt(self, items: List[QueuedNotification]) -> None:
+        """
+        Publish C{items}, taken over from a node that stopped (a cluster's shared queue says this node
+        has them now: L{tunnelkit.service.cluster.notifications}).
+        """
+        if items:
+            log.info("Took over {count} undelivered notification(s) of a node that stopped", count=len(items))
+        for item in items:
+            if self.running:
+                self._publish(item)
+
     def tunnel_closed(self, tunnel_id: str) -> None:
         """Forget the tunnel's undelivered notification, if any (withdrawn if not yet sent)."""
         self._withdraw(tunnel_id)

@@ -620,6 +620,12 @@ class _NoPlacement:
     def peer_detached(self, peer: Any) -> None:
         pass
 
+    def before_state(self, tunnel_id: str, side: str, connected: bool) -> None:
+        pass
+
+    def after_state(self, tunnel_id: str, side: str, connected: bool) -> None:
+        pass
+
 
 NO_PLACEMENT = _NoPlacement()
 
@@ -768,9 +774,9 @@ class Relay:
             other.resume_reading("backpressure")
             if other.sink is not None and other.sink.full:
                 peer.pause_reading("backpressure")
+        self.placement.peer_attached(peer)  # before the state: see _write_state
         self._set_state(link.tunnel_id, side, True, link.account_id)
         self.audit.peer_connected(peer)
-        self.placement.peer_attached(peer)
         log.info(
             "The {side} of tunnel {tunnel_id} connected on channel {channel_id} ({subprotocol})",
             side=side,
@@ -885,7 +891,11 @@ class Relay:
         tunnel_id, side = key
         connected, now, account_id = self._latest_state.pop(key)
         self._writing_state.add(key)
-        d = maybeDeferred(self.store.set_connection_state, tunnel_id, side, connected, now)
+        # A cluster node records where the peer is before its CONNECTED (and forgets it after its
+        # DISCONNECTED): a node killed in between leaves a record its survivors clean up.
+        d = maybeDeferred(self.placement.before_state, tunnel_id, side, connected)
+        d.addBoth(lambda _: self.store.set_connection_state(tunnel_id, side, connected, now))
+        d.addCallback(lambda _: self.placement.after_state(tunnel_id, side, connected))
 
         def failed(failure: Failure) -> None:
             log.failure(

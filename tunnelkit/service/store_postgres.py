@@ -36,6 +36,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 from zope.interface import implementer
 
+from tunnelkit.service.cluster import schema as cluster_schema
 from tunnelkit.service.dbrunner import IDatabaseRunner, SynchronousRunner, ThreadedRunner
 from tunnelkit.service.interfaces import ITunnelStore
 from tunnelkit.service.metrics import ITunnelCounts
@@ -147,6 +148,10 @@ CREATE TABLE console_host_keys (
 );
 """,
     ),
+    # Several nodes (issue 13): the cluster's directory, and the notification queue whose rows the
+    # nodes claim (tunnelkit.service.cluster.notifications; a single node keeps using notifications).
+    (4, cluster_schema.DESCRIPTION, cluster_schema.SQL),
+    (5, cluster_schema.NOTIFICATIONS_DESCRIPTION, cluster_schema.NOTIFICATIONS_SQL),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -43,6 +43,7 @@ from tunnelkit.transport.tls import restrict_context
 from tunnelkit.service.audit import AuditedApi, AuditOptions, build_audit_trail
 from tunnelkit.service.dataplane import DataPlaneOptions, metrics_site, mount_data_plane
 from tunnelkit.service.cluster import ClusterOptions, build_cluster, cluster_enabled
+from tunnelkit.service.cluster import cluster_backends as backends_on_store
 from tunnelkit.service.console import ConsoleOptions, build_console, mount_console
 from tunnelkit.service.health import HealthResource
 
@@ -351,6 +352,12 @@ class TunnelService(MultiService):
         _OnStop(self.store.close).setServiceParent(self)
         threaded = reactor if IReactorThreads.providedBy(reactor) else None
         shared = self.store.notification_queue() if hasattr(self.store, "notification_queue") else None
+        if clustered:
+            if cluster_backends is None:
+                cluster_backends = backends_on_store(options, self.store, reactor)
+            if len(cluster_backends) > 2 and cluster_backends[2] is not None:
+                # Nodes claim what they retry (tunnelkit.service.cluster.notifications).
+                shared = cluster_backends[2]
         notifier = build_notifier(options, self.state_dir, clock, self, reactor=reactor, shared=shared, threads=threaded)
         root = build_root(Resource())
         relay = mount_data_plane(root, self.store, clock, options)
@@ -358,7 +365,7 @@ class TunnelService(MultiService):
         #: This node's cluster parts (None: a single node, the default).
         self.cluster = None
         if clustered:
-            self.cluster = build_cluster(options, reactor, clock, relay, self.store, cluster_backends)
+            self.cluster = build_cluster(options, reactor, clock, relay, self.store, cluster_backends, notifier)
             events = self.cluster.events
         self.audit = build_audit_trail(options, self.state_dir, clock)
         if self.audit is not None:
@@ -403,7 +410,7 @@ class TunnelService(MultiService):
             max_pending_per_address=options.get("max-pending-per-address", MAX_PENDING_PER_ADDRESS) or None,
         )
         if self.cluster is not None:
-            self.cluster.serve(self.site, root)
+            self.cluster.serve(self.site, root, self.certificates)
             self.cluster.setServiceParent(self)
         self.listeners: List[_Listener] = []
         for description in options["listen"]:

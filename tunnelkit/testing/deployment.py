@@ -18,6 +18,7 @@ restarted comes back on the same two ports, which HAProxy's configuration names.
 
 from __future__ import annotations
 
+import base64
 import configparser
 import os
 import re
@@ -38,16 +39,26 @@ class Tunnel:
     destination_token: str
 
 
+def cluster_available() -> bool:
+    """Whether this checkout's service has the cluster options (tunnelkit.service.cluster)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tunnelkit.service.cluster") is not None
+
+
 class Node:
     """One C{--mode service} process; C{plain_port} (PROXY protocol) and C{tls_port} once started."""
 
     def __init__(self, procs: Processes, name: str, certificate: Certificate, store: Optional[str],
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), cluster_secret: Optional[str] = None) -> None:
         self.name = name
         self.directory = procs.directory(name)
         self.state_dir = os.path.join(self.directory, "state")
         self.certificate = certificate
         self._store_args = ["--store", store] if store else []
+        if cluster_secret is not None:  # the other nodes forward peers to it on a port it binds itself
+            self._store_args += ["--cluster-listen", "tcp:0:interface=127.0.0.1", "--node-id", name,
+                                 "--cluster-secret-file", cluster_secret]
         self._extra = list(extra)
         self.child: Child = procs.twistd(name, self._args(0, 0), cwd=self.directory)
         self.plain_port = int(self.child.wait_for_log(_PLAIN.pattern).group(1))
@@ -60,8 +71,8 @@ class Node:
             "--mode", "service", "--state-dir", self.state_dir,
             "--listen", f"haproxy:tcp:{plain_port}:interface=127.0.0.1",
             "--listen", self.certificate.listen(tls_port),
-            # Behind HAProxy every connection comes from its address: the edge limits per client instead.
-            "--max-pending-per-address", "0",
+            # Through the pass-through front end every client has HAProxy's address (deploy/haproxy.cfg).
+            "--max-pending-per-address", "0", "--failed-handshakes-per-address", "0",
             *self._store_args, *self._extra,
         ]  # fmt: skip
 
@@ -91,20 +102,26 @@ class Node:
 class Deployment:
     """
     C{nodes} service nodes sharing C{store} (None: each its own SQLite, only meaningful with one node)
-    behind one HAProxy; the first node starts alone (it creates the default account and its
+    behind one HAProxy, cluster nodes (C{--cluster-listen}, one secret) when C{cluster} and this checkout
+    has the cluster options; the first node starts alone (it creates the default account and its
     credentials), the others after it.
     """
 
     def __init__(self, procs: Processes, nodes: int = 3, store: Optional[str] = None,
-                 extra: Sequence[str] = (), haproxy: bool = True) -> None:
+                 extra: Sequence[str] = (), haproxy: bool = True, cluster: bool = True) -> None:
         if store is None and nodes > 1:
             raise ValueError("several nodes need a shared store (store='postgresql://...')")
         self.procs = procs
         self.certificate = shared_certificate(procs.directory("certificate"))
-        self.nodes: List[Node] = [Node(procs, "node1", self.certificate, store, extra)]
+        self.cluster_secret: Optional[str] = None
+        if store is not None and cluster and cluster_available():
+            self.cluster_secret = os.path.join(procs.directory("certificate"), "cluster-secret")
+            with open(os.open(self.cluster_secret, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        self.nodes: List[Node] = [Node(procs, "node1", self.certificate, store, extra, self.cluster_secret)]
         self.credentials_path = os.path.join(self.nodes[0].state_dir, "credentials")
         for index in range(2, nodes + 1):
-            self.nodes.append(Node(procs, f"node{index}", self.certificate, store, extra))
+            self.nodes.append(Node(procs, f"node{index}", self.certificate, store, extra, self.cluster_secret))
         self.haproxy: Optional[HAProxy] = None
         if haproxy:
             self.haproxy = HAProxy(procs, [node.backend for node in self.nodes], self.certificate)

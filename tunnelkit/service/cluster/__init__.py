@@ -18,22 +18,22 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from tunnelkit.config import number, server_endpoint
 from tunnelkit.errors import ConfigError
 from tunnelkit.service.cluster.directory import INodeDirectory, NodeInfo
 from tunnelkit.service.cluster.events import ClusterEvents, IEventCarrier
-from tunnelkit.service.cluster.forward import ClusterListenerFactory, ForwardingGate
+from tunnelkit.service.cluster.forward import TLS_PREFIX, ClusterListenerFactory, ForwardingGate
 from tunnelkit.service.cluster.node import ClusterNode
 from tunnelkit.service.cluster.wire import ForwardRefused, load_secret
 
-__all__ = ["ClusterOptions", "Cluster", "cluster_enabled", "node_id", "advertise_address"]
+__all__ = ["ClusterOptions", "Cluster", "build_cluster", "cluster_backends", "cluster_enabled", "node_id", "advertise_address"]
 
 log = Logger()
 
@@ -72,8 +72,10 @@ class ClusterOptions:
             None,
             None,
             "Run as a node of a cluster: accept peers forwarded by the other nodes on this Twisted "
-            "endpoint, e.g. tcp:7443:interface=10.0.0.5 (reachable by the nodes only; needs "
-            "--cluster-secret-file and a shared --store postgresql://...). Default: off, one node.",
+            "endpoint, e.g. ssl:7443:interface=10.0.0.5 (TLS with the generated certificate: the "
+            "peers' bytes, tokens included, are encrypted between nodes) or tcp:... on a private "
+            "network; reachable by the nodes only; needs --cluster-secret-file and a shared --store "
+            "postgresql://... Default: off, one node.",
             _endpoint,
         ],
         [
@@ -168,7 +170,8 @@ class Cluster(MultiService):
         super().__init__()
         self.reactor = reactor
         self.listen = options["cluster-listen"]
-        self.node_id = options.get("node-id") or node_id(socket.gethostname().split(".")[0][:64] or "node")
+        self.listen_description = self.listen
+        self.node_id = options.get("node-id") or default_node_id()
         self.advertised = options.get("advertise")
         if secret is None:
             try:
@@ -184,15 +187,26 @@ class Cluster(MultiService):
         self.gate = ForwardingGate(node, directory, secret, reactor, self.node_timeout)
         self.events = ClusterEvents(self.node_id, relay, carrier)
         self.node = ClusterNode(node, directory, store, clock, heartbeat, self.node_timeout)
+        self.store = store
+        reconnected = getattr(carrier, "on_reconnect", None)
+        if reconnected is not None:
+            reconnected.append(self.resync)
         relay.placement = self.node
         self.factory: Optional[ClusterListenerFactory] = None
         self.clock = clock
         self.port: Any = None
 
-    def serve(self, site: Any, root: Any) -> None:
-        """Serve forwarded peers into C{site}; put the gate on C{root}'s C{/tunnel}."""
+    def serve(self, site: Any, root: Any, certificates: Any = None) -> None:
+        """
+        Serve forwarded peers into C{site}; put the gate on C{root}'s C{/tunnel}.  An C{ssl:}
+        C{--cluster-listen} naming no certificate uses the node's generated one (C{certificates}).
+        """
         self.factory = ClusterListenerFactory(site, self.secret, self.clock)
         root.children[b"tunnel"].gate = self.gate
+        if certificates is not None:
+            from tunnelkit.service.tap import listen_description
+
+            self.listen_description = listen_description(self.listen, certificates)
 
     def take_lifecycle(self, lifecycle: Any) -> None:
         """Run C{lifecycle} (expiry, purge) only while this node holds the cluster's lease."""
@@ -201,7 +215,10 @@ class Cluster(MultiService):
     def startService(self) -> None:
         super().startService()
         assert self.factory is not None, "Cluster.serve first"
-        endpoint = endpoints.serverFromString(self.reactor, self.listen)
+        from tunnelkit.service.tap import restrict_listener_tls
+
+        endpoint = endpoints.serverFromString(self.reactor, self.listen_description)
+        restrict_listener_tls(endpoint)
         listening = endpoint.listen(self.factory)
         failed: List[Any] = []
         listening.addCallbacks(self._listening, failed.append)
@@ -219,15 +236,46 @@ class Cluster(MultiService):
                 f"--cluster-listen {self.listen} listens on every interface: give --advertise HOST:PORT, the "
                 "address the other nodes reach this node at"
             )
+        if self.listen.split(":", 1)[0].lower() == "ssl":
+            address = TLS_PREFIX + address  # the other nodes connect with TLS
         node = NodeInfo(self.node_id, address)
         self.gate.node = node
         self.node.node = node
         log.info("Cluster node {node_id}: forwarded peers on {address}", node_id=self.node_id, address=address)
         self.node.startService()
+        start = getattr(self.carrier, "start", None)
+        if start is not None:  # PostgreSQL LISTEN (retries by itself until the database answers)
+            start()
+
+    def resync(self) -> Deferred:
+        """
+        After the event carrier was lost a while: close this node's WebSockets of tunnels the store
+        says are closed (their CloseTunnel or expiry may have been missed).
+        """
+        relay = self.events.local
+        checks = []
+        for tunnel_id, link in list(getattr(relay, "links", {}).items()):
+            d = maybeDeferred(self.store.get_tunnel, link.account_id, tunnel_id)
+
+            def check(tunnel: Any, tunnel_id: str = tunnel_id) -> None:
+                if tunnel is None or tunnel.status != "OPEN":
+                    log.info("Tunnel {tunnel_id} closed while the cluster events were cut: closing its connections",
+                             tunnel_id=tunnel_id)
+                    relay.tunnel_closed(tunnel_id, "closed")
+            d.addCallback(check)
+            d.addErrback(lambda f: log.failure("Could not check a tunnel after the cluster events came back", f))
+            checks.append(d)
+        return gatherResults(checks)
 
     def stopService(self) -> Deferred:
         super().stopService()
+        stop = getattr(self.carrier, "stop", None)
+        if stop is not None:
+            stop()
         d = self.node.stopService() if self.node.running else succeed(None)
+        runner = getattr(self.directory, "runner", None)
+        if runner is not None:
+            d.addBoth(lambda _: runner.close())
         port, self.port = self.port, None
         if port is not None:
             d.addBoth(lambda _: port.stopListening())
@@ -235,17 +283,45 @@ class Cluster(MultiService):
 
 
 def build_cluster(
-    options: Mapping[str, Any], reactor: Any, clock: Any, relay: Any, store: Any, backends: Optional[Any] = None
+    options: Mapping[str, Any],
+    reactor: Any,
+    clock: Any,
+    relay: Any,
+    store: Any,
+    backends: Optional[Any] = None,
+    notifier: Any = None,
 ) -> Cluster:
     """
-    This node's L{Cluster}, on C{backends} (a directory and an event carrier) or, by default, on the
-    store's PostgreSQL database.
+    This node's L{Cluster}, on C{backends} (a directory, an event carrier and optionally a shared
+    notification queue) or, by default, on the store's PostgreSQL database (L{cluster_backends}).
 
     @raise ConfigError: the store is not a shared PostgreSQL one, or the secret is unusable.
     """
     if backends is None:
-        from tunnelkit.service.cluster.postgres import backends_for_store
+        backends = cluster_backends(options, store, reactor)
+    directory, carrier = backends[:2]
+    cluster = Cluster(options, reactor, clock, relay, store, directory, carrier)
+    if notifier is not None and len(backends) > 2 and backends[2] is not None:
+        cluster.node.notifications = (backends[2], notifier)
+    return cluster
 
-        backends = backends_for_store(store, reactor)
-    directory, carrier = backends
-    return Cluster(options, reactor, clock, relay, store, directory, carrier)
+
+def cluster_backends(options: Mapping[str, Any], store: Any, reactor: Any) -> Tuple[Any, ...]:
+    """
+    The directory, event carrier and shared notification queue on C{store}'s PostgreSQL database.
+
+    @raise ConfigError: the store is not a PostgreSQL one.
+    """
+    from tunnelkit.service.cluster.postgres import backends_for_store
+
+    directory, carrier = backends_for_store(store, reactor)
+    from tunnelkit.service.cluster.notifications import PostgresNotificationQueue
+
+    name = options.get("node-id") or default_node_id()
+    timeout = float(options.get("cluster-node-timeout") or 5.0)
+    return directory, carrier, PostgresNotificationQueue(directory.runner, name, timeout)
+
+
+def default_node_id() -> str:
+    """The node id when C{--node-id} is not given: the host name."""
+    return node_id(socket.gethostname().split(".")[0][:64] or "node")

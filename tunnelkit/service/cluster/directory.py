@@ -33,6 +33,7 @@ from zope.interface import Interface, implementer
 
 __all__ = [
     "PLACEMENT_GRACE",
+    "IDLE_PLACEMENT",
     "NodeInfo",
     "PeerRow",
     "INodeDirectory",
@@ -43,6 +44,8 @@ __all__ = [
 #: Seconds a fresh placement holds even though its node holds no peer yet (its handshake may take up
 #: to the front door's 10 s head deadline plus the token check).
 PLACEMENT_GRACE = 15.0
+#: Seconds after which the placement of a tunnel no node holds a peer of is forgotten (at a reap).
+IDLE_PLACEMENT = 3600.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,11 @@ class INodeDirectory(Interface):
         """Record that C{node} is alive now (registers it on first call)."""
 
     def leave(node_id: str) -> Deferred:
-        """C{node_id} stops cleanly: forget it, its placements and its peer rows."""
+        """
+        C{node_id} stops cleanly: it counts as dead at once (its placements and leases are free), and
+        its peer rows stay for the next reap of a live node, which records them DISCONNECTED (the
+        stopping node's own writes may not all land).
+        """
 
     def nodes(timeout: float) -> Deferred:
         """Fires with a list of (L{NodeInfo}, live) for every known node."""
@@ -159,11 +166,11 @@ class MemoryDirectory:
         return succeed(None)
 
     def leave(self, node_id: str) -> Deferred:
-        self.node_seen.pop(node_id, None)
+        seen = self.node_seen.get(node_id)
+        if seen is not None:
+            self.node_seen[node_id] = (seen[0], float("-inf"))
         for key in [k for k, (n, _) in self.placements.items() if n == node_id]:
             del self.placements[key]
-        for key in [k for k, row in self.peers.items() if row.node_id == node_id]:
-            del self.peers[key]
         for name in [k for k, (n, _) in self.leases.items() if n == node_id]:
             del self.leases[name]
         return succeed(None)
@@ -210,6 +217,11 @@ class MemoryDirectory:
             del self.peers[(row.routing_key, row.side)]
         for node_id in dead:
             del self.node_seen[node_id]
+        now = self.clock.seconds()
+        held = {key for key, _ in self.peers}
+        for key, (node_id, placed_at) in list(self.placements.items()):
+            if node_id in dead or (key not in held and now - placed_at > IDLE_PLACEMENT):
+                del self.placements[key]
         return succeed(rows)
 
     def acquire_lease(self, name: str, node_id: str, ttl: float) -> Deferred:

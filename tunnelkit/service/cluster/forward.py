@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer, endpoints
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -42,6 +42,7 @@ from tunnelkit.service.cluster.wire import (
     ProxyAddresses,
     answer,
     challenge,
+    channel_binding,
 )
 from tunnelkit.service.tokens import routing_key
 
@@ -80,10 +81,29 @@ def rebuilt_head(request: Any) -> bytes:
     return data + b"\r\n"
 
 
+#: The prefix of a node address whose cluster listener speaks TLS.
+TLS_PREFIX = "tls:"
+
+
 def client_endpoint(reactor: Any, address: str) -> Any:
-    """A client endpoint for a node's advertised C{host:port}."""
+    """
+    A client endpoint for a node's advertised C{host:port} (C{tls:host:port}: over TLS, whose peer
+    is authenticated by the channel-bound MAC, not by its certificate).
+    """
+    secure = address.startswith(TLS_PREFIX)
+    if secure:
+        address = address[len(TLS_PREFIX):]
     host, _, port = address.rpartition(":")
-    return endpoints.HostnameEndpoint(reactor, host.strip("[]"), int(port), timeout=5)
+    endpoint = endpoints.HostnameEndpoint(reactor, host.strip("[]"), int(port), timeout=5)
+    if secure:
+        from twisted.internet.ssl import CertificateOptions
+
+        from tunnelkit.transport.tls import restrict_context
+
+        options = CertificateOptions()  # no certificate check: see tunnelkit.service.cluster.wire
+        restrict_context(options.getContext())
+        endpoint = endpoints.wrapClientTLS(options, endpoint)
+    return endpoint
 
 
 def _addresses(transport: Any) -> ProxyAddresses:
@@ -153,10 +173,15 @@ class ForwardingGate:
         decision = self.directory.place(key, self.node.node_id, self.node_timeout)
         decision.addTimeout(self.lookup_timeout, self.reactor)
         outcome: list = []
-        decision.addBoth(outcome.append)
+
+        def keep(result: Any) -> None:
+            outcome.append(result)
+
+        decision.addBoth(keep)
         if outcome:  # decided at once (an in-memory directory)
             return self._decided(outcome[0], request, local, synchronous=True)
-        decision.addCallback(lambda result: self._decided(result, request, local, synchronous=False))
+        outcome.append(None)  # from now on the answer comes later
+        decision.addCallback(lambda _: self._decided(outcome[-1], request, local, synchronous=False))
         return NOT_DONE_YET
 
     def _log_failure(self, failure: Failure) -> None:
@@ -277,7 +302,8 @@ class _NodeSide(Protocol):
             return
         got, rest = self._challenge[:size], self._challenge[size:]
         try:
-            reply = answer(client.gate.secret, got, client.gate.node.node_id, client.addresses)
+            reply = answer(client.gate.secret, got, client.gate.node.node_id, client.addresses,
+                           channel_binding(self.transport))
         except ForwardRefused as e:
             log.warn("Node {node_id} did not answer as a cluster node: {error}", node_id=client.holder.node_id, error=str(e))
             self.transport.abortConnection()
@@ -323,6 +349,7 @@ class _ForwardedConnection(ProtocolWrapper):
     def __init__(self, factory: "ClusterListenerFactory", wrappedProtocol: Any = None) -> None:
         super().__init__(factory, wrappedProtocol)
         self._acceptor: Optional[Acceptor] = None
+        self._nonce: Optional[bytes] = None
         self._deadline: Any = None
         self._peer: Any = None
         self._host: Any = None
@@ -331,13 +358,16 @@ class _ForwardedConnection(ProtocolWrapper):
     def makeConnection(self, transport: Any) -> None:
         # ProtocolWrapper's would connect the wrapped protocol now: not before the forwarder proved
         # it is a node (and said whose connection this is).
-        directlyProvides(self, providedBy(transport))
+        # Not ISSLTransport even over TLS: the client's TLS ended on the forwarding node, and the
+        # relay (autobahn) must not take the nodes' TLS for the client's.
+        directlyProvides(self, providedBy(transport) - ISSLTransport)
         Protocol.makeConnection(self, transport)
 
     def connectionMade(self) -> None:
         self.factory.registerProtocol(self)
         nonce, first = challenge()
-        self._acceptor = Acceptor(self.factory.secret, nonce)
+        self._nonce = nonce
+        self._acceptor = None  # made at the first byte: by then TLS (if any) is through
         self.transport.write(first)
         self._deadline = self.factory.clock.callLater(AUTH_TIMEOUT, self._too_slow)
 
@@ -349,6 +379,9 @@ class _ForwardedConnection(ProtocolWrapper):
 
     def dataReceived(self, data: bytes) -> None:
         acceptor = self._acceptor
+        if acceptor is None and self._nonce is not None:
+            acceptor = self._acceptor = Acceptor(self.factory.secret, self._nonce, channel_binding(self.transport))
+            self._nonce = None
         if acceptor is not None:
             try:
                 accepted = acceptor.feed(data)

@@ -9,7 +9,9 @@ Every C{heartbeat} seconds L{ClusterNode}:
      row goes to exactly one reaper) and records those sides DISCONNECTED in the store, so no tunnel
      stays CONNECTED on a node that was killed; their proxies reconnect to a live node, which takes
      the tunnel over (L{tunnelkit.service.cluster.directory.placement_winner});
-  3. takes or renews the C{lifecycle} lease (C{node_timeout} seconds): the node holding it runs the
+  3. renews its claims on the shared MQTT notification queue and takes over those of dead nodes
+     (L{tunnelkit.service.cluster.notifications}), when notifications are on;
+  4. takes or renews the C{lifecycle} lease (C{node_timeout} seconds): the node holding it runs the
      tunnel lifecycle (expiry, purge) and checks for due tunnels on each beat (tunnels opened on
      other nodes expire within a beat of their deadline); a node that loses the lease stops it.
      Expiry is exactly once twice over: one node runs it, and the store's OPEN-to-CLOSED update
@@ -24,7 +26,7 @@ The relay tells it of each peer (L{peer_attached}, L{peer_detached}: the relay's
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -67,27 +69,59 @@ class ClusterNode(Service):
         self.heartbeat = heartbeat
         self.node_timeout = node_timeout
         self.lifecycle = lifecycle
+        #: (shared notification queue, notifier): claims renewed and a dead node's taken over each beat.
+        self.notifications: Optional[Any] = None
         self.leader = False
         self.reaped = 0
         self.beats = 0
         self._loop: Optional[LoopingCall] = None
         self._beating: Optional[Deferred] = None
         self._started = False
+        self._recording: Dict[Tuple[str, str], Deferred] = {}  # (tunnel, side) -> its row's write
+        self._leaving: Dict[Tuple[str, str], str] = {}  # (tunnel, side) -> channel whose row goes next
 
     # --- the relay's placement hook ---
+    #
+    # Order, so that a node killed at any moment leaves no side CONNECTED that its survivors cannot
+    # see: the peer row is written before the store's CONNECTED (the relay waits for before_state),
+    # and removed only after the store's DISCONNECTED (after_state).
 
     def peer_attached(self, peer: Any) -> None:
         link = peer.link
         row = PeerRow(routing_key_for_tunnel(link.tunnel_id), peer.side, link.tunnel_id, self.node.node_id, peer.channel_id)
-        self.directory.peer_attached(row).addErrback(
+        self._leaving.pop((link.tunnel_id, peer.side), None)
+        d = self.directory.peer_attached(row)
+        d.addErrback(
             lambda f: log.failure("Could not record the {side} of tunnel {tunnel_id} in the cluster directory", f,
                                   side=peer.side, tunnel_id=link.tunnel_id)
         )
+        self._recording[(link.tunnel_id, peer.side)] = d
+
+    def before_state(self, tunnel_id: str, side: str, connected: bool) -> Optional[Deferred]:
+        recording = self._recording.pop((tunnel_id, side), None)
+        return recording if connected else None
 
     def peer_detached(self, peer: Any) -> None:
+        if not self.running:
+            return  # stopping: the survivors reap this node's rows once it left
         link = peer.link
+        key = (link.tunnel_id, peer.side)
+        if link.peers.get(peer.side) is peer and link.closed_reason != "shutdown":
+            self._leaving[key] = peer.channel_id  # removed once the store has its DISCONNECTED
+        else:
+            self._remove(key, peer.channel_id)  # replaced: the side stays CONNECTED
+
+    def after_state(self, tunnel_id: str, side: str, connected: bool) -> None:
+        if connected:
+            return
+        channel_id = self._leaving.pop((tunnel_id, side), None)
+        if channel_id is not None:
+            self._remove((tunnel_id, side), channel_id)
+
+    def _remove(self, key: Tuple[str, str], channel_id: str) -> None:
+        tunnel_id, side = key
         self.directory.peer_detached(
-            routing_key_for_tunnel(link.tunnel_id), peer.side, self.node.node_id, peer.channel_id
+            routing_key_for_tunnel(tunnel_id), side, self.node.node_id, channel_id
         ).addErrback(lambda f: log.failure("Could not remove a peer from the cluster directory", f))
 
     # --- service ---
@@ -144,6 +178,12 @@ class ClusterNode(Service):
                      nodes=", ".join(nodes), count=len(rows))
             await self._disconnected(rows)
             self.reaped += len(rows)
+        if self.notifications is not None and self.running:
+            queue, notifier = self.notifications
+            await queue.renew()
+            orphans = await queue.claim_orphans()
+            if orphans:
+                notifier.adopt(orphans)
         if self.lifecycle is not None and self.running:
             held = await directory.acquire_lease(LIFECYCLE_LEASE, self.node.node_id, self.node_timeout)
             if held and self.running:

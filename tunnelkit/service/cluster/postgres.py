@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tunnelkit.errors import ConfigError
-from tunnelkit.service.cluster.directory import INodeDirectory, NodeInfo, PeerRow, placement_winner
+from tunnelkit.service.cluster.directory import IDLE_PLACEMENT, INodeDirectory, NodeInfo, PeerRow, placement_winner
 from tunnelkit.service.cluster.events import IEventCarrier, TunnelEvent, decode_event, encode_event
 
 __all__ = ["PostgresDirectory", "PostgresCarrier", "backends_for_store", "CHANNEL"]
@@ -75,8 +75,9 @@ class PostgresDirectory:
 
     def leave(self, node_id: str) -> Deferred:
         def leave(c: Any) -> None:
-            for table in ("cluster_peers", "cluster_placements", "cluster_leases", "cluster_nodes"):
+            for table in ("cluster_placements", "cluster_leases"):
                 _execute(c, f"DELETE FROM {table} WHERE node_id = %s", (node_id,))
+            _execute(c, "UPDATE cluster_nodes SET heartbeat_at = '-infinity' WHERE node_id = %s", (node_id,))
         return self._tx(leave)
 
     def nodes(self, timeout: float) -> Deferred:
@@ -146,6 +147,13 @@ class PostgresDirectory:
             dead = f"SELECT n.node_id FROM cluster_nodes n WHERE NOT ({_LIVE})"
             rows = _execute(c, f"DELETE FROM cluster_peers WHERE node_id IN ({dead})" + self._RETURNING, (timeout,))
             _execute(c, f"DELETE FROM cluster_placements WHERE node_id IN ({dead})", (timeout,))
+            # Placements of tunnels no node has held for a long time (closed, or idle) are forgotten.
+            _execute(
+                c,
+                "DELETE FROM cluster_placements p WHERE p.placed_at < clock_timestamp() - make_interval(secs => %s) "
+                "AND NOT EXISTS (SELECT 1 FROM cluster_peers q WHERE q.routing_key = p.routing_key)",
+                (IDLE_PLACEMENT,),
+            )
             _execute(
                 c,
                 f"DELETE FROM cluster_nodes m WHERE m.node_id IN ({dead}) AND NOT EXISTS "
@@ -200,7 +208,10 @@ class PostgresCarrier:
 
     def publish(self, event: TunnelEvent) -> Deferred:
         payload = encode_event(event)
-        return self.runner.run(lambda c: _execute(c, "SELECT pg_notify(%s, %s)", (self.channel, payload)))  # type: ignore[no-any-return]
+        # One channel per schema: clusters in other schemas of the database hear nothing of this one.
+        return self.runner.run(lambda c: _execute(  # type: ignore[no-any-return]
+            c, "SELECT pg_notify(%s || '.' || current_schema(), %s)", (self.channel, payload)
+        ))
 
     def subscribe(self, receiver: Callable[[TunnelEvent], None]) -> None:
         self._receivers.append(receiver)
@@ -222,7 +233,9 @@ class PostgresCarrier:
     def _open(self) -> Deferred:
         def listen() -> Any:
             connection = self._connect()
-            connection.execute(f"LISTEN {self.channel}")
+            (schema,), = _execute(connection, "SELECT current_schema()")
+            name = f"{self.channel}.{schema}".replace('"', '""')
+            connection.execute(f'LISTEN "{name}"')
             return connection
 
         d = deferToThread(listen)

@@ -35,3 +35,19 @@ CREATE TABLE cluster_leases (
     expires_at TIMESTAMPTZ NOT NULL
 );
 """
+
+NOTIFICATIONS_DESCRIPTION = "the cluster's shared MQTT notification queue: cluster_notifications"
+
+NOTIFICATIONS_SQL = """
+CREATE SEQUENCE cluster_notifications_seq;
+CREATE TABLE cluster_notifications (
+    tunnel_id TEXT PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    thing_name TEXT NOT NULL,
+    payload BYTEA NOT NULL,
+    queued_at DOUBLE PRECISION NOT NULL,
+    claimed_by TEXT NOT NULL,
+    claimed_until TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX cluster_notifications_by_claim ON cluster_notifications (claimed_until);
+"""

@@ -12,7 +12,10 @@ C{--cluster-listen} endpoint.  Before any byte of the client's request passes, t
      client's address and the address it reached;
   3. the MAC covers a label, the nonce, the node id and the PROXY header: only a holder of the
      secret can make one, it cannot be replayed on another connection (new nonce), and the client
-     address cannot be changed.
+     address cannot be changed.  Over TLS (C{--cluster-listen ssl:...}) it also covers 32 bytes of
+     the connection's TLS exporter (RFC 5705, L{channel_binding}): the nodes do not need to trust each
+     other's certificates, since a man in the middle, holding two TLS connections, cannot make a MAC
+     that holds on either.
 
 What follows is the client's bytes as the forwarder received them (its request head first), in both
 directions, until either end closes.  The listener refuses (closes) anything else, without a word:
@@ -27,7 +30,7 @@ import ipaddress
 import os
 import struct
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from tunnelkit.errors import TunnelkitError
 
@@ -125,11 +128,32 @@ def challenge(nonce: Optional[bytes] = None) -> Tuple[bytes, bytes]:
     return nonce, MAGIC + nonce
 
 
-def _mac(secret: bytes, nonce: bytes, node_id: bytes, proxy_header: bytes) -> bytes:
-    return hmac.new(secret, _LABEL + nonce + bytes((len(node_id),)) + node_id + proxy_header, hashlib.sha256).digest()
+#: The label of the TLS exporter (RFC 5705) that binds the MAC to the TLS connection it was made on.
+EXPORTER_LABEL = b"EXPORTER-tunnelkit-cluster-forward"
 
 
-def answer(secret: bytes, challenge_bytes: bytes, node_id: str, addresses: ProxyAddresses) -> bytes:
+def channel_binding(transport: Any) -> bytes:
+    """
+    32 bytes of the TLS exporter of C{transport}'s TLS connection (both ends of one TLS connection
+    get the same bytes, a man in the middle gets others), or C{b""} on plain TCP.
+    """
+    handle = getattr(transport, "getHandle", None)
+    connection = handle() if handle is not None else None
+    export = getattr(connection, "export_keying_material", None)
+    if export is None:
+        return b""
+    return bytes(export(EXPORTER_LABEL, 32))
+
+
+def _mac(secret: bytes, nonce: bytes, node_id: bytes, proxy_header: bytes, binding: bytes = b"") -> bytes:
+    return hmac.new(
+        secret, _LABEL + nonce + bytes((len(node_id),)) + node_id + proxy_header + binding, hashlib.sha256
+    ).digest()
+
+
+def answer(
+    secret: bytes, challenge_bytes: bytes, node_id: str, addresses: ProxyAddresses, binding: bytes = b""
+) -> bytes:
     """
     The forwarder's answer to C{challenge_bytes} (exactly the listener's first 20 bytes).
 
@@ -140,7 +164,7 @@ def answer(secret: bytes, challenge_bytes: bytes, node_id: str, addresses: Proxy
     encoded = node_id.encode("ascii")
     header = encode_proxy_v2(addresses)
     nonce = challenge_bytes[len(MAGIC) :]
-    return MAGIC + bytes((len(encoded),)) + encoded + _mac(secret, nonce, encoded, header) + header
+    return MAGIC + bytes((len(encoded),)) + encoded + _mac(secret, nonce, encoded, header, binding) + header
 
 
 @dataclass(frozen=True)
@@ -158,9 +182,10 @@ class Acceptor:
     L{Accepted}.  Holds at most L{MAX_ANSWER} bytes.
     """
 
-    def __init__(self, secret: bytes, nonce: bytes) -> None:
+    def __init__(self, secret: bytes, nonce: bytes, binding: bytes = b"") -> None:
         self._secret = secret
         self._nonce = nonce
+        self._binding = binding
         self._buffer = b""
 
     def feed(self, data: bytes) -> Optional[Accepted]:
@@ -188,7 +213,7 @@ class Acceptor:
         node_id = buffer[len(MAGIC) + 1 : len(MAGIC) + 1 + id_size]
         mac = buffer[len(MAGIC) + 1 + id_size : start]
         header = buffer[start : start + size]
-        if not hmac.compare_digest(mac, _mac(self._secret, self._nonce, node_id, header)):
+        if not hmac.compare_digest(mac, _mac(self._secret, self._nonce, node_id, header, self._binding)):
             raise ForwardRefused("wrong MAC: the node has another cluster secret")
         try:
             name = node_id.decode("ascii")
