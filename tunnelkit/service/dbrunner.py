@@ -85,8 +85,15 @@ class SynchronousRunner:
 class ThreadedRunner:
     """
     A pool of C{threads} threads, each with its own connection made by C{connect} at its first call;
-    results come back through C{reactor.callFromThread}.  Started at once; L{close} (the service's
-    stop) waits for the calls under way and closes the connections.
+    results come back through C{reactor.callFromThread}.  L{close} (the service's stop) waits for the
+    calls under way and closes the connections.
+
+    The threads start when the reactor runs (C{callWhenRunning}, as the reactor's own thread pool),
+    never in the constructor: the service builds its stores in C{makeService}, before C{twistd}
+    daemonizes, and a fork keeps only the forking thread.  A pool started before the fork has a worker
+    thread that does not exist in the daemon: the first call handed to it never returns (an API
+    request unanswered, a C{stopService} waiting for it forever).  Calls made before the reactor runs
+    wait in the pool's queue until then.
     """
 
     def __init__(self, reactor: Any, connect: Callable[[], Any], threads: int = 4, name: str = "db") -> None:
@@ -96,12 +103,20 @@ class ThreadedRunner:
         self._connections: List[Any] = []
         self._lock = threading.Lock()
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name=f"tunnelkit-{name}")
-        self._pool.start()
         self._closed = False
+        when_running = getattr(reactor, "callWhenRunning", None)
+        if when_running is not None:
+            when_running(self._start)
+        else:
+            self._start()
         # A safety net: its threads would keep the process alive if an owner forgot to close it.
         trigger = getattr(reactor, "addSystemEventTrigger", None)
         if trigger is not None:
             trigger("during", "shutdown", self.close)
+
+    def _start(self) -> None:
+        if not self._closed:
+            self._pool.start()
 
     def _call(self, fn: Callable[..., Any], args: Any) -> Any:
         connection = getattr(self._local, "connection", None)
