@@ -18,7 +18,8 @@ The API, for a test case::
             self.dsn = fresh_database(self)  # a new, empty database, dropped at the test's end
 
 L{shared_server} starts one cluster per test process (per trial worker) at its first call and stops
-it (and deletes its directory) when the process exits; L{fresh_database} creates one database in it
+it (and deletes its directory) when the process exits (a watchdog process does it if the test process
+is killed); L{fresh_database} creates one database in it
 per test (a schema of one shared database: half a millisecond each).  L{PostgresServer} is the cluster itself, for a test that wants its own (to stop it, say).
 """
 
@@ -163,13 +164,34 @@ class PostgresServer:
                 "start",
             )
             self.running = True
+            self._watch()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _watch(self) -> None:
+        """
+        A watchdog process: when this process is gone without stopping the server (killed, or a trial
+        worker ended without running atexit), it stops the server and deletes the directory.
+        """
+        pg_ctl = " ".join(self._as_owner() + [os.path.join(self.bindir, "pg_ctl")])
+        script = (
+            f'while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; '
+            f'{pg_ctl} -D "$1/data" -m immediate -w stop >/dev/null 2>&1; rm -rf "$1"'
+        )
+        self._watchdog = subprocess.Popen(
+            ["sh", "-c", script, "watchdog", self.directory],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+
     def stop(self) -> None:
         """Stop the server (at once) and delete its directory; safe to call again."""
+        watchdog = getattr(self, "_watchdog", None)
+        if watchdog is not None:
+            self._watchdog = None
+            watchdog.kill()
+            watchdog.wait()
         if self.running:
             self.running = False
             try:
