@@ -100,6 +100,7 @@ class PostgresServer:
         self.running = False
         self._names = itertools.count(1)
         self._shared_database = False
+        self._watchdog: Optional[subprocess.Popen] = None
 
     # --- running the binaries ---
 
@@ -187,7 +188,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         """Stop the server (at once) and delete its directory; safe to call again."""
-        watchdog = getattr(self, "_watchdog", None)
+        watchdog = self._watchdog
         if watchdog is not None:
             self._watchdog = None
             watchdog.kill()
