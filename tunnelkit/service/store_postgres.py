@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_store_postgres -*-
+# -*- test-case-name: tests.e2e.test_store_postgres -*-
 """
 L{IControlStore} on PostgreSQL, for several service nodes sharing one database
 (C{--store postgresql://user:password@host/dbname}).
