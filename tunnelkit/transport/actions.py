@@ -11,34 +11,14 @@ Both tunnel sources and destinations that run a session use it: the local proxy
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Tuple, get_args
 
-from tunnelkit.protocol.session import (
-    CloseLocal,
-    ConnectTarget,
-    Fatal,
-    HalfCloseLocal,
-    PauseLocal,
-    ResumeLocal,
-    SendFrames,
-    StartListening,
-    WriteLocal,
-)
+from tunnelkit.protocol.session import Action
 
 __all__ = ["ACTION_TYPES", "ActionDispatcher"]
 
-#: Every action type a session returns.
-ACTION_TYPES = (
-    SendFrames,
-    StartListening,
-    ConnectTarget,
-    WriteLocal,
-    CloseLocal,
-    PauseLocal,
-    ResumeLocal,
-    HalfCloseLocal,
-    Fatal,
-)
+#: Every action type a session returns (the members of L{tunnelkit.protocol.session.Action}).
+ACTION_TYPES: Tuple[type, ...] = get_args(Action)
 
 
 class ActionDispatcher:
