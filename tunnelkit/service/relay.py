@@ -181,7 +181,6 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
         self._producer_registered = False
         self._abort_call: Optional[IDelayedCall] = None
         self._pieces: List[Any] = []  # the start of a frame that is still arriving (the fast path's)
-        self._framed: Optional[bytes] = None  # the message onMessage has, as a frame to send on
         self._outbox_framed: Optional[bytes] = None  # the outbox's only message, already framed
         self.heard = True  # something arrived since the last liveness check
         self.silent_since = 0.0  # when the last liveness check found it had heard something
@@ -381,17 +380,29 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
             target.flush_outbox()
 
     def fast_message(self, mask: Optional[bytes], parts: Sequence[Any], size: int) -> None:
-        """A whole masked binary message in C{parts}: unmask it (one copy) and hand it to L{onMessage}."""
+        """
+        A whole masked binary message in C{parts}: unmask it (one copy) and relay it, as
+        L{onMessage} does (written out here: the hot path makes no call it does not need).
+        """
+        link = self.link
+        if self.closing or link is None:
+            return
         if not size:
             self.onMessage(b"", True)
             return
         assert mask is not None
-        frame, payload = _unmasked_frame(mask, parts, size)
-        self._framed = frame
-        try:
-            self.onMessage(payload, True)
-        finally:
-            self._framed = None
+        framed, payload = _unmasked_frame(mask, parts, size)
+        if link.bucket is not None:
+            self._charge(size)
+        state: PeerState = self.core_peer  # type: ignore[assignment]  # set with self.link
+        actions = link.core.received(state, payload)
+        if actions is AS_IS or actions is AS_IS_END:
+            # The common case: the message goes on as it is, already framed.
+            partner: PeerProtocol = state.partner.owner  # type: ignore[union-attr]
+            partner.queue(payload, actions is AS_IS_END, framed)
+            self._flush_target = partner
+        elif actions:
+            self.perform(actions, payload, framed)
 
     def onPing(self, payload: bytes) -> None:
         self._charge(len(payload) + 2)
@@ -399,7 +410,8 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
             self.sendPong(payload)
 
     def onMessage(self, payload: Union[bytes, memoryview], isBinary: bool) -> None:
-        if self.closing or self.link is None:
+        link = self.link
+        if self.closing or link is None:
             return
         if not isBinary:
             self.violation(
@@ -407,20 +419,16 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
             )
             return
         self._charge(len(payload))
-        state = self.core_peer
-        assert state is not None
-        actions = self.link.core.received(state, payload)
-        if actions is AS_IS or actions is AS_IS_END:
-            partner: PeerProtocol = state.partner.owner  # type: ignore[union-attr]
-            partner.queue(payload, actions is AS_IS_END, self._framed)
-            self._flush_target = partner
-        elif actions:
+        assert self.core_peer is not None
+        actions = link.core.received(self.core_peer, payload)
+        if actions:
             self.perform(actions, payload)
 
-    def perform(self, actions: Iterable[Action], payload: Any = None) -> None:
+    def perform(self, actions: Iterable[Action], payload: Any = None, framed: Optional[bytes] = None) -> None:
         """
         Carry out the core's C{actions}, in order (L{tunnelkit.service.relaycore}); C{payload} is the
-        message they answer, if any.  What is forwarded is flushed at the end of this peer's read.
+        message they answer, if any (C{framed}: as a whole WebSocket frame).  What is forwarded is
+        flushed at the end of this peer's read.
         """
         for action in actions:
             if isinstance(action, Forward):
@@ -432,7 +440,7 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
             elif isinstance(action, ForwardMessage):
                 assert self.core_peer is not None and self.core_peer.partner is not None
                 partner = self.core_peer.partner.owner
-                partner.queue(payload, action.end_message, self._framed)
+                partner.queue(payload, action.end_message, framed)
                 self._flush_target = partner
             elif isinstance(action, Send):
                 action.to.owner.send_frames(action.frames)
