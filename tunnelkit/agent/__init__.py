@@ -1,8 +1,8 @@
 """
 The device agent: takes destination tokens from MQTT and runs destination sessions for them.
 
-  - L{tunnelkit.agent.core}: notifications and the agent's bookkeeping (L{Agent}), behind the
-    L{IDestinationStarter} seam; it knows neither the local proxy nor the service;
+  - L{tunnelkit.agent.core}: notifications and the agent's bookkeeping (L{Agent}); it starts
+    sessions only through the L{IDestinationStarter} seam;
   - L{tunnelkit.agent.starter}: the local proxy's destination sessions, run in this process;
   - L{tunnelkit.agent.tap}: C{twistd tunnelkit --mode agent}, its C{Options} and C{makeService}.
 
