@@ -1,5 +1,5 @@
 """
-Tests for L{tunnelkit.agent_tap}: the agent's options (validated up front, one-line errors), the
+Tests for L{tunnelkit.agent.tap} and L{tunnelkit.agent.starter}: the agent's options (validated up front, one-line errors), the
 service it builds, and the starter that runs the local proxy's destination sessions.
 """
 
@@ -13,7 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tunnelkit.agent import DEFAULT_TARGETS, Agent, IDestinationSession, IDestinationStarter, Notification
-from tunnelkit.agent_tap import LocalProxyStarter, Options, SessionFailed, makeService
+from tunnelkit.agent.starter import LocalProxyStarter, SessionFailed
+from tunnelkit.agent.tap import Options, makeService
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
 from tunnelkit.mqtt import MQTTClient
 from tunnelkit.tap import Options as PluginOptions

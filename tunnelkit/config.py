@@ -34,7 +34,7 @@ MODES: Dict[str, str] = {
     "service": "tunnelkit.service.tap",
     "source": "tunnelkit.localproxy.tap",
     "destination": "tunnelkit.localproxy.tap",
-    "agent": "tunnelkit.agent_tap",
+    "agent": "tunnelkit.agent.tap",
 }
 
 #: AWS localproxy's spellings of the modes (C{-m src|dst}).
