@@ -496,6 +496,14 @@ class ConstantsTests(SynchronousTestCase):
         self.assertEqual(AS_IS, (ForwardMessage(False),))
         self.assertEqual(AS_IS_END, (ForwardMessage(True),))
 
+    def test_below_the_websocket_edge(self) -> None:
+        """The core imports neither the protocol that performs its actions nor the transports."""
+        from tests.test_layering import forbidden_path, import_graph, source_modules
+
+        graph = import_graph(source_modules())
+        for forbidden in ("tunnelkit.service.relay", "tunnelkit.service.pairing", "tunnelkit.transport"):
+            self.assertIsNone(forbidden_path(graph, "tunnelkit.service.relaycore", forbidden), forbidden)
+
     def test_no_reactor(self) -> None:
         """Importing the core installs no reactor (it is plain Python)."""
         probe = "import sys, tunnelkit.service.relaycore; print('twisted.internet.reactor' in sys.modules)"
