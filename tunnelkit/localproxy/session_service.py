@@ -451,14 +451,19 @@ class LocalProxySession(MultiService):
             )
 
     def local_buffer_full(self, connection: LocalConnection) -> None:
-        if not self.session.flow_controlled(connection.service_id, connection.connection_id):
+        if self.session.flow_controlled(connection.service_id, connection.connection_id):
+            self.session.local_buffer_full(connection.service_id, connection.connection_id, self.clock.seconds())
+        else:
             self.websocket_read_throttle.legacy_full(connection.key)
 
     def local_buffer_drained(self, connection: LocalConnection) -> None:
         self.websocket_read_throttle.legacy_drained(connection.key)
         size, connection.ungranted = connection.ungranted, 0
-        if size:
-            self.perform(self.session.local_delivered(connection.service_id, connection.connection_id, size))
+        actions = self.session.local_buffer_drained(
+            connection.service_id, connection.connection_id, size, self.clock.seconds()
+        )
+        if actions:
+            self.perform(actions)
 
     def local_eof(self, connection: LocalConnection) -> None:
         """The local application shut down its write side."""

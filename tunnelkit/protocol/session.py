@@ -92,10 +92,13 @@ from tunnelkit.protocol.flowcontrol import (
     EXTENSION_TYPES,
     FLOW_CONTROL,
     HALF_CLOSE,
+    MAX_CONNECTION_WINDOW,
+    TUNNEL_GROWTH_BUDGET,
     WINDOW_UPDATE,
     ConnectionFlow,
     Extensions,
     announcement_frame,
+    blocked_frame,
     eof_frame,
     parse_announcement,
     window_increment,
@@ -448,7 +451,9 @@ class _Session(ABC):
         self._ready = False  # SERVICE_IDS seen on this WebSocket
         self._services = {}
         self._default = None
-        self.window = window  # the receive window this side grants per connection
+        self.window = window  # the receive window this side announces, each connection's first
+        self.max_window = MAX_CONNECTION_WINDOW  # what a connection's receive window may grow to
+        self.growth_budget = TUNNEL_GROWTH_BUDGET  # growth above `window`, all connections together
         self._offered = False  # the service said it passes tunnelkit's extensions on
         self._peer: Optional[Extensions] = None  # what the far peer announced, if usable
         self._far_connected = False  # the far peer's announcement came (and was not withdrawn)
@@ -585,6 +590,8 @@ class _Session(ABC):
         self, service: "_Service", connection_id: int, connection: "_Connection", increment: int
     ) -> List[Action]:
         flow = connection.flow
+        if increment == 0:
+            return self._peer_blocked(service, connection, flow)
         if flow is None:
             connection.flow = self._adopt_flow(connection, increment)
             if connection.flow is None:
@@ -599,6 +606,24 @@ class _Session(ABC):
             return []
         return self._release(service, connection_id, connection)
 
+    def _peer_blocked(
+        self, service: "_Service", connection: "_Connection", flow: Optional[ConnectionFlow]
+    ) -> List[Action]:
+        """A "blocked" WINDOW_UPDATE: the peer waits for credit; the window grows if the reader keeps up."""
+        if flow is None:
+            return []
+        increment = flow.blocked(self._growth_room())
+        if not increment:
+            return []
+        return self._grant(service, connection, increment)
+
+    def _blocked(self, service: "_Service", connection: "_Connection", flow: ConnectionFlow) -> List[Action]:
+        """This side has bytes and no credit: tell a peer that understands it, once per grant."""
+        if flow.blocked_sent or self._peer is None or not self._peer.blocked:
+            return []
+        flow.blocked_sent = True
+        return [SendFrames(blocked_frame(service.stream_id, service.wire_service_id, connection.wire_connection_id))]
+
     def _release(self, service: "_Service", connection_id: int, connection: "_Connection") -> List[Action]:
         """Send what credit now allows of the bytes held for lack of it (and a waiting EOF)."""
         flow = connection.flow
@@ -611,7 +636,7 @@ class _Session(ABC):
                 actions += [SendFrames(batch) for batch in connection.encoder.encode(held[:allowed])]
                 connection.held = held[allowed:]
             if connection.held:
-                return actions
+                return actions + self._blocked(service, connection, flow)
             connection.held = b""
             actions.append(ResumeLocal(service.service_id, connection_id))
         if flow.eof_pending:
@@ -638,7 +663,7 @@ class _Session(ABC):
         actions: List[Action] = [SendFrames(batch) for batch in connection.encoder.encode(view[:allowed])]
         connection.held = view[allowed:]
         actions.append(PauseLocal(service.service_id, connection_id))
-        return actions
+        return actions + self._blocked(service, connection, flow)
 
     def _send_eof(self, service: "_Service", connection_id: int, connection: "_Connection") -> List[Action]:
         flow = connection.flow
@@ -691,11 +716,17 @@ class _Session(ABC):
         """
         service = self._services.get(service_id)
         connection = service.connections.get(connection_id) if service is not None else None
-        if connection is None or connection.flow is None:
+        if connection is None:
             return []
-        increment = connection.flow.delivered(size)
+        flow = connection.flow
+        if flow is None:
+            return []
+        increment = flow.delivered(size)
         if not increment:
             return []
+        return self._grant(service, connection, increment)
+
+    def _grant(self, service: "_Service", connection: "_Connection", increment: int) -> List[Action]:
         return [
             SendFrames(
                 window_update_frame(
@@ -703,6 +734,47 @@ class _Session(ABC):
                 )
             )
         ]
+
+    def _flow(self, service_id: str, connection_id: int) -> Optional[ConnectionFlow]:
+        service = self._services.get(service_id)
+        connection = service.connections.get(connection_id) if service is not None else None
+        return connection.flow if connection is not None else None
+
+    def local_buffer_full(self, service_id: str, connection_id: int, now: float) -> None:
+        """
+        That local socket's send buffer filled at C{now}: what is written to it until it drains is
+        held back from the grants (L{local_buffer_drained}).
+        """
+        flow = self._flow(service_id, connection_id)
+        if flow is not None:
+            flow.filled(now)
+
+    def local_buffer_drained(self, service_id: str, connection_id: int, held: int, now: float) -> List[Action]:
+        """
+        That local socket's send buffer drained at C{now}; C{held} bytes were written to it since it
+        filled.  They are delivered now, and the connection's receive window adapts to how fast the
+        application took them (L{ConnectionFlow.drained}: a slow one shrinks it).
+        """
+        service = self._services.get(service_id)
+        connection = service.connections.get(connection_id) if service is not None else None
+        if connection is None or connection.flow is None:
+            return []
+        flow = connection.flow
+        flow.drained(held, now)
+        increment = flow.delivered(held) if held else 0
+        if not increment:
+            return []
+        assert service is not None
+        return self._grant(service, connection, increment)
+
+    def _growth_room(self) -> int:
+        """Bytes the tunnel-wide budget leaves for one more connection window to grow (rarely asked)."""
+        used = 0
+        for service in self._services.values():
+            for connection in service.connections.values():
+                if connection.flow is not None:
+                    used += connection.flow.growth
+        return max(0, self.growth_budget - used)
 
     def local_eof(self, service_id: str, connection_id: int) -> List[Action]:
         """
@@ -941,7 +1013,7 @@ class SourceSession(_Session):
         for service in self._services.values():
             for connection_id, connection in service.connections.items():
                 if connection.flow is None and not connection.received:
-                    connection.flow = ConnectionFlow(self._peer.window, self.window)
+                    connection.flow = ConnectionFlow(self._peer.window, self.window, self.max_window)
                     actions.append(
                         SendFrames(window_update_frame(service.stream_id, service.wire_service_id, connection_id, self.window))
                     )
@@ -1042,7 +1114,7 @@ class SourceSession(_Session):
         if self._peer is not None and self._v3:
             # Both peers announced: the destination's window is this connection's first credit;
             # the WINDOW_UPDATE right after the start grants ours and tells the destination.
-            flow = ConnectionFlow(self._peer.window, self.window)
+            flow = ConnectionFlow(self._peer.window, self.window, self.max_window)
             actions.append(SendFrames(window_update_frame(stream_id, wire_service_id, connection_id, self.window)))
         service.connections[connection_id] = _Connection(
             DataFrameEncoder(stream_id, wire_service_id, wire_connection_id), wire_connection_id, True, flow
@@ -1278,7 +1350,7 @@ class DestinationSession(_Session):
         """
         if not connection.wire_connection_id:
             return None
-        return ConnectionFlow(max(0, increment - connection.sent), self.window)
+        return ConnectionFlow(max(0, increment - connection.sent), self.window, self.max_window)
 
     def local_connected(self, service_id: str, connection_id: int) -> List[Action]:
         """The target connection is open: release what arrived meanwhile."""
