@@ -28,6 +28,7 @@ from tunnelkit.protocol.flowcontrol import (
 from tunnelkit.protocol.framing import FrameDecoder, Message, encode_message, parse_message
 from tunnelkit.protocol.session import (
     Action,
+    LogEvent,
     CloseLocal,
     ConnectTarget,
     DestinationSession,
@@ -53,8 +54,8 @@ def sent(actions: Sequence[Action]) -> List[Message]:
 
 
 def others(actions: Sequence[Action]) -> List[Action]:
-    """The actions that are not SendFrames."""
-    return [a for a in actions if not isinstance(a, SendFrames)]
+    """The actions that are not SendFrames (nor log lines)."""
+    return [a for a in actions if not isinstance(a, (SendFrames, LogEvent))]
 
 
 class WireTests(SynchronousTestCase):
@@ -324,6 +325,7 @@ class CreditTests(SessionFlowTestCase):
         too_much = Message(type=DATA, streamId=1, serviceId="SSH", connectionId=1, payload=b"x" * (self.WINDOW + 1))
         actions = source.receive(too_much)
         self.assertEqual(others(actions), [CloseLocal("SSH", 1, "the peer broke flow control", True)])
+        self.assertEqual([a.level for a in actions if isinstance(a, LogEvent)], ["error"])
         self.assertEqual([(m.type, m.connectionId) for m in sent(actions)], [(CONNECTION_RESET, 1)])
         self.assertEqual(source.connections("SSH"), (2,))
 

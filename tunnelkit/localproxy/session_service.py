@@ -40,6 +40,7 @@ from tunnelkit.protocol.session import (
     ConnectTarget,
     Fatal,
     HalfCloseLocal,
+    LogEvent,
     PauseLocal,
     ResumeLocal,
     SendFrames,
@@ -47,7 +48,7 @@ from tunnelkit.protocol.session import (
     StartListening,
     WriteLocal,
 )
-from tunnelkit.transport.actions import ActionDispatcher
+from tunnelkit.transport.actions import ActionDispatcher, log_event
 from tunnelkit.transport.flow import LocalReadThrottle, WebSocketReadThrottle
 from tunnelkit.transport.websocket import (
     ITunnelWebSocketHandler,
@@ -384,6 +385,7 @@ class LocalProxySession(MultiService):
             StartListening: lambda a: side.start_listening(a),
             ConnectTarget: lambda a: side.connect(a),
             Fatal: lambda a: self.finish(1, a.message),
+            LogEvent: log_event,
         }
 
     def _send_frames(self, action: SendFrames) -> None:

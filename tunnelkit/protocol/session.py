@@ -79,10 +79,8 @@ duplicate CONNECTION_RESETs are harmless.  A source that receives STREAM_START o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
-
-from twisted.logger import Logger
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from tunnelkit.errors import ConfigError, TunnelkitError
 from tunnelkit.protocol.flowcontrol import (
@@ -134,7 +132,6 @@ __all__ = [
     "DestinationSession",
 ]
 
-log = Logger()
 
 #: The message formats a source can speak to its destination (C{--destination-client-type}).
 CLIENT_TYPES = ("V1", "V2", "V3")
@@ -246,6 +243,26 @@ class Fatal:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """
+    Something for the proxy's log: C{level} (C{"debug"}, C{"info"}, C{"warn"} or C{"error"}), a
+    C{twisted.logger} format string and its fields (the session itself never logs).
+    """
+
+    level: str
+    format: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _log(level: str, format: str, **fields: Any) -> LogEvent:
+    return LogEvent(level, format, fields)
+
+
+_STALE = LogEvent("debug", "Stale message received. Dropping")
+_LATE_SERVICE_IDS = LogEvent("debug", "Receive service Ids during data transfer. ignore")
+
+
 Action = Union[
     SendFrames,
     StartListening,
@@ -256,6 +273,7 @@ Action = Union[
     ResumeLocal,
     HalfCloseLocal,
     Fatal,
+    LogEvent,
 ]
 
 
@@ -597,13 +615,15 @@ class _Session(ABC):
             if connection.flow is None:
                 return []
         elif not flow.grant(increment):
-            log.warn(
-                "Ignoring a window update of {increment} bytes for connection {connection_id} of {service_id}",
-                increment=increment,
-                connection_id=connection_id,
-                service_id=service.service_id or "-",
-            )
-            return []
+            return [
+                _log(
+                    "warn",
+                    "Ignoring a window update of {increment} bytes for connection {connection_id} of {service_id}",
+                    increment=increment,
+                    connection_id=connection_id,
+                    service_id=service.service_id or "-",
+                )
+            ]
         return self._release(service, connection_id, connection)
 
     def _peer_blocked(
@@ -692,15 +712,16 @@ class _Session(ABC):
         """The peer sent more than it was granted: reset that connection only."""
         connection = service.connections.pop(connection_id)
         flow = connection.flow
-        log.error(
-            "Resetting connection {connection_id} of {service_id}: the peer sent {size} bytes with only "
-            "{allowed} granted (a flow-control error of the far proxy)",
-            connection_id=connection_id,
-            service_id=service.service_id or "-",
-            size=size,
-            allowed=flow.allowed if flow is not None else 0,
-        )
         return [
+            _log(
+                "error",
+                "Resetting connection {connection_id} of {service_id}: the peer sent {size} bytes with only "
+                "{allowed} granted (a flow-control error of the far proxy)",
+                connection_id=connection_id,
+                service_id=service.service_id or "-",
+                size=size,
+                allowed=flow.allowed if flow is not None else 0,
+            ),
             CloseLocal(service.service_id, connection_id, "the peer broke flow control", True),
             SendFrames(
                 _control(
@@ -715,7 +736,9 @@ class _Session(ABC):
         socket's buffer: grant them back to the peer once enough are waiting (flow control).
         """
         service = self._services.get(service_id)
-        connection = service.connections.get(connection_id) if service is not None else None
+        if service is None:
+            return []
+        connection = service.connections.get(connection_id)
         if connection is None:
             return []
         flow = connection.flow
@@ -756,7 +779,9 @@ class _Session(ABC):
         application took them (L{ConnectionFlow.drained}: a slow one shrinks it).
         """
         service = self._services.get(service_id)
-        connection = service.connections.get(connection_id) if service is not None else None
+        if service is None:
+            return []
+        connection = service.connections.get(connection_id)
         if connection is None or connection.flow is None:
             return []
         flow = connection.flow
@@ -764,7 +789,6 @@ class _Session(ABC):
         increment = flow.delivered(held) if held else 0
         if not increment:
             return []
-        assert service is not None
         return self._grant(service, connection, increment)
 
     def _growth_room(self) -> int:
@@ -776,6 +800,10 @@ class _Session(ABC):
                     used += connection.flow.growth
         return max(0, self.growth_budget - used)
 
+    @abstractmethod
+    def local_closed(self, service_id: str, connection_id: int) -> List[Action]:
+        """A local connection closed: the far peer is told (each side in its own format)."""
+
     def local_eof(self, service_id: str, connection_id: int) -> List[Action]:
         """
         The local application shut down its write side (read EOF).  With flow control and half-close:
@@ -783,7 +811,9 @@ class _Session(ABC):
         the connection ends, as with AWS's clients (its reset goes to the peer).
         """
         service = self._services.get(service_id)
-        connection = service.connections.get(connection_id) if service is not None else None
+        if service is None:
+            return []
+        connection = service.connections.get(connection_id)
         if connection is None:
             return []
         flow = connection.flow
@@ -824,14 +854,15 @@ class _Session(ABC):
 
     def _unknown_type(self, message: Message) -> List[Action]:
         if message.ignorable:
-            log.debug("Ignoring a message of unknown type {type} marked ignorable", type=message.type)
-            return []
+            return [_log("debug", "Ignoring a message of unknown type {type} marked ignorable", type=message.type)]
         # AWS's localproxy exits here; a peer's message never stops this proxy.
-        log.error(
-            "Dropping a message of unexpected type {type} (neither known nor marked ignorable)",
-            type=_type_name(message.type),
-        )
-        return []
+        return [
+            _log(
+                "error",
+                "Dropping a message of unexpected type {type} (neither known nor marked ignorable)",
+                type=_type_name(message.type),
+            )
+        ]
 
 
 class _Connection:
@@ -954,8 +985,7 @@ class SourceSession(_Session):
                 return []
             stream_id = message.streamId
             if stream_id != service.stream_id or not stream_id:
-                log.debug("Stale message received. Dropping")
-                return []
+                return [_STALE]
             connection_id = self._connection_of(service, message.connectionId)
             connection = service.connections.get(connection_id)
             if connection is None:
@@ -992,12 +1022,14 @@ class SourceSession(_Session):
         if message_type in EXTENSION_TYPES:
             return self._extension(message)
         if message_type == _STREAM_START or message_type == _CONNECTION_START:
-            log.error(
-                "Dropping {type} for stream {stream_id}: only a source sends it, and this is the source",
-                type=_type_name(message_type),
-                stream_id=message.streamId,
-            )
-            return []
+            return [
+                _log(
+                    "error",
+                    "Dropping {type} for stream {stream_id}: only a source sends it, and this is the source",
+                    type=_type_name(message_type),
+                    stream_id=message.streamId,
+                )
+            ]
         return self._unknown_type(message)
 
     def _upgrade_connections(self) -> List[Action]:
@@ -1029,8 +1061,7 @@ class SourceSession(_Session):
 
     def _service_ids(self, available: Sequence[str]) -> List[Action]:
         if self._ready:
-            log.debug("Receive service Ids during data transfer. ignore")
-            return []
+            return [_LATE_SERVICE_IDS]
         mapping = _match_mapping(self._configured, available)
         if mapping is None:
             return [_mismatch(self._configured, available)]
@@ -1180,8 +1211,7 @@ class DestinationSession(_Session):
                 return []
             stream_id = message.streamId
             if stream_id != service.stream_id or not stream_id:
-                log.debug("Stale message received. Dropping")
-                return []
+                return [_STALE]
             connection_id = message.connectionId or 1
             connection = service.connections.get(connection_id)
             if connection is None:
@@ -1210,11 +1240,7 @@ class DestinationSession(_Session):
         ):
             return self._unknown_type(message)
         if not self._ready:
-            log.warn(
-                "Ignoring {type} received before the tunnel's service ids",
-                type=_type_name(message_type),
-            )
-            return []
+            return [_log("warn", "Ignoring {type} received before the tunnel's service ids", type=_type_name(message_type))]
         if message_type == _STREAM_START:
             return self._stream_start(message)
         if message_type == _CONNECTION_START:
@@ -1257,8 +1283,7 @@ class DestinationSession(_Session):
 
     def _service_ids(self, available: Sequence[str]) -> List[Action]:
         if self._ready:
-            log.debug("Receive service Ids during data transfer. ignore")
-            return []
+            return [_LATE_SERVICE_IDS]
         mapping = _match_mapping(self._configured, available)
         if mapping is None:
             return [_mismatch(self._configured, available)]
@@ -1283,12 +1308,12 @@ class DestinationSession(_Session):
                 f"(V1 format), but this destination serves {len(self._services)} services "
                 f"({', '.join(sorted(self._services))}); a V1 source needs a tunnel of one service"
             )
-        log.error("{why}; resetting stream {stream_id}", why=why, stream_id=message.streamId)
+        logged = _log("error", "{why}; resetting stream {stream_id}", why=why, stream_id=message.streamId)
         if message.streamId <= 0:
-            return []
+            return [logged]
         if message.type == _STREAM_START:
-            return [SendFrames(_control(_STREAM_RESET, message.streamId, service_id))]
-        return [SendFrames(_control(_CONNECTION_RESET, message.streamId, service_id, message.connectionId))]
+            return [logged, SendFrames(_control(_STREAM_RESET, message.streamId, service_id))]
+        return [logged, SendFrames(_control(_CONNECTION_RESET, message.streamId, service_id, message.connectionId))]
 
     def _stream_start(self, message: Message) -> List[Action]:
         service = self._lookup(message.serviceId)
@@ -1296,8 +1321,7 @@ class DestinationSession(_Session):
             return self._refuse_start(message)
         stream_id = message.streamId
         if stream_id <= 0:
-            log.error("Dropping STREAM_START with invalid stream id {stream_id}", stream_id=stream_id)
-            return []
+            return [_log("error", "Dropping STREAM_START with invalid stream id {stream_id}", stream_id=stream_id)]
         actions: List[Action] = []
         if service.connections:
             for connection in service.connections.values():
@@ -1377,7 +1401,9 @@ class DestinationSession(_Session):
     ) -> List[Action]:
         """Bytes read from a target connection: DATA frames in the source's format."""
         service = self._services.get(service_id)
-        connection = service.connections.get(connection_id) if service is not None else None
+        if service is None:
+            return []
+        connection = service.connections.get(connection_id)
         if connection is None:
             return []
         return self._send_data(service, connection_id, connection, data)
