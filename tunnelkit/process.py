@@ -15,9 +15,9 @@ L{ModeService}, and nothing here acts before twistd hands that service its appli
     the services, removes its pid file and logs "Server Shut Down." as usual, and returns to Python,
     which would exit 0.  So for a non-zero status, and only then, one C{atexit} hook is registered
     that ends the process with that status (C{os._exit}, after flushing stdout and stderr; the only
-    way to change the status once twistd's C{run()} has returned).  Hooks registered before it do not
-    run; it is registered when the status is set, so after twistd's own.  The status lives on the
-    service, never in a module.
+    way to change the status once twistd's C{run()} has returned); C{atexit} hooks registered before
+    it, which run after it, are skipped.  Outside twistd's application (tests) no hook is registered.
+    The status lives on the service, never in a module.
   - B{Fatal errors at start}: a L{ConfigError} from a part's C{startService} (a port in use) is one
     line on stderr and status 1, as for a usage error.
 """
