@@ -5,9 +5,9 @@ L{ModeService}, and nothing here acts before twistd hands that service its appli
 
   - B{Log filter} (C{-v} of the local proxy and the agent): when the service joins twistd's
     application, it sets the application's C{ILogObserver} component, the hook twistd documents for
-    customising its logging (L{twisted.application.app.AppLogger.start}; "Customizing twistd
-    logging" in Twisted's application howto), to a L{LogFilter} in front of the observer twistd would
-    have made itself from C{--logfile}, C{--syslog} and C{-n}.  twistd's C{--logger}, when given,
+    customising its logging (L{twisted.application.app.AppLogger.start}; the howto "Using the Twisted
+    Application Framework", section "Customizing twistd logging"), to a L{LogFilter} in front of the
+    observer twistd would have made itself from C{--logfile}, C{--syslog} and C{-n}.  twistd's C{--logger}, when given,
     takes precedence over any component (as twistd documents), and its observer is not filtered.
   - B{Exit status} (the local proxy ends with its session's status): Twisted has no way for a
     service to set twistd's exit status (Twisted issue #11335; L{twisted.internet.task.react} is
