@@ -1,5 +1,5 @@
 """
-Tests for L{tunnelkit.agent}: notification parsing and the agent's session bookkeeping, fed through
+Tests for L{tunnelkit.agent.core}: notification parsing and the agent's session bookkeeping, fed through
 a real L{MQTTClient} whose broker side is played byte by byte, with a recording session starter.
 """
 

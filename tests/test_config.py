@@ -233,7 +233,7 @@ class NumericOptionTests(unittest.TestCase):
         return seen
 
     def test_bad_numbers_are_usage_errors_naming_the_option(self):
-        from tunnelkit.agent_tap import Options as AgentOptions
+        from tunnelkit.agent.tap import Options as AgentOptions
         from tunnelkit.localproxy.tap import Options as ProxyOptions
         from tunnelkit.service.tap import Options as ServiceOptions
 

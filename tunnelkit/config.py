@@ -34,7 +34,7 @@ MODES: Dict[str, str] = {
     "service": "tunnelkit.service.tap",
     "source": "tunnelkit.localproxy.tap",
     "destination": "tunnelkit.localproxy.tap",
-    "agent": "tunnelkit.agent_tap",
+    "agent": "tunnelkit.agent.tap",
 }
 
 #: AWS localproxy's spellings of the modes (C{-m src|dst}).
@@ -147,6 +147,9 @@ class ModeOptions(usage.Options):
 
     mode: str = ""
     repeatable: Mapping[str, Callable[[str], Any]] = {}
+    #: twistd's own options (C{--logfile}, C{-n}, ...) when twistd runs the mode, set by the plugin
+    #: (L{tunnelkit.tap}); the mode's service applies its log filter in front of twistd's observer.
+    twistd_options: Optional[Mapping[str, Any]] = None
 
     optParameters: List[Sequence[Any]] = [
         ["config", None, None, "Read options from this YAML file (tap.yml format); flags win over it."],

@@ -20,22 +20,21 @@ tunnel's services, or a listener that cannot bind.
 
 from __future__ import annotations
 
-import atexit
 import os
-import sys
 import uuid
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 import tunnelkit
-from tunnelkit.adapters import available_adapters, parse_adapter_overrides, resolve_adapter
-from tunnelkit.config import ModeOptions, number, positive_int
+from tunnelkit.adapters import resolve_adapter
+from tunnelkit.config import number, positive_int
 from tunnelkit.errors import ConfigError
+from tunnelkit.localproxy.client_options import TunnelClientOptions
 from tunnelkit.localproxy.client_token import KeptClientToken, keep_client_token
 from tunnelkit.localproxy.destination import DestinationSide
 from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint, region_host
@@ -46,76 +45,22 @@ from tunnelkit.localproxy.mapping import (
     parse_source_mapping,
     read_config_dir,
 )
-from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
+from tunnelkit.localproxy.session_service import LocalProxySession
 from tunnelkit.localproxy.source import SourceSide
 from tunnelkit.protocol.tokens import CLIENT_TOKEN_RE, MAX_ACCESS_TOKEN_LENGTH, sendable_access_token
 from tunnelkit.transport.httpproxy import proxy_from_environment
-from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
+from tunnelkit.process import LogFilter, ModeService
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
 
-__all__ = ["TunnelClientOptions", "Options", "makeService", "build_session"]
+__all__ = ["Options", "makeService", "build_session"]
 
 log = Logger()
-
 
 
 def _verbosity(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 255:
         raise ValueError(f"-v/--verbose expects 0-255 (4 = info, 5 = debug, 6+ = trace), got {text!r}")
     return int(text)
-
-
-class TunnelClientOptions(NvxOptions, ModeOptions):
-    """
-    Options of every mode that connects to the tunnel service's data plane (the local proxy's
-    source and destination, and the agent): C{-k}, C{-c}, C{--adapter}, and C{postOptions} turning
-    each configuration error into a one-line usage error.  Subclasses check the rest in C{_check}.
-    """
-
-    optFlags = [
-        ["no-ssl-host-verify", "k", "Do not check the tunnel service's TLS certificate or host name (DANGEROUS)."],
-        ["no-probe", None, "Destination: do not probe each target's protocol (SSH banner, RFB greeting, ...) "
-         "when connected to the tunnel."],
-    ]
-
-    optParameters = [
-        ["capath", "c", None, "A CA file (PEM) or hashed CA directory to check the tunnel service's certificate."],
-    ]
-
-    repeatable: Mapping[str, Any] = {"adapter": str}
-
-    def opt_adapter(self, value: str) -> None:
-        """SERVICE=NAME: the service adapter of a service (repeatable; default by prefix)."""
-        self["adapter"].append(value)
-
-    def postOptions(self) -> None:
-        try:
-            self._check()
-            require_nvx(bool(self["allow-slow-websocket"]))
-        except (ConfigError, ValueError, NvxUnavailable) as e:
-            raise usage.UsageError(str(e)) from None
-
-    def _check(self) -> None:
-        """Check and derive the mode's options; raise L{ConfigError} naming the option at fault."""
-        raise NotImplementedError(f"{type(self).__name__} must define _check")
-
-    def _checked_capath(self) -> Optional[str]:
-        """C{-c}, which must exist when given."""
-        capath = self["capath"]
-        if capath is not None and not os.path.exists(capath):
-            raise ConfigError(f"-c/--capath {capath}: no such file or directory")
-        return capath
-
-    def _checked_adapter_overrides(self, items: Sequence[str]) -> Dict[str, str]:
-        """C{--adapter SERVICE=NAME} items as a mapping, each naming an installed adapter."""
-        overrides = parse_adapter_overrides(list(items))
-        known = available_adapters()
-        for service_id, name in overrides.items():
-            if name not in known:
-                raise ConfigError(
-                    f"--adapter {service_id}={name}: unknown adapter (known: {', '.join(sorted(known))})"
-                )
-        return overrides
 
 
 class Options(TunnelClientOptions):
@@ -376,103 +321,8 @@ def build_session(options: Options, reactor: Any, clock: Any = None) -> LocalPro
     return session
 
 
-class _RedactingObserver:
-    """Replaces secrets in every string field of a log event (autobahn's trace lines hold the request)."""
-
-    def __init__(self, observer: Any, secrets: Sequence[str], client_tokens: Sequence[str] = ()) -> None:
-        self._observer = observer
-        self._secrets = [(s, "***ACCESS_TOKEN_REMOVED***") for s in secrets if s] + [
-            (s, "***CLIENT_TOKEN_REMOVED***") for s in client_tokens if s
-        ]
-
-    def __call__(self, event: Dict[str, Any]) -> None:
-        from tunnelkit.transport.fastpath import LazyText
-
-        cleaned = dict(event)
-        for key, value in event.items():
-            if isinstance(value, LazyText):  # autobahn's configuration, formatted now that it is written
-                value = str(value)
-            if isinstance(value, str):
-                for secret, replacement in self._secrets:
-                    if secret in value:
-                        value = value.replace(secret, replacement)
-                cleaned[key] = value
-        self._observer(cleaned)
-
-
-def filter_process_logs(
-    verbosity: int, secrets: Sequence[str] = (), client_tokens: Sequence[str] = ()
-) -> None:
-    """
-    Apply C{-v} to every log line of the process: 0 nothing, 1 critical, 2 error, 3 warning,
-    4 info (default), 5 debug, 6+ also autobahn's own debug (trace) lines, where the access tokens
-    C{secrets} and the C{client_tokens} (both in the upgrade request) are masked.
-
-    twistd starts logging after makeService, through L{globalLogBeginner}: each observer it hands over
-    is wrapped in a level filter.  (Twisted's own hooks take no options from a plugin: twistd's
-    C{--logger} names a factory called without arguments, and L{twisted.application.app.AppLogger}
-    looks for an C{ILogObserver} component only on an application a C{.tac} file builds, while a
-    plugin's makeService never sees the application.  Hence this wrapper, installed once per process.)
-    """
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        PredicateResult,
-        globalLogBeginner,
-    )
-
-    if verbosity >= 6:
-        import txaio
-
-        txaio.set_global_log_level("debug")  # type: ignore[attr-defined]  # bound by txaio.use_twisted()
-    if verbosity == 0:
-        predicates: List[Any] = [lambda event: PredicateResult.no]
-    else:
-        level = {1: LogLevel.critical, 2: LogLevel.error, 3: LogLevel.warn, 4: LogLevel.info}.get(
-            verbosity, LogLevel.debug
-        )
-        predicates = [LogLevelFilterPredicate(defaultLogLevel=level)]
-    begin = globalLogBeginner.beginLoggingTo
-
-    def filtered_begin(observers: Any, *args: Any, **kwargs: Any) -> Any:
-        wrapped: List[Any] = [FilteringLogObserver(o, predicates) for o in observers]
-        if verbosity >= 6:
-            wrapped = [_RedactingObserver(o, secrets, client_tokens) for o in wrapped]
-        return begin(wrapped, *args, **kwargs)
-
-    globalLogBeginner.beginLoggingTo = filtered_begin  # type: ignore[method-assign]
-
-
-_exit_status: List[int] = []
-
-
-def _exit_process(end: SessionEnd, reactor: Any) -> None:
-    """
-    Stop the reactor; make twistd exit with C{end.status}.  twistd has no way for a service to set
-    the exit status (Twisted issue #11335, open since 2004: "sys.exit(2) after reactor.run() ...
-    doesn't help for twistd based apps"; L{twisted.internet.task.react} is the supported way, outside
-    twistd): the first non-zero status is kept and the process exits with it once twistd is done.
-    """
-    if end.status != 0 and not _exit_status:
-        _exit_status.append(end.status)
-
-        def exit_with_status() -> None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(_exit_status[0])
-
-        atexit.register(exit_with_status)
-
-    def stop() -> None:
-        if reactor.running:
-            reactor.stop()
-
-    reactor.callLater(0, stop)
-
-
-def makeService(options: Options) -> IService:
-    """Build the local proxy for C{twistd}: one session, whose end stops the process."""
+def makeService(options: Options) -> ModeService:
+    """Build the local proxy for C{twistd}: one session, whose end ends the process with its status."""
     from twisted.internet import reactor
 
     log.info(
@@ -506,15 +356,17 @@ def makeService(options: Options) -> IService:
             "the proxy: {proxy}",
             proxy=str(options.service_endpoint.web_proxy),
         )
-    filter_process_logs(options["verbose"], [options["access-token"]], [options["client-token"]])
     if options.mapping:
         log.info("Use port mapping:")
         for service_id, endpoint in options.mapping.items():
             shown = endpoint if not isinstance(endpoint, tuple) else f"{endpoint[0]}:{endpoint[1]}"
             log.info("{service_id} = {endpoint}", service_id=service_id or "(v1 format)", endpoint=shown)
+    log_filter = LogFilter(options["verbose"], [options["access-token"]], [options["client-token"]])
+    top = ModeService(options.twistd_options, log_filter, reactor=reactor)
     session = build_session(options, reactor)
-    session.ended.addCallback(_exit_process, reactor)
-    return StartAfterLocalChecks(session)
+    StartAfterLocalChecks(session).setServiceParent(top)
+    session.ended.addCallback(lambda end: top.exit(end.status))
+    return top
 
 
 class StartAfterLocalChecks(MultiService):

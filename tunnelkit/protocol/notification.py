@@ -4,7 +4,7 @@ The MQTT notification that hands a destination token to a device (reference sect
 topic, its payload, and the names it carries.
 
 Both ends use this module: the service builds the topic and payload (L{tunnelkit.service.notify}),
-the agent subscribes to the topic and checks each payload's names (L{tunnelkit.agent}).  Sans-IO:
+the agent subscribes to the topic and checks each payload's names (L{tunnelkit.agent.core}).  Sans-IO:
 strings in, strings and bytes out.
 
 The name patterns are AWS's (thing name, service, region, tunnel id): the API's checks

@@ -33,7 +33,8 @@ from twisted.web.resource import Resource
 
 from tunnelkit.service.auth import SigV4Verifier
 from tunnelkit.service.logbounds import bounded
-from tunnelkit.service.operations import ApiError, ControlPlane
+from tunnelkit.service.errors import ApiError
+from tunnelkit.service.operations import ControlPlane
 
 log = Logger()
 

@@ -42,7 +42,7 @@ from botocore.credentials import Credentials
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from tunnelkit.service.operations import ApiError
+from tunnelkit.service.errors import ApiError
 from tunnelkit.service.statefiles import write_atomically
 from tunnelkit.service.dbrunner import Blocking, resolved
 from tunnelkit.service.store import AccessKey, Account, IControlStore, NoSuchAccount

@@ -28,9 +28,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from tunnelkit.errors import TunnelkitError
 from tunnelkit.protocol.notification import THING_NAME_RE, TUNNEL_ID_RE
 from tunnelkit.service import tokens
+from tunnelkit.service.errors import ApiError, not_found, serialization_error, validation_error
 from tunnelkit.service.interfaces import DESTINATION, SOURCE, INotifier, ITunnelEvents, ITunnelStateObserver
 from tunnelkit.service.lifecycle import TunnelLifecycle
 from tunnelkit.service.statechanges import StateChanges
@@ -41,61 +41,6 @@ log = Logger()
 DEFAULT_LIFETIME_MINUTES = 720
 MAX_LIFETIME_MINUTES = 720
 DEFAULT_MAX_RESULTS = 100
-
-
-class ApiError(TunnelkitError):
-    """
-    An API error as AWS JSON services report them: C{{"__type": error_type, "message": message}}.
-
-    @ivar status: the HTTP status (400 for a bad request, 403 for authentication, 404 for an unknown
-        tunnel, ...).
-    """
-
-    def __init__(self, error_type: str, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
-        self.status = status
-
-
-def validation_error(field: str, value: Any, constraint: str) -> ApiError:
-    """A C{ValidationException} in AWS's wording, naming C{field}."""
-    shown = value if isinstance(value, (int, float)) else _shorten(str(value))
-    return ApiError(
-        "ValidationException",
-        f"1 validation error detected: Value '{shown}' at '{field}' failed to satisfy constraint: {constraint}",
-    )
-
-
-def serialization_error(field: str, expected: str, value: Any) -> ApiError:
-    """A C{SerializationException}: C{field} has the wrong JSON type."""
-    return ApiError(
-        "SerializationException",
-        f"'{field}' must be {expected}, got {_json_type(value)}",
-    )
-
-
-def not_found(tunnel_id: str) -> ApiError:
-    """The C{ResourceNotFoundException} for a tunnel the caller cannot see."""
-    return ApiError("ResourceNotFoundException", f"Tunnel {tunnel_id} does not exist", status=404)
-
-
-def _shorten(text: str) -> str:
-    return text if len(text) <= 100 else text[:97] + "..."
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
 
 
 # --- field checks (reference section 3.2) ---

@@ -35,7 +35,8 @@ from tunnelkit.service.console.sessions import (
     SignInLimiter,
 )
 from tunnelkit.service.console.users import DUMMY_HASH, IConsoleUsers, host_key_name, password_matches
-from tunnelkit.service.operations import ApiError, ControlPlane, tunnel_arn
+from tunnelkit.service.errors import ApiError
+from tunnelkit.service.operations import ControlPlane, tunnel_arn
 from tunnelkit.service.store import CLOSED, OPEN, Account, IControlStore, NoSuchAccount, Tunnel
 
 log = Logger()

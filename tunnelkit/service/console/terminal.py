@@ -748,7 +748,7 @@ class Terminals:
         held = self._held.get(tunnel_id)
         if held is not None and held[0] == account.account_id:
             return held[1], held[2]
-        from tunnelkit.service.operations import ApiError
+        from tunnelkit.service.errors import ApiError
 
         try:
             answer = await self.console.pages.run_operation(

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_agent_tap -*-
 """
-C{twistd -n tunnelkit --mode agent}: the device agent (L{tunnelkit.agent}) with the local proxy's
-destination sessions (L{tunnelkit.localproxy}) running in this process.
+C{twistd -n tunnelkit --mode agent}: the device agent (L{tunnelkit.agent.core}) with the local proxy's
+destination sessions (L{tunnelkit.agent.starter}) running in this process.
 
 Example::
 
@@ -17,36 +17,28 @@ as AWS's Device Client does.
 from __future__ import annotations
 
 import os
-import uuid
-from typing import Any, Dict, Mapping, Optional
+from typing import Dict
 
-from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
-from zope.interface import implementer
 
 import tunnelkit
 from tunnelkit.adapters import Target
-from tunnelkit.agent import DEFAULT_TARGETS, Agent, IDestinationSession, IDestinationStarter, Notification
+from tunnelkit.agent.core import DEFAULT_TARGETS, Agent
+from tunnelkit.agent.starter import LocalProxyStarter
 from tunnelkit.config import positive_int
-from tunnelkit.errors import ConfigError, TunnelkitError
-from tunnelkit.localproxy.destination import DestinationSide
+from tunnelkit.errors import ConfigError
+from tunnelkit.localproxy.client_options import TunnelClientOptions
 from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint, region_host
 from tunnelkit.localproxy.mapping import V1_SERVICE_ID, parse_destination_mapping
-from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
-from tunnelkit.localproxy.tap import TunnelClientOptions, filter_process_logs
 from tunnelkit.mqtt import MQTT_OPTIONS, client_from_settings, mqtt_settings
+from tunnelkit.process import LogFilter, ModeService
 from tunnelkit.protocol.notification import THING_NAME_RE
-from tunnelkit.transport.httpproxy import ProxySettings, proxy_from_environment
+from tunnelkit.transport.httpproxy import proxy_from_environment
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
 
-__all__ = ["Options", "makeService", "LocalProxyStarter", "SessionFailed"]
+__all__ = ["Options", "makeService"]
 
 log = Logger()
-
-class SessionFailed(TunnelkitError):
-    """A destination session ended with an error (its token refused, a protocol error, ...)."""
-
 
 def agent_verbosity(text: str) -> int:
     """C{-v}: 0-5; the local proxy's trace levels (6+) would log the tokens the agent receives."""
@@ -124,78 +116,11 @@ class Options(TunnelClientOptions):
         self.adapter_overrides = self._checked_adapter_overrides(self["adapter"])
 
 
-@implementer(IDestinationSession)
-class _RunningSession:
-    """A L{LocalProxySession} as the agent sees it."""
-
-    def __init__(self, session: LocalProxySession) -> None:
-        self.session = session
-        self.ended: Deferred = Deferred()
-        session.ended.addCallback(self._session_ended)
-
-    def _session_ended(self, end: SessionEnd) -> None:
-        if self.ended.called:
-            return
-        if end.status == 0:
-            self.ended.callback(end)
-        else:
-            self.ended.errback(SessionFailed(end.message))
-
-    def stop(self) -> Deferred:
-        if not self.ended.called:
-            self.ended.callback(None)
-        if self.session.running:
-            return self.session.stopService()
-        return succeed(None)
-
-
-@implementer(IDestinationStarter)
-class LocalProxyStarter:
-    """Starts the local proxy's destination sessions in this process (one per notification)."""
-
-    def __init__(
-        self,
-        reactor: Any,
-        capath: Optional[str] = None,
-        verify: bool = True,
-        web_proxy: Optional[ProxySettings] = None,
-        adapter_overrides: Optional[Mapping[str, str]] = None,
-        clock: Any = None,
-        probe_targets: bool = True,
-    ) -> None:
-        self.reactor = reactor
-        self.probe_targets = probe_targets
-        self.clock = clock
-        self.capath = capath
-        self.verify = verify
-        self.web_proxy = web_proxy
-        self.adapter_overrides = dict(adapter_overrides or {})
-
-    def start(self, notification: Notification, endpoint: str, targets: Mapping[str, Target]) -> _RunningSession:
-        host, port, secure = parse_proxy_endpoint(endpoint)
-        service_endpoint = ServiceEndpoint(host, port, secure, self.capath, self.verify, self.web_proxy)
-        side = DestinationSide(
-            dict(targets),
-            self.reactor,
-            self.clock,
-            adapter_overrides={k: v for k, v in self.adapter_overrides.items() if k in targets},
-            probe_targets=self.probe_targets,
-        )
-        # A client token of our own lets the session reconnect with its single-use access token.
-        session = LocalProxySession(
-            side, service_endpoint, notification.access_token, str(uuid.uuid4()), self.reactor, self.clock
-        )
-        running = _RunningSession(session)
-        session.startService()
-        return running
-
-
-def makeService(options: Options) -> IService:
+def makeService(options: Options) -> ModeService:
     """The agent: an MQTT client, the agent's bookkeeping, and destination sessions on demand."""
     from twisted.internet import reactor
 
     log.info("Running tunnelkit agent version {version}", version=tunnelkit.__version__)
-    filter_process_logs(options["verbose"])
     if options["no-ssl-host-verify"]:
         for line in NO_VERIFY_WARNING.splitlines():
             log.warn("{line}", line=line)
@@ -206,7 +131,7 @@ def makeService(options: Options) -> IService:
         )
     settings = options.mqtt
     assert settings is not None
-    top = MultiService()
+    top = ModeService(options.twistd_options, LogFilter(options["verbose"]), reactor=reactor)
     # A persistent session: notifications published while the agent is away (a broker restart, a
     # network outage) are queued by the broker and delivered when it is back.
     client = client_from_settings(reactor, settings, clean_session=False)

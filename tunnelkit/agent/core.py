@@ -4,7 +4,7 @@ The device agent: takes destination tokens from MQTT and runs destination sessio
 
 It subscribes (QoS 1) to C{$aws/things/<thing>/tunnels/notify} (reference section 4) and, for each
 valid notification, starts a destination session in this process, through an
-L{IDestinationStarter} (L{tunnelkit.agent_tap} plugs in the local proxy's destination).  Unlike
+L{IDestinationStarter} (L{tunnelkit.agent.starter} plugs in the local proxy's destination).  Unlike
 AWS's Device Client it runs several tunnels at once and several services per tunnel, and maps any
 service id to any target (C{-d SERVICE=HOST:PORT}).
 
