@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
@@ -90,7 +90,7 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
 
     mode = "service"
     repeatable = {"listen": server_endpoint, "hostname": hostname}
-    optParameters = [
+    optParameters: List[Sequence[Any]] = [  # type: ignore[assignment]  # the bases annotate it differently
         ["state-dir", None, DEFAULT_STATE_DIR, "Directory of the database, TLS material and credentials."],
         [
             "store",
