@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, List
 
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunnelkit.protocol.session import (
@@ -14,6 +15,7 @@ from tunnelkit.protocol.session import (
     ConnectTarget,
     Fatal,
     HalfCloseLocal,
+    LogEvent,
     PauseLocal,
     ResumeLocal,
     SendFrames,
@@ -21,7 +23,20 @@ from tunnelkit.protocol.session import (
     WriteLocal,
 )
 from tunnelkit.service.console.terminal import TunnelSource
-from tunnelkit.transport.actions import ACTION_TYPES, ActionDispatcher
+from tunnelkit.transport.actions import ACTION_TYPES, ActionDispatcher, log_event
+
+
+class LogEventTests(SynchronousTestCase):
+    def test_a_log_event_is_one_logger_event_in_the_sessions_namespace(self) -> None:
+        events: List[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        log_event(LogEvent("warn", "Ignoring {type} before the service ids", {"type": "DATA"}))
+        (event,) = [e for e in events if e.get("log_namespace") == "tunnelkit.protocol.session"]
+        self.assertEqual(
+            (event["log_level"], event["log_format"], event["type"]),
+            (LogLevel.warn, "Ignoring {type} before the service ids", "DATA"),
+        )
 
 
 class DispatcherTests(SynchronousTestCase):

@@ -6,7 +6,6 @@ service it builds, and the starter that runs the local proxy's destination sessi
 from __future__ import annotations
 
 
-from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -15,6 +14,8 @@ from zope.interface.verify import verifyObject
 from tunnelkit.agent import DEFAULT_TARGETS, Agent, IDestinationSession, IDestinationStarter, Notification
 from tunnelkit.agent.starter import LocalProxyStarter, SessionFailed
 from tunnelkit.agent.tap import Options, makeService
+from tests.test_process import Events
+from tunnelkit.process import ModeService
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
 from tunnelkit.mqtt import MQTTClient
 from tunnelkit.tap import Options as PluginOptions
@@ -102,24 +103,21 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn("-v/--verbose expects 0-5", str(e))
 
     def test_default_verbosity_hides_debug(self) -> None:
-        """At -v 4 makeService leaves debug lines out of the process's log; -v 5 shows them."""
-        from twisted.logger import LogLevel, globalLogBeginner
+        """At -v 4 makeService's log filter leaves debug lines out of the process's log; -v 5 shows them."""
+        from twisted.logger import LogLevel
 
         for verbosity, shown in (("4", False), ("5", True)):
-            self.patch(globalLogBeginner, "beginLoggingTo", lambda observers, *a, **k: observers)
-            makeService(parse("--allow-slow-websocket", "-e", "ws://127.0.0.1:9", "-v", verbosity))
-            seen: list = []
-            (observer,) = globalLogBeginner.beginLoggingTo([seen.append])
+            service = makeService(parse("--allow-slow-websocket", "-e", "ws://127.0.0.1:9", "-v", verbosity))
+            assert service.log_filter is not None
+            seen = Events()
+            observer = service.log_filter.wrap(seen)
             observer({"log_level": LogLevel.debug, "log_namespace": "t", "log_format": "x"})
             self.assertEqual(bool(seen), shown)
 
     def test_make_service(self) -> None:
         """makeService gives an agent and its MQTT client, not started."""
-        from twisted.logger import globalLogBeginner
-
-        self.patch(globalLogBeginner, "beginLoggingTo", globalLogBeginner.beginLoggingTo)
         service = makeService(parse("--allow-slow-websocket", "-e", "ws://127.0.0.1:9"))
-        self.assertIsInstance(service, MultiService)
+        self.assertIsInstance(service, ModeService)
         kinds = sorted(type(child).__name__ for child in service)
         self.assertEqual(kinds, sorted([Agent.__name__, MQTTClient.__name__]))
         agent = [child for child in service if isinstance(child, Agent)][0]

@@ -12,6 +12,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
+from tunnelkit import tap as plugin_tap
+from tunnelkit.errors import ConfigError
 from tunnelkit.service import tap
 from tunnelkit.service.certs import ensure_certificates
 
@@ -112,7 +114,7 @@ class OptionsTests(TestCase):
 
 class StateDirTests(TestCase):
     def test_state_dir_is_a_file(self) -> None:
-        """A --state-dir that is a file is one clear line and status 1."""
+        """A --state-dir that is a file: makeService says so; the plugin makes it one line and status 1."""
         import io
         import sys
 
@@ -121,11 +123,15 @@ class StateDirTests(TestCase):
             pass
         options = tap.Options()
         options.parseOptions(["--mode", "service", "--state-dir", path, "--listen", "tcp:0:interface=127.0.0.1"])
+        problem = self.assertRaises(ConfigError, tap.makeService, options)
+        self.assertIn(f"--state-dir {path}: not a directory", str(problem))
+        plugin = plugin_tap.Options()
+        plugin.parseOptions(["--mode", "service", "--state-dir", path, "--listen", "tcp:0:interface=127.0.0.1"])
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
-        error = self.assertRaises(SystemExit, tap.makeService, options)
+        error = self.assertRaises(SystemExit, plugin_tap.makeService, plugin)
         self.assertEqual(error.code, 1)
-        self.assertIn(f"--state-dir {path}: not a directory", stderr.getvalue())
+        self.assertEqual(stderr.getvalue(), f"tunnelkit: error: {problem}\n")
 
 
 class CertificateTests(TestCase):

@@ -25,9 +25,10 @@ from tunnelkit.protocol.flowcontrol import (
     window_increment,
     window_update_frame,
 )
-from tunnelkit.protocol.framing import FrameDecoder, Message, parse_message
+from tunnelkit.protocol.framing import FrameDecoder, Message, encode_message, parse_message
 from tunnelkit.protocol.session import (
     Action,
+    LogEvent,
     CloseLocal,
     ConnectTarget,
     DestinationSession,
@@ -53,8 +54,8 @@ def sent(actions: Sequence[Action]) -> List[Message]:
 
 
 def others(actions: Sequence[Action]) -> List[Action]:
-    """The actions that are not SendFrames."""
-    return [a for a in actions if not isinstance(a, SendFrames)]
+    """The actions that are not SendFrames (nor log lines)."""
+    return [a for a in actions if not isinstance(a, (SendFrames, LogEvent))]
 
 
 class WireTests(SynchronousTestCase):
@@ -76,7 +77,7 @@ class WireTests(SynchronousTestCase):
         frame = announcement_frame(1 << 20)
         message = parse_message(frame[2:])
         self.assertEqual((message.type, message.ignorable), (ANNOUNCE, True))
-        self.assertEqual(message.payload, b"flow-control/1;window=1048576 half-close/1")
+        self.assertEqual(message.payload, b"flow-control/1;window=1048576;blocked half-close/1")
         self.assertEqual(WITHDRAWAL_FRAME, bytes.fromhex("0005" "08e907" "1801"))
 
     def test_parse_announcement(self) -> None:
@@ -126,6 +127,70 @@ class ConnectionFlowTests(SynchronousTestCase):
         self.assertTrue(flow.received(300))
         self.assertFalse(flow.received(1))
 
+    def test_blocked_peer_and_a_reader_that_keeps_up_grow_the_window(self) -> None:
+        flow = ConnectionFlow(credit=0, window=1000, max_window=4000)
+        self.assertTrue(flow.received(1000))
+        self.assertEqual(flow.delivered(200), 0)  # below a quarter: waits
+        self.assertEqual(flow.blocked(1 << 20), 200 + 1000)  # what waits, and the window doubled
+        self.assertEqual((flow.window, flow.growth, flow.allowed), (2000, 1000, 1200))
+        self.assertEqual(flow.delivered(800), 800)
+        self.assertTrue(flow.received(2000))
+        self.assertEqual(flow.delivered(2000), 2000)
+        self.assertEqual(flow.blocked(1 << 20), 2000)  # up to max_window
+        self.assertEqual(flow.blocked(1 << 20), 0)  # at max_window, nothing waiting
+        self.assertEqual((flow.window, flow.allowed), (4000, 4000))
+
+    def test_growth_is_bounded_by_the_room_given(self) -> None:
+        flow = ConnectionFlow(credit=0, window=1000, max_window=8000)
+        self.assertEqual(flow.blocked(300), 300)
+        self.assertEqual(flow.blocked(0), 0)
+        self.assertEqual((flow.window, flow.allowed), (1300, 1300))
+
+    def test_no_growth_without_a_maximum_above_the_window(self) -> None:
+        flow = ConnectionFlow(credit=0, window=1000)
+        self.assertEqual(flow.blocked(1 << 20), 0)
+
+    def test_no_growth_while_the_local_buffer_is_full(self) -> None:
+        flow = ConnectionFlow(credit=0, window=1000, max_window=8000)
+        self.assertTrue(flow.received(1000))
+        flow.filled(5.0)
+        self.assertEqual(flow.blocked(1 << 20), 0)  # the application is the bottleneck
+        flow.drained(1000, 5.0)  # taken at once once it read
+        self.assertEqual(flow.delivered(1000), 1000)
+        self.assertEqual(flow.blocked(1 << 20), 1000)
+
+    def test_a_slow_reader_shrinks_the_window_which_pays_the_difference_first(self) -> None:
+        flow = ConnectionFlow(credit=0, window=1 << 20, max_window=8 << 20)
+        for _ in range(3):  # grow to 8 MiB
+            flow.blocked(64 << 20)
+        self.assertEqual(flow.window, 8 << 20)
+        # the peer sends all of it; the application takes 3 MiB at once, then 5 MiB in a second
+        self.assertTrue(flow.received(8 << 20))
+        self.assertEqual(flow.delivered(3 << 20), 3 << 20)
+        flow.filled(10.0)
+        flow.drained(5 << 20, 11.0)  # 5 MiB/s: slow, toward 4 MiB
+        self.assertEqual(flow.delivered(3 << 20), 0)  # pays 3 of the 4 MiB
+        self.assertEqual(flow.window, 5 << 20)
+        self.assertEqual(flow.blocked(64 << 20), 0)  # no growth while shrinking (nothing waits)
+        self.assertEqual(flow.delivered(2 << 20), 1 << 20)  # pays the last MiB, grants 1 MiB
+        self.assertEqual((flow.window, flow.growth), (4 << 20, 3 << 20))
+        self.assertEqual(flow.allowed, 4 << 20)  # every byte accounted: the window, none held
+        # a fast drain changes nothing; twice more, not below the announced window
+        self.assertTrue(flow.received(1 << 20))
+        flow.filled(20.0)
+        flow.drained(1 << 20, 20.001)
+        self.assertEqual(flow.delivered(1 << 20), 1 << 20)
+        self.assertEqual(flow.window, 4 << 20)
+        flow.shrink()
+        flow.shrink()
+        self.assertTrue(flow.received(4 << 20))
+        self.assertEqual(flow.delivered(4 << 20), 1 << 20)
+        self.assertEqual((flow.window, flow.growth), (1 << 20, 0))
+        flow.shrink()
+        self.assertTrue(flow.received(1 << 20))
+        self.assertEqual(flow.delivered(1 << 20), 1 << 20)
+        self.assertEqual(flow.window, 1 << 20)
+
     def test_half_close(self) -> None:
         flow = ConnectionFlow(0, 10)
         self.assertFalse(flow.ended)
@@ -157,6 +222,9 @@ class SessionFlowTestCase(SynchronousTestCase):
     """A source and a destination that both announced, and the messages between them by hand."""
 
     WINDOW = 1000
+    #: What windows may grow to (no growth unless a test case says otherwise), and the tunnel's budget.
+    MAX_WINDOW = 1000
+    BUDGET = 1 << 20
 
     def announced(self, session, extensions: str = OFFERED) -> List[Action]:
         session.websocket_opened(extensions)
@@ -167,6 +235,8 @@ class SessionFlowTestCase(SynchronousTestCase):
         source = SourceSession(["SSH"], window=self.WINDOW)
         destination = DestinationSession(["SSH"], window=self.WINDOW)
         for session in (source, destination):
+            session.max_window = self.MAX_WINDOW
+            session.growth_budget = self.BUDGET
             actions = self.announced(session)
             (announcement,) = sent(actions)
             self.assertEqual(announcement.type, ANNOUNCE)
@@ -223,8 +293,9 @@ class CreditTests(SessionFlowTestCase):
         source, destination = self.peers()
         self.start(source, destination)
         actions = source.local_data("SSH", 1, b"a" * 1500)
-        (data,) = sent(actions)
+        data, blocked = sent(actions)
         self.assertEqual(len(data.payload), self.WINDOW)
+        self.assertEqual((blocked.type, window_increment(blocked.payload)), (WINDOW_UPDATE, 0))
         self.assertEqual(others(actions), [PauseLocal("SSH", 1)])
         # the destination writes it; its socket takes it: a grant once a quarter window waits
         self.assertEqual(destination.receive(data), [WriteLocal("SSH", 1, data.payload)])
@@ -241,7 +312,7 @@ class CreditTests(SessionFlowTestCase):
         self.start(source, destination)
         source.local_data("SSH", 1, bytes(range(256)) * 8)  # 2048: 1000 go, 1048 held
         actions = source.receive(parse_message(window_update_frame(1, "SSH", 1, 300)[2:]))
-        self.assertEqual([len(m.payload) for m in sent(actions)], [300])
+        self.assertEqual([(m.type, len(m.payload)) for m in sent(actions)], [(DATA, 300), (WINDOW_UPDATE, 4)])
         self.assertEqual(others(actions), [])
         actions = source.receive(parse_message(window_update_frame(1, "SSH", 1, 5000)[2:]))
         self.assertEqual(b"".join(m.payload for m in sent(actions)), (bytes(range(256)) * 8)[1300:])
@@ -254,6 +325,7 @@ class CreditTests(SessionFlowTestCase):
         too_much = Message(type=DATA, streamId=1, serviceId="SSH", connectionId=1, payload=b"x" * (self.WINDOW + 1))
         actions = source.receive(too_much)
         self.assertEqual(others(actions), [CloseLocal("SSH", 1, "the peer broke flow control", True)])
+        self.assertEqual([a.level for a in actions if isinstance(a, LogEvent)], ["error"])
         self.assertEqual([(m.type, m.connectionId) for m in sent(actions)], [(CONNECTION_RESET, 1)])
         self.assertEqual(source.connections("SSH"), (2,))
 
@@ -267,6 +339,98 @@ class CreditTests(SessionFlowTestCase):
         actions = destination.local_data("SSH", 1, b"y" * 100)
         self.assertEqual([len(m.payload) for m in sent(actions)], [40])
         self.assertEqual(others(actions), [PauseLocal("SSH", 1)])
+
+
+class WindowGrowthTests(SessionFlowTestCase):
+    """Receive windows that grow when the sender is blocked and the reader keeps up, within a budget."""
+
+    MAX_WINDOW = 4000
+    BUDGET = 4500
+
+    def push(self, source, destination, connection_id: int, size: int) -> List[int]:
+        """
+        The source's application writes C{size} bytes; the destination's socket takes all it gets
+        at once; every frame goes across.  The increments the destination granted.
+        """
+        increments = []
+        queue = sent(source.local_data("SSH", connection_id, b"d" * size))
+        while queue:
+            message = queue.pop(0)
+            if message.type == DATA:
+                self.assertEqual(destination.receive(message), [WriteLocal("SSH", connection_id, message.payload)])
+                grants = sent(destination.local_delivered("SSH", connection_id, len(message.payload)))
+            else:
+                grants = sent(destination.receive(message))
+            for grant in grants:
+                increments.append(window_increment(grant.payload))
+                queue += sent(source.receive(grant))
+        return increments
+
+    def test_blocked_announced_and_sent_once_per_grant(self) -> None:
+        source, destination = self.peers()
+        self.start(source, destination)
+        self.assertTrue(destination.peer_extensions.blocked)
+        actions = source.local_data("SSH", 1, b"b" * 1500)
+        self.assertEqual([(m.type, len(m.payload)) for m in sent(actions)], [(DATA, 1000), (WINDOW_UPDATE, 4)])
+        self.assertEqual(window_increment(sent(actions)[1].payload), 0)
+        self.assertEqual(sent(source.local_data("SSH", 1, b"more")), [])  # once per grant
+        # still short of credit after a grant: blocked again
+        actions = source.receive(parse_message(window_update_frame(1, "SSH", 1, 100)[2:]))
+        self.assertEqual([(m.type, len(m.payload)) for m in sent(actions)], [(DATA, 100), (WINDOW_UPDATE, 4)])
+        # a grant of all that waits: nothing more
+        actions = source.receive(parse_message(window_update_frame(1, "SSH", 1, 10000)[2:]))
+        self.assertEqual([(m.type, len(m.payload)) for m in sent(actions)], [(DATA, 404)])
+
+    def test_no_blocked_to_a_peer_that_did_not_announce_it(self) -> None:
+        source, destination = self.peers()
+        source.receive(parse_message(encode_message(Message(
+            type=ANNOUNCE, ignorable=True, payload=b"flow-control/1;window=1000 half-close/1"))[2:]))
+        self.start(source, destination)
+        self.assertEqual([m.type for m in sent(source.local_data("SSH", 1, b"b" * 1500))], [DATA])
+
+    def test_growth_within_the_tunnels_budget(self) -> None:
+        source, destination = self.peers()
+        self.start(source, destination)
+        # a sender blocked while the reader keeps up: the window doubles, to MAX_WINDOW
+        self.assertEqual(self.push(source, destination, 1, 20000).count(0), 0)
+        self.assertEqual(destination._growth_room(), self.BUDGET - 3000)
+        # a second connection may grow only by what the budget has left: 4500 - 3000
+        connection_id, actions = source.local_accepted("SSH")
+        for message in sent(actions):
+            destination.receive(message)
+        destination.local_connected("SSH", connection_id)
+        self.push(source, destination, connection_id, 20000)
+        self.assertEqual(destination._growth_room(), 0)
+        flows = [destination._flow("SSH", c).window for c in (1, connection_id)]
+        self.assertEqual(flows, [4000, 2500])
+        # the first closes: its growth goes back to the budget, and the second may take it
+        source.local_closed("SSH", 1)
+        destination.receive(Message(type=CONNECTION_RESET, streamId=1, serviceId="SSH", connectionId=1))
+        self.push(source, destination, connection_id, 20000)
+        self.assertEqual(destination._flow("SSH", connection_id).window, 4000)
+
+    def test_a_slow_reader_shrinks_the_window(self) -> None:
+        source, destination = self.peers()
+        self.start(source, destination)
+        self.push(source, destination, 1, 20000)
+        self.assertEqual(destination._flow("SSH", 1).window, 4000)
+        # 4000 bytes into a full buffer, taken in 10 s: slow; the window halves, 2000 of them pay for it
+        (data,) = [m for m in sent(source.local_data("SSH", 1, b"s" * 4000)) if m.type == DATA]
+        destination.local_buffer_full("SSH", 1, 50.0)
+        destination.receive(data)
+        (grant,) = sent(destination.local_buffer_drained("SSH", 1, 4000, 60.0))
+        self.assertEqual(window_increment(grant.payload), 2000)
+        self.assertEqual(destination._flow("SSH", 1).window, 2000)
+
+    def test_a_stalled_reader_does_not_grow(self) -> None:
+        source, destination = self.peers()
+        self.start(source, destination)
+        destination.local_buffer_full("SSH", 1, 1.0)
+        queue = sent(source.local_data("SSH", 1, b"s" * 5000))
+        self.assertEqual([m.type for m in queue], [DATA, WINDOW_UPDATE])
+        destination.receive(queue[0])
+        self.assertEqual(destination.receive(queue[1]), [])  # blocked, but the reader does not read
+        self.assertEqual(destination._growth_room(), self.BUDGET)
 
 
 class LateAnnouncementTests(SessionFlowTestCase):

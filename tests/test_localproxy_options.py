@@ -7,7 +7,10 @@ from twisted.trial.unittest import TestCase
 
 from tunnelkit.errors import ConfigError
 from tunnelkit.localproxy.endpoint import parse_proxy_endpoint, region_host
+from tunnelkit.localproxy import tap
 from tunnelkit.localproxy.tap import Options
+from tests.test_process import Events
+from tunnelkit.process import ModeService
 
 TOKEN = "AQGAAXiVzSmRL1VaJ22G7eRb"
 
@@ -173,24 +176,13 @@ class HelpTests(TestCase):
 
 class VerbosityTests(TestCase):
     def begin(self, verbosity):
-        import twisted.logger
-
-        from tunnelkit.localproxy import tap
-
-        class Beginner:
-            def beginLoggingTo(self, observers):
-                self.observers = observers
-
-        import txaio
-
-        beginner = Beginner()
-        self.patch(twisted.logger, "globalLogBeginner", beginner)
-        self.addCleanup(txaio.set_global_log_level, txaio.get_global_log_level())
-        tap.filter_process_logs(verbosity, ["the-token"], ["the-client-token-0123456789abcdef0123"])
-        seen = []
-        twisted.logger.globalLogBeginner.beginLoggingTo([seen.append])
-        (observer,) = beginner.observers
-        return observer, seen
+        """The observer makeService's log filter puts in front of twistd's (here: a list)."""
+        options = parse(["-t", "the-token", "-i", "the-client-token-0123456789abcdef0123", "-e", "a.test", "-s", "1",
+                         "--allow-slow-websocket", "-v", str(verbosity)])
+        service = tap.makeService(options)
+        self.assertIsInstance(service, ModeService)
+        seen = Events()
+        return service.log_filter.wrap(seen), seen
 
     def emit(self, observer, level, text="x"):
         from twisted.logger import LogLevel

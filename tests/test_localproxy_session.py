@@ -545,14 +545,21 @@ class FlowControlTests(TestCase):
         self.websocket.flush()
         self.assertEqual(self.websocket.decoded(), [])
         self.assertEqual(self.websocket.transport.producerState, "producing")
+        self.reactor.advance(1.0)  # the application took a megabyte in a second: not fast
         self.transport.producer.resumeProducing()
         ((grant,),) = self.websocket.decoded()
         self.assertEqual(window_increment(grant.payload), window // 2)
+        # the peer says it is blocked, and the socket keeps up: the window doubles
+        self.proxy.messages_received([parse_message(window_update_frame(1, "SSH1", 1, 0)[2:])])
+        self.websocket.flush()
+        ((grant,),) = self.websocket.decoded()
+        self.assertEqual(window_increment(grant.payload), window)
 
     def test_no_credit_pauses_this_connection_only(self):
         self.connection.dataReceived(b"u" * 1500)
-        (sent,) = [m for batch in self.websocket.decoded() for m in batch]
+        sent, blocked = [m for batch in self.websocket.decoded() for m in batch]
         self.assertEqual(len(sent.payload), 1000)
+        self.assertEqual((blocked.type, window_increment(blocked.payload)), (WINDOW_UPDATE, 0))
         self.assertEqual(self.transport.producerState, "paused")
         self.proxy.messages_received([parse_message(window_update_frame(1, "SSH1", 1, 10000)[2:])])
         self.assertEqual(self.transport.producerState, "producing")

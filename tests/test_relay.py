@@ -527,8 +527,8 @@ class ExtensionTests(ServiceTestCase):
         self.announce(destination, 2000)
         (to_source,) = source.take_frames()
         (to_destination,) = destination.take_frames()
-        self.assertEqual((to_source.type, to_source.payload), (ANNOUNCE, b"flow-control/1;window=2000 half-close/1"))
-        self.assertEqual(to_destination.payload, b"flow-control/1;window=1000 half-close/1")
+        self.assertEqual((to_source.type, to_source.payload), (ANNOUNCE, b"flow-control/1;window=2000;blocked half-close/1"))
+        self.assertEqual(to_destination.payload, b"flow-control/1;window=1000;blocked half-close/1")
         # now window updates and EOFs pass, untouched and counted
         source.send(start() + window_update_frame(1, "SSH", 1, 1000))
         self.assertEqual([m.type for m in destination.take_frames()], [STREAM_START, WINDOW_UPDATE])

@@ -25,6 +25,7 @@ from tunnelkit.protocol.framing import (
 from tunnelkit.protocol.rules import PeerRules
 from tunnelkit.protocol.session import (
     DESTINATION_RESET,
+    LogEvent,
     INT32_MAX,
     UINT32_MAX,
     WRONG_CONFIGURATION,
@@ -70,11 +71,25 @@ def messages(actions: Sequence[Action]) -> List[Message]:
     return found
 
 
+def quiet(actions: Sequence[Action]) -> List[Action]:
+    """C{actions} without their log lines."""
+    return [a for a in actions if not isinstance(a, LogEvent)]
+
+
 def only(actions: Sequence[Action]) -> Message:
-    """The single message sent by C{actions}, which hold nothing else."""
+    """The single message sent by C{actions}, which hold nothing else (but log lines)."""
+    actions = quiet(actions)
     assert len(actions) == 1 and isinstance(actions[0], SendFrames), actions
     (message,) = messages(actions)
     return message
+
+
+class SessionTestCase(SynchronousTestCase):
+    def assertLogged(self, actions: Sequence[Action], level: str) -> None:
+        """C{actions} are one log line at C{level} and nothing else (a message dropped, and said)."""
+        self.assertEqual([type(a) for a in actions], [LogEvent], actions)
+        self.assertEqual(actions[0].level, level, actions)  # type: ignore[union-attr]
+        self.assertTrue(actions[0].format, actions)  # type: ignore[union-attr]
 
 
 class DataFrameEncoderTests(SynchronousTestCase):
@@ -133,7 +148,7 @@ class DataFrameEncoderTests(SynchronousTestCase):
             self.assertGreater(len(batch) + next_frame, MAX_WEBSOCKET_FRAME)
 
 
-class SourceTestCase(SynchronousTestCase):
+class SourceTestCase(SessionTestCase):
     def ready_source(
         self, mapping: Optional[Sequence[str]] = ("SSH",), tunnel: Sequence[str] = ("SSH",), **kwargs: object
     ) -> SourceSession:
@@ -223,8 +238,8 @@ class SourceServiceIdsTests(SourceTestCase):
 
     def test_later_service_ids_ignored(self) -> None:
         source = self.ready_source()
-        self.assertEqual(source.receive(service_ids("SSH")), [])
-        self.assertEqual(source.receive(service_ids("OTHER")), [])
+        self.assertLogged(source.receive(service_ids("SSH")), "debug")
+        self.assertLogged(source.receive(service_ids("OTHER")), "debug")
 
     def test_v1_multi_service_tunnel(self) -> None:
         source = SourceSession(None, "V1")
@@ -308,7 +323,7 @@ class SourceV3Tests(SourceTestCase):
             Message(type=CONNECTION_RESET, streamId=2, serviceId="A", connectionId=1),
             Message(type=CONNECTION_RESET, streamId=1, serviceId="A", connectionId=5),
         ]:
-            self.assertEqual(source.receive(message), [], message)
+            self.assertEqual(quiet(source.receive(message)), [], message)
         self.assertEqual(source.connections("A"), (1,))
 
     def test_zero_connection_id_is_one(self) -> None:
@@ -462,16 +477,16 @@ class SourceV3Tests(SourceTestCase):
         source.local_accepted("SSH")
         for message_type in (STREAM_START, CONNECTION_START):
             message = Message(type=message_type, streamId=1, serviceId="SSH", connectionId=1)
-            self.assertEqual(source.receive(message), [])
+            self.assertLogged(source.receive(message), "error")
         self.assertEqual(source.connections("SSH"), (1,))
 
     def test_unknown_types(self) -> None:
         """Unknown types are dropped, ignorable or not: nothing a peer sends stops the proxy."""
         source = self.ready_source()
         source.local_accepted("SSH")
-        self.assertEqual(source.receive(Message(type=12, ignorable=True)), [])
-        self.assertEqual(source.receive(Message(type=12)), [])
-        self.assertEqual(source.receive(Message(type=0)), [])
+        self.assertLogged(source.receive(Message(type=12, ignorable=True)), "debug")
+        self.assertLogged(source.receive(Message(type=12)), "error")
+        self.assertLogged(source.receive(Message(type=0)), "error")
         self.assertEqual(source.connections("SSH"), (1,))
 
     def test_feed(self) -> None:
@@ -508,7 +523,7 @@ class SourceV1V2Tests(SourceTestCase):
         self.assertEqual(only(source.local_closed("SSH", first)), Message(type=STREAM_RESET, streamId=1))
         self.assertEqual(source.active_streams, {})
         # Late DATA of the closed stream is stale.
-        self.assertEqual(source.receive(Message(type=DATA, streamId=1, payload=b"late")), [])
+        self.assertLogged(source.receive(Message(type=DATA, streamId=1, payload=b"late")), "debug")
         second, actions = source.local_accepted("SSH")
         self.assertEqual(only(actions), Message(type=STREAM_START, streamId=2))
         self.assertEqual(
@@ -541,7 +556,7 @@ class SourceV1V2Tests(SourceTestCase):
         self.assertEqual(only(source.local_closed("B", b)), Message(type=STREAM_RESET, streamId=1, serviceId="B"))
         b2, actions = source.local_accepted("B")
         self.assertEqual(only(actions), Message(type=STREAM_START, streamId=2, serviceId="B"))
-        self.assertEqual(source.receive(Message(type=DATA, streamId=1, serviceId="B", payload=b"z")), [])
+        self.assertLogged(source.receive(Message(type=DATA, streamId=1, serviceId="B", payload=b"z")), "debug")
         self.assertEqual(
             source.receive(Message(type=DATA, streamId=2, serviceId="B", payload=b"z")),
             [WriteLocal("B", b2, b"z")],
@@ -555,7 +570,7 @@ class SourceV1V2Tests(SourceTestCase):
         self.assertEqual(only(source.local_accepted("SSH")[1]).streamId, 2)
 
 
-class DestinationTestCase(SynchronousTestCase):
+class DestinationTestCase(SessionTestCase):
     def ready_destination(
         self, mapping: Sequence[str] = ("SSH",), tunnel: Sequence[str] = ("SSH",)
     ) -> DestinationSession:
@@ -637,7 +652,7 @@ class DestinationV3Tests(DestinationTestCase):
         )
         self.assertEqual(destination.active_streams, {"SSH": 2})
         stale = Message(type=DATA, streamId=1, serviceId="SSH", connectionId=1, payload=b"x")
-        self.assertEqual(destination.receive(stale), [])
+        self.assertLogged(destination.receive(stale), "debug")
 
     def test_connection_start_first(self) -> None:
         """localproxy >= 3.2 accepts a CONNECTION_START in place of the first STREAM_START."""
@@ -692,7 +707,7 @@ class DestinationV3Tests(DestinationTestCase):
             Message(type=CONNECTION_RESET, streamId=1, serviceId="A", connectionId=3),
             Message(type=CONNECTION_RESET, streamId=1, serviceId="B", connectionId=1),
         ]:
-            self.assertEqual(destination.receive(message), [], message)
+            self.assertEqual(quiet(destination.receive(message)), [], message)
         self.assertEqual(destination.local_data("B", 1, b"x"), [])
         self.assertEqual(destination.local_data("Z", 1, b"x"), [])
 
@@ -720,7 +735,7 @@ class DestinationV3Tests(DestinationTestCase):
             ),
         ]:
             self.assertEqual(only(destination.receive(start)), reset, start)
-        self.assertEqual(destination.receive(Message(type=STREAM_START, streamId=0, serviceId="Z")), [])
+        self.assertLogged(destination.receive(Message(type=STREAM_START, streamId=0, serviceId="Z")), "error")
         self.assertEqual(destination.connections("A"), (1,))
         self.assertEqual(destination.active_streams, {"A": 1})
 
@@ -729,7 +744,7 @@ class DestinationV3Tests(DestinationTestCase):
         destination = DestinationSession(["SSH"])
         destination.websocket_opened()
         start = Message(type=STREAM_START, streamId=1, serviceId="SSH", connectionId=1)
-        self.assertEqual(destination.receive(start), [])
+        self.assertLogged(destination.receive(start), "warn")
         destination.receive(service_ids("SSH"))
         self.assertEqual(destination.receive(start), [ConnectTarget("SSH", 1, "SSH")])
 
@@ -742,7 +757,7 @@ class DestinationV3Tests(DestinationTestCase):
 
     def test_later_service_ids_ignored(self) -> None:
         destination = self.ready_destination()
-        self.assertEqual(destination.receive(service_ids("X")), [])
+        self.assertLogged(destination.receive(service_ids("X")), "debug")
 
     def test_session_reset(self) -> None:
         destination = self.ready_destination(["A", "B"], ["A", "B"])
@@ -775,8 +790,8 @@ class DestinationV3Tests(DestinationTestCase):
 
     def test_unknown_types(self) -> None:
         destination = self.ready_destination()
-        self.assertEqual(destination.receive(Message(type=99, ignorable=True)), [])
-        self.assertEqual(destination.receive(Message(type=99)), [])
+        self.assertLogged(destination.receive(Message(type=99, ignorable=True)), "debug")
+        self.assertLogged(destination.receive(Message(type=99)), "error")
 
 
 class DestinationDetectionTests(DestinationTestCase):
@@ -794,7 +809,7 @@ class DestinationDetectionTests(DestinationTestCase):
         self.assertEqual(only(destination.local_data("SSH", 1, b"out")), Message(type=DATA, streamId=7, payload=b"out"))
         self.assertEqual(only(destination.local_closed("SSH", 1)), Message(type=STREAM_RESET, streamId=7))
         self.assertEqual(destination.active_streams, {})
-        self.assertEqual(destination.receive(Message(type=DATA, streamId=7, payload=b"late")), [])
+        self.assertLogged(destination.receive(Message(type=DATA, streamId=7, payload=b"late")), "debug")
 
     def test_v1_bare_target(self) -> None:
         """A bare target (-d 22) with a tunnel of one service is renamed to it."""

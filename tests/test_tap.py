@@ -106,3 +106,32 @@ class ProcessFilesTests(unittest.TestCase):
 
     def test_no_parent(self):
         tap.default_process_files(None, "service")  # the plugin's Options used on its own
+
+
+class ApplicationTests(unittest.TestCase):
+    """What twistd does with the plugin (createOrGetApplication): the mode's service in an Application."""
+
+    def test_mode_service_filters_twistds_observer(self):
+        """The mode gets twistd's options; its -v filter becomes the application's log observer."""
+        from twisted.application.service import Application
+        from twisted.logger import ILogObserver, LogLevel
+        from twisted.scripts.twistd import ServerOptions
+
+        from tunnelkit.process import ModeService
+
+        server = ServerOptions()
+        server.parseOptions(["-n", "--logfile", "-", "tunnelkit", "--mode", "destination", "-t", "token", "-e",
+                             "ws://127.0.0.1:1", "-d", "SSH1=22", "--allow-slow-websocket", "-v", "3"])
+        self.assertIs(server.subOptions.modeOptions.twistd_options, server)
+        service = tap.makeService(server.subOptions)
+        self.assertIsInstance(service, ModeService)
+        application = Application("tunnelkit")
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)  # twistd's observer for "-n --logfile -" writes to sys.stdout
+        service.setServiceParent(application)
+        self.assertTrue(service.in_application)
+        observer = application.getComponent(ILogObserver)
+        for level, text in ((LogLevel.info, "left out at -v 3"), (LogLevel.warn, "shown at -v 3")):
+            observer({"log_level": level, "log_namespace": "t", "log_format": text, "log_time": 0.0, "log_system": "-"})
+        self.assertNotIn("left out", out.getvalue())
+        self.assertIn("shown at -v 3", out.getvalue())

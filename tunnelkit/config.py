@@ -147,6 +147,9 @@ class ModeOptions(usage.Options):
 
     mode: str = ""
     repeatable: Mapping[str, Callable[[str], Any]] = {}
+    #: twistd's own options (C{--logfile}, C{-n}, ...) when twistd runs the mode, set by the plugin
+    #: (L{tunnelkit.tap}); the mode's service applies its log filter in front of twistd's observer.
+    twistd_options: Optional[Mapping[str, Any]] = None
 
     optParameters: List[Sequence[Any]] = [
         ["config", None, None, "Read options from this YAML file (tap.yml format); flags win over it."],

@@ -28,6 +28,7 @@ __all__ = [
     "parse_endpoint_description",
     "PAHO_SOCKET_HOOK",
     "SSL_ENDPOINT_OPTIONS",
+    "twistd_default_log_observer",
 ]
 
 #: The name of the paho-mqtt 2.x method that makes a new connection's socket; tunnelkit's MQTT client
@@ -37,6 +38,11 @@ PAHO_SOCKET_HOOK = "_create_socket"
 #: Where Twisted's C{ssl:} server endpoint keeps the TLS options it builds from its description; the
 #: service narrows their context to AEAD suites (L{tunnelkit.service.tap.restrict_listener_tls}).
 SSL_ENDPOINT_OPTIONS = "_sslContextFactory"
+
+#: twistd's application runner of this platform (its C{loggerFactory} makes twistd's log observer).
+TWISTD_RUNNER = "_SomeApplicationRunner"
+#: The method of twistd's logger making the observer of C{--logfile}, C{--syslog} and C{-n}.
+TWISTD_OBSERVER_METHOD = "_getLogObserver"
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,13 @@ INTERNALS: Tuple[Internal, ...] = (
         instance_check=_websocket_fast_path_can_run,
     ),
     Internal(
+        "twisted.scripts.twistd",
+        f"{TWISTD_RUNNER}.loggerFactory.{TWISTD_OBSERVER_METHOD}",
+        "putting the -v log filter of the local proxy and the agent in front of the observer twistd makes "
+        "from --logfile, --syslog and -n (an application's ILogObserver component replaces that observer, "
+        "and twistd offers no public way to make it)",
+    ),
+    Internal(
         "paho.mqtt.client",
         f"Client.{PAHO_SOCKET_HOOK}",
         "handing paho's MQTT session a socket over a Twisted transport, so nothing blocks the reactor",
@@ -158,3 +171,14 @@ def parse_endpoint_description(description: str) -> Tuple[List[Any], Dict[str, A
 
     parse: Callable[[str], Tuple[List[Any], Dict[str, Any]]] = getattr(endpoints, "_parse")
     return parse(description)
+
+
+def twistd_default_log_observer(twistd_options: Any) -> Any:
+    """
+    The log observer twistd would make from C{twistd_options} (its C{ServerOptions}) for an
+    application that names none: made by twistd's own logger class of this platform.
+    """
+    from twisted.scripts import twistd
+
+    logger = getattr(twistd, TWISTD_RUNNER).loggerFactory(twistd_options)
+    return getattr(logger, TWISTD_OBSERVER_METHOD)()

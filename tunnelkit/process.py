@@ -1,16 +1,91 @@
+# -*- test-case-name: tests.test_process -*-
 """
-What a mode changes in its twistd process: the log filter of C{-v}.
+What a mode changes in its twistd process, and how; every mode's C{makeService} returns a
+L{ModeService}, and nothing here acts before twistd hands that service its application.
+
+  - B{Log filter} (C{-v} of the local proxy and the agent): when the service joins twistd's
+    application, it sets the application's C{ILogObserver} component, the hook twistd documents for
+    customising its logging (L{twisted.application.app.AppLogger.start}; the howto "Using the Twisted
+    Application Framework", section "Customizing twistd logging"), to a L{LogFilter} in front of the
+    observer twistd would have made itself from C{--logfile}, C{--syslog} and C{-n}.  twistd's C{--logger}, when given,
+    takes precedence over any component (as twistd documents), and its observer is not filtered.
+  - B{Exit status} (the local proxy ends with its session's status): Twisted has no way for a
+    service to set twistd's exit status (Twisted issue #11335; L{twisted.internet.task.react} is
+    the supported way outside twistd).  L{ModeService.exit} stops the reactor; twistd then stops
+    the services, removes its pid file and logs "Server Shut Down." as usual, and returns to Python,
+    which would exit 0.  So for a non-zero status, and only then, one C{atexit} hook is registered
+    that ends the process with that status (C{os._exit}, after flushing stdout and stderr; the only
+    way to change the status once twistd's C{run()} has returned); C{atexit} hooks registered before
+    it, which run after it, are skipped.  Outside twistd's application (tests) no hook is registered.
+    The status lives on the service, never in a module.
+  - B{Fatal errors at start}: a L{ConfigError} from a part's C{startService} (a port in use) is one
+    line on stderr and status 1, as for a usage error.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+import atexit
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, NoReturn, Optional, Sequence
+
+from twisted.application.service import IProcess, MultiService
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LegacyLogObserverWrapper,
+    LogLevel,
+    LogLevelFilterPredicate,
+    PredicateResult,
+)
+from zope.interface import implementer
+
+from tunnelkit.errors import ConfigError
+
+__all__ = ["LogFilter", "ModeService", "exit_with_message", "twistd_log_observer"]
+
+#: C{-v} below 5: the lowest level shown (0 shows nothing; 5 and more show debug lines).
+_LEVELS = {1: LogLevel.critical, 2: LogLevel.error, 3: LogLevel.warn, 4: LogLevel.info}
 
 
+@dataclass(frozen=True)
+class LogFilter:
+    """
+    C{-v}: 0 nothing, 1 critical, 2 error, 3 warning, 4 info (the default), 5 debug, 6 and more also
+    autobahn's own debug (trace) lines, where the access tokens and client tokens given (both in
+    the upgrade request) are masked.
+    """
+
+    verbosity: int = 4
+    access_tokens: Sequence[str] = ()
+    client_tokens: Sequence[str] = ()
+
+    @property
+    def trace(self) -> bool:
+        """Whether autobahn's debug lines are wanted (txaio's log level is set to debug)."""
+        return self.verbosity >= 6
+
+    def wrap(self, observer: Any) -> ILogObserver:
+        """C{observer} (new or legacy style) behind this filter."""
+        if not ILogObserver.providedBy(observer):
+            observer = LegacyLogObserverWrapper(observer)
+        if self.verbosity == 0:
+            predicates: List[Any] = [lambda event: PredicateResult.no]
+        else:
+            level = _LEVELS.get(self.verbosity, LogLevel.debug)
+            predicates = [LogLevelFilterPredicate(defaultLogLevel=level)]
+        filtered: ILogObserver = FilteringLogObserver(observer, predicates)
+        if self.trace:
+            filtered = _RedactingObserver(filtered, self.access_tokens, self.client_tokens)
+        return filtered
+
+
+@implementer(ILogObserver)
 class _RedactingObserver:
     """Replaces secrets in every string field of a log event (autobahn's trace lines hold the request)."""
 
-    def __init__(self, observer: Any, secrets: Sequence[str], client_tokens: Sequence[str] = ()) -> None:
+    def __init__(self, observer: ILogObserver, secrets: Sequence[str], client_tokens: Sequence[str] = ()) -> None:
         self._observer = observer
         self._secrets = [(s, "***ACCESS_TOKEN_REMOVED***") for s in secrets if s] + [
             (s, "***CLIENT_TOKEN_REMOVED***") for s in client_tokens if s
@@ -31,45 +106,101 @@ class _RedactingObserver:
         self._observer(cleaned)
 
 
-def filter_process_logs(
-    verbosity: int, secrets: Sequence[str] = (), client_tokens: Sequence[str] = ()
-) -> None:
+def twistd_log_observer(twistd_options: Mapping[str, Any]) -> Any:
     """
-    Apply C{-v} to every log line of the process: 0 nothing, 1 critical, 2 error, 3 warning,
-    4 info (default), 5 debug, 6+ also autobahn's own debug (trace) lines, where the access tokens
-    C{secrets} and the C{client_tokens} (both in the upgrade request) are masked.
-
-    twistd starts logging after makeService, through L{globalLogBeginner}: each observer it hands over
-    is wrapped in a level filter.  (Twisted's own hooks take no options from a plugin: twistd's
-    C{--logger} names a factory called without arguments, and L{twisted.application.app.AppLogger}
-    looks for an C{ILogObserver} component only on an application a C{.tac} file builds, while a
-    plugin's makeService never sees the application.  Hence this wrapper, installed once per process.)
+    The observer twistd makes from its own options when the application names none: a file
+    (C{--logfile}, rotated on SIGUSR1), stdout (C{-n}, or C{--logfile -}) or syslog (C{--syslog}).
+    It is twistd's own code that makes it (L{tunnelkit.internals.twistd_default_log_observer}).
     """
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        PredicateResult,
-        globalLogBeginner,
-    )
+    from tunnelkit.internals import twistd_default_log_observer
 
-    if verbosity >= 6:
-        import txaio
+    return twistd_default_log_observer(twistd_options)
 
-        txaio.set_global_log_level("debug")  # type: ignore[attr-defined]  # bound by txaio.use_twisted()
-    if verbosity == 0:
-        predicates: List[Any] = [lambda event: PredicateResult.no]
-    else:
-        level = {1: LogLevel.critical, 2: LogLevel.error, 3: LogLevel.warn, 4: LogLevel.info}.get(
-            verbosity, LogLevel.debug
-        )
-        predicates = [LogLevelFilterPredicate(defaultLogLevel=level)]
-    begin = globalLogBeginner.beginLoggingTo
 
-    def filtered_begin(observers: Any, *args: Any, **kwargs: Any) -> Any:
-        wrapped: List[Any] = [FilteringLogObserver(o, predicates) for o in observers]
-        if verbosity >= 6:
-            wrapped = [_RedactingObserver(o, secrets, client_tokens) for o in wrapped]
-        return begin(wrapped, *args, **kwargs)
+def exit_with_message(message: str) -> NoReturn:
+    """End C{twistd} before it runs: one line on stderr, status 1, no traceback."""
+    sys.stderr.write(f"tunnelkit: error: {message}\n")
+    raise SystemExit(1)
 
-    globalLogBeginner.beginLoggingTo = filtered_begin  # type: ignore[method-assign]
+
+class ModeService(MultiService):
+    """
+    The top service of every mode: its parts are its children; under twistd it applies the mode's
+    log filter and exit status (see the module's docstring).
+
+    @param twistd_options: twistd's own options (C{--logfile}, ...), or None outside twistd: no
+        log filter can be put in front of twistd's observer then.
+    @param reactor: what L{exit} stops (default: the global reactor, when L{exit} is called).
+    @param make_observer: makes the observer the filter is put in front of, from C{twistd_options}.
+    @param at_exit: registers the exit hook (C{atexit.register}).
+    @param end_process: ends the process with a status (C{os._exit}).
+    """
+
+    def __init__(
+        self,
+        twistd_options: Optional[Mapping[str, Any]] = None,
+        log_filter: Optional[LogFilter] = None,
+        reactor: Any = None,
+        make_observer: Callable[[Mapping[str, Any]], Any] = twistd_log_observer,
+        at_exit: Callable[[Callable[[], None]], Any] = atexit.register,
+        end_process: Callable[[int], None] = os._exit,
+    ) -> None:
+        super().__init__()
+        self.twistd_options = twistd_options
+        self.log_filter = log_filter
+        self._reactor = reactor
+        self._make_observer = make_observer
+        self._at_exit = at_exit
+        self._end_process = end_process
+        #: The status the process ends with (the first non-zero one given to L{exit}).
+        self.exit_status = 0
+        #: Whether the service runs as twistd's application (log filter and exit status apply).
+        self.in_application = False
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if IProcess(parent, None) is None or not hasattr(parent, "setComponent"):
+            return  # a test's MultiService: nothing of the process is touched
+        self.in_application = True
+        if self.log_filter is not None and self.twistd_options is not None:
+            self._filter_logs(parent)
+
+    def _filter_logs(self, application: Any) -> None:
+        assert self.log_filter is not None and self.twistd_options is not None
+        if self.twistd_options.get("logger"):
+            return  # twistd's --logger wins over the application's component: its observer is unfiltered
+        observer = application.getComponent(ILogObserver, None)  # a .tac may have named one
+        if observer is None:
+            observer = self._make_observer(self.twistd_options)
+        application.setComponent(ILogObserver, self.log_filter.wrap(observer))
+        if self.log_filter.trace:
+            import txaio
+
+            txaio.set_global_log_level("debug")  # type: ignore[attr-defined]  # bound by txaio.use_twisted()
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except ConfigError as e:
+            exit_with_message(str(e))  # one line: twistd already logs stderr, so not log.error too
+
+    def exit(self, status: int) -> None:
+        """End the process: stop the reactor; under twistd the process ends with C{status} if not 0."""
+        if status and not self.exit_status:
+            self.exit_status = status
+            if self.in_application:
+                self._at_exit(self._end_with_status)
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        reactor.callLater(0, self._stop, reactor)
+
+    @staticmethod
+    def _stop(reactor: Any) -> None:
+        if reactor.running:
+            reactor.stop()
+
+    def _end_with_status(self) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._end_process(self.exit_status)

@@ -3,7 +3,9 @@
 C{twistd tunnelkit --mode MODE ...}: one plugin, every mode.
 
 The mode picks which Options class parses the rest of the command line; each mode lives in its own
-module (see L{tunnelkit.config.MODES}) exposing C{Options} and C{makeService(options)}.
+module (see L{tunnelkit.config.MODES}) exposing C{Options} (a L{tunnelkit.config.ModeOptions}) and
+C{makeService(options)}, which returns a L{tunnelkit.process.ModeService} holding the mode's parts
+(it applies the mode's log filter and exit status under twistd) or raises L{ConfigError}.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import tunnelkit
 from tunnelkit.config import MODES, ConfigFiles, find_mode, missing_mode_message
 from tunnelkit.errors import ConfigError
 from tunnelkit.internals import MissingInternals, check_internals
+from tunnelkit.process import exit_with_message
 
 _GENERAL_HELP = f"""\
 Usage: twistd [twistd options] tunnelkit --mode MODE [options]
@@ -141,6 +144,7 @@ class Options(usage.Options):
             mode_options.config_files = files
             if mode in ("source", "destination"):
                 mode_options.mode = mode  # one Options class serves both; it sets its "mode" key
+            mode_options.twistd_options = getattr(self, "parent", None)
             self.modeOptions = mode_options
             mode_options.parseOptions(args)
         except (usage.UsageError, ConfigError) as e:
@@ -164,7 +168,15 @@ def _fail(mode: Optional[str], message: str) -> NoReturn:
 
 
 def makeService(options: Options) -> IService:
-    """Build the mode's service from its parsed options."""
+    """
+    Build the mode's service from its parsed options: each mode module's C{makeService(options)}
+    returns a L{tunnelkit.process.ModeService}, or raises L{ConfigError} for what stops it before it
+    starts (one line on stderr and status 1 here, as a usage error).
+    """
     assert options.mode is not None and options.modeOptions is not None
     module = load_mode(options.mode)
-    return module.makeService(options.modeOptions)
+    try:
+        service: IService = module.makeService(options.modeOptions)
+    except ConfigError as e:
+        exit_with_message(str(e))
+    return service

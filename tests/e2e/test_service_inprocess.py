@@ -196,9 +196,13 @@ class ListenFailureTests(TestCase):
         options.parseOptions(
             ["--mode", "service", "--state-dir", state_dir, "--listen", f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"]
         )
-        service = tap.TunnelService(options, reactor)
         import io
         import sys
+
+        from tunnelkit.process import ModeService
+
+        service = ModeService()  # the top of every mode: a ConfigError at start is one line, status 1
+        tap.TunnelService(options, reactor).setServiceParent(service)
 
         from twisted.logger import globalLogPublisher
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from typing import Dict
 
-from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 
 import tunnelkit
@@ -32,7 +31,7 @@ from tunnelkit.localproxy.client_options import TunnelClientOptions
 from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint, region_host
 from tunnelkit.localproxy.mapping import V1_SERVICE_ID, parse_destination_mapping
 from tunnelkit.mqtt import MQTT_OPTIONS, client_from_settings, mqtt_settings
-from tunnelkit.process import filter_process_logs
+from tunnelkit.process import LogFilter, ModeService
 from tunnelkit.protocol.notification import THING_NAME_RE
 from tunnelkit.transport.httpproxy import proxy_from_environment
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
@@ -117,12 +116,11 @@ class Options(TunnelClientOptions):
         self.adapter_overrides = self._checked_adapter_overrides(self["adapter"])
 
 
-def makeService(options: Options) -> IService:
+def makeService(options: Options) -> ModeService:
     """The agent: an MQTT client, the agent's bookkeeping, and destination sessions on demand."""
     from twisted.internet import reactor
 
     log.info("Running tunnelkit agent version {version}", version=tunnelkit.__version__)
-    filter_process_logs(options["verbose"])
     if options["no-ssl-host-verify"]:
         for line in NO_VERIFY_WARNING.splitlines():
             log.warn("{line}", line=line)
@@ -133,7 +131,7 @@ def makeService(options: Options) -> IService:
         )
     settings = options.mqtt
     assert settings is not None
-    top = MultiService()
+    top = ModeService(options.twistd_options, LogFilter(options["verbose"]), reactor=reactor)
     # A persistent session: notifications published while the agent is away (a broker restart, a
     # network outage) are queued by the broker and delivered when it is back.
     client = client_from_settings(reactor, settings, clean_session=False)

@@ -40,6 +40,7 @@ from tunnelkit.protocol.session import (
     ConnectTarget,
     Fatal,
     HalfCloseLocal,
+    LogEvent,
     PauseLocal,
     ResumeLocal,
     SendFrames,
@@ -47,7 +48,7 @@ from tunnelkit.protocol.session import (
     StartListening,
     WriteLocal,
 )
-from tunnelkit.transport.actions import ActionDispatcher
+from tunnelkit.transport.actions import ActionDispatcher, log_event
 from tunnelkit.transport.flow import LocalReadThrottle, WebSocketReadThrottle
 from tunnelkit.transport.websocket import (
     ITunnelWebSocketHandler,
@@ -384,6 +385,7 @@ class LocalProxySession(MultiService):
             StartListening: lambda a: side.start_listening(a),
             ConnectTarget: lambda a: side.connect(a),
             Fatal: lambda a: self.finish(1, a.message),
+            LogEvent: log_event,
         }
 
     def _send_frames(self, action: SendFrames) -> None:
@@ -451,14 +453,19 @@ class LocalProxySession(MultiService):
             )
 
     def local_buffer_full(self, connection: LocalConnection) -> None:
-        if not self.session.flow_controlled(connection.service_id, connection.connection_id):
+        if self.session.flow_controlled(connection.service_id, connection.connection_id):
+            self.session.local_buffer_full(connection.service_id, connection.connection_id, self.clock.seconds())
+        else:
             self.websocket_read_throttle.legacy_full(connection.key)
 
     def local_buffer_drained(self, connection: LocalConnection) -> None:
         self.websocket_read_throttle.legacy_drained(connection.key)
         size, connection.ungranted = connection.ungranted, 0
-        if size:
-            self.perform(self.session.local_delivered(connection.service_id, connection.connection_id, size))
+        actions = self.session.local_buffer_drained(
+            connection.service_id, connection.connection_id, size, self.clock.seconds()
+        )
+        if actions:
+            self.perform(actions)
 
     def local_eof(self, connection: LocalConnection) -> None:
         """The local application shut down its write side."""

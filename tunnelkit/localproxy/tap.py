@@ -20,13 +20,11 @@ tunnel's services, or a listener that cannot bind.
 
 from __future__ import annotations
 
-import atexit
 import os
-import sys
 import uuid
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python import usage
@@ -47,11 +45,11 @@ from tunnelkit.localproxy.mapping import (
     parse_source_mapping,
     read_config_dir,
 )
-from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
+from tunnelkit.localproxy.session_service import LocalProxySession
 from tunnelkit.localproxy.source import SourceSide
 from tunnelkit.protocol.tokens import CLIENT_TOKEN_RE, MAX_ACCESS_TOKEN_LENGTH, sendable_access_token
 from tunnelkit.transport.httpproxy import proxy_from_environment
-from tunnelkit.process import filter_process_logs
+from tunnelkit.process import LogFilter, ModeService
 from tunnelkit.transport.tls import NO_VERIFY_WARNING
 
 __all__ = ["Options", "makeService", "build_session"]
@@ -323,35 +321,8 @@ def build_session(options: Options, reactor: Any, clock: Any = None) -> LocalPro
     return session
 
 
-_exit_status: List[int] = []
-
-
-def _exit_process(end: SessionEnd, reactor: Any) -> None:
-    """
-    Stop the reactor; make twistd exit with C{end.status}.  twistd has no way for a service to set
-    the exit status (Twisted issue #11335, open since 2004: "sys.exit(2) after reactor.run() ...
-    doesn't help for twistd based apps"; L{twisted.internet.task.react} is the supported way, outside
-    twistd): the first non-zero status is kept and the process exits with it once twistd is done.
-    """
-    if end.status != 0 and not _exit_status:
-        _exit_status.append(end.status)
-
-        def exit_with_status() -> None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(_exit_status[0])
-
-        atexit.register(exit_with_status)
-
-    def stop() -> None:
-        if reactor.running:
-            reactor.stop()
-
-    reactor.callLater(0, stop)
-
-
-def makeService(options: Options) -> IService:
-    """Build the local proxy for C{twistd}: one session, whose end stops the process."""
+def makeService(options: Options) -> ModeService:
+    """Build the local proxy for C{twistd}: one session, whose end ends the process with its status."""
     from twisted.internet import reactor
 
     log.info(
@@ -385,15 +356,17 @@ def makeService(options: Options) -> IService:
             "the proxy: {proxy}",
             proxy=str(options.service_endpoint.web_proxy),
         )
-    filter_process_logs(options["verbose"], [options["access-token"]], [options["client-token"]])
     if options.mapping:
         log.info("Use port mapping:")
         for service_id, endpoint in options.mapping.items():
             shown = endpoint if not isinstance(endpoint, tuple) else f"{endpoint[0]}:{endpoint[1]}"
             log.info("{service_id} = {endpoint}", service_id=service_id or "(v1 format)", endpoint=shown)
+    log_filter = LogFilter(options["verbose"], [options["access-token"]], [options["client-token"]])
+    top = ModeService(options.twistd_options, log_filter, reactor=reactor)
     session = build_session(options, reactor)
-    session.ended.addCallback(_exit_process, reactor)
-    return StartAfterLocalChecks(session)
+    StartAfterLocalChecks(session).setServiceParent(top)
+    session.ended.addCallback(lambda end: top.exit(end.status))
+    return top
 
 
 class StartAfterLocalChecks(MultiService):

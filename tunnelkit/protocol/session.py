@@ -79,10 +79,8 @@ duplicate CONNECTION_RESETs are harmless.  A source that receives STREAM_START o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
-
-from twisted.logger import Logger
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from tunnelkit.errors import ConfigError, TunnelkitError
 from tunnelkit.protocol.flowcontrol import (
@@ -92,10 +90,13 @@ from tunnelkit.protocol.flowcontrol import (
     EXTENSION_TYPES,
     FLOW_CONTROL,
     HALF_CLOSE,
+    MAX_CONNECTION_WINDOW,
+    TUNNEL_GROWTH_BUDGET,
     WINDOW_UPDATE,
     ConnectionFlow,
     Extensions,
     announcement_frame,
+    blocked_frame,
     eof_frame,
     parse_announcement,
     window_increment,
@@ -131,7 +132,6 @@ __all__ = [
     "DestinationSession",
 ]
 
-log = Logger()
 
 #: The message formats a source can speak to its destination (C{--destination-client-type}).
 CLIENT_TYPES = ("V1", "V2", "V3")
@@ -243,6 +243,26 @@ class Fatal:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """
+    Something for the proxy's log: C{level} (C{"debug"}, C{"info"}, C{"warn"} or C{"error"}), a
+    C{twisted.logger} format string and its fields (the session itself never logs).
+    """
+
+    level: str
+    format: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _log(level: str, format: str, **fields: Any) -> LogEvent:
+    return LogEvent(level, format, fields)
+
+
+_STALE = LogEvent("debug", "Stale message received. Dropping")
+_LATE_SERVICE_IDS = LogEvent("debug", "Receive service Ids during data transfer. ignore")
+
+
 Action = Union[
     SendFrames,
     StartListening,
@@ -253,6 +273,7 @@ Action = Union[
     ResumeLocal,
     HalfCloseLocal,
     Fatal,
+    LogEvent,
 ]
 
 
@@ -448,7 +469,9 @@ class _Session(ABC):
         self._ready = False  # SERVICE_IDS seen on this WebSocket
         self._services = {}
         self._default = None
-        self.window = window  # the receive window this side grants per connection
+        self.window = window  # the receive window this side announces, each connection's first
+        self.max_window = MAX_CONNECTION_WINDOW  # what a connection's receive window may grow to
+        self.growth_budget = TUNNEL_GROWTH_BUDGET  # growth above `window`, all connections together
         self._offered = False  # the service said it passes tunnelkit's extensions on
         self._peer: Optional[Extensions] = None  # what the far peer announced, if usable
         self._far_connected = False  # the far peer's announcement came (and was not withdrawn)
@@ -585,19 +608,41 @@ class _Session(ABC):
         self, service: "_Service", connection_id: int, connection: "_Connection", increment: int
     ) -> List[Action]:
         flow = connection.flow
+        if increment == 0:
+            return self._peer_blocked(service, connection, flow)
         if flow is None:
             connection.flow = self._adopt_flow(connection, increment)
             if connection.flow is None:
                 return []
         elif not flow.grant(increment):
-            log.warn(
-                "Ignoring a window update of {increment} bytes for connection {connection_id} of {service_id}",
-                increment=increment,
-                connection_id=connection_id,
-                service_id=service.service_id or "-",
-            )
-            return []
+            return [
+                _log(
+                    "warn",
+                    "Ignoring a window update of {increment} bytes for connection {connection_id} of {service_id}",
+                    increment=increment,
+                    connection_id=connection_id,
+                    service_id=service.service_id or "-",
+                )
+            ]
         return self._release(service, connection_id, connection)
+
+    def _peer_blocked(
+        self, service: "_Service", connection: "_Connection", flow: Optional[ConnectionFlow]
+    ) -> List[Action]:
+        """A "blocked" WINDOW_UPDATE: the peer waits for credit; the window grows if the reader keeps up."""
+        if flow is None:
+            return []
+        increment = flow.blocked(self._growth_room())
+        if not increment:
+            return []
+        return self._grant(service, connection, increment)
+
+    def _blocked(self, service: "_Service", connection: "_Connection", flow: ConnectionFlow) -> List[Action]:
+        """This side has bytes and no credit: tell a peer that understands it, once per grant."""
+        if flow.blocked_sent or self._peer is None or not self._peer.blocked:
+            return []
+        flow.blocked_sent = True
+        return [SendFrames(blocked_frame(service.stream_id, service.wire_service_id, connection.wire_connection_id))]
 
     def _release(self, service: "_Service", connection_id: int, connection: "_Connection") -> List[Action]:
         """Send what credit now allows of the bytes held for lack of it (and a waiting EOF)."""
@@ -611,7 +656,7 @@ class _Session(ABC):
                 actions += [SendFrames(batch) for batch in connection.encoder.encode(held[:allowed])]
                 connection.held = held[allowed:]
             if connection.held:
-                return actions
+                return actions + self._blocked(service, connection, flow)
             connection.held = b""
             actions.append(ResumeLocal(service.service_id, connection_id))
         if flow.eof_pending:
@@ -638,7 +683,7 @@ class _Session(ABC):
         actions: List[Action] = [SendFrames(batch) for batch in connection.encoder.encode(view[:allowed])]
         connection.held = view[allowed:]
         actions.append(PauseLocal(service.service_id, connection_id))
-        return actions
+        return actions + self._blocked(service, connection, flow)
 
     def _send_eof(self, service: "_Service", connection_id: int, connection: "_Connection") -> List[Action]:
         flow = connection.flow
@@ -667,15 +712,16 @@ class _Session(ABC):
         """The peer sent more than it was granted: reset that connection only."""
         connection = service.connections.pop(connection_id)
         flow = connection.flow
-        log.error(
-            "Resetting connection {connection_id} of {service_id}: the peer sent {size} bytes with only "
-            "{allowed} granted (a flow-control error of the far proxy)",
-            connection_id=connection_id,
-            service_id=service.service_id or "-",
-            size=size,
-            allowed=flow.allowed if flow is not None else 0,
-        )
         return [
+            _log(
+                "error",
+                "Resetting connection {connection_id} of {service_id}: the peer sent {size} bytes with only "
+                "{allowed} granted (a flow-control error of the far proxy)",
+                connection_id=connection_id,
+                service_id=service.service_id or "-",
+                size=size,
+                allowed=flow.allowed if flow is not None else 0,
+            ),
             CloseLocal(service.service_id, connection_id, "the peer broke flow control", True),
             SendFrames(
                 _control(
@@ -690,12 +736,20 @@ class _Session(ABC):
         socket's buffer: grant them back to the peer once enough are waiting (flow control).
         """
         service = self._services.get(service_id)
-        connection = service.connections.get(connection_id) if service is not None else None
-        if connection is None or connection.flow is None:
+        if service is None:
             return []
-        increment = connection.flow.delivered(size)
+        connection = service.connections.get(connection_id)
+        if connection is None:
+            return []
+        flow = connection.flow
+        if flow is None:
+            return []
+        increment = flow.delivered(size)
         if not increment:
             return []
+        return self._grant(service, connection, increment)
+
+    def _grant(self, service: "_Service", connection: "_Connection", increment: int) -> List[Action]:
         return [
             SendFrames(
                 window_update_frame(
@@ -704,6 +758,52 @@ class _Session(ABC):
             )
         ]
 
+    def _flow(self, service_id: str, connection_id: int) -> Optional[ConnectionFlow]:
+        service = self._services.get(service_id)
+        connection = service.connections.get(connection_id) if service is not None else None
+        return connection.flow if connection is not None else None
+
+    def local_buffer_full(self, service_id: str, connection_id: int, now: float) -> None:
+        """
+        That local socket's send buffer filled at C{now}: what is written to it until it drains is
+        held back from the grants (L{local_buffer_drained}).
+        """
+        flow = self._flow(service_id, connection_id)
+        if flow is not None:
+            flow.filled(now)
+
+    def local_buffer_drained(self, service_id: str, connection_id: int, held: int, now: float) -> List[Action]:
+        """
+        That local socket's send buffer drained at C{now}; C{held} bytes were written to it since it
+        filled.  They are delivered now, and the connection's receive window adapts to how fast the
+        application took them (L{ConnectionFlow.drained}: a slow one shrinks it).
+        """
+        service = self._services.get(service_id)
+        if service is None:
+            return []
+        connection = service.connections.get(connection_id)
+        if connection is None or connection.flow is None:
+            return []
+        flow = connection.flow
+        flow.drained(held, now)
+        increment = flow.delivered(held) if held else 0
+        if not increment:
+            return []
+        return self._grant(service, connection, increment)
+
+    def _growth_room(self) -> int:
+        """Bytes the tunnel-wide budget leaves for one more connection window to grow (rarely asked)."""
+        used = 0
+        for service in self._services.values():
+            for connection in service.connections.values():
+                if connection.flow is not None:
+                    used += connection.flow.growth
+        return max(0, self.growth_budget - used)
+
+    @abstractmethod
+    def local_closed(self, service_id: str, connection_id: int) -> List[Action]:
+        """A local connection closed: the far peer is told (each side in its own format)."""
+
     def local_eof(self, service_id: str, connection_id: int) -> List[Action]:
         """
         The local application shut down its write side (read EOF).  With flow control and half-close:
@@ -711,7 +811,9 @@ class _Session(ABC):
         the connection ends, as with AWS's clients (its reset goes to the peer).
         """
         service = self._services.get(service_id)
-        connection = service.connections.get(connection_id) if service is not None else None
+        if service is None:
+            return []
+        connection = service.connections.get(connection_id)
         if connection is None:
             return []
         flow = connection.flow
@@ -752,14 +854,15 @@ class _Session(ABC):
 
     def _unknown_type(self, message: Message) -> List[Action]:
         if message.ignorable:
-            log.debug("Ignoring a message of unknown type {type} marked ignorable", type=message.type)
-            return []
+            return [_log("debug", "Ignoring a message of unknown type {type} marked ignorable", type=message.type)]
         # AWS's localproxy exits here; a peer's message never stops this proxy.
-        log.error(
-            "Dropping a message of unexpected type {type} (neither known nor marked ignorable)",
-            type=_type_name(message.type),
-        )
-        return []
+        return [
+            _log(
+                "error",
+                "Dropping a message of unexpected type {type} (neither known nor marked ignorable)",
+                type=_type_name(message.type),
+            )
+        ]
 
 
 class _Connection:
@@ -882,8 +985,7 @@ class SourceSession(_Session):
                 return []
             stream_id = message.streamId
             if stream_id != service.stream_id or not stream_id:
-                log.debug("Stale message received. Dropping")
-                return []
+                return [_STALE]
             connection_id = self._connection_of(service, message.connectionId)
             connection = service.connections.get(connection_id)
             if connection is None:
@@ -920,12 +1022,14 @@ class SourceSession(_Session):
         if message_type in EXTENSION_TYPES:
             return self._extension(message)
         if message_type == _STREAM_START or message_type == _CONNECTION_START:
-            log.error(
-                "Dropping {type} for stream {stream_id}: only a source sends it, and this is the source",
-                type=_type_name(message_type),
-                stream_id=message.streamId,
-            )
-            return []
+            return [
+                _log(
+                    "error",
+                    "Dropping {type} for stream {stream_id}: only a source sends it, and this is the source",
+                    type=_type_name(message_type),
+                    stream_id=message.streamId,
+                )
+            ]
         return self._unknown_type(message)
 
     def _upgrade_connections(self) -> List[Action]:
@@ -941,7 +1045,7 @@ class SourceSession(_Session):
         for service in self._services.values():
             for connection_id, connection in service.connections.items():
                 if connection.flow is None and not connection.received:
-                    connection.flow = ConnectionFlow(self._peer.window, self.window)
+                    connection.flow = ConnectionFlow(self._peer.window, self.window, self.max_window)
                     actions.append(
                         SendFrames(window_update_frame(service.stream_id, service.wire_service_id, connection_id, self.window))
                     )
@@ -957,8 +1061,7 @@ class SourceSession(_Session):
 
     def _service_ids(self, available: Sequence[str]) -> List[Action]:
         if self._ready:
-            log.debug("Receive service Ids during data transfer. ignore")
-            return []
+            return [_LATE_SERVICE_IDS]
         mapping = _match_mapping(self._configured, available)
         if mapping is None:
             return [_mismatch(self._configured, available)]
@@ -1042,7 +1145,7 @@ class SourceSession(_Session):
         if self._peer is not None and self._v3:
             # Both peers announced: the destination's window is this connection's first credit;
             # the WINDOW_UPDATE right after the start grants ours and tells the destination.
-            flow = ConnectionFlow(self._peer.window, self.window)
+            flow = ConnectionFlow(self._peer.window, self.window, self.max_window)
             actions.append(SendFrames(window_update_frame(stream_id, wire_service_id, connection_id, self.window)))
         service.connections[connection_id] = _Connection(
             DataFrameEncoder(stream_id, wire_service_id, wire_connection_id), wire_connection_id, True, flow
@@ -1108,8 +1211,7 @@ class DestinationSession(_Session):
                 return []
             stream_id = message.streamId
             if stream_id != service.stream_id or not stream_id:
-                log.debug("Stale message received. Dropping")
-                return []
+                return [_STALE]
             connection_id = message.connectionId or 1
             connection = service.connections.get(connection_id)
             if connection is None:
@@ -1138,11 +1240,7 @@ class DestinationSession(_Session):
         ):
             return self._unknown_type(message)
         if not self._ready:
-            log.warn(
-                "Ignoring {type} received before the tunnel's service ids",
-                type=_type_name(message_type),
-            )
-            return []
+            return [_log("warn", "Ignoring {type} received before the tunnel's service ids", type=_type_name(message_type))]
         if message_type == _STREAM_START:
             return self._stream_start(message)
         if message_type == _CONNECTION_START:
@@ -1185,8 +1283,7 @@ class DestinationSession(_Session):
 
     def _service_ids(self, available: Sequence[str]) -> List[Action]:
         if self._ready:
-            log.debug("Receive service Ids during data transfer. ignore")
-            return []
+            return [_LATE_SERVICE_IDS]
         mapping = _match_mapping(self._configured, available)
         if mapping is None:
             return [_mismatch(self._configured, available)]
@@ -1211,12 +1308,12 @@ class DestinationSession(_Session):
                 f"(V1 format), but this destination serves {len(self._services)} services "
                 f"({', '.join(sorted(self._services))}); a V1 source needs a tunnel of one service"
             )
-        log.error("{why}; resetting stream {stream_id}", why=why, stream_id=message.streamId)
+        logged = _log("error", "{why}; resetting stream {stream_id}", why=why, stream_id=message.streamId)
         if message.streamId <= 0:
-            return []
+            return [logged]
         if message.type == _STREAM_START:
-            return [SendFrames(_control(_STREAM_RESET, message.streamId, service_id))]
-        return [SendFrames(_control(_CONNECTION_RESET, message.streamId, service_id, message.connectionId))]
+            return [logged, SendFrames(_control(_STREAM_RESET, message.streamId, service_id))]
+        return [logged, SendFrames(_control(_CONNECTION_RESET, message.streamId, service_id, message.connectionId))]
 
     def _stream_start(self, message: Message) -> List[Action]:
         service = self._lookup(message.serviceId)
@@ -1224,8 +1321,7 @@ class DestinationSession(_Session):
             return self._refuse_start(message)
         stream_id = message.streamId
         if stream_id <= 0:
-            log.error("Dropping STREAM_START with invalid stream id {stream_id}", stream_id=stream_id)
-            return []
+            return [_log("error", "Dropping STREAM_START with invalid stream id {stream_id}", stream_id=stream_id)]
         actions: List[Action] = []
         if service.connections:
             for connection in service.connections.values():
@@ -1278,7 +1374,7 @@ class DestinationSession(_Session):
         """
         if not connection.wire_connection_id:
             return None
-        return ConnectionFlow(max(0, increment - connection.sent), self.window)
+        return ConnectionFlow(max(0, increment - connection.sent), self.window, self.max_window)
 
     def local_connected(self, service_id: str, connection_id: int) -> List[Action]:
         """The target connection is open: release what arrived meanwhile."""
@@ -1305,7 +1401,9 @@ class DestinationSession(_Session):
     ) -> List[Action]:
         """Bytes read from a target connection: DATA frames in the source's format."""
         service = self._services.get(service_id)
-        connection = service.connections.get(connection_id) if service is not None else None
+        if service is None:
+            return []
+        connection = service.connections.get(connection_id)
         if connection is None:
             return []
         return self._send_data(service, connection_id, connection, data)

@@ -215,7 +215,7 @@ def mount_data_plane(
     store: ITunnelStore,
     clock: IReactorTime,
     options: Mapping[str, Any],
-) -> ITunnelEvents:
+) -> Relay:
     """
     Put C{/tunnel} under C{root} (the metrics: L{metrics_site}).
 

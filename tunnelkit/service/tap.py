@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, NoReturn, Optional
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IReactorThreads, IReactorTime
@@ -27,6 +26,7 @@ from twisted.web.resource import Resource
 
 from tunnelkit.config import ModeOptions, duration, number, positive_int, server_endpoint
 from tunnelkit.errors import ConfigError
+from tunnelkit.process import ModeService
 from tunnelkit.protocol.notification import REGION_RE
 from tunnelkit.service.api import HEAD_TIMEOUT, MAX_PENDING_PER_ADDRESS, ApiResource, ServiceSite, build_root
 from tunnelkit.service.auth import CREDENTIALS_FILE, SigV4Verifier, check_account_id, ensure_initial_credentials
@@ -90,7 +90,7 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
 
     mode = "service"
     repeatable = {"listen": server_endpoint, "hostname": hostname}
-    optParameters = [
+    optParameters: List[Sequence[Any]] = [  # type: ignore[assignment]  # the bases annotate it differently
         ["state-dir", None, DEFAULT_STATE_DIR, "Directory of the database, TLS material and credentials."],
         [
             "store",
@@ -483,13 +483,6 @@ class TunnelService(MultiService):
                 where=f"interface {interface}" if interface else "every interface",
             )
 
-    def startService(self) -> None:
-        """Start every part; a listener that cannot listen ends the process with a one-line error."""
-        try:
-            super().startService()
-        except ConfigError as e:
-            _exit_with(str(e))  # one line: twistd already logs stderr, so not log.error too
-
     def _announce_metrics(self, url: str) -> None:
         log.info("Metrics (Prometheus) on {url}/metrics", url=url)
 
@@ -510,24 +503,27 @@ class TunnelService(MultiService):
         )
 
 
-def makeService(options: Options) -> IService:
-    """Build the service from C{twistd tunnelkit --mode service} options."""
+def makeService(options: Options) -> ModeService:
+    """
+    Build the service from C{twistd tunnelkit --mode service} options.  A listener that cannot listen
+    ends the process at start with a one-line error (L{ModeService.startService}).
+
+    @raise ConfigError: for what stops the service before it starts (no NVX, an unreachable store,
+        a bad state directory); the plugin makes it one line on stderr and status 1.
+    """
     from twisted.internet import reactor
 
+    top = ModeService(options.twistd_options, reactor=reactor)
     try:
         require_nvx(bool(options["allow-slow-websocket"]))
-        return TunnelService(options, reactor)
-    except (ConfigError, NvxUnavailable, StoreError) as e:
-        _exit_with(str(e))
+        TunnelService(options, reactor).setServiceParent(top)
+    except (NvxUnavailable, StoreError) as e:
+        raise ConfigError(str(e)) from None
     except OSError as e:
         state_dir = options["state-dir"]
         if os.path.exists(state_dir) and not os.path.isdir(state_dir):
-            _exit_with(f"--state-dir {state_dir}: not a directory (give a directory; a missing one is created)")
-        _exit_with(f"--state-dir {state_dir}: {e.filename or ''}: {e.strerror or e}")
-    raise AssertionError("not reached")
-
-
-def _exit_with(message: str) -> NoReturn:
-    """End C{twistd} before it starts, with one line on stderr and status 1 (no traceback)."""
-    sys.stderr.write(f"tunnelkit: error: {message}\n")
-    sys.exit(1)
+            raise ConfigError(
+                f"--state-dir {state_dir}: not a directory (give a directory; a missing one is created)"
+            ) from None
+        raise ConfigError(f"--state-dir {state_dir}: {e.filename or ''}: {e.strerror or e}") from None
+    return top

@@ -13,12 +13,23 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, Tuple, get_args
 
-from tunnelkit.protocol.session import Action
+from twisted.logger import Logger, LogLevel
 
-__all__ = ["ACTION_TYPES", "ActionDispatcher"]
+from tunnelkit.protocol.session import Action, LogEvent
+
+__all__ = ["ACTION_TYPES", "ActionDispatcher", "log_event"]
 
 #: Every action type a session returns (the members of L{tunnelkit.protocol.session.Action}).
 ACTION_TYPES: Tuple[type, ...] = get_args(Action)
+
+#: The session's log lines keep the session module's namespace.
+_session_log = Logger(namespace="tunnelkit.protocol.session")
+_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
+
+
+def log_event(action: LogEvent) -> None:
+    """Carry out a L{LogEvent}: one C{twisted.logger} event, with its fields."""
+    _session_log.emit(_LEVELS.get(action.level, LogLevel.error), action.format, **action.fields)
 
 
 class ActionDispatcher:

@@ -66,6 +66,7 @@ from tunnelkit.protocol.session import (
     ConnectTarget,
     Fatal,
     HalfCloseLocal,
+    LogEvent,
     LocalConnectionRefused,
     PauseLocal,
     ResumeLocal,
@@ -77,7 +78,7 @@ from tunnelkit.protocol.session import (
 from tunnelkit.service.console.sessions import COOKIE_NAME, Session
 from tunnelkit.service.console.users import host_key_name
 from tunnelkit.service.store import CONNECTED, OPEN, NoSuchAccount
-from tunnelkit.transport.actions import ActionDispatcher
+from tunnelkit.transport.actions import ActionDispatcher, log_event
 from tunnelkit.transport.tls import pinned_client_tls
 from tunnelkit.transport.websocket import TunnelWebSocketFactory, WebSocketEnded, tunnel_url
 
@@ -255,6 +256,7 @@ class TunnelSource:
             ResumeLocal: resume_local,
             HalfCloseLocal: half_close_local,
             Fatal: lambda action: self._end(f"The tunnel cannot be used: {action.message}"),
+            LogEvent: log_event,
         }
 
     def _end(self, message: str) -> None:
