@@ -365,6 +365,23 @@ class ExtensionTests(SynchronousTestCase):
         self.assertEqual(wire.take("d"), [data(b"kept")])
         self.assertEqual(wire.dropped("extension_not_announced"), 2)
 
+    def test_not_announced_dropped_before_a_violation_too(self) -> None:
+        wire = paired(("SSH", "RDP"))
+        wire.send("s", start())
+        wire.take("d")
+        window = window_update_frame(1, "SSH", 1, 4096)
+        actions = wire.send("s", window + data(b"kept") + data(b"no", 1, "FTP"))
+        self.assertEqual(actions[0], Forward(wire.states["d"], ((data(b"kept"), False),)))
+        self.assertIsInstance(actions[1], Close)
+        self.assertEqual(wire.take("d"), [data(b"kept")])
+        # nothing but extension frames before the violation: nothing goes on
+        wire = paired(("SSH", "RDP"))
+        wire.send("s", start())
+        wire.take("d")
+        actions = wire.send("s", window + data(b"no", 1, "FTP"))
+        self.assertEqual([type(a) for a in actions], [Close])
+        self.assertEqual(wire.take("d"), [])
+
     def test_announcements_exchanged_once_both_announced(self) -> None:
         wire = paired()
         other = announcement_frame(65536)

@@ -293,7 +293,13 @@ class TunnelCore:
             except (FramingError, ProtocolViolation) as e:
                 actions: List[Action] = replies or []
                 if index and partner is not None:
-                    actions.append(Forward(partner, _framed(bodies[:index], cuts)))
+                    # the frames before the broken one go on, but never an extension frame the
+                    # partner may not see (the filter below is not reached)
+                    skipped = set(skip)
+                    kept = [i for i in range(index) if i not in skipped]
+                    if kept:
+                        kept_cuts = [kept.index(i) for i in cuts if i in kept]
+                        actions.append(Forward(partner, _framed([bodies[i] for i in kept], kept_cuts)))
                 rule = getattr(e, "rule", "unparseable_frame")
                 code, reason = violation_close(rule, e)
                 actions.append(Close(peer, code, reason, "violation", e))
