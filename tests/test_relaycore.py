@@ -508,6 +508,18 @@ class ReplacementTests(SynchronousTestCase):
         self.assertEqual(wire.dropped("peer_absent"), 1)
 
 
+class RenumberingTests(SynchronousTestCase):
+    def test_frames_left_and_their_message_ends(self) -> None:
+        from tunnelkit.service.relaycore import _without
+
+        self.assertEqual(_without(range(6), [1, 4], [0, 1, 3, 5]), ([0, 2, 3, 5], [0, 2, 3]))
+        self.assertEqual(_without(range(3), [], [2]), ([0, 1, 2], [2]))
+        self.assertEqual(_without(range(2), [0, 1], [0]), ([], []))
+        # thousands of starts in one message (review 11: this was quadratic, 0.7 s for 6,000)
+        kept, cuts = _without(range(20001), [20000], list(range(20000)))
+        self.assertEqual((len(kept), cuts[-1]), (20000, 19999))
+
+
 class ConstantsTests(SynchronousTestCase):
     def test_as_is_constants(self) -> None:
         self.assertEqual(AS_IS, (ForwardMessage(False),))

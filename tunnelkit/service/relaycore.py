@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from tunnelkit.errors import FramingError, ProtocolViolation
 from tunnelkit.protocol.flowcontrol import ANNOUNCE, EOF, EXTENSION_TYPES, WITHDRAWAL_FRAME
@@ -295,10 +295,8 @@ class TunnelCore:
                 if index and partner is not None:
                     # the frames before the broken one go on, but never an extension frame the
                     # partner may not see (the filter below is not reached)
-                    skipped = set(skip)
-                    kept = [i for i in range(index) if i not in skipped]
+                    kept, kept_cuts = _without(range(index), skip, cuts)
                     if kept:
-                        kept_cuts = [kept.index(i) for i in cuts if i in kept]
                         actions.append(Forward(partner, _framed([bodies[i] for i in kept], kept_cuts)))
                 rule = getattr(e, "rule", "unparseable_frame")
                 code, reason = violation_close(rule, e)
@@ -349,9 +347,7 @@ class TunnelCore:
             dropped = len(skip) - (1 if announced else 0)
             if dropped:
                 self.metrics.dropped("extension_not_announced", dropped)
-            skipped = set(skip)
-            kept = [i for i in range(len(bodies)) if i not in skipped]
-            cuts = [kept.index(i) for i in cuts if i in kept]
+            kept, cuts = _without(range(len(bodies)), skip, cuts)
             bodies = [bodies[i] for i in kept]
             size = sum(len(b) + 2 for b in bodies)
             whole = False
@@ -373,6 +369,17 @@ class TunnelCore:
         if announced and partner is not None:
             actions += self._exchange(peer, partner)
         return actions
+
+
+def _without(indexes: Iterable[int], skip: Sequence[int], cuts: Sequence[int]) -> Tuple[List[int], List[int]]:
+    """
+    The frame C{indexes} left once C{skip} is dropped, and the message ends (C{cuts}, indexes into
+    the frames) renumbered to those left: linear in the frames (a message may hold thousands).
+    """
+    skipped = set(skip)
+    kept = [i for i in indexes if i not in skipped]
+    position = {old: new for new, old in enumerate(kept)}
+    return kept, [position[i] for i in cuts if i in position]
 
 
 def _framed(bodies: Sequence[bytes], cuts: Sequence[int]) -> Tuple[Tuple[Buffer, bool], ...]:
