@@ -294,7 +294,7 @@ class PostgresCarrier:
     def logPrefix(self) -> str:
         return "PostgresCarrier"
 
-    def doRead(self) -> Optional[Exception]:
+    def doRead(self) -> None:
         try:
             self._connection.pgconn.consume_input()
         except Exception as e:
