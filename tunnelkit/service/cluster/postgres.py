@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cluster_postgres -*-
+# -*- test-case-name: tests.e2e.test_cluster_postgres -*-
 """
 The cluster directory (L{PostgresDirectory}) and event carrier (L{PostgresCarrier}) on the service's
 PostgreSQL database (tables: L{tunnelkit.service.cluster.schema}).
