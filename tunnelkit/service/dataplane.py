@@ -34,7 +34,8 @@ from twisted.web.server import Site
 from tunnelkit.config import number
 from tunnelkit.service.interfaces import ITunnelEvents, ITunnelStore
 from tunnelkit.service.metrics import ITunnelCounts, RelayMetrics, metrics_resource
-from tunnelkit.service.relay import Relay, RelayLimits, build_factory
+from tunnelkit.service.pairing import Relay, RelayLimits
+from tunnelkit.service.relay import build_factory
 from tunnelkit.transport.websocket import tune_allocator
 
 log = Logger()
