@@ -483,6 +483,7 @@ class Relay:
             channel_id=peer.channel_id,
             subprotocol=peer.subprotocol,
         )
+        peer.grant = None  # what it granted is in the link now (its strings are copies: ~0.4 KB a peer)
         if link.closed_reason is not None:
             self._close_peer(peer, link.closed_reason)
 

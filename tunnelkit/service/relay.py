@@ -32,7 +32,7 @@ destination leave at most a few hundred KB in the relay.
 from __future__ import annotations
 
 import struct
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, Union
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -70,7 +70,12 @@ from tunnelkit.service.relaycore import (
     PeerState,
     Send,
 )
-from tunnelkit.transport.fastpath import FastWebSocket, set_buffer_size, transport_buffered
+from tunnelkit.transport.fastpath import (
+    FastWebSocket,
+    release_handshake_state,
+    set_buffer_size,
+    transport_buffered,
+)
 from tunnelkit.transport.websocket import masked_frame
 
 __all__ = [
@@ -91,6 +96,9 @@ log = Logger()
 
 #: Seconds a peer that ignored our close frame gets to read what is left before it is aborted.
 ABORT_AFTER = 10.0
+
+#: A peer that is being read (shared: most peers are, all the time).
+_NO_PAUSES: FrozenSet[str] = frozenset()
 
 
 @implementer(IPushProducer)
@@ -162,6 +170,33 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
     #: Why the upgrade was refused (the refusal's reason header); set only on a refusal.
     _refusal_reason = ""
 
+    # Its own state in slots: autobahn's instance dict holds ~85 names of its own after the upgrade
+    # (L{release_handshake_state}), and each name over that doubles the dict (~1.7 KB per peer).
+    __slots__ = (
+        "channel_id",
+        "_checking",
+        "grant",
+        "side",
+        "subprotocol",
+        "version",
+        "link",
+        "core_peer",
+        "sink",
+        "replaced",
+        "detached",
+        "closing",
+        "_outbox",
+        "_outbox_size",
+        "_flush_target",
+        "_pauses",
+        "_resume_call",
+        "_producer_registered",
+        "_abort_call",
+        "_outbox_framed",
+        "heard",
+        "silent_since",
+    )
+
     def __init__(self) -> None:
         super().__init__()
         self.channel_id = ""
@@ -179,11 +214,10 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
         self._outbox: List[bytes] = []
         self._outbox_size = 0
         self._flush_target: Optional[PeerProtocol] = None
-        self._pauses: set = set()
+        self._pauses: FrozenSet[str] = _NO_PAUSES  # why the relay is not reading this peer
         self._resume_call: Optional[IDelayedCall] = None
         self._producer_registered = False
         self._abort_call: Optional[IDelayedCall] = None
-        self._pieces: List[Any] = []  # the start of a frame that is still arriving (the fast path's)
         self._outbox_framed: Optional[bytes] = None  # the outbox's only message, already framed
         self.heard = True  # something arrived since the last liveness check
         self.silent_since = 0.0  # when the last liveness check found it had heard something
@@ -253,6 +287,7 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
     # --- life cycle ---
 
     def onOpen(self) -> None:
+        release_handshake_state(self)
         set_buffer_size(self.transport, self.factory.relay.limits.relay_buffer)
         self.sink = _SinkWatcher(self)
         self.transport.registerProducer(self.sink, True)
@@ -343,14 +378,14 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
             return
         if not self._pauses and self.transport is not None:
             self.transport.pauseProducing()
-        self._pauses.add(cause)
+        self._pauses = self._pauses | {cause}
         self.factory.relay.metrics.reads_paused(cause)
 
     def resume_reading(self, cause: str) -> None:
         """Lift C{cause}; read again when no cause is left."""
         if cause not in self._pauses:
             return
-        self._pauses.discard(cause)
+        self._pauses = self._pauses - {cause} or _NO_PAUSES
         if not self._pauses and self.transport is not None and not self.detached:
             self.transport.resumeProducing()
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, Union
 
 from tunnelkit.errors import FramingError, ProtocolViolation
 from tunnelkit.protocol.flowcontrol import ANNOUNCE, EOF, EXTENSION_TYPES, WITHDRAWAL_FRAME
@@ -162,7 +162,7 @@ class TunnelCore:
         (L{tunnelkit.service.audit.TunnelLedger}); None: off.
     """
 
-    __slots__ = ("services", "service_ids_frame", "peers", "active_streams", "metrics", "ledger")
+    __slots__ = ("services", "_service_set", "service_ids_frame", "peers", "active_streams", "metrics", "ledger")
 
     def __init__(self, services: Sequence[str], metrics: IRelayMetrics) -> None:
         self.metrics = metrics
@@ -170,6 +170,7 @@ class TunnelCore:
         self.active_streams: Dict[str, int] = {}
         self.ledger: Any = None
         self.services: Tuple[str, ...] = ()
+        self._service_set: FrozenSet[str] = frozenset()  # shared by the peers' rules
         self.service_ids_frame = b""
         self.set_services(services)
 
@@ -179,11 +180,12 @@ class TunnelCore:
         the peers connected may use the new ones too (they learn them when they reconnect).
         """
         self.services = tuple(services)
+        self._service_set = frozenset(self.services)
         self.service_ids_frame = encode_message(
             Message(type=Message.SERVICE_IDS, availableServiceIds=self.services)
         )
         for peer in self.peers.values():
-            peer.rules.services = frozenset(self.services)
+            peer.rules.services = self._service_set
 
     # --- peers come and go ---
 
@@ -192,7 +194,7 @@ class TunnelCore:
         A peer finished its handshake on C{side} (protocol C{version}): it gets SERVICE_IDS, and
         replaces the peer connected there, if any.
         """
-        peer = PeerState(side, PeerRules(side, self.services, version), owner)
+        peer = PeerState(side, PeerRules(side, self._service_set, version), owner)
         actions: List[Action] = [Send(peer, (self.service_ids_frame,))]
         peers = self.peers
         old = peers.get(side)

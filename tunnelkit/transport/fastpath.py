@@ -38,6 +38,8 @@ __all__ = [
     "ENABLED",
     "FastWebSocket",
     "missing",
+    "release_handshake_state",
+    "AUTOBAHN_HANDSHAKE_STATE",
     "set_enabled",
     "LazyText",
     "lazy_handshake_logging",
@@ -112,6 +114,25 @@ AUTOBAHN_ATTRIBUTES: Tuple[Tuple[str, str], ...] = (
     ("instance", "failedByMe"),
     ("instance", "state"),
     ("instance", "data"),
+)
+
+
+#: autobahn's state of a server's opening handshake (the request as received, its headers and
+#: parameters, the 101 answer), which autobahn reads only until the session is open: dropped by
+#: L{release_handshake_state}.
+AUTOBAHN_HANDSHAKE_STATE: Tuple[str, ...] = (
+    "http_headers",
+    "http_request_data",
+    "http_response_data",
+    "http_request_params",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_host",
+    "http_status_line",
+    "_wskey",
+    "websocket_origin",
+    "websocket_protocols",
+    "websocket_extensions",
 )
 
 
@@ -190,7 +211,7 @@ class FastWebSocket:
     #: Whether the frames this side receives are masked (True for a server: the relay).
     masked_in = False
 
-    _pieces: List[Buffer]
+    _pieces: Sequence[Buffer] = ()  # the start of a frame still arriving: a list while it does
     _awaiting = 0  # bytes still missing from a frame that is arriving
     _awaiting_size = 0
     _awaiting_mask: Optional[bytes] = None
@@ -220,14 +241,14 @@ class FastWebSocket:
         if self._awaiting:
             # The rest of a frame whose size is known: collect the pieces; once it is whole, hand
             # them over (one copy at most, by the receiver) and go on with what follows it.
-            self._pieces.append(data)
+            self._pieces.append(data)  # type: ignore[attr-defined]  # a list while the frame arrives
             self._awaiting -= len(data)
             if self._awaiting > 0:
                 return
             extra = -self._awaiting
             self._awaiting = 0
-            pieces = self._pieces
-            self._pieces = []
+            pieces: List[Buffer] = self._pieces  # type: ignore[assignment]  # a list (see processData)
+            self._pieces = ()
             if extra:
                 pieces[-1] = memoryview(data)[: len(data) - extra]
             self.fast_message(self._awaiting_mask, pieces, self._awaiting_size)
@@ -290,6 +311,21 @@ class FastWebSocket:
             parts = self.message_data
             self.onMessage(parts[0] if len(parts) == 1 else b"".join(parts), self.message_is_binary)  # type: ignore[attr-defined]
         self.message_data = None
+
+
+def release_handshake_state(protocol: Any) -> None:
+    """
+    Forget what an open server C{protocol} kept of its opening handshake (L{AUTOBAHN_HANDSHAKE_STATE}:
+    ~2 KB per WebSocket), and give its instance dict a compact copy: Python never shrinks a dict, and
+    autobahn's outgrows its first size during the handshake (~1.7 KB more).  A name this autobahn
+    does not have is skipped.  Call it from C{onOpen}, when autobahn has no more use for them.
+    """
+    if not ENABLED or protocol.state != protocol.STATE_OPEN:
+        return
+    state = protocol.__dict__
+    for name in AUTOBAHN_HANDSHAKE_STATE:
+        state.pop(name, None)
+    protocol.__dict__ = dict(state)
 
 
 # --- Twisted's transport internals (the relay's buffer accounting) ---
