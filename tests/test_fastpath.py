@@ -6,6 +6,7 @@ share, against autobahn's own parser on real protocols in memory, and its check 
 from __future__ import annotations
 
 import os
+import sys
 from typing import List, Tuple
 
 from autobahn.twisted.websocket import (
@@ -16,6 +17,8 @@ from autobahn.twisted.websocket import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from txaio.testutil import replace_loop
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -58,18 +61,26 @@ class _Client(fastpath.FastWebSocket, WebSocketClientProtocol):
         self.general.append((bytes(payload), isBinary))
 
 
-def open_pair() -> Tuple[_Client, _Server]:
+def open_pair(compact: bool = False) -> Tuple[_Client, _Server]:
+    """
+    A client and a server, open to each other in memory; with C{compact}, the server's class carries
+    its factory's options and it released its handshake state at open (as the relay's peers do).
+    """
     reactor = MemoryReactorClock()
     pair = []
     for factory_class, protocol_class in ((WebSocketClientFactory, _Client), (WebSocketServerFactory, _Server)):
         factory = factory_class("ws://127.0.0.1:1/", reactor=reactor)
         factory.setProtocolOptions(openHandshakeTimeout=0, autoPingInterval=0, autoFragmentSize=0)
+        if compact and protocol_class is _Server:
+            protocol_class = fastpath.with_factory_options(_Server, factory)
         protocol = protocol_class()
         protocol.factory = factory
         protocol.makeConnection(StringTransport())
         pair.append(protocol)
     client, server = pair
     server.dataReceived(client.transport.value())
+    if compact:
+        fastpath.release_handshake_state(server)
     client.dataReceived(server.transport.value())
     client.transport.clear()
     server.transport.clear()
@@ -124,17 +135,18 @@ class FastPathTests(SynchronousTestCase):
         self.assertIn("the WebSocket fast path of the relay and the local proxy", warnings[0])
 
     @settings(max_examples=60, deadline=None)
-    @given(MESSAGES, st.lists(st.integers(0, 1 << 20), max_size=8), st.booleans())
-    def test_same_messages_as_autobahn_any_split(self, messages, cuts, enabled) -> None:
+    @given(MESSAGES, st.lists(st.integers(0, 1 << 20), max_size=8), st.booleans(), st.booleans())
+    def test_same_messages_as_autobahn_any_split(self, messages, cuts, enabled, compact) -> None:
         """
         Both directions, split anywhere: binary messages of at most MAX_WEBSOCKET_FRAME bytes by the
-        fast path (when on), the rest (text, larger binary messages) by autobahn, in order.
+        fast path (when on), the rest (text, larger binary messages) by autobahn, in order; the same
+        with a compact server (L{fastpath.release_handshake_state}).
         """
         fastpath.set_enabled(enabled)
         binary = [m for m in messages if isinstance(m, bytes) and len(m) <= MAX_WEBSOCKET_FRAME]
         texts = [(m.encode(), False) if isinstance(m, str) else (m, True) for m in messages
                  if isinstance(m, str) or (isinstance(m, bytes) and len(m) > MAX_WEBSOCKET_FRAME)]
-        client, server = open_pair()
+        client, server = open_pair(compact)
         for sender, receiver in ((client, server), (server, client)):
             feed(receiver, frames(sender, messages), cuts)
             if enabled:
@@ -154,6 +166,44 @@ class FastPathTests(SynchronousTestCase):
         client.endMessage()
         server.dataReceived(client.transport.value())
         self.assertEqual((server.fast, server.general), ([], [(b"first second", True)]))
+
+    def test_handshake_state_names_are_autobahns(self) -> None:
+        """Every name release_handshake_state drops is one an open autobahn server has (an upgrade shows here)."""
+        _, server = open_pair()
+        self.assertEqual([name for name in fastpath.AUTOBAHN_HANDSHAKE_STATE if name not in vars(server)], [])
+        idle = {name: value for name, value in vars(server).items() if name in fastpath.AUTOBAHN_IDLE_DEFAULTS}
+        self.assertEqual(idle, fastpath.AUTOBAHN_IDLE_DEFAULTS)
+
+    def test_compact_server_is_smaller_and_keeps_its_options(self) -> None:
+        _, plain = open_pair()
+        _, compact = open_pair(compact=True)
+        self.assertLess(sys.getsizeof(vars(compact)) + sys.getsizeof(compact.send_queue),
+                        (sys.getsizeof(vars(plain)) + sys.getsizeof(plain.send_queue)) // 3)
+        self.assertNotIn("http_headers", vars(compact))
+        self.assertIsInstance(compact, _Server)
+        for name in WebSocketServerProtocol.CONFIG_ATTRS:
+            self.assertEqual(getattr(compact, name), getattr(compact.factory, name), name)
+
+    def test_compact_server_sends_chopped(self) -> None:
+        """autobahn's send queue (chopped sends) works on a compact server (closes: tests.test_relay)."""
+        client, server = open_pair(compact=True)
+        clock = Clock()
+        with replace_loop(clock):
+            server.sendData(b"abcdefghij", chopsize=4)  # autobahn's queue, one piece per reactor turn
+            for _ in range(3):
+                clock.advance(1)
+        self.assertEqual(server.transport.value(), b"abcdefghij")
+        self.assertEqual(len(server.send_queue), 0)
+
+    def test_release_is_for_open_sessions_only(self) -> None:
+        factory = WebSocketServerFactory("ws://127.0.0.1:1/", reactor=MemoryReactorClock())
+        factory.setProtocolOptions(openHandshakeTimeout=0, autoPingInterval=0)
+        server = fastpath.with_factory_options(_Server, factory)()
+        server.factory = factory
+        server.makeConnection(StringTransport())
+        before = dict(vars(server))
+        fastpath.release_handshake_state(server)  # still connecting: untouched
+        self.assertEqual(vars(server), before)
 
     def test_plain_send_writes_through(self) -> None:
         client, server = open_pair()

@@ -75,6 +75,7 @@ from tunnelkit.transport.fastpath import (
     release_handshake_state,
     set_buffer_size,
     transport_buffered,
+    with_factory_options,
 )
 from tunnelkit.transport.websocket import masked_frame
 
@@ -572,7 +573,6 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
 def build_factory(relay: Relay) -> WebSocketServerFactory:
     """An autobahn factory making L{PeerProtocol}s for C{relay}, with the tunnel's limits."""
     factory = WebSocketServerFactory(server="tunnelkit")
-    factory.protocol = PeerProtocol
     factory.relay = relay  # type: ignore[attr-defined]
     factory.setProtocolOptions(
         maxFramePayloadSize=MAX_WEBSOCKET_FRAME,
@@ -585,4 +585,6 @@ def build_factory(relay: Relay) -> WebSocketServerFactory:
         failByDrop=False,
         tcpNoDelay=True,
     )
+    # The options as class attributes of a PeerProtocol subclass: none is copied into each peer.
+    factory.protocol = with_factory_options(PeerProtocol, factory)
     return factory
