@@ -393,10 +393,8 @@ class TunnelService(MultiService):
             self.cluster.take_lifecycle(self.control.lifecycle)  # one node of the cluster runs it
         else:
             self.control.lifecycle.setServiceParent(self)
-        api: Resource = ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds))
-        if self.audit is not None:
-            api = AuditedApi(api, self.audit, self.store)
-        root.putChild(b"", api)
+        api = ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds))
+        root.putChild(b"", api if self.audit is None else AuditedApi(api, self.audit, self.store))
         self.health = HealthResource()  # GET /healthz for load balancers (deploy/haproxy.cfg)
         root.putChild(b"healthz", self.health)
         self.console = None

@@ -193,7 +193,7 @@ class ITunnelWebSocketHandler(Interface):
         """The WebSocket is gone (or never opened); C{ended} says whether retrying makes sense."""
 
 
-class TunnelWebSocketProtocol(FastWebSocket, WebSocketClientProtocol):
+class TunnelWebSocketProtocol(FastWebSocket, WebSocketClientProtocol):  # type: ignore[misc]  # autobahn's two bases disagree on _transport_details and peer
     """One WebSocket session with the tunnel service.  Built by L{TunnelWebSocketFactory}."""
 
     # NB: autobahn's own (txaio, level-filtered) logger stays in C{self.log}: its debug lines hold the
@@ -406,7 +406,7 @@ class TunnelWebSocketFactory(WebSocketClientFactory):
     @param clock: pings and the handshake timeout run on it.
     """
 
-    protocol = TunnelWebSocketProtocol
+    protocol = TunnelWebSocketProtocol  # type: ignore[assignment]  # autobahn's factory is not generic over its protocol (Twisted's Factory[P] default)
     noisy = False
 
     def __init__(
