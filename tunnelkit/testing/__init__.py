@@ -164,7 +164,7 @@ class MemoryTunnelStore:
         state = tunnel.source if side == SOURCE else tunnel.destination
         return state.status == CONNECTED, state.last_updated_at
 
-    def count_tunnels_by_status(self) -> "Deferred[Mapping[str, int]]":
+    def count_tunnels_by_status(self) -> "Deferred[Dict[str, int]]":
         """The number of tunnels per status (C{OPEN}, C{CLOSED}), as the metrics read it."""
         return self.control.count_tunnels_by_status()
 
