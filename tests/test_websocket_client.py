@@ -215,6 +215,17 @@ class WebSocketClientTests(ClientSetup, TestCase):
         self.assertIn('(HTTP/1.1 403 Forbidden) "Invalid access token: The access token was previously used', ended.message)
         self.assertEqual(self.handler.opened, [])
 
+    def test_refusal_reason(self):
+        for header, reason in ((b"X-Tunnelkit-Refusal: token-used\r\n", "token-used"), (b"", None),
+                               (b"x-tunnelkit-refusal: Not A Label!\r\n", None)):
+            answer = b"HTTP/1.1 401 Unauthorized\r\n" + header + b"Content-Length: 2\r\n\r\nno"
+            self.handler.ended = []
+            self.connect(lambda: RawAnswer(answer))
+            self.clock.advance(1)
+            self.pump.flush()
+            (ended,) = self.handler.ended
+            self.assertEqual((ended.kind, ended.code, ended.reason), ("rejected", 401, reason))
+
     def test_refused_by_autobahn_server(self):
         self.server_factory.answer = ConnectionDeny(401, "Unauthorized")
         self.connect()

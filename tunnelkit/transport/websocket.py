@@ -33,6 +33,7 @@ import os
 import platform
 import struct
 from dataclasses import dataclass
+import re
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import autobahn
@@ -49,6 +50,7 @@ import tunnelkit
 from tunnelkit.errors import FramingError
 from tunnelkit.protocol.flowcontrol import EXTENSIONS_HEADER
 from tunnelkit.protocol.framing import MAX_WEBSOCKET_FRAME, FrameDecoder, Message, parse_message
+from tunnelkit.protocol.tokens import REFUSAL_HEADER
 from tunnelkit.transport.fastpath import (  # noqa: F401 - binary_frame_header: also imported from here
     FRAME_INCOMPLETE,
     FRAME_NOT_PLAIN,
@@ -75,6 +77,10 @@ SUBPROTOCOL = "aws.iot.securetunneling-3.0"
 PING_PERIOD = 20.0
 #: Seconds the TCP+TLS+HTTP upgrade may take before the attempt counts as failed.
 HANDSHAKE_TIMEOUT = 30.0
+
+#: The refusal-reason header, lower-case as compared, and the shape of a reason (a short label).
+_REFUSAL_HEADER = REFUSAL_HEADER.lower()
+_REFUSAL_RE = re.compile(r"\A[a-z0-9-]{1,64}\Z")
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _SEND_STATE_GROUND = WebSocketProtocol.SEND_STATE_GROUND
@@ -178,6 +184,7 @@ class WebSocketEnded:
     kind: str  # "rejected" | "closed" | "replaced" | "retry"
     message: str
     code: Optional[int] = None  # the close code, or the HTTP status for "rejected"/5xx
+    reason: Optional[str] = None  # a refusal's machine-readable reason (tunnelkit's service only)
 
 
 class ITunnelWebSocketHandler(Interface):
@@ -253,17 +260,21 @@ class TunnelWebSocketProtocol(FastWebSocket, WebSocketClientProtocol):  # type: 
             if len(fields) >= 2 and fields[1].isdigit() and fields[1] != "101":
                 status = int(fields[1])
                 length = 0
+                refusal: Optional[str] = None
                 for line in header_text.split("\r\n"):
                     name, _, value = line.partition(":")
-                    if name.strip().lower() == "content-length" and value.strip().isdigit():
+                    name = name.strip().lower()
+                    if name == "content-length" and value.strip().isdigit():
                         length = int(value.strip())
+                    elif name == _REFUSAL_HEADER and _REFUSAL_RE.match(value.strip()):
+                        refusal = value.strip()
                 body = self.data[end + 4 : end + 4 + min(length, 4096)]
                 if len(body) < min(length, 4096):
                     return  # the body is on its way
                 text = body.decode("utf-8", "replace").strip()
                 detail = f'Proxy server rejected web socket upgrade request: ({status_line.strip()}) "{text}"'
                 kind = "rejected" if 400 <= status < 500 else "retry"
-                self._rejected = WebSocketEnded(kind, detail, status)
+                self._rejected = WebSocketEnded(kind, detail, status, refusal)
         super().processHandshake()
 
     def onConnect(self, response: Any) -> None:
