@@ -160,7 +160,11 @@ class RestrictContextTests(TestCase):
         good, _ = _certificates()
         context = _server_options(good).getContext()
         restrict_context(context)
+        self.assertTrue(context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS)  # set_mode(0) returns the mode
         names = SSL.Connection(context, None).get_cipher_list()
+        bare = SSL.Context(SSL.TLS_METHOD)
+        restrict_context(bare)
+        self.assertTrue(bare.set_mode(0) & SSL.MODE_RELEASE_BUFFERS)
         self.assertIn("ECDHE-ECDSA-AES128-GCM-SHA256", names)
         self.assertIn("ECDHE-ECDSA-CHACHA20-POLY1305", names)
         for name in names:

@@ -56,10 +56,14 @@ def _acceptable_ciphers() -> IAcceptableCiphers:
 def restrict_context(context: SSL.Context) -> None:
     """
     Hold an OpenSSL context (a listener's, whoever built it) to L{MINIMUM_TLS} and, for TLS 1.2,
-    to L{TLS12_CIPHERS}.
+    to L{TLS12_CIPHERS}; and have its connections free their read and write buffers while idle
+    (C{SSL_MODE_RELEASE_BUFFERS}: ~17-33 KB a connection).  Twisted's C{CertificateOptions} sets
+    that mode already (this makes it hold for any context); each connection takes the context's
+    mode when it is made.
     """
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
 
 NO_VERIFY_WARNING = """\
 !!! SECURITY WARNING: -k/--no-ssl-host-verify is set !!!
