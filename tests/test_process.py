@@ -110,10 +110,15 @@ class ApplicationTests(SynchronousTestCase):
         ModeService({"logger": object()}, LogFilter(2)).setServiceParent(application)
         self.assertIsNone(application.getComponent(ILogObserver, None))
 
-    def test_no_filter_no_component(self) -> None:
+    def test_no_filter_twistds_observer(self) -> None:
+        """Without a filter (the service) the component is the observer twistd would make, unfiltered."""
+        seen = Events()
         application = Application("tunnelkit")
-        ModeService({"logfile": None}).setServiceParent(application)
-        self.assertIsNone(application.getComponent(ILogObserver, None))
+        ModeService({"logfile": None}, make_observer=lambda options: seen).setServiceParent(application)
+        observer = application.getComponent(ILogObserver)
+        self.assertIs(observer, seen)
+        observer(event("debug"))
+        self.assertEqual([e["log_level"] for e in seen], [LogLevel.debug])
 
     def test_outside_twistd_nothing_is_set(self) -> None:
         parent = MultiService()
