@@ -1,6 +1,6 @@
 """
 Tests of tunnelkit.service.cluster.events: CloseTunnel, expiry and rotation told on one node close
-the WebSockets another node holds (in-process carrier; the PostgreSQL one in test_cluster_postgres).
+the WebSockets another node holds (in-process carrier; the PostgreSQL one in tests/e2e/test_cluster_postgres.py).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -753,3 +753,31 @@ class DestinationProbeTests(TestCase):
         side, proxy = self.ready(probe_targets=False)
         self.assertEqual(self.reactor.tcpClients, [])
         self.assertEqual(side.probes, {})
+
+
+class RefusalHintTests(SynchronousTestCase):
+    """The hint after a refused upgrade: by the reason tunnelkit's service names, else by AWS's text."""
+
+    def test_by_reason_or_text(self) -> None:
+        from tunnelkit.localproxy.session_service import _refusal_hint
+        from tunnelkit.transport.websocket import WebSocketEnded
+
+        unknown = "is it this service's token"
+        used = "reconnects only with the client token"
+        for ended, expected in [
+            (WebSocketEnded("rejected", "x", 401, "unknown-token"), unknown),
+            (WebSocketEnded("rejected", "x", 401, "token-used"), used),
+            (WebSocketEnded("rejected", "x", 401, "client-token-mismatch"), used),
+            (WebSocketEnded("rejected", "x", 401, "token-rotated"), ""),
+            (WebSocketEnded("rejected", "x", 403, "mode-mismatch"), ""),
+            # AWS's service names no reason: its status and text
+            (WebSocketEnded("rejected", "the access token is not valid for any tunnel", 401), unknown),
+            (WebSocketEnded("rejected", "The access token was revoked", 401), ""),
+            (WebSocketEnded("rejected", "previously used", 401), used),
+            (WebSocketEnded("rejected", "Forbidden", 403), ""),
+        ]:
+            hint = _refusal_hint(ended)
+            if expected:
+                self.assertIn(expected, hint, ended)
+            else:
+                self.assertEqual(hint, "", ended)

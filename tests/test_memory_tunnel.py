@@ -171,6 +171,8 @@ class TunnelTests(TestCase):
         tunnel.pump()
         self.assertEqual(second.end.status, 1)
         self.assertIn("not retrying", second.end.message)
+        # the service named the reason (token-used): the hint follows it, not the text
+        self.assertIn("reconnects only with the client token it first used", second.end.message)
 
     def test_reconnect_after_the_websocket_drops(self) -> None:
         """A dropped WebSocket: its open connections are reset, the proxy reconnects after its

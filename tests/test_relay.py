@@ -206,6 +206,7 @@ class HandshakeTests(ServiceTestCase):
         self.assertIn(text, peer.body.decode())
         self.assertRegex(peer.headers["channel-id"], CHANNEL_ID)
         self.assertEqual(peer.headers["content-type"], "text/plain; charset=utf-8")
+        self.assertEqual(peer.headers["x-tunnelkit-refusal"], reason)  # what a tunnelkit client acts on
         self.assertTrue(peer.transport.disconnecting)
         self.assertEqual(
             self.relay.metrics.value("tunnelkit_handshake_rejections_total", reason=reason), 1.0  # type: ignore[attr-defined]

@@ -29,9 +29,10 @@ from tunnelkit.service.store import (
     NewTunnel,
     NoSuchAccount,
     NoSuchKey,
+    StoreError,
 )
 from tunnelkit.service.dbrunner import Blocking
-from tunnelkit.service.store_sqlite import DATABASE_NAME, SQLiteStore, open_store
+from tunnelkit.service.store_sqlite import DATABASE_NAME, MEMORY, SQLiteStore, open_store
 
 ACCOUNT = "111111111111"
 OTHER = "222222222222"
@@ -453,3 +454,42 @@ class ResetTests(StoreTestCase):
         self.open("t1")
         self.store.close()
         self.store.set_connection_state("t1", SOURCE, False, 1001.0)
+
+
+class _InMemory:
+    """The contract on a private in-memory database (what L{tunnelkit.testing.MemoryTunnelStore} runs on)."""
+
+    def make_store(self, directory: str) -> IControlStore:
+        return SQLiteStore(MEMORY)
+
+
+for _name in (
+    "InterfaceTests",
+    "ClaimPeerTests",
+    "ConnectionStateTests",
+    "LifecycleQueryTests",
+    "AccountTests",
+    "CountTests",
+    "ResetTests",
+):
+    globals()["InMemory" + _name] = type("InMemory" + _name, (_InMemory, globals()[_name]), {"__module__": __name__})
+del _name
+
+
+class InMemoryOnlyTests(TestCase):
+    """An in-memory database leaves no file and has one connection, on the synchronous runner."""
+
+    def test_no_file(self) -> None:
+        cwd = os.getcwd()
+        before = set(os.listdir(cwd))
+        store = SQLiteStore(MEMORY)
+        self.addCleanup(store.close)
+        self.assertEqual(store.applied, [(2, "created the tables (schema version 2)")])
+        self.assertEqual(set(os.listdir(cwd)), before)
+        self.assertRaises(StoreError, store.connect)
+
+    def test_no_threaded_runner(self) -> None:
+        from tunnelkit.service.dbrunner import SynchronousRunner
+
+        error = self.assertRaises(StoreError, SQLiteStore, MEMORY, runner=SynchronousRunner(lambda: None))
+        self.assertIn("SynchronousRunner only", str(error))

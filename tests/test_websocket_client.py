@@ -14,7 +14,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.test.iosim import connectedServerAndClient
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -215,6 +215,17 @@ class WebSocketClientTests(ClientSetup, TestCase):
         self.assertIn('(HTTP/1.1 403 Forbidden) "Invalid access token: The access token was previously used', ended.message)
         self.assertEqual(self.handler.opened, [])
 
+    def test_refusal_reason(self):
+        for header, reason in ((b"X-Tunnelkit-Refusal: token-used\r\n", "token-used"), (b"", None),
+                               (b"x-tunnelkit-refusal: Not A Label!\r\n", None)):
+            answer = b"HTTP/1.1 401 Unauthorized\r\n" + header + b"Content-Length: 2\r\n\r\nno"
+            self.handler.ended = []
+            self.connect(lambda: RawAnswer(answer))
+            self.clock.advance(1)
+            self.pump.flush()
+            (ended,) = self.handler.ended
+            self.assertEqual((ended.kind, ended.code, ended.reason), ("rejected", 401, reason))
+
     def test_refused_by_autobahn_server(self):
         self.server_factory.answer = ConnectionDeny(401, "Unauthorized")
         self.connect()
@@ -384,3 +395,14 @@ class BinaryFrameHeaderTests(TestCase):
             (b"\x82\x7f" + (131077).to_bytes(8, "big"), False),  # larger than the protocol allows
         ):
             self.assertEqual(binary_frame_header(data, 0, masked), (FRAME_NOT_PLAIN, 0), data)
+
+
+class MaskingKeyTests(SynchronousTestCase):
+    def test_four_random_bytes_each_from_a_pool(self):
+        from tunnelkit.transport.websocket import _MaskingKeys
+
+        keys = _MaskingKeys()
+        drawn = [keys() for _ in range(3 * _MaskingKeys.POOL // 4 + 1)]  # three pools and a bit
+        self.assertEqual({len(k) for k in drawn}, {4})
+        self.assertGreater(len(set(drawn)), len(drawn) * 0.99)  # 32-bit keys: collisions are rare
+        self.assertEqual(keys._at, 4)  # the fourth pool, one key in

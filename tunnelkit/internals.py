@@ -84,6 +84,12 @@ def _websocket_fast_path_can_run() -> bool:
     return not fastpath.missing()
 
 
+def _write_coalescing_can_run() -> bool:
+    from tunnelkit.transport import coalesce
+
+    return not coalesce.missing()  # the reactor's part is checked when it is installed
+
+
 def _ssl_endpoint_keeps_its_options() -> bool:
     from twisted.internet.endpoints import SSL4ServerEndpoint
     from twisted.internet.testing import MemoryReactor
@@ -119,6 +125,15 @@ INTERNALS: Tuple[Internal, ...] = (
         "no per-call debug formatting; it turns itself off and autobahn's own code runs, slower)",
         required=False,
         instance_check=_websocket_fast_path_can_run,
+    ),
+    Internal(
+        "twisted.internet.abstract",
+        "FileDescriptor's write buffer and the epoll reactor's watched writers "
+        "(tunnelkit.transport.coalesce.missing)",
+        "sending each reactor turn's TCP writes at its end without watching the socket for writability "
+        "(fewer system calls per message; off, Twisted's own write path runs)",
+        required=False,
+        instance_check=_write_coalescing_can_run,
     ),
     Internal(
         "twisted.scripts.twistd",

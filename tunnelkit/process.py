@@ -3,6 +3,8 @@
 What a mode changes in its twistd process, and how; every mode's C{makeService} returns a
 L{ModeService}, and nothing here acts before twistd hands that service its application.
 
+  - B{Writes} (every mode): TCP writes are coalesced once per reactor turn
+    (L{tunnelkit.transport.coalesce}), installed when the service starts as twistd's application.
   - B{Log filter} (C{-v} of the local proxy and the agent): when the service joins twistd's
     application, it sets the application's C{ILogObserver} component, the hook twistd documents for
     customising its logging (L{twisted.application.app.AppLogger.start}; the howto "Using the Twisted
@@ -187,6 +189,14 @@ class ModeService(MultiService):
             txaio.set_global_log_level("debug")  # type: ignore[attr-defined]  # bound by txaio.use_twisted()
 
     def startService(self) -> None:
+        if self.in_application:
+            # twistd's process: TCP writes go out once per reactor turn (tunnelkit.transport.coalesce)
+            from tunnelkit.transport import coalesce
+
+            reactor = self._reactor
+            if reactor is None:
+                from twisted.internet import reactor
+            coalesce.install(reactor)
         try:
             super().startService()
         except ConfigError as e:

@@ -35,6 +35,7 @@ from tunnelkit.localproxy.connection import ConnectionKey, LocalConnection
 from tunnelkit.localproxy.endpoint import ServiceEndpoint
 from tunnelkit.protocol.framing import Message
 from tunnelkit.protocol.flowcontrol import Pacer
+from tunnelkit.protocol.tokens import CLIENT_TOKEN_MISMATCH, TOKEN_ROTATED, TOKEN_USED, UNKNOWN_TOKEN
 from tunnelkit.protocol.session import (
     CloseLocal,
     ConnectTarget,
@@ -320,19 +321,7 @@ class LocalProxySession(MultiService):
         elif ended.kind == "rejected" and ended.code == 429:
             self._rate_limited(ended)
         elif ended.kind == "rejected":
-            hint = ""
-            if ended.code == 401 and "not valid for any tunnel" in ended.message:
-                hint = (
-                    " (is it this service's token, whole, of a tunnel not deleted? copy it from open-tunnel's"
-                    " output or token file)"
-                )
-            elif ended.code == 401 and "revoked" in ended.message:
-                hint = ""  # the service's text says to use the new token
-            elif ended.code == 401:
-                hint = (
-                    " (an access token connects once, and reconnects only with the client token it first"
-                    " used: -i/--client-token; or get a new one with 'tunnelkit rotate-tunnel-access-token')"
-                )
+            hint = _refusal_hint(ended)
             self.finish(
                 1, f"{ended.message}; not retrying: the token or tunnel cannot be used{hint} (exit status 1)"
             )
@@ -478,3 +467,29 @@ class LocalProxySession(MultiService):
             del self.connections[key]
             if not connection.closing:
                 self.perform(self.session.local_closed(connection.service_id, connection.connection_id))
+
+
+def _refusal_hint(ended: WebSocketEnded) -> str:
+    """
+    What to tell the user after a refused upgrade, by the reason tunnelkit's service names
+    (L{REFUSAL_HEADER}); for a service that names none (AWS's), by the status and the text.
+    """
+    reason = ended.reason
+    if reason is None and ended.code == 401:
+        if "not valid for any tunnel" in ended.message:
+            reason = UNKNOWN_TOKEN
+        elif "revoked" in ended.message:
+            reason = TOKEN_ROTATED
+        else:
+            reason = TOKEN_USED
+    if reason == UNKNOWN_TOKEN:
+        return (
+            " (is it this service's token, whole, of a tunnel not deleted? copy it from open-tunnel's"
+            " output or token file)"
+        )
+    if reason in (TOKEN_USED, CLIENT_TOKEN_MISMATCH):
+        return (
+            " (an access token connects once, and reconnects only with the client token it first"
+            " used: -i/--client-token; or get a new one with 'tunnelkit rotate-tunnel-access-token')"
+        )
+    return ""  # token-rotated: the service's text says to use the new token; others say enough

@@ -809,7 +809,8 @@ class _Session(ABC):
         """
         The local application shut down its write side (read EOF).  With flow control and half-close:
         an EOF to the far peer (after the bytes still held), the other direction stays open.  Without:
-        the connection ends, as with AWS's clients (its reset goes to the peer).
+        the connection ends, as with AWS's clients (its reset goes to the peer), and the local
+        application gets a reset: the answer it may wait for will not come.
         """
         service = self._services.get(service_id)
         if service is None:
@@ -819,11 +820,15 @@ class _Session(ABC):
             return []
         flow = connection.flow
         if flow is None:
+            # The far application did not close: whatever answer it had is cut off, so the local
+            # application (which may be waiting for it) gets a reset, not an end of stream.
             return self.local_closed(service_id, connection_id) + [
                 CloseLocal(
                     service_id,
                     connection_id,
-                    "the application closed its side, and the tunnel's far peer cannot carry a half-close",
+                    "the application shut down its sending side, and the tunnel's far peer cannot carry "
+                    "a half-close (AWS's protocol has none): the connection ends",
+                    True,
                 )
             ]
         if flow.eof_sent or flow.eof_pending:

@@ -24,3 +24,14 @@ def sendable_access_token(token: str) -> bool:
     characters, no control characters.  Only the shape: the service decides whether it is valid.
     """
     return 0 < len(token) <= MAX_ACCESS_TOKEN_LENGTH and not _CONTROL_RE.search(token)
+
+
+#: The header of tunnelkit's service's refusal of an upgrade naming why, machine-readably (one of
+#: the refusal reasons below or another of the service's; AWS's service sends none, so a client
+#: falls back to the answer's status and text).
+REFUSAL_HEADER = "X-Tunnelkit-Refusal"
+#: Refusal reasons a client acts on (the service's table: L{tunnelkit.service.tokens.STATUS_BY_REASON}).
+UNKNOWN_TOKEN = "unknown-token"
+TOKEN_ROTATED = "token-rotated"
+TOKEN_USED = "token-used"
+CLIENT_TOKEN_MISMATCH = "client-token-mismatch"

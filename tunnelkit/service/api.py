@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -108,6 +110,7 @@ class BoundedRequest(server.Request):
         )
         log.info("Refused a request: {message}", message=message)
         transport = self.channel.transport
+        assert transport is not None  # the request is being received on it
         transport.write(head + body)
         transport.loseConnection()
 
@@ -152,6 +155,13 @@ class FrontDoorChannel(http.HTTPChannel):
     _pending_host: Optional[str] = None
     _head_deadline: Any = None
     _heard = False
+    _discarding = False
+
+    @property
+    def _tcp(self) -> ITCPTransport:
+        """The connection (while connected)."""
+        assert self.transport is not None
+        return cast(ITCPTransport, self.transport)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -160,7 +170,7 @@ class FrontDoorChannel(http.HTTPChannel):
             self._count_pending(refuse=True)
 
     def _client_host(self) -> str:
-        return str(getattr(self.transport.getPeer(), "host", ""))
+        return str(getattr(self._tcp.getPeer(), "host", ""))
 
     def _count_pending(self, refuse: bool) -> bool:
         """
@@ -172,7 +182,7 @@ class FrontDoorChannel(http.HTTPChannel):
             return True
         host = self._client_host()
         if refuse and not site.admit_pending(host):
-            self.transport.abortConnection()
+            self._tcp.abortConnection()
             return False
         site.pending[host] = site.pending.get(host, 0) + 1
         self._pending_host = host
@@ -196,11 +206,12 @@ class FrontDoorChannel(http.HTTPChannel):
             address=self._pending_host,
             timeout=getattr(self.factory, "head_timeout", HEAD_TIMEOUT),
         )
-        transport = self.transport
-        if transport is not None:
-            transport.abortConnection()
+        if self.transport is not None:
+            self._tcp.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._discarding:
+            return
         if not self._heard:
             self._heard = True
             # Behind a haproxy: listener, the PROXY header is through: the client is known now.
@@ -214,6 +225,8 @@ class FrontDoorChannel(http.HTTPChannel):
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
+        if self._discarding:
+            return
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
             self._too_large(f"the request line and headers are over {self.totalHeadersSize} bytes")
             return
@@ -224,13 +237,13 @@ class FrontDoorChannel(http.HTTPChannel):
 
     def _too_large(self, why: str) -> None:
         body = f"Request Header Fields Too Large: {why}\n".encode()
-        self.transport.write(
+        self._tcp.write(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n"
             b"Connection: close\r\n\r\n" + body
         )
-        self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+        self._discarding = True  # the rest of what the client sends is dropped unread
         self.loseConnection()
 
     def allHeadersReceived(self) -> None:
@@ -252,7 +265,7 @@ class FrontDoorChannel(http.HTTPChannel):
         else:
             site.pending.pop(host, None)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_head_deadline()
         super().connectionLost(reason)
 

@@ -31,7 +31,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -42,6 +42,9 @@ from twisted.web.resource import Resource
 from tunnelkit.config import number as _number
 from tunnelkit.protocol.framing import Message
 from tunnelkit.protocol.rules import payload_size
+
+if TYPE_CHECKING:  # the API loads botocore; the trail needs only its type
+    from tunnelkit.service.api import ApiResource
 
 __all__ = [
     "AuditOptions",
@@ -299,7 +302,7 @@ class AuditedApi(Resource):
 
     isLeaf = True
 
-    def __init__(self, api: Resource, trail: AuditTrail, store: Any) -> None:
+    def __init__(self, api: ApiResource, trail: AuditTrail, store: Any) -> None:
         super().__init__()
         self._api = api
         self._trail = trail

@@ -110,9 +110,7 @@ def check_account_id(text: str) -> str:
 def create_access_key(store: IControlStore, account: Account, now: float) -> "Deferred[AccessKey]":
     """Create and store a new key of C{account}; a Deferred of it once stored."""
     key = AccessKey(new_access_key_id(), account.account_id, new_secret_access_key(), now)
-    d = store.add_access_key(key)
-    d.addCallback(lambda _: key)
-    return d  # type: ignore[no-any-return]
+    return store.add_access_key(key).addCallback(lambda _: key)
 
 
 def write_credentials_file(path: str, key: AccessKey, profile: str = "default") -> None:
@@ -339,10 +337,10 @@ class SigV4Verifier:
 
         signed: Dict[str, List[str]] = {}
         for name in signed_names:
-            values = received.get(name)
-            if values is None:
+            signed_values = received.get(name)
+            if signed_values is None:
                 raise AuthError("InvalidSignatureException", f"Signed header {name!r} is not in the request")
-            signed[name] = values
+            signed[name] = signed_values
         host = received["host"][0]
         request = AWSRequest(method=method, url=f"https://{host}{raw_path}", data=body)
         if claimed:

@@ -27,7 +27,7 @@ from http import HTTPStatus
 from itertools import count
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from tunnelkit.protocol.tokens import CLIENT_TOKEN_RE
+from tunnelkit.protocol.tokens import CLIENT_TOKEN_RE, REFUSAL_HEADER
 from tunnelkit.service.interfaces import DESTINATION, SOURCE, HandshakeRejected
 
 __all__ = [
@@ -226,9 +226,12 @@ def check_handshake(
 
 
 def refusal_response(
-    code: int, text: str, headers: Iterable[Tuple[str, str]] = (), channel_id: str = ""
+    code: int, text: str, headers: Iterable[Tuple[str, str]] = (), channel_id: str = "", reason: str = ""
 ) -> bytes:
-    """The whole HTTP answer refusing an upgrade: C{code}, C{headers}, the channel id, C{text} as the body."""
+    """
+    The whole HTTP answer refusing an upgrade: C{code}, C{headers}, the channel id, the refusal's
+    C{reason} (L{REFUSAL_HEADER}: what a tunnelkit client acts on), C{text} as the body.
+    """
     try:
         phrase = HTTPStatus(code).phrase
     except ValueError:
@@ -239,6 +242,8 @@ def refusal_response(
         lines.append(f"{name}: {value}")
     if channel_id:
         lines.append(f"channel-id: {channel_id}")
+    if reason:
+        lines.append(f"{REFUSAL_HEADER}: {reason}")
     lines += [
         "Content-Type: text/plain; charset=utf-8",
         f"Content-Length: {len(body)}",

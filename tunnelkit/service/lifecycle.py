@@ -34,7 +34,7 @@ class TunnelLifecycle(Service):
     @param on_closed: called as C{on_closed(tunnel_id, "expired")} for each tunnel this closes.
     """
 
-    name = "tunnel-lifecycle"
+    name = "tunnel-lifecycle"  # type: ignore[assignment]  # twisted leaves Service.name untyped (inferred None)
 
     def __init__(
         self,

@@ -159,6 +159,9 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
     of each read.
     """
 
+    #: Why the upgrade was refused (the refusal's reason header); set only on a refusal.
+    _refusal_reason = ""
+
     def __init__(self) -> None:
         super().__init__()
         self.channel_id = ""
@@ -230,6 +233,7 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
                 status=e.status,
                 reason=e.reason,
             )
+            self._refusal_reason = e.reason
             raise ConnectionDeny(e.status, e.text)
         relay.metrics.handshake_accepted()
         self.grant = grant
@@ -241,7 +245,9 @@ class PeerProtocol(FastWebSocket, WebSocketServerProtocol):  # type: ignore[misc
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         """Answer a refused upgrade with a short text body and the channel id."""
         self.wasNotCleanReason = reason
-        self.sendData(refusal_response(code, reason, responseHeaders or (), self.channel_id))
+        self.sendData(
+            refusal_response(code, reason, responseHeaders or (), self.channel_id, self._refusal_reason)
+        )
         self.dropConnection(abort=False)
 
     # --- life cycle ---

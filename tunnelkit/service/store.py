@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
+from twisted.internet.defer import Deferred
+
 from tunnelkit.errors import TunnelkitError
 from tunnelkit.service.interfaces import ITunnelStore
 
@@ -114,56 +116,56 @@ class IControlStore(ITunnelStore):
 
     # --- accounts and keys ---
 
-    def create_account(name: str, account_id: str, now: float) -> Account:
+    def create_account(name: str, account_id: str, now: float) -> "Deferred[Account]":
         """Create an account. @raise AccountExists: if the name or id is taken."""
 
-    def get_account(name_or_id: str) -> Account:
+    def get_account(name_or_id: str) -> "Deferred[Account]":
         """The account with this name or id. @raise NoSuchAccount: if none."""
 
-    def list_accounts() -> List[Account]:
+    def list_accounts() -> "Deferred[List[Account]]":
         """Every account, oldest first."""
 
-    def add_access_key(key: AccessKey) -> None:
+    def add_access_key(key: AccessKey) -> "Deferred[None]":
         """Store a new access key of an existing account."""
 
-    def revoke_access_key(access_key_id: str, now: float) -> AccessKey:
+    def revoke_access_key(access_key_id: str, now: float) -> "Deferred[AccessKey]":
         """Revoke a key (kept for the record, never accepted again). @raise NoSuchKey: if unknown."""
 
-    def get_access_key(access_key_id: str) -> Optional[AccessKey]:
+    def get_access_key(access_key_id: str) -> "Deferred[Optional[AccessKey]]":
         """The key with this id, revoked or not, or None."""
 
-    def list_access_keys() -> List[AccessKey]:
+    def list_access_keys() -> "Deferred[List[AccessKey]]":
         """Every key, oldest first."""
 
     # --- tunnels ---
 
-    def count_open_tunnels(account_id: str) -> int:
+    def count_open_tunnels(account_id: str) -> "Deferred[int]":
         """How many OPEN tunnels C{account_id} has."""
 
-    def create_tunnel(new: NewTunnel, max_open: Optional[int]) -> bool:
+    def create_tunnel(new: NewTunnel, max_open: Optional[int]) -> "Deferred[bool]":
         """
         Insert an OPEN tunnel and its two token hashes, atomically checking the quota: returns False
         (creating nothing) when C{account_id} already has C{max_open} OPEN tunnels.
         """
 
-    def get_tunnel(account_id: str, tunnel_id: str) -> Optional[Tunnel]:
+    def get_tunnel(account_id: str, tunnel_id: str) -> "Deferred[Optional[Tunnel]]":
         """The tunnel, with its tags, or None (also for another account's tunnel)."""
 
     def list_tunnels(
         account_id: str, thing_name: Optional[str], limit: int, after: Optional[int]
-    ) -> Tuple[List[Tunnel], Optional[int]]:
+    ) -> "Deferred[Tuple[List[Tunnel], Optional[int]]]":
         """
         A page of tunnels, newest first (without tags).  C{after} is the cursor a previous page
         returned; the returned cursor is None on the last page.
         """
 
-    def close_tunnel(account_id: str, tunnel_id: str, now: float) -> Optional[bool]:
+    def close_tunnel(account_id: str, tunnel_id: str, now: float) -> "Deferred[Optional[bool]]":
         """
         Mark the tunnel CLOSED.  Returns True if it was OPEN, False if already CLOSED, None if no such
         tunnel (for this account).
         """
 
-    def delete_tunnel(account_id: str, tunnel_id: str) -> bool:
+    def delete_tunnel(account_id: str, tunnel_id: str) -> "Deferred[bool]":
         """Purge the tunnel, its tokens and tags at once.  False if there was no such tunnel."""
 
     def rotate_tokens(
@@ -172,7 +174,7 @@ class IControlStore(ITunnelStore):
         new_hashes: Sequence[Tuple[str, str]],
         destination: Optional[Tuple[Optional[str], Tuple[str, ...]]],
         now: float,
-    ) -> Optional[Tunnel]:
+    ) -> "Deferred[Optional[Tunnel]]":
         """
         Revoke the current token of each side in C{new_hashes} (pairs of side and new token hash) and
         record the new ones; with C{destination} (thing name, services) also record the tunnel's
@@ -180,13 +182,13 @@ class IControlStore(ITunnelStore):
         for a tunnel opened without one).  Returns the tunnel, or None if no OPEN tunnel has this id.
         """
 
-    def tag_tunnel(account_id: str, tunnel_id: str, tags: Sequence[Tuple[str, str]], now: float) -> bool:
+    def tag_tunnel(account_id: str, tunnel_id: str, tags: Sequence[Tuple[str, str]], now: float) -> "Deferred[bool]":
         """Add or overwrite tags.  False if no such tunnel."""
 
-    def untag_tunnel(account_id: str, tunnel_id: str, keys: Sequence[str], now: float) -> bool:
+    def untag_tunnel(account_id: str, tunnel_id: str, keys: Sequence[str], now: float) -> "Deferred[bool]":
         """Remove tags (absent keys are ignored).  False if no such tunnel."""
 
-    def reset_connection_states(now: float) -> int:
+    def reset_connection_states(now: float) -> "Deferred[int]":
         """
         At start-up: mark every side DISCONNECTED, since no WebSocket survives a restart (a store shared
         by several service nodes would scope this to the node's own peers).  Returns how many changed.
@@ -194,13 +196,13 @@ class IControlStore(ITunnelStore):
 
     # --- lifecycle ---
 
-    def open_deadlines() -> List[Tuple[str, float]]:
+    def open_deadlines() -> "Deferred[List[Tuple[str, float]]]":
         """(tunnel id, expires_at) of every OPEN tunnel, in any account."""
 
-    def expire_due(now: float) -> List[str]:
+    def expire_due(now: float) -> "Deferred[List[str]]":
         """Mark CLOSED every OPEN tunnel whose lifetime has ended; return their ids."""
 
-    def purge_closed(closed_before: float) -> int:
+    def purge_closed(closed_before: float) -> "Deferred[int]":
         """Delete every CLOSED tunnel closed before C{closed_before}; return how many."""
 
     def close() -> None:

@@ -17,7 +17,7 @@ thread between the check and the spend, so a refused peer keeps its token.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Interface
@@ -63,6 +63,8 @@ _TUNNEL_COLUMNS = (
     "destination_status, destination_updated_at, seq"
 )
 
+T = TypeVar("T")
+
 #: How many times a claim reads a token again after losing the race to spend it.
 _CLAIM_ATTEMPTS = 3
 
@@ -94,7 +96,7 @@ class SQLStore:
         self._runner = runner
         self._closed = False
 
-    def _run(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+    def _run(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
         return self._runner.run(fn, *args)
 
     def close(self) -> None:
@@ -111,7 +113,7 @@ class SQLStore:
 
     # --- accounts and keys ---
 
-    def create_account(self, name: str, account_id: str, now: float) -> Deferred:
+    def create_account(self, name: str, account_id: str, now: float) -> "Deferred[Account]":
         return self._run(self._create_account, name, account_id, now)
 
     @staticmethod
@@ -127,7 +129,7 @@ class SQLStore:
             )
         return Account(account_id, name, now)
 
-    def get_account(self, name_or_id: str) -> Deferred:
+    def get_account(self, name_or_id: str) -> "Deferred[Account]":
         return self._run(self._get_account, name_or_id)
 
     @staticmethod
@@ -141,7 +143,7 @@ class SQLStore:
             raise NoSuchAccount(f"no account is named {name_or_id!r} or has that id")
         return Account(*row)
 
-    def list_accounts(self) -> Deferred:
+    def list_accounts(self) -> "Deferred[List[Account]]":
         return self._run(self._list_accounts)
 
     @staticmethod
@@ -149,7 +151,7 @@ class SQLStore:
         rows = db.execute("SELECT account_id, name, created_at FROM accounts ORDER BY created_at, name")
         return [Account(*row) for row in rows]
 
-    def add_access_key(self, key: AccessKey) -> Deferred:
+    def add_access_key(self, key: AccessKey) -> "Deferred[None]":
         return self._run(self._add_access_key, key)
 
     @staticmethod
@@ -163,7 +165,7 @@ class SQLStore:
                 (key.access_key_id, key.account_id, key.secret_access_key, key.created_at, key.revoked_at),
             )
 
-    def revoke_access_key(self, access_key_id: str, now: float) -> Deferred:
+    def revoke_access_key(self, access_key_id: str, now: float) -> "Deferred[AccessKey]":
         return self._run(self._revoke_access_key, access_key_id, now)
 
     @classmethod
@@ -177,7 +179,7 @@ class SQLStore:
                 key = AccessKey(key.access_key_id, key.account_id, key.secret_access_key, key.created_at, now)
         return key
 
-    def get_access_key(self, access_key_id: str) -> Deferred:
+    def get_access_key(self, access_key_id: str) -> "Deferred[Optional[AccessKey]]":
         return self._run(self._get_access_key, access_key_id)
 
     @staticmethod
@@ -189,7 +191,7 @@ class SQLStore:
         ).fetchone()
         return AccessKey(*row) if row else None
 
-    def list_access_keys(self) -> Deferred:
+    def list_access_keys(self) -> "Deferred[List[AccessKey]]":
         return self._run(self._list_access_keys)
 
     @staticmethod
@@ -202,7 +204,7 @@ class SQLStore:
 
     # --- tunnels ---
 
-    def count_open_tunnels(self, account_id: str) -> Deferred:
+    def count_open_tunnels(self, account_id: str) -> "Deferred[int]":
         return self._run(self._count_open_tunnels, account_id)
 
     @staticmethod
@@ -212,7 +214,7 @@ class SQLStore:
         ).fetchone()
         return int(count)
 
-    def count_tunnels_by_status(self) -> Deferred:
+    def count_tunnels_by_status(self) -> "Deferred[Dict[str, int]]":
         """C{{"OPEN": n, "CLOSED": m}} over every account (the data plane's tunnels gauge)."""
         return self._run(self._count_tunnels_by_status)
 
@@ -223,7 +225,7 @@ class SQLStore:
             counts[status] = int(count)
         return counts
 
-    def create_tunnel(self, new: NewTunnel, max_open: Optional[int]) -> Deferred:
+    def create_tunnel(self, new: NewTunnel, max_open: Optional[int]) -> "Deferred[bool]":
         return self._run(self._create_tunnel, new, max_open)
 
     @classmethod
@@ -275,7 +277,7 @@ class SQLStore:
             (k, v) for k, v in db.execute("SELECT key, value FROM tags WHERE tunnel_id = ? ORDER BY key", (tunnel_id,))
         ]
 
-    def get_tunnel(self, account_id: str, tunnel_id: str) -> Deferred:
+    def get_tunnel(self, account_id: str, tunnel_id: str) -> "Deferred[Optional[Tunnel]]":
         return self._run(self._get_tunnel, account_id, tunnel_id)
 
     @classmethod
@@ -289,7 +291,7 @@ class SQLStore:
 
     def list_tunnels(
         self, account_id: str, thing_name: Optional[str], limit: int, after: Optional[int]
-    ) -> Deferred:
+    ) -> "Deferred[Tuple[List[Tunnel], Optional[int]]]":
         return self._run(self._list_tunnels, account_id, thing_name, limit, after)
 
     @staticmethod
@@ -310,7 +312,7 @@ class SQLStore:
         cursor = int(rows[limit - 1][15]) if len(rows) > limit else None
         return [_tunnel_from_row(row) for row in rows[:limit]], cursor
 
-    def close_tunnel(self, account_id: str, tunnel_id: str, now: float) -> Deferred:
+    def close_tunnel(self, account_id: str, tunnel_id: str, now: float) -> "Deferred[Optional[bool]]":
         return self._run(self._close_tunnel, account_id, tunnel_id, now)
 
     @classmethod
@@ -338,7 +340,7 @@ class SQLStore:
         )
         return bool(cursor.rowcount > 0)
 
-    def delete_tunnel(self, account_id: str, tunnel_id: str) -> Deferred:
+    def delete_tunnel(self, account_id: str, tunnel_id: str) -> "Deferred[bool]":
         return self._run(self._delete_tunnel, account_id, tunnel_id)
 
     @staticmethod
@@ -354,7 +356,7 @@ class SQLStore:
         new_hashes: Sequence[Tuple[str, str]],
         destination: Optional[Tuple[Optional[str], Tuple[str, ...]]],
         now: float,
-    ) -> Deferred:
+    ) -> "Deferred[Optional[Tunnel]]":
         return self._run(self._rotate_tokens, account_id, tunnel_id, new_hashes, destination, now)
 
     @classmethod
@@ -396,7 +398,7 @@ class SQLStore:
                 )
             return cls._get_tunnel(db, account_id, tunnel_id)
 
-    def tag_tunnel(self, account_id: str, tunnel_id: str, tags: Sequence[Tuple[str, str]], now: float) -> Deferred:
+    def tag_tunnel(self, account_id: str, tunnel_id: str, tags: Sequence[Tuple[str, str]], now: float) -> "Deferred[bool]":
         return self._run(self._tag_tunnel, account_id, tunnel_id, tags, now)
 
     @classmethod
@@ -411,7 +413,7 @@ class SQLStore:
             )
         return True
 
-    def untag_tunnel(self, account_id: str, tunnel_id: str, keys: Sequence[str], now: float) -> Deferred:
+    def untag_tunnel(self, account_id: str, tunnel_id: str, keys: Sequence[str], now: float) -> "Deferred[bool]":
         return self._run(self._untag_tunnel, account_id, tunnel_id, keys, now)
 
     @classmethod
@@ -439,7 +441,7 @@ class SQLStore:
         client_token: Optional[str],
         now: float,
         admit: Optional[Callable[[PeerGrant], None]] = None,
-    ) -> Deferred:
+    ) -> "Deferred[PeerGrant]":
         """See L{ITunnelStore.claim_peer}; the rules are L{tokens.check_claim}'s."""
         digest = tokens.token_hash(access_token) if tokens.is_well_formed(access_token) else None
         client_hash = tokens.client_token_hash(client_token) if client_token is not None else None
@@ -511,7 +513,7 @@ class SQLStore:
             )
             return bool(cursor.rowcount > 0)
 
-    def set_connection_state(self, tunnel_id: str, side: str, connected: bool, now: float) -> Deferred:
+    def set_connection_state(self, tunnel_id: str, side: str, connected: bool, now: float) -> "Deferred[None]":
         """See L{ITunnelStore.set_connection_state}."""
         if side not in (SOURCE, DESTINATION):
             raise ValueError(f"side must be {SOURCE!r} or {DESTINATION!r}, not {side!r}")
@@ -530,7 +532,7 @@ class SQLStore:
                 (status, now, now, tunnel_id) + (() if status == DISCONNECTED else (OPEN,)),
             )
 
-    def reset_connection_states(self, now: float) -> Deferred:
+    def reset_connection_states(self, now: float) -> "Deferred[int]":
         """Mark every side DISCONNECTED (no peer survives a restart); return how many changed."""
         return self._run(self._reset_connection_states, now)
 
@@ -548,7 +550,7 @@ class SQLStore:
 
     # --- lifecycle ---
 
-    def open_deadlines(self) -> Deferred:
+    def open_deadlines(self) -> "Deferred[List[Tuple[str, float]]]":
         return self._run(self._open_deadlines)
 
     @staticmethod
@@ -560,7 +562,7 @@ class SQLStore:
             )
         ]
 
-    def expire_due(self, now: float) -> Deferred:
+    def expire_due(self, now: float) -> "Deferred[List[str]]":
         return self._run(self._expire_due, now)
 
     @classmethod
@@ -579,7 +581,7 @@ class SQLStore:
             # Only the tunnels this call closed: another node expiring the same ones at once gets the rest.
             return [tunnel_id for tunnel_id, expires_at in due if cls._close(db, tunnel_id, expires_at)]
 
-    def purge_closed(self, closed_before: float) -> Deferred:
+    def purge_closed(self, closed_before: float) -> "Deferred[int]":
         return self._run(self._purge_closed, closed_before)
 
     @staticmethod

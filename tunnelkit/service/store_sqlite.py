@@ -41,6 +41,8 @@ from tunnelkit.service.store import IControlStore, StoreError
 from tunnelkit.service.store_sql import SQLStore
 
 DATABASE_NAME = "tunnelkit.sqlite3"
+#: The path of a private database in memory, gone with its one connection (the shipped test harness's).
+MEMORY = ":memory:"
 SCHEMA_VERSION = 2
 
 _SCHEMA = """
@@ -193,14 +195,26 @@ def migrate(db: SQLiteConnection, path: str) -> List[Tuple[int, str]]:
 class SQLiteStore(SQLStore):
     """
     The SQLite store.  C{path} is the database file (created with its tables if absent, upgraded if
-    older, at once in the calling thread); C{runner} runs the queries (default: a
-    L{SynchronousRunner}; the service passes a L{ThreadedRunner}, see L{open_sqlite}).
+    older, at once in the calling thread), or L{MEMORY} for a private one in memory (on the
+    L{SynchronousRunner} only); C{runner} runs the queries (default: a L{SynchronousRunner}; the
+    service passes a L{ThreadedRunner}, see L{open_sqlite}).
 
     @ivar applied: the schema steps applied when it was opened, as (version, description).
     """
 
     def __init__(self, path: str, busy_timeout: float = 5.0, runner: Optional[IDatabaseRunner] = None) -> None:
         self.path = path
+        self._busy_timeout = busy_timeout
+        if path == MEMORY:
+            if runner is not None:
+                raise StoreError(
+                    f"an in-memory SQLite database ({MEMORY}) lives in its one connection: it runs on the "
+                    "default SynchronousRunner only; give a file path for a threaded store"
+                )
+            db = connect(path, busy_timeout)
+            self.applied = migrate(db, path)
+            super().__init__(SynchronousRunner(self.connect, db))
+            return
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
         if not os.path.exists(path):
@@ -217,10 +231,11 @@ class SQLiteStore(SQLStore):
         else:
             first.close()
         super().__init__(runner)
-        self._busy_timeout = busy_timeout
 
     def connect(self) -> SQLiteConnection:
         """Another connection to the same file (what a L{ThreadedRunner} makes per thread)."""
+        if self.path == MEMORY:
+            raise StoreError(f"an in-memory SQLite database ({MEMORY}) has one connection only")
         return connect(self.path, self._busy_timeout)
 
 

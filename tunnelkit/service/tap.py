@@ -393,9 +393,9 @@ class TunnelService(MultiService):
             self.cluster.take_lifecycle(self.control.lifecycle)  # one node of the cluster runs it
         else:
             self.control.lifecycle.setServiceParent(self)
-        api: Resource = ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds))
-        if self.audit is not None:
-            api = AuditedApi(api, self.audit, self.store)
+        raw_api = ApiResource(self.control, SigV4Verifier(self.store, self.region, clock.seconds))
+        # the console's front door (mount_console) serves this same resource: audited if auditing
+        api: Resource = raw_api if self.audit is None else AuditedApi(raw_api, self.audit, self.store)
         root.putChild(b"", api)
         self.health = HealthResource()  # GET /healthz for load balancers (deploy/haproxy.cfg)
         root.putChild(b"healthz", self.health)

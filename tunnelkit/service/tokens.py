@@ -42,7 +42,13 @@ import secrets
 from dataclasses import dataclass
 from typing import Optional
 
-from tunnelkit.protocol.tokens import CLIENT_TOKEN_RE
+from tunnelkit.protocol.tokens import (
+    CLIENT_TOKEN_MISMATCH,
+    CLIENT_TOKEN_RE,
+    TOKEN_ROTATED,
+    TOKEN_USED,
+    UNKNOWN_TOKEN,
+)
 from tunnelkit.service.interfaces import DESTINATION, SOURCE, TokenRejected
 
 ROUTING_LENGTH = 16
@@ -65,10 +71,10 @@ CLIENT_TOKEN_MISMATCH_TEXT = (
 #: 403 for a valid token used in the wrong mode or with a client token taken by another tunnel,
 #: 410 for a tunnel that is closed or whose lifetime ended.
 STATUS_BY_REASON = {
-    "unknown-token": 401,
-    "token-rotated": 401,
-    "token-used": 401,
-    "client-token-mismatch": 401,
+    UNKNOWN_TOKEN: 401,
+    TOKEN_ROTATED: 401,
+    TOKEN_USED: 401,
+    CLIENT_TOKEN_MISMATCH: 401,
     "mode-mismatch": 403,
     "client-token-in-use": 403,
     "tunnel-closed": 410,
@@ -163,10 +169,10 @@ def check_claim(
             400, "bad-client-token", "Invalid client token: it must be 32 to 128 characters of a-z, A-Z, 0-9 and -"
         )
     if state is None:
-        raise reject("unknown-token", "Invalid access token: the access token is not valid for any tunnel")
+        raise reject(UNKNOWN_TOKEN, "Invalid access token: the access token is not valid for any tunnel")
     if state.revoked:
         raise reject(
-            "token-rotated",
+            TOKEN_ROTATED,
             "Invalid access token: the access token was revoked by RotateTunnelAccessToken; use the new token",
         )
     if state.tunnel_status != "OPEN":
@@ -181,9 +187,9 @@ def check_claim(
         )
     if state.used:
         if state.bound_client_token_hash is None or client_token is None:
-            raise reject("token-used", TOKEN_USED_TEXT)
+            raise reject(TOKEN_USED, TOKEN_USED_TEXT)
         if not secrets.compare_digest(state.bound_client_token_hash, client_token_hash(client_token)):
-            raise reject("client-token-mismatch", CLIENT_TOKEN_MISMATCH_TEXT)
+            raise reject(CLIENT_TOKEN_MISMATCH, CLIENT_TOKEN_MISMATCH_TEXT)
         return Claim(first_use=False, bind=None)
     if client_token is not None and client_token_taken:
         raise reject(

@@ -2,9 +2,9 @@
 """
 In-memory pieces for tests of every layer.
 
-L{MemoryTunnelStore} is a complete L{ITunnelStore} kept in a dict: the same token rules as the real
-store (it calls L{tunnelkit.service.tokens.check_claim}), with just enough control-plane methods
-(open, close, rotate) to drive a relay without the API.  L{ServiceHarness} mounts the data plane on a
+L{MemoryTunnelStore} is the service's own SQLite store on a database in memory (the same SQL, so the
+same token rules), with just enough control-plane helpers (open, close, rotate) to drive a relay
+without the API.  L{ServiceHarness} mounts the data plane on a
 C{twisted.web} site with it.  L{RawPeer} is a WebSocket client written out by hand over a
 L{StringTransport}: it sends exactly the bytes a real client would (the upgrade request, masked
 frames) and parses what the service answers, so relay tests are deterministic and byte-exact.
@@ -22,13 +22,15 @@ import os
 import socket
 import struct
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, cast
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -36,9 +38,12 @@ from zope.interface import implementer
 
 from tunnelkit.protocol.framing import FrameDecoder, encode_message, parse_message
 from tunnelkit.protocol.message_pb2 import Message
-from tunnelkit.service.interfaces import DESTINATION, SOURCE, ITunnelStore, PeerGrant
+from tunnelkit.service.dbrunner import Blocking
+from tunnelkit.service.interfaces import SOURCE, ITunnelStore, PeerGrant
 from tunnelkit.service.metrics import ITunnelCounts
-from tunnelkit.service.tokens import TokenState, check_claim, client_token_hash, new_access_token, token_hash
+from tunnelkit.service.store import CONNECTED, NewTunnel, StoreError
+from tunnelkit.service.store_sqlite import MEMORY, SQLiteStore
+from tunnelkit.service.tokens import new_access_token, token_hash
 from tunnelkit.testing.process import ServiceProcess
 
 __all__ = [
@@ -66,87 +71,102 @@ class OpenedTunnel:
     destination_token: str
 
 
-@dataclass
-class _Token:
-    side: str
-    tunnel_id: str
-    revoked: bool = False
-    used: bool = False
-    bound_client_token_hash: Optional[str] = None
-
-
-@dataclass
-class _Tunnel:
-    tunnel_id: str
-    account_id: str
-    services: Tuple[str, ...]
-    expires_at: float
-    status: str = "OPEN"
-    generation: Dict[str, int] = field(default_factory=lambda: {SOURCE: 0, DESTINATION: 0})
-    token_hash: Dict[str, str] = field(default_factory=dict)
-    connected: Dict[str, Tuple[bool, float]] = field(default_factory=dict)
-
-
 @implementer(ITunnelStore, ITunnelCounts)
 class MemoryTunnelStore:
     """
-    A tunnel store in memory, with the real token rules.
+    The service's own store (L{SQLiteStore} on a private in-memory database, on a
+    L{SynchronousRunner<tunnelkit.service.dbrunner.SynchronousRunner>}) with control-plane helpers
+    (open, close, rotate) that go through its L{IControlStore} methods, as the API's operations do.
+    Every Deferred it returns has fired on return.
 
+    @param clock: the time of the helpers called without C{now} (default: a L{Clock} at 0).
+    @ivar control: the L{SQLiteStore} (an L{IControlStore}: C{get_tunnel}, C{list_tunnels}, ...).
     @ivar state_changes: every L{set_connection_state} call, in order, as
         C{(tunnel_id, side, connected, now)}.
     """
 
-    def __init__(self) -> None:
-        self._tunnels: Dict[str, _Tunnel] = {}
-        self._tokens: Dict[str, _Token] = {}  # by token hash
+    def __init__(self, clock: Optional[IReactorTime] = None) -> None:
+        self.clock: IReactorTime = clock if clock is not None else Clock()
+        self.control = SQLiteStore(MEMORY)
+        weakref.finalize(self, self.control.close)
+        self._blocking: Any = Blocking(self.control)
+        self._accounts: Set[str] = set()  # the ids of the accounts made here
+        self._account_of: Dict[str, str] = {}  # tunnel id -> account id, of the tunnels opened here
         self.state_changes: List[Tuple[str, str, bool, float]] = []
+
+    def close(self) -> None:
+        """Release the database (later calls fail; the store is also released once unreferenced)."""
+        self.control.close()
+
+    def _now(self, now: Optional[float]) -> float:
+        return self.clock.seconds() if now is None else now
 
     # --- the control plane's part ---
 
     def open_tunnel(
         self,
         services: Sequence[str] = (),
-        now: float = 0.0,
+        now: Optional[float] = None,
         lifetime_minutes: int = 720,
         account_id: str = "123456789012",
     ) -> OpenedTunnel:
-        """Create an OPEN tunnel with fresh tokens."""
+        """Create an OPEN tunnel with fresh tokens (and its account, the first time)."""
+        now = self._now(now)
+        if account_id not in self._accounts:
+            self._blocking.create_account(f"account-{account_id}", account_id, now)
+            self._accounts.add(account_id)
         tunnel_id = str(uuid.uuid4())
-        tunnel = _Tunnel(tunnel_id, account_id, tuple(services), now + 60.0 * lifetime_minutes)
-        self._tunnels[tunnel_id] = tunnel
-        tokens = {side: self._issue(tunnel, side) for side in (SOURCE, DESTINATION)}
-        return OpenedTunnel(tunnel_id, tokens[SOURCE], tokens[DESTINATION])
+        source_token, destination_token = new_access_token(tunnel_id), new_access_token(tunnel_id)
+        self._blocking.create_tunnel(
+            NewTunnel(
+                tunnel_id=tunnel_id,
+                account_id=account_id,
+                description=None,
+                thing_name=None,
+                services=tuple(services),
+                max_lifetime_minutes=lifetime_minutes,
+                tags=(),
+                source_token_hash=token_hash(source_token),
+                destination_token_hash=token_hash(destination_token),
+                created_at=now,
+            ),
+            None,
+        )
+        self._account_of[tunnel_id] = account_id
+        return OpenedTunnel(tunnel_id, source_token, destination_token)
 
-    def _issue(self, tunnel: _Tunnel, side: str) -> str:
-        token = new_access_token(tunnel.tunnel_id)
-        digest = token_hash(token)
-        self._tokens[digest] = _Token(side, tunnel.tunnel_id)
-        tunnel.token_hash[side] = digest
+    def _account(self, tunnel_id: str) -> str:
+        try:
+            return self._account_of[tunnel_id]
+        except KeyError:
+            raise StoreError(f"no tunnel {tunnel_id} was opened by this store (open it with open_tunnel)") from None
+
+    def close_tunnel(self, tunnel_id: str, now: Optional[float] = None) -> None:
+        """Mark the tunnel CLOSED (its tokens stop working), as CloseTunnel does."""
+        self._blocking.close_tunnel(self._account(tunnel_id), tunnel_id, self._now(now))
+
+    def rotate(
+        self, tunnel_id: str, side: str, services: Optional[Sequence[str]] = None, now: Optional[float] = None
+    ) -> str:
+        """Revoke C{side}'s token and return a new one (with C{services}: the tunnel's new ones)."""
+        token = new_access_token(tunnel_id)
+        destination = (None, tuple(services)) if services is not None else None
+        rotated = self._blocking.rotate_tokens(
+            self._account(tunnel_id), tunnel_id, [(side, token_hash(token))], destination, self._now(now)
+        )
+        if rotated is None:
+            raise StoreError(f"tunnel {tunnel_id} is CLOSED: its tokens cannot be rotated")
         return token
 
-    def close_tunnel(self, tunnel_id: str) -> None:
-        """Mark the tunnel CLOSED (its tokens stop working)."""
-        self._tunnels[tunnel_id].status = "CLOSED"
-
-    def rotate(self, tunnel_id: str, side: str, services: Optional[Sequence[str]] = None) -> str:
-        """Revoke C{side}'s token and return a new one (with C{services}: the tunnel's new ones)."""
-        tunnel = self._tunnels[tunnel_id]
-        if services is not None:
-            tunnel.services = tuple(services)
-        self._tokens[tunnel.token_hash[side]].revoked = True
-        tunnel.generation[side] += 1
-        return self._issue(tunnel, side)
-
     def connection_state(self, tunnel_id: str, side: str) -> Tuple[bool, float]:
-        """(connected, lastUpdatedAt) of a side; (False, 0.0) before any change."""
-        return self._tunnels[tunnel_id].connected.get(side, (False, 0.0))
+        """(connected, lastUpdatedAt) of a side, as DescribeTunnel shows it."""
+        tunnel = self._blocking.get_tunnel(self._account(tunnel_id), tunnel_id)
+        state = tunnel.source if side == SOURCE else tunnel.destination
+        return state.status == CONNECTED, state.last_updated_at
 
-    def count_tunnels_by_status(self) -> "Deferred[Mapping[str, int]]":
-        """The number of tunnels per status (C{OPEN}, C{CLOSED}), as the metrics read it (fired)."""
-        counts = {"OPEN": 0, "CLOSED": 0}
-        for tunnel in self._tunnels.values():
-            counts[tunnel.status] += 1
-        return succeed(counts)
+    def count_tunnels_by_status(self) -> "Deferred[Dict[str, int]]":
+        """The number of tunnels per status (C{OPEN}, C{CLOSED}), as the metrics read it."""
+        return self.control.count_tunnels_by_status()
 
     # --- ITunnelStore ---
 
@@ -158,63 +178,13 @@ class MemoryTunnelStore:
         now: float,
         admit: Optional[Callable[[PeerGrant], None]] = None,
     ) -> "Deferred[PeerGrant]":
-        """See L{ITunnelStore.claim_peer}: the Deferred has fired on return."""
-        return maybeDeferred(self._claim_peer, access_token, mode, client_token, now, admit)
-
-    def _claim_peer(
-        self,
-        access_token: str,
-        mode: str,
-        client_token: Optional[str],
-        now: float,
-        admit: Optional[Callable[[PeerGrant], None]],
-    ) -> PeerGrant:
-        digest = token_hash(access_token)
-        record = self._tokens.get(digest)
-        tunnel = self._tunnels.get(record.tunnel_id) if record is not None else None
-        state = None
-        if record is not None and tunnel is not None:
-            state = TokenState(
-                side=record.side,
-                revoked=record.revoked,
-                used=record.used,
-                bound_client_token_hash=record.bound_client_token_hash,
-                tunnel_status=tunnel.status,
-                expires_at=tunnel.expires_at,
-            )
-        taken = False
-        if client_token is not None and tunnel is not None:
-            taken = any(
-                other.bound_client_token_hash == client_token_hash(client_token)
-                and other is not record
-                and self._tunnels[other.tunnel_id].status == "OPEN"
-                and self._tunnels[other.tunnel_id].account_id == tunnel.account_id
-                and other.tunnel_id != tunnel.tunnel_id
-                for other in self._tokens.values()
-            )
-        claim = check_claim(state, mode, client_token, now, client_token_taken=taken)
-        assert record is not None and tunnel is not None
-        grant = PeerGrant(
-            tunnel_id=tunnel.tunnel_id,
-            account_id=tunnel.account_id,
-            side=record.side,
-            services=tunnel.services,
-            expires_at=tunnel.expires_at,
-            token_generation=tunnel.generation[record.side],
-        )
-        if admit is not None:
-            admit(grant)
-        record.used = True
-        if claim.bind is not None:
-            record.bound_client_token_hash = claim.bind
-        return grant
+        """See L{ITunnelStore.claim_peer}."""
+        return self.control.claim_peer(access_token, mode, client_token, now, admit)
 
     def set_connection_state(self, tunnel_id: str, side: str, connected: bool, now: float) -> "Deferred[None]":
+        """See L{ITunnelStore.set_connection_state}; recorded in L{state_changes}."""
         self.state_changes.append((tunnel_id, side, connected, now))
-        tunnel = self._tunnels.get(tunnel_id)
-        if tunnel is not None:
-            tunnel.connected[side] = (connected, now)
-        return succeed(None)
+        return self.control.set_connection_state(tunnel_id, side, connected, now)
 
 
 class ServiceHarness:
@@ -231,7 +201,7 @@ class ServiceHarness:
         from tunnelkit.service.dataplane import metrics_site, mount_data_plane
 
         self.clock = clock
-        self.store = MemoryTunnelStore()
+        self.store = MemoryTunnelStore(clock)
         self.root = Resource()
         self.events = mount_data_plane(self.root, self.store, clock, dict(options or {}))
         self.site = Site(self.root, reactor=clock)

@@ -126,7 +126,7 @@ def _fresh_protocols() -> List[Any]:
     from twisted.internet.testing import MemoryReactorClock, StringTransport
 
     reactor = MemoryReactorClock()
-    protocols = []
+    protocols: List[Any] = []  # as returned: autobahn's protocols, on StringTransports
     for factory_class, protocol_class, url in (
         (WebSocketClientFactory, WebSocketClientProtocol, "ws://127.0.0.1:1/"),
         (WebSocketServerFactory, WebSocketServerProtocol, "ws://127.0.0.1:1/"),
@@ -369,7 +369,7 @@ def lazy_handshake_logging() -> bool:
 
     if not hasattr(protocol_module, "pformat"):
         return False
-    protocol_module.pformat = _pformat_lazily_for_logs
+    protocol_module.pformat = _pformat_lazily_for_logs  # type: ignore[assignment]  # a lazy stand-in, on purpose
     return True
 
 

@@ -33,6 +33,7 @@ import os
 import platform
 import struct
 from dataclasses import dataclass
+import re
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import autobahn
@@ -49,6 +50,7 @@ import tunnelkit
 from tunnelkit.errors import FramingError
 from tunnelkit.protocol.flowcontrol import EXTENSIONS_HEADER
 from tunnelkit.protocol.framing import MAX_WEBSOCKET_FRAME, FrameDecoder, Message, parse_message
+from tunnelkit.protocol.tokens import REFUSAL_HEADER
 from tunnelkit.transport.fastpath import (  # noqa: F401 - binary_frame_header: also imported from here
     FRAME_INCOMPLETE,
     FRAME_NOT_PLAIN,
@@ -75,6 +77,34 @@ SUBPROTOCOL = "aws.iot.securetunneling-3.0"
 PING_PERIOD = 20.0
 #: Seconds the TCP+TLS+HTTP upgrade may take before the attempt counts as failed.
 HANDSHAKE_TIMEOUT = 30.0
+
+class _MaskingKeys:
+    """
+    Masking keys for the frames a client sends (RFC 6455 section 5.3: unpredictable, from a strong
+    source of entropy): 4 bytes at a time from a pool of the OS's random bytes, refilled when spent,
+    so that a frame costs no system call (os.urandom per frame was one getrandom per frame).
+    """
+
+    POOL = 4096
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def __call__(self) -> bytes:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool = os.urandom(self.POOL)
+            at = 0
+        self._at = at + 4
+        return self._pool[at : at + 4]
+
+
+_masking_key = _MaskingKeys()
+
+#: The refusal-reason header, lower-case as compared, and the shape of a reason (a short label).
+_REFUSAL_HEADER = REFUSAL_HEADER.lower()
+_REFUSAL_RE = re.compile(r"\A[a-z0-9-]{1,64}\Z")
 
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 _SEND_STATE_GROUND = WebSocketProtocol.SEND_STATE_GROUND
@@ -178,6 +208,7 @@ class WebSocketEnded:
     kind: str  # "rejected" | "closed" | "replaced" | "retry"
     message: str
     code: Optional[int] = None  # the close code, or the HTTP status for "rejected"/5xx
+    reason: Optional[str] = None  # a refusal's machine-readable reason (tunnelkit's service only)
 
 
 class ITunnelWebSocketHandler(Interface):
@@ -193,7 +224,7 @@ class ITunnelWebSocketHandler(Interface):
         """The WebSocket is gone (or never opened); C{ended} says whether retrying makes sense."""
 
 
-class TunnelWebSocketProtocol(FastWebSocket, WebSocketClientProtocol):
+class TunnelWebSocketProtocol(FastWebSocket, WebSocketClientProtocol):  # type: ignore[misc]  # autobahn's two bases disagree on _transport_details and peer
     """One WebSocket session with the tunnel service.  Built by L{TunnelWebSocketFactory}."""
 
     # NB: autobahn's own (txaio, level-filtered) logger stays in C{self.log}: its debug lines hold the
@@ -253,17 +284,21 @@ class TunnelWebSocketProtocol(FastWebSocket, WebSocketClientProtocol):
             if len(fields) >= 2 and fields[1].isdigit() and fields[1] != "101":
                 status = int(fields[1])
                 length = 0
+                refusal: Optional[str] = None
                 for line in header_text.split("\r\n"):
                     name, _, value = line.partition(":")
-                    if name.strip().lower() == "content-length" and value.strip().isdigit():
+                    name = name.strip().lower()
+                    if name == "content-length" and value.strip().isdigit():
                         length = int(value.strip())
+                    elif name == _REFUSAL_HEADER and _REFUSAL_RE.match(value.strip()):
+                        refusal = value.strip()
                 body = self.data[end + 4 : end + 4 + min(length, 4096)]
                 if len(body) < min(length, 4096):
                     return  # the body is on its way
                 text = body.decode("utf-8", "replace").strip()
                 detail = f'Proxy server rejected web socket upgrade request: ({status_line.strip()}) "{text}"'
                 kind = "rejected" if 400 <= status < 500 else "retry"
-                self._rejected = WebSocketEnded(kind, detail, status)
+                self._rejected = WebSocketEnded(kind, detail, status, refusal)
         super().processHandshake()
 
     def onConnect(self, response: Any) -> None:
@@ -345,7 +380,7 @@ class TunnelWebSocketProtocol(FastWebSocket, WebSocketClientProtocol):
         if self.send_queue or self.send_state != _SEND_STATE_GROUND:  # autobahn is mid-way: its path
             self.sendMessage(pending[0] if len(pending) == 1 else b"".join(pending), isBinary=True)
             return
-        mask = os.urandom(4)
+        mask = _masking_key()
         self.transport.write(masked_frame(_client_frame_header(size) + mask, mask, pending))
 
     def fast_message(self, mask: Optional[bytes], parts: Sequence[Buffer], size: int) -> None:
@@ -406,7 +441,7 @@ class TunnelWebSocketFactory(WebSocketClientFactory):
     @param clock: pings and the handshake timeout run on it.
     """
 
-    protocol = TunnelWebSocketProtocol
+    protocol = TunnelWebSocketProtocol  # type: ignore[assignment]  # autobahn's factory is not generic over its protocol (Twisted's Factory[P] default)
     noisy = False
 
     def __init__(

@@ -32,6 +32,7 @@ from tunnelkit.service.cluster.events import ClusterEvents, IEventCarrier
 from tunnelkit.service.cluster.forward import TLS_PREFIX, ClusterListenerFactory, ForwardingGate
 from tunnelkit.service.cluster.node import ClusterNode
 from tunnelkit.service.cluster.wire import ForwardRefused, load_secret
+from tunnelkit.service.lifecycle import TunnelLifecycle
 
 __all__ = ["ClusterOptions", "Cluster", "build_cluster", "cluster_backends", "cluster_enabled", "node_id", "advertise_address"]
 
@@ -208,7 +209,7 @@ class Cluster(MultiService):
 
             self.listen_description = listen_description(self.listen, certificates)
 
-    def take_lifecycle(self, lifecycle: Any) -> None:
+    def take_lifecycle(self, lifecycle: TunnelLifecycle) -> None:
         """Run C{lifecycle} (expiry, purge) only while this node holds the cluster's lease."""
         self.node.lifecycle = lifecycle
 

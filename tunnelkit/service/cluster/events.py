@@ -56,10 +56,10 @@ def decode_event(payload: str) -> TunnelEvent:
     data = json.loads(payload)
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
-    values = [data.get(k) for k in ("o", "k", "t", "d")]
-    if not all(isinstance(v, str) for v in values):
+    fields = [v for v in (data.get(k) for k in ("o", "k", "t", "d")) if isinstance(v, str)]
+    if len(fields) != 4:
         raise ValueError("missing fields")
-    origin, kind, tunnel_id, detail = values
+    origin, kind, tunnel_id, detail = fields
     if kind not in _KINDS or detail not in _KINDS[kind] or not _ID_RE.match(tunnel_id) or not _ID_RE.match(origin):
         raise ValueError(f"unknown event {kind!r}/{detail!r}")
     return TunnelEvent(origin, kind, tunnel_id, detail)

@@ -21,12 +21,20 @@ where it lands: it is never forwarded again.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from twisted.internet import defer, endpoints
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IReactorTime, ISSLTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (
+    IConsumer,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+    IStreamClientEndpoint,
+    ITCPTransport,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -85,7 +93,7 @@ def rebuilt_head(request: Any) -> bytes:
 TLS_PREFIX = "tls:"
 
 
-def client_endpoint(reactor: Any, address: str) -> Any:
+def client_endpoint(reactor: Any, address: str) -> IStreamClientEndpoint:
     """
     A client endpoint for a node's advertised C{host:port} (C{tls:host:port}: over TLS, whose peer
     is authenticated by the channel-bound MAC, not by its certificate).
@@ -94,7 +102,7 @@ def client_endpoint(reactor: Any, address: str) -> Any:
     if secure:
         address = address[len(TLS_PREFIX):]
     host, _, port = address.rpartition(":")
-    endpoint = endpoints.HostnameEndpoint(reactor, host.strip("[]"), int(port), timeout=5)
+    endpoint: IStreamClientEndpoint = endpoints.HostnameEndpoint(reactor, host.strip("[]"), int(port), timeout=5)
     if secure:
         from twisted.internet.ssl import CertificateOptions
 
@@ -244,15 +252,21 @@ class _ClientSide(Protocol):
         self.early_size = 0
         self.gone = False
 
+    @property
+    def _tcp(self) -> ITCPTransport:
+        """The client's connection (while connected)."""
+        assert self.transport is not None
+        return cast(ITCPTransport, self.transport)
+
     def dataReceived(self, data: bytes) -> None:
         node = self.node
         if node is not None and node.ready:
-            node.transport.write(data)
+            node._tcp.write(data)
             return
         self.early.append(data)
         self.early_size += len(data)
         if self.early_size > MAX_EARLY_BYTES:
-            self.transport.abortConnection()
+            self._tcp.abortConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
         self.gone = True
@@ -269,11 +283,11 @@ class _ClientSide(Protocol):
         if self.gone:
             return
         body = b"Service unavailable: the node holding this tunnel cannot be reached; retry\n"
-        self.transport.write(
+        self._tcp.write(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
         )
-        self.transport.loseConnection()
+        self._tcp.loseConnection()
 
 
 class _NodeSide(Protocol):
@@ -285,16 +299,22 @@ class _NodeSide(Protocol):
         self.heard = False  # the holding node sent something after our answer
         self._challenge = b""
 
+    @property
+    def _tcp(self) -> ITCPTransport:
+        """The connection to the holding node (while connected)."""
+        assert self.transport is not None
+        return cast(ITCPTransport, self.transport)
+
     def connectionMade(self) -> None:
         self.client.node = self
         if self.client.gone:
-            self.transport.loseConnection()
+            self._tcp.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         client = self.client
         if self.ready:
             self.heard = True
-            client.transport.write(data)
+            client._tcp.write(data)
             return
         self._challenge += data
         size = len(MAGIC) + NONCE_SIZE
@@ -306,18 +326,20 @@ class _NodeSide(Protocol):
                            channel_binding(self.transport))
         except ForwardRefused as e:
             log.warn("Node {node_id} did not answer as a cluster node: {error}", node_id=client.holder.node_id, error=str(e))
-            self.transport.abortConnection()
+            self._tcp.abortConnection()
             return
         if rest:  # the listener says nothing before it has our answer
-            self.transport.abortConnection()
+            self._tcp.abortConnection()
             return
         self.ready = True
-        self.transport.writeSequence([reply, client.head, *client.early])
+        self._tcp.writeSequence([reply, client.head, *client.early])
         client.early = []
-        # Each side produces for the other: a full buffer on one pauses reading the other.
-        self.transport.registerProducer(client.transport, True)
-        client.transport.registerProducer(self.transport, True)
-        client.transport.resumeProducing()  # twisted.web paused it while it handled the request
+        # Each side produces for the other: a full buffer on one pauses reading the other (TCP and
+        # TLS transports are consumers and push producers).
+        node_side, client_side = self._tcp, client._tcp
+        cast(IConsumer, node_side).registerProducer(cast(IPushProducer, client_side), True)
+        cast(IConsumer, client_side).registerProducer(cast(IPushProducer, node_side), True)
+        cast(IPushProducer, client_side).resumeProducing()  # twisted.web paused it while it handled the request
 
     def connectionLost(self, reason: Any = None) -> None:
         client = self.client
@@ -355,6 +377,12 @@ class _ForwardedConnection(ProtocolWrapper):
         self._host: Any = None
         self.tunnelkit_forwarded_by: Optional[str] = None
 
+    @property
+    def _tcp(self) -> ITCPTransport:
+        """The connection from the forwarding node (while connected)."""
+        assert self.transport is not None
+        return cast(ITCPTransport, self.transport)
+
     def makeConnection(self, transport: Any) -> None:
         # ProtocolWrapper's would connect the wrapped protocol now: not before the forwarder proved
         # it is a node (and said whose connection this is).
@@ -368,14 +396,14 @@ class _ForwardedConnection(ProtocolWrapper):
         nonce, first = challenge()
         self._nonce = nonce
         self._acceptor = None  # made at the first byte: by then TLS (if any) is through
-        self.transport.write(first)
+        self._tcp.write(first)
         self._deadline = self.factory.clock.callLater(AUTH_TIMEOUT, self._too_slow)
 
     def _too_slow(self) -> None:
         self._deadline = None
         log.info("Reset a cluster-listener connection from {address}: no handshake within {timeout} s",
-                 address=str(getattr(self.transport.getPeer(), "host", "")), timeout=AUTH_TIMEOUT)
-        self.transport.abortConnection()
+                 address=str(getattr(self._tcp.getPeer(), "host", "")), timeout=AUTH_TIMEOUT)
+        self._tcp.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         acceptor = self._acceptor
@@ -388,12 +416,12 @@ class _ForwardedConnection(ProtocolWrapper):
             except ForwardRefused as e:
                 log.warn(
                     "Refused a cluster-listener connection from {address}: {error}",
-                    address=str(getattr(self.transport.getPeer(), "host", "")),
+                    address=str(getattr(self._tcp.getPeer(), "host", "")),
                     error=str(e),
                 )
                 self._acceptor = None
                 self._cancel_deadline()
-                self.transport.abortConnection()
+                self._tcp.abortConnection()
                 return
             if accepted is None:
                 return
@@ -405,7 +433,8 @@ class _ForwardedConnection(ProtocolWrapper):
             self._peer = kind("TCP", a.source_host, a.source_port)
             self._host = (IPv6Address if ":" in a.destination_host else IPv4Address)("TCP", a.destination_host, a.destination_port)
             self.wrappedProtocol = self.factory.wrappedFactory.buildProtocol(self._peer)
-            self.wrappedProtocol.makeConnection(self)
+            # It provides its transport's interfaces (makeConnection's directlyProvides).
+            self.wrappedProtocol.makeConnection(cast(ITransport, self))
             data = accepted.rest
             if not data:
                 return
@@ -418,12 +447,12 @@ class _ForwardedConnection(ProtocolWrapper):
         self._deadline = None
 
     def getPeer(self) -> Any:
-        return self._peer if self._peer is not None else self.transport.getPeer()
+        return self._peer if self._peer is not None else self._tcp.getPeer()
 
     def getHost(self) -> Any:
-        return self._host if self._host is not None else self.transport.getHost()
+        return self._host if self._host is not None else self._tcp.getHost()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         if self.wrappedProtocol is not None:
             super().connectionLost(reason)
@@ -431,7 +460,7 @@ class _ForwardedConnection(ProtocolWrapper):
             self.factory.unregisterProtocol(self)
 
 
-class ClusterListenerFactory(WrappingFactory):
+class ClusterListenerFactory(WrappingFactory[_ForwardedConnection]):
     """The cluster listener: authenticated forwarded connections into C{site}."""
 
     protocol = _ForwardedConnection

@@ -35,6 +35,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tunnelkit.service.cluster.directory import INodeDirectory, NodeInfo, PeerRow
+from tunnelkit.service.lifecycle import TunnelLifecycle
 from tunnelkit.service.tokens import routing_key_for_tunnel
 
 __all__ = ["ClusterNode", "LIFECYCLE_LEASE"]
@@ -50,7 +51,7 @@ class ClusterNode(Service):
     @ivar reaped: peer sides this node recorded DISCONNECTED for dead nodes.
     """
 
-    name = "cluster-node"
+    name = "cluster-node"  # type: ignore[assignment]  # twisted leaves Service.name untyped (inferred None)
 
     def __init__(
         self,
@@ -60,7 +61,7 @@ class ClusterNode(Service):
         clock: IReactorTime,
         heartbeat: float = 1.0,
         node_timeout: float = 5.0,
-        lifecycle: Optional[Service] = None,
+        lifecycle: Optional[TunnelLifecycle] = None,
     ) -> None:
         self.node = node
         self.directory = directory
@@ -188,7 +189,7 @@ class ClusterNode(Service):
             held = await directory.acquire_lease(LIFECYCLE_LEASE, self.node.node_id, self.node_timeout)
             if held and self.running:
                 self._start_lifecycle()
-                await maybeDeferred(self.lifecycle.expire_due)  # type: ignore[attr-defined]
+                await self.lifecycle.expire_due()
             elif not held:
                 self._stop_lifecycle()
 

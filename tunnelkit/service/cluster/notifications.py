@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cluster_postgres -*-
+# -*- test-case-name: tests.e2e.test_cluster_postgres -*-
 """
 The MQTT notification queue shared by the nodes of a cluster (PostgreSQL), so that each undelivered
 notification is retried by exactly one node, and by a survivor when its node dies.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cluster_postgres -*-
+# -*- test-case-name: tests.e2e.test_cluster_postgres -*-
 """
 The cluster directory (L{PostgresDirectory}) and event carrier (L{PostgresCarrier}) on the service's
 PostgreSQL database (tables: L{tunnelkit.service.cluster.schema}).
@@ -294,7 +294,7 @@ class PostgresCarrier:
     def logPrefix(self) -> str:
         return "PostgresCarrier"
 
-    def doRead(self) -> Optional[Exception]:
+    def doRead(self) -> None:
         try:
             self._connection.pgconn.consume_input()
         except Exception as e:

@@ -92,13 +92,19 @@ def _not_found(request: Request, text: str) -> bytes:
     return text.encode("utf-8") + b"\n"
 
 
+def _leaf_name(request: Request) -> str:
+    """The one path segment under the resource, or C{""} if there is not exactly one."""
+    postpath = request.postpath or []
+    return postpath[0].decode("utf-8", "replace") if len(postpath) == 1 else ""
+
+
 class StaticResource(Resource):
     """C{/console/static/NAME}: the console's own CSS and scripts."""
 
     isLeaf = True
 
     def render_GET(self, request: Request) -> bytes:
-        name = request.postpath[0].decode("utf-8", "replace") if len(request.postpath) == 1 else ""
+        name = _leaf_name(request)
         if name not in STATIC_FILES:
             return _not_found(request, "No such file")
         return _serve_file(request, os.path.join(web.STATIC, name), STATIC_FILES[name])
@@ -114,7 +120,7 @@ class AssetResource(Resource):
         self._assets = assets
 
     def render_GET(self, request: Request) -> bytes:
-        name = request.postpath[0].decode("utf-8", "replace") if len(request.postpath) == 1 else ""
+        name = _leaf_name(request)
         path = self._assets.path(name)
         if path is None:
             return _not_found(request, "No such file")

@@ -157,7 +157,7 @@ class ConsolePages(Resource):
         client = f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
         return await self.run_operation(client, session, account, operation, body)
 
-    async def run_operation(self, client: str, session: Session, account: Account, operation: str,
+    async def run_operation(self, client: Optional[str], session: Session, account: Account, operation: str,
                       body: Dict[str, Any]) -> Dict[str, Any]:
         """Run a control-plane operation as the API does, with an audit record naming the console user."""
         outcome, status = "ok", 200

@@ -47,7 +47,7 @@ import json
 import secrets
 import struct
 from http.cookies import SimpleCookie
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -56,7 +56,7 @@ from twisted.conch.ssh import channel, common, connection, keys, transport, user
 from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.interfaces import IConsumer, IProducer, IPushProducer, IReactorTime, ITransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -118,7 +118,7 @@ class _TunnelConnection:
     def write(self, data: bytes) -> None:
         self._source.send(data)
 
-    def writeSequence(self, data: List[bytes]) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self._source.send(b"".join(data))
 
     def loseConnection(self) -> None:
@@ -277,11 +277,17 @@ class _Shell(channel.SSHChannel):
         super().__init__(**kw)
         self.terminal = terminal
 
+    @property
+    def _ssh(self) -> connection.SSHConnection:
+        """The SSH connection the channel is open on."""
+        assert self.conn is not None
+        return self.conn
+
     def channelOpen(self, specificData: bytes) -> None:
         cols, rows = self.terminal.size
         pty = common.NS(b"xterm-256color") + struct.pack(">4L", cols, rows, 0, 0) + common.NS(b"\x00")
-        d = self.conn.sendRequest(self, b"pty-req", pty, wantReply=True)
-        d.addCallback(lambda _: self.conn.sendRequest(self, b"shell", b"", wantReply=True))
+        d = self._ssh.sendRequest(self, b"pty-req", pty, wantReply=True)
+        d.addCallback(lambda _: self._ssh.sendRequest(self, b"shell", b"", wantReply=True))
         d.addCallbacks(lambda _: self.terminal.shell_ready(self), self.terminal.shell_failed)
 
     def dataReceived(self, data: bytes) -> None:
@@ -295,7 +301,7 @@ class _Shell(channel.SSHChannel):
         self.loseConnection()
 
     def resize(self, cols: int, rows: int) -> None:
-        self.conn.sendRequest(self, b"window-change", struct.pack(">4L", cols, rows, 0, 0))
+        self._ssh.sendRequest(self, b"window-change", struct.pack(">4L", cols, rows, 0, 0))
 
 
 class _Connection(connection.SSHConnection):
@@ -355,6 +361,8 @@ class _UserAuth(userauth.SSHUserAuthClient):
 
 
 class _ClientTransport(transport.SSHClientTransport):
+    transport: Optional[_TunnelConnection]
+
     def __init__(self, terminal: "BrowserTerminal") -> None:
         super().__init__()
         self.terminal = terminal
@@ -400,7 +408,7 @@ class BrowserTerminal(WebSocketServerProtocol):
 
     # --- the handshake: signed in, same origin ---
 
-    def onConnect(self, request: Any) -> Deferred:
+    def onConnect(self, request: Any) -> Deferred:  # type: ignore[override]  # autobahn takes a Deferred (documented); its annotation lists only the immediate answers
         return Deferred.fromCoroutine(self._check(request))
 
     async def _check(self, request: Any) -> None:
@@ -442,7 +450,7 @@ class BrowserTerminal(WebSocketServerProtocol):
         producer = getattr(self.transport, "producer", None)
         if producer is not None:
             try:
-                self.transport.unregisterProducer()  # the HTTP channel's; the tunnel's goes there
+                cast(IConsumer, self.transport).unregisterProducer()  # the HTTP channel's; the tunnel's goes there
             except RuntimeError:
                 pass
         self.status("Connected to the console. Give a user name and a password or key.")
@@ -625,7 +633,7 @@ class BrowserTerminal(WebSocketServerProtocol):
         tunnel_ws = self.source.websocket
         if tunnel_ws is not None and tunnel_ws.transport is not None and self.transport is not None:
             try:
-                self.transport.registerProducer(tunnel_ws.transport, True)
+                cast(IConsumer, self.transport).registerProducer(cast(IProducer, tunnel_ws.transport), True)
             except RuntimeError:
                 pass
         self.ssh = _ClientTransport(self)
@@ -634,7 +642,8 @@ class BrowserTerminal(WebSocketServerProtocol):
     def _pause_keystrokes(self, paused: bool) -> None:
         """The tunnel takes no more bytes toward the device for now: stop (or go on) reading the browser."""
         if self.transport is not None:
-            (self.transport.pauseProducing if paused else self.transport.resumeProducing)()
+            browser = cast(IPushProducer, self.transport)
+            (browser.pauseProducing if paused else browser.resumeProducing)()
 
     def _from_device(self, data: bytes) -> None:
         if self.ssh is not None:
@@ -686,7 +695,7 @@ def _size(message: Dict[str, Any], default: Tuple[int, int]) -> Tuple[int, int]:
 
 
 class _TerminalFactory(WebSocketServerFactory):
-    protocol = BrowserTerminal
+    protocol = BrowserTerminal  # type: ignore[assignment]  # autobahn's factory is not generic over its protocol (Twisted's Factory[P] default)
 
     def __init__(self, terminals: "Terminals") -> None:
         super().__init__()
@@ -743,7 +752,7 @@ class Terminals:
         """The tunnel's source token was rotated (by the console's user): the held one is void."""
         self._held.pop(tunnel_id, None)
 
-    async def source_token(self, session: Session, account: Any, tunnel_id: str, client: str) -> Tuple[str, str]:
+    async def source_token(self, session: Session, account: Any, tunnel_id: str, client: Optional[str]) -> Tuple[str, str]:
         """The token (and client token) the console connects with: held, or a new one (rotation)."""
         held = self._held.get(tunnel_id)
         if held is not None and held[0] == account.account_id:

@@ -79,9 +79,14 @@ def template_environment() -> jinja2.Environment:
     return env
 
 
+def _args(request: Request) -> Dict[bytes, List[bytes]]:
+    """The request's query and form fields (none before the request is parsed)."""
+    return request.args or {}
+
+
 def field(request: Request, name: str, default: str = "") -> str:
     """The form or query field C{name} (the first value), decoded, bounded in size."""
-    values = (request.args or {}).get(name.encode())
+    values = _args(request).get(name.encode())
     if not values:
         return default
     return values[0][:MAX_FIELD].decode("utf-8", "replace")
@@ -89,7 +94,7 @@ def field(request: Request, name: str, default: str = "") -> str:
 
 def fields(request: Request, name: str, limit: int = 1000) -> List[str]:
     """Every value of the field C{name}."""
-    return [v[:MAX_FIELD].decode("utf-8", "replace") for v in (request.args or {}).get(name.encode(), [])[:limit]]
+    return [v[:MAX_FIELD].decode("utf-8", "replace") for v in _args(request).get(name.encode(), [])[:limit]]
 
 
 def cookie(request: Request, name: str) -> Optional[str]:

@@ -1,0 +1,130 @@
+"""
+L{tunnelkit.transport.coalesce}: a TCP transport's writes of one reactor turn go out together at its
+end, without watching the socket when the kernel takes them; Twisted's path takes over otherwise.
+Driven on a real socket pair with a memory reactor's clock (no waiting).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, List
+
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tunnelkit.transport import coalesce
+
+
+class _Port:
+    _realPortNumber = 1
+
+
+class _Recorder(Protocol):
+    def __init__(self) -> None:
+        self.lost: List[Any] = []
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.append(reason)
+
+
+class CoalesceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.addCleanup(coalesce.install(self.reactor, environ={}))
+        ours, self.peer = socket.socketpair()
+        ours.setblocking(False)
+        self.peer.setblocking(False)
+        self.addCleanup(self.peer.close)
+        self.protocol = _Recorder()
+        self.transport = tcp.Server(ours, self.protocol, ("127.0.0.1", 2), _Port(), 1, self.reactor)
+        self.protocol.makeConnection(self.transport)
+        self.addCleanup(lambda: ours.close())
+
+    def received(self) -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunk = self.peer.recv(1 << 20)
+            except BlockingIOError:
+                return b"".join(chunks)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def test_one_turns_writes_go_together_at_its_end(self) -> None:
+        self.assertTrue(coalesce.installed())
+        self.transport.write(b"one ")
+        self.transport.writeSequence([b"two ", b"", b"three"])
+        self.assertEqual(self.received(), b"")  # not before the turn ends
+        self.assertEqual(self.reactor.getWriters(), [])
+        self.reactor.advance(0)
+        self.assertEqual(self.received(), b"one two three")
+        self.assertEqual(self.reactor.getWriters(), [])  # never watched for writability
+
+    def test_what_the_kernel_does_not_take_waits_for_writability(self) -> None:
+        payload = bytes(range(256)) * (64 * 1024)  # 16 MiB: more than a socket pair buffers
+        self.transport.write(payload)
+        self.reactor.advance(0)
+        self.assertEqual(self.reactor.getWriters(), [self.transport])  # Twisted's path from here
+        got = self.received()
+        while len(got) < len(payload):
+            self.transport.doWrite()
+            got += self.received()
+        self.assertEqual(got, payload)
+        self.assertEqual(self.reactor.getWriters(), [])  # drained: Twisted stopped watching
+
+    def test_a_write_while_watched_is_twisteds(self) -> None:
+        self.transport.write(bytes(16 << 20))
+        self.reactor.advance(0)
+        self.assertEqual(self.reactor.getWriters(), [self.transport])
+        self.transport.write(b"more")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])  # nothing queued: the reactor sends it
+
+    def test_lose_connection_after_a_write_flushes_then_closes(self) -> None:
+        self.transport.write(b"last words")
+        self.transport.loseConnection()  # Twisted's path: watched until the buffer is empty
+        self.reactor.advance(0)
+        self.assertEqual(self.received(), b"")
+        self.assertEqual(self.reactor.getWriters(), [self.transport])
+        result = self.transport.doWrite()
+        self.assertEqual(self.received(), b"last words")
+        self.assertIsNotNone(result)  # the reactor then ends the connection (ConnectionDone)
+
+    def test_a_failed_send_goes_to_twisteds_path(self) -> None:
+        self.peer.close()
+        self.transport.write(b"x" * 100)
+        self.reactor.advance(0)
+        # the send failed (EPIPE): the transport is left to Twisted's path, whose next doWrite reports
+        # the error to the reactor (which then ends the connection)
+        self.assertEqual(self.reactor.getWriters(), [self.transport])
+        self.assertIsNotNone(self.transport.doWrite())
+
+    def test_not_bytes_refused(self) -> None:
+        self.assertRaises(TypeError, self.transport.write, "text")
+        self.assertRaises(TypeError, self.transport.writeSequence, ["text"])
+
+    def test_off_by_environment_and_installed_once(self) -> None:
+        self.assertTrue(coalesce.installed())
+        self.assertIsNotNone(coalesce.install(self.reactor, environ={}))  # a second call: no change
+        self.assertTrue(coalesce.installed())
+
+
+class OffTests(SynchronousTestCase):
+    def test_environment_turns_it_off(self) -> None:
+        reactor = MemoryReactorClock()
+        uninstall = coalesce.install(reactor, environ={coalesce.ENVIRONMENT: "0"})
+        self.addCleanup(uninstall)
+        self.assertFalse(coalesce.installed())
+
+    def test_uninstall_restores_twisteds_write(self) -> None:
+        before = tcp.Server.write
+        uninstall = coalesce.install(MemoryReactorClock(), environ={})
+        self.assertIsNot(tcp.Server.write, before)
+        uninstall()
+        self.assertIs(tcp.Server.write, before)
+        self.assertFalse(coalesce.installed())
+
+    def test_nothing_missing_here(self) -> None:
+        self.assertEqual(coalesce.missing(MemoryReactorClock()), [])
