@@ -57,6 +57,22 @@ class LogFilterTests(SynchronousTestCase):
                 observer(event(level, level))
             self.assertEqual([e["value"] for e in seen], shown, verbosity)
 
+    def test_levels_as_twisteds_predicate(self) -> None:
+        """The filter lets through what twisted.logger's level predicate would, for every level."""
+        from twisted.logger import FilteringLogObserver, LogLevelFilterPredicate
+
+        probes = [event(level.name, level.name) for level in LogLevel.iterconstants()]
+        probes += [{"log_level": LogLevel.error, "log_format": "no namespace"}, {"log_namespace": "t", "log_format": "no level"}]
+        for verbosity in range(1, 7):
+            ours, twisteds = Events(), Events()
+            observer = LogFilter(verbosity).wrap(ours)
+            level = {1: LogLevel.critical, 2: LogLevel.error, 3: LogLevel.warn, 4: LogLevel.info}.get(verbosity, LogLevel.debug)
+            reference = FilteringLogObserver(twisteds, [LogLevelFilterPredicate(defaultLogLevel=level)])
+            for probe in probes:
+                observer(dict(probe))
+                reference(dict(probe))
+            self.assertEqual(ours, twisteds, verbosity)
+
     def test_trace_redacts_tokens(self) -> None:
         seen = Events()
         log_filter = LogFilter(6, ["the-token"], ["the-client-token"])
