@@ -56,6 +56,7 @@ from tunnelkit.transport.fastpath import (  # noqa: F401 - binary_frame_header: 
     FRAME_NOT_PLAIN,
     FastWebSocket,
     binary_frame_header,
+    set_buffer_size,
 )
 
 __all__ = [
@@ -77,6 +78,11 @@ SUBPROTOCOL = "aws.iot.securetunneling-3.0"
 PING_PERIOD = 20.0
 #: Seconds the TCP+TLS+HTTP upgrade may take before the attempt counts as failed.
 HANDSHAKE_TIMEOUT = 30.0
+
+#: Bytes the WebSocket's TCP transport buffers before its producer (the local connections' reads)
+#: is paused, and its read size.
+WEBSOCKET_BUFFER = 512 * 1024
+
 
 class _MaskingKeys:
     """
@@ -316,6 +322,10 @@ class TunnelWebSocketProtocol(FastWebSocket, WebSocketClientProtocol):  # type: 
 
     def onOpen(self) -> None:
         self._opened = True
+        # The local connections' reads pause only when the kernel stops taking what they send (not
+        # at every turn that read more than Twisted's 64 KiB default): fewer pauses and resumes, and
+        # reads of the service's messages in larger pieces.
+        set_buffer_size(self.transport, WEBSOCKET_BUFFER)
         _log.info("Web socket session ID: {channel_id}", channel_id=self.channel_id or "-")
         _log.debug("Web socket subprotocol selected: {subprotocol}", subprotocol=self.subprotocol)
         self._send_ping()
