@@ -171,3 +171,18 @@ class RotationTests(TestCase):
                 numbers += [r["n"] for r in read_records(f)]
         self.assertEqual(numbers, sorted(numbers))  # oldest first, none lost within what is kept
         self.assertEqual(numbers[-1], 39)
+
+    def test_rotated_at_the_size_in_bytes(self):
+        """The size counts what the file held before and every byte written (UTF-8 too)."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("x" * 250 + "\n")
+        trail = AuditTrail(path, Clock(), rotate_size=1000)
+        trail.record("api", operation="é" * 5)
+        self.assertFalse(os.path.exists(f"{path}.1"))
+        self.assertEqual(os.path.getsize(path), 325)
+        # 580 characters more: past 1000 bytes by its UTF-8 length only (values are bounded to 128 characters)
+        trail.record("api", **{f"f{n}": "é" * 100 for n in range(5)})
+        trail.close()
+        self.assertTrue(os.path.exists(f"{path}.1"))
+        self.assertGreaterEqual(os.path.getsize(f"{path}.1"), 1000)

@@ -249,6 +249,8 @@ class SessionFlowTestCase(SynchronousTestCase):
         connection_id, actions = source.local_accepted("SSH")
         start, marker = sent(actions)
         self.assertEqual((start.type, marker.type, window_increment(marker.payload)), (STREAM_START, WINDOW_UPDATE, self.WINDOW))
+        # one WebSocket message: the start and its marker, then the boundary
+        self.assertEqual([a.boundary for a in actions if isinstance(a, SendFrames)], [True])
         self.assertEqual(destination.receive(start), [ConnectTarget("SSH", 1, "SSH")])
         self.assertEqual(destination.receive(marker), [])
         destination.local_connected("SSH", 1)

@@ -44,3 +44,33 @@ class InternalsTests(unittest.TestCase):
             parse_endpoint_description("tcp:host=127.0.0.1:port=1883"),
             (["tcp"], {"host": "127.0.0.1", "port": "1883"}),
         )
+
+
+class NoPrivateModulesTests(unittest.SynchronousTestCase):
+    """
+    No tunnelkit module but the fast path (tunnelkit.transport.fastpath, listed in
+    tunnelkit.internals) imports a dependency's private module (a name starting with "_").
+    """
+
+    def test_no_private_module_imports(self) -> None:
+        import ast
+        import pathlib
+
+        top = pathlib.Path(__file__).resolve().parent.parent
+        found = []
+        for path in [*(top / "tunnelkit").rglob("*.py"), *(top / "services").rglob("*.py")]:
+            if "node_modules" in path.parts:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                for name in names:
+                    parts = name.split(".")
+                    if parts[0] != "tunnelkit" and any(p.startswith("_") and p != "__future__" for p in parts):
+                        found.append(f"{path.relative_to(top)}: {name}")
+        # the one place for them: the fast path module (its uses are listed in tunnelkit.internals)
+        found = [f for f in found if not f.startswith("tunnelkit/transport/fastpath.py:")]
+        self.assertEqual(found, [])

@@ -354,6 +354,15 @@ class DestinationTests(TestCase):
         self.reactor.advance(10)
         self.assertEqual(len(self.reactor.tcpClients), 1)
 
+    def test_reset_while_connecting_stops_the_connector(self):
+        """A target given by IP address is connected to straight through connectTCP; a reset stops it."""
+        self.start()
+        (connector,) = self.reactor.connectors
+        self.proxy.messages_received([Message(type=Message.STREAM_RESET, streamId=1, serviceId="SSH1")])
+        self.assertTrue(connector.stoppedConnecting)
+        self.assertEqual(self.side.pending, {})
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_pending_data_pauses_the_websocket(self):
         self.start()
         chunk = b"x" * MAX_PAYLOAD_SIZE

@@ -57,6 +57,22 @@ class LogFilterTests(SynchronousTestCase):
                 observer(event(level, level))
             self.assertEqual([e["value"] for e in seen], shown, verbosity)
 
+    def test_levels_as_twisteds_predicate(self) -> None:
+        """The filter lets through what twisted.logger's level predicate would, for every level."""
+        from twisted.logger import FilteringLogObserver, LogLevelFilterPredicate
+
+        probes = [event(level.name, level.name) for level in LogLevel.iterconstants()]
+        probes += [{"log_level": LogLevel.error, "log_format": "no namespace"}, {"log_namespace": "t", "log_format": "no level"}]
+        for verbosity in range(1, 7):
+            ours, twisteds = Events(), Events()
+            observer = LogFilter(verbosity).wrap(ours)
+            level = {1: LogLevel.critical, 2: LogLevel.error, 3: LogLevel.warn, 4: LogLevel.info}.get(verbosity, LogLevel.debug)
+            reference = FilteringLogObserver(twisteds, [LogLevelFilterPredicate(defaultLogLevel=level)])
+            for probe in probes:
+                observer(dict(probe))
+                reference(dict(probe))
+            self.assertEqual(ours, twisteds, verbosity)
+
     def test_trace_redacts_tokens(self) -> None:
         seen = Events()
         log_filter = LogFilter(6, ["the-token"], ["the-client-token"])
@@ -110,10 +126,15 @@ class ApplicationTests(SynchronousTestCase):
         ModeService({"logger": object()}, LogFilter(2)).setServiceParent(application)
         self.assertIsNone(application.getComponent(ILogObserver, None))
 
-    def test_no_filter_no_component(self) -> None:
+    def test_no_filter_twistds_observer(self) -> None:
+        """Without a filter (the service) the component is the observer twistd would make, unfiltered."""
+        seen = Events()
         application = Application("tunnelkit")
-        ModeService({"logfile": None}).setServiceParent(application)
-        self.assertIsNone(application.getComponent(ILogObserver, None))
+        ModeService({"logfile": None}, make_observer=lambda options: seen).setServiceParent(application)
+        observer = application.getComponent(ILogObserver)
+        self.assertIs(observer, seen)
+        observer(event("debug"))
+        self.assertEqual([e["log_level"] for e in seen], [LogLevel.debug])
 
     def test_outside_twistd_nothing_is_set(self) -> None:
         parent = MultiService()

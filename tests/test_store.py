@@ -463,7 +463,9 @@ class _InMemory:
         return SQLiteStore(MEMORY)
 
 
-for _name in (
+#: The store contract's test classes, run again on every other store (in memory here; PostgreSQL in
+#: tests/e2e/test_store_postgres.py).
+CONTRACT = (
     "InterfaceTests",
     "ClaimPeerTests",
     "ConnectionStateTests",
@@ -471,7 +473,8 @@ for _name in (
     "AccountTests",
     "CountTests",
     "ResetTests",
-):
+)
+for _name in CONTRACT:
     globals()["InMemory" + _name] = type("InMemory" + _name, (_InMemory, globals()[_name]), {"__module__": __name__})
 del _name
 

@@ -84,6 +84,12 @@ def _websocket_fast_path_can_run() -> bool:
     return not fastpath.missing()
 
 
+def _nvx_masker_can_run() -> bool:
+    from tunnelkit.transport import fastpath
+
+    return fastpath.nvx_masker_present()
+
+
 def _write_coalescing_can_run() -> bool:
     from tunnelkit.transport import coalesce
 
@@ -125,6 +131,14 @@ INTERNALS: Tuple[Internal, ...] = (
         "no per-call debug formatting; it turns itself off and autobahn's own code runs, slower)",
         required=False,
         instance_check=_websocket_fast_path_can_run,
+    ),
+    Internal(
+        "_nvx_xormasker",
+        "lib.nvx_xormask_process (autobahn's compiled NVX masker, tunnelkit.transport.fastpath.masked_frame)",
+        "masking and unmasking whole WebSocket messages in place, one copy each (off, they are masked in "
+        "Python, slower)",
+        required=False,
+        instance_check=_nvx_masker_can_run,
     ),
     Internal(
         "twisted.internet.abstract",

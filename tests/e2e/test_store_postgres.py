@@ -39,16 +39,7 @@ class _OnPostgres:
         return PostgresStore(dsn)
 
 
-_CONTRACT = [
-    "InterfaceTests",
-    "ClaimPeerTests",
-    "ConnectionStateTests",
-    "LifecycleQueryTests",
-    "AccountTests",
-    "CountTests",
-    "ResetTests",
-]
-for _name in _CONTRACT:
+for _name in test_store.CONTRACT:
     _base = getattr(test_store, _name)
     globals()["Postgres" + _name] = type("Postgres" + _name, (_OnPostgres, _base), {"__module__": __name__})
 del _name, _base

@@ -130,6 +130,8 @@ class LocalConnection(Protocol):
         self.pace_call: Any = None
         self._read_pauses: set = set()
         self._reported_closed = False
+        #: Called once the connection is made and registered (a destination's direct TCP connect).
+        self.on_made: Any = None
         if stream_filter is not None and IActiveStreamFilter.providedBy(stream_filter):
             stream_filter.attach(self)
 
@@ -148,6 +150,8 @@ class LocalConnection(Protocol):
         transport.registerProducer(_SendBuffer(self), True)
         self.proxy.local_read_throttle.add(self)
         self.proxy.local_opened(self)
+        if self.on_made is not None:
+            self.on_made()
 
     # --- reading: pauses for several causes ---
 

@@ -13,10 +13,12 @@ WebSocket's reads pause until the connection is up or given up.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple, cast
+
+import ipaddress
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -47,7 +49,7 @@ _PENDING_KEY = ("", -1)  # the flow-control key of "data held for pending connec
 
 
 class _OneConnection(Factory):
-    """Hands out the connector's one L{LocalConnection} (quietly)."""
+    """Hands out the connector's one L{LocalConnection} (quietly), for an endpoint."""
 
     noisy = False
 
@@ -56,6 +58,37 @@ class _OneConnection(Factory):
 
     def buildProtocol(self, addr: Any) -> LocalConnection:
         return self.connection
+
+
+class _DirectTCP(ClientFactory):
+    """
+    A connection to a TCP target given by IP address, straight through C{reactor.connectTCP}: what
+    Twisted's TCP client endpoint does, without its Deferred and the protocol it wraps around ours
+    (one call more for every read, per connection one factory and Deferred more).
+    """
+
+    noisy = False
+
+    def __init__(self, connector: "_Connector") -> None:
+        self.connector = connector
+
+    def buildProtocol(self, addr: Any) -> LocalConnection:
+        return self.connector.connection
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.connector.tcp = None
+        self.connector._failed(reason)
+
+
+def _by_address(target: Target) -> bool:
+    """Whether C{target} is (IP address, port): connected to without an endpoint."""
+    if isinstance(target, str):
+        return False
+    try:
+        ipaddress.ip_address(target[0])
+    except ValueError:
+        return False
+    return True
 
 
 @implementer(IDestinationContext)
@@ -80,7 +113,8 @@ class _Connector:
         self.target = target
         self.filter = stream_filter
         self.failures = 0
-        self.attempt: Any = None
+        self.attempt: Any = None  # the endpoint's Deferred while connecting through one
+        self.tcp: Any = None  # the reactor's connector while connecting by address
         self.retry: Any = None
         self.cancelled = False
         self.connection = LocalConnection(side.proxy, self.service_id, self.connection_id, stream_filter)
@@ -101,9 +135,19 @@ class _Connector:
             service_id=self.service_id or "-",
         )
         connection = self.connection
+        if side.by_address(self.target):
+            host, port = cast(Tuple[str, int], self.target)
+            connection.on_made = self._made
+            self.tcp = side.reactor.connectTCP(host, port, _DirectTCP(self), timeout=CONNECT_TIMEOUT)
+            return
         endpoint = target_endpoint(side.reactor, self.target, timeout=CONNECT_TIMEOUT)
         self.attempt = endpoint.connect(_OneConnection(connection))
         self.attempt.addCallbacks(self._connected, self._failed)
+
+    def _made(self) -> None:
+        self.connection.on_made = None
+        self.tcp = None
+        self._connected(self.connection)
 
     def _connected(self, connection: LocalConnection) -> None:
         self.attempt = None
@@ -155,6 +199,10 @@ class _Connector:
         self.retry = None
         if self.attempt is not None:
             self.attempt.cancel()
+        tcp, self.tcp = self.tcp, None
+        if tcp is not None:
+            self.connection.on_made = None
+            tcp.stopConnecting()
         if self.filter is not None:
             self.filter.connection_lost()
 
@@ -196,6 +244,14 @@ class DestinationSide:
         self.contexts: Dict[str, DestinationContext] = {}
         self.pending: Dict[ConnectionKey, _Connector] = {}
         self.proxy: Any = None
+        self._by_address: Dict[Target, bool] = {}
+
+    def by_address(self, target: Target) -> bool:
+        """Whether C{target} is (IP address, port) (remembered per target)."""
+        known = self._by_address.get(target)
+        if known is None:
+            known = self._by_address[target] = _by_address(target)
+        return known
 
     def attach(self, proxy: Any) -> None:
         self.proxy = proxy

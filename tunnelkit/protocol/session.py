@@ -10,9 +10,10 @@ Actions (frozen dataclasses)
 ============================
   - L{SendFrames}C{(data, boundary)}: one or more whole tunnel frames (length prefix + protobuf) to
     send on the WebSocket.  C{data} is never larger than C{MAX_WEBSOCKET_FRAME} (131076) bytes.  With
-    C{boundary=True} (after STREAM_START and CONNECTION_START) the WebSocket message must end right
-    after these bytes: AWS's localproxy holds DATA that shares a WebSocket message with a
-    STREAM_START.  Frames without a boundary may be sent one per message or merged.
+    C{boundary=True} (after STREAM_START and CONNECTION_START, and the WINDOW_UPDATE that follows
+    them toward a peer that announced flow control) the WebSocket message must end right after these
+    bytes: AWS's localproxy holds DATA that shares a WebSocket message with a STREAM_START.  Frames
+    without a boundary may be sent one per message or merged.
   - L{StartListening}C{(service_id, mapping_key)} (source): the tunnel's SERVICE_IDS matched the
     configured mapping; open the listener configured under C{mapping_key} (C{""} for a bare V1 port)
     for C{service_id}.  Emitted once per service for the life of the session object: listeners
@@ -1146,12 +1147,13 @@ class SourceSession(_Session):
             frame = _control(_CONNECTION_START, stream_id, wire_service_id, connection_id)
             wire_connection_id = connection_id
         flow = None
-        actions: List[Action] = [SendFrames(frame, True)]
         if self._peer is not None and self._v3:
             # Both peers announced: the destination's window is this connection's first credit;
-            # the WINDOW_UPDATE right after the start grants ours and tells the destination.
+            # the WINDOW_UPDATE right after the start grants ours and tells the destination.  It
+            # shares the start's WebSocket message (a peer that announced is no AWS localproxy).
             flow = ConnectionFlow(self._peer.window, self.window, self.max_window)
-            actions.append(SendFrames(window_update_frame(stream_id, wire_service_id, connection_id, self.window)))
+            frame += window_update_frame(stream_id, wire_service_id, connection_id, self.window)
+        actions: List[Action] = [SendFrames(frame, True)]
         service.connections[connection_id] = _Connection(
             DataFrameEncoder(stream_id, wire_service_id, wire_connection_id), wire_connection_id, True, flow
         )

@@ -118,6 +118,7 @@ class AuditTrail:
         self._clock = clock
         self.rotate_size = rotate_size
         self._file = self._open()
+        self._stamp: Tuple[int, str] = (-1, "")  # the current second, formatted
         #: tunnel id -> the ledger of that tunnel's open connections (while it has any, or a peer).
         self._ledgers: Dict[str, TunnelLedger] = {}
 
@@ -129,6 +130,8 @@ class AuditTrail:
 
     def _open(self) -> Any:
         descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        #: Bytes in the file: counted as lines are written (a text file's tell() is slow and a syscall).
+        self._size = os.fstat(descriptor).st_size
         return os.fdopen(descriptor, "a", encoding="utf-8", buffering=1)
 
     def _rotate(self) -> None:
@@ -143,13 +146,18 @@ class AuditTrail:
 
     def record(self, kind: str, **fields: Any) -> None:
         """Write one record (and log it)."""
-        now = self._clock.seconds()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
-        record = {"time": stamp, "kind": kind, **{k: _bounded(v) for k, v in fields.items()}}
+        milliseconds = int(self._clock.seconds() * 1000)
+        second = milliseconds // 1000
+        if self._stamp[0] != second:
+            self._stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        record = {"time": f"{self._stamp[1]}.{milliseconds % 1000:03d}Z", "kind": kind,
+                  **{k: _bounded(v) for k, v in fields.items()}}
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
         if not self._file.closed:
+            # One write per record, line-buffered: each is in the file (the OS's cache) once record returns.
             self._file.write(line + "\n")
-            if self.rotate_size and self._file.tell() >= self.rotate_size:
+            self._size += (len(line) if line.isascii() else len(line.encode("utf-8"))) + 1
+            if self.rotate_size and self._size >= self.rotate_size:
                 self._rotate()
         log.info("audit {record}", record=line)
 

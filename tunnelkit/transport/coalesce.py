@@ -11,7 +11,10 @@ connection is flushed at the end of the reactor turn (one C{callLater(0)} shared
 what one turn wrote still goes out in one C{send}, and when the kernel takes it all the reactor
 never watches the socket.  When it does not (the peer reads slowly), or the send fails, the
 connection goes back to Twisted's own path (C{startWriting}), so flow control, half-close and errors
-are Twisted's.  Connections on which C{startTLS} was called keep Twisted's path untouched.
+are Twisted's.  Connections on which C{startTLS} was called keep Twisted's path untouched.  TLS
+connections made after it is installed write their records at once (L{TLSMemoryBIOProtocol}, not
+Twisted's default C{BufferingTLSTransport}, which holds small writes for one more reactor turn and
+copies each write): the TCP writes under them are coalesced here anyway.
 
 Measured with C{strace -c} on the three processes of a wss:// tunnel (source, service,
 destination): system calls per 1-byte round trip 13.7 / 12.6 / 13.7 -> 8.4 each; per MB of bulk
@@ -30,6 +33,7 @@ from typing import Any, Callable, Iterable, List, Optional
 
 from twisted.internet import abstract, tcp
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 __all__ = ["install", "installed", "missing", "ENVIRONMENT"]
 
@@ -188,6 +192,11 @@ def install(reactor: Any, environ: Optional[Any] = None) -> Callable[[], None]:
     coalescer = _Coalescer(reactor)
     connection = tcp.Connection
     saved = {name: connection.__dict__.get(name) for name in ("write", "writeSequence", "_tk_queued")}
+    # Twisted's TLS connections hold small writes for one more reactor turn (BufferingTLSTransport,
+    # copying each write) to make fewer records; with the TCP writes coalesced here that only adds a
+    # turn to every small message, so new TLS connections write their records at once.
+    tls_protocol = TLSMemoryBIOFactory.__dict__.get("protocol")
+    TLSMemoryBIOFactory.protocol = TLSMemoryBIOProtocol
     connection.write = _make_write(coalescer, tcp.Connection.write)  # type: ignore[method-assign]
     connection.writeSequence = _make_write_sequence(  # type: ignore[method-assign]
         coalescer, tcp.Connection.writeSequence
@@ -197,6 +206,8 @@ def install(reactor: Any, environ: Optional[Any] = None) -> Callable[[], None]:
 
     def uninstall() -> None:
         global _installed
+        if tls_protocol is not None:
+            TLSMemoryBIOFactory.protocol = tls_protocol
         for name, value in saved.items():
             if value is None:
                 if name in connection.__dict__:

@@ -48,6 +48,8 @@ __all__ = [
     "lazy_handshake_logging",
     "transport_buffered",
     "set_buffer_size",
+    "masked_frame",
+    "nvx_masker_present",
 ]
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -505,3 +507,49 @@ if _GONE:  # pragma: no cover - only with an autobahn setup.cfg does not allow
     set_enabled(False)
 else:
     lazy_handshake_logging()
+
+
+# --- masking ---
+
+try:  # autobahn's NVX masker (its compiled _nvx_xormasker), called directly: in place, no copies
+    import autobahn.websocket
+
+    if not getattr(autobahn.websocket, "USES_NVX", False):
+        raise ImportError("NVX is off")
+    from _nvx_xormasker import ffi as _nvx_ffi, lib as _nvx_lib
+except ImportError:  # pragma: no cover - only with --allow-slow-websocket
+    _nvx_ffi = _nvx_lib = None
+
+
+def masked_frame(prefix: bytes, mask: bytes, parts: Sequence[Buffer]) -> bytes:
+    """
+    C{prefix} followed by the concatenation of C{parts} XORed with the 4-byte WebSocket C{mask}
+    (masking and unmasking are the same operation), as one new C{bytes} object.
+
+    The bytes are copied once (a join) and XORed in place in that fresh object, before anything
+    else can see it; autobahn's masker instead copies the payload four times.
+    """
+    frame = b"".join([prefix, *parts])
+    start = len(prefix)
+    size = len(frame) - start
+    if not size:
+        return frame
+    if frame is prefix or (len(parts) == 1 and frame is parts[0]):  # join handed back an input: copy it
+        frame = bytes(bytearray(frame))
+    if _nvx_lib is not None and size > 64:
+        masker = _nvx_lib.nvx_xormask_new(_nvx_ffi.from_buffer("uint8_t[]", mask))
+        if not masker:  # pragma: no cover
+            raise MemoryError("could not allocate a WebSocket masker")
+        try:
+            _nvx_lib.nvx_xormask_process(masker, _nvx_ffi.from_buffer("uint8_t[]", frame) + start, size)
+        finally:
+            _nvx_lib.nvx_xormask_free(masker)
+        return frame
+    key = (mask * ((size >> 2) + 1))[:size]
+    body = int.from_bytes(memoryview(frame)[start:], "little") ^ int.from_bytes(key, "little")
+    return prefix + body.to_bytes(size, "little")
+
+
+def nvx_masker_present() -> bool:
+    """Whether L{masked_frame} masks in autobahn's compiled NVX code (else in Python, slower)."""
+    return _nvx_lib is not None

@@ -21,13 +21,12 @@ then encrypted but anyone on the path can read it.
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IAcceptableCiphers, IOpenSSLClientConnectionCreator
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # the interface trustRoot= accepts
 from zope.interface import implementer
 
 from tunnelkit.errors import ConfigError
@@ -72,40 +71,39 @@ connection can impersonate the tunnel service, read the access token and every b
 Use it only for a test service; give the service's CA with -c/--capath instead."""
 
 
-@implementer(IOpenSSLTrustRoot)
-class _OpenSSLLocations:
-    """Trust the CAs of a PEM file or of a hashed directory, as OpenSSL's C{load_verify_locations}."""
-
-    def __init__(self, cafile: Optional[str], capath: Optional[str]) -> None:
-        self.cafile = cafile
-        self.capath = capath
-
-    def _addCACertsToContext(self, context: SSL.Context) -> None:
-        context.load_verify_locations(self.cafile, self.capath)
-
-
-def _trust_root(capath: Optional[str]) -> IOpenSSLTrustRoot:
+def _trust_root(capath: Optional[str]) -> Any:
+    """
+    The trust root C{optionsForClientTLS(trustRoot=...)} takes: the platform's CAs, or every CA of a
+    PEM file, or of a hashed directory (C{openssl rehash}) read at start (Twisted's public
+    L{ssl.trustRootFromCertificates}).
+    """
     if capath is None:
         return ssl.platformTrust()
     if os.path.isdir(capath):
-        hashed = [name for name in os.listdir(capath) if _is_hash_name(name)]
+        hashed = sorted(name for name in os.listdir(capath) if _is_hash_name(name))
         if not hashed:
             raise ConfigError(
                 f"-c/--capath {capath}: no hashed CA files in the directory "
                 f"(run 'openssl rehash {capath}', or give a CA file)"
             )
-        return _OpenSSLLocations(None, capath)
+        certificates = []
+        for name in hashed:
+            certificates += _read_certificates(capath, os.path.join(capath, name))
+        return ssl.trustRootFromCertificates(certificates)
     if os.path.isfile(capath):
-        try:
-            with open(capath, "rb") as f:
-                pem = f.read()
-            certificates = pem_certificates(pem)
-        except (OSError, SSL.Error, ValueError) as e:
-            raise ConfigError(f"-c/--capath {capath}: not a readable PEM CA file: {e}") from None
+        certificates = _read_certificates(capath, capath)
         if not certificates:
             raise ConfigError(f"-c/--capath {capath}: no PEM certificate in the file")
         return ssl.trustRootFromCertificates(certificates)
     raise ConfigError(f"-c/--capath {capath}: no such file or directory")
+
+
+def _read_certificates(capath: str, path: str) -> List[ssl.Certificate]:
+    try:
+        with open(path, "rb") as f:
+            return pem_certificates(f.read())
+    except (OSError, SSL.Error, ValueError) as e:
+        raise ConfigError(f"-c/--capath {capath}: not a readable PEM CA file ({path}): {e}") from None
 
 
 def _is_hash_name(name: str) -> bool:

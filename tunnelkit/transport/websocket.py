@@ -56,6 +56,8 @@ from tunnelkit.transport.fastpath import (  # noqa: F401 - binary_frame_header: 
     FRAME_NOT_PLAIN,
     FastWebSocket,
     binary_frame_header,
+    masked_frame,
+    set_buffer_size,
 )
 
 __all__ = [
@@ -77,6 +79,11 @@ SUBPROTOCOL = "aws.iot.securetunneling-3.0"
 PING_PERIOD = 20.0
 #: Seconds the TCP+TLS+HTTP upgrade may take before the attempt counts as failed.
 HANDSHAKE_TIMEOUT = 30.0
+
+#: Bytes the WebSocket's TCP transport buffers before its producer (the local connections' reads)
+#: is paused, and its read size.
+WEBSOCKET_BUFFER = 512 * 1024
+
 
 class _MaskingKeys:
     """
@@ -112,43 +119,6 @@ _SEND_STATE_GROUND = WebSocketProtocol.SEND_STATE_GROUND
 _log = Logger(namespace="tunnelkit.transport.websocket")
 
 Buffer = Union[bytes, bytearray, memoryview]
-
-try:  # autobahn's NVX masker, called directly: in place, no intermediate buffers
-    if not getattr(autobahn.websocket, "USES_NVX", False):
-        raise ImportError("NVX is off")
-    from _nvx_xormasker import ffi as _nvx_ffi, lib as _nvx_lib
-except ImportError:  # pragma: no cover - only with --allow-slow-websocket
-    _nvx_ffi = _nvx_lib = None
-
-
-def masked_frame(prefix: bytes, mask: bytes, parts: Sequence[Buffer]) -> bytes:
-    """
-    C{prefix} followed by the concatenation of C{parts} XORed with the 4-byte WebSocket C{mask}
-    (masking and unmasking are the same operation), as one new C{bytes} object.
-
-    The bytes are copied once (a join) and XORed in place in that fresh object, before anything
-    else can see it; autobahn's masker instead copies the payload four times.
-    """
-    frame = b"".join([prefix, *parts])
-    start = len(prefix)
-    size = len(frame) - start
-    if not size:
-        return frame
-    if frame is prefix or (len(parts) == 1 and frame is parts[0]):  # join handed back an input: copy it
-        frame = bytes(bytearray(frame))
-    if _nvx_lib is not None and size > 64:
-        masker = _nvx_lib.nvx_xormask_new(_nvx_ffi.from_buffer("uint8_t[]", mask))
-        if not masker:  # pragma: no cover
-            raise MemoryError("could not allocate a WebSocket masker")
-        try:
-            _nvx_lib.nvx_xormask_process(masker, _nvx_ffi.from_buffer("uint8_t[]", frame) + start, size)
-        finally:
-            _nvx_lib.nvx_xormask_free(masker)
-        return frame
-    key = (mask * ((size >> 2) + 1))[:size]
-    body = int.from_bytes(memoryview(frame)[start:], "little") ^ int.from_bytes(key, "little")
-    return prefix + body.to_bytes(size, "little")
-
 
 #: glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -316,6 +286,10 @@ class TunnelWebSocketProtocol(FastWebSocket, WebSocketClientProtocol):  # type: 
 
     def onOpen(self) -> None:
         self._opened = True
+        # The local connections' reads pause only when the kernel stops taking what they send (not
+        # at every turn that read more than Twisted's 64 KiB default): fewer pauses and resumes, and
+        # reads of the service's messages in larger pieces.
+        set_buffer_size(self.transport, WEBSOCKET_BUFFER)
         _log.info("Web socket session ID: {channel_id}", channel_id=self.channel_id or "-")
         _log.debug("Web socket subprotocol selected: {subprotocol}", subprotocol=self.subprotocol)
         self._send_ping()
