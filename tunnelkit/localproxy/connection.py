@@ -114,6 +114,9 @@ class LocalConnection(Protocol):
     """
 
     log = Logger()
+    #: A TCP or UNIX transport (ITCPTransport, IHalfCloseableDescriptor, IPushProducer and the
+    #: producer registration at once), which ITransport, Protocol's annotation, does not say.
+    transport: Any
 
     def __init__(self, proxy: Any, service_id: str, connection_id: int, stream_filter: Any = None) -> None:
         self.proxy = proxy
