@@ -22,15 +22,4 @@ from tunnelkit.agent.core import (
     parse_notification,
 )
 
-__all__ = [
-    "Agent",
-    "BadNotification",
-    "DEFAULT_TARGETS",
-    "IDestinationSession",
-    "IDestinationStarter",
-    "MAX_NOTIFICATION_SIZE",
-    "Notification",
-    "data_endpoint_for_region",
-    "notify_topic",
-    "parse_notification",
-]
+from tunnelkit.agent.core import __all__  # noqa: E402,F811 - the same names, listed once
