@@ -9,11 +9,11 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 
 from twisted.trial.unittest import TestCase
 
 from tests.e2e.harness import Harness, exchange
+from tunnelkit.testing.process import wait_until
 
 CLI = [sys.executable, "-m", "tunnelkit.cli"]
 
@@ -41,12 +41,12 @@ class AuditTrailTests(TestCase):
                 received += s.recv(1024)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         trail = os.path.join(service.state_dir, "audit.jsonl")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the relay records each end as its reset passes
+
+        def three_connections() -> bool:  # the relay records each end as its reset passes
             with open(trail, encoding="utf-8") as f:
-                if sum('"kind":"connection"' in line for line in f) == 3:
-                    break
-            time.sleep(0.05)
+                return sum('"kind":"connection"' in line for line in f) == 3
+
+        wait_until(three_connections, 30, "the audit records of the three connections")
         h.api().describe_tunnel(tunnelId=tunnel.tunnel_id)
         h.close_tunnel(tunnel)
         self.assertEqual(source.wait_exit(30), 0)

@@ -759,9 +759,14 @@ class _Session(ABC):
             )
         ]
 
-    def _flow(self, service_id: str, connection_id: int) -> Optional[ConnectionFlow]:
+    def _connection(self, service_id: str, connection_id: int) -> Optional["_Connection"]:
         service = self._services.get(service_id)
-        connection = service.connections.get(connection_id) if service is not None else None
+        if service is None:
+            return None
+        return service.connections.get(connection_id)
+
+    def _flow(self, service_id: str, connection_id: int) -> Optional[ConnectionFlow]:
+        connection = self._connection(service_id, connection_id)
         return connection.flow if connection is not None else None
 
     def local_buffer_full(self, service_id: str, connection_id: int, now: float) -> None:
@@ -779,18 +784,11 @@ class _Session(ABC):
         filled.  They are delivered now, and the connection's receive window adapts to how fast the
         application took them (L{ConnectionFlow.drained}: a slow one shrinks it).
         """
-        service = self._services.get(service_id)
-        if service is None:
+        flow = self._flow(service_id, connection_id)
+        if flow is None:
             return []
-        connection = service.connections.get(connection_id)
-        if connection is None or connection.flow is None:
-            return []
-        flow = connection.flow
         flow.drained(held, now)
-        increment = flow.delivered(held) if held else 0
-        if not increment:
-            return []
-        return self._grant(service, connection, increment)
+        return self.local_delivered(service_id, connection_id, held) if held else []
 
     def _growth_room(self) -> int:
         """Bytes the tunnel-wide budget leaves for one more connection window to grow (rarely asked)."""
@@ -1418,12 +1416,6 @@ class DestinationSession(_Session):
     def local_closed(self, service_id: str, connection_id: int) -> List[Action]:
         """A target connection closed: CONNECTION_RESET, or STREAM_RESET for a V1/V2 stream."""
         return self._local_gone(service_id, connection_id)
-
-    def _connection(self, service_id: str, connection_id: int) -> Optional[_Connection]:
-        service = self._services.get(service_id)
-        if service is None:
-            return None
-        return service.connections.get(connection_id)
 
     def _local_gone(self, service_id: str, connection_id: int) -> List[Action]:
         service = self._services.get(service_id)
