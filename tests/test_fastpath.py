@@ -239,3 +239,83 @@ class LazyHandshakeLoggingTests(SynchronousTestCase):
         timings.track("x")
         self.assertIsInstance(str(timings), str)
         self.assertIn("x", str(timings))
+
+
+class _Recorder:
+    """A protocol that records what it reads."""
+
+    def __init__(self) -> None:
+        self.got: List[bytes] = []
+        self.lost: List[object] = []
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got.append(data)
+
+    def connectionLost(self, reason) -> None:
+        self.lost.append(reason)
+
+
+class DirectReadsTests(SynchronousTestCase):
+    """L{fastpath.direct_reads}: a transport's reads skip Twisted's forwarding protocols, nothing else does."""
+
+    def _chain(self, tls: bool):
+        from twisted.application._client_service import _ReconnectingProtocolProxy
+        from twisted.internet.defer import Deferred
+        from twisted.internet.endpoints import _WrappingProtocol
+        from twisted.internet.protocol import Factory
+        from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+        protocol = _Recorder()
+        lost: List[object] = []
+        proxy = _ReconnectingProtocolProxy(protocol, lost.append)
+        tcp = StringTransport()
+        if tls:  # TCP -> endpoint wrapper -> a ProtocolWrapper (as TLS is) -> ClientService's proxy -> protocol
+            layer = ProtocolWrapper(WrappingFactory(Factory()), proxy)
+            bottom = _WrappingProtocol(Deferred(), layer)
+            tcp.protocol = bottom
+            layer.transport = tcp
+            protocol.transport = layer
+        else:  # TCP -> endpoint wrapper -> ClientService's proxy -> protocol
+            bottom = _WrappingProtocol(Deferred(), proxy)
+            tcp.protocol = bottom
+            protocol.transport = tcp
+            layer = None
+        return protocol, proxy, bottom, layer, lost
+
+    def test_tcp_reads_reach_the_protocol_directly(self) -> None:
+        protocol, proxy, bottom, _, lost = self._chain(tls=False)
+        self.assertEqual(fastpath.direct_reads(protocol), 1)
+        self.assertEqual(bottom.dataReceived, protocol.dataReceived)
+        bottom.dataReceived(b"abc")
+        self.assertEqual(protocol.got, [b"abc"])
+        # the connection's end still goes through ClientService's proxy (its reconnection hook)
+        bottom.connectionLost("gone")
+        self.assertEqual((protocol.lost, lost), (["gone"], ["gone"]))
+
+    def test_tls_layers_each_call_the_next_directly(self) -> None:
+        protocol, proxy, bottom, layer, lost = self._chain(tls=True)
+        self.assertEqual(fastpath.direct_reads(protocol), 2)
+        self.assertEqual(bottom.dataReceived, layer.dataReceived)
+        self.assertEqual(proxy.dataReceived, protocol.dataReceived)
+        bottom.dataReceived(b"xyz")
+        self.assertEqual(protocol.got, [b"xyz"])
+
+    def test_nothing_to_skip(self) -> None:
+        protocol = _Recorder()
+        protocol.transport = StringTransport()
+        protocol.transport.protocol = protocol
+        self.assertEqual(fastpath.direct_reads(protocol), 0)
+        self.assertNotIn("dataReceived", vars(protocol))
+        self.assertEqual(fastpath.direct_reads(_Recorder()), 0)  # no transport at all
+
+    def test_forwarders_are_installed_and_listed(self) -> None:
+        self.assertEqual(fastpath.forwarders_missing(), [])
+        self.patch(fastpath, "FORWARDERS", fastpath.FORWARDERS + (("twisted.internet.endpoints", "_NoSuch", "x"),))
+        self.assertEqual(fastpath.forwarders_missing(), ["twisted.internet.endpoints._NoSuch"])
+        warnings: List[str] = []
+        internals.check_internals(internals.INTERNALS, warn=warnings.append)
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("forwarding protocols", warnings[0])

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tunnelkit.errors import ConfigError
-from tunnelkit.process import LogFilter, ModeService, twistd_log_observer
+from tunnelkit.process import LogFilter, ModeService, freeze_startup_objects, twistd_log_observer
 
 
 @implementer(ILogObserver)
@@ -208,3 +208,27 @@ class FatalAtStartTests(SynchronousTestCase):
         error = self.assertRaises(SystemExit, service.startService)
         self.assertEqual(error.code, 1)
         self.assertEqual(stderr.getvalue(), "tunnelkit: error: --listen tcp:1: cannot listen: in use\n")
+
+
+class FreezeTests(SynchronousTestCase):
+    def test_startup_garbage_collected_then_the_rest_frozen(self) -> None:
+        calls: List[str] = []
+
+        class Collector:
+            def collect(self) -> int:
+                calls.append("collect")
+                return 0
+
+            def freeze(self) -> None:
+                calls.append("freeze")
+
+        freeze_startup_objects(Collector())
+        self.assertEqual(calls, ["collect", "freeze"])
+
+    def test_only_twistds_process_is_frozen(self) -> None:
+        """A test's ModeService (not twistd's application) leaves the collector alone."""
+        import gc
+
+        frozen = gc.get_freeze_count()
+        ModeService().startService()
+        self.assertEqual(gc.get_freeze_count(), frozen)

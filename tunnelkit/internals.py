@@ -96,6 +96,12 @@ def _write_coalescing_can_run() -> bool:
     return not coalesce.missing()  # the reactor's part is checked when it is installed
 
 
+def _forwarders_present() -> bool:
+    from tunnelkit.transport import fastpath
+
+    return not fastpath.forwarders_missing()
+
+
 def _ssl_endpoint_keeps_its_options() -> bool:
     from twisted.internet.endpoints import SSL4ServerEndpoint
     from twisted.internet.testing import MemoryReactor
@@ -160,6 +166,15 @@ INTERNALS: Tuple[Internal, ...] = (
         "paho.mqtt.client",
         f"Client.{PAHO_SOCKET_HOOK}",
         "handing paho's MQTT session a socket over a Twisted transport, so nothing blocks the reactor",
+    ),
+    Internal(
+        "twisted.internet.endpoints",
+        "_WrappingProtocol and twisted.application._client_service._ReconnectingProtocolProxy "
+        "(tunnelkit.transport.fastpath.FORWARDERS)",
+        "handing the local proxy's WebSocket reads from the transport straight to its protocol, past "
+        "the forwarding protocols of the client endpoint and ClientService (off, they forward them)",
+        required=False,
+        instance_check=_forwarders_present,
     ),
 )
 

@@ -71,6 +71,11 @@ DEFAULT_ROTATE_SIZE = 64 * 1024 * 1024
 KEEP_ROTATED = 4
 
 
+#: A record as one JSON line: C{json.dumps(record, ensure_ascii=False, separators=(",", ":"))}
+#: without the encoder json.dumps builds anew for every call with options.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _bounded(value: Any, limit: int = MAX_VALUE) -> Any:
     if isinstance(value, str) and len(value) > limit:
         return value[:limit] + "..."
@@ -152,7 +157,7 @@ class AuditTrail:
             self._stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
         record = {"time": f"{self._stamp[1]}.{milliseconds % 1000:03d}Z", "kind": kind,
                   **{k: _bounded(v) for k, v in fields.items()}}
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        line = _encode(record)
         if not self._file.closed:
             # One write per record, line-buffered: each is in the file (the OS's cache) once record returns.
             self._file.write(line + "\n")

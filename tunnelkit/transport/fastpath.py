@@ -48,6 +48,9 @@ __all__ = [
     "lazy_handshake_logging",
     "transport_buffered",
     "set_buffer_size",
+    "direct_reads",
+    "FORWARDERS",
+    "forwarders_missing",
     "masked_frame",
     "nvx_masker_present",
 ]
@@ -105,6 +108,7 @@ def binary_frame_header(data: Buffer, offset: int, masked: bool) -> Tuple[int, i
 #: on WebSocketProtocol; "instance" names on freshly built client and server protocols.
 AUTOBAHN_ATTRIBUTES: Tuple[Tuple[str, str], ...] = (
     ("class", "STATE_OPEN"),
+    ("class", "STATE_CLOSED"),
     ("class", "SEND_STATE_GROUND"),
     ("class", "_dataReceived"),
     ("class", "processData"),
@@ -120,6 +124,8 @@ AUTOBAHN_ATTRIBUTES: Tuple[Tuple[str, str], ...] = (
     ("instance", "failedByMe"),
     ("instance", "state"),
     ("instance", "data"),
+    ("instance", "trafficStats"),
+    ("instance", "logOctets"),
 )
 
 
@@ -268,6 +274,8 @@ class FastWebSocket:
     failedByMe: bool
     message_data: Any
     message_is_binary: bool
+    trafficStats: Any
+    logOctets: bool
 
     def fast_message(self, mask: Optional[bytes], parts: Sequence[Buffer], size: int) -> None:
         """
@@ -295,7 +303,17 @@ class FastWebSocket:
                 pieces[-1] = memoryview(data)[: len(data) - extra]
             self.fast_message(self._awaiting_mask, pieces, self._awaiting_size)
             data = data[len(data) - extra :] if extra else b""
-        if data:
+        if not data:
+            return
+        if self.state == self.STATE_OPEN and not self.data and not self.logOctets:  # type: ignore[attr-defined]
+            # What autobahn's _dataReceived and consumeData do in an open session with nothing
+            # buffered, without their two calls and state tests per read.
+            self.trafficStats.incomingOctetsWireLevel += len(data)
+            self.data = data
+            closed = self.STATE_CLOSED  # type: ignore[attr-defined]
+            while self.processData() and self.state != closed:
+                pass
+        else:
             self._dataReceived(data)  # type: ignore[attr-defined]
 
     def processData(self) -> bool:
@@ -456,6 +474,70 @@ def set_buffer_size(transport: Any, size: int) -> None:
         transport = inner
     if "bufferSize" in dir(type(transport)):
         transport.bufferSize = size
+
+
+# --- Twisted's forwarding protocols (the local proxy's WebSocket reads) ---
+
+#: Twisted's protocols that stand between a transport and the protocol it carries and only forward
+#: its reads: (module, class, the attribute holding the protocol they forward to).  The local
+#: proxy's WebSocket is built through a client endpoint (its _WrappingProtocol) and ClientService
+#: (its _ReconnectingProtocolProxy, a __getattr__ per read), so each read of the service's messages
+#: went through two calls more than needed.
+FORWARDERS: Tuple[Tuple[str, str, str], ...] = (
+    ("twisted.internet.endpoints", "_WrappingProtocol", "_wrappedProtocol"),
+    ("twisted.application._client_service", "_ReconnectingProtocolProxy", "_protocol"),
+)
+
+
+def _forwarder_classes() -> Dict[type, str]:
+    import importlib
+
+    found: Dict[type, str] = {}
+    for module, name, attribute in FORWARDERS:
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            cls = None
+        if isinstance(cls, type):
+            found[cls] = attribute
+    return found
+
+
+def forwarders_missing() -> List[str]:
+    """The L{FORWARDERS} this Twisted lacks (their reads then keep going through them: slower, same)."""
+    present = _forwarder_classes()
+    return [f"{module}.{name}" for module, name, _ in FORWARDERS
+            if not any(cls.__module__ == module and cls.__name__ == name for cls in present)]
+
+
+def direct_reads(protocol: Any) -> int:
+    """
+    Make every transport layer under C{protocol} (TLS, then TCP) hand its reads straight to the
+    protocol it carries, past the L{FORWARDERS} between them: each forwarder gets, as its own
+    C{dataReceived}, the bound C{dataReceived} of the protocol it forwards to in the end (what its
+    own would have called).  Everything else (connectionLost, half-close, logPrefix) still goes
+    through them.  @return: how many forwarders now pass reads on directly.
+    """
+    from twisted.protocols.policies import ProtocolWrapper
+
+    classes = _forwarder_classes()
+    if not classes:
+        return 0
+    bypassed = 0
+    transport = getattr(protocol, "transport", None)
+    for _ in range(4):  # TLS over TCP, maybe TLS over an HTTP proxy's TCP: a few layers at most
+        if transport is None:
+            break
+        attribute = "wrappedProtocol" if isinstance(transport, ProtocolWrapper) else "protocol"
+        upper = transport.__dict__.get(attribute) if hasattr(transport, "__dict__") else None
+        target = upper
+        while type(target) in classes:
+            target = getattr(target, classes[type(target)], None)
+        if upper is not None and target is not None and target is not upper:
+            upper.dataReceived = target.dataReceived
+            bypassed += 1
+        transport = getattr(transport, "transport", None) if isinstance(transport, ProtocolWrapper) else None
+    return bypassed
 
 
 # --- autobahn's handshake logging ---

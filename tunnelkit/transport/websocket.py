@@ -56,6 +56,7 @@ from tunnelkit.transport.fastpath import (  # noqa: F401 - binary_frame_header: 
     FRAME_NOT_PLAIN,
     FastWebSocket,
     binary_frame_header,
+    direct_reads,
     masked_frame,
     set_buffer_size,
 )
@@ -290,6 +291,9 @@ class TunnelWebSocketProtocol(FastWebSocket, WebSocketClientProtocol):  # type: 
         # at every turn that read more than Twisted's 64 KiB default): fewer pauses and resumes, and
         # reads of the service's messages in larger pieces.
         set_buffer_size(self.transport, WEBSOCKET_BUFFER)
+        # The service's messages come from the TCP (or TLS) transport straight to this protocol, not
+        # through the client endpoint's and ClientService's forwarding protocols (two calls per read).
+        direct_reads(self)
         _log.info("Web socket session ID: {channel_id}", channel_id=self.channel_id or "-")
         _log.debug("Web socket subprotocol selected: {subprotocol}", subprotocol=self.subprotocol)
         self._send_ping()
