@@ -319,3 +319,87 @@ class DirectReadsTests(SynchronousTestCase):
         internals.check_internals(internals.INTERNALS, warn=warnings.append)
         self.assertEqual(len(warnings), 1)
         self.assertIn("forwarding protocols", warnings[0])
+
+
+class _PipeReader:
+    """A selectable reading one end of a pipe; records the log context each read ran in."""
+
+    def __init__(self, fd: int, prefix: str, fail: bool = False) -> None:
+        self.fd = fd
+        self.prefix = prefix
+        self.fail = fail
+        self.systems: List[str] = []
+        self.lost: List[object] = []
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return self.prefix
+
+    def doRead(self):
+        from twisted.python import context, log
+
+        os.read(self.fd, 100)
+        self.systems.append(context.get(log.ILogContext)["system"])
+        if self.fail:
+            raise RuntimeError("a broken handler")
+        return None
+
+    def connectionLost(self, reason) -> None:
+        self.lost.append(reason)
+
+
+class EventDispatchTests(SynchronousTestCase):
+    """L{fastpath.install_event_dispatch}: the epoll reactor's events, with Twisted's log context."""
+
+    def reactor(self):
+        try:
+            from twisted.internet.epollreactor import EPollReactor
+        except ImportError:  # pragma: no cover - not Linux
+            raise self.skipTest("no epoll here")
+        reactor = EPollReactor()  # a private one: the global reactor is never touched
+        self.addCleanup(reactor._poller.close)
+        self.assertTrue(fastpath.install_event_dispatch(reactor))
+        return reactor
+
+    def pipe(self, reactor, prefix: str, fail: bool = False) -> _PipeReader:
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, write_end)
+        self.addCleanup(os.close, read_end)
+        reader = _PipeReader(read_end, prefix, fail)
+        reactor.addReader(reader)
+        self.addCleanup(lambda: reactor.removeReader(reader))
+        os.write(write_end, b"x")
+        return reader
+
+    def test_each_event_runs_with_its_selectables_log_prefix(self) -> None:
+        from twisted.python import context, log
+
+        reactor = self.reactor()
+        one, two = self.pipe(reactor, "One,client"), self.pipe(reactor, "Two,3,127.0.0.1")
+        before = context.get(log.ILogContext)
+        reactor.doIteration(0)
+        self.assertEqual((one.systems, two.systems), (["One,client"], ["Two,3,127.0.0.1"]))
+        self.assertEqual(context.get(log.ILogContext), before)  # popped again
+        reactor.doIteration(0)  # nothing ready: nothing called
+        self.assertEqual(len(one.systems) + len(two.systems), 2)
+
+    def test_a_failing_handler_is_logged_and_disconnected_as_twisted_does(self) -> None:
+        reactor = self.reactor()
+        broken = self.pipe(reactor, "Broken,client", fail=True)
+        events: List[dict] = []
+        from twisted.python import log
+
+        log.addObserver(events.append)
+        self.addCleanup(log.removeObserver, events.append)
+        reactor.doIteration(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(broken.lost), 1)
+        self.assertIn("Broken,client", [e.get("system") for e in events if e.get("isError")])
+
+    def test_only_an_epoll_reactor(self) -> None:
+        reactor = MemoryReactorClock()
+        self.assertFalse(fastpath.install_event_dispatch(reactor))
+        self.assertNotIn("doIteration", vars(reactor))
+        self.assertEqual(fastpath.reactor_missing(None), [])

@@ -102,6 +102,12 @@ def _forwarders_present() -> bool:
     return not fastpath.forwarders_missing()
 
 
+def _event_dispatch_can_run() -> bool:
+    from tunnelkit.transport import fastpath
+
+    return not fastpath.reactor_missing(None)  # the reactor's own names are checked when it is installed
+
+
 def _ssl_endpoint_keeps_its_options() -> bool:
     from twisted.internet.endpoints import SSL4ServerEndpoint
     from twisted.internet.testing import MemoryReactor
@@ -175,6 +181,14 @@ INTERNALS: Tuple[Internal, ...] = (
         "the forwarding protocols of the client endpoint and ClientService (off, they forward them)",
         required=False,
         instance_check=_forwarders_present,
+    ),
+    Internal(
+        "twisted.internet.epollreactor",
+        "EPollReactor's poller, selectables and _doReadOrWrite, and twisted.python.context's tracker "
+        "(tunnelkit.transport.fastpath.REACTOR_ATTRIBUTES)",
+        "dispatching each I/O event with Twisted's log context in fewer calls (off, Twisted's doPoll runs)",
+        required=False,
+        instance_check=_event_dispatch_can_run,
     ),
 )
 

@@ -50,6 +50,9 @@ __all__ = [
     "set_buffer_size",
     "direct_reads",
     "FORWARDERS",
+    "REACTOR_ATTRIBUTES",
+    "reactor_missing",
+    "install_event_dispatch",
     "forwarders_missing",
     "masked_frame",
     "nvx_masker_present",
@@ -538,6 +541,120 @@ def direct_reads(protocol: Any) -> int:
             bypassed += 1
         transport = getattr(transport, "transport", None) if isinstance(transport, ProtocolWrapper) else None
     return bypassed
+
+
+# --- the epoll reactor's event dispatch ---
+
+#: The epoll reactor's private names L{install_event_dispatch} uses.
+REACTOR_ATTRIBUTES: Tuple[str, ...] = ("_poller", "_selectables", "_doReadOrWrite")
+
+
+def reactor_missing(reactor: Any) -> List[str]:
+    """
+    What L{install_event_dispatch} needs that C{reactor} (an epoll reactor, or not) lacks; with
+    C{reactor} None, what Twisted lacks (the epoll reactor class, the log context).
+    """
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # not Linux
+        return ["twisted.internet.epollreactor"]
+    from twisted.python import context, log
+
+    if reactor is None:
+        gone = [] if hasattr(EPollReactor, "_doReadOrWrite") else ["EPollReactor._doReadOrWrite"]
+    elif not isinstance(reactor, EPollReactor):
+        return [f"an epoll reactor (this is {type(reactor).__name__})"]
+    else:
+        gone = [f"EPollReactor.{name}" for name in REACTOR_ATTRIBUTES if not hasattr(reactor, name)]
+    tracker = getattr(context, "theContextTracker", None)
+    if not isinstance(tracker, context.ThreadedContextTracker) or not hasattr(context, "ContextTracker"):
+        gone.append("twisted.python.context.ThreadedContextTracker")
+    elif not isinstance(getattr(tracker.currentContext(), "contexts", None), list):
+        gone.append("twisted.python.context.ContextTracker.contexts")
+    if not hasattr(log, "ILogContext") or not hasattr(log, "err"):
+        gone.append("twisted.python.log.ILogContext")
+    return gone
+
+
+def install_event_dispatch(reactor: Any) -> bool:
+    """
+    Make C{reactor} (twistd's epoll reactor) dispatch each I/O event as its own C{doPoll} does,
+    with the same log context, for fewer Python calls.
+
+    Twisted's C{doPoll} calls every ready selectable through C{log.callWithLogger}, which pushes
+    C{{"system": selectable.logPrefix()}} onto the log context for legacy C{log.msg} lines (their
+    C{[system]} prefix) through six calls (callWithContext, the thread's context tracker, twice).
+    Here the reactor thread's tracker is looked up once per poll and the same context is pushed
+    and popped around the same C{_doReadOrWrite}; a selectable whose C{logPrefix} fails, and an
+    exception out of the handler, are logged as C{callWithLogger} logs them.
+
+    @return: whether it is installed (False, reactor untouched, when L{reactor_missing} names
+        something).
+    """
+    if reactor_missing(reactor):
+        return False
+    import errno
+
+    from twisted.python import context, log
+
+    poll = reactor._poller.poll
+    selectables = reactor._selectables
+    handle = reactor._doReadOrWrite
+    log_context = log.ILogContext
+    call_with_logger = log.callWithLogger
+    error = log.err
+
+    def doPoll(timeout: Optional[float]) -> None:
+        if timeout is None:
+            timeout = -1  # wait indefinitely
+        try:
+            events = poll(timeout, len(selectables))
+        except OSError as err:
+            if err.errno == errno.EINTR:
+                return
+            raise
+        if not events:
+            return
+        tracker = context.theContextTracker
+        if type(tracker) is not context.ThreadedContextTracker:  # someone installed another tracker
+            for fd, event in events:
+                selectable = selectables.get(fd)
+                if selectable is not None:
+                    call_with_logger(selectable, handle, selectable, fd, event)
+            return
+        stack = tracker.currentContext().contexts
+        outer = None  # the log context now (log.callWithContext's context.get(ILogContext))
+        for layer in reversed(stack):
+            if log_context in layer:
+                outer = layer[log_context]
+                break
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue
+            try:
+                prefix = selectable.logPrefix()
+            except BaseException:
+                prefix = None
+            if prefix is None or type(outer) is not dict:  # Twisted's own handling of the odd cases
+                call_with_logger(selectable, handle, selectable, fd, event)
+                continue
+            system = outer.copy()
+            system["system"] = prefix
+            stack.append({log_context: system})
+            try:
+                try:
+                    handle(selectable, fd, event)
+                finally:
+                    stack.pop()
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                error(system=prefix)
+
+    reactor.doPoll = doPoll
+    reactor.doIteration = doPoll
+    return True
 
 
 # --- autobahn's handshake logging ---
