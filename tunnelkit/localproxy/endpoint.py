@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 from urllib.parse import urlsplit
 
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from tunnelkit.errors import ConfigError
 from tunnelkit.localproxy.mapping import HOST_NAME_RE
 from tunnelkit.protocol.notification import REGION_RE
 from tunnelkit.transport.httpproxy import HTTPConnectEndpoint, ProxySettings
-from tunnelkit.transport.tls import client_tls_options
+from tunnelkit.transport.stdtls import TLSClientEndpoint
+from tunnelkit.transport.tls import client_context
 from tunnelkit.transport.websocket import tunnel_url
 
 __all__ = ["ServiceEndpoint", "parse_proxy_endpoint", "region_host"]
@@ -110,7 +111,7 @@ class ServiceEndpoint:
     def check(self) -> None:
         """Fail now (L{ConfigError}) if the TLS settings are unusable, instead of at each attempt."""
         if self.secure:
-            client_tls_options(self.host, self.capath, self.verify)
+            client_context(self.capath, self.verify)
 
     def client_endpoint(self, reactor: Any) -> IStreamClientEndpoint:
         """A fresh client endpoint: TCP (through the web proxy, if any), then TLS for C{wss}."""
@@ -123,10 +124,10 @@ class ServiceEndpoint:
                 reactor, proxy.host.encode("idna"), proxy.port, timeout=CONNECT_TIMEOUT
             )
             if proxy.scheme == "https":
-                to_proxy = wrapClientTLS(client_tls_options(proxy.host, None, self.verify), to_proxy)
+                to_proxy = TLSClientEndpoint(to_proxy, client_context(None, self.verify), proxy.host)
             endpoint = HTTPConnectEndpoint(to_proxy, self.host, self.port, proxy.authorization)
         if self.secure:
-            endpoint = wrapClientTLS(client_tls_options(self.host, self.capath, self.verify), endpoint)
+            endpoint = TLSClientEndpoint(endpoint, client_context(self.capath, self.verify), self.host)
         return endpoint
 
     def __str__(self) -> str:
