@@ -115,6 +115,9 @@ class ConnectionTests(TestCase):
         pair = Pair(App(), client, greet=False)
         client.transport.write(b"early")
         self.assertEqual(client.transport.buffered(), 5)
+        from tunnelkit.transport.fastpath import transport_buffered
+
+        self.assertEqual(transport_buffered(client.transport), 5)  # the relay's accounting sees it
         pair.flush()
         self.assertEqual(client.transport.buffered(), 0)
         self.assertEqual(pair.server_app.data, b"early")
