@@ -33,7 +33,7 @@ Renegotiation is refused (C{OP_NO_RENEGOTIATION}): no write ever waits for a rea
 
 Writes are encrypted at once (no copy into a Python buffer), at most L{WRITE_SLICE} bytes per
 C{SSLObject.write}, so OpenSSL's outgoing memory buffer, which never shrinks, stays that small.
-Reads decrypt every whole record that arrived and hand the application one C{bytes}.
+Reads decrypt every whole record that arrived and hand the application each record's C{bytes}.
 """
 
 from __future__ import annotations
@@ -306,6 +306,7 @@ class TLSConnection(ProtocolWrapper):
 
     def _read(self) -> None:
         tls = self._tls
+        incoming = self._incoming
         chunks: List[bytes] = []
         ended = False
         try:
@@ -315,6 +316,8 @@ class TLSConnection(ProtocolWrapper):
                     ended = True
                     break
                 chunks.append(chunk)
+                if not incoming.pending and not tls.pending():
+                    break  # all that arrived is read: spare the SSLWantReadError of one more read
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
@@ -331,10 +334,16 @@ class TLSConnection(ProtocolWrapper):
             self._shutdown()
 
     def _deliver(self, chunks: List[bytes]) -> None:
-        protocol = self.wrappedProtocol
-        if not chunks or protocol is None or self._aborted:
-            return
-        protocol.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        """
+        Hand the application each record's bytes as they are, without joining them: the WebSocket
+        fast path collects a frame's pieces and copies them once (the relay while unmasking), so a
+        join here would copy every byte once more.
+        """
+        for chunk in chunks:
+            protocol = self.wrappedProtocol
+            if protocol is None or self._aborted:
+                return
+            protocol.dataReceived(chunk)
 
     def _shutdown(self) -> None:
         """Send close_notify (once); end the TCP connection once the peer has sent its own."""
