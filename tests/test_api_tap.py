@@ -27,6 +27,12 @@ class OptionsTests(TestCase):
     def test_help_states_exit_status(self) -> None:
         self.assertIn("Exit status: 1 on a usage error or when it cannot listen; stopped by a signal", " ".join(str(tap.Options()).split()))
 
+    def test_tls_library(self) -> None:
+        self.assertEqual(self.parse()["tls-library"], "stdlib")
+        self.assertEqual(self.parse("--tls-library", "pyopenssl")["tls-library"], "pyopenssl")
+        with self.assertRaises(usage.UsageError):
+            self.parse("--tls-library", "gnutls")
+
     def test_defaults(self) -> None:
         options = self.parse()
         self.assertEqual(options["listen"], ["ssl:8443:interface=127.0.0.1"])

@@ -69,14 +69,42 @@ class ListenerEndpointTests(TestCase):
                 listener_endpoint(self.reactor, text)
             self.assertIn(expected, str(caught.exception), text)
 
-    def test_keying_material_is_twisteds_tls(self):
-        """The cluster's listener (RFC 5705 exporter needed) is Twisted's TLS, held to the same rules."""
+    def test_pyopenssl_is_twisteds_tls(self):
+        """--tls-library pyopenssl, and the cluster's listener (RFC 5705 exporter needed): Twisted's TLS, held to the same rules."""
         from OpenSSL import SSL
 
-        endpoint, certificate = listener_endpoint(self.reactor, self._ssl(), keying_material=True)
+        endpoint, certificate = listener_endpoint(self.reactor, self._ssl(), library="pyopenssl")
         self.assertIsInstance(endpoint, endpoints.SSL4ServerEndpoint)
         self.assertIsNotNone(certificate)
         endpoint.listen(Factory.forProtocol(Protocol))
         port, factory, options, backlog, interface = self.reactor.sslServers[0]
         names = SSL.Connection(options.getContext(), None).get_cipher_list()
         self.assertTrue(all(name.startswith(("TLS_", "ECDHE-")) for name in names), names)
+
+    def test_pyopenssl_offers_post_quantum_key_exchange(self):
+        """Why --tls-library pyopenssl exists: pyOpenSSL's own OpenSSL negotiates X25519MLKEM768."""
+        from OpenSSL import SSL
+        from twisted.trial.unittest import SkipTest
+
+        from tunnelkit.service.listeners import _twisted_options
+
+        server = SSL.Connection(_twisted_options(self.certs.server_cert, self.certs.server_key, None).getContext(), None)
+        client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        if not hasattr(client, "get_group_name"):
+            raise SkipTest("this pyOpenSSL cannot name the key exchange group")
+        server.set_accept_state()
+        client.set_connect_state()
+        for _ in range(4):
+            for sender, receiver in ((client, server), (server, client)):
+                try:
+                    sender.do_handshake()
+                except SSL.WantReadError:
+                    pass
+                try:
+                    receiver.bio_write(sender.bio_read(65536))
+                except SSL.WantReadError:
+                    pass
+        version = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).split()[1].decode()
+        if tuple(int(part) for part in version.split(".")[:2]) < (3, 5):
+            raise SkipTest(f"pyOpenSSL's OpenSSL {version} has no ML-KEM")
+        self.assertEqual(client.get_group_name(), "X25519MLKEM768")

@@ -264,3 +264,53 @@ class ServerContextTests(TestCase):
         self.assertEqual(certificate_der(self.good.server_cert), stdlib_ssl.PEM_cert_to_DER_cert(pem))
         with self.assertRaises(ConfigError):
             certificate_der(self.good.server_key)
+
+
+class PyOpenSSLClientTests(TestCase):
+    """--tls-library pyopenssl: Twisted's TLS client against the service's stdlib listener context."""
+
+    def setUp(self):
+        self.good, self.other = _certificates()
+
+    def _handshake(self, creator):
+        from tunnelkit.transport.stdtls import TLSFactory
+
+        context = server_context(self.good.server_cert, self.good.server_key)
+        server_factory = TLSFactory(context, Factory.forProtocol(Protocol), server_side=True)
+        recorder = _Recorder()
+        client_factory = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(lambda: recorder))
+        connectedServerAndClient(
+            lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None)
+        )[2].flush()
+        return recorder
+
+    def test_checked(self):
+        from tunnelkit.transport.tls import pyopenssl_client_options
+
+        self.assertTrue(self._handshake(pyopenssl_client_options("localhost", self.good.ca_cert)).handshake_done)
+        self.assertFalse(self._handshake(pyopenssl_client_options("other.test", self.good.ca_cert)).handshake_done)
+        untrusted = self._handshake(pyopenssl_client_options("localhost", self.other.ca_cert))
+        self.assertFalse(untrusted.handshake_done)
+        self.assertTrue(untrusted.lost.check(SSL.Error), untrusted.lost)
+
+    def test_no_verify(self):
+        from tunnelkit.transport.tls import pyopenssl_client_options
+
+        self.assertTrue(self._handshake(pyopenssl_client_options("other.test", verify=False)).handshake_done)
+
+    def test_bad_ca(self):
+        from tunnelkit.transport.tls import pyopenssl_client_options
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("not a certificate")
+        with self.assertRaises(ConfigError):
+            pyopenssl_client_options("localhost", path)
+
+    def test_library_names(self):
+        from tunnelkit.transport.tls import check_tls_library
+
+        self.assertEqual(check_tls_library("pyopenssl"), "pyopenssl")
+        with self.assertRaises(ConfigError) as caught:
+            check_tls_library("gnutls")
+        self.assertIn("stdlib or pyopenssl", str(caught.exception))

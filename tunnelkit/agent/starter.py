@@ -66,7 +66,9 @@ class LocalProxyStarter:
         adapter_overrides: Optional[Mapping[str, str]] = None,
         clock: Any = None,
         probe_targets: bool = True,
+        tls_library: str = "stdlib",
     ) -> None:
+        self.tls_library = tls_library
         self.reactor = reactor
         self.probe_targets = probe_targets
         self.clock = clock
@@ -77,7 +79,9 @@ class LocalProxyStarter:
 
     def start(self, notification: Notification, endpoint: str, targets: Mapping[str, Target]) -> _RunningSession:
         host, port, secure = parse_proxy_endpoint(endpoint)
-        service_endpoint = ServiceEndpoint(host, port, secure, self.capath, self.verify, self.web_proxy)
+        service_endpoint = ServiceEndpoint(
+            host, port, secure, self.capath, self.verify, self.web_proxy, tls_library=self.tls_library
+        )
         side = DestinationSide(
             dict(targets),
             self.reactor,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 from urllib.parse import urlsplit
 
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from tunnelkit.errors import ConfigError
@@ -23,7 +23,7 @@ from tunnelkit.localproxy.mapping import HOST_NAME_RE
 from tunnelkit.protocol.notification import REGION_RE
 from tunnelkit.transport.httpproxy import HTTPConnectEndpoint, ProxySettings
 from tunnelkit.transport.stdtls import TLSClientEndpoint
-from tunnelkit.transport.tls import client_context
+from tunnelkit.transport.tls import client_context, pyopenssl_client_options
 from tunnelkit.transport.websocket import tunnel_url
 
 __all__ = ["ServiceEndpoint", "parse_proxy_endpoint", "region_host"]
@@ -103,6 +103,8 @@ class ServiceEndpoint:
     capath: Optional[str] = None
     verify: bool = True
     web_proxy: Optional[ProxySettings] = None
+    #: C{--tls-library}: C{stdlib} (L{tunnelkit.transport.stdtls}) or C{pyopenssl} (Twisted's TLS).
+    tls_library: str = "stdlib"
 
     def url(self, mode: str) -> str:
         """The WebSocket URL for C{mode} (C{source}|C{destination})."""
@@ -111,7 +113,16 @@ class ServiceEndpoint:
     def check(self) -> None:
         """Fail now (L{ConfigError}) if the TLS settings are unusable, instead of at each attempt."""
         if self.secure:
-            client_context(self.capath, self.verify)
+            if self.tls_library == "pyopenssl":
+                pyopenssl_client_options(self.host, self.capath, self.verify)
+            else:
+                client_context(self.capath, self.verify)
+
+    def _with_tls(self, endpoint: IStreamClientEndpoint, host: str, capath: Optional[str]) -> IStreamClientEndpoint:
+        """C{endpoint} wrapped in TLS to C{host} with the library C{--tls-library} chose."""
+        if self.tls_library == "pyopenssl":
+            return wrapClientTLS(pyopenssl_client_options(host, capath, self.verify), endpoint)
+        return TLSClientEndpoint(endpoint, client_context(capath, self.verify), host)
 
     def client_endpoint(self, reactor: Any) -> IStreamClientEndpoint:
         """A fresh client endpoint: TCP (through the web proxy, if any), then TLS for C{wss}."""
@@ -124,10 +135,10 @@ class ServiceEndpoint:
                 reactor, proxy.host.encode("idna"), proxy.port, timeout=CONNECT_TIMEOUT
             )
             if proxy.scheme == "https":
-                to_proxy = TLSClientEndpoint(to_proxy, client_context(None, self.verify), proxy.host)
+                to_proxy = self._with_tls(to_proxy, proxy.host, None)
             endpoint = HTTPConnectEndpoint(to_proxy, self.host, self.port, proxy.authorization)
         if self.secure:
-            endpoint = TLSClientEndpoint(endpoint, client_context(self.capath, self.verify), self.host)
+            endpoint = self._with_tls(endpoint, self.host, self.capath)
         return endpoint
 
     def __str__(self) -> str:

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from tunnelkit.errors import ConfigError
 from tunnelkit.internals import parse_endpoint_description
 from tunnelkit.transport.stdtls import TLSServerEndpoint
-from tunnelkit.transport.tls import certificate_der, server_context
+from tunnelkit.transport.tls import certificate_der, check_tls_library, server_context
 
 __all__ = ["listen_description", "listener_endpoint", "is_tls", "names_certificate"]
 
@@ -48,14 +48,16 @@ def listen_description(description: str, certificates: Any) -> str:
 
 
 def listener_endpoint(
-    reactor: Any, description: str, keying_material: bool = False
+    reactor: Any, description: str, library: str = "stdlib"
 ) -> Tuple[IStreamServerEndpoint, Optional[bytes]]:
     """
     The endpoint C{description} names, and the certificate (DER) it presents: None without TLS.
 
-    @param keying_material: serve TLS through Twisted's TLS (pyOpenSSL), whose connections export
-        keying material (RFC 5705: the cluster's channel binding); the standard library's C{ssl}
-        has no such call.  Both hold TLS to the same rules.
+    @param library: C{stdlib} (L{tunnelkit.transport.stdtls}), or C{pyopenssl}: Twisted's TLS,
+        whose OpenSSL is pyOpenSSL's own (post-quantum key exchange where the system's OpenSSL
+        lacks it: C{--tls-library}) and whose connections export keying material (RFC 5705: the
+        cluster's channel binding, which the standard library's C{ssl} cannot give).  Both hold
+        TLS to the same rules.
 
     @raise ConfigError: for an C{ssl:} description with an unknown or unsupported key, a bad port or
         backlog, or certificate files that cannot be used.
@@ -88,7 +90,7 @@ def listener_endpoint(
     chain = kwargs.get("extraCertChain")
     context = server_context(certificate, key, chain)  # checks the files in every case
     interface = kwargs.get("interface", "")
-    if keying_material:
+    if check_tls_library(library) == "pyopenssl":
         return (
             endpoints.SSL4ServerEndpoint(reactor, port, _twisted_options(certificate, key, chain), backlog, interface),
             certificate_der(certificate),

@@ -39,6 +39,7 @@ from tunnelkit.service.store import StoreError
 from tunnelkit.service.dbrunner import Blocking
 from tunnelkit.service.stores import check_store, describe_store, open_configured_store
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
+from tunnelkit.transport.tls import check_tls_library
 
 from tunnelkit.service.audit import AuditedApi, AuditOptions, build_audit_trail
 from tunnelkit.service.dataplane import DataPlaneOptions, metrics_site, mount_data_plane
@@ -78,6 +79,14 @@ def hostname(text: str) -> str:
     return text.lower()
 
 
+def _tls_library(value: str) -> str:
+    """C{--tls-library}'s coercion (a ValueError is Twisted's usage error)."""
+    try:
+        return check_tls_library(value)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
 class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions, ConsoleOptions, ClusterOptions):  # type: ignore[misc,valid-type]
     """The options of C{--mode service}."""
 
@@ -115,6 +124,15 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
             DEFAULT_MAX_OPEN_TUNNELS,
             "Open tunnels allowed per account (OpenTunnel answers LimitExceededException beyond).",
             positive_int,
+        ],
+        [
+            "tls-library",
+            None,
+            "stdlib",
+            "TLS of the ssl: listeners through Python's ssl (stdlib: less CPU and memory per connection) or "
+            "pyOpenSSL (pyopenssl: its own OpenSSL, with post-quantum X25519MLKEM768 key exchange where the "
+            "system's OpenSSL is older than 3.5).",
+            _tls_library,
         ],
         [
             "metrics-listen",
@@ -201,8 +219,10 @@ class _Listener(Service):
         factory: Any,
         on_listening: Callable[[str], None],
         api: bool = True,
+        tls_library: str = "stdlib",
     ) -> None:
         self._api = api
+        self._tls_library = tls_library
         self._reactor = reactor
         self._description = description
         self.shown = shown
@@ -215,7 +235,7 @@ class _Listener(Service):
 
     def startService(self) -> None:
         super().startService()
-        endpoint, self.certificate = listener_endpoint(self._reactor, self._description)
+        endpoint, self.certificate = listener_endpoint(self._reactor, self._description, self._tls_library)
         self.listening = endpoint.listen(self._factory)
         failed: List[Failure] = []
         self.listening.addCallbacks(self._listening, failed.append)
@@ -371,7 +391,12 @@ class TunnelService(MultiService):
             # A haproxy: listener's client address is the one its PROXY header names (see ServiceSite.proxied).
             factory = self.site.proxied() if description.split(":", 1)[0].lower() == "haproxy" else self.site
             listener = _Listener(
-                reactor, listen_description(description, self.certificates), description, factory, self._announce
+                reactor,
+                listen_description(description, self.certificates),
+                description,
+                factory,
+                self._announce,
+                tls_library=options.get("tls-library", "stdlib"),
             )
             listener.setServiceParent(self)
             self.listeners.append(listener)

@@ -33,12 +33,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IAcceptableCiphers, IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
 from tunnelkit.errors import ConfigError
 
 __all__ = [
+    "TLS_LIBRARIES",
+    "check_tls_library",
+    "pyopenssl_client_options",
     "client_context",
     "server_context",
     "certificate_der",
@@ -78,6 +82,20 @@ NO_VERIFY_WARNING = """\
 The service's TLS certificate and host name are NOT checked.  Anyone able to intercept the
 connection can impersonate the tunnel service, read the access token and every byte of the tunnel.
 Use it only for a test service; give the service's CA with -c/--capath instead."""
+
+
+#: The TLS libraries the data path can run on: the standard library's C{ssl} (the default: less CPU
+#: and memory per connection) or pyOpenSSL through Twisted (its wheel bundles its own OpenSSL, 3.5+,
+#: with the post-quantum hybrid key exchange X25519MLKEM768 where the system's OpenSSL, which the
+#: standard library uses, is older: Debian 12's 3.0).
+TLS_LIBRARIES = ("stdlib", "pyopenssl")
+
+
+def check_tls_library(value: str) -> str:
+    """C{--tls-library}'s value, checked."""
+    if value not in TLS_LIBRARIES:
+        raise ConfigError(f"--tls-library {value!r}: choose {' or '.join(TLS_LIBRARIES)}")
+    return value
 
 
 def _stdlib_context(purpose: int) -> stdlib_ssl.SSLContext:
@@ -249,3 +267,74 @@ def pinned_client_tls(certificate_der: bytes) -> IOpenSSLClientConnectionCreator
     listener's certificate and whatever names it carries.
     """
     return _PinnedClientTLS(certificate_der)
+
+
+def _trust_root(capath: Optional[str]) -> Any:
+    """
+    The trust root C{optionsForClientTLS(trustRoot=...)} takes: the platform's CAs, or every CA of a
+    PEM file, or of a hashed directory (C{openssl rehash}), read at start.
+    """
+    if capath is None:
+        return ssl.platformTrust()
+    if os.path.isdir(capath):
+        hashed = sorted(name for name in os.listdir(capath) if _is_hash_name(name))
+        if not hashed:
+            raise ConfigError(
+                f"-c/--capath {capath}: no hashed CA files in the directory "
+                f"(run 'openssl rehash {capath}', or give a CA file)"
+            )
+        certificates = []
+        for name in hashed:
+            certificates += _read_certificates(capath, os.path.join(capath, name))
+        return ssl.trustRootFromCertificates(certificates)
+    if os.path.isfile(capath):
+        certificates = _read_certificates(capath, capath)
+        if not certificates:
+            raise ConfigError(f"-c/--capath {capath}: no PEM certificate in the file")
+        return ssl.trustRootFromCertificates(certificates)
+    raise ConfigError(f"-c/--capath {capath}: no such file or directory")
+
+
+def _read_certificates(capath: str, path: str) -> List[ssl.Certificate]:
+    try:
+        with open(path, "rb") as f:
+            return pem_certificates(f.read())
+    except (OSError, SSL.Error, ValueError) as e:
+        raise ConfigError(f"-c/--capath {capath}: not a readable PEM CA file ({path}): {e}") from None
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientTLS:
+    """TLS 1.2+ with SNI but no certificate check at all (C{-k}), for Twisted's TLS."""
+
+    def __init__(self, hostname: str) -> None:
+        self._hostname = hostname
+        self._context = ssl.CertificateOptions(
+            verify=False, raiseMinimumTo=MINIMUM_TLS, acceptableCiphers=_acceptable_ciphers()
+        ).getContext()
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        if not (isIPAddress(self._hostname) or isIPv6Address(self._hostname)):
+            connection.set_tlsext_host_name(self._hostname.encode("idna"))
+        return connection
+
+
+def pyopenssl_client_options(
+    hostname: str, capath: Optional[str] = None, verify: bool = True
+) -> IOpenSSLClientConnectionCreator:
+    """
+    What L{client_context} is for the standard library, for Twisted's TLS (C{--tls-library
+    pyopenssl}): the connection creator for TLS to C{hostname}, checked against C{capath} (or the
+    platform's store) with service-identity, or not at all with C{verify=False} (C{-k}).
+
+    @raise ConfigError: if C{capath} is unusable.
+    """
+    if not verify:
+        return _UnverifiedClientTLS(hostname)
+    return ssl.optionsForClientTLS(
+        hostname,
+        trustRoot=_trust_root(capath),
+        extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS, "acceptableCiphers": _acceptable_ciphers()},
+    )

@@ -218,7 +218,7 @@ class Cluster(MultiService):
         assert self.factory is not None, "Cluster.serve first"
         from tunnelkit.service.listeners import listener_endpoint
 
-        endpoint, _ = listener_endpoint(self.reactor, self.listen_description, keying_material=True)
+        endpoint, _ = listener_endpoint(self.reactor, self.listen_description, library="pyopenssl")
         listening = endpoint.listen(self.factory)
         failed: List[Any] = []
         listening.addCallbacks(self._listening, failed.append)
