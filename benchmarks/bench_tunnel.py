@@ -360,13 +360,15 @@ def reverse_ssh_relay_path(cleanups: _Cleanups, sink: int, echo: int) -> Path:
                  "destination": [device.pid]})
 
 
-def tunnel_path(h: Harness, tls: bool, sink: int, echo: int) -> Path:
+def tunnel_path(h: Harness, tls: bool, sink: int, echo: int, library: str = "stdlib") -> Path:
     """tunnelkit: a service, a tunnel opened through its API, a destination and a source."""
     name = "wss" if tls else "ws"
-    service = h.start_service(tls=tls, name=f"service-{name}", extra=LIMITS_OFF)
+    chosen = ["--tls-library", library] if tls else []
+    service = h.start_service(tls=tls, name=f"service-{name}", extra=[*LIMITS_OFF, *chosen])
     tunnel = h.open_tunnel(["SINK", "ECHO"])
-    destination = h.start_destination(tunnel.destination_token, f"SINK={sink},ECHO={echo}", name=f"destination-{name}")
-    source = h.start_source(tunnel.source_token, "SINK=0,ECHO=0", name=f"source-{name}")
+    destination = h.start_destination(tunnel.destination_token, f"SINK={sink},ECHO={echo}", chosen,
+                                      name=f"destination-{name}")
+    source = h.start_source(tunnel.source_token, "SINK=0,ECHO=0", chosen, name=f"source-{name}")
     ports = source.port_of("SINK"), source.port_of("ECHO")
     destination.wait_for_log("The tunnel is ready")
     return Path(name, ports[0], ports[1],
@@ -447,7 +449,7 @@ def handshake_rates(h: Harness, service: object, tls: bool, total: int, repeat: 
     return rates, p99s
 
 
-def idle_memory(cleanups: _Cleanups, tunnels: int, tls: bool) -> Tuple[float, float, int]:
+def idle_memory(cleanups: _Cleanups, tunnels: int, tls: bool, library: str = "stdlib") -> Tuple[float, float, int]:
     """
     RSS of a fresh service (KiB) with C{tunnels} tunnels open, then with both sides of each
     connected and idle: (before, after, WebSockets).
@@ -455,7 +457,7 @@ def idle_memory(cleanups: _Cleanups, tunnels: int, tls: bool) -> Tuple[float, fl
     h = Harness(cleanups)
     # These raw clients never answer pings: a long --peer-timeout keeps them while 2N handshakes run.
     service = h.start_service(tls=tls, name=f"idle-{'wss' if tls else 'ws'}",
-                              extra=[*LIMITS_OFF, "--peer-timeout", "3600"])
+                              extra=[*LIMITS_OFF, "--peer-timeout", "3600", *(["--tls-library", library] if tls else [])])
     api = h.api()
 
     def open_one(_: int) -> Tuple[str, str]:
@@ -579,6 +581,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--handshakes", type=int, help="handshakes per handshake-rate run (2000; quick 300)")
     parser.add_argument("--idle-tunnels", type=int, help="idle tunnels for the memory figure (2000; quick 200)")
     parser.add_argument("--idle-ws", action="store_true", help="also measure idle memory over ws://")
+    parser.add_argument("--tls-library", choices=("stdlib", "pyopenssl"), default="stdlib",
+                        help="the TLS library of tunnelkit's wss:// processes (their --tls-library)")
     args = parser.parse_args()
     quick = args.quick
     for name, full, small in (("megabytes", 512, 64), ("repeat", 3, 1), ("round_trips", 2000, 300),
@@ -609,7 +613,8 @@ def main() -> None:
         servers = h.spawn("servers", [sys.executable, "-c", SERVER_SCRIPT, str(sink), str(echo)])
         servers.wait_for_log("servers ready")
         print(f"bench_tunnel: parts {','.join(args.parts)}; paths {','.join(args.paths)}; {args.megabytes} MiB per "
-              f"bulk run; {args.repeat} rounds; {args.round_trips} round trips; autobahn NVX {autobahn.websocket.USES_NVX}",
+              f"bulk run; {args.repeat} rounds; {args.round_trips} round trips; autobahn NVX {autobahn.websocket.USES_NVX}; "
+              f"TLS library {args.tls_library}",
               flush=True)
         print(f"machine before: {load_note()}; {busy_before()}", flush=True)
         flow_parts = {"bulk", "rtt", "connect"} & set(args.parts)
@@ -622,7 +627,7 @@ def main() -> None:
             elif name == "relay":
                 paths.append(reverse_ssh_relay_path(cleanups, sink, echo))
             elif name in ("ws", "wss") and (flow_parts or "handshake" in args.parts):
-                path = tunnel_path(h, name == "wss", sink, echo)
+                path = tunnel_path(h, name == "wss", sink, echo, args.tls_library)
                 tunnel_services[name] = path.service
                 paths.append(path)
         paths = [p for p in paths if flow_parts or p.name in ("ws", "wss")]
@@ -640,7 +645,7 @@ def main() -> None:
                 print(f"  handshakes over {name} done ({load_note()})", flush=True)
         if "idle" in args.parts:
             for tls in ((False, True) if args.idle_ws else (True,)):
-                idle["wss" if tls else "ws"] = idle_memory(cleanups, args.idle_tunnels, tls)
+                idle["wss" if tls else "ws"] = idle_memory(cleanups, args.idle_tunnels, tls, args.tls_library)
         load_after = load_note()
     finally:
         cleanups.run()
