@@ -7,6 +7,9 @@ protocols on either side see.
 import os
 import ssl
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -222,3 +225,44 @@ class GarbageTests(TestCase):
         app.transport.write(b"late")
         self.assertEqual(transport.value(), b"")
         self.assertTrue(app.lost.check(ConnectionLost), app.lost)  # no TLS close happened
+
+
+class FuzzTests(TestCase):
+    """Whatever a client sends a TLS listener, nothing escapes: the connection waits or ends."""
+
+    def test_garbage_and_cut_handshakes(self):
+        good, _ = _paths()
+        context = server_context(good.server_cert, good.server_key)
+        # A real ClientHello to cut and flip: what a client context writes first.
+        hello_side = client_context(good.ca_cert).wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname="x")
+        try:
+            hello_side.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        hello = outgoing.read()
+
+        @settings(max_examples=200, deadline=None, derandomize=True)
+        @given(
+            st.one_of(
+                st.binary(max_size=4096),
+                st.tuples(st.integers(0, len(hello)), st.integers(0, 255), st.integers(0, len(hello) - 1)).map(
+                    lambda t: hello[: t[0]] if t[1] == 0 else hello[: t[2]] + bytes([t[1]]) + hello[t[2] + 1 :]
+                ),
+            ),
+            st.integers(1, 7),
+        )
+        def check(data, pieces):
+            app = App()
+            factory = TLSFactory(context, Factory.forProtocol(lambda: app), server_side=True)
+            connection = factory.buildProtocol(None)
+            transport = StringTransport()
+            connection.makeConnection(transport)
+            step = max(1, len(data) // pieces)
+            for start in range(0, len(data), step):
+                connection.dataReceived(data[start : start + step])
+            self.assertEqual(app.received, [])  # no handshake: no application bytes
+            connection.connectionLost(Failure(ConnectionDone()))
+            self.assertIsNotNone(app.lost)
+            self.assertFalse(app.lost.check(ConnectionDone), app.lost)  # never a clean end
+
+        check()
