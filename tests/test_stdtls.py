@@ -266,3 +266,49 @@ class FuzzTests(TestCase):
             self.assertFalse(app.lost.check(ConnectionDone), app.lost)  # never a clean end
 
         check()
+
+
+class ResumptionTests(TestCase):
+    """A client with a SessionCache resumes its last session when it connects again."""
+
+    def _connect(self, sessions, host="service.test"):
+        good, _ = _paths()
+        server_app, client_app = App(), App(b"ping")
+        server_factory = TLSFactory(
+            self.server_context, Factory.forProtocol(lambda: server_app), server_side=True
+        )
+        client_factory = TLSFactory(
+            client_context(good.ca_cert), Factory.forProtocol(lambda: client_app), server_side=False,
+            hostname=host, sessions=sessions,
+        )
+        client, server, pump = connectedServerAndClient(
+            lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None)
+        )
+        server_app.transport.write(b"pong")  # the ticket is kept when the client reads after the handshake
+        pump.flush()
+        self.assertEqual((server_app.data, client_app.data), (b"ping", b"pong"))
+        return client_app.transport
+
+    def setUp(self):
+        good, _ = _paths()
+        self.server_context = server_context(good.server_cert, good.server_key)
+
+    def test_resumes_then_keeps_the_new_ticket(self):
+        from tunnelkit.transport.stdtls import SessionCache
+
+        sessions = SessionCache()
+        first = self._connect(sessions)
+        self.assertFalse(first.resumed)
+        self.assertEqual(len(sessions), 1)
+        for _ in range(3):  # each resumed connection leaves a new ticket for the next
+            again = self._connect(sessions)
+            self.assertTrue(again.resumed)
+            self.assertEqual(len(sessions), 1)
+
+    def test_per_name_and_without_cache(self):
+        from tunnelkit.transport.stdtls import SessionCache
+
+        sessions = SessionCache()
+        self._connect(sessions)
+        self.assertFalse(self._connect(sessions, host="localhost").resumed)  # another name: full handshake
+        self.assertFalse(self._connect(None).resumed)

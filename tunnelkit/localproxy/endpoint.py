@@ -11,7 +11,7 @@ no TLS).  C{-r REGION} means C{data.tunneling.iot.REGION.amazonaws.com} (C{.com.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -22,7 +22,7 @@ from tunnelkit.errors import ConfigError
 from tunnelkit.localproxy.mapping import HOST_NAME_RE
 from tunnelkit.protocol.notification import REGION_RE
 from tunnelkit.transport.httpproxy import HTTPConnectEndpoint, ProxySettings
-from tunnelkit.transport.stdtls import TLSClientEndpoint
+from tunnelkit.transport.stdtls import SessionCache, TLSClientEndpoint
 from tunnelkit.transport.tls import client_context, pyopenssl_client_options
 from tunnelkit.transport.websocket import tunnel_url
 
@@ -105,6 +105,8 @@ class ServiceEndpoint:
     web_proxy: Optional[ProxySettings] = None
     #: C{--tls-library}: C{stdlib} (L{tunnelkit.transport.stdtls}) or C{pyopenssl} (Twisted's TLS).
     tls_library: str = "stdlib"
+    #: TLS sessions to resume when connecting again (stdlib TLS): one cache per proxy.
+    sessions: SessionCache = field(default_factory=SessionCache, compare=False, repr=False)
 
     def url(self, mode: str) -> str:
         """The WebSocket URL for C{mode} (C{source}|C{destination})."""
@@ -122,7 +124,7 @@ class ServiceEndpoint:
         """C{endpoint} wrapped in TLS to C{host} with the library C{--tls-library} chose."""
         if self.tls_library == "pyopenssl":
             return wrapClientTLS(pyopenssl_client_options(host, capath, self.verify), endpoint)
-        return TLSClientEndpoint(endpoint, client_context(capath, self.verify), host)
+        return TLSClientEndpoint(endpoint, client_context(capath, self.verify), host, self.sessions)
 
     def client_endpoint(self, reactor: Any) -> IStreamClientEndpoint:
         """A fresh client endpoint: TCP (through the web proxy, if any), then TLS for C{wss}."""

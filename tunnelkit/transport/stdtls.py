@@ -39,7 +39,7 @@ Reads decrypt every whole record that arrived and hand the application each reco
 from __future__ import annotations
 
 import ssl
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -58,6 +58,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, directlyProvides, implementer, providedBy
 
 __all__ = [
+    "SessionCache",
     "ITLSConnection",
     "is_encrypted",
     "TLSConnection",
@@ -90,11 +91,37 @@ def is_encrypted(transport: Any) -> bool:
     return ITLSConnection.providedBy(transport) or ISSLTransport.providedBy(transport)
 
 
+class SessionCache:
+    """
+    The TLS sessions a client may resume, one per server name: each is offered once (TLS 1.3
+    tickets are for one use, RFC 8446 C.4) and replaced by the ticket of the connection that used
+    it.  A resumed handshake skips the certificate chain's check and the server's signature: less
+    CPU on both sides when a local proxy or an agent's session connects again.
+    """
+
+    def __init__(self, size: int = 16) -> None:
+        self._sessions: Dict[Tuple[Optional[str], int], ssl.SSLSession] = {}
+        self._size = size
+
+    def take(self, name: Optional[str], context: ssl.SSLContext) -> Optional[ssl.SSLSession]:
+        """The session of C{context} to offer to C{name}, if any (it is not offered again)."""
+        return self._sessions.pop((name, id(context)), None)
+
+    def keep(self, name: Optional[str], context: ssl.SSLContext, session: ssl.SSLSession) -> None:
+        key = (name, id(context))
+        if len(self._sessions) >= self._size and key not in self._sessions:
+            self._sessions.pop(next(iter(self._sessions)))
+        self._sessions[key] = session
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
 class TLSFactory(Factory):
     """
     Makes L{TLSConnection}s around the protocols of C{wrapped}: server side, or client side to
     C{hostname} (the name sent as SNI and checked against the certificate when the context checks
-    host names; None for an IP address or no check).
+    host names; None for an IP address or no check), resuming sessions from C{sessions} if given.
     """
 
     def __init__(
@@ -103,11 +130,13 @@ class TLSFactory(Factory):
         wrapped: IProtocolFactory,
         server_side: bool,
         hostname: Optional[str] = None,
+        sessions: Optional[SessionCache] = None,
     ) -> None:
         self.context = context
         self.wrapped = wrapped
         self.server_side = server_side
         self.hostname = hostname
+        self.sessions = None if server_side else sessions
 
     def logPrefix(self) -> str:
         prefix = getattr(self.wrapped, "logPrefix", None)
@@ -165,6 +194,8 @@ class TLSConnection(ProtocolWrapper):
         self._reason: Optional[Failure] = None  # why the TLS connection ended, if it failed
         self._aborted = False
         self._lost = False
+        self._offered: Optional[ssl.SSLSession] = None  # the session offered for resumption
+        self._keep_session = False  # a client with a session cache, waiting for a ticket to keep
 
     # --- the TCP transport's protocol ---
 
@@ -172,12 +203,23 @@ class TLSConnection(ProtocolWrapper):
         factory: TLSFactory = self.factory  # type: ignore[assignment]
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._tls = factory.context.wrap_bio(
-            self._incoming,
-            self._outgoing,
-            server_side=factory.server_side,
-            server_hostname=None if factory.server_side else factory.hostname,
-        )
+        sessions = factory.sessions
+        if sessions is not None:
+            self._offered = sessions.take(factory.hostname, factory.context)
+            self._keep_session = True
+        try:
+            self._tls = factory.context.wrap_bio(
+                self._incoming,
+                self._outgoing,
+                server_side=factory.server_side,
+                server_hostname=None if factory.server_side else factory.hostname,
+                session=self._offered,
+            )
+        except ValueError:  # the session is another context's: a full handshake instead
+            self._offered = None
+            self._tls = factory.context.wrap_bio(
+                self._incoming, self._outgoing, server_side=False, server_hostname=factory.hostname
+            )
         directlyProvides(self, providedBy(transport), ITLSConnection)
         Protocol.makeConnection(self, transport)
         self.wrappedProtocol.makeConnection(self)
@@ -254,6 +296,24 @@ class TLSConnection(ProtocolWrapper):
         """The cipher suite negotiated, as C{ssl.SSLObject.cipher} gives it."""
         return self._tls.cipher() if self._handshake_done else None  # type: ignore[no-any-return]
 
+    @property
+    def resumed(self) -> bool:
+        """Whether the handshake resumed an earlier session (L{SessionCache})."""
+        return bool(self._handshake_done and self._tls.session_reused)
+
+    def _maybe_keep_session(self) -> None:
+        """Keep this connection's own ticket (TLS 1.3 sends it after the handshake) for the next one."""
+        session = self._tls.session
+        if session is None or not session.has_ticket:
+            return
+        offered = self._offered
+        if offered is not None and session.id == offered.id:
+            return  # the ticket this connection used, not a new one
+        factory: TLSFactory = self.factory  # type: ignore[assignment]
+        assert factory.sessions is not None
+        factory.sessions.keep(factory.hostname, factory.context, session)
+        self._keep_session = False
+
     def buffered(self) -> int:
         """Bytes the application wrote that wait for the handshake."""
         return self._held_size
@@ -278,6 +338,8 @@ class TLSConnection(ProtocolWrapper):
             return
         self._handshake_done = True
         self._flush()
+        if self._keep_session:
+            self._maybe_keep_session()
         protocol = self.wrappedProtocol
         if IHandshakeListener.providedBy(protocol):
             protocol.handshakeCompleted()
@@ -328,6 +390,8 @@ class TLSConnection(ProtocolWrapper):
             return
         if self._outgoing.pending:  # a post-handshake answer (TLS 1.3 key update)
             self._flush()
+        if self._keep_session:
+            self._maybe_keep_session()
         self._deliver(chunks)
         if ended and not self._peer_closed:
             self._peer_closed = True
@@ -397,12 +461,21 @@ class TLSClientEndpoint:
     follows, as with Twisted's C{wrapClientTLS}).
     """
 
-    def __init__(self, endpoint: IStreamClientEndpoint, context: ssl.SSLContext, hostname: Optional[str]) -> None:
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        context: ssl.SSLContext,
+        hostname: Optional[str],
+        sessions: Optional[SessionCache] = None,
+    ) -> None:
         self.endpoint = endpoint
         self.context = context
         self.hostname = hostname
+        self.sessions = sessions
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred:  # noqa: N803 - Twisted's name
-        factory = TLSFactory(self.context, protocolFactory, server_side=False, hostname=self.hostname)
+        factory = TLSFactory(
+            self.context, protocolFactory, server_side=False, hostname=self.hostname, sessions=self.sessions
+        )
         connecting: Deferred = self.endpoint.connect(factory)
         return connecting.addCallback(lambda protocol: protocol.wrappedProtocol)
