@@ -229,11 +229,14 @@ def connection_rate(port: int, total: int) -> Tuple[float, float]:
 
 
 def open_websocket(port: int, token: str, mode: str, client_token: Optional[str],
-                   tls: Optional[ssl.SSLContext]) -> socket.socket:
-    """A tunnel WebSocket (a raw socket, upgraded; TLS when C{tls}), after the service's 101."""
+                   tls: Optional[ssl.SSLContext], session: Optional[ssl.SSLSession] = None) -> socket.socket:
+    """
+    A tunnel WebSocket (a raw socket, upgraded; TLS when C{tls}, resuming C{session} if given),
+    after the service's 101.
+    """
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     if tls is not None:
-        s = tls.wrap_socket(s, server_hostname="127.0.0.1")
+        s = tls.wrap_socket(s, server_hostname="127.0.0.1", session=session)
     extra = [("client-token", client_token)] if client_token else []
     s.sendall(upgrade_request(mode, token, extra=extra))
     head = b""
@@ -414,11 +417,14 @@ def measure_rounds(paths: List[Path], args: argparse.Namespace) -> Dict[str, Fig
     return figures
 
 
-def handshake_rates(h: Harness, service: object, tls: bool, total: int, repeat: int) -> Tuple[List[float], List[float]]:
+def handshake_rates(h: Harness, service: object, tls: bool, total: int, repeat: int,
+                    resume: bool = False) -> Tuple[List[float], List[float]]:
     """
     Handshakes per second on one service: L{CLIENT_THREADS} threads, each with its own token (the
     source and the destination sides of tunnels opened here) and client token, upgrading again and
-    again (each new WebSocket replaces the one before: a full token check each time).
+    again (each new WebSocket replaces the one before: a full token check each time).  With
+    C{resume}, each thread resumes the TLS session of its previous connection (as tunnelkit's local
+    proxy does when it connects again).
     """
     h.service = service  # type: ignore[assignment]
     tokens: List[Tuple[str, str]] = []
@@ -437,7 +443,10 @@ def handshake_rates(h: Harness, service: object, tls: bool, total: int, repeat: 
             with counter_lock:
                 mine.index = next(counter)
         token, mode = tokens[mine.index]
-        open_websocket(port, token, mode, client_tokens[mine.index], context).close()
+        s = open_websocket(port, token, mode, client_tokens[mine.index], context, getattr(mine, "session", None))
+        if resume:
+            mine.session = s.session  # type: ignore[attr-defined]  # the ticket read with the 101
+        s.close()
 
     rates, p99s = [], []
     for _ in range(repeat):
@@ -643,6 +652,9 @@ def main() -> None:
             for name, service in tunnel_services.items():
                 hand[name] = handshake_rates(h, service, name == "wss", args.handshakes, args.repeat)
                 print(f"  handshakes over {name} done ({load_note()})", flush=True)
+                if name == "wss":
+                    hand["wss resumed"] = handshake_rates(h, service, True, args.handshakes, args.repeat, resume=True)
+                    print(f"  resumed handshakes over wss done ({load_note()})", flush=True)
         if "idle" in args.parts:
             for tls in ((False, True) if args.idle_ws else (True,)):
                 idle["wss" if tls else "ws"] = idle_memory(cleanups, args.idle_tunnels, tls, args.tls_library)
