@@ -229,11 +229,14 @@ def connection_rate(port: int, total: int) -> Tuple[float, float]:
 
 
 def open_websocket(port: int, token: str, mode: str, client_token: Optional[str],
-                   tls: Optional[ssl.SSLContext]) -> socket.socket:
-    """A tunnel WebSocket (a raw socket, upgraded; TLS when C{tls}), after the service's 101."""
+                   tls: Optional[ssl.SSLContext], session: Optional[ssl.SSLSession] = None) -> socket.socket:
+    """
+    A tunnel WebSocket (a raw socket, upgraded; TLS when C{tls}, resuming C{session} if given),
+    after the service's 101.
+    """
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     if tls is not None:
-        s = tls.wrap_socket(s, server_hostname="127.0.0.1")
+        s = tls.wrap_socket(s, server_hostname="127.0.0.1", session=session)
     extra = [("client-token", client_token)] if client_token else []
     s.sendall(upgrade_request(mode, token, extra=extra))
     head = b""
@@ -360,13 +363,15 @@ def reverse_ssh_relay_path(cleanups: _Cleanups, sink: int, echo: int) -> Path:
                  "destination": [device.pid]})
 
 
-def tunnel_path(h: Harness, tls: bool, sink: int, echo: int) -> Path:
+def tunnel_path(h: Harness, tls: bool, sink: int, echo: int, library: str = "stdlib") -> Path:
     """tunnelkit: a service, a tunnel opened through its API, a destination and a source."""
     name = "wss" if tls else "ws"
-    service = h.start_service(tls=tls, name=f"service-{name}", extra=LIMITS_OFF)
+    chosen = ["--tls-library", library] if tls else []
+    service = h.start_service(tls=tls, name=f"service-{name}", extra=[*LIMITS_OFF, *chosen])
     tunnel = h.open_tunnel(["SINK", "ECHO"])
-    destination = h.start_destination(tunnel.destination_token, f"SINK={sink},ECHO={echo}", name=f"destination-{name}")
-    source = h.start_source(tunnel.source_token, "SINK=0,ECHO=0", name=f"source-{name}")
+    destination = h.start_destination(tunnel.destination_token, f"SINK={sink},ECHO={echo}", chosen,
+                                      name=f"destination-{name}")
+    source = h.start_source(tunnel.source_token, "SINK=0,ECHO=0", chosen, name=f"source-{name}")
     ports = source.port_of("SINK"), source.port_of("ECHO")
     destination.wait_for_log("The tunnel is ready")
     return Path(name, ports[0], ports[1],
@@ -412,11 +417,14 @@ def measure_rounds(paths: List[Path], args: argparse.Namespace) -> Dict[str, Fig
     return figures
 
 
-def handshake_rates(h: Harness, service: object, tls: bool, total: int, repeat: int) -> Tuple[List[float], List[float]]:
+def handshake_rates(h: Harness, service: object, tls: bool, total: int, repeat: int,
+                    resume: bool = False) -> Tuple[List[float], List[float]]:
     """
     Handshakes per second on one service: L{CLIENT_THREADS} threads, each with its own token (the
     source and the destination sides of tunnels opened here) and client token, upgrading again and
-    again (each new WebSocket replaces the one before: a full token check each time).
+    again (each new WebSocket replaces the one before: a full token check each time).  With
+    C{resume}, each thread resumes the TLS session of its previous connection (as tunnelkit's local
+    proxy does when it connects again).
     """
     h.service = service  # type: ignore[assignment]
     tokens: List[Tuple[str, str]] = []
@@ -435,7 +443,10 @@ def handshake_rates(h: Harness, service: object, tls: bool, total: int, repeat: 
             with counter_lock:
                 mine.index = next(counter)
         token, mode = tokens[mine.index]
-        open_websocket(port, token, mode, client_tokens[mine.index], context).close()
+        s = open_websocket(port, token, mode, client_tokens[mine.index], context, getattr(mine, "session", None))
+        if resume:
+            mine.session = s.session  # type: ignore[attr-defined]  # the ticket read with the 101
+        s.close()
 
     rates, p99s = [], []
     for _ in range(repeat):
@@ -447,7 +458,7 @@ def handshake_rates(h: Harness, service: object, tls: bool, total: int, repeat: 
     return rates, p99s
 
 
-def idle_memory(cleanups: _Cleanups, tunnels: int, tls: bool) -> Tuple[float, float, int]:
+def idle_memory(cleanups: _Cleanups, tunnels: int, tls: bool, library: str = "stdlib") -> Tuple[float, float, int]:
     """
     RSS of a fresh service (KiB) with C{tunnels} tunnels open, then with both sides of each
     connected and idle: (before, after, WebSockets).
@@ -455,7 +466,7 @@ def idle_memory(cleanups: _Cleanups, tunnels: int, tls: bool) -> Tuple[float, fl
     h = Harness(cleanups)
     # These raw clients never answer pings: a long --peer-timeout keeps them while 2N handshakes run.
     service = h.start_service(tls=tls, name=f"idle-{'wss' if tls else 'ws'}",
-                              extra=[*LIMITS_OFF, "--peer-timeout", "3600"])
+                              extra=[*LIMITS_OFF, "--peer-timeout", "3600", *(["--tls-library", library] if tls else [])])
     api = h.api()
 
     def open_one(_: int) -> Tuple[str, str]:
@@ -579,6 +590,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--handshakes", type=int, help="handshakes per handshake-rate run (2000; quick 300)")
     parser.add_argument("--idle-tunnels", type=int, help="idle tunnels for the memory figure (2000; quick 200)")
     parser.add_argument("--idle-ws", action="store_true", help="also measure idle memory over ws://")
+    parser.add_argument("--tls-library", choices=("stdlib", "pyopenssl"), default="stdlib",
+                        help="the TLS library of tunnelkit's wss:// processes (their --tls-library)")
     args = parser.parse_args()
     quick = args.quick
     for name, full, small in (("megabytes", 512, 64), ("repeat", 3, 1), ("round_trips", 2000, 300),
@@ -609,7 +622,8 @@ def main() -> None:
         servers = h.spawn("servers", [sys.executable, "-c", SERVER_SCRIPT, str(sink), str(echo)])
         servers.wait_for_log("servers ready")
         print(f"bench_tunnel: parts {','.join(args.parts)}; paths {','.join(args.paths)}; {args.megabytes} MiB per "
-              f"bulk run; {args.repeat} rounds; {args.round_trips} round trips; autobahn NVX {autobahn.websocket.USES_NVX}",
+              f"bulk run; {args.repeat} rounds; {args.round_trips} round trips; autobahn NVX {autobahn.websocket.USES_NVX}; "
+              f"TLS library {args.tls_library}",
               flush=True)
         print(f"machine before: {load_note()}; {busy_before()}", flush=True)
         flow_parts = {"bulk", "rtt", "connect"} & set(args.parts)
@@ -622,7 +636,7 @@ def main() -> None:
             elif name == "relay":
                 paths.append(reverse_ssh_relay_path(cleanups, sink, echo))
             elif name in ("ws", "wss") and (flow_parts or "handshake" in args.parts):
-                path = tunnel_path(h, name == "wss", sink, echo)
+                path = tunnel_path(h, name == "wss", sink, echo, args.tls_library)
                 tunnel_services[name] = path.service
                 paths.append(path)
         paths = [p for p in paths if flow_parts or p.name in ("ws", "wss")]
@@ -638,9 +652,12 @@ def main() -> None:
             for name, service in tunnel_services.items():
                 hand[name] = handshake_rates(h, service, name == "wss", args.handshakes, args.repeat)
                 print(f"  handshakes over {name} done ({load_note()})", flush=True)
+                if name == "wss":
+                    hand["wss resumed"] = handshake_rates(h, service, True, args.handshakes, args.repeat, resume=True)
+                    print(f"  resumed handshakes over wss done ({load_note()})", flush=True)
         if "idle" in args.parts:
             for tls in ((False, True) if args.idle_ws else (True,)):
-                idle["wss" if tls else "ws"] = idle_memory(cleanups, args.idle_tunnels, tls)
+                idle["wss" if tls else "ws"] = idle_memory(cleanups, args.idle_tunnels, tls, args.tls_library)
         load_after = load_note()
     finally:
         cleanups.run()

@@ -39,6 +39,7 @@ NATIVE_LAYERS = (
     ("OpenSSL (C): crypto and records", re.compile(r"\((?:[^)]*/)?(?:libssl|libcrypto|_rust\.abi3)[^)]*\)")),
     ("protobuf (upb, C)", re.compile(r"_message\.abi3")),
     ("pyOpenSSL + cffi glue", re.compile(r"_cffi_backend")),
+    ("stdlib ssl module (C glue)", re.compile(r"_ssl\.cpython|\(_ssl")),
 )
 #: libc functions that enter the kernel (their samples are the kernel's socket work, mostly copies).
 SYSCALLS = re.compile(r"^(?:send|recv|sendmsg|recvmsg|writev|readv|write|read|epoll_ctl|__libc_\w+) \(")
@@ -46,6 +47,7 @@ SYSCALLS = re.compile(r"^(?:send|recv|sendmsg|recvmsg|writev|readv|write|read|ep
 PYTHON_LAYERS = (
     ("pyOpenSSL + cffi glue", re.compile(r"OpenSSL/|cffi")),
     ("Twisted TLS glue", re.compile(r"twisted/protocols/tls\.py|twisted/internet/_sslverify|twisted/protocols/policies")),
+    ("tunnelkit TLS glue (stdtls)", re.compile(r"tunnelkit/transport/stdtls\.py|python3\.\d+/ssl\.py")),
     ("autobahn", re.compile(r"autobahn/|txaio/")),
     ("tunnelkit", re.compile(r"tunnelkit/")),
     ("protobuf (upb, C)", re.compile(r"google/protobuf")),

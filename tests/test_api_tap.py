@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from tunnelkit import tap as plugin_tap
 from tunnelkit.errors import ConfigError
-from tunnelkit.service import tap
+from tunnelkit.service import listeners, tap
 from tunnelkit.service.certs import ensure_certificates
 
 
@@ -26,6 +26,12 @@ class OptionsTests(TestCase):
 
     def test_help_states_exit_status(self) -> None:
         self.assertIn("Exit status: 1 on a usage error or when it cannot listen; stopped by a signal", " ".join(str(tap.Options()).split()))
+
+    def test_tls_library(self) -> None:
+        self.assertEqual(self.parse()["tls-library"], "stdlib")
+        self.assertEqual(self.parse("--tls-library", "pyopenssl")["tls-library"], "pyopenssl")
+        with self.assertRaises(usage.UsageError):
+            self.parse("--tls-library", "gnutls")
 
     def test_defaults(self) -> None:
         options = self.parse()
@@ -105,11 +111,11 @@ class OptionsTests(TestCase):
     def test_listen_description(self) -> None:
         """An ssl: endpoint without a certificate gets the generated one; others are unchanged."""
         certs = ensure_certificates(self.mktemp())
-        described = tap.listen_description("ssl:8443:interface=127.0.0.1", certs)
+        described = listeners.listen_description("ssl:8443:interface=127.0.0.1", certs)
         self.assertIn("privateKey=", described)
         self.assertIn("certKey=", described)
-        self.assertEqual(tap.listen_description("ssl:443:privateKey=/k.pem", certs), "ssl:443:privateKey=/k.pem")
-        self.assertEqual(tap.listen_description("tcp:80", certs), "tcp:80")
+        self.assertEqual(listeners.listen_description("ssl:443:privateKey=/k.pem", certs), "ssl:443:privateKey=/k.pem")
+        self.assertEqual(listeners.listen_description("tcp:80", certs), "tcp:80")
 
 
 class StateDirTests(TestCase):

@@ -1,6 +1,5 @@
 """Tests of tunnelkit.transport.httpproxy: HTTPS_PROXY parsing and the CONNECT endpoint."""
 
-from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -114,9 +113,10 @@ class ConnectTests(TestCase):
         self.assertEqual(transport.value(), b"CONNECT [::1]:8443 HTTP/1.1\r\nHost: [::1]:8443\r\n\r\n")
 
     def test_wraps_with_tls(self):
-        from tunnelkit.transport.tls import client_tls_options
+        from tunnelkit.transport.stdtls import TLSClientEndpoint
+        from tunnelkit.transport.tls import client_context
 
-        verifyObject(IStreamClientEndpoint, wrapClientTLS(client_tls_options("service.test"), self.endpoint))
+        verifyObject(IStreamClientEndpoint, TLSClientEndpoint(self.endpoint, client_context(), "service.test"))
 
 
 class CancelTests(TestCase):

@@ -3,6 +3,7 @@
 import os
 
 from twisted.python import usage
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import TestCase
 
 from tunnelkit.errors import ConfigError
@@ -51,6 +52,23 @@ class EndpointTests(TestCase):
 
 
 class OptionsTests(TestCase):
+    def test_tls_library(self):
+        """--tls-library: stdlib by default (tunnelkit's TLS), pyopenssl (Twisted's), anything else refused."""
+        from twisted.internet.testing import MemoryReactor
+
+        from tunnelkit.transport.stdtls import TLSClientEndpoint
+
+        base = ["-t", TOKEN, "-e", "127.0.0.1:8443", "-s", "SSH1=5555"]
+        default = parse(base).service_endpoint
+        self.assertEqual(default.tls_library, "stdlib")
+        self.assertIsInstance(default.client_endpoint(MemoryReactor()), TLSClientEndpoint)
+        chosen = parse(base + ["--tls-library", "pyopenssl"]).service_endpoint
+        self.assertEqual(chosen.tls_library, "pyopenssl")
+        self.assertNotIsInstance(chosen.client_endpoint(MemoryReactor()), TLSClientEndpoint)
+        with self.assertRaises(UsageError) as caught:
+            parse(base + ["--tls-library", "gnutls"])
+        self.assertIn("--tls-library 'gnutls'", str(caught.exception))
+
     def test_source(self):
         options = parse(["-t", TOKEN, "-e", "127.0.0.1:8443", "-s", "SSH1=5555,HTTP1=0", "-b", "127.0.0.1"])
         self.assertEqual(options.mapping, {"SSH1": 5555, "HTTP1": 0})

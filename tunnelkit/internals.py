@@ -27,17 +27,12 @@ __all__ = [
     "missing_internals",
     "parse_endpoint_description",
     "PAHO_SOCKET_HOOK",
-    "SSL_ENDPOINT_OPTIONS",
     "twistd_default_log_observer",
 ]
 
 #: The name of the paho-mqtt 2.x method that makes a new connection's socket; tunnelkit's MQTT client
 #: overrides it to hand paho a socket-like object over a Twisted transport (see L{tunnelkit.mqtt}).
 PAHO_SOCKET_HOOK = "_create_socket"
-
-#: Where Twisted's C{ssl:} server endpoint keeps the TLS options it builds from its description; the
-#: service narrows their context to AEAD suites (L{tunnelkit.service.tap.restrict_listener_tls}).
-SSL_ENDPOINT_OPTIONS = "_sslContextFactory"
 
 #: twistd's application runner of this platform (its C{loggerFactory} makes twistd's log observer).
 TWISTD_RUNNER = "_SomeApplicationRunner"
@@ -108,13 +103,6 @@ def _event_dispatch_can_run() -> bool:
     return not fastpath.reactor_missing(None)  # the reactor's own names are checked when it is installed
 
 
-def _ssl_endpoint_keeps_its_options() -> bool:
-    from twisted.internet.endpoints import SSL4ServerEndpoint
-    from twisted.internet.testing import MemoryReactor
-
-    return hasattr(SSL4ServerEndpoint(MemoryReactor(), 0, object()), SSL_ENDPOINT_OPTIONS)
-
-
 INTERNALS: Tuple[Internal, ...] = (
     Internal(
         "twisted.internet.endpoints",
@@ -122,13 +110,6 @@ INTERNALS: Tuple[Internal, ...] = (
         "checking the syntax of endpoint strings in options and tap.yml without building the endpoint "
         "(serverFromString would already read certificate files) and reading host/port of an MQTT "
         "tls: endpoint",
-    ),
-    Internal(
-        "twisted.internet.endpoints",
-        f"SSL4ServerEndpoint.{SSL_ENDPOINT_OPTIONS}",
-        "holding the service's ssl: listeners to TLS 1.2+ with AEAD suites (an endpoint string cannot "
-        "say so)",
-        instance_check=_ssl_endpoint_keeps_its_options,
     ),
     Internal(
         "twisted.web.http",

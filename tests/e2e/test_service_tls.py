@@ -34,13 +34,23 @@ def handshake(port: int, ciphers: Optional[str], version: ssl.TLSVersion) -> str
 
 class ServiceTLSTests(TestCase):
     timeout = 60
+    library = "stdlib"
 
     @inlineCallbacks
     def setUp(self) -> Any:
-        self.service = yield start_service(self)
+        self.service = yield start_service(self, "--tls-library", self.library)
         port = self.service.listeners[0].port
         assert port is not None
         self.port = port.getHost().port
+
+    def test_library(self) -> None:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from tunnelkit.transport.stdtls import TLSFactory
+
+        port = self.service.listeners[0].port
+        expected = TLSFactory if self.library == "stdlib" else TLSMemoryBIOFactory
+        self.assertIsInstance(port.factory, expected)  # type: ignore[union-attr]
 
     def attempt(self, ciphers: Optional[str], version: ssl.TLSVersion) -> Any:
         return deferToThread(handshake, self.port, ciphers, version)
@@ -69,3 +79,9 @@ class ServiceTLSTests(TestCase):
         except (ssl.SSLError, OSError):
             return
         self.fail("a TLS 1.1 handshake succeeded")
+
+
+class PyOpenSSLServiceTLSTests(ServiceTLSTests):
+    """The same rules with --tls-library pyopenssl (Twisted's TLS)."""
+
+    library = "pyopenssl"

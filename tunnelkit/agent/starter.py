@@ -18,6 +18,7 @@ from tunnelkit.agent.core import IDestinationSession, IDestinationStarter, Notif
 from tunnelkit.errors import TunnelkitError
 from tunnelkit.localproxy.destination import DestinationSide
 from tunnelkit.localproxy.endpoint import ServiceEndpoint, parse_proxy_endpoint
+from tunnelkit.transport.stdtls import SessionCache
 from tunnelkit.localproxy.session_service import LocalProxySession, SessionEnd
 from tunnelkit.transport.httpproxy import ProxySettings
 
@@ -66,7 +67,11 @@ class LocalProxyStarter:
         adapter_overrides: Optional[Mapping[str, str]] = None,
         clock: Any = None,
         probe_targets: bool = True,
+        tls_library: str = "stdlib",
     ) -> None:
+        self.tls_library = tls_library
+        #: One cache for every session this agent starts: each connects to the service again.
+        self.sessions = SessionCache()
         self.reactor = reactor
         self.probe_targets = probe_targets
         self.clock = clock
@@ -77,7 +82,10 @@ class LocalProxyStarter:
 
     def start(self, notification: Notification, endpoint: str, targets: Mapping[str, Target]) -> _RunningSession:
         host, port, secure = parse_proxy_endpoint(endpoint)
-        service_endpoint = ServiceEndpoint(host, port, secure, self.capath, self.verify, self.web_proxy)
+        service_endpoint = ServiceEndpoint(
+            host, port, secure, self.capath, self.verify, self.web_proxy, tls_library=self.tls_library,
+            sessions=self.sessions,
+        )
         side = DestinationSide(
             dict(targets),
             self.reactor,

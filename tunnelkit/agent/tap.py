@@ -105,12 +105,13 @@ class Options(TunnelClientOptions):
         capath = self._checked_capath()
         verify = not self["no-ssl-host-verify"]
         endpoint = self["proxy-endpoint"]
+        library = self._checked_tls_library()
         if endpoint:
             host, port, secure = parse_proxy_endpoint(endpoint)
-            ServiceEndpoint(host, port, secure, capath, verify).check()
+            ServiceEndpoint(host, port, secure, capath, verify, tls_library=library).check()
         else:
             # Check the CA now rather than at the first notification.
-            ServiceEndpoint(region_host("us-east-1"), 443, True, capath, verify).check()
+            ServiceEndpoint(region_host("us-east-1"), 443, True, capath, verify, tls_library=library).check()
         self.web_proxy = proxy_from_environment(os.environ)
 
         self.adapter_overrides = self._checked_adapter_overrides(self["adapter"])
@@ -140,6 +141,7 @@ def makeService(options: Options) -> ModeService:
         capath=options["capath"],
         verify=not options["no-ssl-host-verify"],
         web_proxy=options.web_proxy,
+        tls_library=options["tls-library"],
         adapter_overrides=options.adapter_overrides,
         probe_targets=not options["no-probe"],
     )

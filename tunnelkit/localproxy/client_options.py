@@ -16,6 +16,7 @@ from tunnelkit.adapters import available_adapters, parse_adapter_overrides
 from tunnelkit.config import ModeOptions
 from tunnelkit.errors import ConfigError
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
+from tunnelkit.transport.tls import check_tls_library
 
 __all__ = ["TunnelClientOptions"]
 
@@ -35,6 +36,9 @@ class TunnelClientOptions(NvxOptions, ModeOptions):
 
     optParameters = [
         ["capath", "c", None, "A CA file (PEM) or hashed CA directory to check the tunnel service's certificate."],
+        ["tls-library", None, "stdlib", "TLS to the service through Python's ssl (stdlib: less CPU and memory) or "
+         "pyOpenSSL (pyopenssl: its own OpenSSL, with post-quantum X25519MLKEM768 key exchange where the system's "
+         "OpenSSL is older than 3.5)."],
     ]
 
     repeatable: Mapping[str, Any] = {"adapter": str}
@@ -60,6 +64,10 @@ class TunnelClientOptions(NvxOptions, ModeOptions):
         if capath is not None and not os.path.exists(capath):
             raise ConfigError(f"-c/--capath {capath}: no such file or directory")
         return capath
+
+    def _checked_tls_library(self) -> str:
+        """C{--tls-library}: C{stdlib} or C{pyopenssl}."""
+        return check_tls_library(self["tls-library"])
 
     def _checked_adapter_overrides(self, items: Sequence[str]) -> Dict[str, str]:
         """C{--adapter SERVICE=NAME} items as a mapping, each naming an installed adapter."""

@@ -11,7 +11,7 @@ no TLS).  C{-r REGION} means C{data.tunneling.iot.REGION.amazonaws.com} (C{.com.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -22,7 +22,8 @@ from tunnelkit.errors import ConfigError
 from tunnelkit.localproxy.mapping import HOST_NAME_RE
 from tunnelkit.protocol.notification import REGION_RE
 from tunnelkit.transport.httpproxy import HTTPConnectEndpoint, ProxySettings
-from tunnelkit.transport.tls import client_tls_options
+from tunnelkit.transport.stdtls import SessionCache, TLSClientEndpoint
+from tunnelkit.transport.tls import client_context, pyopenssl_client_options
 from tunnelkit.transport.websocket import tunnel_url
 
 __all__ = ["ServiceEndpoint", "parse_proxy_endpoint", "region_host"]
@@ -102,6 +103,10 @@ class ServiceEndpoint:
     capath: Optional[str] = None
     verify: bool = True
     web_proxy: Optional[ProxySettings] = None
+    #: C{--tls-library}: C{stdlib} (L{tunnelkit.transport.stdtls}) or C{pyopenssl} (Twisted's TLS).
+    tls_library: str = "stdlib"
+    #: TLS sessions to resume when connecting again (stdlib TLS): one cache per proxy.
+    sessions: SessionCache = field(default_factory=SessionCache, compare=False, repr=False)
 
     def url(self, mode: str) -> str:
         """The WebSocket URL for C{mode} (C{source}|C{destination})."""
@@ -110,7 +115,16 @@ class ServiceEndpoint:
     def check(self) -> None:
         """Fail now (L{ConfigError}) if the TLS settings are unusable, instead of at each attempt."""
         if self.secure:
-            client_tls_options(self.host, self.capath, self.verify)
+            if self.tls_library == "pyopenssl":
+                pyopenssl_client_options(self.host, self.capath, self.verify)
+            else:
+                client_context(self.capath, self.verify)
+
+    def _with_tls(self, endpoint: IStreamClientEndpoint, host: str, capath: Optional[str]) -> IStreamClientEndpoint:
+        """C{endpoint} wrapped in TLS to C{host} with the library C{--tls-library} chose."""
+        if self.tls_library == "pyopenssl":
+            return wrapClientTLS(pyopenssl_client_options(host, capath, self.verify), endpoint)
+        return TLSClientEndpoint(endpoint, client_context(capath, self.verify), host, self.sessions)
 
     def client_endpoint(self, reactor: Any) -> IStreamClientEndpoint:
         """A fresh client endpoint: TCP (through the web proxy, if any), then TLS for C{wss}."""
@@ -123,10 +137,10 @@ class ServiceEndpoint:
                 reactor, proxy.host.encode("idna"), proxy.port, timeout=CONNECT_TIMEOUT
             )
             if proxy.scheme == "https":
-                to_proxy = wrapClientTLS(client_tls_options(proxy.host, None, self.verify), to_proxy)
+                to_proxy = self._with_tls(to_proxy, proxy.host, None)
             endpoint = HTTPConnectEndpoint(to_proxy, self.host, self.port, proxy.authorization)
         if self.secure:
-            endpoint = wrapClientTLS(client_tls_options(self.host, self.capath, self.verify), endpoint)
+            endpoint = self._with_tls(endpoint, self.host, self.capath)
         return endpoint
 
     def __str__(self) -> str:

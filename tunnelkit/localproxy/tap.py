@@ -178,7 +178,9 @@ class Options(TunnelClientOptions):
         verify = not self["no-ssl-host-verify"]
         capath = self._checked_capath()
         web_proxy = proxy_from_environment(env)
-        self.service_endpoint = ServiceEndpoint(host, port, secure, capath, verify, web_proxy)
+        self.service_endpoint = ServiceEndpoint(
+            host, port, secure, capath, verify, web_proxy, tls_library=self._checked_tls_library()
+        )
         self.service_endpoint.check()
 
         # the mapping

@@ -37,6 +37,7 @@ from tunnelkit.service.auth import SigV4Verifier
 from tunnelkit.service.logbounds import bounded
 from tunnelkit.service.errors import ApiError
 from tunnelkit.service.operations import ControlPlane
+from tunnelkit.transport.stdtls import is_encrypted
 
 log = Logger()
 
@@ -162,6 +163,10 @@ class FrontDoorChannel(http.HTTPChannel):
         """The connection (while connected)."""
         assert self.transport is not None
         return cast(ITCPTransport, self.transport)
+
+    def isSecure(self) -> bool:
+        """Whether the request came over TLS (the service's own, L{is_encrypted}, or Twisted's)."""
+        return is_encrypted(self.transport)
 
     def connectionMade(self) -> None:
         super().connectionMade()

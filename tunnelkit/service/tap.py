@@ -31,6 +31,7 @@ from tunnelkit.protocol.notification import REGION_RE
 from tunnelkit.service.api import HEAD_TIMEOUT, MAX_PENDING_PER_ADDRESS, ApiResource, ServiceSite, build_root
 from tunnelkit.service.auth import CREDENTIALS_FILE, SigV4Verifier, check_account_id, ensure_initial_credentials
 from tunnelkit.service.certs import ServiceCertificates, ensure_certificates
+from tunnelkit.service.listeners import is_tls, listen_description, listener_endpoint, names_certificate
 from tunnelkit.service.interfaces import ITunnelEvents
 from tunnelkit.service.notify import NotifyOptions, build_notifier
 from tunnelkit.service.operations import ControlPlane, Limits
@@ -38,7 +39,7 @@ from tunnelkit.service.store import StoreError
 from tunnelkit.service.dbrunner import Blocking
 from tunnelkit.service.stores import check_store, describe_store, open_configured_store
 from tunnelkit.transport.nvx import NvxOptions, NvxUnavailable, require_nvx
-from tunnelkit.transport.tls import restrict_context
+from tunnelkit.transport.tls import check_tls_library
 
 from tunnelkit.service.audit import AuditedApi, AuditOptions, build_audit_trail
 from tunnelkit.service.dataplane import DataPlaneOptions, metrics_site, mount_data_plane
@@ -78,6 +79,14 @@ def hostname(text: str) -> str:
     return text.lower()
 
 
+def _tls_library(value: str) -> str:
+    """C{--tls-library}'s coercion (a ValueError is Twisted's usage error)."""
+    try:
+        return check_tls_library(value)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
 class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOptions, ConsoleOptions, ClusterOptions):  # type: ignore[misc,valid-type]
     """The options of C{--mode service}."""
 
@@ -115,6 +124,15 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
             DEFAULT_MAX_OPEN_TUNNELS,
             "Open tunnels allowed per account (OpenTunnel answers LimitExceededException beyond).",
             positive_int,
+        ],
+        [
+            "tls-library",
+            None,
+            "stdlib",
+            "TLS of the ssl: listeners through Python's ssl (stdlib: less CPU and memory per connection) or "
+            "pyOpenSSL (pyopenssl: its own OpenSSL, with post-quantum X25519MLKEM768 key exchange where the "
+            "system's OpenSSL is older than 3.5).",
+            _tls_library,
         ],
         [
             "metrics-listen",
@@ -178,51 +196,6 @@ class Options(ModeOptions, DataPlaneOptions, NotifyOptions, AuditOptions, NvxOpt
         self.check_cluster_options()
 
 
-def _has_certificate(description: str) -> bool:
-    return any(f":{key}=" in description or description.startswith(f"{key}=") for key in ("privateKey", "certKey"))
-
-
-def listen_description(description: str, certificates: ServiceCertificates) -> str:
-    """C{description}, with the generated certificate added to an C{ssl:} endpoint that names none."""
-    if description.split(":", 1)[0].lower() == "ssl" and not _has_certificate(description):
-        return (
-            f"{description}:privateKey={endpoints.quoteStringArgument(certificates.server_key)}"
-            f":certKey={endpoints.quoteStringArgument(certificates.server_cert)}"
-        )
-    return description
-
-
-def restrict_listener_tls(endpoint: Any) -> None:
-    """
-    Hold an C{ssl:} endpoint's TLS to TLS 1.2+ with AEAD suites only (L{restrict_context}).  Twisted's
-    endpoint string cannot say so: the context its options built (and reuse for every connection)
-    is changed in place.
-    """
-    from twisted.internet.endpoints import SSL4ServerEndpoint
-
-    from tunnelkit.internals import SSL_ENDPOINT_OPTIONS, MissingInternals
-
-    if not isinstance(endpoint, SSL4ServerEndpoint):
-        return  # tcp:, unix: ... carry no TLS of their own
-    options = getattr(endpoint, SSL_ENDPOINT_OPTIONS, None)
-    if options is None:  # checked at start (tunnelkit.internals): never serve TLS unrestricted
-        raise MissingInternals(f"Twisted's ssl: endpoint no longer has {SSL_ENDPOINT_OPTIONS}")
-    restrict_context(options.getContext())
-
-
-def listener_certificate(endpoint: Any) -> Optional[bytes]:
-    """The certificate (DER) an C{ssl:} endpoint presents, or None for an endpoint without TLS."""
-    from OpenSSL import SSL, crypto
-    from twisted.internet.endpoints import SSL4ServerEndpoint
-
-    from tunnelkit.internals import SSL_ENDPOINT_OPTIONS
-
-    if not isinstance(endpoint, SSL4ServerEndpoint):
-        return None
-    certificate = SSL.Connection(getattr(endpoint, SSL_ENDPOINT_OPTIONS).getContext(), None).get_certificate()
-    return crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate) if certificate is not None else None
-
-
 @dataclass(frozen=True)
 class DataPlaneAddress:
     """Where the service's own data plane listens: its bound address and, for TLS, its certificate (DER)."""
@@ -246,8 +219,10 @@ class _Listener(Service):
         factory: Any,
         on_listening: Callable[[str], None],
         api: bool = True,
+        tls_library: str = "stdlib",
     ) -> None:
         self._api = api
+        self._tls_library = tls_library
         self._reactor = reactor
         self._description = description
         self.shown = shown
@@ -260,9 +235,7 @@ class _Listener(Service):
 
     def startService(self) -> None:
         super().startService()
-        endpoint = endpoints.serverFromString(self._reactor, self._description)
-        restrict_listener_tls(endpoint)
-        self.certificate = listener_certificate(endpoint)
+        endpoint, self.certificate = listener_endpoint(self._reactor, self._description, self._tls_library)
         self.listening = endpoint.listen(self._factory)
         failed: List[Failure] = []
         self.listening.addCallbacks(self._listening, failed.append)
@@ -418,7 +391,12 @@ class TunnelService(MultiService):
             # A haproxy: listener's client address is the one its PROXY header names (see ServiceSite.proxied).
             factory = self.site.proxied() if description.split(":", 1)[0].lower() == "haproxy" else self.site
             listener = _Listener(
-                reactor, listen_description(description, self.certificates), description, factory, self._announce
+                reactor,
+                listen_description(description, self.certificates),
+                description,
+                factory,
+                self._announce,
+                tls_library=options.get("tls-library", "stdlib"),
             )
             listener.setServiceParent(self)
             self.listeners.append(listener)
@@ -469,7 +447,7 @@ class TunnelService(MultiService):
 
     def _check_names(self, description: str, hostnames: Any) -> None:
         """Warn when clients may reach an C{ssl:} listener by a name its generated certificate lacks."""
-        if description.split(":", 1)[0].lower() != "ssl" or _has_certificate(description):
+        if not is_tls(description) or names_certificate(description):
             return
         match = re.search(r"(?:^|:)interface=((?:\\.|[^:])*)", description)
         interface = match.group(1).replace("\\:", ":") if match else ""

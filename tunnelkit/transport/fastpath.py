@@ -454,6 +454,11 @@ def transport_buffered(transport: Any) -> int:
 
     total = 0
     while isinstance(transport, ProtocolWrapper):
+        held = getattr(type(transport), "buffered", None)  # tunnelkit.transport.stdtls's TLS: public
+        if held is not None:
+            total += held(transport)
+            transport = transport.transport
+            continue
         total += sum(len(b) for b in getattr(transport, "_appSendBuffer", ()) or ())
         pending = getattr(getattr(transport, "_aggregator", None), "_buffer", None)
         if pending:

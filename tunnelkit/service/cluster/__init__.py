@@ -205,7 +205,7 @@ class Cluster(MultiService):
         self.factory = ClusterListenerFactory(site, self.secret, self.clock)
         root.children[b"tunnel"].gate = self.gate
         if certificates is not None:
-            from tunnelkit.service.tap import listen_description
+            from tunnelkit.service.listeners import listen_description
 
             self.listen_description = listen_description(self.listen, certificates)
 
@@ -216,10 +216,9 @@ class Cluster(MultiService):
     def startService(self) -> None:
         super().startService()
         assert self.factory is not None, "Cluster.serve first"
-        from tunnelkit.service.tap import restrict_listener_tls
+        from tunnelkit.service.listeners import listener_endpoint
 
-        endpoint = endpoints.serverFromString(self.reactor, self.listen_description)
-        restrict_listener_tls(endpoint)
+        endpoint, _ = listener_endpoint(self.reactor, self.listen_description, library="pyopenssl")
         listening = endpoint.listen(self.factory)
         failed: List[Any] = []
         listening.addCallbacks(self._listening, failed.append)
