@@ -480,7 +480,7 @@ def set_buffer_size(transport: Any, size: int) -> None:
         if inner is None:
             break
         transport = inner
-    if "bufferSize" in dir(type(transport)):
+    if hasattr(type(transport), "bufferSize"):  # a class attribute (not dir(): a sorted list per call)
         transport.bufferSize = size
 
 
