@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Tuple
 from botocore.exceptions import ClientError
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.e2e.harness import Harness
+from tests.e2e.harness import Harness, wait_until
 
 AWS = shutil.which("aws")
 
@@ -150,11 +150,8 @@ class ServiceProcessTests(TestCase):
 
         # The 1-minute tunnel closes on the service's clock (which kept running across the restart).
         deadline = started + 60
-        time.sleep(max(0.0, deadline - time.monotonic()) + 0.5)
-        for _ in range(40):
-            if self.describe(short)["status"] == "CLOSED":
-                break
-            time.sleep(0.25)
+        wait_until(lambda: self.describe(short)["status"] == "CLOSED", max(0.0, deadline - time.monotonic()) + 10.5,
+                   "the 1-minute tunnel to close", interval=0.5)
         tunnel = self.describe(short)
         self.assertEqual(tunnel["status"], "CLOSED")
         lifetime = (tunnel["lastUpdatedAt"] - tunnel["createdAt"]).total_seconds()  # botocore parses datetimes

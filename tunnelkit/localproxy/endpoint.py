@@ -115,16 +115,20 @@ class ServiceEndpoint:
     def check(self) -> None:
         """Fail now (L{ConfigError}) if the TLS settings are unusable, instead of at each attempt."""
         if self.secure:
-            if self.tls_library == "pyopenssl":
-                pyopenssl_client_options(self.host, self.capath, self.verify)
-            else:
-                client_context(self.capath, self.verify)
+            self._tls_settings(self.host, self.capath)
+
+    def _tls_settings(self, host: str, capath: Optional[str]) -> Any:
+        """What TLS to C{host} needs with the library C{--tls-library} chose (a context or Twisted's options)."""
+        if self.tls_library == "pyopenssl":
+            return pyopenssl_client_options(host, capath, self.verify)
+        return client_context(capath, self.verify)
 
     def _with_tls(self, endpoint: IStreamClientEndpoint, host: str, capath: Optional[str]) -> IStreamClientEndpoint:
-        """C{endpoint} wrapped in TLS to C{host} with the library C{--tls-library} chose."""
+        """C{endpoint} wrapped in TLS to C{host}."""
+        settings = self._tls_settings(host, capath)
         if self.tls_library == "pyopenssl":
-            return wrapClientTLS(pyopenssl_client_options(host, capath, self.verify), endpoint)
-        return TLSClientEndpoint(endpoint, client_context(capath, self.verify), host, self.sessions)
+            return wrapClientTLS(settings, endpoint)
+        return TLSClientEndpoint(endpoint, settings, host, self.sessions)
 
     def client_endpoint(self, reactor: Any) -> IStreamClientEndpoint:
         """A fresh client endpoint: TCP (through the web proxy, if any), then TLS for C{wss}."""

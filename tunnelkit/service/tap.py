@@ -248,7 +248,7 @@ class _Listener(Service):
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
         address = port.getHost()
-        secure = self._description.split(":", 1)[0].lower() == "ssl"
+        secure = is_tls(self._description)
         host = getattr(address, "host", "localhost")
         if ":" in host:
             host = f"[{host}]"

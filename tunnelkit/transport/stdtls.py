@@ -427,10 +427,7 @@ class TLSConnection(ProtocolWrapper):
                 self._peer_closed = True
         if self._peer_closed or not self._handshake_done:
             self.transport.loseConnection()
-        elif self._closing:
-            # Twisted's TLS waits here for the peer's close_notify (or its TCP end); so do we,
-            # with the TCP transport still reading.
-            pass
+        # else, as Twisted's TLS does: wait for the peer's close_notify (or its TCP end), reading on
 
     def _fail(self, error: Exception) -> None:
         """A TLS failure: send OpenSSL's alert, if any, and end the connection."""

@@ -33,6 +33,7 @@ from tunnelkit.service.cluster.forward import TLS_PREFIX, ClusterListenerFactory
 from tunnelkit.service.cluster.node import ClusterNode
 from tunnelkit.service.cluster.wire import ForwardRefused, load_secret
 from tunnelkit.service.lifecycle import TunnelLifecycle
+from tunnelkit.service.listeners import is_tls, listen_description, listener_endpoint
 
 __all__ = ["ClusterOptions", "Cluster", "build_cluster", "cluster_backends", "cluster_enabled", "node_id", "advertise_address"]
 
@@ -205,8 +206,6 @@ class Cluster(MultiService):
         self.factory = ClusterListenerFactory(site, self.secret, self.clock)
         root.children[b"tunnel"].gate = self.gate
         if certificates is not None:
-            from tunnelkit.service.listeners import listen_description
-
             self.listen_description = listen_description(self.listen, certificates)
 
     def take_lifecycle(self, lifecycle: TunnelLifecycle) -> None:
@@ -216,8 +215,6 @@ class Cluster(MultiService):
     def startService(self) -> None:
         super().startService()
         assert self.factory is not None, "Cluster.serve first"
-        from tunnelkit.service.listeners import listener_endpoint
-
         endpoint, _ = listener_endpoint(self.reactor, self.listen_description, library="pyopenssl")
         listening = endpoint.listen(self.factory)
         failed: List[Any] = []
@@ -236,7 +233,7 @@ class Cluster(MultiService):
                 f"--cluster-listen {self.listen} listens on every interface: give --advertise HOST:PORT, the "
                 "address the other nodes reach this node at"
             )
-        if self.listen.split(":", 1)[0].lower() == "ssl":
+        if is_tls(self.listen):
             address = TLS_PREFIX + address  # the other nodes connect with TLS
         node = NodeInfo(self.node_id, address)
         self.gate.node = node
