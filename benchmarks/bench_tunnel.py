@@ -11,12 +11,15 @@ Paths (``--paths``), all on 127.0.0.1 to the same sink and echo servers:
   ssh-L     ``ssh -L`` to a real sshd (one encrypted hop, aes128-gcm);
   relay     the reverse-SSH relay: ``ssh -R`` from the "device" to an sshd, ``ssh -L`` from the
             "operator" to the same sshd (two encrypted legs, the sshd decrypts and re-encrypts);
-  ws, wss   tunnelkit: source + service + destination processes over ws:// and wss://.
+  ws, wss   tunnelkit: source + service + destination processes over ws:// and wss://;
+  wss-lb    tunnelkit over wss:// with TLS terminated in a C load balancer in front of the service:
+            a real HAProxy running the shipped deploy/haproxy.cfg (its TLS front end, PROXY v2 to the
+            service's plain ``haproxy:tcp:`` listener); HAProxy's CPU counts with the service's.
 
 Parts (``--parts``):
   bulk       MB/s over 1 and over 8 parallel connections, and the CPU seconds per GB of each
              process on the path (source, service, destination; an sshd counts with its children);
-  rtt        1-byte round trip p50/p99;
+  rtt        1-byte round trip p50/p99 (each round: --round-trips on every path in turn);
   connect    new TCP connections per second through one tunnel (8 client threads; each connects,
              sends a byte, reads the echo, closes), with the p99 connect-and-first-byte latency;
   handshake  tunnel handshakes per second on one service process (WebSocket upgrades with token
@@ -46,17 +49,21 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from tunnelkit.testing.process import SSH, Harness, Process, Sshd, unassigned_port, wait_until  # noqa: E402
+from tunnelkit.testing.process import SSH, Harness, Process, Service, Sshd, unassigned_port, wait_until  # noqa: E402
 from tunnelkit.testing import upgrade_request  # noqa: E402
 from machine import busy_before, load_note  # noqa: E402 - benchmarks/machine.py (the script's own directory)
 
 CHUNK = 1 << 20
 #: The service's per-tunnel limits get in the way of the rate and idle measurements.
 LIMITS_OFF = ["--handshakes-per-second", "0", "--max-websockets-per-account", "0", "--max-open-tunnels", "100000"]
-ALL_PATHS = ("direct", "ssh-L", "relay", "ws", "wss")
+ALL_PATHS = ("direct", "ssh-L", "relay", "ws", "wss", "wss-lb")
+#: The tunnelkit paths (a service with a token-checking handshake), and those over TLS.
+TUNNEL_PATHS = ("ws", "wss", "wss-lb")
+TLS_PATHS = ("wss", "wss-lb")
 ALL_PARTS = ("bulk", "rtt", "connect", "handshake", "idle")
 LABELS = {"direct": "direct TCP", "ssh-L": "ssh -L", "relay": "reverse-SSH relay", "ws": "tunnel ws://",
-          "wss": "tunnel wss://"}
+          "wss": "tunnel wss://",
+          "wss-lb": "wss:// + HAProxy"}
 ROLES = ("source", "service", "destination")
 CLIENT_THREADS = 8
 
@@ -304,6 +311,8 @@ class Path:
     echo: int
     processes: Dict[str, List[int]] = field(default_factory=dict)
     service: object = None  # the harness's Service, for the tunnel paths
+    #: Processes counted in one role, shown apart too (wss-lb: the service node and HAProxy).
+    shares: Dict[str, List[int]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -379,6 +388,45 @@ def tunnel_path(h: Harness, tls: bool, sink: int, echo: int, library: str = "std
                 service)
 
 
+@dataclass
+class BalancedService(Service):
+    """The service as its clients reach it through HAProxy: HAProxy's TLS port and certificate's CA."""
+
+    ca: str = ""
+
+    @property
+    def ca_pem(self) -> str:  # type: ignore[override]
+        return self.ca
+
+
+def balanced_tunnel_path(h: Harness, sink: int, echo: int, library: str = "stdlib") -> Path:
+    """
+    tunnelkit behind HAProxy terminating TLS (the shipped deploy/haproxy.cfg, one node on its own
+    SQLite): the proxies connect over wss:// to HAProxy, which speaks plain HTTP with a PROXY v2
+    header to the service's ``haproxy:tcp:`` listener.
+    """
+    from tunnelkit.testing.deployment import Deployment
+
+    deployment = Deployment(h.procs, nodes=1, extra=[*LIMITS_OFF, "--no-console"], cluster=False)
+    assert deployment.haproxy is not None
+    deployment.haproxy.wait_servers()
+    node = deployment.nodes[0]
+    service = BalancedService(node.child, deployment.haproxy.tls_port, True, node.state_dir,
+                              f"haproxy:tcp:{node.plain_port}", deployment.ca_cert)
+    h.service = service
+    tunnel = h.open_tunnel(["SINK", "ECHO"])
+    chosen = ["--tls-library", library]
+    destination = h.start_destination(tunnel.destination_token, f"SINK={sink},ECHO={echo}", chosen,
+                                      name="destination-wss-lb")
+    source = h.start_source(tunnel.source_token, "SINK=0,ECHO=0", chosen, name="source-wss-lb")
+    ports = source.port_of("SINK"), source.port_of("ECHO")
+    destination.wait_for_log("The tunnel is ready")
+    middle = [node.child.pid, deployment.haproxy.process.pid]
+    return Path("wss-lb", ports[0], ports[1],
+                {"source": [source.pid], "service": middle, "destination": [destination.pid]},
+                service, {"service node": [node.child.pid], "HAProxy": [deployment.haproxy.process.pid]})
+
+
 # --- the measurements -----------------------------------------------------------------------------
 
 
@@ -388,10 +436,19 @@ class Figures:
     eight: List[float] = field(default_factory=list)
     cpu: Dict[str, float] = field(default_factory=lambda: {role: 0.0 for role in ROLES})
     gigabytes: float = 0.0
-    rtt: Tuple[float, float] = (0.0, 0.0)
+    rtt_p50: List[float] = field(default_factory=list)
+    rtt_p99: List[float] = field(default_factory=list)
+
+    @property
+    def rtt(self) -> Tuple[float, float]:
+        """The medians over the rounds of the p50 and p99 (ms)."""
+        if not self.rtt_p50:
+            return (float("nan"), float("nan"))
+        return statistics.median(self.rtt_p50), statistics.median(self.rtt_p99)
     connects: List[float] = field(default_factory=list)
     connect_p99: List[float] = field(default_factory=list)
     rss: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    shares: Dict[str, float] = field(default_factory=dict)
 
 
 def measure_rounds(paths: List[Path], args: argparse.Namespace) -> Dict[str, Figures]:
@@ -401,28 +458,33 @@ def measure_rounds(paths: List[Path], args: argparse.Namespace) -> Dict[str, Fig
             f = figures[path.name]
             if "bulk" in args.parts:
                 before = {role: cpu_seconds(pids) for role, pids in path.processes.items()}
+                before_shares = {share: cpu_seconds(pids) for share, pids in path.shares.items()}
                 f.one.append(bulk(path.sink, args.megabytes, 1))
                 f.eight.append(bulk(path.sink, args.megabytes, 8))
                 for role, pids in path.processes.items():
                     f.cpu[role] += cpu_seconds(pids) - before[role]
+                for share, pids in path.shares.items():
+                    f.shares[share] = f.shares.get(share, 0.0) + cpu_seconds(pids) - before_shares[share]
                 f.gigabytes += 2 * args.megabytes / 1024
             if "connect" in args.parts:
                 rate, p99 = connection_rate(path.echo, args.connections)
                 f.connects.append(rate)
                 f.connect_p99.append(p99)
+            if "rtt" in args.parts:
+                p50, p99 = round_trips(path.echo, args.round_trips)
+                f.rtt_p50.append(p50)
+                f.rtt_p99.append(p99)
         print(f"  round {round_number + 1}/{args.repeat} done ({load_note()})", flush=True)
-    if "rtt" in args.parts:
-        for path in paths:
-            figures[path.name].rtt = round_trips(path.echo, args.round_trips)
     return figures
 
 
-def handshake_rates(h: Harness, service: object, tls: bool, total: int, repeat: int,
-                    resume: bool = False) -> Tuple[List[float], List[float]]:
+def handshake_rates(h: Harness, service: object, service_pids: Sequence[int], tls: bool, total: int, repeat: int,
+                    resume: bool = False) -> Tuple[List[float], List[float], List[float]]:
     """
     Handshakes per second on one service: L{CLIENT_THREADS} threads, each with its own token (the
     source and the destination sides of tunnels opened here) and client token, upgrading again and
-    again (each new WebSocket replaces the one before: a full token check each time).  With
+    again (each new WebSocket replaces the one before: a full token check each time), and the CPU
+    milliseconds the service's processes (C{service_pids}) spent per handshake.  With
     C{resume}, each thread resumes the TLS session of its previous connection (as tunnelkit's local
     proxy does when it connects again).
     """
@@ -448,14 +510,16 @@ def handshake_rates(h: Harness, service: object, tls: bool, total: int, repeat: 
             mine.session = s.session  # type: ignore[attr-defined]  # the ticket read with the 101
         s.close()
 
-    rates, p99s = [], []
+    rates, p99s, busy = [], [], []
     for _ in range(repeat):
         counter = iter(range(len(tokens)))
         mine = threading.local()
+        before = cpu_seconds(service_pids)
         rate, p99 = _in_threads(total, one)
+        busy.append((cpu_seconds(service_pids) - before) / total * 1000)
         rates.append(rate)
         p99s.append(p99)
-    return rates, p99s
+    return rates, p99s, busy
 
 
 def idle_memory(cleanups: _Cleanups, tunnels: int, tls: bool, library: str = "stdlib") -> Tuple[float, float, int]:
@@ -497,7 +561,7 @@ def median_ratio(a: List[float], b: List[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b)) if a and b else float("nan")
 
 
-def report(paths: List[Path], figures: Dict[str, Figures], hand: Dict[str, Tuple[List[float], List[float]]],
+def report(paths: List[Path], figures: Dict[str, Figures], hand: Dict[str, Tuple[List[float], List[float], List[float]]],
            idle: Dict[str, Tuple[float, float, int]], args: argparse.Namespace, load_after: str) -> None:
     names = [path.name for path in paths]
     print(f"\nthe table (medians of {args.repeat} rounds; ratios: medians of per-round ratios)  [after: {load_after}]")
@@ -526,8 +590,10 @@ def report(paths: List[Path], figures: Dict[str, Figures], hand: Dict[str, Tuple
                   f"   p99 connect + first byte {statistics.median(f.connect_p99):7.2f} ms")
     if hand:
         print(f"\n  tunnel handshakes/s, one service process ({CLIENT_THREADS} client threads, {args.handshakes} per run):")
-        for scheme, (rates, p99s) in hand.items():
+        for scheme, (rates, p99s, busy) in hand.items():
+            cost = statistics.median(busy)
             print(f"  {scheme:<18} {statistics.median(rates):8.0f} /s   p99 {statistics.median(p99s):7.2f} ms"
+                  f"   service CPU {cost:5.2f} ms each (one core's worth: {1000 / cost:5.0f} /s)"
                   f"   (runs {', '.join(f'{r:.0f}' for r in rates)})")
     for scheme, (before, after, sockets) in idle.items():
         per = (after - before) / sockets
@@ -538,40 +604,57 @@ def report(paths: List[Path], figures: Dict[str, Figures], hand: Dict[str, Tuple
             shown = "   ".join(f"{role} {a / 1024:.0f}->{b / 1024:.0f}" for role, (a, b) in figures[name].rss.items())
             print(f"  RSS MiB before -> after the load, {LABELS[name]}: {shown}")
 
+    for name in names:
+        f = figures[name]
+        if f.shares and f.gigabytes:
+            shown = ", ".join(f"{share} {seconds / f.gigabytes:.2f}" for share, seconds in f.shares.items())
+            print(f"  {LABELS[name]}: the service's CPU s/GB is {shown}")
+
     print("\nthe issue's targets")
     rows: List[Tuple[str, float, str, Optional[bool]]] = []
-    if "wss" in figures and "bulk" in args.parts:
-        wss = figures["wss"]
-        if "relay" in figures:
-            r = median_ratio(wss.one, figures["relay"].one)
-            rows.append(("wss:// 1 conn / reverse-SSH relay 1 conn", r, ">= 1.00", r >= 1.0))
-        if "ssh-L" in figures:
-            r = median_ratio(wss.one, figures["ssh-L"].one)
-            rows.append(("wss:// 1 conn / ssh -L 1 conn (aim 1.0)", r, ">= 0.65", r >= 0.65))
-        r = median_ratio(wss.eight, wss.one)
-        rows.append(("wss:// 8 conns / wss:// 1 conn", r, ">= 1.00", r >= 1.0))
-        total = sum(wss.cpu.values()) / wss.gigabytes
-        rows.append(("wss:// CPU s/GB, 3 processes summed", total, "<= 3.50", total <= 3.5))
-        if "relay" in figures:
-            relay = figures["relay"]
-            rows.append(("reverse-SSH relay CPU s/GB (the reference)", sum(relay.cpu.values()) / relay.gigabytes, "", None))
-    if "wss" in figures and "relay" in figures and "rtt" in args.parts:
-        r = figures["wss"].rtt[0] / figures["relay"].rtt[0]
-        rows.append(("wss:// RTT p50 / reverse-SSH relay RTT p50", r, "<= 1.50", r <= 1.5))
-    if "wss" in figures and "connect" in args.parts:
-        rate = statistics.median(figures["wss"].connects)
-        rows.append(("new connections/s through one wss:// tunnel", rate, ">= 2000", rate >= 2000))
-    if "wss" in hand:
-        rate = statistics.median(hand["wss"][0])
-        rows.append(("wss:// handshakes/s per service process", rate, ">= 500", rate >= 500))
-    if "wss" in idle:
-        before, after, sockets = idle["wss"]
-        per = (after - before) / sockets * 1.024
-        rows.append((f"KB per idle TLS WebSocket ({args.idle_tunnels} tunnels)", per, "<= 25", per <= 25))
+    for scheme in TLS_PATHS:
+        rows += target_rows(scheme, figures, hand, idle, args)
     for text, value, target, ok in rows:
         verdict = "-" if ok is None else ("ok" if ok else "MISSED")
         print(f"  {text:<46} {value:9.2f}   {target:<8} {verdict}")
     print(f"\n{load_after}")
+
+
+def target_rows(scheme: str, figures: Dict[str, Figures], hand: Dict[str, Tuple[List[float], List[float], List[float]]],
+                idle: Dict[str, Tuple[float, float, int]], args: argparse.Namespace
+                ) -> List[Tuple[str, float, str, Optional[bool]]]:
+    """The issue's targets for one TLS path (C{wss}, C{wss-lb}): (what, figure, target, met)."""
+    rows: List[Tuple[str, float, str, Optional[bool]]] = []
+    label = f"{scheme}://" if scheme == "wss" else f"{scheme} (wss:// + HAProxy)"
+    if scheme in figures and "bulk" in args.parts:
+        tunnel = figures[scheme]
+        if "relay" in figures:
+            r = median_ratio(tunnel.one, figures["relay"].one)
+            rows.append((f"{label} 1 conn / reverse-SSH relay 1 conn", r, ">= 1.00", r >= 1.0))
+        if "ssh-L" in figures:
+            r = median_ratio(tunnel.one, figures["ssh-L"].one)
+            rows.append((f"{label} 1 conn / ssh -L 1 conn (aim 1.0)", r, ">= 0.65", r >= 0.65))
+        r = median_ratio(tunnel.eight, tunnel.one)
+        rows.append((f"{label} 8 conns / 1 conn", r, ">= 1.00", r >= 1.0))
+        total = sum(tunnel.cpu.values()) / tunnel.gigabytes
+        rows.append((f"{label} CPU s/GB, 3 processes summed", total, "<= 3.50", total <= 3.5))
+        if "relay" in figures and scheme == "wss":
+            relay = figures["relay"]
+            rows.append(("reverse-SSH relay CPU s/GB (the reference)", sum(relay.cpu.values()) / relay.gigabytes, "", None))
+    if scheme in figures and "relay" in figures and "rtt" in args.parts:
+        r = median_ratio(figures[scheme].rtt_p50, figures["relay"].rtt_p50)
+        rows.append((f"{label} RTT p50 / reverse-SSH relay RTT p50", r, "<= 1.50", r <= 1.5))
+    if scheme in figures and "connect" in args.parts:
+        rate = statistics.median(figures[scheme].connects)
+        rows.append((f"new connections/s through one {label} tunnel", rate, ">= 2000", rate >= 2000))
+    if scheme in hand:
+        rate = statistics.median(hand[scheme][0])
+        rows.append((f"{label} handshakes/s per service process", rate, ">= 500", rate >= 500))
+    if scheme in idle:
+        before, after, sockets = idle[scheme]
+        per = (after - before) / sockets * 1.024
+        rows.append((f"KB per idle TLS WebSocket ({args.idle_tunnels} tunnels)", per, "<= 25", per <= 25))
+    return rows
 
 
 def paths_by_name(paths: List[Path]) -> Dict[str, Path]:
@@ -611,7 +694,7 @@ def main() -> None:
     args = parse_arguments()
     cleanups = _Cleanups()
     h = Harness(cleanups)
-    hand: Dict[str, Tuple[List[float], List[float]]] = {}
+    hand: Dict[str, Tuple[List[float], List[float], List[float]]] = {}
     idle: Dict[str, Tuple[float, float, int]] = {}
     figures: Dict[str, Figures] = {}
     paths: List[Path] = []
@@ -635,25 +718,35 @@ def main() -> None:
                 paths.append(ssh_forward_path(cleanups, sink, echo))
             elif name == "relay":
                 paths.append(reverse_ssh_relay_path(cleanups, sink, echo))
-            elif name in ("ws", "wss") and (flow_parts or "handshake" in args.parts):
-                path = tunnel_path(h, name == "wss", sink, echo, args.tls_library)
+            elif name in TUNNEL_PATHS and (flow_parts or "handshake" in args.parts):
+                if name == "wss-lb":
+                    from tunnelkit.testing.haproxy import HAPROXY
+
+                    if not os.access(HAPROXY, os.X_OK):
+                        print("  wss-lb left out: haproxy is not installed (apt-get install haproxy)", flush=True)
+                        continue
+                    path = balanced_tunnel_path(h, sink, echo, args.tls_library)
+                else:
+                    path = tunnel_path(h, name == "wss", sink, echo, args.tls_library)
                 tunnel_services[name] = path.service
                 paths.append(path)
-        paths = [p for p in paths if flow_parts or p.name in ("ws", "wss")]
+        paths = [p for p in paths if flow_parts or p.name in TUNNEL_PATHS]
         time.sleep(1.0)
         if flow_parts:
             idle_rss = {p.name: {role: rss_kib(pids[0]) for role, pids in p.processes.items()} for p in paths
-                        if p.name in ("ws", "wss")}
+                        if p.name in TUNNEL_PATHS}
             figures = measure_rounds(paths, args)
             for name, by_role in idle_rss.items():
                 path = paths_by_name(paths)[name]
                 figures[name].rss = {role: (by_role[role], rss_kib(path.processes[role][0])) for role in by_role}
         if "handshake" in args.parts:
             for name, service in tunnel_services.items():
-                hand[name] = handshake_rates(h, service, name == "wss", args.handshakes, args.repeat)
+                pids = paths_by_name(paths)[name].processes["service"]
+                hand[name] = handshake_rates(h, service, pids, name in TLS_PATHS, args.handshakes, args.repeat)
                 print(f"  handshakes over {name} done ({load_note()})", flush=True)
                 if name == "wss":
-                    hand["wss resumed"] = handshake_rates(h, service, True, args.handshakes, args.repeat, resume=True)
+                    hand["wss resumed"] = handshake_rates(h, service, pids, True, args.handshakes, args.repeat,
+                                                          resume=True)
                     print(f"  resumed handshakes over wss done ({load_note()})", flush=True)
         if "idle" in args.parts:
             for tls in ((False, True) if args.idle_ws else (True,)):

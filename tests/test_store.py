@@ -31,7 +31,11 @@ from tunnelkit.service.store import (
     NoSuchKey,
     StoreError,
 )
-from tunnelkit.service.dbrunner import Blocking
+from twisted.internet.defer import Deferred
+
+from zope.interface import implementer
+
+from tunnelkit.service.dbrunner import Blocking, IDatabaseRunner, SynchronousRunner
 from tunnelkit.service.store_sqlite import DATABASE_NAME, MEMORY, SQLiteStore, open_store
 
 ACCOUNT = "111111111111"
@@ -340,6 +344,105 @@ class SoftStateSyncTests(StoreTestCase):
         self.assertRaises(sqlite3.Error, self.store.set_connection_state, "t1", SOURCE, True, 1005.0)
         self.assertFalse(self.store._db.in_transaction)
         self.assertEqual(self.store._db.execute("PRAGMA synchronous").fetchone()[0], 2)
+
+
+@implementer(IDatabaseRunner)
+class HeldRunner:
+    """
+    A runner that holds each call until L{release} (the store's thread, one call at a time): runs it
+    then on a real SQLite connection, through a L{SynchronousRunner}.
+    """
+
+    def __init__(self, path: str) -> None:
+        from tunnelkit.service.store_sqlite import connect
+
+        self.inner = SynchronousRunner(lambda: connect(path))
+        self.held: List[Tuple[Any, Tuple[Any, ...], Deferred]] = []
+        self.transactions = 0
+
+    def run(self, fn: Any, *args: Any) -> Deferred:
+        d: Deferred = Deferred()
+        self.held.append((fn, args, d))
+        return d
+
+    def release(self) -> None:
+        fn, args, d = self.held.pop(0)
+        self.transactions += 1
+        self.inner.run(fn, *args).chainDeferred(d)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class GroupedStateTests(TestCase):
+    """Connection states set while a group is being written go together in the next transaction."""
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp(prefix="tunnelkit-store-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, DATABASE_NAME)
+        setup = Blocking(SQLiteStore(path))
+        setup.create_account("default", ACCOUNT, 0)
+        for tunnel_id in ("t1", "t2"):
+            source, destination = (tokens.token_hash(tokens.new_access_token(tunnel_id)) for _ in "sd")
+            setup.create_tunnel(
+                NewTunnel(tunnel_id, ACCOUNT, "d", "thing", ("SSH",), 10, (), source, destination, 1000.0), None
+            )
+        self.runner = HeldRunner(path)
+        self.store = SQLiteStore(path, runner=self.runner)
+        self.addCleanup(self.store.close)
+        self.reader = Blocking(SQLiteStore(path))
+
+    def states(self, tunnel_id: str) -> Tuple[str, str]:
+        tunnel = self.reader.get_tunnel(ACCOUNT, tunnel_id)
+        return tunnel.source.status, tunnel.destination.status
+
+    def test_grouped_in_order(self) -> None:
+        """The first state goes at once; the next three wait for it and go in one transaction, in order."""
+        fired: List[int] = []
+        calls = [("t1", SOURCE, True), ("t1", DESTINATION, True), ("t2", SOURCE, True), ("t1", SOURCE, False)]
+        for index, (tunnel_id, side, connected) in enumerate(calls):
+            self.store.set_connection_state(tunnel_id, side, connected, 1001.0 + index).addCallback(
+                lambda _, index: fired.append(index), index)
+        self.assertEqual(len(self.runner.held), 1)  # the rest wait for the first group
+        self.runner.release()
+        self.assertEqual(fired, [0])
+        self.assertEqual(self.states("t1"), ("CONNECTED", "DISCONNECTED"))
+        self.assertEqual(len(self.runner.held), 1)  # one transaction for the other three
+        self.runner.release()
+        self.assertEqual(fired, [0, 1, 2, 3])
+        self.assertEqual(self.states("t1"), ("DISCONNECTED", "CONNECTED"))  # connected, then disconnected
+        self.assertEqual(self.states("t2"), ("CONNECTED", "DISCONNECTED"))
+        self.assertEqual((self.runner.transactions, self.runner.held), (2, []))
+
+    def test_failed_group(self) -> None:
+        """A group whose transaction fails fails each of its Deferreds; the next group is still written."""
+        first = self.store.set_connection_state("t1", SOURCE, True, 1001.0)
+        second = self.store.set_connection_state("t2", SOURCE, True, 1002.0)
+        third = self.store.set_connection_state("t2", DESTINATION, True, 1003.0)
+        refused: List[Any] = []
+        for d in (second, third):
+            d.addErrback(lambda f: refused.append((f.trap(sqlite3.Error), str(f.value))))
+        self.runner.release()
+        self.runner.inner.run(lambda db: db.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON tunnels BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        self.runner.release()
+        self.assertEqual(refused, [(sqlite3.Error, "refused")] * 2)
+        self.runner.inner.run(lambda db: db.execute("DROP TRIGGER refuse"))
+        fourth = self.store.set_connection_state("t2", SOURCE, True, 1004.0)
+        self.runner.release()
+        self.assertIsNone(self.successResultOf(fourth))
+        self.assertIsNone(self.successResultOf(first))
+        self.assertEqual(self.states("t2"), ("CONNECTED", "DISCONNECTED"))
+
+    def test_closed_while_waiting(self) -> None:
+        """States waiting when the store closes are dropped quietly (the next start resets them all)."""
+        self.store.set_connection_state("t1", SOURCE, True, 1001.0)
+        waiting = self.store.set_connection_state("t2", SOURCE, True, 1002.0)
+        self.store._closed = True  # as close() does, with the first group still in the runner
+        self.runner.release()
+        self.assertIsNone(self.successResultOf(waiting))
+        self.assertEqual(self.runner.held, [])
 
 
 class LifecycleQueryTests(StoreTestCase):

@@ -12,6 +12,11 @@ NULL}: of two claims racing for one token, in one process or on two service node
 changes the row; the other reads the token again and is refused (or, with the client token the
 winner bound, let in as its reconnection).  The data plane's C{admit} check runs on the reactor
 thread between the check and the spend, so a refused peer keeps its token.
+
+The sides' connection states are committed in groups (L{SQLStore.set_connection_state}): while one
+group's transaction runs, the states set meanwhile wait and then go together in the next, in the
+order they were set.  Under a burst of handshakes that is one transaction (and one trip to the
+store's thread) for many states instead of one each; alone, a state is written at once as before.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
 from zope.interface import Interface
 
 from tunnelkit.service import tokens
@@ -95,6 +101,9 @@ class SQLStore:
     def __init__(self, runner: IDatabaseRunner) -> None:
         self._runner = runner
         self._closed = False
+        #: Connection states waiting for the group being written (L{set_connection_state}).
+        self._states_waiting: List[Tuple[Tuple[str, str, str, float], "Deferred[None]"]] = []
+        self._states_writing = False
 
     def _run(self, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
         return self._runner.run(fn, *args)
@@ -519,18 +528,44 @@ class SQLStore:
             raise ValueError(f"side must be {SOURCE!r} or {DESTINATION!r}, not {side!r}")
         if self._closed:
             return succeed(None)  # the service is stopping; the next start resets every state
-        return self._run(self._set_connection_state, tunnel_id, side, CONNECTED if connected else DISCONNECTED, now)
+        done: "Deferred[None]" = Deferred()
+        self._states_waiting.append(((tunnel_id, side, CONNECTED if connected else DISCONNECTED, now), done))
+        if not self._states_writing:
+            self._write_states()
+        return done
+
+    def _write_states(self) -> None:
+        """Commit every waiting state in one transaction; fire their Deferreds; then the next group."""
+        group, self._states_waiting = self._states_waiting, []
+        self._states_writing = True
+
+        def written(result: Any) -> None:
+            self._states_writing = False
+            for _, done in group:
+                if isinstance(result, Failure):
+                    done.errback(result)
+                else:
+                    done.callback(None)
+            if self._closed:  # stopping: the next start resets every state
+                waiting, self._states_waiting = self._states_waiting, []
+                for _, done in waiting:
+                    done.callback(None)
+            elif self._states_waiting:
+                self._write_states()
+
+        self._run(self._set_connection_states, [state for state, _ in group]).addBoth(written)
 
     @staticmethod
-    def _set_connection_state(db: Any, tunnel_id: str, side: str, status: str, now: float) -> None:
-        # A CLOSED tunnel's side may become DISCONNECTED, never CONNECTED.
-        only_open = "" if status == DISCONNECTED else " AND status = ?"
+    def _set_connection_states(db: Any, states: Sequence[Tuple[str, str, str, float]]) -> None:
         with db.transaction(durable=False):
-            db.execute(
-                f"UPDATE tunnels SET {side}_status = ?, {side}_updated_at = ?, last_updated_at = ? "
-                f"WHERE tunnel_id = ?{only_open}",
-                (status, now, now, tunnel_id) + (() if status == DISCONNECTED else (OPEN,)),
-            )
+            for tunnel_id, side, status, now in states:
+                # A CLOSED tunnel's side may become DISCONNECTED, never CONNECTED.
+                only_open = "" if status == DISCONNECTED else " AND status = ?"
+                db.execute(
+                    f"UPDATE tunnels SET {side}_status = ?, {side}_updated_at = ?, last_updated_at = ? "
+                    f"WHERE tunnel_id = ?{only_open}",
+                    (status, now, now, tunnel_id) + (() if status == DISCONNECTED else (OPEN,)),
+                )
 
     def reset_connection_states(self, now: float) -> "Deferred[int]":
         """Mark every side DISCONNECTED (no peer survives a restart); return how many changed."""
