@@ -447,6 +447,7 @@ class Figures:
         return statistics.median(self.rtt_p50), statistics.median(self.rtt_p99)
     connects: List[float] = field(default_factory=list)
     connect_p99: List[float] = field(default_factory=list)
+    connect_cpu: Dict[str, List[float]] = field(default_factory=dict)  # CPU ms per connection, by role
     rss: Dict[str, Tuple[int, int]] = field(default_factory=dict)
     shares: Dict[str, float] = field(default_factory=dict)
 
@@ -467,9 +468,13 @@ def measure_rounds(paths: List[Path], args: argparse.Namespace) -> Dict[str, Fig
                     f.shares[share] = f.shares.get(share, 0.0) + cpu_seconds(pids) - before_shares[share]
                 f.gigabytes += 2 * args.megabytes / 1024
             if "connect" in args.parts:
+                before = {role: cpu_seconds(pids) for role, pids in path.processes.items()}
                 rate, p99 = connection_rate(path.echo, args.connections)
                 f.connects.append(rate)
                 f.connect_p99.append(p99)
+                for role, pids in path.processes.items():
+                    spent = (cpu_seconds(pids) - before[role]) / args.connections * 1000
+                    f.connect_cpu.setdefault(role, []).append(spent)
             if "rtt" in args.parts:
                 p50, p99 = round_trips(path.echo, args.round_trips)
                 f.rtt_p50.append(p50)
@@ -587,7 +592,9 @@ def report(paths: List[Path], figures: Dict[str, Figures], hand: Dict[str, Tuple
             print(f"  {LABELS[name]:<18} {statistics.median(f.connects):8.0f} /s"
                   f"  ({median_ratio(f.connects, figures['direct'].connects) if 'direct' in figures else float('nan'):.2f}x direct,"
                   f" {median_ratio(f.connects, figures['relay'].connects) if 'relay' in figures else float('nan'):.2f}x relay)"
-                  f"   p99 connect + first byte {statistics.median(f.connect_p99):7.2f} ms")
+                  f"   p99 connect + first byte {statistics.median(f.connect_p99):7.2f} ms"
+                  + ("   CPU ms each: " + ", ".join(f"{role} {statistics.median(ms):.2f}" for role, ms in f.connect_cpu.items())
+                     if f.connect_cpu else ""))
     if hand:
         print(f"\n  tunnel handshakes/s, one service process ({CLIENT_THREADS} client threads, {args.handshakes} per run):")
         for scheme, (rates, p99s, busy) in hand.items():

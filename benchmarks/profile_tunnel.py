@@ -122,7 +122,7 @@ def main() -> None:
     if args.summarise:
         report(args.summarise, None, args.top)
         return
-    py_spy = shutil.which("py-spy")
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     if py_spy is None:
         raise SystemExit("py-spy is not installed (pip install py-spy)")
     out = args.keep or tempfile.mkdtemp(prefix="tunnelkit-profile-")

@@ -101,6 +101,69 @@ class CoalesceTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getWriters(), [self.transport])
         self.assertIsNotNone(self.transport.doWrite())
 
+    def test_pieces_gathered_in_one_sendmsg(self) -> None:
+        """Several pieces go out in one sendmsg, unjoined; the socket is never watched."""
+        calls: List[int] = []
+        real = self.transport.socket
+
+        class Counting:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def sendmsg(self, pieces: List[bytes]) -> int:
+                calls.append(len(pieces))
+                return real.sendmsg(pieces)
+
+        self.transport.socket = Counting()
+        self.transport.writeSequence([b"a" * 1000, b"b" * 2000])
+        self.transport.write(b"c" * 3000)
+        self.reactor.advance(0)
+        self.assertEqual(calls, [3])
+        self.assertEqual(self.received(), b"a" * 1000 + b"b" * 2000 + b"c" * 3000)
+        self.assertEqual(self.reactor.getWriters(), [])
+        self.assertEqual((self.transport._tempDataBuffer, self.transport.dataBuffer), ([], b""))
+
+    def test_gathered_rest_waits_for_writability_in_order(self) -> None:
+        """What the kernel does not take of gathered pieces goes to Twisted's path, in order."""
+        pieces = [bytes([n]) * (256 * 1024 + n) for n in range(64)]  # ~16 MiB in 64 pieces
+        self.transport.writeSequence(pieces)
+        self.reactor.advance(0)
+        self.assertEqual(self.reactor.getWriters(), [self.transport])
+        got = self.received()
+        while self.reactor.getWriters():
+            self.transport.doWrite()
+            got += self.received()
+        self.assertEqual(got, b"".join(pieces))
+
+    def test_drained_gather_resumes_a_paused_producer(self) -> None:
+        """A producer paused by a full buffer is resumed once a gathered send takes everything."""
+        resumed: List[bool] = []
+
+        class Producer:
+            def pauseProducing(self) -> None:
+                resumed.append(False)
+
+            def resumeProducing(self) -> None:
+                resumed.append(True)
+
+            def stopProducing(self) -> None:
+                pass
+
+        self.transport.registerProducer(Producer(), True)
+        self.transport.bufferSize = 1000
+        self.transport.writeSequence([b"x" * 800, b"y" * 800])  # over bufferSize: paused
+        self.assertEqual(resumed, [False])
+        self.reactor.advance(0)
+        self.assertEqual(resumed, [False, True])
+        self.assertEqual(self.received(), b"x" * 800 + b"y" * 800)
+
+    def test_a_failed_gathered_send_goes_to_twisteds_path(self) -> None:
+        self.peer.close()
+        self.transport.writeSequence([b"x" * 100, b"y" * 100])
+        self.reactor.advance(0)
+        self.assertEqual(self.reactor.getWriters(), [self.transport])
+        self.assertIsNotNone(self.transport.doWrite())
+
     def test_not_bytes_refused(self) -> None:
         self.assertRaises(TypeError, self.transport.write, "text")
         self.assertRaises(TypeError, self.transport.writeSequence, ["text"])

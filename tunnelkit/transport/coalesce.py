@@ -20,15 +20,22 @@ Measured with C{strace -c} on the three processes of a wss:// tunnel (source, se
 destination): system calls per 1-byte round trip 13.7 / 12.6 / 13.7 -> 8.4 each; per MB of bulk
 74.7 / 49.3 / 61.9 -> 50.3 / 26.0 / 41.8 (benchmarks/bench_syscalls.py).
 
+A turn's writes of several pieces go out in one C{sendmsg} of the pieces as they are (the kernel
+gathers them), not joined into one string first as Twisted's C{doWrite} does: one copy of every
+byte less in userland (the destination proxy writes each DATA message's payload as a piece).  What
+the kernel does not take is then joined (only the rest) for Twisted's path.
+
 This reaches into Twisted's C{FileDescriptor} (its write buffer: C{_tempDataBuffer},
-C{_tempDataLen}, C{_maybePauseProducer}, C{dataBuffer}, C{doWrite}) and the epoll reactor's set of
-watched writers (C{_writes}); L{missing} names what is gone, and L{install} then leaves Twisted as
-it is.  C{TUNNELKIT_WRITE_COALESCING=0} in the environment turns it off.
+C{_tempDataLen}, C{_maybePauseProducer}, C{dataBuffer}, C{offset}, C{doWrite}, and its producer
+state: C{producer}, C{streamingProducer}, C{producerPaused}) and the epoll reactor's set of watched
+writers (C{_writes}); L{missing} names what is gone, and L{install} then leaves Twisted as it is.
+C{TUNNELKIT_WRITE_COALESCING=0} in the environment turns it off.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any, Callable, Iterable, List, Optional
 
 from twisted.internet import abstract, tcp
@@ -48,8 +55,15 @@ _FILE_DESCRIPTOR_NEEDS = (
     "_maybePauseProducer",
     "_writeDisconnected",
     "dataBuffer",
+    "offset",
     "doWrite",
+    "producer",
+    "streamingProducer",
+    "producerPaused",
 )
+
+#: At most this many pieces in one C{sendmsg} (Linux's IOV_MAX); the rest wait for the next send.
+_IOV_MAX = 1024
 
 _installed: Optional["_Coalescer"] = None
 
@@ -63,6 +77,8 @@ def missing(reactor: Any = None) -> List[str]:
     gone = [f"FileDescriptor.{name}" for name in _FILE_DESCRIPTOR_NEEDS if not hasattr(probe, name)]
     if not hasattr(tcp.Connection, "TLS"):
         gone.append("tcp.Connection.TLS")
+    if not hasattr(socket.socket, "sendmsg"):
+        gone.append("socket.sendmsg")
     if reactor is None:
         pass
     elif _is_epoll(reactor):
@@ -117,13 +133,49 @@ class _Coalescer:
             if not transport.connected or self.watched(transport):
                 continue  # closed meanwhile, or closing (loseConnection watches for writability)
             try:
-                result = transport.doWrite()
+                result = _send(transport)
             except Exception:
                 log.failure("Sending a connection's buffered bytes failed")
                 result = True
             if result is not None or transport.dataBuffer or transport._tempDataLen:
                 # Not all sent, or the send failed: Twisted's path sends the rest or reports the error.
                 transport.startWriting()
+
+
+def _send(transport: Any) -> Any:
+    """
+    Send what C{transport} holds: its pieces gathered in one C{sendmsg} when it holds several and
+    nothing older, else Twisted's C{doWrite}.  What the kernel did not take stays in the transport
+    (joined) for Twisted's path; a failed send is left to that path too, which reports it.
+    """
+    pieces = transport._tempDataBuffer
+    if len(pieces) < 2 or transport.offset != len(transport.dataBuffer):
+        return transport.doWrite()
+    gathered = pieces if len(pieces) <= _IOV_MAX else pieces[:_IOV_MAX]
+    try:
+        sent = transport.socket.sendmsg(gathered)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        return transport.doWrite()  # the same error again, reported the way Twisted reports it
+    transport.dataBuffer = b""
+    transport.offset = 0
+    if sent == transport._tempDataLen:
+        transport._tempDataBuffer = []
+        transport._tempDataLen = 0
+        if transport.producer is not None and (not transport.streamingProducer or transport.producerPaused):
+            transport.producerPaused = False  # drained: as Twisted's doWrite does
+            transport.producer.resumeProducing()
+        return None
+    index = 0
+    while sent >= len(pieces[index]):
+        sent -= len(pieces[index])
+        index += 1
+    rest = [memoryview(pieces[index])[sent:], *pieces[index + 1 :]]
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    transport.dataBuffer = b"".join(rest)
+    return None
 
 
 def _make_write(coalescer: _Coalescer, tls_write: Callable[[Any, bytes], None]) -> Callable[[Any, bytes], None]:
