@@ -114,7 +114,7 @@ class CoalesceTests(SynchronousTestCase):
                 calls.append(len(pieces))
                 return real.sendmsg(pieces)
 
-        self.transport.socket = Counting()
+        self.transport.socket = Counting()  # type: ignore[assignment]
         self.transport.writeSequence([b"a" * 1000, b"b" * 2000])
         self.transport.write(b"c" * 3000)
         self.reactor.advance(0)
