@@ -1,0 +1,45 @@
+"""
+A small run of the performance table (benchmarks/bench_tunnel.py) through real processes: the
+reverse-SSH relay (a real sshd), tunnelkit over wss://, and tunnelkit behind a real HAProxy running
+the shipped deploy/haproxy.cfg (wss-lb).  The figures themselves are not checked (never timed
+assertions): that every path was set up, carried its bytes and got its row, and that the targets
+table names each TLS path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from twisted.trial.unittest import TestCase
+
+from tests.e2e.harness import REPOSITORY_TOP
+from tunnelkit.testing.haproxy import HAPROXY
+
+
+class BenchTunnelSmokeTests(TestCase):
+    timeout = 300
+
+    def test_table_has_every_path(self) -> None:
+        if not os.access(HAPROXY, os.X_OK):
+            raise self.skipTest("haproxy is not installed (apt-get install haproxy)")
+        script = os.path.join(REPOSITORY_TOP, "benchmarks", "bench_tunnel.py")
+        env = dict(os.environ, PYTHONPATH=REPOSITORY_TOP)
+        result = subprocess.run(
+            [sys.executable, script, "--paths", "relay,wss,wss-lb", "--parts", "bulk,rtt,handshake",
+             "--megabytes", "8", "--repeat", "1", "--round-trips", "50", "--handshakes", "40"],
+            capture_output=True, timeout=280, env=env, cwd=REPOSITORY_TOP,
+        )
+        output = result.stdout.decode("utf-8", "replace") + result.stderr.decode("utf-8", "replace")
+        self.assertEqual(result.returncode, 0, output)
+        number = r"\d+(?:\.\d+)?"
+        for label in ("reverse-SSH relay", "tunnel wss://", r"wss:// \+ HAProxy"):
+            # a measured MB/s and RTT on each path's row (nan would mean it moved nothing)
+            self.assertRegex(output, rf"(?m)^  {label} +{number} .* {number} +{number} ", output)
+        self.assertRegex(output, rf"wss:// \+ HAProxy: the service's CPU s/GB is service node {number}, HAProxy {number}")
+        for scheme in ("wss", "wss-lb"):
+            self.assertRegex(output, rf"(?m)^  {re.escape(scheme)} +{number} /s .* service CPU", output)
+        self.assertIn("wss:// CPU s/GB / reverse-SSH relay's", output)
+        self.assertIn("wss-lb (wss:// + HAProxy) handshakes/s per service process", output)
