@@ -21,9 +21,12 @@ Parts (``--parts``):
              process on the path (source, service, destination; an sshd counts with its children);
   rtt        1-byte round trip p50/p99 (each round: --round-trips on every path in turn);
   connect    new TCP connections per second through one tunnel (8 client threads; each connects,
-             sends a byte, reads the echo, closes), with the p99 connect-and-first-byte latency;
+             sends a byte, reads the echo, closes), with the p99 connect-and-first-byte latency
+             and each process's CPU milliseconds per connection;
   handshake  tunnel handshakes per second on one service process (WebSocket upgrades with token
-             checks, 8 client threads reconnecting with a client token), ws:// and wss://, p99;
+             checks, 8 client threads reconnecting with a client token), ws:// and wss://, p99,
+             and the service's CPU milliseconds per handshake (1000 / that: what one core of the
+             service can take, whatever the client threads leave it);
   idle       service memory per idle TLS WebSocket with --idle-tunnels idle tunnels (a fresh
              service; two WebSockets per tunnel).
 
