@@ -239,12 +239,13 @@ def connection_rate(port: int, total: int) -> Tuple[float, float]:
 
 
 def open_websocket(port: int, token: str, mode: str, client_token: Optional[str],
-                   tls: Optional[ssl.SSLContext], session: Optional[ssl.SSLSession] = None) -> socket.socket:
+                   tls: Optional[ssl.SSLContext], session: Optional[ssl.SSLSession] = None,
+                   source: str = "") -> socket.socket:
     """
-    A tunnel WebSocket (a raw socket, upgraded; TLS when C{tls}, resuming C{session} if given),
-    after the service's 101.
+    A tunnel WebSocket (a raw socket, upgraded; TLS when C{tls}, resuming C{session} if given; from
+    the loopback address C{source} if given), after the service's 101.
     """
-    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0) if source else None)
     if tls is not None:
         s = tls.wrap_socket(s, server_hostname="127.0.0.1", session=session)
     extra = [("client-token", client_token)] if client_token else []
@@ -561,6 +562,51 @@ def idle_memory(cleanups: _Cleanups, tunnels: int, tls: bool, library: str = "st
     return before, after, len(sockets)
 
 
+def haproxy_installed() -> bool:
+    from tunnelkit.testing.haproxy import HAPROXY
+
+    return os.access(HAPROXY, os.X_OK)
+
+
+def idle_memory_balanced(cleanups: _Cleanups, tunnels: int, library: str = "stdlib") -> Tuple[Dict[str, Tuple[int, int]], int]:
+    """
+    The wss-lb deployment's memory with C{tunnels} idle tunnels: RSS (KiB) of the service node and
+    of HAProxy before and after both sides of each connected through HAProxy, and the WebSockets.
+    The shipped file refuses more than 1,000 connections at once from one address, so the clients
+    spread over the loopback addresses 127.0.0.2-127.0.0.9.
+    """
+    from tunnelkit.testing.deployment import Deployment
+
+    h = Harness(cleanups)
+    deployment = Deployment(h.procs, nodes=1, cluster=False,
+                            extra=[*LIMITS_OFF, "--no-console", "--peer-timeout", "3600", "--tls-library", library])
+    assert deployment.haproxy is not None
+    deployment.haproxy.wait_servers()
+    pids = {"service node": deployment.nodes[0].child.pid, "HAProxy": deployment.haproxy.process.pid}
+    api = deployment.api()
+
+    def open_one(_: int) -> Tuple[str, str]:
+        answer = api.open_tunnel(destinationConfig={"thingName": "idle", "services": ["SSH"]})
+        return answer["sourceAccessToken"], answer["destinationAccessToken"]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        pairs = list(pool.map(open_one, range(tunnels)))
+    time.sleep(1.0)
+    before = {name: rss_kib(pid) for name, pid in pids.items()}
+    context = ssl.create_default_context(cafile=deployment.ca_cert)
+    jobs = [(index, token, mode) for index, (token, mode) in
+            enumerate((token, mode) for pair in pairs for token, mode in zip(pair, ("source", "destination")))]
+    port = deployment.haproxy.tls_port
+    with concurrent.futures.ThreadPoolExecutor(CLIENT_THREADS) as pool:
+        sockets = list(pool.map(lambda job: open_websocket(port, job[1], job[2], None, context,
+                                                           source=f"127.0.0.{2 + job[0] % 8}"), jobs))
+    time.sleep(2.0)
+    after = {name: rss_kib(pid) for name, pid in pids.items()}
+    for s in sockets:
+        s.close()
+    return {name: (before[name], after[name]) for name in pids}, len(sockets)
+
+
 # --- the report -----------------------------------------------------------------------------------
 
 
@@ -570,7 +616,8 @@ def median_ratio(a: List[float], b: List[float]) -> float:
 
 
 def report(paths: List[Path], figures: Dict[str, Figures], hand: Dict[str, Tuple[List[float], List[float], List[float]]],
-           idle: Dict[str, Tuple[float, float, int]], args: argparse.Namespace, load_after: str) -> None:
+           idle: Dict[str, Tuple[float, float, int]], args: argparse.Namespace, load_after: str,
+           idle_lb: Optional[Tuple[Dict[str, Tuple[int, int]], int]] = None) -> None:
     names = [path.name for path in paths]
     print(f"\nthe table (medians of {args.repeat} rounds; ratios: medians of per-round ratios)  [after: {load_after}]")
     if "bulk" in args.parts or "rtt" in args.parts:
@@ -605,6 +652,11 @@ def report(paths: List[Path], figures: Dict[str, Figures], hand: Dict[str, Tuple
             print(f"  {scheme:<18} {statistics.median(rates):8.0f} /s   p99 {statistics.median(p99s):7.2f} ms"
                   f"   service CPU {cost:5.2f} ms each (one core's worth: {1000 / cost:5.0f} /s)"
                   f"   (runs {', '.join(f'{r:.0f}' for r in rates)})")
+    if idle_lb is not None:
+        rss, sockets = idle_lb
+        shown = ", ".join(f"{name} {(after - before) / sockets * 1.024:.1f} KB" for name, (before, after) in rss.items())
+        total = sum(after - before for before, after in rss.values()) / sockets * 1.024
+        print(f"\n  memory, {args.idle_tunnels} idle tunnels over wss-lb: {total:.1f} KB per WebSocket ({shown})")
     for scheme, (before, after, sockets) in idle.items():
         per = (after - before) / sockets
         print(f"\n  service memory, {args.idle_tunnels} idle tunnels over {scheme}: RSS {before / 1024:.1f} MiB -> "
@@ -711,6 +763,7 @@ def main() -> None:
     h = Harness(cleanups)
     hand: Dict[str, Tuple[List[float], List[float], List[float]]] = {}
     idle: Dict[str, Tuple[float, float, int]] = {}
+    idle_lb: Optional[Tuple[Dict[str, Tuple[int, int]], int]] = None
     figures: Dict[str, Figures] = {}
     paths: List[Path] = []
     import autobahn.websocket
@@ -735,9 +788,7 @@ def main() -> None:
                 paths.append(reverse_ssh_relay_path(cleanups, sink, echo))
             elif name in TUNNEL_PATHS and (flow_parts or "handshake" in args.parts):
                 if name == "wss-lb":
-                    from tunnelkit.testing.haproxy import HAPROXY
-
-                    if not os.access(HAPROXY, os.X_OK):
+                    if not haproxy_installed():
                         print("  wss-lb left out: haproxy is not installed (apt-get install haproxy)", flush=True)
                         continue
                     path = balanced_tunnel_path(h, sink, echo, args.tls_library)
@@ -766,12 +817,14 @@ def main() -> None:
         if "idle" in args.parts:
             for tls in ((False, True) if args.idle_ws else (True,)):
                 idle["wss" if tls else "ws"] = idle_memory(cleanups, args.idle_tunnels, tls, args.tls_library)
+            if "wss-lb" in args.paths and haproxy_installed():
+                idle_lb = idle_memory_balanced(cleanups, args.idle_tunnels, args.tls_library)
         load_after = load_note()
     finally:
         cleanups.run()
     if not flow_parts:
         paths = []
-    report(paths, figures, hand, idle, args, load_after)
+    report(paths, figures, hand, idle, args, load_after, idle_lb)
 
 
 if __name__ == "__main__":
