@@ -17,7 +17,9 @@ import stat
 import tempfile
 from typing import Any, List, Optional, Tuple
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tunnelkit.service import tokens
@@ -31,12 +33,8 @@ from tunnelkit.service.store import (
     NoSuchKey,
     StoreError,
 )
-from twisted.internet.defer import Deferred
-
-from zope.interface import implementer
-
 from tunnelkit.service.dbrunner import Blocking, IDatabaseRunner, SynchronousRunner
-from tunnelkit.service.store_sqlite import DATABASE_NAME, MEMORY, SQLiteStore, open_store
+from tunnelkit.service.store_sqlite import DATABASE_NAME, MEMORY, SQLiteStore, connect, open_store
 
 ACCOUNT = "111111111111"
 OTHER = "222222222222"
@@ -354,8 +352,6 @@ class HeldRunner:
     """
 
     def __init__(self, path: str) -> None:
-        from tunnelkit.service.store_sqlite import connect
-
         self.inner = SynchronousRunner(lambda: connect(path))
         self.held: List[Tuple[Any, Tuple[Any, ...], Deferred]] = []
         self.transactions = 0
