@@ -15,14 +15,13 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from typing import Any, Dict, List
 
 from twisted.internet import defer
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web import resource, server, vhost
 
-from tunnelkit.testing.process import Processes, start_sshd
+from tunnelkit.testing.process import Processes, start_sshd, wait_until
 
 FTP_USER, FTP_PASSWORD = "tunnel", "kit-secret"
 
@@ -186,17 +185,16 @@ class VNCServer:
                 stdout=out, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         test.addCleanup(_stop, self.process)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and self.process.poll() is None:
+        def announced() -> List[bytes]:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"x11vnc exited at start (see {self.log_path})")
             with open(out_path, "rb") as f:
-                ports = [line[5:] for line in f.read().splitlines() if line.startswith(b"PORT=")]
-            if ports:
-                self.port = int(ports[0])
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                    if s.recv(12).startswith(b"RFB "):
-                        return
-                break
-            time.sleep(0.1)
+                return [line[5:] for line in f.read().splitlines() if line.startswith(b"PORT=")]
+
+        self.port = int(wait_until(announced, 15, f"x11vnc to announce its port (see {self.log_path})", interval=0.1)[0])
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            if s.recv(12).startswith(b"RFB "):
+                return
         raise RuntimeError(f"x11vnc did not start (see {self.log_path})")
 
 
