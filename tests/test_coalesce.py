@@ -164,6 +164,58 @@ class CoalesceTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getWriters(), [self.transport])
         self.assertIsNotNone(self.transport.doWrite())
 
+    def test_one_piece_in_one_send(self) -> None:
+        """A turn's single write goes out with one send of the piece as it is (no join, no doWrite)."""
+        sends: List[bytes] = []
+        real = self.transport.socket
+
+        class Counting:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def send(self, data: bytes) -> int:
+                sends.append(data)
+                return real.send(data)
+
+        self.transport.socket = Counting()  # type: ignore[assignment]
+        self.transport.doWrite = lambda: self.fail("Twisted's doWrite called")  # type: ignore[method-assign]
+        payload = b"p" * 5000
+        self.transport.write(payload)
+        self.reactor.advance(0)
+        self.assertEqual(len(sends), 1)
+        self.assertIs(sends[0], payload)
+        self.assertEqual(self.received(), payload)
+        self.assertEqual((self.transport._tempDataBuffer, self.transport.dataBuffer), ([], b""))
+
+    def test_writes_during_an_event_dispatch_go_at_its_end(self) -> None:
+        """Told that the reactor dispatches events, the coalescer sends at their end, with no timed call."""
+        listener = coalesce.events_listener()
+        assert listener is not None
+        listener.events_begin()
+        self.transport.write(b"in ")
+        self.transport.writeSequence([b"the ", b"dispatch"])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.received(), b"")
+        listener.events_end()
+        self.assertEqual(self.received(), b"in the dispatch")
+        self.transport.write(b" and after")  # outside a dispatch (a timed call's write): a timed flush
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        self.reactor.advance(0)
+        self.assertEqual(self.received(), b" and after")
+
+    def test_a_dispatch_ending_with_a_flush_already_timed(self) -> None:
+        """A write from a timed call, then a dispatch: everything goes at the dispatch's end, once."""
+        listener = coalesce.events_listener()
+        assert listener is not None
+        self.transport.write(b"timed ")
+        listener.events_begin()
+        self.transport.write(b"dispatched")
+        listener.events_end()
+        self.assertEqual(self.received(), b"timed dispatched")
+        self.reactor.advance(0)  # the timed flush finds nothing left
+        self.assertEqual(self.received(), b"")
+        self.assertEqual(self.reactor.getWriters(), [])
+
     def test_not_bytes_refused(self) -> None:
         self.assertRaises(TypeError, self.transport.write, "text")
         self.assertRaises(TypeError, self.transport.writeSequence, ["text"])
@@ -191,3 +243,6 @@ class OffTests(SynchronousTestCase):
 
     def test_nothing_missing_here(self) -> None:
         self.assertEqual(coalesce.missing(MemoryReactorClock()), [])
+
+    def test_no_listener_when_off(self) -> None:
+        self.assertIsNone(coalesce.events_listener())

@@ -227,7 +227,7 @@ class ModeService(MultiService):
             # each I/O event dispatched with Twisted's log context, in fewer calls
             from tunnelkit.transport import fastpath
 
-            fastpath.install_event_dispatch(reactor)
+            fastpath.install_event_dispatch(reactor, coalesce.events_listener())
         try:
             super().startService()
         except ConfigError as e:

@@ -7,7 +7,9 @@ Twisted's TCP transport buffers every C{write} and sends it when the reactor nex
 socket writable: per message that costs an C{epoll_ctl} to watch for writability, one more
 C{epoll_wait} and event dispatch, and an C{epoll_ctl} to stop watching.  Once installed, a write to
 a TCP (or UNIX) connection that is not already waiting for writability is queued, and every queued
-connection is flushed at the end of the reactor turn (one C{callLater(0)} shared by all of them):
+connection is flushed at the end of the reactor turn: at the end of the poll's event dispatch when
+the reactor's dispatch tells (L{events_listener}, L{tunnelkit.transport.fastpath.install_event_dispatch}),
+else by one C{callLater(0)} shared by all of them (writes made in timed calls, or another reactor):
 what one turn wrote still goes out in one C{send}, and when the kernel takes it all the reactor
 never watches the socket.  When it does not (the peer reads slowly), or the send fails, the
 connection goes back to Twisted's own path (C{startWriting}), so flow control, half-close and errors
@@ -42,7 +44,7 @@ from twisted.internet import abstract, tcp
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
-__all__ = ["install", "installed", "missing", "ENVIRONMENT"]
+__all__ = ["install", "installed", "events_listener", "missing", "ENVIRONMENT"]
 
 #: Set to C{0} to keep Twisted's own write path.
 ENVIRONMENT = "TUNNELKIT_WRITE_COALESCING"
@@ -102,13 +104,25 @@ def installed() -> bool:
     return _installed is not None
 
 
+def events_listener() -> Optional["_Coalescer"]:
+    """
+    What the reactor's event dispatch tells when it starts and ends dispatching a poll's events
+    (C{events_begin}, C{events_end}), so that their writes go out at its end without a timed call;
+    None when writes are not coalesced.
+    """
+    return _installed
+
+
 class _Coalescer:
     """The queue of connections with bytes to send at the end of this reactor turn."""
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self.queued: List[Any] = []
-        self.scheduled = False
+        self.scheduled = False  # a timed call to flush is pending
+        #: The reactor is dispatching I/O events (L{tunnelkit.transport.fastpath.install_event_dispatch}
+        #: tells): writes wait for the end of the dispatch instead of a timed call.
+        self.dispatching = False
         if _is_epoll(reactor):  # twistd's reactor on Linux: watched writers by file descriptor
             writes = reactor._writes
             self.watched: Callable[[Any], bool] = lambda t: t.fileno() in writes
@@ -120,9 +134,19 @@ class _Coalescer:
             return  # already queued, or the reactor sends it when the socket is writable
         transport._tk_queued = True
         self.queued.append(transport)
-        if not self.scheduled:
+        if not self.scheduled and not self.dispatching:
             self.scheduled = True
             self.reactor.callLater(0, self.flush)
+
+    def events_begin(self) -> None:
+        """The reactor starts dispatching one poll's I/O events: what they write is sent at L{events_end}."""
+        self.dispatching = True
+
+    def events_end(self) -> None:
+        """The poll's events are dispatched: send what they wrote (no timed call needed)."""
+        self.dispatching = False
+        if self.queued:
+            self.flush()
 
     def flush(self) -> None:
         """Send what each queued connection holds; those the kernel did not take all of wait for writability."""
@@ -144,16 +168,21 @@ class _Coalescer:
 
 def _send(transport: Any) -> Any:
     """
-    Send what C{transport} holds: its pieces gathered in one C{sendmsg} when it holds several and
-    nothing older, else Twisted's C{doWrite}.  What the kernel did not take stays in the transport
-    (joined) for Twisted's path; a failed send is left to that path too, which reports it.
+    Send what C{transport} holds with one system call: one piece with C{send}, several gathered with
+    C{sendmsg} (at most L{_IOV_MAX}), when nothing older waits in Twisted's buffer (else Twisted's
+    C{doWrite}).  What the kernel did not take stays in the transport (joined) for Twisted's path;
+    a failed send is left to that path too, which reports it.  Either way this is what Twisted's
+    C{doWrite} does for a connection not watched for writability (no C{stopWriting} to undo), in
+    fewer Python calls.
     """
     pieces = transport._tempDataBuffer
-    if len(pieces) < 2 or transport.offset != len(transport.dataBuffer):
+    if not pieces or transport.offset != len(transport.dataBuffer):
         return transport.doWrite()
-    gathered = pieces if len(pieces) <= _IOV_MAX else pieces[:_IOV_MAX]
     try:
-        sent = transport.socket.sendmsg(gathered)
+        if len(pieces) == 1:
+            sent = transport.socket.send(pieces[0])
+        else:
+            sent = transport.socket.sendmsg(pieces if len(pieces) <= _IOV_MAX else pieces[:_IOV_MAX])
     except BlockingIOError:
         sent = 0
     except OSError:
