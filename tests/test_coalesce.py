@@ -216,6 +216,14 @@ class CoalesceTests(SynchronousTestCase):
         self.assertEqual(self.received(), b"")
         self.assertEqual(self.reactor.getWriters(), [])
 
+    def test_an_aborted_connections_writes_are_dropped(self) -> None:
+        """Written, then aborted in the same turn: nothing goes out (Twisted drops it too), one piece or several."""
+        self.transport.write(b"never ")
+        self.transport.writeSequence([b"sent", b"!"])
+        self.transport.abortConnection()
+        self.reactor.advance(0)
+        self.assertEqual(self.received(), b"")
+
     def test_not_bytes_refused(self) -> None:
         self.assertRaises(TypeError, self.transport.write, "text")
         self.assertRaises(TypeError, self.transport.writeSequence, ["text"])

@@ -29,8 +29,9 @@ the kernel does not take is then joined (only the rest) for Twisted's path.
 
 This reaches into Twisted's C{FileDescriptor} (its write buffer: C{_tempDataBuffer},
 C{_tempDataLen}, C{_maybePauseProducer}, C{dataBuffer}, C{offset}, C{doWrite}, and its producer
-state: C{producer}, C{streamingProducer}, C{producerPaused}) and the epoll reactor's set of watched
-writers (C{_writes}); L{missing} names what is gone, and L{install} then leaves Twisted as it is.
+state: C{producer}, C{streamingProducer}, C{producerPaused}), its TCP connection's C{TLS} and
+C{_aborting}, and the epoll reactor's set of watched writers (C{_writes}); L{missing} names what is
+gone, and L{install} then leaves Twisted as it is.
 C{TUNNELKIT_WRITE_COALESCING=0} in the environment turns it off.
 """
 
@@ -77,8 +78,9 @@ def missing(reactor: Any = None) -> List[str]:
     """
     probe = abstract.FileDescriptor()
     gone = [f"FileDescriptor.{name}" for name in _FILE_DESCRIPTOR_NEEDS if not hasattr(probe, name)]
-    if not hasattr(tcp.Connection, "TLS"):
-        gone.append("tcp.Connection.TLS")
+    for name in ("TLS", "_aborting"):
+        if not hasattr(tcp.Connection, name):
+            gone.append(f"tcp.Connection.{name}")
     if not hasattr(socket.socket, "sendmsg"):
         gone.append("socket.sendmsg")
     if reactor is None:
@@ -154,8 +156,10 @@ class _Coalescer:
         queued, self.queued = self.queued, []
         for transport in queued:
             transport._tk_queued = False
-            if not transport.connected or self.watched(transport):
-                continue  # closed meanwhile, or closing (loseConnection watches for writability)
+            if not transport.connected or transport._aborting or self.watched(transport):
+                # closed meanwhile, aborted (what it held is dropped, as Twisted drops it), or
+                # closing (loseConnection watches for writability)
+                continue
             try:
                 result = _send(transport)
             except Exception:
