@@ -1,9 +1,10 @@
 """
 A small run of the performance table (benchmarks/bench_tunnel.py) through real processes: the
 reverse-SSH relay (a real sshd), tunnelkit over wss://, and tunnelkit behind a real HAProxy running
-the shipped deploy/haproxy.cfg (wss-lb).  The figures themselves are not checked (never timed
-assertions): that every path was set up, carried its bytes and got its row, and that the targets
-table names each TLS path.
+the shipped deploy/haproxy.cfg (wss-lb); and of the interleaved before/after comparison
+(benchmarks/ab_tunnel.py) against a git worktree of this checkout's HEAD.  The figures themselves
+are not checked (never timed assertions): that every path was set up, carried its bytes and got
+its row, and that the targets table names each TLS path.
 """
 
 from __future__ import annotations
@@ -43,3 +44,40 @@ class BenchTunnelSmokeTests(TestCase):
             self.assertRegex(output, rf"(?m)^  {re.escape(scheme)} +{number} /s .* service CPU", output)
         self.assertIn("wss:// CPU s/GB / reverse-SSH relay's", output)
         self.assertIn("wss-lb (wss:// + HAProxy) handshakes/s per service process", output)
+
+
+class AbTunnelSmokeTests(TestCase):
+    timeout = 200
+
+    def run_script(self, *arguments: str) -> "subprocess.CompletedProcess[bytes]":
+        script = os.path.join(REPOSITORY_TOP, "benchmarks", "ab_tunnel.py")
+        env = dict(os.environ, PYTHONPATH=REPOSITORY_TOP)
+        return subprocess.run([sys.executable, script, *arguments], capture_output=True, timeout=180, env=env,
+                              cwd=REPOSITORY_TOP)
+
+    def test_before_and_after_side_by_side(self) -> None:
+        if not os.path.isdir(os.path.join(REPOSITORY_TOP, ".git")):
+            raise self.skipTest("not a git checkout")
+        result = self.run_script("--before", "HEAD", "--schemes", "ws", "--parts", "rtt,bulk", "--rounds", "2",
+                                 "--megabytes", "4", "--round-trips", "50", "--no-relay")
+        output = result.stdout.decode("utf-8", "replace") + result.stderr.decode("utf-8", "replace")
+        self.assertEqual(result.returncode, 0, output)
+        number = r"\d+(?:\.\d+)?"
+        for part in ("rtt", "bulk"):
+            self.assertRegex(output, rf"(?m)^  round 2 {part}: ws-before {number} ws-after {number} ", output)
+            self.assertRegex(output, rf"(?m)^  ws: after/before {number}  CPU after/before ", output)
+        self.assertRegex(output, rf"(?m)^  ws-after +median +{number} .*\(rounds: {number} {number}\)$", output)
+        worktree = re.search(r"checked out in (\S+)\)", output)
+        assert worktree is not None, output
+        self.assertFalse(os.path.exists(worktree.group(1)))  # the worktree is removed at the end
+
+    def test_bad_input_is_refused_with_a_message(self) -> None:
+        for arguments, message in (
+            (["--before", "no-such-revision-here"], "cannot check out 'no-such-revision-here'"),
+            (["--before-tree", "/"], "is not a tunnelkit checkout"),
+            (["--before", "HEAD", "--parts", "speed"], "--parts: choose from"),
+            (["--parts", "rtt"], "one of the arguments --before --before-tree is required"),
+        ):
+            result = self.run_script(*arguments)
+            self.assertNotEqual(result.returncode, 0, arguments)
+            self.assertIn(message, result.stderr.decode("utf-8", "replace"), arguments)

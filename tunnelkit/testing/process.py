@@ -267,9 +267,15 @@ class Child:
 
 
 class Processes:
-    """Children under one temporary root; L{cleanup} stops them (last started first) and removes it."""
+    """
+    Children under one temporary root; L{cleanup} stops them (last started first) and removes it.
 
-    def __init__(self, prefix: str = "tunnelkit-procs-") -> None:
+    @param repository_top: the checkout whose code the children run (first on their PYTHONPATH;
+        default: this one), e.g. a C{git worktree} of another commit for an A/B benchmark.
+    """
+
+    def __init__(self, prefix: str = "tunnelkit-procs-", repository_top: Optional[str] = None) -> None:
+        self.repository_top = repository_top or REPOSITORY_TOP
         self.root = tempfile.mkdtemp(prefix=prefix)
         self.children: List[Child] = []
         self._sockets: List[socket.socket] = []
@@ -282,7 +288,7 @@ class Processes:
     def environment(self, cwd: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
         """The environment of a child: this one without tunnel tokens or web proxies, this checkout first."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_") and k.lower() != "https_proxy"}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPOSITORY_TOP, env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (self.repository_top, env.get("PYTHONPATH", "")) if p)
         env["XDG_STATE_HOME"] = os.path.join(cwd, "state-home")  # kept client tokens stay in its directory
         env.update(extra or {})
         return env
@@ -446,12 +452,14 @@ class Harness:
 
     @param testcase: the trial TestCase (L{cleanup} is registered on it), or anything with an
         C{addCleanup} method; L{None}: the caller calls L{cleanup} itself.
+    @param repository_top: the checkout whose code the children run (L{Processes}).
     @ivar procs: the L{Processes} that runs them (L{processes}: the children, in start order).
     """
 
-    def __init__(self, testcase: Any = None, prefix: str = "tunnelkit-e2e-") -> None:
+    def __init__(self, testcase: Any = None, prefix: str = "tunnelkit-e2e-",
+                 repository_top: Optional[str] = None) -> None:
         self.testcase = testcase
-        self.procs = Processes(prefix)
+        self.procs = Processes(prefix, repository_top)
         self.root = self.procs.root
         self.service: Optional[Service] = None
         if testcase is not None:
