@@ -29,6 +29,26 @@ class _Recorder(Protocol):
         self.lost.append(reason)
 
 
+class _CountingSocket:
+    """A real socket, recording what goes to C{send} (the data) and C{sendmsg} (how many pieces)."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.sent: List[bytes] = []
+        self.gathered: List[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(data)
+        return self.real.send(data)
+
+    def sendmsg(self, pieces: List[bytes]) -> int:
+        self.gathered.append(len(pieces))
+        return self.real.sendmsg(pieces)
+
+
 class CoalesceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
@@ -103,22 +123,11 @@ class CoalesceTests(SynchronousTestCase):
 
     def test_pieces_gathered_in_one_sendmsg(self) -> None:
         """Several pieces go out in one sendmsg, unjoined; the socket is never watched."""
-        calls: List[int] = []
-        real = self.transport.socket
-
-        class Counting:
-            def __getattr__(self, name: str) -> Any:
-                return getattr(real, name)
-
-            def sendmsg(self, pieces: List[bytes]) -> int:
-                calls.append(len(pieces))
-                return real.sendmsg(pieces)
-
-        self.transport.socket = Counting()  # type: ignore[assignment]
+        counting = self.transport.socket = _CountingSocket(self.transport.socket)  # type: ignore[assignment]
         self.transport.writeSequence([b"a" * 1000, b"b" * 2000])
         self.transport.write(b"c" * 3000)
         self.reactor.advance(0)
-        self.assertEqual(calls, [3])
+        self.assertEqual(counting.gathered, [3])
         self.assertEqual(self.received(), b"a" * 1000 + b"b" * 2000 + b"c" * 3000)
         self.assertEqual(self.reactor.getWriters(), [])
         self.assertEqual((self.transport._tempDataBuffer, self.transport.dataBuffer), ([], b""))
@@ -166,24 +175,13 @@ class CoalesceTests(SynchronousTestCase):
 
     def test_one_piece_in_one_send(self) -> None:
         """A turn's single write goes out with one send of the piece as it is (no join, no doWrite)."""
-        sends: List[bytes] = []
-        real = self.transport.socket
-
-        class Counting:
-            def __getattr__(self, name: str) -> Any:
-                return getattr(real, name)
-
-            def send(self, data: bytes) -> int:
-                sends.append(data)
-                return real.send(data)
-
-        self.transport.socket = Counting()  # type: ignore[assignment]
+        counting = self.transport.socket = _CountingSocket(self.transport.socket)  # type: ignore[assignment]
         self.transport.doWrite = lambda: self.fail("Twisted's doWrite called")  # type: ignore[method-assign]
         payload = b"p" * 5000
         self.transport.write(payload)
         self.reactor.advance(0)
-        self.assertEqual(len(sends), 1)
-        self.assertIs(sends[0], payload)
+        self.assertEqual(len(counting.sent), 1)
+        self.assertIs(counting.sent[0], payload)
         self.assertEqual(self.received(), payload)
         self.assertEqual((self.transport._tempDataBuffer, self.transport.dataBuffer), ([], b""))
 

@@ -321,6 +321,19 @@ class DirectReadsTests(SynchronousTestCase):
         self.assertIn("forwarding protocols", warnings[0])
 
 
+class _Listener:
+    """What the event dispatch tells (the write coalescer's part), recorded."""
+
+    def __init__(self) -> None:
+        self.heard: List[str] = []
+
+    def events_begin(self) -> None:
+        self.heard.append("begin")
+
+    def events_end(self) -> None:
+        self.heard.append("end")
+
+
 class _PipeReader:
     """A selectable reading one end of a pipe; records the log context each read ran in."""
 
@@ -353,63 +366,45 @@ class _PipeReader:
 class EventDispatchTests(SynchronousTestCase):
     """L{fastpath.install_event_dispatch}: the epoll reactor's events, with Twisted's log context."""
 
-    def reactor(self, listener=None):
+    def reactor(self, listener=None, handle=None):
+        """A private epoll reactor with the dispatch installed (C{handle}: its C{_doReadOrWrite} instead)."""
         try:
             from twisted.internet.epollreactor import EPollReactor
         except ImportError:  # pragma: no cover - not Linux
             raise self.skipTest("no epoll here")
         reactor = EPollReactor()  # a private one: the global reactor is never touched
         self.addCleanup(reactor._poller.close)
+        if handle is not None:
+            reactor._doReadOrWrite = handle
         self.assertTrue(fastpath.install_event_dispatch(reactor, listener))
         return reactor
 
     def test_the_listener_hears_each_dispatch_begin_and_end(self) -> None:
-        heard: List[str] = []
-
-        class Listener:
-            def events_begin(self) -> None:
-                heard.append("begin")
-
-            def events_end(self) -> None:
-                heard.append("end")
-
-        reactor = self.reactor(Listener())
+        listener = _Listener()
+        reactor = self.reactor(listener)
         one = self.pipe(reactor, "One,client")
 
         def read() -> None:
-            heard.append("read")
+            listener.heard.append("read")
             _PipeReader.doRead(one)
 
         one.doRead = read  # type: ignore[method-assign]
         reactor.doIteration(0)
-        self.assertEqual(heard, ["begin", "read", "end"])
+        self.assertEqual(listener.heard, ["begin", "read", "end"])
         reactor.doIteration(0)  # no events: no dispatch to tell of
-        self.assertEqual(heard, ["begin", "read", "end"])
+        self.assertEqual(listener.heard, ["begin", "read", "end"])
 
     def test_the_listener_hears_the_end_when_a_handler_escapes(self) -> None:
         """Twisted's handler logs what a selectable raises; were anything to escape it, the end is still told."""
-        from twisted.internet.epollreactor import EPollReactor
-
-        heard: List[str] = []
-
-        class Listener:
-            def events_begin(self) -> None:
-                heard.append("begin")
-
-            def events_end(self) -> None:
-                heard.append("end")
-
-        reactor = EPollReactor()
-        self.addCleanup(reactor._poller.close)
 
         def escaping(selectable, fd, event) -> None:
             raise KeyboardInterrupt()
 
-        reactor._doReadOrWrite = escaping  # type: ignore[method-assign]
-        self.assertTrue(fastpath.install_event_dispatch(reactor, Listener()))
+        listener = _Listener()
+        reactor = self.reactor(listener, handle=escaping)
         self.pipe(reactor, "One,client")
         self.assertRaises(KeyboardInterrupt, reactor.doIteration, 0)
-        self.assertEqual(heard, ["begin", "end"])
+        self.assertEqual(listener.heard, ["begin", "end"])
 
     def pipe(self, reactor, prefix: str, fail: bool = False) -> _PipeReader:
         read_end, write_end = os.pipe()
