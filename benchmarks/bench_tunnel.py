@@ -14,7 +14,13 @@ Paths (``--paths``), all on 127.0.0.1 to the same sink and echo servers:
   ws, wss   tunnelkit: source + service + destination processes over ws:// and wss://;
   wss-lb    tunnelkit over wss:// with TLS terminated in a C load balancer in front of the service:
             a real HAProxy running the shipped deploy/haproxy.cfg (its TLS front end, PROXY v2 to the
-            service's plain ``haproxy:tcp:`` listener); HAProxy's CPU counts with the service's.
+            service's plain ``haproxy:tcp:`` listener); HAProxy's CPU counts with the service's;
+  tls-c     tunnelkit's TLS legs and nothing else, in C: three socat processes (Debian's socat, on
+            the same OpenSSL) in tunnelkit's places: plain TCP in and TLS out, TLS in and TLS out
+            (decrypt and re-encrypt), TLS in and plain TCP out.  No WebSocket, framing or
+            protocol: what a C implementation of tunnelkit's topology costs before it does
+            anything of its own.  socat forks a process per connection (their CPU counts once
+            they end), so this path has no connection-rate figure.
 
 Parts (``--parts``):
   bulk       MB/s over 1 and over 8 parallel connections, and the CPU seconds per GB of each
@@ -39,6 +45,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import shutil
 import socket
 import ssl
 import statistics
@@ -59,14 +66,14 @@ from machine import busy_before, load_note  # noqa: E402 - benchmarks/machine.py
 CHUNK = 1 << 20
 #: The service's per-tunnel limits get in the way of the rate and idle measurements.
 LIMITS_OFF = ["--handshakes-per-second", "0", "--max-websockets-per-account", "0", "--max-open-tunnels", "100000"]
-ALL_PATHS = ("direct", "ssh-L", "relay", "ws", "wss", "wss-lb")
+ALL_PATHS = ("direct", "ssh-L", "relay", "ws", "wss", "wss-lb", "tls-c")
 #: The tunnelkit paths (a service with a token-checking handshake), and those over TLS.
 TUNNEL_PATHS = ("ws", "wss", "wss-lb")
 TLS_PATHS = ("wss", "wss-lb")
 ALL_PARTS = ("bulk", "rtt", "connect", "handshake", "idle")
 LABELS = {"direct": "direct TCP", "ssh-L": "ssh -L", "relay": "reverse-SSH relay", "ws": "tunnel ws://",
           "wss": "tunnel wss://",
-          "wss-lb": "wss:// + HAProxy"}
+          "wss-lb": "wss:// + HAProxy", "tls-c": "TLS legs in C"}
 ROLES = ("source", "service", "destination")
 CLIENT_THREADS = 8
 
@@ -287,15 +294,28 @@ def with_children(pid: int) -> List[int]:
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU seconds the processes have used."""
+    """
+    User + system CPU seconds the processes have used, with those of their children that ended
+    and were waited for (socat's per-connection processes; a child still running counts only if
+    it is in C{pids}, as an sshd's session processes are).
+    """
     total = 0
     for pid in pids:
         try:
             fields = _stat(pid)
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
+        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def wait_children_ended(pids: Sequence[int], timeout: float = 10.0) -> None:
+    """Wait until none of C{pids} has a child (their CPU is then in the parent's children's time)."""
+    deadline = time.monotonic() + timeout
+    while any(len(with_children(pid)) > 1 for pid in pids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the children of {list(pids)} did not end within {timeout:g} s")
+        time.sleep(0.05)
 
 
 def rss_kib(pid: int) -> int:
@@ -317,6 +337,9 @@ class Path:
     service: object = None  # the harness's Service, for the tunnel paths
     #: Processes counted in one role, shown apart too (wss-lb: the service node and HAProxy).
     shares: Dict[str, List[int]] = field(default_factory=dict)
+    #: Each connection is served by a child process of its own (tls-c's socat): no connection rate,
+    #: and the CPU of a run is read once those children have ended.
+    forks: bool = False
 
     @property
     def label(self) -> str:
@@ -430,6 +453,47 @@ def balanced_tunnel_path(h: Harness, sink: int, echo: int, library: str = "stdli
                          [pid for pids in shares.values() for pid in pids], service, shares)
 
 
+def socat_installed() -> bool:
+    return shutil.which("socat") is not None
+
+
+def _socat_chain(h: Harness, name: str, target: int, certificates: object) -> Tuple[int, List[int]]:
+    """
+    Three socat processes from a new loopback port to C{target}: TCP in and TLS out, TLS in and TLS
+    out, TLS in and TCP out (each TLS leg with the service's kind of certificate, ECDSA P-256).
+    @return: the port the load connects to, and the processes (source, middle, destination).
+    """
+    buffer = str(2 * 65536)  # socat's read size, tunnelkit's --relay-buffer
+    server = (f"OPENSSL-LISTEN:{{}},bind=127.0.0.1,reuseaddr,fork,cert={certificates.server_cert},"  # type: ignore[attr-defined]
+              f"key={certificates.server_key},verify=0")  # type: ignore[attr-defined]
+    client = "OPENSSL:127.0.0.1:{},verify=0"
+    last, middle, first = unassigned_port(), unassigned_port(), unassigned_port()
+    destination = h.spawn(f"socat-{name}-destination", ["socat", "-b", buffer, server.format(last), f"TCP:127.0.0.1:{target}"])
+    relay = h.spawn(f"socat-{name}-middle", ["socat", "-b", buffer, server.format(middle), client.format(last)])
+    source = h.spawn(f"socat-{name}-source", ["socat", "-b", buffer,
+                                              f"TCP-LISTEN:{first},bind=127.0.0.1,reuseaddr,fork", client.format(middle)])
+    for port in (last, middle, first):
+        wait_until(_listening(port), 30, f"socat to listen on {port}")
+    wait_children_ended([destination.pid, relay.pid, source.pid])  # the listening checks' connections
+    return first, [source.pid, relay.pid, destination.pid]
+
+
+def tls_in_c_path(cleanups: _Cleanups, sink: int, echo: int) -> Path:
+    """The C{tls-c} path: tunnelkit's three TLS legs in socat, to the sink and to the echo."""
+    import tempfile
+
+    from tunnelkit.service.certs import ensure_certificates
+
+    h = Harness(cleanups)
+    directory = tempfile.mkdtemp(prefix="tunnelkit-bench-tls-c-")
+    cleanups.addCleanup(shutil.rmtree, directory, True)
+    certificates = ensure_certificates(directory, ["localhost"])
+    sink_port, (source, middle, destination) = _socat_chain(h, "sink", sink, certificates)
+    echo_port, _ = _socat_chain(h, "echo", echo, certificates)
+    return Path("tls-c", sink_port, echo_port, {"source": [source], "service": [middle], "destination": [destination]},
+                forks=True)
+
+
 # --- the measurements -----------------------------------------------------------------------------
 
 
@@ -465,12 +529,14 @@ def measure_rounds(paths: List[Path], args: argparse.Namespace) -> Dict[str, Fig
                 before_shares = {share: cpu_seconds(pids) for share, pids in path.shares.items()}
                 f.one.append(bulk(path.sink, args.megabytes, 1))
                 f.eight.append(bulk(path.sink, args.megabytes, 8))
+                if path.forks:
+                    wait_children_ended([pid for pids in path.processes.values() for pid in pids])
                 for role, pids in path.processes.items():
                     f.cpu[role] += cpu_seconds(pids) - before[role]
                 for share, pids in path.shares.items():
                     f.shares[share] = f.shares.get(share, 0.0) + cpu_seconds(pids) - before_shares[share]
                 f.gigabytes += 2 * args.megabytes / 1024
-            if "connect" in args.parts:
+            if "connect" in args.parts and not path.forks:
                 before = {role: cpu_seconds(pids) for role, pids in path.processes.items()}
                 rate, p99 = connection_rate(path.echo, args.connections)
                 f.connects.append(rate)
@@ -636,6 +702,9 @@ def report(paths: List[Path], figures: Dict[str, Figures], hand: Dict[str, Tuple
         print(f"\n  new TCP connections/s through one tunnel ({CLIENT_THREADS} client threads, {args.connections} per run):")
         for name in names:
             f = figures[name]
+            if not f.connects:
+                print(f"  {LABELS[name]:<18}   (no figure: a process per connection)")
+                continue
             print(f"  {LABELS[name]:<18} {statistics.median(f.connects):8.0f} /s"
                   f"  ({median_ratio(f.connects, figures['direct'].connects) if 'direct' in figures else float('nan'):.2f}x direct,"
                   f" {median_ratio(f.connects, figures['relay'].connects) if 'relay' in figures else float('nan'):.2f}x relay)"
@@ -704,6 +773,12 @@ def target_rows(scheme: str, figures: Dict[str, Figures], hand: Dict[str, Tuple[
             rows.append((f"{label} CPU s/GB / reverse-SSH relay's", total / relay_total, "<= 1.00", total <= relay_total))
             if scheme == "wss":
                 rows.append(("reverse-SSH relay CPU s/GB (the reference)", relay_total, "", None))
+        if "tls-c" in figures and scheme == "wss":
+            floor = figures["tls-c"]
+            rows.append(("TLS legs in C 1 conn / reverse-SSH relay 1 conn",
+                         median_ratio(floor.one, figures["relay"].one) if "relay" in figures else float("nan"), "", None))
+            rows.append((f"{label} 1 conn / TLS legs in C 1 conn", median_ratio(tunnel.one, floor.one), "", None))
+            rows.append(("TLS legs in C CPU s/GB, 3 processes summed", sum(floor.cpu.values()) / floor.gigabytes, "", None))
     if scheme in figures and "relay" in figures and "rtt" in args.parts:
         r = median_ratio(figures[scheme].rtt_p50, figures["relay"].rtt_p50)
         rows.append((f"{label} RTT p50 / reverse-SSH relay RTT p50", r, "<= 1.50", r <= 1.5))
@@ -782,6 +857,11 @@ def main() -> None:
                 paths.append(ssh_forward_path(cleanups, sink, echo))
             elif name == "relay":
                 paths.append(reverse_ssh_relay_path(cleanups, sink, echo))
+            elif name == "tls-c":
+                if not socat_installed():
+                    print("  tls-c left out: socat is not installed (apt-get install socat)", flush=True)
+                    continue
+                paths.append(tls_in_c_path(cleanups, sink, echo))
             elif name in TUNNEL_PATHS and (flow_parts or "handshake" in args.parts):
                 if name == "wss-lb":
                     if not haproxy_installed():

@@ -6,7 +6,7 @@
 set -u
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="haproxy mosquitto openssh-server openssh-client x11vnc xvfb python3-venv chromium chromium-driver libnss3-tools postgresql"
+APT_PACKAGES="haproxy socat mosquitto openssh-server openssh-client x11vnc xvfb python3-venv chromium chromium-driver libnss3-tools postgresql"
 missing=""
 for p in $APT_PACKAGES; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
