@@ -50,6 +50,7 @@ import socket
 import ssl
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -61,6 +62,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from tunnelkit.testing.process import SSH, Harness, Process, Service, Sshd, unassigned_port, wait_until  # noqa: E402
 from tunnelkit.testing import upgrade_request  # noqa: E402
+from tunnelkit.service.certs import ServiceCertificates, ensure_certificates  # noqa: E402
 from machine import busy_before, load_note  # noqa: E402 - benchmarks/machine.py (the script's own directory)
 
 CHUNK = 1 << 20
@@ -457,15 +459,15 @@ def socat_installed() -> bool:
     return shutil.which("socat") is not None
 
 
-def _socat_chain(h: Harness, name: str, target: int, certificates: object) -> Tuple[int, List[int]]:
+def _socat_chain(h: Harness, name: str, target: int, certificates: ServiceCertificates) -> Tuple[int, List[int]]:
     """
     Three socat processes from a new loopback port to C{target}: TCP in and TLS out, TLS in and TLS
     out, TLS in and TCP out (each TLS leg with the service's kind of certificate, ECDSA P-256).
     @return: the port the load connects to, and the processes (source, middle, destination).
     """
     buffer = str(2 * 65536)  # socat's read size, tunnelkit's --relay-buffer
-    server = (f"OPENSSL-LISTEN:{{}},bind=127.0.0.1,reuseaddr,fork,cert={certificates.server_cert},"  # type: ignore[attr-defined]
-              f"key={certificates.server_key},verify=0")  # type: ignore[attr-defined]
+    server = (f"OPENSSL-LISTEN:{{}},bind=127.0.0.1,reuseaddr,fork,cert={certificates.server_cert},"
+              f"key={certificates.server_key},verify=0")
     client = "OPENSSL:127.0.0.1:{},verify=0"
     last, middle, first = unassigned_port(), unassigned_port(), unassigned_port()
     destination = h.spawn(f"socat-{name}-destination", ["socat", "-b", buffer, server.format(last), f"TCP:127.0.0.1:{target}"])
@@ -480,10 +482,6 @@ def _socat_chain(h: Harness, name: str, target: int, certificates: object) -> Tu
 
 def tls_in_c_path(cleanups: _Cleanups, sink: int, echo: int) -> Path:
     """The C{tls-c} path: tunnelkit's three TLS legs in socat, to the sink and to the echo."""
-    import tempfile
-
-    from tunnelkit.service.certs import ensure_certificates
-
     h = Harness(cleanups)
     directory = tempfile.mkdtemp(prefix="tunnelkit-bench-tls-c-")
     cleanups.addCleanup(shutil.rmtree, directory, True)
