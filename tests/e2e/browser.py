@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from typing import Any, List, Optional
 
 from twisted.trial.unittest import SkipTest
@@ -59,21 +58,31 @@ class Browser:
         return self.driver.find_elements(By.CSS_SELECTOR, selector)
 
     def wait(self, condition: Any, timeout: float = 30.0, what: str = "") -> Any:
-        """Wait until C{condition(driver)} is true (polls; fails with C{what})."""
-        deadline = time.monotonic() + timeout
-        last: Optional[BaseException] = None
-        while time.monotonic() < deadline:
+        """
+        Wait until C{condition(driver)} is true, with selenium's own C{WebDriverWait} (an exception
+        from the condition, such as an element not there yet or gone stale, counts as not yet);
+        past C{timeout} fail with C{what}, the page's status line and a screenshot.
+        """
+        from selenium.common.exceptions import TimeoutException
+        from selenium.webdriver.support.wait import WebDriverWait
+
+        last: List[BaseException] = []
+
+        def check(driver: Any) -> Any:
             try:
-                value = condition(self.driver)
-                if value:
-                    return value
+                return condition(driver)
             except Exception as e:  # element not there yet, stale, ...
-                last = e
-            time.sleep(0.1)
+                last[:] = [e]
+                return False
+
+        try:
+            return WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(check)
+        except TimeoutException:
+            pass
         shot = self.shot("timed-out")
         status = self.driver.execute_script(
             "var s = document.querySelector('[role=status], [role=alert]'); return s ? s.textContent : '';")
-        raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition} ({last!r}); "
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition} ({last[0] if last else None!r}); "
                              f"page {self.driver.current_url}, status {status!r}, screenshot {shot}")
 
     def text(self, selector: str) -> str:

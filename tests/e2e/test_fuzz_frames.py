@@ -17,6 +17,7 @@ C{$TUNNELKIT_FUZZ_EXAMPLES} sets the number of examples (default 25, a short run
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any, List, Tuple
 
@@ -110,6 +111,8 @@ class FuzzedSource:
         self.closes: List[Tuple[Any, ...]] = []
         self.probe_id = FUZZ_STREAM_IDS
         self.echoed: List[bytes] = []
+        self._expected = b""  # what the running probe's echo must answer
+        self._answered = threading.Event()  # set (in the reactor's thread) once it has, or the client closed
 
     def ensure_connected(self) -> None:
         if self.client is not None and not self.client.closed.called:
@@ -126,6 +129,8 @@ class FuzzedSource:
     def _on_data(self, message: Message) -> None:
         if message.streamId == self.probe_id:
             self.echoed.append(message.payload)
+            if b"".join(self.echoed) == self._expected:
+                self._answered.set()
 
     def drop(self) -> None:
         """Drop the WebSocket (no close frame) and wait until it is gone; the next send reconnects."""
@@ -160,13 +165,20 @@ class FuzzedSource:
             self.probe_id += 1
             self.echoed = []
             text = b"probe %d" % self.probe_id
+            self._expected = text
+            answered = self._answered = threading.Event()
+
+            def ended(result: Any, answered: threading.Event = answered) -> Any:
+                answered.set()  # the relay closed this source: no answer is coming on it
+                return result
+
+            reactor.callFromThread(client.closed.addBoth, ended)
             start = Message(type=Message.STREAM_START, streamId=self.probe_id, serviceId="ECHO", connectionId=1)
             data = Message(type=Message.DATA, streamId=self.probe_id, serviceId="ECHO", connectionId=1,
                            payload=b"echo\n" + text)
             reactor.callFromThread(_send, client, encode_message(start))
             reactor.callFromThread(_send, client, encode_message(data))
-            while b"".join(self.echoed) != text and time.monotonic() < deadline and not client.closed.called:
-                time.sleep(0.02)
+            answered.wait(max(0.0, deadline - time.monotonic()))
             if not client.closed.called or time.monotonic() >= deadline:
                 return b"".join(self.echoed)
 
